@@ -1,0 +1,540 @@
+//! The file backend: a regular file or a host block device, driven through io_uring.
+//!
+//! - Read/write: `IORING_OP_READ`/`WRITE` for owned buffers, `READV`/`WRITEV` for borrowed
+//!   iovecs (zero copy into guest memory). FUA is `RWF_DSYNC` on the write itself.
+//!   Short transfers are resubmitted for the remainder.
+//! - O_DIRECT when the file system allows it. Borrowed iovecs that are not aligned to the
+//!   logical block size go through an aligned bounce buffer, since O_DIRECT needs it.
+//! - Flush = `fdatasync`. Discard = `fallocate(PUNCH_HOLE|KEEP_SIZE)` on files and
+//!   `BLKDISCARD` on devices. Write-zeroes = punch hole when unmapping is allowed, else
+//!   `fallocate(ZERO_RANGE)`; where the file system lacks it (tmpfs), zeros are written.
+//! - Block status = `SEEK_DATA`/`SEEK_HOLE`.
+
+use crate::backend::{Direct, OpenOptions};
+use crate::buf::{Buffer, IoBuf};
+use crate::engine::{user_data, Cqe, OwnerId, Ring};
+use crate::error::{Error, ErrorKind, Result};
+use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
+use crate::{BlockDevice, Queue};
+use io_uring::{opcode, types};
+use std::fs::File;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Largest single transfer this backend accepts.
+pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
+/// Chunk used when write-zeroes has to write real zeros.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+/// A regular file or block device.
+#[derive(Debug)]
+pub struct FileDevice {
+    file: File,
+    path: PathBuf,
+    size: AtomicU64,
+    direct: bool,
+    read_only: bool,
+    block_device: bool,
+    logical_block_size: u32,
+}
+
+impl FileDevice {
+    /// Open `path` with `opts`.
+    pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
+        let ctx = || format!("open {}", path.display());
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(ctx(), e))?;
+        let block_device = meta.file_type().is_block_device();
+        if !block_device && !meta.is_file() {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!("{}: not a file", ctx()),
+            ));
+        }
+        let try_open = |direct: bool| {
+            let mut o = std::fs::OpenOptions::new();
+            o.read(true).write(!opts.read_only);
+            if direct {
+                o.custom_flags(libc::O_DIRECT);
+            }
+            o.open(path)
+        };
+        let (file, direct) = match opts.direct {
+            Direct::Off => (try_open(false).map_err(|e| Error::io(ctx(), e))?, false),
+            Direct::On => (try_open(true).map_err(|e| Error::io(ctx(), e))?, true),
+            Direct::Auto => match try_open(true) {
+                Ok(f) => (f, true),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(path = %path.display(), "O_DIRECT not supported here; using buffered I/O");
+                    (try_open(false).map_err(|e| Error::io(ctx(), e))?, false)
+                }
+                Err(e) => return Err(Error::io(ctx(), e)),
+            },
+        };
+        let fd = file.as_raw_fd();
+        let (size, lbs) = if block_device {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 into the pointed-to variable.
+            let r = unsafe { libc::ioctl(fd, BLKGETSIZE64, std::ptr::addr_of_mut!(size)) };
+            if r < 0 {
+                return Err(Error::io(ctx(), std::io::Error::last_os_error()));
+            }
+            let mut lbs: libc::c_int = 512;
+            // SAFETY: BLKSSZGET writes one int into the pointed-to variable.
+            if unsafe { libc::ioctl(fd, BLKSSZGET, std::ptr::addr_of_mut!(lbs)) } < 0 {
+                lbs = 512;
+            }
+            (size, u32::try_from(lbs).unwrap_or(512).max(512))
+        } else {
+            (meta.len(), 512)
+        };
+        Ok(FileDevice {
+            file,
+            path: path.to_path_buf(),
+            size: AtomicU64::new(size),
+            direct,
+            read_only: opts.read_only,
+            block_device,
+            logical_block_size: lbs,
+        })
+    }
+
+    /// The path this device was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether O_DIRECT is in use.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn lseek(&self, off: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+        let off = libc::off_t::try_from(off)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: lseek on an owned fd has no memory effects.
+        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(None);
+            }
+            return Err(e);
+        }
+        Ok(u64::try_from(r).ok())
+    }
+}
+
+impl BlockDevice for FileDevice {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            size: self.size.load(Ordering::Acquire),
+            logical_block_size: self.logical_block_size,
+            physical_block_size: self.logical_block_size.max(4096),
+            max_transfer: MAX_TRANSFER_BYTES,
+            read_only: self.read_only,
+            discard: true,
+            write_zeroes: true,
+            block_status: !self.block_device,
+        }
+    }
+
+    fn queue(self: Arc<Self>, ring: &mut Ring) -> Result<Box<dyn Queue>> {
+        let owner = ring.new_owner();
+        Ok(Box::new(FileQueue {
+            dev: self,
+            owner,
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+        }))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let size = self.size.load(Ordering::Acquire);
+        if offset >= size || len == 0 {
+            return Err(Error::new(
+                ErrorKind::OutOfBounds,
+                "block status past the end",
+            ));
+        }
+        let end = offset.saturating_add(len).min(size);
+        if self.block_device {
+            return Ok(vec![Extent {
+                len: end - offset,
+                hole: false,
+                zero: false,
+            }]);
+        }
+        let io = |e| Error::io(format!("seek {}", self.path.display()), e);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < 256 {
+            let data = self
+                .lseek(pos, libc::SEEK_DATA)
+                .map_err(io)?
+                .unwrap_or(end)
+                .min(end);
+            if data > pos {
+                out.push(Extent {
+                    len: data - pos,
+                    hole: true,
+                    zero: true,
+                });
+                pos = data;
+                continue;
+            }
+            let hole = self
+                .lseek(pos, libc::SEEK_HOLE)
+                .map_err(io)?
+                .unwrap_or(end)
+                .min(end);
+            let hole = hole.max(pos + 1).min(end);
+            out.push(Extent {
+                len: hole - pos,
+                hole: false,
+                zero: false,
+            });
+            pos = hole;
+        }
+        Ok(out)
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if self.block_device {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "cannot resize a block device",
+            ));
+        }
+        self.file
+            .set_len(new_size)
+            .map_err(|e| Error::io(format!("resize {}", self.path.display()), e))?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}
+
+/// One request in flight. Everything an SQE points to lives here until its CQE.
+struct Slot {
+    tag: u64,
+    op: Op,
+    offset: u64,
+    len: u64,
+    /// Bytes already transferred (short I/O, zero-fill fallback).
+    done: u64,
+    buf: Buffer,
+    /// Aligned stand-in for a misaligned borrowed buffer (O_DIRECT).
+    bounce: Option<IoBuf>,
+    /// Iovecs for a resubmitted remainder of a borrowed transfer.
+    iov_rest: Vec<libc::iovec>,
+    /// Zeros written when the file system cannot zero a range itself.
+    zeros: Option<IoBuf>,
+}
+
+struct FileQueue {
+    dev: Arc<FileDevice>,
+    owner: OwnerId,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    in_flight: usize,
+}
+
+impl FileQueue {
+    fn alloc(&mut self, slot: Slot) -> usize {
+        self.in_flight += 1;
+        if let Some(i) = self.free.pop() {
+            self.slots[i] = Some(slot);
+            i
+        } else {
+            self.slots.push(Some(slot));
+            self.slots.len() - 1
+        }
+    }
+
+    fn take(&mut self, idx: usize) -> Option<Slot> {
+        let s = self.slots.get_mut(idx)?.take()?;
+        self.free.push(idx);
+        self.in_flight -= 1;
+        Some(s)
+    }
+
+    fn finish(
+        &mut self,
+        idx: usize,
+        result: std::result::Result<(), i32>,
+        done: &mut Vec<Completion>,
+    ) {
+        if let Some(mut s) = self.take(idx) {
+            if let (Ok(()), Op::Read, Some(b), Buffer::Borrowed(v)) =
+                (result, s.op, &s.bounce, &mut s.buf)
+            {
+                v.copy_from(b.as_slice());
+            }
+            done.push(Completion {
+                tag: s.tag,
+                result,
+                buf: s.buf,
+            });
+        }
+    }
+
+    /// Build and push the SQE for the current state of slot `idx`.
+    fn issue(&mut self, ring: &mut Ring, idx: usize) -> std::result::Result<(), i32> {
+        let fd = types::Fd(self.dev.file.as_raw_fd());
+        let ud = user_data(self.owner, idx as u64);
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            return Err(libc::EINVAL);
+        };
+        let off = s.offset + s.done;
+        let rest = s.len - s.done;
+        let entry = match s.op {
+            Op::Read | Op::Write { .. } => {
+                let rest32 = u32::try_from(rest).map_err(|_| libc::EINVAL)?;
+                let skip = usize::try_from(s.done).map_err(|_| libc::EINVAL)?;
+                let write = s.op != Op::Read;
+                let rw_flags = if s.op == (Op::Write { fua: true }) {
+                    libc::RWF_DSYNC
+                } else {
+                    0
+                };
+                let contiguous: Option<*mut u8> = match (&mut s.bounce, &mut s.buf) {
+                    (Some(b), _) | (None, Buffer::Owned(b)) => {
+                        // SAFETY: skip < len ≤ buffer length, so the pointer stays inside it.
+                        Some(unsafe { b.as_mut_ptr().add(skip) })
+                    }
+                    _ => None,
+                };
+                if let Some(ptr) = contiguous {
+                    if write {
+                        opcode::Write::new(fd, ptr, rest32)
+                            .offset(off)
+                            .rw_flags(rw_flags)
+                            .build()
+                    } else {
+                        opcode::Read::new(fd, ptr, rest32).offset(off).build()
+                    }
+                } else if let Buffer::Borrowed(v) = &s.buf {
+                    let (ptr, cnt) = if skip == 0 {
+                        (v.iovecs().as_ptr(), v.iovecs().len())
+                    } else {
+                        s.iov_rest = skip_iovecs(v.iovecs(), skip);
+                        (s.iov_rest.as_ptr(), s.iov_rest.len())
+                    };
+                    let cnt = u32::try_from(cnt).map_err(|_| libc::EINVAL)?;
+                    if write {
+                        opcode::Writev::new(fd, ptr, cnt)
+                            .offset(off)
+                            .rw_flags(rw_flags)
+                            .build()
+                    } else {
+                        opcode::Readv::new(fd, ptr, cnt).offset(off).build()
+                    }
+                } else {
+                    return Err(libc::EINVAL);
+                }
+            }
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Op::Discard | Op::WriteZeroes { unmap: true } => opcode::Fallocate::new(fd, rest)
+                .offset(off)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            Op::WriteZeroes { unmap: false } => {
+                if let Some(z) = &mut s.zeros {
+                    let n = u32::try_from(rest.min(z.len() as u64)).map_err(|_| libc::EINVAL)?;
+                    opcode::Write::new(fd, z.as_mut_ptr(), n)
+                        .offset(off)
+                        .build()
+                } else {
+                    opcode::Fallocate::new(fd, rest)
+                        .offset(off)
+                        .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                        .build()
+                }
+            }
+        };
+        let entry = entry.user_data(ud);
+        // SAFETY: every pointer in `entry` points into slot `idx` (its buffer, bounce
+        // buffer, iov_rest or zeros), which stays in `self.slots` until `complete` reaps
+        // the CQE with this user_data; the fd is owned by `self.dev`, kept alive by the Arc.
+        unsafe { ring.push(&entry) }.map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))
+    }
+
+    fn discard_block_device(&self, offset: u64, len: u64) -> std::result::Result<(), i32> {
+        let range = [offset, len];
+        // SAFETY: BLKDISCARD reads two u64 from the pointer.
+        let r = unsafe { libc::ioctl(self.dev.file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+/// The iovecs of `iovs` after skipping `skip` bytes.
+fn skip_iovecs(iovs: &[libc::iovec], mut skip: usize) -> Vec<libc::iovec> {
+    let mut out = Vec::with_capacity(iovs.len());
+    for v in iovs {
+        if skip >= v.iov_len {
+            skip -= v.iov_len;
+            continue;
+        }
+        // SAFETY: skip < iov_len, so the result stays inside the iovec's memory.
+        let base = unsafe { v.iov_base.cast::<u8>().add(skip) };
+        out.push(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: v.iov_len - skip,
+        });
+        skip = 0;
+    }
+    out
+}
+
+fn misaligned(buf: &Buffer, align: usize) -> bool {
+    match buf {
+        Buffer::Borrowed(v) => v.iovecs().iter().any(|i| {
+            !(i.iov_base as usize).is_multiple_of(align) || !i.iov_len.is_multiple_of(align)
+        }),
+        _ => false,
+    }
+}
+
+impl Queue for FileQueue {
+    fn owner(&self) -> OwnerId {
+        self.owner
+    }
+
+    fn submit(&mut self, ring: &mut Ring, req: Request, done: &mut Vec<Completion>) {
+        let info = self.dev.info();
+        let check = if req.op == Op::Flush {
+            Ok(())
+        } else if req.op.is_write() && info.read_only {
+            Err(libc::EPERM)
+        } else {
+            info.check_range(req.offset, req.len)
+        };
+        let check = check.and_then(|()| match req.op {
+            Op::Read | Op::Write { .. } if req.buf.len() as u64 != req.len => Err(libc::EINVAL),
+            Op::Read | Op::Write { .. } if req.len > u64::from(info.max_transfer) => {
+                Err(libc::EOVERFLOW)
+            }
+            _ => Ok(()),
+        });
+        if let Err(e) = check {
+            done.push(Completion::of(req, Err(e)));
+            return;
+        }
+        if req.len == 0 && req.op != Op::Flush {
+            done.push(Completion::of(req, Ok(())));
+            return;
+        }
+        if req.op == Op::Discard && self.dev.block_device {
+            let r = self.discard_block_device(req.offset, req.len);
+            done.push(Completion::of(req, r));
+            return;
+        }
+        let mut bounce = None;
+        if matches!(req.op, Op::Read | Op::Write { .. })
+            && self.dev.direct
+            && misaligned(&req.buf, info.logical_block_size as usize)
+        {
+            let mut b = IoBuf::new(req.buf.len());
+            if let (Op::Write { .. }, Buffer::Borrowed(v)) = (req.op, &req.buf) {
+                v.copy_to(b.as_mut_slice());
+            }
+            bounce = Some(b);
+        }
+        let idx = self.alloc(Slot {
+            tag: req.tag,
+            op: req.op,
+            offset: req.offset,
+            len: req.len,
+            done: 0,
+            buf: req.buf,
+            bounce,
+            iov_rest: Vec::new(),
+            zeros: None,
+        });
+        if let Err(e) = self.issue(ring, idx) {
+            self.finish(idx, Err(e), done);
+        }
+    }
+
+    fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
+        let Ok(idx) = usize::try_from(cqe.slot()) else {
+            return;
+        };
+        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+            tracing::warn!(slot = idx, "completion for an unknown slot");
+            return;
+        };
+        if cqe.result < 0 {
+            let errno = -cqe.result;
+            let zero_range = matches!(s.op, Op::WriteZeroes { unmap: false }) && s.zeros.is_none();
+            if zero_range && matches!(errno, libc::EOPNOTSUPP | libc::EINVAL) {
+                // The file system cannot zero a range (tmpfs): write zeros instead.
+                let chunk = usize::try_from(s.len)
+                    .unwrap_or(ZERO_CHUNK_BYTES)
+                    .min(ZERO_CHUNK_BYTES);
+                s.zeros = Some(IoBuf::new(chunk));
+                if let Err(e) = self.issue(ring, idx) {
+                    self.finish(idx, Err(e), done);
+                }
+                return;
+            }
+            self.finish(idx, Err(errno), done);
+            return;
+        }
+        let n = u64::from(cqe.result.unsigned_abs());
+        let partial = matches!(s.op, Op::Read | Op::Write { .. }) || s.zeros.is_some();
+        if !partial {
+            self.finish(idx, Ok(()), done);
+            return;
+        }
+        if n == 0 {
+            if s.op == Op::Read {
+                // End of file (the file shrank under us): the rest reads as zeros.
+                let skip = usize::try_from(s.done).unwrap_or(0);
+                match (&mut s.bounce, &mut s.buf) {
+                    (Some(b), _) | (None, Buffer::Owned(b)) => b.as_mut_slice()[skip..].fill(0),
+                    (None, Buffer::Borrowed(v)) => {
+                        let mut seen = 0usize;
+                        v.for_each_mut(|p| {
+                            let from = skip.saturating_sub(seen).min(p.len());
+                            p[from..].fill(0);
+                            seen += p.len();
+                        })
+                    }
+                    (None, Buffer::None) => {}
+                }
+                self.finish(idx, Ok(()), done);
+            } else {
+                self.finish(idx, Err(libc::EIO), done);
+            }
+            return;
+        }
+        s.done += n;
+        if s.done >= s.len {
+            self.finish(idx, Ok(()), done);
+        } else if let Err(e) = self.issue(ring, idx) {
+            self.finish(idx, Err(e), done);
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,2 @@
+//! Layers stack on top of another [`BlockDevice`](crate::BlockDevice) and are devices
+//! themselves: `throttle → crypt → backend`. (crypt and throttle arrive with their issues.)

@@ -1,0 +1,90 @@
+//! # ember-blockdev: Ember's block layer
+//!
+//! Every byte Ember serves goes through this crate. Front ends (NBD, vhost-user-blk) turn wire
+//! requests into [`Request`]s and submit them to a per-thread [`Queue`] of a [`BlockDevice`];
+//! the queue turns them into io_uring SQEs on the thread's [`Ring`], and completions come
+//! back as [`Completion`]s carrying the caller's tag.
+//!
+//! ```text
+//!   front end (nbd / vhost)         one I/O thread
+//!   ──────────────────────────────────────────────────────────────
+//!   Request{op,offset,len,buf,tag} ─▶ Queue::submit ─▶ Ring (SQEs, one io_uring_enter per batch)
+//!                                                      │
+//!   Completion{tag,result,buf}     ◀─ Queue::complete ◀─┘ CQE routed by owner id
+//!   stack:  throttle → crypt → backend (file | null | iscsi)
+//! ```
+//!
+//! ## Threading model
+//! A [`BlockDevice`] is shared (`Send + Sync`) by all threads that serve it. Each I/O thread
+//! owns one [`Ring`] and asks the device for its own [`Queue`]; queues are never shared, so
+//! the I/O path takes no lock. A CQE is routed to its queue by the owner id packed in the
+//! top 16 bits of its `user_data` ([`engine::user_data`]).
+//!
+//! ## Unsafe
+//! Unsafe code lives in [`engine`] (pushing SQEs) and [`buf`] (aligned allocations). The rule
+//! is CH's: every buffer or iovec an SQE points to is owned by the in-flight slot of the
+//! queue that pushed it, from before the push until its CQE is reaped.
+//!
+//! ## Modules
+//! - [`buf`]: aligned owned buffers, borrowed iovec lists, a per-thread pool.
+//! - [`request`]: [`Request`], [`Op`], [`Completion`], [`DeviceInfo`], [`Extent`].
+//! - [`engine`]: the io_uring [`Ring`] wrapper and `user_data` packing.
+//! - [`backend`]: `file` (regular files, block devices) and `null`; [`open`] is the factory.
+//! - [`sync`]: [`SyncDevice`], a blocking driver for tools, the control plane and tests.
+//! - [`layer`]: stacking layers (crypt, throttle) that wrap another device.
+
+#![deny(missing_docs)]
+
+pub mod backend;
+pub mod buf;
+pub mod engine;
+pub mod error;
+pub mod layer;
+pub mod request;
+pub mod sync;
+
+pub use backend::{open, BackendSpec, OpenOptions};
+pub use buf::{Buffer, IoBuf, IoVecs};
+pub use engine::{Cqe, OwnerId, Ring};
+pub use error::{Error, ErrorKind, Result};
+pub use request::{Completion, DeviceInfo, Extent, Op, Request};
+pub use sync::SyncDevice;
+
+use std::sync::Arc;
+
+/// A block device: one per volume, shared by every thread that serves it.
+pub trait BlockDevice: Send + Sync + std::fmt::Debug {
+    /// Current geometry and capabilities. The size can change ([`BlockDevice::resize`]).
+    fn info(&self) -> DeviceInfo;
+
+    /// Open a per-thread queue whose SQEs go on `ring`. The queue registers itself as an
+    /// owner on the ring and only handles CQEs of that owner.
+    fn queue(self: Arc<Self>, ring: &mut Ring) -> Result<Box<dyn Queue>>;
+
+    /// Allocation map of `[offset, offset+len)`: extents in order, covering at least one
+    /// byte and at most the requested range. Synchronous (SEEK_DATA/SEEK_HOLE is cheap).
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+
+    /// Grow (or shrink) the device. Front ends learn the new size through [`info`](Self::info).
+    fn resize(&self, new_size: u64) -> Result<()>;
+}
+
+/// A per-thread handle on a [`BlockDevice`]. Not shared; lives on one I/O thread.
+///
+/// Contract: every request given to [`submit`](Queue::submit) produces exactly one
+/// [`Completion`] with the request's tag, either synchronously (pushed to `done` by
+/// `submit`) or later from [`complete`](Queue::complete). A full ring, an error from the
+/// kernel, a bad range: all are completions, never panics or lost requests.
+pub trait Queue {
+    /// The ring owner id this queue's SQEs carry.
+    fn owner(&self) -> OwnerId;
+
+    /// Start `req`. Synchronous completions are pushed to `done`.
+    fn submit(&mut self, ring: &mut Ring, req: Request, done: &mut Vec<Completion>);
+
+    /// Handle one CQE whose owner is [`owner`](Queue::owner).
+    fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>);
+
+    /// Number of requests submitted and not yet completed.
+    fn in_flight(&self) -> usize;
+}

@@ -1,0 +1,146 @@
+//! Requests, completions and device geometry shared by every front end and backend.
+
+use crate::buf::Buffer;
+
+/// A block operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Read `len` bytes into the buffer.
+    Read,
+    /// Write the buffer. `fua`: durable before completion.
+    Write {
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocate the range (reads of it may then return anything the device chooses;
+    /// Ember's file backend returns zeros).
+    Discard,
+    /// Make the range read as zeros. `unmap`: deallocating is allowed.
+    WriteZeroes {
+        /// Deallocation is allowed (NBD without NO_HOLE, virtio-blk unmap).
+        unmap: bool,
+    },
+}
+
+impl Op {
+    /// True for ops that change data.
+    pub fn is_write(self) -> bool {
+        matches!(
+            self,
+            Op::Write { .. } | Op::Discard | Op::WriteZeroes { .. }
+        )
+    }
+}
+
+/// One request to a [`Queue`](crate::Queue).
+#[derive(Debug)]
+pub struct Request {
+    /// What to do.
+    pub op: Op,
+    /// Byte offset on the device.
+    pub offset: u64,
+    /// Length in bytes (for Read/Write, equal to the buffer's length).
+    pub len: u64,
+    /// Data buffer (Read/Write only).
+    pub buf: Buffer,
+    /// The submitter's tag, returned in the completion.
+    pub tag: u64,
+}
+
+/// The outcome of one [`Request`].
+#[derive(Debug)]
+pub struct Completion {
+    /// The request's tag.
+    pub tag: u64,
+    /// `Ok` or a positive errno.
+    pub result: Result<(), i32>,
+    /// The request's buffer, handed back (filled for reads).
+    pub buf: Buffer,
+}
+
+impl Completion {
+    /// Complete `req` with `result` without doing anything.
+    pub fn of(req: Request, result: Result<(), i32>) -> Self {
+        Completion {
+            tag: req.tag,
+            result,
+            buf: req.buf,
+        }
+    }
+}
+
+/// Geometry and capabilities of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Smallest I/O unit the device accepts (offsets and lengths are multiples of it).
+    pub logical_block_size: u32,
+    /// Preferred I/O unit.
+    pub physical_block_size: u32,
+    /// Largest single read or write in bytes.
+    pub max_transfer: u32,
+    /// Writes are refused.
+    pub read_only: bool,
+    /// Discard is supported.
+    pub discard: bool,
+    /// Write-zeroes is offloaded (no data transfer).
+    pub write_zeroes: bool,
+    /// Block status reports holes/zeros meaningfully.
+    pub block_status: bool,
+}
+
+impl DeviceInfo {
+    /// Check that `[offset, offset+len)` is inside the device and aligned to the
+    /// logical block size. Returns `EINVAL` otherwise.
+    pub fn check_range(&self, offset: u64, len: u64) -> Result<(), i32> {
+        let lbs = u64::from(self.logical_block_size.max(1));
+        let end = offset.checked_add(len).ok_or(libc::EINVAL)?;
+        if end > self.size || !offset.is_multiple_of(lbs) || !len.is_multiple_of(lbs) {
+            return Err(libc::EINVAL);
+        }
+        Ok(())
+    }
+}
+
+/// One extent of an allocation map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub len: u64,
+    /// Not allocated (a hole).
+    pub hole: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> DeviceInfo {
+        DeviceInfo {
+            size: 1 << 20,
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            max_transfer: 1 << 20,
+            read_only: false,
+            discard: true,
+            write_zeroes: true,
+            block_status: true,
+        }
+    }
+
+    #[test]
+    fn range_checks() {
+        let i = info();
+        assert_eq!(i.check_range(0, 512), Ok(()));
+        assert_eq!(i.check_range((1 << 20) - 512, 512), Ok(()));
+        assert_eq!(i.check_range(1 << 20, 512), Err(libc::EINVAL));
+        assert_eq!(i.check_range(1, 512), Err(libc::EINVAL));
+        assert_eq!(i.check_range(0, 100), Err(libc::EINVAL));
+        assert_eq!(i.check_range(u64::MAX - 10, 512), Err(libc::EINVAL));
+    }
+}

@@ -1,0 +1,1 @@
+//! Ember control plane. See README.

@@ -1,0 +1,1 @@
+//! Ember crypto (LUKS, XTS). See README.
