@@ -140,6 +140,7 @@ step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 # Build first so the test timeout covers running, not compiling.
 step build cargo test --workspace --no-run
+step cli-ref "$ROOT/scripts/cli-reference.sh" --check "${CARGO_TARGET_DIR:-$ROOT/target}/debug/emberd"
 step test timeout --signal=TERM --kill-after=60 "${TEST_TIMEOUT_MIN}m" \
     cargo test --workspace --no-fail-fast -- "${TEST_ARGS[@]}"
 
