@@ -43,6 +43,14 @@ PKGS=(
 # qemu-utils from backports).
 QEMU_PINNED=(qemu-utils qemu-block-extra)
 
+APT_UPDATED=0
+apt_update_once() {
+    ((APT_UPDATED)) && return 0
+    [[ $(id -u) -eq 0 ]] || die "apt-get update needs root"
+    apt-get update -q
+    APT_UPDATED=1
+}
+
 installed_version() {
     dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null |
         awk '$1=="install" && $3=="installed" {print $4}'
@@ -71,7 +79,7 @@ elif ((CHECK_ONLY)); then
 else
     [[ $(id -u) -eq 0 ]] || die "missing packages (${missing[*]}): run me as root"
     log "installing: ${missing[*]:-(qemu version alignment)}"
-    apt-get update -q
+    apt_update_once
     V="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')"
     [[ -n "$V" && "$V" != "(none)" ]] || die "no installable qemu-system-x86 candidate"
     rest=()
@@ -85,27 +93,26 @@ else
         "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" "${rest[@]}"
 fi
 
-# Guest kernel for the vhost-user / kernel-nbd-client QEMU tests: Debian's cloud kernel
-# (virtio drivers built in), downloaded as a .deb and unpacked by tests/guest/build.sh.
+# Guest kernel for the QEMU tests (tests/guest/build.sh finds it with `apt-cache search`
+# and fetches it with `apt-get download`): the package lists must be populated (a fresh
+# container image often ships without them), and a copy of the .deb is kept in
+# $EMBER_GUEST_CACHE so an offline re-run can still build the guest.
+if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
+    ((CHECK_ONLY)) && die "apt package lists are empty (apt-get update)"
+    apt_update_once
+fi
 GUEST_CACHE="${EMBER_GUEST_CACHE:-/var/cache/ember-test}"
-if ! compgen -G "$GUEST_CACHE/linux-image-*-cloud-amd64_*.deb" >/dev/null; then
-    if ((CHECK_ONLY)); then
-        die "no guest kernel package in $GUEST_CACHE"
-    fi
-    kpkg="$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
-    if [[ -z "$kpkg" ]]; then
-        apt-get update -q
-        kpkg="$(apt-cache depends linux-image-cloud-amd64 |
-            awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
-    fi
-    [[ -n "$kpkg" ]] || die "cannot resolve linux-image-cloud-amd64 to a kernel package"
+kpkg="$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' |
+    awk '{print $1}' | sort -V | tail -n 1)"
+[[ -n "$kpkg" ]] || die "no linux-image-6.1.0-*-cloud-amd64 package in the apt lists"
+if ! compgen -G "$GUEST_CACHE/${kpkg}_*.deb" >/dev/null; then
+    ((CHECK_ONLY)) && die "guest kernel $kpkg not in $GUEST_CACHE"
     mkdir -p "$GUEST_CACHE"
     log "downloading $kpkg into $GUEST_CACHE"
     # apt-get download would drop privileges to _apt, which cannot write into a root dir.
     (cd "$GUEST_CACHE" && apt-get download -q -o APT::Sandbox::User=root "$kpkg")
 fi
-log "guest kernel: $(compgen -G "$GUEST_CACHE/linux-image-*-cloud-amd64_*.deb" | head -1)"
+log "guest kernel: $(compgen -G "$GUEST_CACHE/${kpkg}_*.deb" | head -1)"
 
 # Rust components used by the test command.
 if command -v rustup >/dev/null; then
