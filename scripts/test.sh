@@ -65,8 +65,8 @@ summary() {
 MYSQL_STARTED=0
 MYSQL_SOCK=/run/mysqld/mysqld.sock
 MYSQL_DB=ember_test
-MYSQL_USER=ember_test
-MYSQL_PASS=ember_test
+MYSQL_USER=ember
+MYSQL_PASS=ember
 
 mysql_up() { mysqladmin --socket="$MYSQL_SOCK" --connect-timeout=2 ping >/dev/null 2>&1; }
 
@@ -99,13 +99,16 @@ start_mysql() {
             return 1
         }
     fi
-    # Tests may create and drop their own databases named ember_test*.
+    # Tests create and drop their own databases (ember_t_<random>); the test user may
+    # manage any database whose name starts with "ember_" (see control/README.md).
     mysql --socket="$MYSQL_SOCK" -u root <<SQL || return 1
 CREATE DATABASE IF NOT EXISTS \`$MYSQL_DB\`;
 CREATE USER IF NOT EXISTS '$MYSQL_USER'@'localhost' IDENTIFIED BY '$MYSQL_PASS';
 CREATE USER IF NOT EXISTS '$MYSQL_USER'@'127.0.0.1' IDENTIFIED BY '$MYSQL_PASS';
-GRANT ALL PRIVILEGES ON \`ember\\_test%\`.* TO '$MYSQL_USER'@'localhost';
-GRANT ALL PRIVILEGES ON \`ember\\_test%\`.* TO '$MYSQL_USER'@'127.0.0.1';
+ALTER USER '$MYSQL_USER'@'localhost' IDENTIFIED BY '$MYSQL_PASS';
+ALTER USER '$MYSQL_USER'@'127.0.0.1' IDENTIFIED BY '$MYSQL_PASS';
+GRANT ALL PRIVILEGES ON \`ember\\_%\`.* TO '$MYSQL_USER'@'localhost';
+GRANT ALL PRIVILEGES ON \`ember\\_%\`.* TO '$MYSQL_USER'@'127.0.0.1';
 FLUSH PRIVILEGES;
 SQL
     export EMBER_TEST_MYSQL_URL="mysql://$MYSQL_USER:$MYSQL_PASS@127.0.0.1:3306/$MYSQL_DB"
