@@ -21,7 +21,6 @@ exec </dev/null
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
-export EMBER_GUEST_CACHE="${EMBER_GUEST_CACHE:-/var/cache/ember-test}"
 TEST_TIMEOUT_MIN="${EMBER_TEST_TIMEOUT:-75}"
 
 say() { printf '\n==> %s\n' "$*" >&2; }
