@@ -245,7 +245,7 @@ impl ThrottleQueue {
         *self.timer = types::Timespec::new()
             .sec(wait / 1_000_000_000)
             .nsec((wait % 1_000_000_000) as u32);
-        let e = opcode::Timeout::new(&*self.timer as *const types::Timespec)
+        let e = opcode::Timeout::new(std::ptr::addr_of!(*self.timer))
             .build()
             .user_data(user_data(self.inner.owner(), LAYER_SLOT_BIT));
         // SAFETY: the timespec is boxed in self and not touched until the timeout's CQE
