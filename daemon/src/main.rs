@@ -12,6 +12,7 @@
 mod export;
 mod logging;
 mod luks;
+mod nbd;
 mod serve;
 
 use clap::{Parser, Subcommand};
