@@ -34,6 +34,41 @@ pub struct ExportArgs {
 }
 
 /// Run the export.
-pub fn run(_args: ExportArgs) -> anyhow::Result<()> {
-    anyhow::bail!("emberd export is not built yet")
+pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if !args.nbd.is_empty() {
+        anyhow::bail!("--nbd is not built yet");
+    }
+    let Some(socket) = args.vhost_user.as_deref() else {
+        anyhow::bail!("nothing to export: give --vhost-user and/or --nbd");
+    };
+    let signals = crate::vhost::block_exit_signals();
+    let mut opts = ember_blockdev::OpenOptions {
+        read_only: args.read_only,
+        ..Default::default()
+    };
+    let spec = ember_blockdev::BackendSpec::parse(&args.file.to_string_lossy(), &mut opts)?;
+    let dev = ember_blockdev::open(&spec, &opts)
+        .with_context(|| format!("open {}", args.file.display()))?;
+    let id = if args.name.is_empty() {
+        args.file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        args.name.clone()
+    };
+    let vhost = crate::vhost::spawn(
+        dev,
+        socket,
+        crate::vhost::VhostConfig {
+            num_queues: args.num_queues,
+            read_only: args.read_only,
+            id,
+        },
+    )?;
+    let sig = crate::vhost::wait_exit_signal(&signals);
+    tracing::info!(signal = sig, running = vhost.is_running(), "exiting");
+    let _ = std::fs::remove_file(vhost.socket());
+    Ok(())
 }

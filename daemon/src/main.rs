@@ -13,6 +13,7 @@ mod export;
 mod logging;
 mod luks;
 mod serve;
+mod vhost;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
