@@ -1,32 +1,44 @@
 //! vhost-user-blk front end: QEMU (or any vhost-user frontend) attaches an Ember device.
 //!
-//! Built on the rust-vmm crates: `vhost` (protocol), `vhost-user-backend` (message handler,
-//! vrings, one epoll thread per queue), `virtio-queue` (descriptor chains), `vm-memory`
-//! (guest memory mapping). Our parts:
-//! - [`config`]: feature bits and the virtio-blk config space;
-//! - [`request`]: decoding a descriptor chain into a block request with iovecs pointing
-//!   into guest memory (zero copy), bad requests → `IOERR`/`UNSUPP`;
-//! - [`backend`]: the `VhostUserBackend`: per-queue worker with its own io_uring and
-//!   device queue, kicks and completions both wake it through its epoll.
+//! Built on the rust-vmm crates `vhost` (protocol messages), `virtio-queue` (descriptor
+//! chains, split rings) and `vm-memory` (guest memory). Our parts:
+//! - [`handler`]: the vhost-user message handler (features, memory table, vrings, config
+//!   space, inflight area); our own because `vhost-user-backend` lacks inflight tracking;
+//! - [`worker`]: one thread per virtqueue with its own io_uring and device queue;
+//! - [`request`]: decoding a chain into a block request with iovecs into guest memory
+//!   (zero copy), bad requests → `IOERR`/`UNSUPP`;
+//! - [`inflight`]: the shared inflight region that survives a daemon restart;
+//! - [`config`]: feature bits and the virtio-blk config space.
 //!
-//! [`spawn`] listens on a Unix socket and serves one frontend at a time, forever: when a
-//! frontend disconnects (or QEMU restarts), the socket is bound again for the next one.
+//! [`spawn`] starts the queue workers (they live as long as the export) and a listener
+//! thread that serves one frontend connection after another on the Unix socket.
 
-pub mod backend;
 pub mod config;
+pub mod handler;
+pub mod inflight;
 pub mod request;
+pub mod worker;
 
 use anyhow::{anyhow, Context};
-use backend::{ring_event, BlkBackend, BlkConfig};
 use ember_blockdev::BlockDevice;
+use handler::BlkHandler;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+use vhost::vhost_user::{BackendListener, Error as VuError, Listener};
+use worker::{Shared, WorkerHandle};
 
-pub use backend::BlkConfig as VhostConfig;
+/// Settings of one vhost-user-blk export.
+#[derive(Debug, Clone)]
+pub struct VhostConfig {
+    /// Number of virtqueues (and worker threads).
+    pub num_queues: u16,
+    /// Refuse writes.
+    pub read_only: bool,
+    /// GET_ID answer (the volume id; at most 20 bytes are sent).
+    pub id: String,
+}
 
 /// A running vhost-user-blk export.
 #[derive(Debug)]
@@ -48,84 +60,81 @@ impl VhostExport {
 }
 
 /// Start serving `dev` on the Unix socket `socket`. Returns once the socket is bound
-/// (so a client may connect right away); serving goes on in a background thread.
+/// (so a client may connect right away); serving goes on in background threads.
 pub fn spawn(
     dev: Arc<dyn BlockDevice>,
     socket: &Path,
-    cfg: BlkConfig,
+    cfg: VhostConfig,
 ) -> anyhow::Result<VhostExport> {
     if cfg.num_queues == 0 || cfg.num_queues > 64 {
         anyhow::bail!("--num-queues must be between 1 and 64");
     }
-    // Fail early (before binding) if the backend cannot be built, e.g. no io_uring.
-    drop(BlkBackend::new(dev.clone(), cfg.clone()).context("vhost-user-blk backend")?);
-    let mut listener = vhost::vhost_user::Listener::new(socket, true)
-        .map_err(|e| anyhow!("listen on {}: {e}", socket.display()))?;
+    let shared = Arc::new(Shared {
+        dev,
+        read_only: cfg.read_only,
+        id: config::id_bytes(&cfg.id),
+        writeback: AtomicBool::new(true),
+    });
+    let mut workers = Vec::new();
+    for q in 0..cfg.num_queues {
+        workers.push(
+            WorkerHandle::spawn(shared.clone(), q)
+                .with_context(|| format!("start the worker of queue {q}"))?,
+        );
+    }
+    let workers = Arc::new(workers);
+    let mut listener =
+        Listener::new(socket, true).map_err(|e| anyhow!("listen on {}: {e}", socket.display()))?;
     let path = socket.to_path_buf();
-    let nq = cfg.num_queues;
     let thread = std::thread::Builder::new()
         .name("vhost-listen".into())
-        .spawn(move || serve_forever(dev, cfg, &mut listener, &path))
+        .spawn(move || loop {
+            if let Err(e) = serve_one(&shared, &workers, &mut listener) {
+                tracing::error!("vhost-user on {}: {e:#}", path.display());
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        })
         .context("spawn vhost listener thread")?;
-    tracing::info!(socket = %socket.display(), queues = nq, "vhost-user-blk export listening");
+    tracing::info!(socket = %socket.display(), queues = cfg.num_queues, "vhost-user-blk export listening");
     Ok(VhostExport {
         socket: socket.to_path_buf(),
         thread,
     })
 }
 
-/// One frontend connection after another. Every connection gets a fresh backend and
-/// handler (vrings, memory table, worker threads), so nothing of a previous frontend's
-/// state leaks into the next one; the old worker threads exit when it disconnects.
-fn serve_forever(
-    dev: Arc<dyn BlockDevice>,
-    cfg: BlkConfig,
-    listener: &mut vhost::vhost_user::Listener,
-    path: &Path,
-) {
-    loop {
-        if let Err(e) = serve_one(dev.clone(), cfg.clone(), listener) {
-            tracing::error!("vhost-user on {}: {e:#}", path.display());
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        }
-    }
-}
-
+/// Accept one frontend and serve it until it disconnects.
 fn serve_one(
-    dev: Arc<dyn BlockDevice>,
-    cfg: BlkConfig,
-    listener: &mut vhost::vhost_user::Listener,
+    shared: &Arc<Shared>,
+    workers: &Arc<Vec<WorkerHandle>>,
+    listener: &mut Listener,
 ) -> anyhow::Result<()> {
-    let nq = cfg.num_queues;
-    let backend = Arc::new(BlkBackend::new(dev, cfg).context("vhost-user-blk backend")?);
-    let mut daemon = VhostUserDaemon::new(
-        "ember-vhost".to_string(),
-        backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| anyhow!("vhost-user daemon: {e}"))?;
-    let handlers = daemon.get_epoll_handlers();
-    let stop_workers = || handlers.iter().for_each(|h| h.send_exit_event());
-    for (q, handler) in handlers.iter().enumerate() {
-        let fd = backend
-            .ring_fd(q)
-            .ok_or_else(|| anyhow!("queue {q} has no ring"))?;
-        if let Err(e) = handler.register_listener(fd, EventSet::IN, u64::from(ring_event(nq))) {
-            stop_workers();
-            return Err(anyhow!("register ring of queue {q}: {e}"));
+    let handler = Arc::new(Mutex::new(BlkHandler::new(shared.clone(), workers.clone())));
+    let mut bl = BackendListener::new(listener, handler.clone())
+        .map_err(|e| anyhow!("backend listener: {e}"))?;
+    let mut conn = loop {
+        match bl.accept() {
+            Ok(Some(c)) => break c,
+            Ok(None) => continue,
+            Err(e) => return Err(anyhow!("accept: {e}")),
         }
-    }
-    if let Err(e) = daemon.start(listener) {
-        stop_workers();
-        return Err(anyhow!("accept: {e}"));
-    }
+    };
     tracing::info!("vhost-user frontend connected");
-    let res = daemon.wait();
-    stop_workers();
+    let res = loop {
+        if let Err(e) = conn.handle_request() {
+            break e;
+        }
+    };
     match res {
-        Ok(()) => tracing::info!("vhost-user frontend disconnected"),
-        Err(e) => tracing::warn!("vhost-user connection ended: {e}"),
+        VuError::Disconnected | VuError::PartialMessage | VuError::SocketBroken(_) => {
+            tracing::info!("vhost-user frontend disconnected")
+        }
+        e => tracing::warn!("vhost-user connection closed: {e}"),
     }
+    drop(conn);
+    handler
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .disconnect();
     Ok(())
 }
 
