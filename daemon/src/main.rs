@@ -12,6 +12,7 @@
 mod export;
 mod logging;
 mod luks;
+mod nbd;
 mod serve;
 mod vhost;
 

@@ -137,26 +137,3 @@ fn serve_one(
         .disconnect();
     Ok(())
 }
-
-/// Block SIGINT and SIGTERM in the calling thread (call before spawning threads, so they
-/// inherit the mask) and return the set for [`wait_exit_signal`].
-pub fn block_exit_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and
-    // pthread_sigmask only changes this thread's signal mask.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&raw mut set);
-        libc::sigaddset(&raw mut set, libc::SIGINT);
-        libc::sigaddset(&raw mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Wait for one of the signals blocked by [`block_exit_signals`]; returns its number.
-pub fn wait_exit_signal(set: &libc::sigset_t) -> i32 {
-    let mut sig = 0;
-    // SAFETY: `set` is an initialised sigset_t and `sig` a valid out pointer.
-    while unsafe { libc::sigwait(set, &raw mut sig) } != 0 {}
-    sig
-}
