@@ -13,6 +13,7 @@ use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
 use common::*;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 const SIZE: u64 = 64 << 20;
@@ -465,4 +466,55 @@ fn guest_survives_emberd_sigkill_and_restart() {
             "round {i} on the host"
         );
     }
+}
+
+/// Guest half of the cross-protocol test: check what the host wrote over NBD at 4 MiB
+/// (0xcd), write 0xab at 1 MiB for the host to read over NBD.
+const GUEST_CROSS: &str = r#"
+set -e
+dd if=/dev/vda of=/tmp/r bs=64k skip=64 count=16 iflag=direct 2>/dev/null
+[ "$(md5sum < /tmp/r)" = "$(head -c 1048576 /dev/zero | tr '\0' '\315' | md5sum)" ] || { echo "NBD-WRITE-NOT-SEEN"; exit 4; }
+head -c 1048576 /dev/zero | tr '\0' '\253' > /tmp/p
+dd if=/tmp/p of=/dev/vda bs=64k seek=16 oflag=direct conv=fsync,notrunc 2>/dev/null
+echo GUEST-CROSS-OK
+"#;
+
+#[test]
+fn guest_vhost_and_nbd_share_one_volume() {
+    require_tool("qemu-system-x86_64");
+    require_tool("qemu-io");
+    let g = guest::Guest::get();
+    let dir = tempfile::tempdir().unwrap();
+    let nbd_sock = dir.path().join("nbd.sock");
+    let nbd_arg = format!("unix:{}", nbd_sock.display());
+    let e = export(&["--nbd", &nbd_arg, "--name", "vol-x"]);
+    wait_for_path(&nbd_sock, Duration::from_secs(30));
+    let url = format!("nbd+unix:///vol-x?socket={}", nbd_sock.display());
+    // Host → guest: write over NBD before the guest boots.
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &url, "-c", "write -P 0xcd 4M 1M"]));
+    let vdir = e.file.parent().unwrap().to_path_buf();
+    let initrd = g.initrd(&vdir, GUEST_CROSS);
+    let mut args = guest::base_args(&g, &initrd, 512);
+    args.extend(guest::vhost_blk_args("c0", &e.sock, 1, false));
+    let mut q = guest::Qemu::spawn(&vdir, &args);
+    let (rc, console) = q.wait_exit(Duration::from_secs(600));
+    assert_eq!(
+        rc,
+        0,
+        "guest failed; console:\n{console}\nemberd log:\n{}",
+        e.daemon.log_text()
+    );
+    // Guest → host: read the guest's write over NBD.
+    let out = run_ok(Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        &url,
+        "-c",
+        "read -P 0xab 1M 1M",
+        "-c",
+        "read -P 0 2M 2M",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("Pattern verification failed"), "{text}");
 }
