@@ -27,8 +27,8 @@ pub use disk::Disk;
 pub use error::{Error, Result};
 pub use keyslot::KdfParams;
 pub use volume::{
-    add_key, change_key, dump, format, open, passphrase_for, remove_key, FormatParams, Header,
-    OpenOptions, SecretKind, Unlocked,
+    add_key, change_key, default_data_offset, dump, format, open, passphrase_for, remove_key,
+    FormatParams, Header, OpenOptions, SecretKind, Unlocked,
 };
 pub use xts::SectorCipher;
 pub use zeroize::Zeroizing;

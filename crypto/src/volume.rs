@@ -191,6 +191,16 @@ impl Header {
     }
 }
 
+/// Where [`format`] puts the data for a LUKS `version` (bytes): cryptsetup's layout,
+/// 2 MiB for LUKS1 (both key sizes), 16 MiB for LUKS2.
+pub fn default_data_offset(version: u8) -> u64 {
+    if version == 1 {
+        2 << 20
+    } else {
+        luks2::DEFAULT_DATA_OFFSET
+    }
+}
+
 /// Unlock the volume on `disk`.
 pub fn open(disk: &mut dyn Disk, passphrase: &[u8], opts: &OpenOptions) -> Result<Unlocked> {
     let h = Header::read(disk)?;
