@@ -33,6 +33,7 @@ LUKS=0
 EMBERD=
 OUT=
 
+ORIG_ARGS=("$@")
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while (($#)); do
     case "$1" in
@@ -200,7 +201,8 @@ done
 {
     echo "# $(date -u +%FT%TZ) $(uname -r) $(nproc) CPUs; runtime ${RUNTIME}s ramp ${RAMP}s; median of $ROUNDS rounds"
     echo "# load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "# command: $0 --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --peers $PEERS --jobs $JOBS$( ((LUKS)) && echo ' --luks')"
+    echo "# command: $0 ${ORIG_ARGS[*]}"
+    echo "# settings: --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --peers $PEERS --jobs $JOBS"
 } >"$OUT/summary.txt"
 python3 "$ROOT/benches/fio_summary.py" "$OUT" "$PEERS" "$JOBS" "${MODES[*]}" >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
