@@ -132,6 +132,9 @@ TEST_ARGS=()
 if [[ "${1:-}" == "--" ]]; then
     shift
     TEST_ARGS=("$@")
+elif (($#)); then
+    echo "usage: scripts/test.sh [-- CARGO_TEST_ARGS...]" >&2
+    exit 2
 fi
 
 if [[ "${EMBER_SKIP_INSTALL:-0}" != 1 ]]; then
