@@ -6,6 +6,10 @@
 #
 #   scripts/install-test-deps.sh            # install what is missing
 #   scripts/install-test-deps.sh --check    # only report what is missing (exit 1 if any)
+#
+# Environment:
+#   EMBER_GUEST_CACHE  where the guest kernel .deb is kept (default /var/cache/ember-test;
+#                      tests/guest/build.sh reads it from there)
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -89,9 +93,10 @@ else
         "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" "${rest[@]}"
 fi
 
-# Guest kernel for the QEMU tests: tests/guest/build.sh finds Debian's 6.1 cloud kernel with
-# `apt-cache search` and fetches it with `apt-get download` (once per target dir), so the
-# package lists must be populated; a fresh container image often ships without them.
+# Guest kernel for the QEMU tests: tests/guest/build.sh picks Debian's newest 6.1 cloud
+# kernel with `apt-cache search` (so the package lists must be populated; a fresh container
+# image often ships without them) and takes its .deb from $EMBER_GUEST_CACHE, which this
+# fills (else it runs `apt-get download` itself).
 kernel_pkg() {
     apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' |
         awk '{print $1}' | sort -V | tail -n 1
@@ -100,8 +105,17 @@ if [[ -z "$(kernel_pkg)" ]]; then
     ((CHECK_ONLY)) && die "apt lists have no linux-image-6.1.0-*-cloud-amd64 (apt-get update)"
     apt_update_once
 fi
-[[ -n "$(kernel_pkg)" ]] || die "no linux-image-6.1.0-*-cloud-amd64 package in the apt lists"
-log "guest kernel package: $(kernel_pkg)"
+kpkg="$(kernel_pkg)"
+[[ -n "$kpkg" ]] || die "no linux-image-6.1.0-*-cloud-amd64 package in the apt lists"
+GUEST_CACHE="${EMBER_GUEST_CACHE:-/var/cache/ember-test}"
+if ! compgen -G "$GUEST_CACHE/${kpkg}_*.deb" >/dev/null; then
+    ((CHECK_ONLY)) && die "guest kernel $kpkg not in $GUEST_CACHE"
+    mkdir -p "$GUEST_CACHE"
+    log "downloading $kpkg into $GUEST_CACHE"
+    # apt-get download would drop privileges to _apt, which cannot write into a root dir.
+    (cd "$GUEST_CACHE" && apt-get download -q -o APT::Sandbox::User=root "$kpkg")
+fi
+log "guest kernel: $(compgen -G "$GUEST_CACHE/${kpkg}_*.deb" | head -1)"
 
 # Rust components used by the test command.
 if command -v rustup >/dev/null; then
