@@ -606,3 +606,56 @@ fn walk_chain(mem: &Mem, desc_table: u64, queue_size: u16, head: u16) -> Option<
         ttl -= 1;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
+
+    fn put(m: &Mem, table: u64, i: u16, d: Descriptor) {
+        m.write_obj(d, GuestAddress(table + u64::from(i) * 16))
+            .unwrap();
+    }
+
+    #[test]
+    fn walks_direct_and_indirect_chains() {
+        let m: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let table = 0x1000;
+        // Chain 2 → 5 → 7 in the main table.
+        put(&m, table, 2, Descriptor::new(0x4000, 16, F_NEXT, 5));
+        put(
+            &m,
+            table,
+            5,
+            Descriptor::new(0x5000, 512, F_NEXT | F_WRITE, 7),
+        );
+        put(&m, table, 7, Descriptor::new(0x6000, 1, F_WRITE, 0));
+        let segs = walk_chain(&m, table, 8, 2).unwrap();
+        assert_eq!(segs.len(), 3);
+        assert_eq!(
+            segs[1],
+            Seg {
+                addr: 0x5000,
+                len: 512,
+                write: true
+            }
+        );
+        // Head 0 points to an indirect table of two entries.
+        let ind = 0x2000;
+        put(&m, table, 0, Descriptor::new(ind, 32, F_INDIRECT, 0));
+        put(&m, ind, 0, Descriptor::new(0x7000, 16, F_NEXT, 1));
+        put(&m, ind, 1, Descriptor::new(0x7100, 1, F_WRITE, 0));
+        assert_eq!(walk_chain(&m, table, 8, 0).unwrap().len(), 2);
+        // A loop is refused, and so is a head beyond the queue.
+        put(&m, table, 3, Descriptor::new(0x4000, 16, F_NEXT, 4));
+        put(&m, table, 4, Descriptor::new(0x4000, 16, F_NEXT, 3));
+        assert!(walk_chain(&m, table, 8, 3).is_none());
+        assert!(walk_chain(&m, table, 8, 8).is_none());
+        // A descriptor table outside guest memory.
+        assert!(walk_chain(&m, 0xffff_0000, 8, 0).is_none());
+    }
+}
