@@ -524,10 +524,11 @@ mod raw {
     //! malformed requests in the ring and sends a bad memory table.
 
     use std::fs::File;
+    use std::os::fd::AsRawFd;
     use std::os::fd::FromRawFd;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
-    use vhost::vhost_user::message::VhostUserProtocolFeatures;
+    use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
     use vhost::vhost_user::{Frontend, VhostUserFrontend};
     use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
     use vm_memory::{
@@ -556,9 +557,20 @@ mod raw {
         GuestRegionMmap::new(m, GuestAddress(gpa)).unwrap()
     }
 
+    /// How a connection sets up inflight tracking.
+    pub enum Inflight {
+        None,
+        /// GET_INFLIGHT_FD then SET_INFLIGHT_FD (a first connection).
+        Get,
+        /// SET_INFLIGHT_FD with an area kept from before (a reconnection).
+        Set(VhostUserInflight, File),
+    }
+
     pub struct Guest {
         pub mem: GuestMemoryMmap<()>,
         pub kick: EventFd,
+        pub mem_file: File,
+        pub inflight: Option<(VhostUserInflight, File)>,
         // Kept open for the connection's lifetime.
         _region: Arc<GuestRegionMmap<()>>,
         _fe: Frontend,
@@ -569,7 +581,13 @@ mod raw {
 
     impl Guest {
         pub fn connect(sock: &std::path::Path) -> Guest {
-            let f = memfd(MEM);
+            Guest::setup(sock, memfd(MEM), Inflight::None)
+        }
+
+        /// Connect with guest memory `f` (which may hold rings from an earlier
+        /// connection: the vring base is the current used index, as QEMU does after a
+        /// backend crash) and the given inflight setup.
+        pub fn setup(sock: &std::path::Path, f: File, inflight: Inflight) -> Guest {
             let region = Arc::new(region(&f, 0, MEM));
             let mem = GuestMemoryMmap::from_arc_regions(vec![region.clone()]).unwrap();
             let mut fe = Frontend::connect(sock, 1).unwrap();
@@ -580,9 +598,13 @@ mod raw {
             let pf = fe.get_protocol_features().unwrap();
             assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
             fe.set_protocol_features(
-                VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK,
+                VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
             )
             .unwrap();
+            // Wait for the backend's ack of every message (so "enabled" means running).
+            fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
             let info = VhostUserMemoryRegionInfo::from_guest_region(&region).unwrap();
             fe.set_mem_table(&[info]).unwrap();
             let va = region.as_ptr() as u64;
@@ -600,7 +622,22 @@ mod raw {
                 },
             )
             .unwrap();
-            fe.set_vring_base(0, 0).unwrap();
+            let inflight = match inflight {
+                Inflight::None => None,
+                Inflight::Get => {
+                    let want = VhostUserInflight::new(0, 0, 1, QSIZE);
+                    let (info, file) = fe.get_inflight_fd(&want).unwrap();
+                    fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+                    Some((info, file))
+                }
+                Inflight::Set(info, file) => {
+                    fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+                    Some((info, file))
+                }
+            };
+            let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+            fe.set_vring_base(0, used).unwrap();
             let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             fe.set_vring_call(0, &call).unwrap();
@@ -609,11 +646,13 @@ mod raw {
             Guest {
                 mem,
                 kick,
+                mem_file: f,
+                inflight,
                 _region: region,
                 _fe: fe,
                 _call: call,
                 next_desc: 0,
-                avail_idx: 0,
+                avail_idx,
             }
         }
 
@@ -761,4 +800,77 @@ fn raw_frontend_bad_requests_get_an_error_status_and_the_daemon_lives_on() {
         0
     );
     assert!(c.buf(0, 512) == &pattern[..]);
+}
+
+/// Inflight resubmission, deterministic: the test plays a backend that died with requests
+/// in flight by writing the shared inflight area itself (the same layout a SIGKILLed
+/// emberd leaves), then reconnects the way QEMU does after a crash.
+#[test]
+fn raw_frontend_inflight_requests_are_resubmitted_after_reconnect() {
+    use raw::{Guest, Inflight, QSIZE, USED};
+    use vm_memory::{Bytes, GuestAddress};
+    let e = export(&["--name", "inflight"]);
+    let mut g = Guest::setup(&e.sock, raw::memfd(raw::MEM), Inflight::Get);
+    // Three writes of distinct data to sectors 10, 11, 12, put in the avail ring without
+    // a kick (the backend does not look at them).
+    let mut heads = Vec::new();
+    for i in 0..3u64 {
+        let hdr = 0x3000 + i * 16;
+        let data = 0x4000 + i * 512;
+        g.header(hdr, 1, 10 + i);
+        g.mem
+            .write_slice(&pattern(20 + i, 512), GuestAddress(data))
+            .unwrap();
+        g.mem.write_obj(0xffu8, GuestAddress(0x5000 + i)).unwrap();
+        heads.push(g.push(&[(hdr, 16, false), (data, 512, false), (0x5000 + i, 1, true)]));
+    }
+    let (info, area_file) = g.inflight.take().expect("inflight area");
+    let mem_file = g.mem_file.try_clone().unwrap();
+    let next_desc = g.next_desc;
+    drop(g);
+    // What a backend killed mid-way leaves: all three popped (counters 7, 8, 9); the
+    // first one already in the used ring (used->idx = 1, last_batch_head = it) but the
+    // area not yet updated (its used_idx is still 0, its flag still set).
+    let area = raw::region(&area_file, 0, info.mmap_size as usize);
+    let area = vm_memory::GuestMemoryMmap::from_regions(vec![area]).unwrap();
+    area.write_obj(1u16, GuestAddress(8)).unwrap(); // version
+    area.write_obj(QSIZE, GuestAddress(10)).unwrap(); // desc_num
+    area.write_obj(heads[0], GuestAddress(12)).unwrap(); // last_batch_head
+    area.write_obj(0u16, GuestAddress(14)).unwrap(); // used_idx
+    for (n, &h) in heads.iter().enumerate() {
+        let d = 16 + u64::from(h) * 16;
+        area.write_obj(1u8, GuestAddress(d)).unwrap();
+        area.write_obj(7 + n as u64, GuestAddress(d + 8)).unwrap();
+    }
+    let guest = vm_memory::GuestMemoryMmap::from_regions(vec![raw::region(&mem_file, 0, raw::MEM)])
+        .unwrap();
+    guest
+        .write_obj(u32::from(heads[0]), GuestAddress(USED + 4))
+        .unwrap();
+    guest.write_obj(1u32, GuestAddress(USED + 8)).unwrap();
+    guest.write_obj(0u8, GuestAddress(0x5000)).unwrap();
+    guest.write_obj(1u16, GuestAddress(USED + 2)).unwrap();
+
+    // Reconnect with the kept area: the backend must resubmit exactly the two others.
+    let mut g = Guest::setup(&e.sock, mem_file, Inflight::Set(info, area_file));
+    g.next_desc = next_desc;
+    g.kick_and_wait(3);
+    std::thread::sleep(Duration::from_millis(200));
+    let used: u16 = g.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 3, "requests completed twice or lost");
+    assert_eq!((g.byte(0x5001), g.byte(0x5002)), (0, 0), "statuses");
+    let file = std::fs::read(&e.file).unwrap();
+    assert!(file[11 * 512..12 * 512] == pattern(21, 512)[..]);
+    assert!(file[12 * 512..13 * 512] == pattern(22, 512)[..]);
+    assert!(
+        file[10 * 512..11 * 512].iter().all(|&b| b == 0),
+        "the used one was redone; emberd log:\n{}",
+        e.daemon.log_text()
+    );
+    // New requests continue after the resubmitted ones.
+    g.header(0x3100, 1, 13);
+    g.push(&[(0x3100, 16, false), (0x4000, 512, false), (0x5010, 1, true)]);
+    g.kick_and_wait(4);
+    assert_eq!(g.byte(0x5010), 0);
+    assert!(std::fs::read(&e.file).unwrap()[13 * 512..14 * 512] == pattern(20, 512)[..]);
 }

@@ -63,8 +63,9 @@ pub struct Start {
 
 /// A command for a worker.
 pub enum Cmd {
-    /// Run a queue (replacing nothing: the worker must be idle).
-    Start(Box<Start>),
+    /// Run a queue; the reply comes once the worker has taken it (and processed what
+    /// was already available).
+    Start(Box<Start>, mpsc::Sender<()>),
     /// Stop the queue: drain in-flight requests, answer the next avail index.
     Stop(mpsc::Sender<u16>),
     /// Replace the call eventfd.
@@ -109,6 +110,14 @@ impl WorkerHandle {
             .send(cmd)
             .map_err(|_| io::Error::other("worker thread is gone"))?;
         self.wake.write(1)
+    }
+
+    /// Hand a queue to the worker and wait until it runs.
+    pub fn start(&self, s: Start) -> io::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Start(Box::new(s), tx))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("worker thread is gone"))
     }
 
     /// Stop the queue and return its next avail index (None if the worker is gone).
@@ -241,7 +250,10 @@ impl Worker {
 
     fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Start(s) => self.start(*s),
+            Cmd::Start(s, reply) => {
+                self.start(*s);
+                let _ = reply.send(());
+            }
             Cmd::Stop(reply) => {
                 let next = self.stop();
                 let _ = reply.send(next);
