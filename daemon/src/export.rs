@@ -48,10 +48,10 @@ fn block_signals() -> anyhow::Result<libc::sigset_t> {
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t for these calls; pthread_sigmask only reads it.
     let r = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut())
     };
     anyhow::ensure!(r == 0, "could not block signals: errno {r}");
     Ok(set)
@@ -62,7 +62,7 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-        if unsafe { libc::sigwait(set, &mut sig) } == 0 {
+        if unsafe { libc::sigwait(set, &raw mut sig) } == 0 {
             return sig;
         }
     }

@@ -396,8 +396,11 @@ fn is_tmpfs(file: &File) -> bool {
     // SAFETY: statfs is plain data; fstatfs fills it and we read it only on success.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `st` is a valid out-pointer and the fd is open.
-    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) };
-    r == 0 && i64::from(st.f_type) == TMPFS_MAGIC
+    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &raw mut st) };
+    // f_type's width differs between architectures.
+    #[allow(clippy::useless_conversion)]
+    let f_type = i64::from(st.f_type);
+    r == 0 && f_type == TMPFS_MAGIC
 }
 
 /// Read or write `buf` at `offset` with blocking syscalls (see the module doc: tmpfs).

@@ -316,7 +316,7 @@ fn poll_readable(fd: i32) -> bool {
         revents: 0,
     };
     // SAFETY: `p` is a valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&mut p, 1, ACCEPT_POLL_MS) };
+    let r = unsafe { libc::poll(&raw mut p, 1, ACCEPT_POLL_MS) };
     r >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
 }
 

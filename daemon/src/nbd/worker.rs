@@ -169,7 +169,7 @@ impl Worker {
         if self.efd_armed || self.stopping {
             return;
         }
-        let ptr: *mut u64 = &mut *self.efd_buf;
+        let ptr: *mut u64 = &raw mut *self.efd_buf;
         let e = opcode::Read::new(types::Fd(self.efd.as_raw_fd()), ptr.cast(), 8)
             .build()
             .user_data(user_data(0, EVENTFD_SLOT));
