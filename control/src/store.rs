@@ -65,7 +65,7 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
          protected BIGINT NOT NULL, owner VARCHAR(64) NOT NULL, created_at VARCHAR(40) NOT NULL, \
          updated_at VARCHAR(40) NOT NULL)",
         "CREATE TABLE IF NOT EXISTS metadef_properties (namespace VARCHAR(80) NOT NULL, name VARCHAR(80) NOT NULL, \
-         definition TEXT NOT NULL, PRIMARY KEY (namespace, name))",
+         definition MEDIUMTEXT NOT NULL, PRIMARY KEY (namespace, name))",
         "CREATE TABLE IF NOT EXISTS metadef_resource_types (namespace VARCHAR(80) NOT NULL, name VARCHAR(80) NOT NULL, \
          prefix VARCHAR(80) NOT NULL, properties_target VARCHAR(80) NOT NULL, created_at VARCHAR(40) NOT NULL, \
          PRIMARY KEY (namespace, name))",
