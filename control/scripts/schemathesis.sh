@@ -9,7 +9,7 @@
 # Env: ST (schemathesis CLI, default `st`; install with `pip install schemathesis`),
 #      ST_EXAMPLES (max examples per operation, default 40).
 set -eu
-EMBERD=${1:-${CARGO_TARGET_DIR:-target}/debug/emberd}
+EMBERD=$(realpath -m "${1:-${CARGO_TARGET_DIR:-target}/debug/emberd}")
 DB=${2:-}
 ST=${ST:-st}
 EXAMPLES=${ST_EXAMPLES:-40}
@@ -59,9 +59,10 @@ TOML
 
 status=0
 run_st() {
-  "$ST" "$@" --checks not_a_server_error --max-examples "$EXAMPLES" --workers 1 \
+  # Run from the temp dir: schemathesis writes a cache directory into the cwd.
+  (cd "$DIR" && "$ST" "$@" --checks not_a_server_error --max-examples "$EXAMPLES" --workers 1 \
     --phases examples,coverage,fuzzing --generation-allow-x00 false --request-timeout 30 \
-    --suppress-health-check all || status=1
+    --suppress-health-check all) || status=1
 }
 run_st run "$URL/openapi.json" -H "X-Auth-Token: $ADMIN"
 run_st run "$URL/openapi.json" -H "X-Auth-Token: $MEMBER"

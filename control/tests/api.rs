@@ -1110,7 +1110,7 @@ api_test!(secrets_and_orders, |h| {
     let pp = ember_control::keys::unlock_passphrase(&h.control.state, &pa, &sid)
         .await
         .unwrap();
-    assert_eq!(pp, hex::encode(key).into_bytes());
+    assert_eq!(&pp[..], hex::encode(key).as_bytes());
 
     // Text passphrase.
     let (s, v) = h.call(POST, "/v1/secrets", Some(&member), Some(json!({"secret_type": "passphrase", "payload": "correct horse", "payload_content_type": "text/plain"}))).await;
@@ -1132,8 +1132,8 @@ api_test!(secrets_and_orders, |h| {
     assert_eq!(
         ember_control::keys::unlock_passphrase(&h.control.state, &pa, &pid)
             .await
-            .unwrap(),
-        b"correct horse"
+            .unwrap()[..],
+        b"correct horse"[..]
     );
 
     // Validation.
@@ -1358,7 +1358,7 @@ api_test!(restart_keeps_state, |h| {
     let pp = ember_control::keys::unlock_passphrase(&h.control.state, &h.admin_project, &sid)
         .await
         .unwrap();
-    assert_eq!(pp, b"pw");
+    assert_eq!(&pp[..], b"pw");
     // A wrong master key is refused at start-up.
     let wrong = h.dir.path().join("wrong.key");
     std::fs::write(&wrong, [9u8; 32]).unwrap();
