@@ -18,7 +18,7 @@ command -v "$ST" >/dev/null 2>&1 || { echo "schemathesis ($ST) is not installed:
 
 DIR=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-set -- serve --data-dir "$DIR/data" --rest "127.0.0.1:$PORT" --node-name schemathesis
+set -- serve --data-dir "$DIR/data" --rest "127.0.0.1:$PORT" --nbd 127.0.0.1:0 --node-name schemathesis
 [ -n "$DB" ] && set -- "$@" --database "$DB"
 "$EMBERD" "$@" > "$DIR/emberd.log" 2>&1 &
 PID=$!

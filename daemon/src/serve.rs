@@ -9,19 +9,22 @@
 //! Storage pools come from the config (`[pools.NAME] path = "…"`); the default is one
 //! directory pool `default` at `DATA/pools/default`.
 //!
-//! The NBD and vhost-user front ends are not wired into `serve` yet (they are being
-//! built on another branch): `--nbd` and `--vhost-dir` are parsed, validated and
-//! logged, and the control plane reaches the data plane through
-//! [`ember_control::DataPlane`], implemented here by [`ServeDataPlane`] which, for now,
-//! refuses to export.
+//! The data plane: an [`NbdServer`] listens on every `--nbd` address; the control plane
+//! reaches it only through [`ember_control::DataPlane`], implemented by
+//! [`ServeDataPlane`] (open a volume's file with the block layer and add it as an NBD
+//! export named after the volume id; close removes it and drops its connections).
+//! Volumes (and so exports) arrive with the next issue. Not wired yet: vhost-user
+//! exports under `--vhost-dir` (the directory is created) and encrypted exports.
 
+use crate::nbd::{ListenAddr, NbdServer};
 use anyhow::Context;
 use clap::Args;
+use ember_blockdev::{BackendSpec, OpenOptions};
 use ember_control::{Control, ControlConfig, DataPlane, ExportSpec};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Flags of `emberd serve`.
@@ -74,31 +77,12 @@ pub struct PoolConfig {
     pub path: PathBuf,
 }
 
-/// An NBD listen address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdAddr {
-    Tcp(std::net::SocketAddr),
-    Unix(PathBuf),
-}
-
-impl NbdAddr {
-    fn parse(s: &str) -> anyhow::Result<NbdAddr> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            anyhow::ensure!(!p.is_empty(), "--nbd unix: needs a path");
-            return Ok(NbdAddr::Unix(PathBuf::from(p)));
-        }
-        s.parse()
-            .map(NbdAddr::Tcp)
-            .with_context(|| format!("--nbd {s:?}: expected HOST:PORT or unix:PATH"))
-    }
-}
-
 /// Effective settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub rest: std::net::SocketAddr,
-    pub nbd: Vec<NbdAddr>,
+    pub nbd: Vec<ListenAddr>,
     pub vhost_dir: PathBuf,
     pub database: String,
     pub node_name: String,
@@ -142,7 +126,10 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     };
     let nbd = nbd_raw
         .iter()
-        .map(|s| NbdAddr::parse(s))
+        .map(|s| {
+            s.parse::<ListenAddr>()
+                .with_context(|| format!("--nbd {s:?}"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let vhost_dir = args
         .vhost_dir
@@ -152,6 +139,11 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         .database
         .or(file.database)
         .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("ember.db").display()));
+    anyhow::ensure!(
+        ["sqlite:", "mysql:", "mariadb:"].iter().any(|p| database.starts_with(p)),
+        "unsupported database URL {:?}: use sqlite://PATH or mysql://USER:PASSWORD@HOST/DB",
+        ember_control::store::redact(&database)
+    );
     let node_name = args.node_name.or(file.node_name).unwrap_or_else(hostname);
     anyhow::ensure!(
         !node_name.is_empty() && node_name.len() <= 255,
@@ -179,23 +171,85 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     })
 }
 
-/// The data plane as seen by the control plane. Front ends are not wired in yet.
+/// The data plane as seen by the control plane: NBD exports of volume files.
 pub struct ServeDataPlane {
-    pub nbd: Vec<NbdAddr>,
-    pub vhost_dir: PathBuf,
+    nbd: Mutex<Option<NbdServer>>,
+}
+
+impl ServeDataPlane {
+    /// Start the NBD server and listen on `addrs`; returns the bound addresses too.
+    pub fn start(addrs: &[ListenAddr]) -> anyhow::Result<(ServeDataPlane, Vec<String>)> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let server = NbdServer::start(threads)?;
+        let mut bound = Vec::new();
+        for a in addrs {
+            match server.listen(a) {
+                Ok(b) => bound.push(b),
+                Err(e) => {
+                    server.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        Ok((
+            ServeDataPlane {
+                nbd: Mutex::new(Some(server)),
+            },
+            bound,
+        ))
+    }
+
+    /// Stop listening, close connections and join the I/O threads.
+    pub fn shutdown(&self) {
+        let server = self.nbd.lock().ok().and_then(|mut g| g.take());
+        if let Some(s) = server {
+            s.shutdown();
+        }
+    }
+
+    fn with_server<T>(&self, f: impl FnOnce(&NbdServer) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let g = self
+            .nbd
+            .lock()
+            .map_err(|_| anyhow::anyhow!("NBD server state poisoned"))?;
+        let server = g.as_ref().context("the NBD server is shut down")?;
+        f(server)
+    }
 }
 
 impl DataPlane for ServeDataPlane {
     fn open_export(&self, spec: &ExportSpec) -> anyhow::Result<()> {
-        anyhow::bail!(
-            "exporting volumes from `emberd serve` is not wired yet (volume {}, NBD {:?}, vhost dir {})",
-            spec.volume_id,
-            self.nbd,
-            self.vhost_dir.display()
-        )
+        anyhow::ensure!(
+            spec.passphrase.is_none(),
+            "encrypted exports are not wired into `emberd serve` yet (volume {})",
+            spec.volume_id
+        );
+        self.with_server(|server| {
+            if server.export_names().contains(&spec.volume_id) {
+                return Ok(());
+            }
+            let opts = OpenOptions {
+                read_only: spec.read_only,
+                ..OpenOptions::default()
+            };
+            let dev = ember_blockdev::open(
+                &BackendSpec::File {
+                    path: spec.path.clone(),
+                },
+                &opts,
+            )
+            .with_context(|| format!("open {}", spec.path.display()))?;
+            server.add_export(&spec.volume_id, dev, spec.read_only)
+        })
     }
-    fn close_export(&self, _volume_id: &str) -> anyhow::Result<()> {
-        Ok(())
+
+    fn close_export(&self, volume_id: &str) -> anyhow::Result<()> {
+        self.with_server(|server| {
+            server.remove_export(volume_id);
+            Ok(())
+        })
     }
 }
 
@@ -221,10 +275,8 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     for (name, pool) in &cfg.pools {
         create_dir(&pool.path, &format!("pool {name}"))?;
     }
-    let dataplane = Arc::new(ServeDataPlane {
-        nbd: cfg.nbd.clone(),
-        vhost_dir: cfg.vhost_dir.clone(),
-    });
+    let (dataplane, nbd_bound) = ServeDataPlane::start(&cfg.nbd)?;
+    let dataplane = Arc::new(dataplane);
     let ccfg = ControlConfig {
         data_dir: cfg.data_dir.clone(),
         database: cfg.database.clone(),
@@ -232,10 +284,20 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         node_name: cfg.node_name.clone(),
         rest_address: cfg.rest.to_string(),
     };
-    let control = Control::open(&ccfg, dataplane).await?;
-    let listener = tokio::net::TcpListener::bind(cfg.rest)
-        .await
-        .with_context(|| format!("listen on --rest {}", cfg.rest))?;
+    let control = match Control::open(&ccfg, dataplane.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            dataplane.shutdown();
+            return Err(e);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(cfg.rest).await {
+        Ok(l) => l,
+        Err(e) => {
+            dataplane.shutdown();
+            return Err(anyhow::Error::new(e).context(format!("listen on --rest {}", cfg.rest)));
+        }
+    };
     let addr = listener.local_addr()?;
     tracing::info!(
         rest = %addr,
@@ -245,9 +307,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         pools = ?cfg.pools.keys().collect::<Vec<_>>(),
         "emberd serve: REST API listening"
     );
-    for a in &cfg.nbd {
-        tracing::warn!(nbd = ?a, "the NBD front end is not wired into `emberd serve` yet; not listening");
-    }
+    tracing::info!(listeners = %nbd_bound.join(" "), "NBD server listening (no exports until volumes exist)");
     let control = Arc::new(control);
     let hb = control.clone();
     let heartbeat = tokio::spawn(async move {
@@ -259,8 +319,10 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     });
-    axum_serve(listener, control.router()).await?;
+    let served = axum_serve(listener, control.router()).await;
     heartbeat.abort();
+    dataplane.shutdown();
+    served?;
     tracing::info!("emberd serve: stopped");
     Ok(())
 }
@@ -317,10 +379,7 @@ mod tests {
         let c = resolve(args()).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("./ember-data"));
         assert_eq!(c.rest.to_string(), "127.0.0.1:8776");
-        assert_eq!(
-            c.nbd,
-            vec![NbdAddr::Tcp("127.0.0.1:10809".parse().unwrap())]
-        );
+        assert_eq!(c.nbd, vec![ListenAddr::Tcp("127.0.0.1:10809".into())]);
         assert_eq!(c.vhost_dir, PathBuf::from("./ember-data/vhost"));
         assert_eq!(c.database, "sqlite://./ember-data/ember.db");
         assert_eq!(
@@ -345,7 +404,7 @@ mod tests {
         let c = resolve(a).unwrap();
         assert_eq!(c.rest.to_string(), "127.0.0.1:1234", "flag beats file");
         assert_eq!(c.data_dir, PathBuf::from("/srv/ember"));
-        assert_eq!(c.nbd[0], NbdAddr::Unix("/run/e.sock".into()));
+        assert_eq!(c.nbd[0], ListenAddr::Unix("/run/e.sock".into()));
         assert_eq!(c.database, "mysql://u:p@db/ember");
         assert_eq!(c.vhost_dir, PathBuf::from("/srv/ember/vhost"));
         assert_eq!(c.pools.len(), 1);
@@ -356,5 +415,58 @@ mod tests {
         let mut a = args();
         a.nbd = vec!["nonsense".into()];
         assert!(resolve(a).is_err());
+    }
+
+    #[test]
+    fn dataplane_exports_volume_files() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("vol");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let sock = d.path().join("nbd.sock");
+        let (dp, bound) = ServeDataPlane::start(&[ListenAddr::Unix(sock.clone())]).unwrap();
+        assert_eq!(bound, vec![format!("unix:{}", sock.display())]);
+        let spec = ExportSpec {
+            volume_id: "v1".into(),
+            path: file.clone(),
+            read_only: false,
+            passphrase: None,
+        };
+        dp.open_export(&spec).unwrap();
+        dp.open_export(&spec).unwrap(); // idempotent
+        dp.with_server(|s| Ok(assert_eq!(s.export_names(), vec!["v1".to_string()])))
+            .unwrap();
+        let enc = ExportSpec {
+            volume_id: "v2".into(),
+            passphrase: Some(b"pw".to_vec()),
+            ..spec.clone()
+        };
+        assert!(dp
+            .open_export(&enc)
+            .unwrap_err()
+            .to_string()
+            .contains("encrypted"));
+        let missing = ExportSpec {
+            volume_id: "v3".into(),
+            path: d.path().join("nope"),
+            ..spec
+        };
+        assert!(dp.open_export(&missing).is_err());
+        dp.close_export("v1").unwrap();
+        dp.close_export("v1").unwrap();
+        dp.with_server(|s| Ok(assert!(s.export_names().is_empty())))
+            .unwrap();
+        dp.shutdown();
+        assert!(!sock.exists(), "the socket is removed at shutdown");
+        assert!(dp
+            .open_export(&ExportSpec {
+                volume_id: "v4".into(),
+                path: file,
+                read_only: true,
+                passphrase: None
+            })
+            .is_err());
     }
 }
