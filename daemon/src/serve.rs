@@ -140,7 +140,9 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         .or(file.database)
         .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("ember.db").display()));
     anyhow::ensure!(
-        ["sqlite:", "mysql:", "mariadb:"].iter().any(|p| database.starts_with(p)),
+        ["sqlite:", "mysql:", "mariadb:"]
+            .iter()
+            .any(|p| database.starts_with(p)),
         "unsupported database URL {:?}: use sqlite://PATH or mysql://USER:PASSWORD@HOST/DB",
         ember_control::store::redact(&database)
     );
@@ -436,8 +438,8 @@ mod tests {
         };
         dp.open_export(&spec).unwrap();
         dp.open_export(&spec).unwrap(); // idempotent
-        dp.with_server(|s| Ok(assert_eq!(s.export_names(), vec!["v1".to_string()])))
-            .unwrap();
+        let names = dp.with_server(|s| Ok(s.export_names())).unwrap();
+        assert_eq!(names, vec!["v1".to_string()]);
         let enc = ExportSpec {
             volume_id: "v2".into(),
             passphrase: Some(b"pw".to_vec()),
@@ -456,8 +458,8 @@ mod tests {
         assert!(dp.open_export(&missing).is_err());
         dp.close_export("v1").unwrap();
         dp.close_export("v1").unwrap();
-        dp.with_server(|s| Ok(assert!(s.export_names().is_empty())))
-            .unwrap();
+        let names = dp.with_server(|s| Ok(s.export_names())).unwrap();
+        assert!(names.is_empty());
         dp.shutdown();
         assert!(!sock.exists(), "the socket is removed at shutdown");
         assert!(dp
