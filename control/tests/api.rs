@@ -1369,3 +1369,39 @@ api_test!(restart_keeps_state, |h| {
     .await;
     assert!(r.unwrap_err().to_string().contains("does not match"));
 });
+
+api_test!(names_compare_bytewise, |h| {
+    // Both backends treat names as exact byte strings: case and trailing spaces matter.
+    let base = format!("/v3/{}/types", h.admin_project);
+    for name in ["Gold", "gold", "gold ", "göld"] {
+        h.admin_ok(
+            POST,
+            &base,
+            Some(json!({"volume_type": {"name": name}})),
+            200,
+        )
+        .await;
+    }
+    h.admin_ok(
+        POST,
+        &base,
+        Some(json!({"volume_type": {"name": "gold "}})),
+        409,
+    )
+    .await;
+    let v = h.admin_ok(GET, &format!("{base}/gold%20"), None, 200).await;
+    assert_eq!(v["volume_type"]["name"], "gold ");
+    let v = h.admin_ok(GET, &format!("{base}/Gold"), None, 200).await;
+    assert_eq!(v["volume_type"]["name"], "Gold");
+    let id = v["volume_type"]["id"].as_str().unwrap().to_string();
+    let es = format!("{base}/{id}/extra_specs");
+    h.admin_ok(
+        POST,
+        &es,
+        Some(json!({"extra_specs": {"k": "1", "K": "2"}})),
+        200,
+    )
+    .await;
+    let v = h.admin_ok(GET, &es, None, 200).await;
+    assert_eq!(v["extra_specs"], json!({"k": "1", "K": "2"}));
+});
