@@ -272,6 +272,9 @@ fn create_dir(p: &Path, what: &str) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    // Install the handlers first: a SIGTERM that arrives while we start is then handled
+    // as soon as the server runs, instead of killing the process half-way.
+    let signals = Signals::install()?;
     create_dir(&cfg.data_dir, "data dir")?;
     create_dir(&cfg.vhost_dir, "vhost dir")?;
     for (name, pool) in &cfg.pools {
@@ -321,7 +324,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     });
-    let served = axum_serve(listener, control.router()).await;
+    let served = axum_serve(listener, control.router(), signals).await;
     heartbeat.abort();
     dataplane.shutdown();
     served?;
@@ -332,29 +335,35 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 async fn axum_serve(
     listener: tokio::net::TcpListener,
     router: axum_router::Router,
+    signals: Signals,
 ) -> anyhow::Result<()> {
     axum_router::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(signals.wait())
         .await
         .context("REST server")
 }
 
 use ember_control::axum as axum_router;
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = i.recv() => tracing::info!("SIGINT: shutting down"),
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
+/// SIGTERM and SIGINT streams.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
         }
     }
 }
