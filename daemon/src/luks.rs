@@ -68,7 +68,8 @@ struct KdfArgs {
     /// Target unlock time in milliseconds for PBKDF2 when no iteration count is forced.
     #[arg(long, default_value_t = 2000)]
     iter_time: u64,
-    /// PBKDF2 iterations or argon2 time cost, instead of benchmarking.
+    /// PBKDF2 iterations (at least 1000) or argon2 time cost (at least 4), instead of
+    /// benchmarking.
     #[arg(long)]
     pbkdf_force_iterations: Option<u32>,
     /// Argon2 memory cost in KiB.
@@ -204,9 +205,11 @@ impl KdfArgs {
                 let hash = Hash::parse(&self.hash)?;
                 KdfParams::Pbkdf2 {
                     hash,
+                    // cryptsetup's minimum is 1000.
                     iterations: self
                         .pbkdf_force_iterations
-                        .unwrap_or_else(|| calibrate_pbkdf2(hash, self.iter_time)),
+                        .unwrap_or_else(|| calibrate_pbkdf2(hash, self.iter_time))
+                        .max(1000),
                 }
             }
             Pbkdf::Argon2i | Pbkdf::Argon2id => {
@@ -219,7 +222,8 @@ impl KdfArgs {
                     } else {
                         Argon2Type::Id
                     },
-                    time: self.pbkdf_force_iterations.unwrap_or(4).max(1),
+                    // cryptsetup's minimum time cost is 4.
+                    time: self.pbkdf_force_iterations.unwrap_or(4).max(4),
                     memory_kib: self.pbkdf_memory,
                     lanes: self.pbkdf_parallel.max(1),
                 }
