@@ -4,7 +4,8 @@
 //! threads, exports the device under `--name` on every `--nbd` listener, then waits for
 //! SIGINT or SIGTERM (blocked in every thread and taken with `sigwait`, so no handler
 //! runs in the middle of I/O), shuts the server down, removes its Unix sockets and
-//! exits 0. vhost-user-blk and LUKS are not hooked up here yet.
+//! exits 0. With `--vhost-user SOCKET` the same device is also served to vhost-user-blk
+//! frontends (QEMU) by [`crate::vhost::spawn`]. LUKS is not hooked up here yet.
 
 use crate::nbd::{ListenAddr, NbdServer};
 use anyhow::Context;
@@ -69,15 +70,12 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
 
 /// Run the export.
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    if args.vhost_user.is_some() {
-        anyhow::bail!("--vhost-user is not supported yet");
-    }
     if args.passphrase_file.is_some() {
         anyhow::bail!("--passphrase-file (LUKS) is not supported yet");
     }
     anyhow::ensure!(
-        !args.nbd.is_empty(),
-        "nothing to serve on: give at least one --nbd unix:PATH or --nbd HOST:PORT"
+        !args.nbd.is_empty() || args.vhost_user.is_some(),
+        "nothing to serve on: give --vhost-user SOCKET and/or --nbd unix:PATH or --nbd HOST:PORT"
     );
     let addrs = args
         .nbd
@@ -105,7 +103,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     });
     anyhow::ensure!(threads >= 1, "--threads must be at least 1");
     let server = NbdServer::start(threads)?;
-    server.add_export(&args.name, dev, args.read_only)?;
+    server.add_export(&args.name, dev.clone(), args.read_only)?;
     let mut bound = Vec::new();
     for a in &addrs {
         match server.listen(a) {
@@ -125,8 +123,39 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         listeners = %bound.join(" "),
         "NBD export listening"
     );
+    let vhost = match &args.vhost_user {
+        Some(sock) => {
+            let id = if args.name.is_empty() {
+                args.file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            } else {
+                args.name.clone()
+            };
+            let cfg = crate::vhost::VhostConfig {
+                num_queues: args.num_queues,
+                read_only: args.read_only,
+                id,
+            };
+            match crate::vhost::spawn(dev.clone(), sock, cfg) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    server.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
     let sig = wait_signal(&set);
     tracing::info!(signal = sig, "shutting down");
     server.shutdown();
+    if let Some(v) = vhost {
+        if !v.is_running() {
+            tracing::warn!("the vhost-user listener had stopped");
+        }
+        let _ = std::fs::remove_file(v.socket());
+    }
     Ok(())
 }

@@ -14,6 +14,7 @@ mod logging;
 mod luks;
 mod nbd;
 mod serve;
+mod vhost;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
