@@ -77,6 +77,12 @@ impl FileDevice {
             Direct::Off => (try_open(false).map_err(|e| Error::io(ctx(), e))?, false),
             Direct::On => (try_open(true).map_err(|e| Error::io(ctx(), e))?, true),
             Direct::Auto => match try_open(true) {
+                // tmpfs accepts O_DIRECT (Linux ≥ 6.6) but it only costs there: the data
+                // lives in the page cache anyway, and it rules out inline I/O.
+                Ok(f) if !block_device && is_tmpfs(&f) => {
+                    tracing::info!(path = %path.display(), "tmpfs: using buffered inline I/O");
+                    (try_open(false).map_err(|e| Error::io(ctx(), e))?, false)
+                }
                 Ok(f) => (f, true),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::info!(path = %path.display(), "O_DIRECT not supported here; using buffered I/O");

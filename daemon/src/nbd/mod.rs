@@ -429,25 +429,4 @@ impl SetTimeouts for TcpStream {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_listen_addrs() {
-        assert_eq!(
-            "unix:/tmp/x.sock".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Unix("/tmp/x.sock".into())
-        );
-        assert_eq!(
-            "127.0.0.1:10809".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Tcp("127.0.0.1:10809".into())
-        );
-        assert_eq!(
-            "[::1]:0".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Tcp("[::1]:0".into())
-        );
-        assert!("unix:".parse::<ListenAddr>().is_err());
-        assert!("localhost".parse::<ListenAddr>().is_err());
-        assert!("localhost:http".parse::<ListenAddr>().is_err());
-    }
-}
+mod tests;
