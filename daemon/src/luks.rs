@@ -348,7 +348,6 @@ pub fn run(args: LuksArgs) -> anyhow::Result<()> {
 
 /// Unlock the LUKS volume on `dev` with the passphrase in `passphrase_file` and return a
 /// device serving its plaintext (the crypt layer over `dev`).
-#[allow(dead_code)] // called by `emberd export --passphrase-file` once export runs
 pub fn open_device(
     dev: Arc<dyn BlockDevice>,
     passphrase_file: &Path,
