@@ -427,6 +427,17 @@ fn wrong_passphrase_and_corrupt_header_fail_cleanly() {
             assert!(!err.contains("right") && !err.contains("wrong\n"), "{err}");
             assert!(sha(&img) == before, "{args:?} changed the file");
         }
+        // Formatting over a LUKS volume is refused without --force.
+        let out = run_any(
+            emberd(&["luks", "format"])
+                .arg(&img)
+                .arg("--passphrase-file")
+                .arg(&new)
+                .args(["--type", ty, "--size", "4096"]),
+        );
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a LUKS header"));
+        assert!(sha(&img) == before);
         // Removing the only keyslot is refused.
         let out = run_any(
             emberd(&["luks", "remove-key"])

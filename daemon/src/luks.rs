@@ -105,6 +105,9 @@ struct FormatArgs {
     /// UUID (random by default).
     #[arg(long)]
     uuid: Option<String>,
+    /// Format even if PATH already holds a LUKS header (its keys, and so its data, are lost).
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     kdf: KdfArgs,
 }
@@ -172,8 +175,20 @@ impl FileDisk {
     }
 }
 
+/// Largest passphrase file accepted (cryptsetup's default key file limit).
+const MAX_PASSPHRASE_BYTES: u64 = 8 << 20;
+
 /// Read a passphrase file byte-for-byte into zeroizing memory.
 pub fn read_passphrase(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("read passphrase file {}", path.display()))?
+        .len();
+    if len > MAX_PASSPHRASE_BYTES {
+        bail!(
+            "passphrase file {} is larger than {MAX_PASSPHRASE_BYTES} bytes",
+            path.display()
+        );
+    }
     let p = Zeroizing::new(
         std::fs::read(path).with_context(|| format!("read passphrase file {}", path.display()))?,
     );
@@ -260,6 +275,14 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
     let f = opts
         .open(&a.path)
         .with_context(|| format!("open {}", a.path.display()))?;
+    let mut disk = FileDisk(f);
+    if !a.force && has_luks_magic(&mut disk) {
+        bail!(
+            "{} already holds a LUKS header: formatting would lose its data (use --force)",
+            a.path.display()
+        );
+    }
+    let f = disk.0;
     if let Some(size) = a.size {
         if size % u64::from(a.sector_size) != 0 {
             bail!("--size must be a multiple of the sector size");
@@ -281,6 +304,12 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
         u.data_offset
     );
     Ok(())
+}
+
+/// Either LUKS magic at offset 0 (a LUKS2 secondary alone is caught by the header read).
+fn has_luks_magic(disk: &mut FileDisk) -> bool {
+    let mut m = [0u8; 6];
+    disk.read_at(0, &mut m).is_ok() && (&m == b"LUKS\xba\xbe" || &m == b"SKUL\xba\xbe")
 }
 
 fn open_opts(max_kib: u64) -> OpenOptions {
