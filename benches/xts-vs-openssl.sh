@@ -3,14 +3,15 @@
 # next to OpenSSL's `openssl speed -evp aes-256-xts` on the same machine.
 # Usage: benches/xts-vs-openssl.sh   (from anywhere in the repository)
 #
-# Criterion measures wall-clock time. `openssl speed` divides by *CPU user time* by
-# default, which flatters it on a loaded machine; its `-elapsed` (wall-clock) figures are
-# the like-for-like comparison and are printed first.
+# Two like-for-like pairs: wall clock (criterion group `xts` vs `openssl speed -elapsed`)
+# and CPU time (criterion group `xts-cpu`, thread CPU time, vs plain `openssl speed`, which
+# divides by CPU user time). On a loaded machine only the CPU-time pair is meaningful.
 set -eu
 cd "$(dirname "$0")/.."
-echo "== ember-crypto sector cipher (criterion, 1 MiB per call, one core, wall clock) =="
+echo "== ember-crypto sector cipher (criterion, 1 MiB per call, one core) =="
+echo "   xts/...: wall clock; xts-cpu/...: thread CPU time"
 cargo bench -p ember-crypto --bench xts -- --warm-up-time 1 --measurement-time 3 2>/dev/null |
-  awk '/^xts\//{name=$1} /thrpt:/{printf "%-34s %s %s\n", name, $(NF-3), $(NF-2)}'
+  awk '/^xts(-cpu)?\//{name=$1} /thrpt:/ && !/%/{printf "%-38s %s %s\n", name, $(NF-3), $(NF-2)}'
 for mode in "-elapsed" ""; do
   echo
   if [ -n "$mode" ]; then
@@ -25,4 +26,4 @@ for mode in "-elapsed" ""; do
   done
 done
 echo
-echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs (numbers are only comparable on an idle machine)"
+echo "load average: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs (wall-clock numbers are only comparable on an idle machine)"
