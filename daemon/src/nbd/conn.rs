@@ -286,7 +286,11 @@ impl Conn {
             )
         };
         let len = u32::try_from(len).unwrap_or(u32::MAX);
+        // A payload is wanted whole: MSG_WAITALL lets the kernel keep receiving into it
+        // instead of completing (and waking this loop) once per socket-buffer refill.
+        let flags = if into_payload { libc::MSG_WAITALL } else { 0 };
         let e = opcode::Recv::new(fd, ptr, len)
+            .flags(flags)
             .build()
             .user_data(self.ud(KIND_RECV));
         // SAFETY: the target is `rbuf` or a payload buffer owned by `reqs`; both belong to

@@ -308,8 +308,18 @@ struct Acceptor {
     stop: Arc<AtomicBool>,
 }
 
-/// Wait until `fd` is readable or the poll interval passed. False on a hard error.
-fn poll_readable(fd: i32) -> bool {
+/// What a bounded wait on a listening socket saw.
+enum Polled {
+    /// A connection is waiting.
+    Ready,
+    /// The interval passed (or a signal came): look at the stop flag again.
+    Idle,
+    /// The listener is broken.
+    Failed,
+}
+
+/// Wait until `fd` is readable or the poll interval passed.
+fn poll_readable(fd: i32) -> Polled {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -317,7 +327,12 @@ fn poll_readable(fd: i32) -> bool {
     };
     // SAFETY: `p` is a valid pollfd for the duration of the call.
     let r = unsafe { libc::poll(&raw mut p, 1, ACCEPT_POLL_MS) };
-    r >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+    match r {
+        r if r > 0 => Polled::Ready,
+        0 => Polled::Idle,
+        _ if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => Polled::Idle,
+        _ => Polled::Failed,
+    }
 }
 
 impl Acceptor {
@@ -327,8 +342,13 @@ impl Acceptor {
             return;
         }
         while !self.stop.load(Ordering::SeqCst) {
-            if !poll_readable(l.as_raw_fd()) {
-                break;
+            match poll_readable(l.as_raw_fd()) {
+                Polled::Ready => {}
+                Polled::Idle => continue,
+                Polled::Failed => {
+                    tracing::error!(error = %io::Error::last_os_error(), "listener failed");
+                    break;
+                }
             }
             match l.accept() {
                 Ok((s, _)) => {
@@ -349,8 +369,13 @@ impl Acceptor {
             return;
         }
         while !self.stop.load(Ordering::SeqCst) {
-            if !poll_readable(l.as_raw_fd()) {
-                break;
+            match poll_readable(l.as_raw_fd()) {
+                Polled::Ready => {}
+                Polled::Idle => continue,
+                Polled::Failed => {
+                    tracing::error!(error = %io::Error::last_os_error(), "listener failed");
+                    break;
+                }
             }
             match l.accept() {
                 Ok((s, peer)) => {
