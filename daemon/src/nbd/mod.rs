@@ -42,6 +42,9 @@ use std::time::Duration;
 pub const MAX_BLOCK_BYTES: u32 = 32 << 20;
 /// How long a client may take for each step of the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Handshakes in progress at once; more clients are turned away (each holds a thread
+/// for up to [`HANDSHAKE_TIMEOUT`] per step).
+const MAX_HANDSHAKES: usize = 256;
 /// How often blocked accept loops look at the stop flag.
 const ACCEPT_POLL_MS: i32 = 200;
 
@@ -234,6 +237,7 @@ impl NbdServer {
             workers: self.workers.clone(),
             next_worker: self.next_worker.clone(),
             stop: self.stop.clone(),
+            handshakes: Arc::new(AtomicUsize::new(0)),
         };
         let (join, path, bound) = match addr {
             ListenAddr::Unix(path) => {
@@ -306,6 +310,7 @@ struct Acceptor {
     workers: Arc<Vec<worker::WorkerHandle>>,
     next_worker: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    handshakes: Arc<AtomicUsize>,
 }
 
 /// What a bounded wait on a listening socket saw.
@@ -405,12 +410,21 @@ impl Acceptor {
         S: io::Read + io::Write + Into<OwnedFd> + Send + 'static,
         S: SetTimeouts,
     {
+        if self.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+            self.handshakes.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "too many handshakes in progress; dropping client");
+            return;
+        }
         let registry = self.registry.clone();
         let workers = self.workers.clone();
         let next = self.next_worker.clone();
+        let count = self.handshakes.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-handshake".into())
-            .spawn(move || match handshake::negotiate(&mut s, &registry) {
+            .spawn(move || {
+                let r = handshake::negotiate(&mut s, &registry);
+                count.fetch_sub(1, Ordering::SeqCst);
+                match r {
                 Ok(Some(n)) => {
                     s.clear_timeouts();
                     let i = next.fetch_add(1, Ordering::Relaxed) % workers.len().max(1);
@@ -427,8 +441,10 @@ impl Acceptor {
                 }
                 Ok(None) => tracing::debug!(%peer, "client ended the handshake"),
                 Err(e) => tracing::info!(%peer, error = %e, "handshake failed; dropping client"),
+            }
             });
         if let Err(e) = spawned {
+            self.handshakes.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(error = %e, "could not start a handshake thread; dropping client");
         }
     }
