@@ -429,6 +429,16 @@ impl Acceptor {
                     s.clear_timeouts();
                     let i = next.fetch_add(1, Ordering::Relaxed) % workers.len().max(1);
                     tracing::debug!(%peer, export = %n.export.name, thread = i, "client connected");
+                    // Hand over under the registry's read lock: an export removed
+                    // meanwhile is seen here, and one removed later sends its
+                    // RemoveExport after this NewConn, on the same channel.
+                    let Ok(exports) = registry.exports.read() else {
+                        return;
+                    };
+                    if exports.get(&n.export.name).map(|e| e.id) != Some(n.export.id) {
+                        tracing::info!(%peer, export = %n.export.name, "export removed during the handshake; dropping client");
+                        return;
+                    }
                     if let Some(w) = workers.get(i) {
                         w.send(worker::Ctl::NewConn(worker::NewConn {
                             fd: s.into(),
@@ -438,6 +448,7 @@ impl Acceptor {
                             meta_context: n.meta_context,
                         }));
                     }
+                    drop(exports);
                 }
                 Ok(None) => tracing::debug!(%peer, "client ended the handshake"),
                 Err(e) => tracing::info!(%peer, error = %e, "handshake failed; dropping client"),
