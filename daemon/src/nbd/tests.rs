@@ -40,11 +40,22 @@ fn opt(s: &mut UnixStream, option: u32, data: &[u8]) {
 
 /// Connect and GO to `name`; returns the stream or the first error reply type.
 fn connect(path: &Path, name: &str) -> Result<UnixStream, u32> {
+    connect_with(path, name, false)
+}
+
+/// Connect, optionally negotiate structured replies, and GO to `name`.
+fn connect_with(path: &Path, name: &str, structured: bool) -> Result<UnixStream, u32> {
     let mut s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut g = [0u8; 18];
     s.read_exact(&mut g).unwrap();
     s.write_all(&3u32.to_be_bytes()).unwrap();
+    if structured {
+        opt(&mut s, proto::opt::STRUCTURED_REPLY, &[]);
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        assert_eq!(&h[12..16], &proto::rep::ACK.to_be_bytes());
+    }
     let mut d = Vec::new();
     d.extend_from_slice(&(name.len() as u32).to_be_bytes());
     d.extend_from_slice(name.as_bytes());
@@ -160,5 +171,122 @@ fn far_more_requests_than_the_in_flight_bound_all_get_replies() {
     }
     writer.join().unwrap();
     assert!(seen.iter().all(|&x| x));
+    server.shutdown();
+}
+
+/// A device whose every operation fails, each with its own errno.
+#[derive(Debug)]
+struct Failing;
+
+struct FailingQueue {
+    owner: ember_blockdev::OwnerId,
+}
+
+impl BlockDevice for Failing {
+    fn info(&self) -> ember_blockdev::DeviceInfo {
+        ember_blockdev::DeviceInfo {
+            size: 1 << 20,
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            max_transfer: 1 << 20,
+            read_only: false,
+            discard: true,
+            write_zeroes: true,
+            block_status: true,
+        }
+    }
+
+    fn queue(
+        self: Arc<Self>,
+        ring: &mut ember_blockdev::Ring,
+    ) -> ember_blockdev::Result<Box<dyn ember_blockdev::Queue>> {
+        Ok(Box::new(FailingQueue {
+            owner: ring.new_owner(),
+        }))
+    }
+
+    fn block_status(&self, _: u64, _: u64) -> ember_blockdev::Result<Vec<ember_blockdev::Extent>> {
+        Err(ember_blockdev::Error::new(
+            ember_blockdev::ErrorKind::Io,
+            "injected",
+        ))
+    }
+
+    fn resize(&self, _: u64) -> ember_blockdev::Result<()> {
+        Ok(())
+    }
+}
+
+impl ember_blockdev::Queue for FailingQueue {
+    fn owner(&self) -> ember_blockdev::OwnerId {
+        self.owner
+    }
+
+    fn submit(
+        &mut self,
+        _: &mut ember_blockdev::Ring,
+        req: ember_blockdev::Request,
+        done: &mut Vec<ember_blockdev::Completion>,
+    ) {
+        use ember_blockdev::Op;
+        let errno = match req.op {
+            Op::Read => libc::EIO,
+            Op::Write { .. } => libc::ENOSPC,
+            Op::Flush => libc::EIO,
+            Op::Discard => libc::EOPNOTSUPP,
+            Op::WriteZeroes { .. } => libc::ENOMEM,
+        };
+        done.push(ember_blockdev::Completion::of(req, Err(errno)));
+    }
+
+    fn complete(
+        &mut self,
+        _: &mut ember_blockdev::Ring,
+        _: ember_blockdev::Cqe,
+        _: &mut Vec<ember_blockdev::Completion>,
+    ) {
+    }
+
+    fn in_flight(&self) -> usize {
+        0
+    }
+}
+
+#[test]
+fn disk_errors_reach_the_client_as_nbd_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.sock");
+    let server = NbdServer::start(1).unwrap();
+    server.add_export("", Arc::new(Failing), false).unwrap();
+    server.listen(&ListenAddr::Unix(path.clone())).unwrap();
+
+    let mut s = connect(&path, "").unwrap();
+    s.write_all(&request(proto::cmd::READ, 1, 0, 4096)).unwrap();
+    assert_eq!(reply(&mut s, 0), (proto::err::EIO, 1));
+    s.write_all(&request(proto::cmd::WRITE, 2, 0, 512)).unwrap();
+    s.write_all(&[7; 512]).unwrap();
+    assert_eq!(reply(&mut s, 0), (proto::err::ENOSPC, 2));
+    s.write_all(&request(proto::cmd::FLUSH, 3, 0, 0)).unwrap();
+    assert_eq!(reply(&mut s, 0), (proto::err::EIO, 3));
+    s.write_all(&request(proto::cmd::TRIM, 4, 0, 512)).unwrap();
+    assert_eq!(reply(&mut s, 0), (proto::err::ENOTSUP, 4));
+    s.write_all(&request(proto::cmd::WRITE_ZEROES, 5, 0, 512))
+        .unwrap();
+    assert_eq!(reply(&mut s, 0), (proto::err::ENOMEM, 5));
+
+    // With structured replies a failed read is an error chunk.
+    let mut s = connect_with(&path, "", true).unwrap();
+    s.write_all(&request(proto::cmd::READ, 6, 0, 4096)).unwrap();
+    let mut c = [0u8; 26];
+    s.read_exact(&mut c).unwrap();
+    assert_eq!(&c[..4], &proto::STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(&c[4..8], &[0, 1, 0x80, 1]); // DONE, ERROR
+    assert_eq!(&c[8..16], &6u64.to_be_bytes());
+    assert_eq!(&c[20..24], &proto::err::EIO.to_be_bytes());
+    // Block status without a selected context is refused.
+    s.write_all(&request(proto::cmd::BLOCK_STATUS, 7, 0, 4096))
+        .unwrap();
+    s.read_exact(&mut c).unwrap();
+    assert_eq!(&c[20..24], &proto::err::EINVAL.to_be_bytes());
     server.shutdown();
 }
