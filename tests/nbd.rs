@@ -545,6 +545,8 @@ fn bad_flags_fail_clearly() {
     sparse_file(&file, 1 << 20);
     for args in [
         vec!["--nbd", "nonsense"],
+        vec!["--nbd", "unix:"],
+        vec!["--nbd", "localhost:notaport"],
         vec![
             "--vhost-user",
             "/tmp/x.sock",
