@@ -1,1 +1,3 @@
 //! Ember control plane. See README.
+
+pub mod locks;
