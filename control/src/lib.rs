@@ -1,3 +1,237 @@
-//! Ember control plane. See README.
+//! Ember's control plane: the REST shim (axum), its store (sqlx over SQLite or MariaDB)
+//! and the domain modules.
+//!
+//! Layout:
+//! - [`store`]: connection, dialect, migrations; [`error`]: Cinder-style errors;
+//!   [`api`]: strict JSON extractor and error middleware; [`auth`]: tokens and roles.
+//! - Domain modules, each owning its routes: [`projects`] (projects, tokens),
+//!   [`types`] (volume types, extra specs, metadata, encryption, access), [`metadefs`]
+//!   (Glance-style catalog, enforced on types), [`keys`] (Barbican-style secrets and
+//!   orders, sealed with a master key), [`volumes`] (next issue), [`openapi`].
+//! - [`Control::open`] connects, migrates and bootstraps (admin project and token file,
+//!   `__DEFAULT__` type, standard metadef namespaces, node registration);
+//!   [`Control::router`] gives the axum router to serve.
+//!
+//! The data plane is reached only through [`dataplane::DataPlane`].
 
+pub mod api;
+pub mod auth;
+pub mod dataplane;
+pub mod error;
+pub mod keys;
 pub mod locks;
+pub mod metadefs;
+pub mod openapi;
+pub mod projects;
+pub mod store;
+pub mod types;
+pub mod volumes;
+
+use anyhow::Context;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use dataplane::{DataPlane, ExportSpec, NoDataPlane};
+pub use store::Db;
+
+/// Settings of the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Data directory (admin token, master key, SQLite file live here by default).
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `mysql://USER:PASSWORD@HOST[:PORT]/DB`.
+    pub database: String,
+    /// Master key file; default `DATA/master.key` (created on first start).
+    pub master_key_file: Option<PathBuf>,
+    /// This node's name (cluster member id).
+    pub node_name: String,
+    /// Address the REST API is served on (recorded in `nodes`).
+    pub rest_address: String,
+}
+
+struct Inner {
+    db: Db,
+    master: keys::MasterKey,
+    node_name: String,
+    dataplane: Arc<dyn DataPlane>,
+}
+
+/// State shared by all handlers (cheap to clone).
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+impl AppState {
+    pub fn db(&self) -> &Db {
+        &self.0.db
+    }
+    pub fn master(&self) -> &keys::MasterKey {
+        &self.0.master
+    }
+    pub fn node_name(&self) -> &str {
+        &self.0.node_name
+    }
+    pub fn dataplane(&self) -> &Arc<dyn DataPlane> {
+        &self.0.dataplane
+    }
+}
+
+/// An opened control plane.
+pub struct Control {
+    pub state: AppState,
+    /// Where the bootstrap admin token is stored.
+    pub admin_token_path: PathBuf,
+}
+
+/// Name of the bootstrap admin project.
+pub const ADMIN_PROJECT: &str = "admin";
+
+impl Control {
+    /// Connect, migrate, load or create the master key and bootstrap first-start objects.
+    pub async fn open(
+        cfg: &ControlConfig,
+        dataplane: Arc<dyn DataPlane>,
+    ) -> anyhow::Result<Control> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
+        let db = Db::connect(&cfg.database).await?;
+        db.migrate().await.context("database migrations")?;
+        let master = match &cfg.master_key_file {
+            Some(p) => keys::MasterKey::load(p)?,
+            None => keys::MasterKey::load_or_create(&cfg.data_dir.join("master.key"))?,
+        };
+        keys::check_master_key(&db, &master).await?;
+        let state = AppState(Arc::new(Inner {
+            db,
+            master,
+            node_name: cfg.node_name.clone(),
+            dataplane,
+        }));
+        let admin_token_path = cfg.data_dir.join("admin-token");
+        bootstrap_admin(state.db(), &admin_token_path).await?;
+        types::bootstrap(state.db()).await?;
+        metadefs::bootstrap(state.db()).await?;
+        register_node(state.db(), &cfg.node_name, &cfg.rest_address).await?;
+        Ok(Control {
+            state,
+            admin_token_path,
+        })
+    }
+
+    /// The HTTP router (all routes, OpenAPI included).
+    pub fn router(&self) -> axum::Router {
+        openapi::router(self.state.clone())
+    }
+
+    /// Refresh this node's heartbeat row (call periodically).
+    pub async fn heartbeat(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE nodes SET heartbeat_at = ? WHERE name = ?")
+            .bind(store::now())
+            .bind(self.state.node_name().to_string())
+            .execute(&self.state.db().pool)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn register_node(db: &Db, name: &str, rest: &str) -> anyhow::Result<()> {
+    let mut tx = db.begin().await?;
+    let now = store::now();
+    let n = sqlx::query(
+        "UPDATE nodes SET started_at = ?, heartbeat_at = ?, rest_address = ? WHERE name = ?",
+    )
+    .bind(now.clone())
+    .bind(now.clone())
+    .bind(rest.to_string())
+    .bind(name.to_string())
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if n == 0 {
+        sqlx::query(
+            "INSERT INTO nodes (name, started_at, heartbeat_at, rest_address) VALUES (?, ?, ?, ?)",
+        )
+        .bind(name.to_string())
+        .bind(now.clone())
+        .bind(now)
+        .bind(rest.to_string())
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Ensure the admin project exists and `path` holds a valid admin token.
+///
+/// First start: create the token and write it (0600). Later starts: make sure the
+/// token in the file is registered (a new database with an old data dir re-registers it).
+async fn bootstrap_admin(db: &Db, path: &Path) -> anyhow::Result<()> {
+    let mut tx = db.begin().await?;
+    let row = sqlx::query("SELECT id FROM projects WHERE name = ?")
+        .bind(ADMIN_PROJECT)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let project_id = match row {
+        Some(r) => store::get_str(&r, "id")?,
+        None => {
+            let id = store::new_id();
+            sqlx::query(
+                "INSERT INTO projects (id, name, description, created_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(id.clone())
+            .bind(ADMIN_PROJECT)
+            .bind("bootstrap administration project")
+            .bind(store::now())
+            .execute(&mut *tx)
+            .await?;
+            id
+        }
+    };
+    if path.exists() {
+        let token =
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+        let token = token.trim();
+        anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
+        let known: i64 = store::count(
+            &mut tx,
+            "SELECT COUNT(*) AS n FROM tokens WHERE hash = ?",
+            &auth::hash_token(token),
+        )
+        .await?;
+        if known == 0 {
+            auth::insert_token(
+                &mut tx,
+                &project_id,
+                auth::Role::Admin,
+                "bootstrap admin",
+                token,
+            )
+            .await?;
+            tracing::info!(path = %path.display(), "registered the admin token from the data dir in the database");
+        }
+        tx.commit().await?;
+        return Ok(());
+    }
+    let token = auth::generate_token().map_err(|e| anyhow::anyhow!("{e}"))?;
+    auth::insert_token(
+        &mut tx,
+        &project_id,
+        auth::Role::Admin,
+        "bootstrap admin",
+        &token,
+    )
+    .await?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(format!("{token}\n").as_bytes())?;
+    f.sync_all()?;
+    tx.commit().await?;
+    tracing::info!(path = %path.display(), "created the admin token (read it from this file)");
+    Ok(())
+}

@@ -1,1 +1,34 @@
-//! Ember crypto (LUKS, XTS). See README.
+//! # ember-crypto: LUKS headers and the AES-XTS sector cipher
+//!
+//! Everything Ember needs to serve LUKS volumes, with no I/O of its own:
+//! - [`xts`]: `aes-xts-plain64`, multi-block, 256/512-bit keys, 512..4096-byte sectors;
+//! - [`luks1`], [`luks2`]: read and write both header formats byte-compatibly with
+//!   cryptsetup and QEMU (LUKS2: both copies, checksums, JSON metadata);
+//! - [`keyslot`], [`kdf`]: PBKDF2 / Argon2 keyslots and the anti-forensic splitter;
+//! - [`volume`]: open, format, add/remove/change keys, dump, over a caller-supplied [`Disk`];
+//!   and Cinder's passphrase rule ([`passphrase_for`]).
+//!
+//! Key material lives in `Zeroizing` buffers or in key schedules that zeroize on drop, and
+//! no type holding it prints it.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod disk;
+pub mod error;
+pub mod kdf;
+pub mod keyslot;
+pub mod luks1;
+pub mod luks2;
+pub mod volume;
+pub mod xts;
+
+pub use disk::Disk;
+pub use error::{Error, Result};
+pub use keyslot::KdfParams;
+pub use volume::{
+    add_key, change_key, default_data_offset, dump, format, open, passphrase_for, remove_key,
+    FormatParams, Header, OpenOptions, SecretKind, Unlocked,
+};
+pub use xts::SectorCipher;
+pub use zeroize::Zeroizing;

@@ -1,7 +1,16 @@
 //! `emberd export`: serve one file or device until SIGINT/SIGTERM.
-//! (Being built under the foundation issue: the NBD listener and the vhost-user socket.)
+//!
+//! Opens `--file` with the block layer, starts an [`NbdServer`] with `--threads` I/O
+//! threads, exports the device under `--name` on every `--nbd` listener, then waits for
+//! SIGINT or SIGTERM (blocked in every thread and taken with `sigwait`, so no handler
+//! runs in the middle of I/O), shuts the server down, removes its Unix sockets and
+//! exits 0. With `--vhost-user SOCKET` the same device is also served to vhost-user-blk
+//! frontends (QEMU) by [`crate::vhost::spawn`]. LUKS is not hooked up here yet.
 
+use crate::nbd::{ListenAddr, NbdServer};
+use anyhow::Context;
 use clap::Args;
+use ember_blockdev::{BackendSpec, OpenOptions};
 use std::path::PathBuf;
 
 /// Flags of `emberd export`.
@@ -33,7 +42,120 @@ pub struct ExportArgs {
     pub passphrase_file: Option<PathBuf>,
 }
 
+/// Block SIGINT and SIGTERM in this thread (and every thread it starts later).
+fn block_signals() -> anyhow::Result<libc::sigset_t> {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t for these calls; pthread_sigmask only reads it.
+    let r = unsafe {
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut())
+    };
+    anyhow::ensure!(r == 0, "could not block signals: errno {r}");
+    Ok(set)
+}
+
+/// Wait for one signal of `set`; returns its number.
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
+        if unsafe { libc::sigwait(set, &raw mut sig) } == 0 {
+            return sig;
+        }
+    }
+}
+
 /// Run the export.
-pub fn run(_args: ExportArgs) -> anyhow::Result<()> {
-    anyhow::bail!("emberd export is not built yet")
+pub fn run(args: ExportArgs) -> anyhow::Result<()> {
+    if args.passphrase_file.is_some() {
+        anyhow::bail!("--passphrase-file (LUKS) is not supported yet");
+    }
+    anyhow::ensure!(
+        !args.nbd.is_empty() || args.vhost_user.is_some(),
+        "nothing to serve on: give --vhost-user SOCKET and/or --nbd unix:PATH or --nbd HOST:PORT"
+    );
+    let addrs = args
+        .nbd
+        .iter()
+        .map(|a| a.parse::<ListenAddr>())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let opts = OpenOptions {
+        read_only: args.read_only,
+        ..OpenOptions::default()
+    };
+    let dev = ember_blockdev::open(
+        &BackendSpec::File {
+            path: args.file.clone(),
+        },
+        &opts,
+    )
+    .with_context(|| format!("open {}", args.file.display()))?;
+    let size = dev.info().size;
+
+    let set = block_signals()?;
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    anyhow::ensure!(threads >= 1, "--threads must be at least 1");
+    let server = NbdServer::start(threads)?;
+    server.add_export(&args.name, dev.clone(), args.read_only)?;
+    let mut bound = Vec::new();
+    for a in &addrs {
+        match server.listen(a) {
+            Ok(b) => bound.push(b),
+            Err(e) => {
+                server.shutdown();
+                return Err(e);
+            }
+        }
+    }
+    tracing::info!(
+        file = %args.file.display(),
+        size,
+        name = %args.name,
+        read_only = args.read_only,
+        threads,
+        listeners = %bound.join(" "),
+        "NBD export listening"
+    );
+    let vhost = match &args.vhost_user {
+        Some(sock) => {
+            let id = if args.name.is_empty() {
+                args.file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            } else {
+                args.name.clone()
+            };
+            let cfg = crate::vhost::VhostConfig {
+                num_queues: args.num_queues,
+                read_only: args.read_only,
+                id,
+            };
+            match crate::vhost::spawn(dev.clone(), sock, cfg) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    server.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    let sig = wait_signal(&set);
+    tracing::info!(signal = sig, "shutting down");
+    server.shutdown();
+    if let Some(v) = vhost {
+        if !v.is_running() {
+            tracing::warn!("the vhost-user listener had stopped");
+        }
+        let _ = std::fs::remove_file(v.socket());
+    }
+    Ok(())
 }

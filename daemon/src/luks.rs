@@ -1,12 +1,357 @@
-//! `emberd luks`: LUKS tools (LUKS issue).
+//! `emberd luks`: format, inspect and manage keyslots of LUKS1/LUKS2 volumes, and
+//! [`open_device`], which `emberd export --passphrase-file` uses to serve a volume's
+//! plaintext through the crypt layer.
+//!
+//! Passphrases come only from files (never argv or the environment) and are used
+//! byte-for-byte, like `cryptsetup --key-file` and QEMU's `secret,file=`: a trailing
+//! newline is part of the passphrase. All header work goes through `ember-crypto`; this
+//! module only opens files and maps flags.
 
-use clap::Args;
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use ember_blockdev::layer::crypt::CryptDevice;
+use ember_blockdev::BlockDevice;
+use ember_crypto::kdf::{Argon2Type, Hash};
+use ember_crypto::{Disk, FormatParams, KdfParams, OpenOptions, Zeroizing};
+use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// Flags of `emberd luks`.
 #[derive(Debug, Args)]
-pub struct LuksArgs {}
+pub struct LuksArgs {
+    #[command(subcommand)]
+    cmd: LuksCmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum LuksCmd {
+    /// Write a new LUKS header (with one keyslot) to PATH. The data area is not wiped.
+    Format(FormatArgs),
+    /// Print the header (no key material).
+    Dump {
+        /// The volume.
+        path: PathBuf,
+    },
+    /// Add a keyslot for a new passphrase.
+    AddKey(AddKeyArgs),
+    /// Remove the keyslot the passphrase opens (never the last one).
+    RemoveKey(RemoveKeyArgs),
+    /// Replace a passphrase (a new keyslot replaces the old one; data untouched).
+    ChangeKey(AddKeyArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LuksType {
+    Luks1,
+    Luks2,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Pbkdf {
+    Pbkdf2,
+    Argon2i,
+    Argon2id,
+}
+
+/// Key-derivation flags shared by format and add-key.
+#[derive(Debug, Args)]
+struct KdfArgs {
+    /// Key derivation function (LUKS1: pbkdf2 only). Default: argon2id for LUKS2.
+    #[arg(long)]
+    pbkdf: Option<Pbkdf>,
+    /// PBKDF2 hash (sha1, sha256, sha512).
+    #[arg(long, default_value = "sha256")]
+    hash: String,
+    /// Target unlock time in milliseconds for PBKDF2 when no iteration count is forced.
+    #[arg(long, default_value_t = 2000)]
+    iter_time: u64,
+    /// PBKDF2 iterations or argon2 time cost, instead of benchmarking.
+    #[arg(long)]
+    pbkdf_force_iterations: Option<u32>,
+    /// Argon2 memory cost in KiB.
+    #[arg(long, default_value_t = 262_144)]
+    pbkdf_memory: u32,
+    /// Argon2 lanes.
+    #[arg(long, default_value_t = 4)]
+    pbkdf_parallel: u32,
+}
+
+#[derive(Debug, Args)]
+struct FormatArgs {
+    /// The file or block device to format.
+    path: PathBuf,
+    /// File holding the passphrase (used byte-for-byte).
+    #[arg(long)]
+    passphrase_file: PathBuf,
+    /// LUKS version.
+    #[arg(long = "type", value_enum, default_value = "luks2")]
+    luks_type: LuksType,
+    /// Volume key size in bits: 256 (XTS-AES-128) or 512 (XTS-AES-256).
+    #[arg(long, default_value_t = 512)]
+    key_size: u32,
+    /// Encryption sector size (4096: LUKS2 only).
+    #[arg(long, default_value_t = 512)]
+    sector_size: u32,
+    /// Plaintext size in bytes: the file is created or resized to data offset + SIZE.
+    #[arg(long)]
+    size: Option<u64>,
+    /// LUKS2 label.
+    #[arg(long, default_value = "")]
+    label: String,
+    /// UUID (random by default).
+    #[arg(long)]
+    uuid: Option<String>,
+    #[command(flatten)]
+    kdf: KdfArgs,
+}
+
+#[derive(Debug, Args)]
+struct AddKeyArgs {
+    /// The volume.
+    path: PathBuf,
+    /// File holding an existing passphrase.
+    #[arg(long)]
+    passphrase_file: PathBuf,
+    /// File holding the new passphrase.
+    #[arg(long)]
+    new_passphrase_file: PathBuf,
+    /// Refuse argon2 keyslots needing more memory than this (KiB).
+    #[arg(long, default_value_t = ember_crypto::keyslot::DEFAULT_MAX_ARGON2_KIB)]
+    max_argon2_memory: u64,
+    #[command(flatten)]
+    kdf: KdfArgs,
+}
+
+#[derive(Debug, Args)]
+struct RemoveKeyArgs {
+    /// The volume.
+    path: PathBuf,
+    /// File holding the passphrase of the keyslot to remove.
+    #[arg(long)]
+    passphrase_file: PathBuf,
+    /// Refuse argon2 keyslots needing more memory than this (KiB).
+    #[arg(long, default_value_t = ember_crypto::keyslot::DEFAULT_MAX_ARGON2_KIB)]
+    max_argon2_memory: u64,
+}
+
+/// A file as a [`Disk`] for header work.
+struct FileDisk(File);
+
+impl Disk for FileDisk {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
+
+    fn size(&mut self) -> std::io::Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        // Works for block devices too, where metadata().len() is 0.
+        self.0.seek(SeekFrom::End(0))
+    }
+}
+
+impl FileDisk {
+    fn open(path: &Path, write: bool) -> anyhow::Result<Self> {
+        let f = FsOpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .with_context(|| format!("open {}", path.display()))?;
+        Ok(FileDisk(f))
+    }
+
+    fn sync(&self) -> anyhow::Result<()> {
+        self.0.sync_all().context("sync")
+    }
+}
+
+/// Read a passphrase file byte-for-byte into zeroizing memory.
+pub fn read_passphrase(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let p = Zeroizing::new(
+        std::fs::read(path).with_context(|| format!("read passphrase file {}", path.display()))?,
+    );
+    if p.is_empty() {
+        bail!("passphrase file {} is empty", path.display());
+    }
+    Ok(p)
+}
+
+/// Iterations of PBKDF2-`hash` that take about `ms` milliseconds here (at least 1000).
+fn calibrate_pbkdf2(hash: Hash, ms: u64) -> u32 {
+    let probe = 20_000u32;
+    let mut out = [0u8; 64];
+    let t = Instant::now();
+    hash.pbkdf2(b"calibrate", &[0u8; 32], probe, &mut out);
+    let per_ms = f64::from(probe) / t.elapsed().as_secs_f64().max(1e-6) / 1000.0;
+    ((per_ms * ms as f64) as u64).clamp(1000, u64::from(u32::MAX)) as u32
+}
+
+impl KdfArgs {
+    fn params(&self, luks2: bool) -> anyhow::Result<KdfParams> {
+        let pbkdf = self.pbkdf.unwrap_or(if luks2 {
+            Pbkdf::Argon2id
+        } else {
+            Pbkdf::Pbkdf2
+        });
+        Ok(match pbkdf {
+            Pbkdf::Pbkdf2 => {
+                let hash = Hash::parse(&self.hash)?;
+                KdfParams::Pbkdf2 {
+                    hash,
+                    iterations: self
+                        .pbkdf_force_iterations
+                        .unwrap_or_else(|| calibrate_pbkdf2(hash, self.iter_time)),
+                }
+            }
+            Pbkdf::Argon2i | Pbkdf::Argon2id => {
+                if !luks2 {
+                    bail!("LUKS1 supports only --pbkdf pbkdf2");
+                }
+                KdfParams::Argon2 {
+                    kind: if matches!(pbkdf, Pbkdf::Argon2i) {
+                        Argon2Type::I
+                    } else {
+                        Argon2Type::Id
+                    },
+                    time: self.pbkdf_force_iterations.unwrap_or(4).max(1),
+                    memory_kib: self.pbkdf_memory,
+                    lanes: self.pbkdf_parallel.max(1),
+                }
+            }
+        })
+    }
+}
+
+fn format(a: FormatArgs) -> anyhow::Result<()> {
+    let pass = read_passphrase(&a.passphrase_file)?;
+    let version = match a.luks_type {
+        LuksType::Luks1 => 1,
+        LuksType::Luks2 => 2,
+    };
+    if a.key_size != 256 && a.key_size != 512 {
+        bail!("--key-size must be 256 or 512");
+    }
+    if a.sector_size != 512 && !(version == 2 && a.sector_size == 4096) {
+        bail!("--sector-size must be 512 (or 4096 with --type luks2)");
+    }
+    let params = FormatParams {
+        version,
+        key_bytes: a.key_size as usize / 8,
+        sector_size: a.sector_size,
+        kdf: a.kdf.params(version == 2)?,
+        label: a.label,
+        uuid: a.uuid,
+    };
+    let mut opts = FsOpenOptions::new();
+    opts.read(true).write(true);
+    if a.size.is_some() {
+        opts.create(true);
+    }
+    let f = opts
+        .open(&a.path)
+        .with_context(|| format!("open {}", a.path.display()))?;
+    if let Some(size) = a.size {
+        if size % u64::from(a.sector_size) != 0 {
+            bail!("--size must be a multiple of the sector size");
+        }
+        let total = ember_crypto::default_data_offset(version) + size;
+        if f.metadata()?.is_file() {
+            f.set_len(total).context("resize the file")?;
+        }
+    }
+    let mut disk = FileDisk(f);
+    let u = ember_crypto::format(&mut disk, &pass, &params)
+        .with_context(|| format!("format {}", a.path.display()))?;
+    disk.sync()?;
+    println!(
+        "formatted {} as LUKS{} (UUID {}), data at offset {}",
+        a.path.display(),
+        u.version,
+        u.uuid,
+        u.data_offset
+    );
+    Ok(())
+}
+
+fn open_opts(max_kib: u64) -> OpenOptions {
+    OpenOptions {
+        max_argon2_kib: max_kib,
+    }
+}
+
+fn is_luks2(disk: &mut FileDisk) -> anyhow::Result<bool> {
+    Ok(ember_crypto::Header::read(disk)?.version() == 2)
+}
 
 /// Run a LUKS subcommand.
-pub fn run(_args: LuksArgs) -> anyhow::Result<()> {
-    anyhow::bail!("emberd luks is not built yet")
+pub fn run(args: LuksArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        LuksCmd::Format(a) => format(a),
+        LuksCmd::Dump { path } => {
+            let mut disk = FileDisk::open(&path, false)?;
+            print!(
+                "{}",
+                ember_crypto::dump(&mut disk).with_context(|| format!("{}", path.display()))?
+            );
+            Ok(())
+        }
+        LuksCmd::AddKey(a) => {
+            let pass = read_passphrase(&a.passphrase_file)?;
+            let new = read_passphrase(&a.new_passphrase_file)?;
+            let mut disk = FileDisk::open(&a.path, true)?;
+            let kdf = a.kdf.params(is_luks2(&mut disk)?)?;
+            let id =
+                ember_crypto::add_key(&mut disk, &pass, &new, kdf, &open_opts(a.max_argon2_memory))
+                    .with_context(|| format!("add a key to {}", a.path.display()))?;
+            disk.sync()?;
+            println!("added keyslot {id}");
+            Ok(())
+        }
+        LuksCmd::ChangeKey(a) => {
+            let pass = read_passphrase(&a.passphrase_file)?;
+            let new = read_passphrase(&a.new_passphrase_file)?;
+            let mut disk = FileDisk::open(&a.path, true)?;
+            let kdf = a.kdf.params(is_luks2(&mut disk)?)?;
+            let id = ember_crypto::change_key(
+                &mut disk,
+                &pass,
+                &new,
+                kdf,
+                &open_opts(a.max_argon2_memory),
+            )
+            .with_context(|| format!("change a key of {}", a.path.display()))?;
+            disk.sync()?;
+            println!("passphrase changed, now in keyslot {id}");
+            Ok(())
+        }
+        LuksCmd::RemoveKey(a) => {
+            let pass = read_passphrase(&a.passphrase_file)?;
+            let mut disk = FileDisk::open(&a.path, true)?;
+            let id = ember_crypto::remove_key(&mut disk, &pass, &open_opts(a.max_argon2_memory))
+                .with_context(|| format!("remove a key from {}", a.path.display()))?;
+            disk.sync()?;
+            println!("removed keyslot {id}");
+            Ok(())
+        }
+    }
+}
+
+/// Unlock the LUKS volume on `dev` with the passphrase in `passphrase_file` and return a
+/// device serving its plaintext (the crypt layer over `dev`).
+#[allow(dead_code)] // called by `emberd export --passphrase-file` once export runs
+pub fn open_device(
+    dev: Arc<dyn BlockDevice>,
+    passphrase_file: &Path,
+    max_argon2_kib: u64,
+) -> anyhow::Result<Arc<dyn BlockDevice>> {
+    let pass = read_passphrase(passphrase_file)?;
+    let c = CryptDevice::open(dev, &pass, &open_opts(max_argon2_kib))
+        .context("open the LUKS volume")?;
+    Ok(Arc::new(c))
 }

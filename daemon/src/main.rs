@@ -12,7 +12,9 @@
 mod export;
 mod logging;
 mod luks;
+mod nbd;
 mod serve;
+mod vhost;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

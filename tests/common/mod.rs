@@ -24,7 +24,9 @@ pub fn require_tool(tool: &str) {
 
 /// Run a command, return its output; panics with stdout/stderr if it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
@@ -37,7 +39,8 @@ pub fn run_ok(cmd: &mut Command) -> Output {
 
 /// Run a command and return its output whatever its status.
 pub fn run_any(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+    cmd.output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
 }
 
 /// A child process killed (SIGKILL) when dropped, unless it already exited.
@@ -50,7 +53,11 @@ impl Daemon {
     /// Spawn `emberd` with `args`, logging to `dir/emberd.log`.
     pub fn spawn(dir: &Path, args: &[&str]) -> Daemon {
         let log = dir.join(format!("emberd-{}.log", std::process::id()));
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("log file");
         let child = Command::new(emberd_bin())
             .args(args)
             .stdin(Stdio::null())
@@ -96,7 +103,11 @@ impl Drop for Daemon {
 pub fn wait_for_path(path: &Path, timeout: Duration) {
     let t = Instant::now();
     while !path.exists() {
-        assert!(t.elapsed() < timeout, "{} did not appear within {timeout:?}", path.display());
+        assert!(
+            t.elapsed() < timeout,
+            "{} did not appear within {timeout:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -105,14 +116,20 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
 pub fn wait_for_tcp(addr: &str, timeout: Duration) {
     let t = Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
-        assert!(t.elapsed() < timeout, "{addr} did not accept within {timeout:?}");
+        assert!(
+            t.elapsed() < timeout,
+            "{addr} did not accept within {timeout:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
 }
 
 /// A sparse file of `size` bytes.

@@ -147,6 +147,14 @@ impl Ring {
     }
 }
 
+/// The ring's file descriptor: it polls readable while CQEs are waiting, so an event loop
+/// can sleep in epoll on it together with other fds (vhost-user kick eventfds).
+impl std::os::fd::AsRawFd for Ring {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.ring)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,4 +5,5 @@
 //! of the stack to the top queue; a layer that pushes SQEs of its own (the throttle's
 //! timer) marks their slot with [`throttle::LAYER_SLOT_BIT`] and forwards the rest down.
 
+pub mod crypt;
 pub mod throttle;

@@ -1,0 +1,588 @@
+//! The crypt layer: serves the plaintext of a LUKS volume stored on any inner device.
+//!
+//! - Offsets are shifted by the header's data offset; the size is the data segment's.
+//! - **Writes** are encrypted into a bounce buffer from the queue's [`BufPool`] and the
+//!   bounce is written; the client's buffer (owned or guest memory) is never modified and
+//!   is handed back unchanged in the completion.
+//! - **Reads** go straight into the client's buffer and are decrypted in place when the
+//!   inner read completes. With borrowed iovecs a sector may straddle two iovecs: those
+//!   sectors are gathered, decrypted and scattered back.
+//! - **Write-zeroes** must read back as zeros *after decryption*, so it becomes an
+//!   encrypted write of zeros, in chunks of [`ZERO_CHUNK`] bytes one after another (bounded
+//!   memory whatever the range). **Discard** passes down, as dm-crypt does (a discarded
+//!   range then reads as garbage). **Flush** passes down.
+//! - **Block status** reports everything as allocated data: a hole or zero range on the
+//!   inner device does not read as zeros through the cipher.
+//!
+//! The sector cipher is shared by every queue (it is immutable); each queue has its own
+//! bounce pool and in-flight table, so the I/O path takes no lock.
+
+use crate::buf::{BufPool, Buffer, IoBuf};
+use crate::engine::{Cqe, OwnerId, Ring};
+use crate::error::{Error, ErrorKind, Result};
+use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
+use crate::sync::SyncDevice;
+use crate::{BlockDevice, Queue};
+use ember_crypto::{Disk, OpenOptions, SectorCipher, Unlocked};
+use std::sync::Arc;
+
+/// Write-zeroes is done as encrypted writes of at most this many bytes at a time.
+pub const ZERO_CHUNK: usize = 1 << 20;
+
+/// A LUKS volume's plaintext view of an inner device.
+pub struct CryptDevice {
+    inner: Arc<dyn BlockDevice>,
+    cipher: SectorCipher,
+    data_offset: u64,
+    data_size: Option<u64>,
+    iv_offset: u64,
+    version: u8,
+}
+
+impl std::fmt::Debug for CryptDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CryptDevice")
+            .field("inner", &self.inner)
+            .field("luks_version", &self.version)
+            .field("data_offset", &self.data_offset)
+            .field("sector_size", &self.cipher.sector_size())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Header access through a [`SyncDevice`] (reads rounded out to the logical block size).
+struct DeviceDisk {
+    dev: SyncDevice,
+    lbs: u64,
+    size: u64,
+}
+
+impl Disk for DeviceDisk {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|&e| e <= self.size)
+            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        let start = offset - offset % self.lbs;
+        let aligned_end = end.div_ceil(self.lbs) * self.lbs;
+        let data = self
+            .dev
+            .read_at(start, (aligned_end - start) as usize)
+            .map_err(std::io::Error::other)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&data.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    fn size(&mut self) -> std::io::Result<u64> {
+        Ok(self.size)
+    }
+}
+
+impl CryptDevice {
+    /// Wrap `inner` with an already unlocked volume.
+    pub fn new(inner: Arc<dyn BlockDevice>, u: Unlocked) -> Result<Self> {
+        let info = inner.info();
+        if info.size <= u.data_offset {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "LUKS data offset {} is beyond the device size {}",
+                    u.data_offset, info.size
+                ),
+            ));
+        }
+        let ss = u.cipher.sector_size() as u64;
+        if !u.data_offset.is_multiple_of(ss) || !u.iv_offset.is_multiple_of(512) {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                "LUKS data offset not aligned to the encryption sector",
+            ));
+        }
+        Ok(CryptDevice {
+            inner,
+            cipher: u.cipher,
+            data_offset: u.data_offset,
+            data_size: u.data_size,
+            iv_offset: u.iv_offset,
+            version: u.version,
+        })
+    }
+
+    /// Read the LUKS header on `inner`, unlock it with `passphrase` and wrap `inner`.
+    pub fn open(
+        inner: Arc<dyn BlockDevice>,
+        passphrase: &[u8],
+        opts: &OpenOptions,
+    ) -> Result<Self> {
+        let info = inner.info();
+        let mut disk = DeviceDisk {
+            dev: SyncDevice::new(inner.clone())?,
+            lbs: u64::from(info.logical_block_size.max(1)),
+            size: info.size,
+        };
+        let u = ember_crypto::open(&mut disk, passphrase, opts)
+            .map_err(|e| Error::new(ErrorKind::InvalidConfig, "open LUKS volume").with_source(e))?;
+        Self::new(inner, u)
+    }
+
+    /// LUKS version of the volume.
+    pub fn luks_version(&self) -> u8 {
+        self.version
+    }
+
+    /// Byte offset of the ciphertext on the inner device.
+    pub fn data_offset(&self) -> u64 {
+        self.data_offset
+    }
+
+    fn size(&self, inner_size: u64) -> u64 {
+        let avail = inner_size.saturating_sub(self.data_offset);
+        let ss = self.cipher.sector_size() as u64;
+        let size = self.data_size.map_or(avail, |s| s.min(avail));
+        size - size % ss
+    }
+}
+
+impl BlockDevice for CryptDevice {
+    fn info(&self) -> DeviceInfo {
+        let i = self.inner.info();
+        let ss = self.cipher.sector_size() as u32;
+        let lbs = i.logical_block_size.max(ss);
+        DeviceInfo {
+            size: self.size(i.size),
+            logical_block_size: lbs,
+            physical_block_size: i.physical_block_size.max(lbs),
+            max_transfer: (i.max_transfer - i.max_transfer % lbs).max(lbs),
+            read_only: i.read_only,
+            discard: i.discard,
+            // Done as encrypted writes of zeros: not an offload.
+            write_zeroes: false,
+            block_status: false,
+        }
+    }
+
+    fn queue(self: Arc<Self>, ring: &mut Ring) -> Result<Box<dyn Queue>> {
+        let inner = self.inner.clone().queue(ring)?;
+        Ok(Box::new(CryptQueue {
+            dev: self,
+            inner,
+            pool: BufPool::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+            scratch: Vec::new(),
+            backlog: std::collections::VecDeque::new(),
+            draining: false,
+        }))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let size = self.info().size;
+        if offset >= size || len == 0 {
+            return Err(Error::new(
+                ErrorKind::OutOfBounds,
+                "block status past the end",
+            ));
+        }
+        Ok(vec![Extent {
+            len: len.min(size - offset),
+            hole: false,
+            zero: false,
+        }])
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if self.data_size.is_some() {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "resize of a LUKS2 volume with a fixed segment size",
+            ));
+        }
+        let total = new_size
+            .checked_add(self.data_offset)
+            .ok_or_else(|| Error::new(ErrorKind::InvalidConfig, "size overflow"))?;
+        self.inner.resize(total)
+    }
+}
+
+/// What an inner request is doing for us.
+enum Pending {
+    /// A read of the client's buffer at this plaintext offset; decrypt on completion.
+    Read { tag: u64, offset: u64 },
+    /// A write of a bounce buffer; hand the client's buffer back on completion.
+    Write { tag: u64, client: Buffer },
+    /// A pass-through op (flush, discard).
+    Pass { tag: u64 },
+    /// Write-zeroes in progress: `[next, end)` still to write.
+    Zeroes { tag: u64, next: u64, end: u64 },
+}
+
+struct CryptQueue {
+    dev: Arc<CryptDevice>,
+    inner: Box<dyn Queue>,
+    pool: BufPool,
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    scratch: Vec<Completion>,
+    /// Inner completions waiting to be handled; drained iteratively so that a chain of
+    /// synchronous completions (write-zeroes chunks on a synchronous device) cannot
+    /// recurse.
+    backlog: std::collections::VecDeque<Completion>,
+    draining: bool,
+}
+
+impl CryptQueue {
+    fn insert(&mut self, p: Pending) -> u64 {
+        let idx = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(p);
+                i
+            }
+            None => {
+                self.slots.push(Some(p));
+                self.slots.len() - 1
+            }
+        };
+        idx as u64
+    }
+
+    fn cipher_offset(&self, offset: u64) -> u64 {
+        offset + self.dev.iv_offset
+    }
+
+    /// Submit one request to the inner queue and handle any synchronous completions.
+    fn submit_inner(&mut self, ring: &mut Ring, req: Request, done: &mut Vec<Completion>) {
+        let mut tmp = std::mem::take(&mut self.scratch);
+        self.inner.submit(ring, req, &mut tmp);
+        self.backlog.extend(tmp.drain(..));
+        self.scratch = tmp;
+        self.drain(ring, done);
+    }
+
+    /// Handle queued inner completions (unless an outer call is already doing so).
+    fn drain(&mut self, ring: &mut Ring, done: &mut Vec<Completion>) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        while let Some(c) = self.backlog.pop_front() {
+            self.finish(ring, c, done);
+        }
+        self.draining = false;
+    }
+
+    /// Start the next chunk of a write-zeroes (or complete it).
+    fn zero_chunk(
+        &mut self,
+        ring: &mut Ring,
+        tag: u64,
+        next: u64,
+        end: u64,
+        done: &mut Vec<Completion>,
+    ) {
+        if next >= end {
+            self.in_flight -= 1;
+            done.push(Completion {
+                tag,
+                result: Ok(()),
+                buf: Buffer::None,
+            });
+            return;
+        }
+        let len = (end - next).min(ZERO_CHUNK as u64) as usize;
+        let mut bounce = self.pool.get(len);
+        bounce.as_mut_slice().fill(0);
+        if self
+            .dev
+            .cipher
+            .encrypt(bounce.as_mut_slice(), self.cipher_offset(next))
+            .is_err()
+        {
+            self.pool.put(bounce);
+            self.in_flight -= 1;
+            done.push(Completion {
+                tag,
+                result: Err(libc::EINVAL),
+                buf: Buffer::None,
+            });
+            return;
+        }
+        let slot = self.insert(Pending::Zeroes {
+            tag,
+            next: next + len as u64,
+            end,
+        });
+        let req = Request {
+            op: Op::Write { fua: false },
+            offset: next + self.dev.data_offset,
+            len: len as u64,
+            buf: Buffer::Owned(bounce),
+            tag: slot,
+        };
+        self.submit_inner(ring, req, done);
+    }
+
+    /// An inner completion arrived.
+    fn finish(&mut self, ring: &mut Ring, c: Completion, done: &mut Vec<Completion>) {
+        let idx = c.tag as usize;
+        let Some(p) = self.slots.get_mut(idx).and_then(Option::take) else {
+            tracing::error!(tag = c.tag, "crypt: completion for an unknown slot");
+            return;
+        };
+        self.free.push(idx);
+        match p {
+            Pending::Read { tag, offset } => {
+                let mut buf = c.buf;
+                let mut result = c.result;
+                if result.is_ok() {
+                    result = self.decrypt(&mut buf, offset);
+                }
+                self.in_flight -= 1;
+                done.push(Completion { tag, result, buf });
+            }
+            Pending::Write { tag, client } => {
+                if let Buffer::Owned(b) = c.buf {
+                    self.pool.put(b);
+                }
+                self.in_flight -= 1;
+                done.push(Completion {
+                    tag,
+                    result: c.result,
+                    buf: client,
+                });
+            }
+            Pending::Pass { tag } => {
+                self.in_flight -= 1;
+                done.push(Completion {
+                    tag,
+                    result: c.result,
+                    buf: c.buf,
+                });
+            }
+            Pending::Zeroes { tag, next, end } => {
+                if let Buffer::Owned(b) = c.buf {
+                    self.pool.put(b);
+                }
+                match c.result {
+                    Ok(()) => self.zero_chunk(ring, tag, next, end, done),
+                    Err(e) => {
+                        self.in_flight -= 1;
+                        done.push(Completion {
+                            tag,
+                            result: Err(e),
+                            buf: Buffer::None,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn decrypt(&self, buf: &mut Buffer, offset: u64) -> Result<(), i32> {
+        let cipher = &self.dev.cipher;
+        let off = self.cipher_offset(offset);
+        match buf {
+            Buffer::Owned(b) => cipher.decrypt(b.as_mut_slice(), off).map_err(|_| libc::EIO),
+            Buffer::Borrowed(v) => decrypt_iovecs(cipher, v, off),
+            Buffer::None => Ok(()),
+        }
+    }
+}
+
+/// Decrypt borrowed memory in place. Whole sectors inside one iovec are decrypted where
+/// they lie; a sector straddling iovecs is gathered (first pass), decrypted, and
+/// scattered back (second pass).
+fn decrypt_iovecs(
+    cipher: &SectorCipher,
+    v: &mut crate::buf::IoVecs,
+    offset: u64,
+) -> Result<(), i32> {
+    let ss = cipher.sector_size();
+    let mut pos = 0usize; // byte position in the request
+    let mut carry: Vec<u8> = Vec::new(); // partial straddling sector being gathered
+    let mut straddlers: Vec<(usize, Vec<u8>)> = Vec::new(); // (position, plaintext)
+    let mut err = None;
+    v.for_each_mut(|piece| {
+        let mut i = 0usize;
+        while i < piece.len() {
+            let at = pos + i;
+            if !carry.is_empty() || !(at.is_multiple_of(ss)) || piece.len() - i < ss {
+                // Part of a straddling sector: gather.
+                let sector_start = at - at % ss;
+                let need = ss - carry.len();
+                let take = need.min(piece.len() - i);
+                carry.extend_from_slice(&piece[i..i + take]);
+                i += take;
+                if carry.len() == ss {
+                    let mut s = std::mem::take(&mut carry);
+                    if cipher
+                        .decrypt(&mut s, offset + sector_start as u64)
+                        .is_err()
+                    {
+                        err = Some(libc::EIO);
+                    }
+                    straddlers.push((sector_start, s));
+                }
+            } else {
+                let whole = (piece.len() - i) / ss * ss;
+                if cipher
+                    .decrypt(&mut piece[i..i + whole], offset + at as u64)
+                    .is_err()
+                {
+                    err = Some(libc::EIO);
+                }
+                i += whole;
+            }
+        }
+        pos += piece.len();
+    });
+    if !carry.is_empty() {
+        return Err(libc::EINVAL);
+    }
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if straddlers.is_empty() {
+        return Ok(());
+    }
+    let mut pos = 0usize;
+    let mut next = 0usize;
+    v.for_each_mut(|piece| {
+        let (pstart, pend) = (pos, pos + piece.len());
+        // Straddlers are in increasing order; write every part that overlaps this piece.
+        while next < straddlers.len() {
+            let (s_start, ref plain) = straddlers[next];
+            let s_end = s_start + plain.len();
+            if s_start >= pend {
+                break;
+            }
+            let a = s_start.max(pstart);
+            let b = s_end.min(pend);
+            if a < b {
+                piece[a - pstart..b - pstart].copy_from_slice(&plain[a - s_start..b - s_start]);
+            }
+            if s_end <= pend {
+                next += 1;
+            } else {
+                break;
+            }
+        }
+        pos = pend;
+    });
+    Ok(())
+}
+
+impl Queue for CryptQueue {
+    fn owner(&self) -> OwnerId {
+        self.inner.owner()
+    }
+
+    fn submit(&mut self, ring: &mut Ring, req: Request, done: &mut Vec<Completion>) {
+        let info = self.dev.info();
+        if req.op == Op::Flush {
+            self.in_flight += 1;
+            let slot = self.insert(Pending::Pass { tag: req.tag });
+            let r = Request { tag: slot, ..req };
+            self.submit_inner(ring, r, done);
+            return;
+        }
+        if req.op.is_write() && info.read_only {
+            done.push(Completion::of(req, Err(libc::EPERM)));
+            return;
+        }
+        if let Err(e) = info.check_range(req.offset, req.len) {
+            done.push(Completion::of(req, Err(e)));
+            return;
+        }
+        let Some(inner_off) = req.offset.checked_add(self.dev.data_offset) else {
+            done.push(Completion::of(req, Err(libc::EINVAL)));
+            return;
+        };
+        if matches!(req.op, Op::Read | Op::Write { .. }) && req.buf.len() as u64 != req.len {
+            done.push(Completion::of(req, Err(libc::EINVAL)));
+            return;
+        }
+        self.in_flight += 1;
+        match req.op {
+            Op::Read => {
+                let slot = self.insert(Pending::Read {
+                    tag: req.tag,
+                    offset: req.offset,
+                });
+                let r = Request {
+                    offset: inner_off,
+                    tag: slot,
+                    ..req
+                };
+                self.submit_inner(ring, r, done);
+            }
+            Op::Write { fua } => {
+                let len = req.len as usize;
+                let mut bounce: IoBuf = self.pool.get(len);
+                match &req.buf {
+                    Buffer::Owned(b) => bounce.as_mut_slice().copy_from_slice(b.as_slice()),
+                    Buffer::Borrowed(v) => v.copy_to(bounce.as_mut_slice()),
+                    Buffer::None => {}
+                }
+                if self
+                    .dev
+                    .cipher
+                    .encrypt(bounce.as_mut_slice(), self.cipher_offset(req.offset))
+                    .is_err()
+                {
+                    self.pool.put(bounce);
+                    self.in_flight -= 1;
+                    done.push(Completion::of(req, Err(libc::EINVAL)));
+                    return;
+                }
+                let slot = self.insert(Pending::Write {
+                    tag: req.tag,
+                    client: req.buf,
+                });
+                let r = Request {
+                    op: Op::Write { fua },
+                    offset: inner_off,
+                    len: req.len,
+                    buf: Buffer::Owned(bounce),
+                    tag: slot,
+                };
+                self.submit_inner(ring, r, done);
+            }
+            Op::Discard => {
+                let slot = self.insert(Pending::Pass { tag: req.tag });
+                let r = Request {
+                    offset: inner_off,
+                    tag: slot,
+                    ..req
+                };
+                self.submit_inner(ring, r, done);
+            }
+            Op::WriteZeroes { .. } => {
+                let end = req.offset + req.len;
+                self.zero_chunk(ring, req.tag, req.offset, end, done);
+            }
+            Op::Flush => {}
+        }
+    }
+
+    fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
+        let mut tmp = std::mem::take(&mut self.scratch);
+        self.inner.complete(ring, cqe, &mut tmp);
+        self.backlog.extend(tmp.drain(..));
+        self.scratch = tmp;
+        self.drain(ring, done);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+#[cfg(test)]
+mod tests;

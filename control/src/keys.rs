@@ -1,0 +1,871 @@
+//! Key manager, Barbican-shaped: `/v1/secrets` and `/v1/orders`.
+//!
+//! Secrets belong to the project that created them. Metadata is readable by any role of
+//! that project; the payload only by its `member`/`admin` tokens; other projects get
+//! 404 (existence stays hidden). Payloads are sealed at rest with AES-256-GCM under the
+//! master key (`DATA/master.key`, 0600, or `--master-key-file`); the secret id is the
+//! associated data, so a sealed payload cannot be moved to another row. The database
+//! alone never reveals a key, and a `settings` row lets start-up detect a wrong master
+//! key before anything is written with it.
+//!
+//! Orders (`type: key`) generate a symmetric key from the OS RNG at once; the order is
+//! `ACTIVE` when the 202 returns. Deleting a secret that a volume uses is refused (409).
+//!
+//! [`passphrase_for`] is Cinder's rule turning a secret into a LUKS passphrase.
+
+use crate::api::{check_len, ApiJson};
+use crate::auth::Ctx;
+use crate::error::{ApiError, ApiResult};
+use crate::store::{get_str, new_id, now, opt_str, Db};
+use crate::AppState;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::Aes256Gcm;
+use anyhow::Context;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use sqlx::any::AnyRow;
+use sqlx::Row;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use utoipa::{IntoParams, ToSchema};
+
+/// Largest secret payload (decoded bytes), as Barbican's default.
+pub const MAX_PAYLOAD: usize = 10_000;
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+const SEAL_VERSION: u8 = 1;
+
+/// The master key sealing secret payloads.
+pub struct MasterKey {
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}
+
+impl MasterKey {
+    /// A key from raw bytes (tests).
+    pub fn from_bytes(key: [u8; 32]) -> Self {
+        MasterKey { key }
+    }
+
+    /// Load a key file: 32 raw bytes or 64 hex characters.
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        let data =
+            std::fs::read(path).with_context(|| format!("read master key {}", path.display()))?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(path = %path.display(), "master key file is readable by group/others; chmod 600 it");
+            }
+        }
+        let key: Vec<u8> = if data.len() == 32 {
+            data
+        } else {
+            let text = String::from_utf8_lossy(&data);
+            hex::decode(text.trim())
+                .ok()
+                .filter(|k| k.len() == 32)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "master key {} must hold 32 raw bytes or 64 hex characters",
+                        path.display()
+                    )
+                })?
+        };
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&key);
+        Ok(MasterKey { key: k })
+    }
+
+    /// Load `path`, creating a random key there (0600) if it does not exist.
+    pub fn load_or_create(path: &std::path::Path) -> anyhow::Result<Self> {
+        if path.exists() {
+            return Self::load(path);
+        }
+        let mut k = [0u8; 32];
+        getrandom::fill(&mut k).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .with_context(|| format!("create master key {}", path.display()))?;
+        f.write_all(&k)?;
+        f.sync_all()?;
+        tracing::info!(path = %path.display(), "created a new master key; back it up, secrets cannot be read without it");
+        Ok(MasterKey { key: k })
+    }
+
+    fn cipher(&self) -> Aes256Gcm {
+        Aes256Gcm::new(&self.key.into())
+    }
+
+    /// Seal `plain` bound to `aad`; returns base64 text.
+    pub fn seal(&self, aad: &str, plain: &[u8]) -> ApiResult<String> {
+        let mut nonce = [0u8; 12];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| ApiError::internal(format!("OS random generator failed: {e}")))?;
+        let ct = self
+            .cipher()
+            .encrypt(
+                &nonce.into(),
+                Payload {
+                    msg: plain,
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| ApiError::internal("encryption failed"))?;
+        let mut out = Vec::with_capacity(1 + 12 + ct.len());
+        out.push(SEAL_VERSION);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(B64.encode(out))
+    }
+
+    /// Open what [`MasterKey::seal`] produced.
+    pub fn open(&self, aad: &str, sealed: &str) -> ApiResult<Vec<u8>> {
+        let bad = || {
+            ApiError::internal(
+                "a sealed secret could not be decrypted (wrong master key or corrupted row)",
+            )
+        };
+        let raw = B64.decode(sealed).map_err(|_| bad())?;
+        if raw.len() < 1 + 12 + 16 || raw[0] != SEAL_VERSION {
+            return Err(bad());
+        }
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&raw[1..13]);
+        self.cipher()
+            .decrypt(
+                &nonce.into(),
+                Payload {
+                    msg: &raw[13..],
+                    aad: aad.as_bytes(),
+                },
+            )
+            .map_err(|_| bad())
+    }
+}
+
+/// Make sure the master key is the one this database was sealed with.
+pub async fn check_master_key(db: &Db, key: &MasterKey) -> anyhow::Result<()> {
+    const AAD: &str = "ember-master-key-check";
+    let row = sqlx::query("SELECT value FROM settings WHERE name = 'master_key_check'")
+        .fetch_optional(&db.pool)
+        .await?;
+    match row {
+        Some(r) => {
+            let sealed: String = r.try_get("value")?;
+            key.open(AAD, &sealed).map_err(|_| {
+                anyhow::anyhow!("the master key does not match this database (was a different master.key used?)")
+            })?;
+        }
+        None => {
+            let sealed = key
+                .seal(AAD, b"ember")
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let r =
+                sqlx::query("INSERT INTO settings (name, value) VALUES ('master_key_check', ?)")
+                    .bind(sealed)
+                    .execute(&db.pool)
+                    .await;
+            match r {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {
+                    // Another node won the race: check against its row.
+                    return Box::pin(check_master_key(db, key)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Cinder's passphrase rule: a `symmetric` (or `opaque`) secret's bytes are hex-encoded
+/// (lowercase) and that text is the LUKS passphrase; a `passphrase` secret is used as-is.
+///
+/// Kept here until `ember_crypto` exports the shared function.
+pub fn passphrase_for(secret_type: &str, bytes: &[u8]) -> Vec<u8> {
+    if secret_type == "passphrase" {
+        bytes.to_vec()
+    } else {
+        hex::encode(bytes).into_bytes()
+    }
+}
+
+/// Secret types Ember stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretType {
+    Symmetric,
+    Passphrase,
+    Opaque,
+}
+
+impl SecretType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SecretType::Symmetric => "symmetric",
+            SecretType::Passphrase => "passphrase",
+            SecretType::Opaque => "opaque",
+        }
+    }
+}
+
+/// `POST /v1/secrets` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretCreate {
+    pub name: Option<String>,
+    /// Default `opaque`.
+    pub secret_type: Option<SecretType>,
+    pub algorithm: Option<String>,
+    pub bit_length: Option<u32>,
+    pub mode: Option<String>,
+    /// Base64 (`application/octet-stream`) or text (`text/plain`).
+    pub payload: String,
+    /// `application/octet-stream` or `text/plain`.
+    pub payload_content_type: String,
+    /// `base64`, only with `application/octet-stream`.
+    pub payload_content_encoding: Option<String>,
+    /// ISO-8601 UTC, in the future.
+    pub expiration: Option<String>,
+}
+
+/// `POST /v1/orders` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderCreate {
+    /// Only `key`.
+    #[serde(rename = "type")]
+    pub order_type: String,
+    pub meta: OrderMeta,
+}
+
+/// Attributes of the secret an order generates.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderMeta {
+    pub name: Option<String>,
+    pub algorithm: String,
+    pub bit_length: u32,
+    pub mode: Option<String>,
+    pub payload_content_type: Option<String>,
+    pub expiration: Option<String>,
+}
+
+/// List query.
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct ListQuery {
+    /// 1..100, default 10.
+    pub limit: Option<u32>,
+    pub offset: Option<u32>,
+    pub name: Option<String>,
+    pub secret_type: Option<String>,
+}
+
+/// Base URL for `*_ref` links, from the request's Host header.
+fn base_url(headers: &HeaderMap) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
+        .unwrap_or("localhost");
+    format!("http://{host}")
+}
+
+fn normalize_content_type(ct: &str) -> Option<&'static str> {
+    let c: String = ct
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect::<String>()
+        .to_ascii_lowercase();
+    match c.as_str() {
+        "application/octet-stream" => Some("application/octet-stream"),
+        "text/plain" | "text/plain;charset=utf-8" => Some("text/plain"),
+        _ => None,
+    }
+}
+
+fn parse_expiration(field: &str, v: &Option<String>) -> ApiResult<Option<String>> {
+    let Some(s) = v else { return Ok(None) };
+    let mut t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339);
+    if t.is_err() {
+        // Barbican examples omit the zone: treat as UTC.
+        t = time::OffsetDateTime::parse(
+            &format!("{s}Z"),
+            &time::format_description::well_known::Rfc3339,
+        );
+    }
+    let t = t.map_err(|_| {
+        ApiError::bad_request(format!("`{field}` must be an ISO-8601 UTC timestamp"))
+    })?;
+    if t <= time::OffsetDateTime::now_utc() {
+        return Err(ApiError::bad_request(format!(
+            "`{field}` must be in the future"
+        )));
+    }
+    Ok(Some(crate::store::fmt_time(t)))
+}
+
+fn is_expired(expiration: &Option<String>) -> bool {
+    expiration
+        .as_deref()
+        .and_then(|s| {
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .is_some_and(|t| t <= time::OffsetDateTime::now_utc())
+}
+
+const SECRET_COLS: &str =
+    "id, project_id, creator_id, name, secret_type, algorithm, bit_length, mode, content_type, \
+                           expiration, status, created_at, updated_at";
+
+fn secret_view(base: &str, r: &AnyRow) -> Result<Value, sqlx::Error> {
+    let name = get_str(r, "name")?;
+    Ok(json!({
+        "secret_ref": format!("{base}/v1/secrets/{}", get_str(r, "id")?),
+        "name": if name.is_empty() { Value::Null } else { Value::String(name) },
+        "secret_type": get_str(r, "secret_type")?,
+        "algorithm": opt_str(r, "algorithm")?,
+        "bit_length": r.try_get::<Option<i64>, _>("bit_length")?,
+        "mode": opt_str(r, "mode")?,
+        "status": get_str(r, "status")?,
+        "expiration": opt_str(r, "expiration")?,
+        "content_types": {"default": get_str(r, "content_type")?},
+        "creator_id": get_str(r, "creator_id")?,
+        "created": get_str(r, "created_at")?,
+        "updated": get_str(r, "updated_at")?,
+        "consumers": [],
+    }))
+}
+
+/// Validated secret attributes ready to store.
+struct NewSecret {
+    name: String,
+    secret_type: SecretType,
+    algorithm: Option<String>,
+    bit_length: Option<i64>,
+    mode: Option<String>,
+    content_type: &'static str,
+    expiration: Option<String>,
+    payload: Vec<u8>,
+}
+
+fn validate_secret(b: SecretCreate) -> ApiResult<NewSecret> {
+    let name = b.name.unwrap_or_default();
+    check_len("name", &name, 0, 255)?;
+    for (f, v) in [("algorithm", &b.algorithm), ("mode", &b.mode)] {
+        if let Some(v) = v {
+            check_len(f, v, 0, 255)?;
+        }
+    }
+    let secret_type = b.secret_type.unwrap_or(SecretType::Opaque);
+    let content_type = normalize_content_type(&b.payload_content_type).ok_or_else(|| {
+        ApiError::bad_request(
+            "`payload_content_type` must be application/octet-stream or text/plain",
+        )
+    })?;
+    if b.payload.len() > MAX_PAYLOAD * 2 {
+        return Err(ApiError::too_large(format!(
+            "`payload` is larger than {MAX_PAYLOAD} bytes"
+        )));
+    }
+    let payload = match content_type {
+        "application/octet-stream" => {
+            match b.payload_content_encoding.as_deref() {
+                Some("base64") => {}
+                _ => return Err(ApiError::bad_request(
+                    "`payload_content_encoding` must be \"base64\" with application/octet-stream",
+                )),
+            }
+            B64.decode(b.payload.trim())
+                .map_err(|_| ApiError::bad_request("`payload` is not valid base64"))?
+        }
+        _ => {
+            if b.payload_content_encoding.is_some() {
+                return Err(ApiError::bad_request(
+                    "`payload_content_encoding` is not allowed with text/plain",
+                ));
+            }
+            b.payload.into_bytes()
+        }
+    };
+    if payload.is_empty() {
+        return Err(ApiError::bad_request("`payload` must not be empty"));
+    }
+    if payload.len() > MAX_PAYLOAD {
+        return Err(ApiError::too_large(format!(
+            "`payload` is larger than {MAX_PAYLOAD} bytes"
+        )));
+    }
+    let mut bit_length = b.bit_length.map(i64::from);
+    if bit_length == Some(0) {
+        return Err(ApiError::bad_request("`bit_length` must be at least 1"));
+    }
+    if secret_type == SecretType::Symmetric {
+        if content_type != "application/octet-stream" {
+            return Err(ApiError::bad_request(
+                "`payload_content_type` must be application/octet-stream for symmetric secrets",
+            ));
+        }
+        let actual = payload.len() as i64 * 8;
+        match bit_length {
+            Some(bl) if bl != actual => {
+                return Err(ApiError::bad_request(format!(
+                    "`bit_length` is {bl} but the payload holds {actual} bits"
+                )))
+            }
+            _ => bit_length = Some(actual),
+        }
+    }
+    Ok(NewSecret {
+        name,
+        secret_type,
+        algorithm: b.algorithm,
+        bit_length,
+        mode: b.mode,
+        content_type,
+        expiration: parse_expiration("expiration", &b.expiration)?,
+        payload,
+    })
+}
+
+async fn insert_secret(
+    conn: &mut sqlx::AnyConnection,
+    st: &AppState,
+    ctx: &Ctx,
+    s: &NewSecret,
+) -> ApiResult<String> {
+    let id = new_id();
+    let sealed = st.master().seal(&id, &s.payload)?;
+    let t = now();
+    sqlx::query(
+        "INSERT INTO secrets (id, project_id, creator_id, name, secret_type, algorithm, bit_length, mode, \
+         content_type, expiration, status, sealed, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?, ?, ?)",
+    )
+    .bind(id.clone())
+    .bind(ctx.project_id.clone())
+    .bind(ctx.token_id.clone())
+    .bind(s.name.clone())
+    .bind(s.secret_type.as_str())
+    .bind(s.algorithm.clone())
+    .bind(s.bit_length)
+    .bind(s.mode.clone())
+    .bind(s.content_type)
+    .bind(s.expiration.clone())
+    .bind(sealed)
+    .bind(t.clone())
+    .bind(t)
+    .execute(conn)
+    .await?;
+    Ok(id)
+}
+
+async fn fetch_secret(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<AnyRow> {
+    let sql = format!("SELECT {SECRET_COLS} FROM secrets WHERE id = ? AND project_id = ?");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.to_string())
+        .bind(ctx.project_id.clone())
+        .fetch_optional(&st.db().pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("secret {id} not found")))
+}
+
+#[utoipa::path(post, path = "/v1/secrets", tag = "keys", request_body = SecretCreate,
+    responses((status = 201, description = "`{\"secret_ref\": url}`"), (status = 400, description = "bad input"),
+        (status = 401, description = "no token"), (status = 403, description = "reader"),
+        (status = 413, description = "payload too large")))]
+pub async fn create_secret(
+    State(st): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<SecretCreate>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    ctx.require_writer()?;
+    let s = validate_secret(body)?;
+    let mut tx = st.db().begin().await?;
+    let id = insert_secret(&mut tx, &st, &ctx, &s).await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"secret_ref": format!("{}/v1/secrets/{id}", base_url(&headers))})),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/secrets", tag = "keys", params(ListQuery),
+    responses((status = 200, description = "`{secrets, total}` of the caller's project"),
+        (status = 400, description = "bad query"), (status = 401, description = "no token")))]
+pub async fn list_secrets(
+    State(st): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(10);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request("`limit` must be between 1 and 100"));
+    }
+    let offset = i64::from(q.offset.unwrap_or(0));
+    let sql = format!(
+        "SELECT {SECRET_COLS} FROM secrets WHERE project_id = ? AND (? = '' OR name = ?) AND (? = '' OR secret_type = ?) \
+         ORDER BY created_at, id"
+    );
+    let name = q.name.unwrap_or_default();
+    let stype = q.secret_type.unwrap_or_default();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ctx.project_id.clone())
+        .bind(name.clone())
+        .bind(name)
+        .bind(stype.clone())
+        .bind(stype)
+        .fetch_all(&st.db().pool)
+        .await?;
+    let base = base_url(&headers);
+    let total = rows.len();
+    let page = rows
+        .iter()
+        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+        .take(limit as usize)
+        .map(|r| secret_view(&base, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({"secrets": page, "total": total})))
+}
+
+#[utoipa::path(get, path = "/v1/secrets/{secret_id}", tag = "keys",
+    params(("secret_id" = String, Path, description = "secret id")),
+    responses((status = 200, description = "secret metadata"), (status = 401, description = "no token"),
+        (status = 404, description = "no such secret in the caller's project")))]
+pub async fn show_secret(
+    State(st): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let row = fetch_secret(&st, &ctx, &id).await?;
+    Ok(Json(secret_view(&base_url(&headers), &row)?))
+}
+
+#[utoipa::path(get, path = "/v1/secrets/{secret_id}/payload", tag = "keys",
+    params(("secret_id" = String, Path, description = "secret id")),
+    responses((status = 200, description = "the raw payload"), (status = 401, description = "no token"),
+        (status = 403, description = "reader"), (status = 404, description = "no such secret, or expired"),
+        (status = 406, description = "Accept does not match the payload's content type")))]
+pub async fn secret_payload(
+    State(st): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let row = fetch_secret(&st, &ctx, &id).await?;
+    ctx.require_writer()?;
+    let (ct, bytes) = open_row(&st, &id).await?;
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("*/*");
+    if !(accept.contains("*/*")
+        || accept.contains(ct.as_str())
+        || accept.contains("application/*") && ct.starts_with("application/")
+        || accept.contains("text/*") && ct.starts_with("text/"))
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_ACCEPTABLE,
+            format!("this secret's payload is {ct}"),
+        ));
+    }
+    if is_expired(&opt_str(&row, "expiration")?) {
+        return Err(ApiError::not_found(format!("secret {id} has expired")));
+    }
+    let mut resp = bytes.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_str(&ct).map_err(|_| ApiError::internal("content type"))?,
+    );
+    Ok(resp)
+}
+
+async fn open_row(st: &AppState, id: &str) -> ApiResult<(String, Vec<u8>)> {
+    let row = sqlx::query("SELECT content_type, sealed FROM secrets WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&st.db().pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("secret {id} not found")))?;
+    let bytes = st.master().open(id, &get_str(&row, "sealed")?)?;
+    Ok((get_str(&row, "content_type")?, bytes))
+}
+
+/// The LUKS passphrase a secret yields for a volume of `project_id` (volumes issue).
+/// 404 if the secret is not the project's, 400 if it expired or has the wrong type.
+pub async fn unlock_passphrase(
+    st: &AppState,
+    project_id: &str,
+    secret_id: &str,
+) -> ApiResult<Vec<u8>> {
+    let row =
+        sqlx::query("SELECT secret_type, expiration FROM secrets WHERE id = ? AND project_id = ?")
+            .bind(secret_id.to_string())
+            .bind(project_id.to_string())
+            .fetch_optional(&st.db().pool)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("secret {secret_id} not found")))?;
+    if is_expired(&opt_str(&row, "expiration")?) {
+        return Err(ApiError::bad_request(format!(
+            "secret {secret_id} has expired"
+        )));
+    }
+    let stype = get_str(&row, "secret_type")?;
+    let (_, bytes) = open_row(st, secret_id).await?;
+    Ok(passphrase_for(&stype, &bytes))
+}
+
+#[utoipa::path(delete, path = "/v1/secrets/{secret_id}", tag = "keys",
+    params(("secret_id" = String, Path, description = "secret id")),
+    responses((status = 204, description = "deleted"), (status = 401, description = "no token"),
+        (status = 403, description = "reader"), (status = 404, description = "no such secret"),
+        (status = 409, description = "a volume uses this secret")))]
+pub async fn delete_secret(
+    State(st): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    fetch_secret(&st, &ctx, &id).await?;
+    ctx.require_writer()?;
+    let mut tx = st.db().begin().await?;
+    let users = crate::volumes::count_by_secret(&mut tx, &id).await?;
+    if users > 0 {
+        return Err(ApiError::conflict(format!(
+            "secret {id} is used by {users} volume(s)"
+        )));
+    }
+    sqlx::query("DELETE FROM secrets WHERE id = ? AND project_id = ?")
+        .bind(id)
+        .bind(ctx.project_id.clone())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn order_view(base: &str, r: &AnyRow) -> Result<Value, sqlx::Error> {
+    let meta: Value = serde_json::from_str(&get_str(r, "meta")?).unwrap_or(Value::Null);
+    Ok(json!({
+        "order_ref": format!("{base}/v1/orders/{}", get_str(r, "id")?),
+        "type": get_str(r, "order_type")?,
+        "status": get_str(r, "status")?,
+        "secret_ref": opt_str(r, "secret_id")?.map(|s| format!("{base}/v1/secrets/{s}")),
+        "meta": meta,
+        "error_reason": opt_str(r, "error_reason")?,
+        "creator_id": get_str(r, "creator_id")?,
+        "created": get_str(r, "created_at")?,
+        "updated": get_str(r, "updated_at")?,
+        "sub_status": "Unknown",
+        "sub_status_message": "",
+    }))
+}
+
+const ORDER_COLS: &str =
+    "id, order_type, status, meta, secret_id, error_reason, creator_id, created_at, updated_at";
+
+#[utoipa::path(post, path = "/v1/orders", tag = "keys", request_body = OrderCreate,
+    responses((status = 202, description = "`{\"order_ref\": url}`; the key is generated at once"),
+        (status = 400, description = "bad input"), (status = 401, description = "no token"),
+        (status = 403, description = "reader")))]
+pub async fn create_order(
+    State(st): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<OrderCreate>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    ctx.require_writer()?;
+    if body.order_type != "key" {
+        return Err(ApiError::bad_request(
+            "`type` must be \"key\" (asymmetric orders are not supported)",
+        ));
+    }
+    let m = body.meta;
+    check_len("meta.algorithm", &m.algorithm, 1, 255)?;
+    if m.bit_length == 0 || m.bit_length % 8 != 0 || m.bit_length > 4096 {
+        return Err(ApiError::bad_request(
+            "`meta.bit_length` must be a multiple of 8 between 8 and 4096",
+        ));
+    }
+    if let Some(ct) = &m.payload_content_type {
+        if normalize_content_type(ct) != Some("application/octet-stream") {
+            return Err(ApiError::bad_request(
+                "`meta.payload_content_type` must be application/octet-stream",
+            ));
+        }
+    }
+    let name = m.name.clone().unwrap_or_default();
+    check_len("meta.name", &name, 0, 255)?;
+    if let Some(mode) = &m.mode {
+        check_len("meta.mode", mode, 0, 255)?;
+    }
+    let expiration = parse_expiration("meta.expiration", &m.expiration)?;
+    let mut key = vec![0u8; (m.bit_length / 8) as usize];
+    getrandom::fill(&mut key)
+        .map_err(|e| ApiError::internal(format!("OS random generator failed: {e}")))?;
+    let s = NewSecret {
+        name: name.clone(),
+        secret_type: SecretType::Symmetric,
+        algorithm: Some(m.algorithm.clone()),
+        bit_length: Some(i64::from(m.bit_length)),
+        mode: m.mode.clone(),
+        content_type: "application/octet-stream",
+        expiration: expiration.clone(),
+        payload: key,
+    };
+    let meta = json!({
+        "name": m.name, "algorithm": m.algorithm, "bit_length": m.bit_length, "mode": m.mode,
+        "payload_content_type": "application/octet-stream", "expiration": expiration,
+    });
+    let mut tx = st.db().begin().await?;
+    let secret_id = insert_secret(&mut tx, &st, &ctx, &s).await?;
+    let id = new_id();
+    let t = now();
+    sqlx::query(
+        "INSERT INTO orders (id, project_id, creator_id, order_type, status, meta, secret_id, error_reason, \
+         created_at, updated_at) VALUES (?, ?, ?, 'key', 'ACTIVE', ?, ?, NULL, ?, ?)",
+    )
+    .bind(id.clone())
+    .bind(ctx.project_id.clone())
+    .bind(ctx.token_id.clone())
+    .bind(meta.to_string())
+    .bind(secret_id)
+    .bind(t.clone())
+    .bind(t)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"order_ref": format!("{}/v1/orders/{id}", base_url(&headers))})),
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/orders", tag = "keys", params(ListQuery),
+    responses((status = 200, description = "`{orders, total}` of the caller's project"),
+        (status = 400, description = "bad query"), (status = 401, description = "no token")))]
+pub async fn list_orders(
+    State(st): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(10);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request("`limit` must be between 1 and 100"));
+    }
+    let sql =
+        format!("SELECT {ORDER_COLS} FROM orders WHERE project_id = ? ORDER BY created_at, id");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(ctx.project_id.clone())
+        .fetch_all(&st.db().pool)
+        .await?;
+    let base = base_url(&headers);
+    let page = rows
+        .iter()
+        .skip(q.offset.unwrap_or(0) as usize)
+        .take(limit as usize)
+        .map(|r| order_view(&base, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Json(json!({"orders": page, "total": rows.len()})))
+}
+
+async fn fetch_order(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<AnyRow> {
+    let sql = format!("SELECT {ORDER_COLS} FROM orders WHERE id = ? AND project_id = ?");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.to_string())
+        .bind(ctx.project_id.clone())
+        .fetch_optional(&st.db().pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))
+}
+
+#[utoipa::path(get, path = "/v1/orders/{order_id}", tag = "keys",
+    params(("order_id" = String, Path, description = "order id")),
+    responses((status = 200, description = "the order"), (status = 401, description = "no token"),
+        (status = 404, description = "no such order in the caller's project")))]
+pub async fn show_order(
+    State(st): State<AppState>,
+    ctx: Ctx,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let row = fetch_order(&st, &ctx, &id).await?;
+    Ok(Json(order_view(&base_url(&headers), &row)?))
+}
+
+#[utoipa::path(delete, path = "/v1/orders/{order_id}", tag = "keys",
+    params(("order_id" = String, Path, description = "order id")),
+    responses((status = 204, description = "deleted (the secret stays)"), (status = 401, description = "no token"),
+        (status = 403, description = "reader"), (status = 404, description = "no such order")))]
+pub async fn delete_order(
+    State(st): State<AppState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    fetch_order(&st, &ctx, &id).await?;
+    ctx.require_writer()?;
+    sqlx::query("DELETE FROM orders WHERE id = ? AND project_id = ?")
+        .bind(id)
+        .bind(ctx.project_id.clone())
+        .execute(&st.db().pool)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passphrase_rule() {
+        assert_eq!(
+            passphrase_for("symmetric", &[0x00, 0xab, 0xff]),
+            b"00abff".to_vec()
+        );
+        assert_eq!(
+            passphrase_for("passphrase", b"Secret Words"),
+            b"Secret Words".to_vec()
+        );
+        assert_eq!(passphrase_for("opaque", &[0x12]), b"12".to_vec());
+    }
+
+    #[test]
+    fn seal_roundtrip_and_binding() {
+        let k = MasterKey::from_bytes([7u8; 32]);
+        let s = k.seal("id-1", b"hello").unwrap();
+        assert_eq!(k.open("id-1", &s).unwrap(), b"hello");
+        assert!(k.open("id-2", &s).is_err(), "aad binds the row");
+        let other = MasterKey::from_bytes([8u8; 32]);
+        assert!(other.open("id-1", &s).is_err());
+        assert!(!s.contains("hello"));
+    }
+
+    #[test]
+    fn master_key_file() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("master.key");
+        let k = MasterKey::load_or_create(&p).unwrap();
+        let meta = std::fs::metadata(&p).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let k2 = MasterKey::load(&p).unwrap();
+        assert_eq!(k.key, k2.key);
+        std::fs::write(&p, "short").unwrap();
+        assert!(MasterKey::load(&p).is_err());
+        std::fs::write(&p, hex::encode([1u8; 32])).unwrap();
+        assert_eq!(MasterKey::load(&p).unwrap().key, [1u8; 32]);
+    }
+}

@@ -1,0 +1,133 @@
+//! The router and its OpenAPI description, built together so they cannot drift: every
+//! route is registered through `utoipa_axum::routes!`, which adds the handler's
+//! `#[utoipa::path]` to the spec as it adds the handler to the router. `GET
+//! /openapi.json` serves the spec; a test checks spec and router against each other.
+
+use crate::api::{cinder_errors, fallback, MAX_BODY};
+use crate::{keys, metadefs, projects, types, AppState};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::Json;
+use std::sync::Arc;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::openapi::OpenApi as Spec;
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Ember control plane", description = "Cinder-, Glance-metadefs- and Barbican-shaped REST API of emberd."),
+    modifiers(&TokenAuth),
+    security(("token" = []))
+)]
+struct ApiDoc;
+
+struct TokenAuth;
+
+impl Modify for TokenAuth {
+    fn modify(&self, openapi: &mut Spec) {
+        let comps = openapi.components.get_or_insert_with(Default::default);
+        comps.add_security_scheme(
+            "token",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-Auth-Token"))),
+        );
+    }
+}
+
+#[derive(Clone)]
+struct SpecState(Arc<Spec>);
+
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", security(()),
+    responses((status = 200, description = "this OpenAPI document")))]
+async fn openapi_json(State(spec): State<SpecState>) -> Json<Spec> {
+    Json((*spec.0).clone())
+}
+
+/// All API routes with their spec (no state yet, no fallback).
+pub fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(projects::create_project, projects::list_projects))
+        .routes(routes!(projects::show_project))
+        .routes(routes!(projects::create_token, projects::list_tokens))
+        .routes(routes!(projects::delete_token))
+        .routes(routes!(projects::whoami))
+        .routes(routes!(types::list_types, types::create_type))
+        .routes(routes!(types::default_type))
+        .routes(routes!(
+            types::show_type,
+            types::update_type,
+            types::delete_type
+        ))
+        .routes(routes!(types::list_specs, types::set_specs))
+        .routes(routes!(
+            types::show_spec,
+            types::put_spec,
+            types::delete_spec
+        ))
+        .routes(routes!(types::list_meta, types::set_meta))
+        .routes(routes!(
+            types::show_meta,
+            types::put_meta,
+            types::delete_meta
+        ))
+        .routes(routes!(types::show_encryption, types::create_encryption))
+        .routes(routes!(
+            types::show_encryption_key,
+            types::update_encryption,
+            types::delete_encryption
+        ))
+        .routes(routes!(types::list_access))
+        .routes(routes!(types::type_action))
+        .routes(routes!(
+            metadefs::list_namespaces,
+            metadefs::create_namespace
+        ))
+        .routes(routes!(
+            metadefs::show_namespace,
+            metadefs::update_namespace,
+            metadefs::delete_namespace
+        ))
+        .routes(routes!(
+            metadefs::list_properties,
+            metadefs::create_property
+        ))
+        .routes(routes!(
+            metadefs::show_property,
+            metadefs::update_property,
+            metadefs::delete_property
+        ))
+        .routes(routes!(
+            metadefs::list_associations,
+            metadefs::create_association
+        ))
+        .routes(routes!(metadefs::delete_association))
+        .routes(routes!(keys::create_secret, keys::list_secrets))
+        .routes(routes!(keys::show_secret, keys::delete_secret))
+        .routes(routes!(keys::secret_payload))
+        .routes(routes!(keys::create_order, keys::list_orders))
+        .routes(routes!(keys::show_order, keys::delete_order))
+}
+
+/// The OpenAPI document (including `/openapi.json` itself).
+pub fn spec() -> Spec {
+    let (_, mut spec) = api().split_for_parts();
+    let (_, meta) = OpenApiRouter::<SpecState>::new()
+        .routes(routes!(openapi_json))
+        .split_for_parts();
+    spec.merge(meta);
+    spec
+}
+
+/// The complete HTTP service.
+pub fn router(state: AppState) -> axum::Router {
+    let spec = Arc::new(spec());
+    let (api, _) = api().split_for_parts();
+    let (meta, _) = OpenApiRouter::<SpecState>::new()
+        .routes(routes!(openapi_json))
+        .split_for_parts();
+    api.with_state(state)
+        .merge(meta.with_state(SpecState(spec)))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(cinder_errors))
+}

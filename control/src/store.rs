@@ -1,0 +1,258 @@
+//! The store: one `sqlx::Any` pool over SQLite (default, a file in the data dir) or
+//! MariaDB/MySQL (`mysql://…`, shared by the nodes of a cluster).
+//!
+//! One code path serves both: queries use `?` placeholders and portable SQL
+//! (`VARCHAR`, `BIGINT`, `TEXT`), booleans are `BIGINT` 0/1, timestamps are RFC 3339
+//! strings, binary data is base64 text. The only per-dialect piece is the table suffix
+//! (`ENGINE=InnoDB … COLLATE utf8mb4_bin` so names compare byte-wise on MariaDB as on
+//! SQLite). Upserts are written as "update, insert if nothing was updated" inside a
+//! transaction instead of `ON CONFLICT`/`ON DUPLICATE KEY`.
+//!
+//! Migrations are an ordered list of statements numbered by schema version, applied at
+//! start-up; `schema_version` records the versions applied. Every table that
+//! describes something node-local carries a `node_id` column so several nodes can share
+//! one database.
+
+use anyhow::Context;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+use std::time::Duration;
+
+/// SQL dialect of the connected database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    MySql,
+}
+
+/// A handle to the database (cheap to clone).
+#[derive(Clone, Debug)]
+pub struct Db {
+    pub pool: AnyPool,
+    pub dialect: Dialect,
+}
+
+/// Connection used inside a transaction.
+pub type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+/// Schema migrations: (version, statements). Append only; never edit a released entry.
+const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE IF NOT EXISTS settings (name VARCHAR(64) NOT NULL PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS nodes (name VARCHAR(255) NOT NULL PRIMARY KEY, started_at VARCHAR(40) NOT NULL, \
+         heartbeat_at VARCHAR(40) NOT NULL, rest_address VARCHAR(255) NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS projects (id VARCHAR(64) NOT NULL PRIMARY KEY, name VARCHAR(255) NOT NULL UNIQUE, \
+         description VARCHAR(255) NOT NULL, created_at VARCHAR(40) NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS tokens (id VARCHAR(64) NOT NULL PRIMARY KEY, hash CHAR(64) NOT NULL UNIQUE, \
+         project_id VARCHAR(64) NOT NULL, role VARCHAR(16) NOT NULL, name VARCHAR(255) NOT NULL, \
+         created_at VARCHAR(40) NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS volume_types (id VARCHAR(64) NOT NULL PRIMARY KEY, name VARCHAR(255) NOT NULL UNIQUE, \
+         description VARCHAR(255) NULL, is_public BIGINT NOT NULL, created_at VARCHAR(40) NOT NULL, \
+         updated_at VARCHAR(40) NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS volume_type_access (type_id VARCHAR(64) NOT NULL, project_id VARCHAR(64) NOT NULL, \
+         PRIMARY KEY (type_id, project_id))",
+        "CREATE TABLE IF NOT EXISTS volume_type_extra_specs (type_id VARCHAR(64) NOT NULL, spec_key VARCHAR(255) NOT NULL, \
+         value VARCHAR(255) NOT NULL, PRIMARY KEY (type_id, spec_key))",
+        "CREATE TABLE IF NOT EXISTS volume_type_metadata (type_id VARCHAR(64) NOT NULL, meta_key VARCHAR(255) NOT NULL, \
+         value VARCHAR(255) NOT NULL, PRIMARY KEY (type_id, meta_key))",
+        "CREATE TABLE IF NOT EXISTS volume_type_encryption (type_id VARCHAR(64) NOT NULL PRIMARY KEY, \
+         encryption_id VARCHAR(64) NOT NULL UNIQUE, provider VARCHAR(16) NOT NULL, cipher VARCHAR(64) NOT NULL, \
+         key_size BIGINT NOT NULL, control_location VARCHAR(16) NOT NULL, created_at VARCHAR(40) NOT NULL, \
+         updated_at VARCHAR(40) NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS metadef_namespaces (namespace VARCHAR(80) NOT NULL PRIMARY KEY, \
+         display_name VARCHAR(80) NOT NULL, description VARCHAR(500) NOT NULL, visibility VARCHAR(16) NOT NULL, \
+         protected BIGINT NOT NULL, owner VARCHAR(64) NOT NULL, created_at VARCHAR(40) NOT NULL, \
+         updated_at VARCHAR(40) NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS metadef_properties (namespace VARCHAR(80) NOT NULL, name VARCHAR(80) NOT NULL, \
+         definition TEXT NOT NULL, PRIMARY KEY (namespace, name))",
+        "CREATE TABLE IF NOT EXISTS metadef_resource_types (namespace VARCHAR(80) NOT NULL, name VARCHAR(80) NOT NULL, \
+         prefix VARCHAR(80) NOT NULL, properties_target VARCHAR(80) NOT NULL, created_at VARCHAR(40) NOT NULL, \
+         PRIMARY KEY (namespace, name))",
+        "CREATE TABLE IF NOT EXISTS secrets (id VARCHAR(64) NOT NULL PRIMARY KEY, project_id VARCHAR(64) NOT NULL, \
+         creator_id VARCHAR(64) NOT NULL, name VARCHAR(255) NOT NULL, secret_type VARCHAR(16) NOT NULL, \
+         algorithm VARCHAR(255) NULL, bit_length BIGINT NULL, mode VARCHAR(255) NULL, \
+         content_type VARCHAR(64) NOT NULL, expiration VARCHAR(40) NULL, status VARCHAR(16) NOT NULL, \
+         sealed TEXT NOT NULL, created_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS orders (id VARCHAR(64) NOT NULL PRIMARY KEY, project_id VARCHAR(64) NOT NULL, \
+         creator_id VARCHAR(64) NOT NULL, order_type VARCHAR(16) NOT NULL, status VARCHAR(16) NOT NULL, \
+         meta TEXT NOT NULL, secret_id VARCHAR(64) NULL, error_reason VARCHAR(255) NULL, \
+         created_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL)",
+        // Volumes arrive with the next issue; the table exists now so "in use" queries are real.
+        "CREATE TABLE IF NOT EXISTS volumes (id VARCHAR(64) NOT NULL PRIMARY KEY, project_id VARCHAR(64) NOT NULL, \
+         name VARCHAR(255) NOT NULL, size_bytes BIGINT NOT NULL, type_id VARCHAR(64) NOT NULL, \
+         encryption_key_id VARCHAR(64) NULL, pool VARCHAR(255) NOT NULL, node_id VARCHAR(255) NULL, \
+         status VARCHAR(32) NOT NULL, created_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL)",
+    ],
+)];
+
+impl Db {
+    /// Connect to `url` (`sqlite://PATH` or `mysql://…`). SQLite files are created if missing.
+    pub async fn connect(url: &str) -> anyhow::Result<Db> {
+        sqlx::any::install_default_drivers();
+        let (dialect, url) = if let Some(rest) = url.strip_prefix("sqlite:") {
+            let url = if rest.contains('?') || rest.contains(":memory:") {
+                url.to_string()
+            } else {
+                format!("{url}?mode=rwc")
+            };
+            (Dialect::Sqlite, url)
+        } else if url.starts_with("mysql:") || url.starts_with("mariadb:") {
+            (Dialect::MySql, url.replacen("mariadb:", "mysql:", 1))
+        } else {
+            anyhow::bail!("unsupported database URL {url:?}: use sqlite://PATH or mysql://USER:PASSWORD@HOST/DB");
+        };
+        // SQLite allows one writer; a single connection avoids SQLITE_BUSY on lock upgrades.
+        let max = if dialect == Dialect::Sqlite { 1 } else { 8 };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(true)
+            .connect(&url)
+            .await
+            .with_context(|| format!("connect to the database ({})", redact(&url)))?;
+        Ok(Db { pool, dialect })
+    }
+
+    /// Table options appended to `CREATE TABLE`.
+    fn table_suffix(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Sqlite => "",
+            Dialect::MySql => " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+        }
+    }
+
+    /// Apply pending migrations.
+    pub async fn migrate(&self) -> anyhow::Result<()> {
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL PRIMARY KEY, applied_at VARCHAR(40) NOT NULL){}",
+            self.table_suffix()
+        );
+        sqlx::query(AssertSqlSafe(create))
+            .execute(&self.pool)
+            .await
+            .context("create schema_version")?;
+        for (version, stmts) in MIGRATIONS {
+            let done: i64 =
+                sqlx::query("SELECT COUNT(*) AS n FROM schema_version WHERE version = ?")
+                    .bind(*version)
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get("n")?;
+            if done > 0 {
+                continue;
+            }
+            // DDL is idempotent (IF NOT EXISTS) because MariaDB commits DDL implicitly;
+            // a second node racing us simply finds the tables there.
+            for stmt in *stmts {
+                let sql = if stmt.starts_with("CREATE TABLE") {
+                    format!("{stmt}{}", self.table_suffix())
+                } else {
+                    stmt.to_string()
+                };
+                sqlx::query(AssertSqlSafe(sql))
+                    .execute(&self.pool)
+                    .await
+                    .with_context(|| format!("migration {version}: {stmt}"))?;
+            }
+            let r = sqlx::query("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)")
+                .bind(*version)
+                .bind(now())
+                .execute(&self.pool)
+                .await;
+            match r {
+                Ok(_) => tracing::info!(version, "applied database migration"),
+                Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Start a transaction.
+    pub async fn begin(&self) -> Result<Tx<'static>, sqlx::Error> {
+        self.pool.begin().await
+    }
+}
+
+/// Hide the password of a database URL for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Current time, RFC 3339 UTC with second precision.
+pub fn now() -> String {
+    fmt_time(time::OffsetDateTime::now_utc())
+}
+
+/// Format a timestamp like [`now`].
+pub fn fmt_time(t: time::OffsetDateTime) -> String {
+    let t = t
+        .to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// A fresh UUID v4 string.
+pub fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Read a nullable text column.
+pub fn opt_str(row: &AnyRow, col: &str) -> Result<Option<String>, sqlx::Error> {
+    row.try_get::<Option<String>, _>(col)
+}
+
+/// Read a text column.
+pub fn get_str(row: &AnyRow, col: &str) -> Result<String, sqlx::Error> {
+    row.try_get::<String, _>(col)
+}
+
+/// Read an integer column.
+pub fn get_i64(row: &AnyRow, col: &str) -> Result<i64, sqlx::Error> {
+    row.try_get::<i64, _>(col)
+}
+
+/// `COUNT(*) AS n` helper.
+pub async fn count(
+    tx: &mut sqlx::AnyConnection,
+    sql: &'static str,
+    arg: &str,
+) -> Result<i64, sqlx::Error> {
+    let row = sqlx::query(sql)
+        .bind(arg.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+    get_i64(&row, "n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_password() {
+        assert_eq!(
+            redact("mysql://u:secret@localhost/db"),
+            "mysql://u:***@localhost/db"
+        );
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn time_format() {
+        let t = now();
+        assert!(t.ends_with('Z') && t.len() == 20, "{t}");
+    }
+}

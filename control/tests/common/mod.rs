@@ -1,0 +1,287 @@
+//! Test harness for router-level tests: an opened control plane over SQLite (temp dir)
+//! or a fresh database on the MariaDB named by `EMBER_TEST_MYSQL_URL`, driven with
+//! `tower::ServiceExt::oneshot`.
+
+#![allow(dead_code)]
+
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use axum::Router;
+use ember_control::{Control, ControlConfig, NoDataPlane};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Sqlite,
+    MariaDb,
+}
+
+pub struct Harness {
+    pub router: Router,
+    pub control: Control,
+    pub admin: String,
+    pub admin_project: String,
+    pub dir: tempfile::TempDir,
+    mysql_db: Option<(String, String)>,
+}
+
+/// The MariaDB server URL for tests; fails loudly when unset.
+pub fn mysql_base_url() -> String {
+    std::env::var("EMBER_TEST_MYSQL_URL").unwrap_or_else(|_| {
+        panic!(
+            "EMBER_TEST_MYSQL_URL is not set: the MariaDB suite needs a running MariaDB and \
+             EMBER_TEST_MYSQL_URL=mysql://ember:ember@127.0.0.1:3306/ember_test (see control/README.md)"
+        )
+    })
+}
+
+fn replace_db(url: &str, db: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match head[scheme_end..].find('/') {
+        Some(i) => &head[..scheme_end + i],
+        None => head,
+    };
+    format!("{base}/{db}{query}")
+}
+
+/// Create a fresh database on the test MariaDB and return its URL.
+pub async fn fresh_mysql_db() -> (String, String) {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let base = mysql_base_url();
+    let name = format!("ember_t_{}", uuid_like());
+    let mut c = sqlx::AnyConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("connect to EMBER_TEST_MYSQL_URL ({base}): {e}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    (replace_db(&base, &name), name)
+}
+
+pub fn uuid_like() -> String {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).unwrap();
+    hex::encode(b)
+}
+
+impl Harness {
+    pub async fn new(backend: Backend) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let (database, mysql_db) = match backend {
+            Backend::Sqlite => (format!("sqlite://{}/ember.db", dir.path().display()), None),
+            Backend::MariaDb => {
+                let (url, name) = fresh_mysql_db().await;
+                (url, Some((mysql_base_url(), name)))
+            }
+        };
+        Self::with_database(dir, database, mysql_db).await
+    }
+
+    pub async fn with_database(
+        dir: tempfile::TempDir,
+        database: String,
+        mysql_db: Option<(String, String)>,
+    ) -> Harness {
+        let cfg = ControlConfig {
+            data_dir: dir.path().to_path_buf(),
+            database,
+            master_key_file: None,
+            node_name: "test-node".into(),
+            rest_address: "127.0.0.1:0".into(),
+        };
+        let control = Control::open(&cfg, Arc::new(NoDataPlane)).await.unwrap();
+        let router = control.router();
+        let admin = std::fs::read_to_string(dir.path().join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let mut h = Harness {
+            router,
+            control,
+            admin: admin.clone(),
+            admin_project: String::new(),
+            dir,
+            mysql_db,
+        };
+        let (s, v) = h
+            .call(Method::GET, "/v3/auth/tokens", Some(&admin), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        h.admin_project = v["token"]["project_id"].as_str().unwrap().to_string();
+        h
+    }
+
+    /// Drop the MariaDB database (call at the end of a test).
+    pub async fn finish(self) {
+        if let Some((base, name)) = &self.mysql_db {
+            use sqlx::Connection;
+            self.control.state.db().pool.close().await;
+            let mut c = sqlx::AnyConnection::connect(base).await.unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE `{name}`")))
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+
+    pub async fn raw(&self, req: Request<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        (status, headers, body)
+    }
+
+    pub async fn call_bytes(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json");
+        if let Some(t) = token {
+            b = b.header("x-auth-token", t);
+        }
+        let (s, _, body) = self.raw(b.body(Body::from(body)).unwrap()).await;
+        let v = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&body)}))
+        };
+        (s, v)
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let bytes = body
+            .map(|b| serde_json::to_vec(&b).unwrap())
+            .unwrap_or_default();
+        self.call_bytes(method, uri, token, bytes).await
+    }
+
+    /// As admin, expecting `want`.
+    pub async fn admin_ok(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+        want: u16,
+    ) -> Value {
+        let (s, v) = self
+            .call(method.clone(), uri, Some(&self.admin), body)
+            .await;
+        assert_eq!(s.as_u16(), want, "{method} {uri}: {v}");
+        v
+    }
+
+    /// Create a project and return its id.
+    pub async fn project(&self, name: &str) -> String {
+        let v = self
+            .admin_ok(
+                Method::POST,
+                "/v3/projects",
+                Some(json!({"project": {"name": name}})),
+                201,
+            )
+            .await;
+        v["project"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Issue a token for a project; returns (token id, token).
+    pub async fn token(&self, project: &str, role: &str) -> (String, String) {
+        let v = self
+            .admin_ok(
+                Method::POST,
+                &format!("/v3/projects/{project}/tokens"),
+                Some(json!({"token": {"role": role}})),
+                201,
+            )
+            .await;
+        (
+            v["token"]["id"].as_str().unwrap().to_string(),
+            v["token"]["token"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// Pretend a volume exists (the volumes API arrives with the next issue).
+    pub async fn fake_volume(&self, project: &str, type_id: &str, secret: Option<&str>) -> String {
+        let id = format!("vol-{}", uuid_like());
+        sqlx::query(
+            "INSERT INTO volumes (id, project_id, name, size_bytes, type_id, encryption_key_id, pool, node_id, status, \
+             created_at, updated_at) VALUES (?, ?, 'v', 1048576, ?, ?, 'default', NULL, 'available', 'x', 'x')",
+        )
+        .bind(id.clone())
+        .bind(project.to_string())
+        .bind(type_id.to_string())
+        .bind(secret.map(str::to_string))
+        .execute(&self.control.state.db().pool)
+        .await
+        .unwrap();
+        id
+    }
+}
+
+/// Assert a Cinder error body with `fault` and a message containing `needle`.
+pub fn assert_fault(v: &Value, status: u16, fault: &str, needle: &str) {
+    let f = &v[fault];
+    assert_eq!(f["code"], status, "expected {fault} {status}, got {v}");
+    let msg = f["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(needle),
+        "message {msg:?} should contain {needle:?} (body {v})"
+    );
+}
+
+/// Generate one test per backend (`sqlite`, `mariadb`) from a body using `$h: &Harness`.
+#[macro_export]
+macro_rules! api_test {
+    ($name:ident, |$h:ident| $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let owned = Harness::new(Backend::Sqlite).await;
+                {
+                    let $h = &owned;
+                    $body
+                }
+                owned.finish().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn mariadb() {
+                let owned = Harness::new(Backend::MariaDb).await;
+                {
+                    let $h = &owned;
+                    $body
+                }
+                owned.finish().await;
+            }
+        }
+    };
+}

@@ -1,0 +1,390 @@
+//! LUKS1: a 592-byte big-endian header at offset 0, eight fixed keyslots, PBKDF2 only.
+//!
+//! ```text
+//! 0   magic "LUKS\xba\xbe"   6   version=1        8   cipher_name[32]   40  cipher_mode[32]
+//! 72  hash_spec[32]          104 payload_offset (512-byte sectors)      108 key_bytes
+//! 112 mk_digest[20]          132 mk_digest_salt[32]                     164 mk_digest_iter
+//! 168 uuid[40]               208 8 × keyslot{active, iterations, salt[32], key_offset, stripes}
+//! ```
+//! The volume key is verified by `PBKDF2(hash, key, mk_salt, mk_iter)[..20] == mk_digest`.
+//! Keyslot material (AF-split key, encrypted with the volume cipher) starts at
+//! `key_offset * 512`; cryptsetup places slot 0 at 4096 and aligns slots to 4096 bytes.
+
+use crate::disk::{read_vec, Disk};
+use crate::error::{Error, Result};
+use crate::kdf::{ct_eq, random, Hash};
+use crate::keyslot::{material_len, seal, unseal, KdfParams, AF_STRIPES};
+use zeroize::Zeroizing;
+
+/// Magic of a LUKS header (both versions).
+pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
+/// On-disk size of the LUKS1 header.
+pub const HEADER_LEN: usize = 592;
+const SLOT_ENABLED: u32 = 0x00AC_71F3;
+const SLOT_DISABLED: u32 = 0x0000_DEAD;
+/// Number of keyslots.
+pub const NUM_SLOTS: usize = 8;
+const DIGEST_LEN: usize = 20;
+const SALT_LEN: usize = 32;
+
+/// One LUKS1 keyslot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// In use.
+    pub active: bool,
+    /// PBKDF2 iterations.
+    pub iterations: u32,
+    /// PBKDF2 salt.
+    pub salt: [u8; SALT_LEN],
+    /// Start of the key material, in 512-byte sectors.
+    pub key_offset: u32,
+    /// AF stripes.
+    pub stripes: u32,
+}
+
+/// A parsed LUKS1 header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// e.g. "aes".
+    pub cipher_name: String,
+    /// e.g. "xts-plain64".
+    pub cipher_mode: String,
+    /// PBKDF2 / AF hash.
+    pub hash: String,
+    /// Start of the encrypted data, in 512-byte sectors.
+    pub payload_offset: u32,
+    /// Volume key length in bytes.
+    pub key_bytes: u32,
+    /// PBKDF2 digest of the volume key.
+    pub mk_digest: [u8; DIGEST_LEN],
+    /// Salt of that digest.
+    pub mk_salt: [u8; SALT_LEN],
+    /// Iterations of that digest.
+    pub mk_iter: u32,
+    /// UUID string.
+    pub uuid: String,
+    /// The eight keyslots.
+    pub slots: [Slot; NUM_SLOTS],
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn cstr(b: &[u8]) -> Result<String> {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    std::str::from_utf8(&b[..end])
+        .map(str::to_string)
+        .map_err(|_| Error::Corrupt("non-UTF-8 text field".into()))
+}
+
+fn put_cstr(dst: &mut [u8], s: &str) -> Result<()> {
+    if s.len() >= dst.len() {
+        return Err(Error::InvalidParam(format!(
+            "{s:?} is too long for its header field"
+        )));
+    }
+    dst[..s.len()].copy_from_slice(s.as_bytes());
+    Ok(())
+}
+
+impl Header {
+    /// Parse the first [`HEADER_LEN`] bytes of a volume.
+    pub fn parse(b: &[u8]) -> Result<Self> {
+        if b.len() < HEADER_LEN {
+            return Err(Error::Truncated {
+                need: HEADER_LEN as u64,
+                have: b.len() as u64,
+            });
+        }
+        if b[..6] != MAGIC {
+            return Err(Error::NotLuks);
+        }
+        let version = u16::from_be_bytes([b[6], b[7]]);
+        if version != 1 {
+            return Err(Error::UnsupportedVersion(version));
+        }
+        let mut slots = [Slot {
+            active: false,
+            iterations: 0,
+            salt: [0; SALT_LEN],
+            key_offset: 0,
+            stripes: 0,
+        }; NUM_SLOTS];
+        for (i, s) in slots.iter_mut().enumerate() {
+            let o = 208 + i * 48;
+            s.active = match be32(b, o) {
+                SLOT_ENABLED => true,
+                SLOT_DISABLED => false,
+                x => return Err(Error::Corrupt(format!("keyslot {i}: bad state {x:#x}"))),
+            };
+            s.iterations = be32(b, o + 4);
+            s.salt.copy_from_slice(&b[o + 8..o + 40]);
+            s.key_offset = be32(b, o + 40);
+            s.stripes = be32(b, o + 44);
+        }
+        let mut mk_digest = [0; DIGEST_LEN];
+        mk_digest.copy_from_slice(&b[112..132]);
+        let mut mk_salt = [0; SALT_LEN];
+        mk_salt.copy_from_slice(&b[132..164]);
+        let h = Header {
+            cipher_name: cstr(&b[8..40])?,
+            cipher_mode: cstr(&b[40..72])?,
+            hash: cstr(&b[72..104])?,
+            payload_offset: be32(b, 104),
+            key_bytes: be32(b, 108),
+            mk_digest,
+            mk_salt,
+            mk_iter: be32(b, 164),
+            uuid: cstr(&b[168..208])?,
+            slots,
+        };
+        h.validate()?;
+        Ok(h)
+    }
+
+    fn validate(&self) -> Result<()> {
+        crate::keyslot::check_cipher(&self.cipher_spec())?;
+        Hash::parse(&self.hash)?;
+        if self.key_bytes != 32 && self.key_bytes != 64 {
+            return Err(Error::BadKeySize(self.key_bytes as usize));
+        }
+        for (i, s) in self.slots.iter().enumerate().filter(|(_, s)| s.active) {
+            if s.stripes == 0 || s.stripes > 100_000 {
+                return Err(Error::Corrupt(format!(
+                    "keyslot {i}: {} stripes",
+                    s.stripes
+                )));
+            }
+            let end = u64::from(s.key_offset) * 512
+                + material_len(self.key_bytes as usize, s.stripes) as u64;
+            if u64::from(s.key_offset) * 512 < HEADER_LEN as u64
+                || end > u64::from(self.payload_offset) * 512 && self.payload_offset != 0
+            {
+                return Err(Error::Corrupt(format!(
+                    "keyslot {i}: key material outside the header area"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// "aes-xts-plain64".
+    pub fn cipher_spec(&self) -> String {
+        format!("{}-{}", self.cipher_name, self.cipher_mode)
+    }
+
+    /// Serialize to [`HEADER_LEN`] bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; HEADER_LEN];
+        b[..6].copy_from_slice(&MAGIC);
+        b[6..8].copy_from_slice(&1u16.to_be_bytes());
+        put_cstr(&mut b[8..40], &self.cipher_name)?;
+        put_cstr(&mut b[40..72], &self.cipher_mode)?;
+        put_cstr(&mut b[72..104], &self.hash)?;
+        b[104..108].copy_from_slice(&self.payload_offset.to_be_bytes());
+        b[108..112].copy_from_slice(&self.key_bytes.to_be_bytes());
+        b[112..132].copy_from_slice(&self.mk_digest);
+        b[132..164].copy_from_slice(&self.mk_salt);
+        b[164..168].copy_from_slice(&self.mk_iter.to_be_bytes());
+        put_cstr(&mut b[168..208], &self.uuid)?;
+        for (i, s) in self.slots.iter().enumerate() {
+            let o = 208 + i * 48;
+            let state = if s.active {
+                SLOT_ENABLED
+            } else {
+                SLOT_DISABLED
+            };
+            b[o..o + 4].copy_from_slice(&state.to_be_bytes());
+            b[o + 4..o + 8].copy_from_slice(&s.iterations.to_be_bytes());
+            b[o + 8..o + 40].copy_from_slice(&s.salt);
+            b[o + 40..o + 44].copy_from_slice(&s.key_offset.to_be_bytes());
+            b[o + 44..o + 48].copy_from_slice(&s.stripes.to_be_bytes());
+        }
+        Ok(b)
+    }
+
+    fn hash_fn(&self) -> Result<Hash> {
+        Hash::parse(&self.hash)
+    }
+
+    /// Does `key` match the volume-key digest?
+    pub fn verify_key(&self, key: &[u8]) -> Result<bool> {
+        let mut d = [0u8; DIGEST_LEN];
+        self.hash_fn()?
+            .pbkdf2(key, &self.mk_salt, self.mk_iter, &mut d);
+        Ok(ct_eq(&d, &self.mk_digest))
+    }
+
+    /// Try every active keyslot; returns the slot and the volume key.
+    pub fn unlock(
+        &self,
+        disk: &mut dyn Disk,
+        passphrase: &[u8],
+    ) -> Result<(usize, Zeroizing<Vec<u8>>)> {
+        let hash = self.hash_fn()?;
+        let kb = self.key_bytes as usize;
+        for (i, s) in self.slots.iter().enumerate().filter(|(_, s)| s.active) {
+            let mut slot_key = Zeroizing::new(vec![0u8; kb]);
+            KdfParams::Pbkdf2 {
+                hash,
+                iterations: s.iterations,
+            }
+            .derive(passphrase, &s.salt, &mut slot_key, 0, i)?;
+            let material = Zeroizing::new(read_vec(
+                disk,
+                u64::from(s.key_offset) * 512,
+                material_len(kb, s.stripes),
+            )?);
+            let vk = unseal(&material, &slot_key, kb, s.stripes, hash)?;
+            if self.verify_key(&vk)? {
+                return Ok((i, vk));
+            }
+        }
+        Err(Error::WrongPassphrase)
+    }
+
+    /// Sectors per keyslot as cryptsetup lays them out (4096-byte aligned).
+    fn slot_sectors(key_bytes: u32) -> u32 {
+        let bytes = material_len(key_bytes as usize, AF_STRIPES).div_ceil(4096) * 4096;
+        (bytes / 512) as u32
+    }
+
+    /// A new header for `volume_key` with no active keyslot.
+    pub fn new(volume_key: &[u8], hash: Hash, digest_iter: u32, uuid: String) -> Result<Self> {
+        let key_bytes = volume_key.len() as u32;
+        if key_bytes != 32 && key_bytes != 64 {
+            return Err(Error::BadKeySize(volume_key.len()));
+        }
+        let per = Self::slot_sectors(key_bytes);
+        let mut slots = [Slot {
+            active: false,
+            iterations: 0,
+            salt: [0; SALT_LEN],
+            key_offset: 0,
+            stripes: AF_STRIPES,
+        }; NUM_SLOTS];
+        for (i, s) in slots.iter_mut().enumerate() {
+            s.key_offset = 8 + i as u32 * per;
+        }
+        let end = 8 + NUM_SLOTS as u32 * per;
+        let payload_offset = end.div_ceil(2048) * 2048;
+        let mut mk_salt = [0u8; SALT_LEN];
+        random(&mut mk_salt)?;
+        let mut h = Header {
+            cipher_name: "aes".into(),
+            cipher_mode: "xts-plain64".into(),
+            hash: hash.name().into(),
+            payload_offset,
+            key_bytes,
+            mk_digest: [0; DIGEST_LEN],
+            mk_salt,
+            mk_iter: digest_iter.max(1000),
+            uuid,
+            slots,
+        };
+        let mut d = [0u8; DIGEST_LEN];
+        hash.pbkdf2(volume_key, &h.mk_salt, h.mk_iter, &mut d);
+        h.mk_digest = d;
+        Ok(h)
+    }
+
+    /// Store `volume_key` under `passphrase` in the first free slot (material is written;
+    /// the caller writes the header afterwards). Returns the slot.
+    pub fn add_slot(
+        &mut self,
+        disk: &mut dyn Disk,
+        volume_key: &[u8],
+        passphrase: &[u8],
+        iterations: u32,
+    ) -> Result<usize> {
+        let i = self
+            .slots
+            .iter()
+            .position(|s| !s.active)
+            .ok_or(Error::NoFreeKeyslot)?;
+        let hash = self.hash_fn()?;
+        let mut salt = [0u8; SALT_LEN];
+        random(&mut salt)?;
+        let mut slot_key = Zeroizing::new(vec![0u8; self.key_bytes as usize]);
+        let iterations = iterations.max(1000);
+        KdfParams::Pbkdf2 { hash, iterations }.derive(passphrase, &salt, &mut slot_key, 0, i)?;
+        let material = seal(volume_key, &slot_key, AF_STRIPES, hash)?;
+        disk.write_at(u64::from(self.slots[i].key_offset) * 512, &material)?;
+        self.slots[i] = Slot {
+            active: true,
+            iterations,
+            salt,
+            key_offset: self.slots[i].key_offset,
+            stripes: AF_STRIPES,
+        };
+        Ok(i)
+    }
+
+    /// Disable slot `i` and overwrite its material with random bytes.
+    pub fn kill_slot(&mut self, disk: &mut dyn Disk, i: usize) -> Result<()> {
+        let s = self.slots[i];
+        let mut junk = vec![0u8; material_len(self.key_bytes as usize, s.stripes.max(1))];
+        random(&mut junk)?;
+        disk.write_at(u64::from(s.key_offset) * 512, &junk)?;
+        self.slots[i].active = false;
+        self.slots[i].iterations = 0;
+        self.slots[i].salt = [0; SALT_LEN];
+        Ok(())
+    }
+
+    /// Write the header to offset 0.
+    pub fn write(&self, disk: &mut dyn Disk) -> Result<()> {
+        disk.write_at(0, &self.to_bytes()?)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_unlock() {
+        let vk = [5u8; 64];
+        let mut h = Header::new(
+            &vk,
+            Hash::Sha256,
+            1000,
+            "0e5b3a56-1c6d-4f3e-9a7b-2b2c1d0e9f8a".into(),
+        )
+        .unwrap();
+        assert_eq!(h.payload_offset, 4096);
+        let mut disk = vec![0u8; 4096 * 512];
+        assert_eq!(h.add_slot(&mut disk, &vk, b"pass", 1000).unwrap(), 0);
+        assert_eq!(h.add_slot(&mut disk, &vk, b"other", 1000).unwrap(), 1);
+        h.write(&mut disk).unwrap();
+        let p = Header::parse(&disk[..HEADER_LEN]).unwrap();
+        assert_eq!(p, h);
+        assert_eq!(p.unlock(&mut disk, b"other").unwrap().0, 1);
+        assert_eq!(&p.unlock(&mut disk, b"pass").unwrap().1[..], &vk[..]);
+        assert!(matches!(
+            p.unlock(&mut disk, b"nope"),
+            Err(Error::WrongPassphrase)
+        ));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(matches!(
+            Header::parse(&[0u8; HEADER_LEN]),
+            Err(Error::NotLuks)
+        ));
+        assert!(matches!(
+            Header::parse(&MAGIC),
+            Err(Error::Truncated { .. })
+        ));
+        let h = Header::new(&[1u8; 32], Hash::Sha1, 1000, "u".into()).unwrap();
+        let mut b = h.to_bytes().unwrap();
+        b[8..11].copy_from_slice(b"des");
+        assert!(matches!(
+            Header::parse(&b),
+            Err(Error::UnsupportedCipher(_))
+        ));
+    }
+}

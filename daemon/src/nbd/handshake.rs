@@ -1,0 +1,360 @@
+//! The fixed-newstyle handshake, on a blocking socket.
+//!
+//! The server greets, reads the client flags, then answers options until `NBD_OPT_GO` or
+//! `NBD_OPT_EXPORT_NAME` selects an export (→ transmission) or the client aborts. It reads
+//! exactly the bytes of each option, never more, so requests the client pipelines after
+//! `GO` stay in the socket for the I/O thread. Unknown options get `NBD_REP_ERR_UNSUP`;
+//! TLS is not offered (`NBD_REP_ERR_POLICY`). Option data is bounded
+//! ([`MAX_OPTION_BYTES`]); more is a protocol violation and ends the connection.
+
+use super::proto::{self, info, opt, rep};
+use super::{Export, Registry};
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+/// Largest option payload accepted (names and queries are at most 4 KiB each).
+pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
+/// Options accepted before the client must pick an export.
+const MAX_OPTIONS: usize = 4096;
+/// Context id of `base:allocation` once selected.
+pub const BASE_ALLOCATION_ID: u32 = 1;
+
+/// Outcome of a successful handshake.
+#[derive(Debug)]
+pub struct Negotiated {
+    /// The selected export.
+    pub export: Arc<Export>,
+    /// Structured replies were negotiated.
+    pub structured: bool,
+    /// `base:allocation` was selected (its context id is [`BASE_ALLOCATION_ID`]).
+    pub meta_context: bool,
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn reply<S: Write>(s: &mut S, option: u32, ty: u32, data: &[u8]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(20 + data.len());
+    proto::encode_option_reply(option, ty, data, &mut out);
+    s.write_all(&out)
+}
+
+/// Run the handshake. `Ok(None)`: the client ended it (abort, unknown `EXPORT_NAME`).
+pub fn negotiate<S: Read + Write>(
+    s: &mut S,
+    registry: &Registry,
+) -> io::Result<Option<Negotiated>> {
+    s.write_all(&proto::greeting())?;
+    let mut fl = [0u8; 4];
+    s.read_exact(&mut fl)?;
+    let client_flags = u32::from_be_bytes(fl);
+    if client_flags & !(proto::CLIENT_FIXED_NEWSTYLE | proto::CLIENT_NO_ZEROES) != 0 {
+        return Err(invalid(format!("unknown client flags {client_flags:#x}")));
+    }
+    let no_zeroes = client_flags & proto::CLIENT_NO_ZEROES != 0;
+    let mut structured = false;
+    // The export name `SET_META_CONTEXT` was given, if it selected base:allocation.
+    let mut meta_for: Option<String> = None;
+
+    for _ in 0..MAX_OPTIONS {
+        let mut h = [0u8; proto::OPTION_HEADER_BYTES];
+        s.read_exact(&mut h)?;
+        let (option, len) = proto::decode_option_header(&h).map_err(|e| invalid(e.to_string()))?;
+        if len > MAX_OPTION_BYTES {
+            // Tell the client why, then hang up: skipping megabytes is not worth it.
+            let _ = reply(s, option, rep::ERR_TOO_BIG, b"option data too large");
+            return Err(invalid(format!("option {option} with {len} bytes of data")));
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        match option {
+            opt::EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(export) = registry.get(&name) else {
+                    // No error path exists for this option: just close.
+                    tracing::info!(export = %name, "client asked for an unknown export");
+                    return Ok(None);
+                };
+                let info = export.dev.info();
+                s.write_all(&proto::export_name_reply(
+                    info.size,
+                    export.transmission_flags(structured),
+                    no_zeroes,
+                ))?;
+                let meta_context = meta_for.as_deref() == Some(name.as_str());
+                return Ok(Some(Negotiated {
+                    export,
+                    structured,
+                    meta_context,
+                }));
+            }
+            opt::ABORT => {
+                // The client may already have gone; the ACK is a courtesy.
+                let _ = reply(s, option, rep::ACK, &[]);
+                return Ok(None);
+            }
+            opt::LIST => {
+                if !data.is_empty() {
+                    reply(s, option, rep::ERR_INVALID, b"LIST takes no data")?;
+                    continue;
+                }
+                for name in registry.names() {
+                    reply(s, option, rep::SERVER, &proto::rep_server(&name))?;
+                }
+                reply(s, option, rep::ACK, &[])?;
+            }
+            opt::STARTTLS => reply(s, option, rep::ERR_POLICY, b"TLS is not configured")?,
+            opt::INFO | opt::GO => {
+                let Ok((name, wanted)) = proto::decode_info_request(&data) else {
+                    reply(s, option, rep::ERR_INVALID, b"malformed INFO/GO request")?;
+                    continue;
+                };
+                let Some(export) = registry.get(&name) else {
+                    let msg = format!("no export named {name:?}");
+                    reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                };
+                let dinfo = export.dev.info();
+                let flags = export.transmission_flags(structured);
+                reply(s, option, rep::INFO, &proto::info_export(dinfo.size, flags))?;
+                for w in &wanted {
+                    match *w {
+                        info::NAME => {
+                            reply(s, option, rep::INFO, &proto::info_string(info::NAME, &name))?
+                        }
+                        info::DESCRIPTION => reply(
+                            s,
+                            option,
+                            rep::INFO,
+                            &proto::info_string(info::DESCRIPTION, "Ember volume"),
+                        )?,
+                        _ => {}
+                    }
+                }
+                // Always sent: clients that did not ask may ignore it (qemu does the same).
+                let min = dinfo.logical_block_size.max(1);
+                let pref = dinfo.physical_block_size.max(min);
+                reply(
+                    s,
+                    option,
+                    rep::INFO,
+                    &proto::info_block_size(min, pref, export.max_block()),
+                )?;
+                reply(s, option, rep::ACK, &[])?;
+                if option == opt::GO {
+                    let meta_context = meta_for.as_deref() == Some(name.as_str());
+                    return Ok(Some(Negotiated {
+                        export,
+                        structured,
+                        meta_context,
+                    }));
+                }
+            }
+            opt::STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply(
+                        s,
+                        option,
+                        rep::ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    )?;
+                    continue;
+                }
+                structured = true;
+                reply(s, option, rep::ACK, &[])?;
+            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
+                let set = option == opt::SET_META_CONTEXT;
+                if set && !structured {
+                    reply(
+                        s,
+                        option,
+                        rep::ERR_INVALID,
+                        b"SET_META_CONTEXT needs structured replies",
+                    )?;
+                    continue;
+                }
+                let Ok((name, queries)) = proto::decode_meta_request(&data) else {
+                    reply(
+                        s,
+                        option,
+                        rep::ERR_INVALID,
+                        b"malformed meta context request",
+                    )?;
+                    continue;
+                };
+                if registry.get(&name).is_none() {
+                    let msg = format!("no export named {name:?}");
+                    reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                }
+                let matches = if set {
+                    queries.iter().any(|q| q == proto::BASE_ALLOCATION)
+                } else {
+                    queries.is_empty()
+                        || queries
+                            .iter()
+                            .any(|q| q == "base:" || q == proto::BASE_ALLOCATION)
+                };
+                if set {
+                    meta_for = matches.then(|| name.clone());
+                }
+                if matches {
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    reply(
+                        s,
+                        option,
+                        rep::META_CONTEXT,
+                        &proto::rep_meta_context(id, proto::BASE_ALLOCATION),
+                    )?;
+                }
+                reply(s, option, rep::ACK, &[])?;
+            }
+            _ => reply(s, option, rep::ERR_UNSUP, b"option not supported")?,
+        }
+    }
+    Err(invalid("too many options"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_blockdev::{open, BackendSpec, OpenOptions};
+    use std::os::unix::net::UnixStream;
+
+    fn registry() -> Arc<Registry> {
+        let r = Arc::new(Registry::default());
+        let dev = open(
+            &BackendSpec::Null { size: 1 << 20 },
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        r.exports.write().unwrap().insert(
+            "vol".into(),
+            Arc::new(Export {
+                id: 1,
+                name: "vol".into(),
+                dev,
+                read_only: false,
+            }),
+        );
+        r
+    }
+
+    fn send_opt(c: &mut UnixStream, option: u32, data: &[u8]) {
+        let mut b = Vec::new();
+        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&option.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        c.write_all(&b).unwrap();
+    }
+
+    /// Read one option reply: (option, type, data).
+    fn read_reply(c: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        c.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..8], &proto::OPT_REPLY_MAGIC.to_be_bytes());
+        let o = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let t = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let l = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let mut d = vec![0u8; l as usize];
+        c.read_exact(&mut d).unwrap();
+        (o, t, d)
+    }
+
+    fn go_data(name: &str) -> Vec<u8> {
+        let mut d = Vec::new();
+        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&1u16.to_be_bytes());
+        d.extend_from_slice(&info::NAME.to_be_bytes());
+        d
+    }
+
+    #[test]
+    fn full_negotiation_over_a_socket_pair() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let r2 = reg.clone();
+        let server = std::thread::spawn(move || negotiate(&mut s, &r2));
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        assert_eq!(g, proto::greeting());
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+
+        send_opt(&mut c, 99, b"junk");
+        assert_eq!(read_reply(&mut c).1, rep::ERR_UNSUP);
+        send_opt(&mut c, opt::STARTTLS, &[]);
+        assert_eq!(read_reply(&mut c).1, rep::ERR_POLICY);
+        send_opt(&mut c, opt::LIST, &[]);
+        assert_eq!(
+            read_reply(&mut c),
+            (opt::LIST, rep::SERVER, proto::rep_server("vol"))
+        );
+        assert_eq!(read_reply(&mut c).1, rep::ACK);
+        send_opt(&mut c, opt::GO, &go_data("nope"));
+        assert_eq!(read_reply(&mut c).1, rep::ERR_UNKNOWN);
+        send_opt(&mut c, opt::GO, &[1, 2, 3]);
+        assert_eq!(read_reply(&mut c).1, rep::ERR_INVALID);
+
+        // SET_META_CONTEXT before STRUCTURED_REPLY is invalid.
+        let mut meta = Vec::new();
+        meta.extend_from_slice(&3u32.to_be_bytes());
+        meta.extend_from_slice(b"vol");
+        meta.extend_from_slice(&1u32.to_be_bytes());
+        meta.extend_from_slice(&15u32.to_be_bytes());
+        meta.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+        send_opt(&mut c, opt::SET_META_CONTEXT, &meta);
+        assert_eq!(read_reply(&mut c).1, rep::ERR_INVALID);
+        send_opt(&mut c, opt::STRUCTURED_REPLY, &[]);
+        assert_eq!(read_reply(&mut c).1, rep::ACK);
+        send_opt(&mut c, opt::SET_META_CONTEXT, &meta);
+        let (_, t, d) = read_reply(&mut c);
+        assert_eq!(t, rep::META_CONTEXT);
+        assert_eq!(d, proto::rep_meta_context(1, proto::BASE_ALLOCATION));
+        assert_eq!(read_reply(&mut c).1, rep::ACK);
+
+        send_opt(&mut c, opt::GO, &go_data("vol"));
+        let (_, t, d) = read_reply(&mut c);
+        assert_eq!(t, rep::INFO);
+        assert_eq!(&d[..2], &info::EXPORT.to_be_bytes());
+        assert_eq!(&d[2..10], &(1u64 << 20).to_be_bytes());
+        let flags = u16::from_be_bytes([d[10], d[11]]);
+        assert_ne!(flags & proto::tx::CAN_MULTI_CONN, 0);
+        assert_ne!(flags & proto::tx::SEND_DF, 0);
+        assert_eq!(read_reply(&mut c).2, proto::info_string(info::NAME, "vol"));
+        let (_, t, d) = read_reply(&mut c);
+        assert_eq!(
+            (t, &d[..2]),
+            (rep::INFO, &info::BLOCK_SIZE.to_be_bytes()[..])
+        );
+        assert_eq!(read_reply(&mut c).1, rep::ACK);
+
+        let n = server.join().unwrap().unwrap().unwrap();
+        assert!(n.structured && n.meta_context);
+        assert_eq!(n.export.name, "vol");
+    }
+
+    #[test]
+    fn abort_and_garbage() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let r2 = reg.clone();
+        let server = std::thread::spawn(move || negotiate(&mut s, &r2));
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&1u32.to_be_bytes()).unwrap();
+        send_opt(&mut c, opt::ABORT, &[]);
+        assert_eq!(read_reply(&mut c).1, rep::ACK);
+        assert!(server.join().unwrap().unwrap().is_none());
+
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || negotiate(&mut s, &reg));
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&1u32.to_be_bytes()).unwrap();
+        c.write_all(b"GARBAGE!GARBAGE!GARBAGE!").unwrap();
+        assert!(server.join().unwrap().is_err());
+    }
+}

@@ -1,0 +1,453 @@
+//! NBD server: named exports over TCP and Unix sockets.
+//!
+//! ```text
+//!  listener thread (per socket) ──accept──▶ handshake thread (blocking, per connection)
+//!                                              │ NBD_OPT_GO / EXPORT_NAME done
+//!                                              ▼ round-robin, channel + eventfd wake-up
+//!  I/O thread 0..N: one io_uring each ── recv ▶ parse ▶ device queue ▶ sendmsg replies
+//! ```
+//!
+//! - [`proto`]: the wire format, pure encode/decode.
+//! - [`handshake`]: option haggling on a blocking socket; it runs once per connection and
+//!   is not on the I/O path, so plain blocking I/O keeps it simple.
+//! - [`worker`]: the I/O threads. Each owns a [`Ring`](ember_blockdev::Ring), a per-export
+//!   device [`Queue`](ember_blockdev::Queue) and its connections; nothing on the I/O path is
+//!   shared or locked. Socket I/O goes through the same ring as the disk I/O, so one
+//!   `io_uring_enter` per loop iteration submits receives, disk requests and replies.
+//! - [`conn`]: one connection's transmission phase: receive buffer, request parsing,
+//!   in-flight table, reply batching.
+//!
+//! The export registry (name → device) is read only at handshake time; [`NbdServer`] can
+//! add and remove exports while it runs. Removing an export closes its connections.
+
+pub mod conn;
+pub mod handshake;
+pub mod proto;
+pub mod worker;
+
+use anyhow::Context;
+use ember_blockdev::BlockDevice;
+use std::collections::HashMap;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Largest request the server accepts (and advertises as maximum block size).
+pub const MAX_BLOCK_BYTES: u32 = 32 << 20;
+/// How long a client may take for each step of the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often blocked accept loops look at the stop flag.
+const ACCEPT_POLL_MS: i32 = 200;
+
+/// One export: a named device.
+#[derive(Debug)]
+pub struct Export {
+    /// Unique id (names can be reused after removal).
+    pub id: u64,
+    /// Export name.
+    pub name: String,
+    /// The device.
+    pub dev: Arc<dyn BlockDevice>,
+    /// Refuse writes even if the device accepts them.
+    pub read_only: bool,
+}
+
+impl Export {
+    /// Whether writes are refused.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only || self.dev.info().read_only
+    }
+
+    /// Largest request, in bytes.
+    pub fn max_block(&self) -> u32 {
+        self.dev.info().max_transfer.clamp(4096, MAX_BLOCK_BYTES)
+    }
+
+    /// Transmission flags for a connection with or without structured replies.
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
+        use proto::tx;
+        let info = self.dev.info();
+        let mut f = tx::HAS_FLAGS | tx::SEND_FLUSH | tx::SEND_CACHE | tx::CAN_MULTI_CONN;
+        if structured {
+            f |= tx::SEND_DF;
+        }
+        if self.is_read_only() {
+            f |= tx::READ_ONLY;
+        } else {
+            f |= tx::SEND_FUA | tx::SEND_WRITE_ZEROES | tx::SEND_FAST_ZERO;
+            if info.discard {
+                f |= tx::SEND_TRIM;
+            }
+        }
+        f
+    }
+}
+
+/// Name → export. Read at handshake time only.
+#[derive(Debug, Default)]
+pub struct Registry {
+    exports: RwLock<HashMap<String, Arc<Export>>>,
+}
+
+impl Registry {
+    /// Look an export up.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports.read().ok()?.get(name).cloned()
+    }
+
+    /// Names of all exports, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .exports
+            .read()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+/// Where to listen: `unix:PATH` or `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(String),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            anyhow::ensure!(!p.is_empty(), "{s:?}: unix: needs a socket path");
+            return Ok(ListenAddr::Unix(PathBuf::from(p)));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .with_context(|| format!("{s:?}: expected unix:PATH or HOST:PORT"))?;
+        anyhow::ensure!(
+            port.parse::<u16>().is_ok(),
+            "{s:?}: {port:?} is not a port number"
+        );
+        anyhow::ensure!(!host.is_empty(), "{s:?}: missing host");
+        Ok(ListenAddr::Tcp(s.to_string()))
+    }
+}
+
+/// A running NBD server: I/O threads, listeners and the export registry.
+pub struct NbdServer {
+    registry: Arc<Registry>,
+    workers: Arc<Vec<worker::WorkerHandle>>,
+    next_worker: Arc<AtomicUsize>,
+    next_export_id: AtomicU64,
+    stop: Arc<AtomicBool>,
+    listeners: Mutex<Vec<(JoinHandle<()>, Option<PathBuf>)>>,
+    joins: Vec<JoinHandle<()>>,
+}
+
+impl NbdServer {
+    /// Start `threads` I/O threads (at least one).
+    pub fn start(threads: usize) -> anyhow::Result<NbdServer> {
+        let mut workers = Vec::new();
+        let mut joins = Vec::new();
+        for i in 0..threads.max(1) {
+            let (h, j) = worker::spawn(i).with_context(|| format!("start NBD I/O thread {i}"))?;
+            workers.push(h);
+            joins.push(j);
+        }
+        Ok(NbdServer {
+            registry: Arc::new(Registry::default()),
+            workers: Arc::new(workers),
+            next_worker: Arc::new(AtomicUsize::new(0)),
+            next_export_id: AtomicU64::new(1),
+            stop: Arc::new(AtomicBool::new(false)),
+            listeners: Mutex::new(Vec::new()),
+            joins,
+        })
+    }
+
+    /// Add an export. Fails if the name is taken.
+    pub fn add_export(
+        &self,
+        name: &str,
+        dev: Arc<dyn BlockDevice>,
+        read_only: bool,
+    ) -> anyhow::Result<()> {
+        let mut m = self
+            .registry
+            .exports
+            .write()
+            .map_err(|_| anyhow::anyhow!("export registry poisoned"))?;
+        anyhow::ensure!(!m.contains_key(name), "export {name:?} already exists");
+        let id = self.next_export_id.fetch_add(1, Ordering::Relaxed);
+        m.insert(
+            name.to_string(),
+            Arc::new(Export {
+                id,
+                name: name.to_string(),
+                dev,
+                read_only,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Remove an export and close its connections. Returns whether it existed.
+    #[allow(dead_code)] // for `emberd serve`
+    pub fn remove_export(&self, name: &str) -> bool {
+        let removed = self
+            .registry
+            .exports
+            .write()
+            .ok()
+            .and_then(|mut m| m.remove(name));
+        match removed {
+            Some(e) => {
+                for w in self.workers.iter() {
+                    w.send(worker::Ctl::RemoveExport(e.id));
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Names of the current exports.
+    #[allow(dead_code)] // for `emberd serve`
+    pub fn export_names(&self) -> Vec<String> {
+        self.registry.names()
+    }
+
+    /// Listen on `addr` (in a background thread). Returns the bound address for TCP
+    /// (useful with port 0) or the socket path.
+    pub fn listen(&self, addr: &ListenAddr) -> anyhow::Result<String> {
+        let ctx = Acceptor {
+            registry: self.registry.clone(),
+            workers: self.workers.clone(),
+            next_worker: self.next_worker.clone(),
+            stop: self.stop.clone(),
+        };
+        let (join, path, bound) = match addr {
+            ListenAddr::Unix(path) => {
+                remove_stale_socket(path);
+                let l = UnixListener::bind(path)
+                    .with_context(|| format!("listen on unix:{}", path.display()))?;
+                let bound = format!("unix:{}", path.display());
+                let j = std::thread::Builder::new()
+                    .name("nbd-accept".into())
+                    .spawn(move || ctx.run_unix(l))
+                    .context("spawn accept thread")?;
+                (j, Some(path.clone()), bound)
+            }
+            ListenAddr::Tcp(a) => {
+                let l = TcpListener::bind(a).with_context(|| format!("listen on {a}"))?;
+                let bound = l.local_addr().map(|a| a.to_string()).unwrap_or(a.clone());
+                let j = std::thread::Builder::new()
+                    .name("nbd-accept".into())
+                    .spawn(move || ctx.run_tcp(l))
+                    .context("spawn accept thread")?;
+                (j, None, bound)
+            }
+        };
+        if let Ok(mut ls) = self.listeners.lock() {
+            ls.push((join, path));
+        }
+        Ok(bound)
+    }
+
+    /// Stop listening (removing Unix sockets), close every connection once its in-flight
+    /// requests are done, and join all threads.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let listeners = self
+            .listeners
+            .lock()
+            .map(|mut l| std::mem::take(&mut *l))
+            .unwrap_or_default();
+        for (j, path) in listeners {
+            let _ = j.join();
+            if let Some(p) = path {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    tracing::warn!(path = %p.display(), error = %e, "could not remove socket");
+                }
+            }
+        }
+        for w in self.workers.iter() {
+            w.send(worker::Ctl::Shutdown);
+        }
+        for j in self.joins.drain(..) {
+            let _ = j.join();
+        }
+    }
+}
+
+/// Remove `path` if it is a Unix socket nobody listens on (left over by a crash).
+fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let is_socket = std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false);
+    if is_socket && UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// What an accept loop needs.
+struct Acceptor {
+    registry: Arc<Registry>,
+    workers: Arc<Vec<worker::WorkerHandle>>,
+    next_worker: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+}
+
+/// Wait until `fd` is readable or the poll interval passed. False on a hard error.
+fn poll_readable(fd: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is a valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&raw mut p, 1, ACCEPT_POLL_MS) };
+    r >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+}
+
+impl Acceptor {
+    fn run_unix(self, l: UnixListener) {
+        if let Err(e) = l.set_nonblocking(true) {
+            tracing::error!(error = %e, "listener set-up failed");
+            return;
+        }
+        while !self.stop.load(Ordering::SeqCst) {
+            if !poll_readable(l.as_raw_fd()) {
+                break;
+            }
+            match l.accept() {
+                Ok((s, _)) => {
+                    if s.set_nonblocking(false).is_ok() {
+                        let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+                        let _ = s.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
+                        self.handshake(s, "unix".to_string());
+                    }
+                }
+                Err(e) => self.accept_error(e),
+            }
+        }
+    }
+
+    fn run_tcp(self, l: TcpListener) {
+        if let Err(e) = l.set_nonblocking(true) {
+            tracing::error!(error = %e, "listener set-up failed");
+            return;
+        }
+        while !self.stop.load(Ordering::SeqCst) {
+            if !poll_readable(l.as_raw_fd()) {
+                break;
+            }
+            match l.accept() {
+                Ok((s, peer)) => {
+                    if s.set_nonblocking(false).is_ok() {
+                        let _ = s.set_nodelay(true);
+                        let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+                        let _ = s.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
+                        self.handshake(s, peer.to_string());
+                    }
+                }
+                Err(e) => self.accept_error(e),
+            }
+        }
+    }
+
+    fn accept_error(&self, e: io::Error) {
+        if e.kind() != io::ErrorKind::WouldBlock && e.kind() != io::ErrorKind::Interrupted {
+            tracing::warn!(error = %e, "accept failed");
+            // Out of fds and similar: do not spin.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Run the handshake on its own thread, then hand the socket to an I/O thread.
+    fn handshake<S>(&self, mut s: S, peer: String)
+    where
+        S: io::Read + io::Write + Into<OwnedFd> + Send + 'static,
+        S: SetTimeouts,
+    {
+        let registry = self.registry.clone();
+        let workers = self.workers.clone();
+        let next = self.next_worker.clone();
+        let spawned = std::thread::Builder::new()
+            .name("nbd-handshake".into())
+            .spawn(move || match handshake::negotiate(&mut s, &registry) {
+                Ok(Some(n)) => {
+                    s.clear_timeouts();
+                    let i = next.fetch_add(1, Ordering::Relaxed) % workers.len().max(1);
+                    tracing::debug!(%peer, export = %n.export.name, thread = i, "client connected");
+                    if let Some(w) = workers.get(i) {
+                        w.send(worker::Ctl::NewConn(worker::NewConn {
+                            fd: s.into(),
+                            peer,
+                            export: n.export,
+                            structured: n.structured,
+                            meta_context: n.meta_context,
+                        }));
+                    }
+                }
+                Ok(None) => tracing::debug!(%peer, "client ended the handshake"),
+                Err(e) => tracing::info!(%peer, error = %e, "handshake failed; dropping client"),
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start a handshake thread; dropping client");
+        }
+    }
+}
+
+/// Sockets whose handshake timeouts can be cleared for the transmission phase.
+trait SetTimeouts {
+    fn clear_timeouts(&self);
+}
+
+impl SetTimeouts for UnixStream {
+    fn clear_timeouts(&self) {
+        let _ = self.set_read_timeout(None);
+        let _ = self.set_write_timeout(None);
+    }
+}
+
+impl SetTimeouts for TcpStream {
+    fn clear_timeouts(&self) {
+        let _ = self.set_read_timeout(None);
+        let _ = self.set_write_timeout(None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_listen_addrs() {
+        assert_eq!(
+            "unix:/tmp/x.sock".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Unix("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            "127.0.0.1:10809".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:10809".into())
+        );
+        assert_eq!(
+            "[::1]:0".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("[::1]:0".into())
+        );
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("localhost".parse::<ListenAddr>().is_err());
+        assert!("localhost:http".parse::<ListenAddr>().is_err());
+    }
+}
