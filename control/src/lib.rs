@@ -235,3 +235,6 @@ async fn bootstrap_admin(db: &Db, path: &Path) -> anyhow::Result<()> {
     tracing::info!(path = %path.display(), "created the admin token (read it from this file)");
     Ok(())
 }
+
+/// Re-exported so embedders serve the router with the same axum version.
+pub use axum;

@@ -1,12 +1,360 @@
-//! `emberd serve`: the full daemon (control plane issue).
+//! `emberd serve`: the full daemon — REST control plane (and, once wired, the data plane).
+//!
+//! Settings come from flags, then environment variables (`EMBER_*`, shown in `--help`),
+//! then the TOML file given by `--config` (same keys as the flags, kebab-case), then the
+//! defaults. The REST shim runs on a small tokio runtime; SIGTERM/SIGINT stop accepting
+//! requests, let in-flight ones finish and exit 0. Every minute the node's heartbeat row
+//! is refreshed so other cluster members can tell it is alive.
+//!
+//! Storage pools come from the config (`[pools.NAME] path = "…"`); the default is one
+//! directory pool `default` at `DATA/pools/default`.
+//!
+//! The NBD and vhost-user front ends are not wired into `serve` yet (they are being
+//! built on another branch): `--nbd` and `--vhost-dir` are parsed, validated and
+//! logged, and the control plane reaches the data plane through
+//! [`ember_control::DataPlane`], implemented here by [`ServeDataPlane`] which, for now,
+//! refuses to export.
 
+use anyhow::Context;
 use clap::Args;
+use ember_control::{Control, ControlConfig, DataPlane, ExportSpec};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Flags of `emberd serve`.
 #[derive(Debug, Args)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// Data directory: admin token, master key, SQLite database, default pool [default: ./ember-data].
+    #[arg(long, env = "EMBER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// REST API listen address [default: 127.0.0.1:8776].
+    #[arg(long, env = "EMBER_REST", value_name = "ADDR")]
+    pub rest: Option<String>,
+    /// NBD listen address, HOST:PORT or unix:PATH; repeatable (env: comma separated) [default: 127.0.0.1:10809].
+    #[arg(long, env = "EMBER_NBD", value_name = "ADDR", value_delimiter = ',')]
+    pub nbd: Vec<String>,
+    /// Directory for vhost-user-blk sockets [default: DATA/vhost].
+    #[arg(long, env = "EMBER_VHOST_DIR", value_name = "DIR")]
+    pub vhost_dir: Option<PathBuf>,
+    /// Database URL: sqlite://PATH or mysql://USER:PASSWORD@HOST[:PORT]/DB [default: sqlite://DATA/ember.db].
+    #[arg(long, env = "EMBER_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
+    /// This node's name in the cluster [default: the host name].
+    #[arg(long, env = "EMBER_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Master key sealing secrets (32 raw bytes or 64 hex chars, mode 0600) [default: DATA/master.key, created if missing].
+    #[arg(long, env = "EMBER_MASTER_KEY_FILE", value_name = "FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// TOML file with the same keys as these flags (kebab-case) plus `[pools.NAME] path = "DIR"`.
+    #[arg(long, env = "EMBER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    pub data_dir: Option<PathBuf>,
+    pub rest: Option<String>,
+    pub nbd: Option<Vec<String>>,
+    pub vhost_dir: Option<PathBuf>,
+    pub database: Option<String>,
+    pub node_name: Option<String>,
+    pub master_key_file: Option<PathBuf>,
+    pub pools: Option<BTreeMap<String, PoolConfig>>,
+}
+
+/// A storage pool (a directory holding volume files).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub path: PathBuf,
+}
+
+/// An NBD listen address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl NbdAddr {
+    fn parse(s: &str) -> anyhow::Result<NbdAddr> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            anyhow::ensure!(!p.is_empty(), "--nbd unix: needs a path");
+            return Ok(NbdAddr::Unix(PathBuf::from(p)));
+        }
+        s.parse()
+            .map(NbdAddr::Tcp)
+            .with_context(|| format!("--nbd {s:?}: expected HOST:PORT or unix:PATH"))
+    }
+}
+
+/// Effective settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub rest: std::net::SocketAddr,
+    pub nbd: Vec<NbdAddr>,
+    pub vhost_dir: PathBuf,
+    pub database: String,
+    pub node_name: String,
+    pub master_key_file: Option<PathBuf>,
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Merge flags/env, config file and defaults.
+pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
+    let file: ConfigFile = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("read config {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parse config {}", p.display()))?
+        }
+        None => ConfigFile::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("./ember-data"));
+    let rest = args
+        .rest
+        .or(file.rest)
+        .unwrap_or_else(|| "127.0.0.1:8776".into());
+    let rest = rest
+        .parse()
+        .with_context(|| format!("--rest {rest:?}: expected HOST:PORT"))?;
+    let nbd_raw = if !args.nbd.is_empty() {
+        args.nbd
+    } else {
+        file.nbd.unwrap_or_else(|| vec!["127.0.0.1:10809".into()])
+    };
+    let nbd = nbd_raw
+        .iter()
+        .map(|s| NbdAddr::parse(s))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let vhost_dir = args
+        .vhost_dir
+        .or(file.vhost_dir)
+        .unwrap_or_else(|| data_dir.join("vhost"));
+    let database = args
+        .database
+        .or(file.database)
+        .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("ember.db").display()));
+    let node_name = args.node_name.or(file.node_name).unwrap_or_else(hostname);
+    anyhow::ensure!(
+        !node_name.is_empty() && node_name.len() <= 255,
+        "--node-name must be 1..255 characters"
+    );
+    let master_key_file = args.master_key_file.or(file.master_key_file);
+    let mut pools = file.pools.unwrap_or_default();
+    if pools.is_empty() {
+        pools.insert(
+            "default".into(),
+            PoolConfig {
+                path: data_dir.join("pools").join("default"),
+            },
+        );
+    }
+    Ok(ServeConfig {
+        data_dir,
+        rest,
+        nbd,
+        vhost_dir,
+        database,
+        node_name,
+        master_key_file,
+        pools,
+    })
+}
+
+/// The data plane as seen by the control plane. Front ends are not wired in yet.
+pub struct ServeDataPlane {
+    pub nbd: Vec<NbdAddr>,
+    pub vhost_dir: PathBuf,
+}
+
+impl DataPlane for ServeDataPlane {
+    fn open_export(&self, spec: &ExportSpec) -> anyhow::Result<()> {
+        anyhow::bail!(
+            "exporting volumes from `emberd serve` is not wired yet (volume {}, NBD {:?}, vhost dir {})",
+            spec.volume_id,
+            self.nbd,
+            self.vhost_dir.display()
+        )
+    }
+    fn close_export(&self, _volume_id: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
 
 /// Run the daemon.
-pub fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("emberd serve is not built yet")
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = resolve(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ember-rest")
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+fn create_dir(p: &Path, what: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(p).with_context(|| format!("create {what} {}", p.display()))
+}
+
+async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    create_dir(&cfg.data_dir, "data dir")?;
+    create_dir(&cfg.vhost_dir, "vhost dir")?;
+    for (name, pool) in &cfg.pools {
+        create_dir(&pool.path, &format!("pool {name}"))?;
+    }
+    let dataplane = Arc::new(ServeDataPlane {
+        nbd: cfg.nbd.clone(),
+        vhost_dir: cfg.vhost_dir.clone(),
+    });
+    let ccfg = ControlConfig {
+        data_dir: cfg.data_dir.clone(),
+        database: cfg.database.clone(),
+        master_key_file: cfg.master_key_file.clone(),
+        node_name: cfg.node_name.clone(),
+        rest_address: cfg.rest.to_string(),
+    };
+    let control = Control::open(&ccfg, dataplane).await?;
+    let listener = tokio::net::TcpListener::bind(cfg.rest)
+        .await
+        .with_context(|| format!("listen on --rest {}", cfg.rest))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        rest = %addr,
+        node = %cfg.node_name,
+        database = %ember_control::store::redact(&cfg.database),
+        admin_token_file = %control.admin_token_path.display(),
+        pools = ?cfg.pools.keys().collect::<Vec<_>>(),
+        "emberd serve: REST API listening"
+    );
+    for a in &cfg.nbd {
+        tracing::warn!(nbd = ?a, "the NBD front end is not wired into `emberd serve` yet; not listening");
+    }
+    let control = Arc::new(control);
+    let hb = control.clone();
+    let heartbeat = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = hb.heartbeat().await {
+                tracing::warn!(error = %e, "heartbeat failed (database unavailable?)");
+            }
+        }
+    });
+    axum_serve(listener, control.router()).await?;
+    heartbeat.abort();
+    tracing::info!("emberd serve: stopped");
+    Ok(())
+}
+
+async fn axum_serve(
+    listener: tokio::net::TcpListener,
+    router: axum_router::Router,
+) -> anyhow::Result<()> {
+    axum_router::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("REST server")
+}
+
+use ember_control::axum as axum_router;
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => tracing::info!("SIGTERM: shutting down"),
+                _ = i.recv() => tracing::info!("SIGINT: shutting down"),
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            data_dir: None,
+            rest: None,
+            nbd: vec![],
+            vhost_dir: None,
+            database: None,
+            node_name: Some("n1".into()),
+            master_key_file: None,
+            config: None,
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = resolve(args()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("./ember-data"));
+        assert_eq!(c.rest.to_string(), "127.0.0.1:8776");
+        assert_eq!(
+            c.nbd,
+            vec![NbdAddr::Tcp("127.0.0.1:10809".parse().unwrap())]
+        );
+        assert_eq!(c.vhost_dir, PathBuf::from("./ember-data/vhost"));
+        assert_eq!(c.database, "sqlite://./ember-data/ember.db");
+        assert_eq!(
+            c.pools["default"].path,
+            PathBuf::from("./ember-data/pools/default")
+        );
+    }
+
+    #[test]
+    fn config_file_and_precedence() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("ember.toml");
+        std::fs::write(
+            &f,
+            "data-dir = \"/srv/ember\"\nrest = \"0.0.0.0:9000\"\nnbd = [\"unix:/run/e.sock\", \"127.0.0.1:1\"]\n\
+             database = \"mysql://u:p@db/ember\"\n[pools.fast]\npath = \"/nvme\"\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.rest = Some("127.0.0.1:1234".into());
+        let c = resolve(a).unwrap();
+        assert_eq!(c.rest.to_string(), "127.0.0.1:1234", "flag beats file");
+        assert_eq!(c.data_dir, PathBuf::from("/srv/ember"));
+        assert_eq!(c.nbd[0], NbdAddr::Unix("/run/e.sock".into()));
+        assert_eq!(c.database, "mysql://u:p@db/ember");
+        assert_eq!(c.vhost_dir, PathBuf::from("/srv/ember/vhost"));
+        assert_eq!(c.pools.len(), 1);
+        std::fs::write(&f, "colour = 1\n").unwrap();
+        let mut a = args();
+        a.config = Some(f);
+        assert!(resolve(a).is_err(), "unknown keys are refused");
+        let mut a = args();
+        a.nbd = vec!["nonsense".into()];
+        assert!(resolve(a).is_err());
+    }
 }
