@@ -56,6 +56,7 @@ struct Inner {
     master: keys::MasterKey,
     node_name: String,
     dataplane: Arc<dyn DataPlane>,
+    locks: locks::Locks,
 }
 
 /// State shared by all handlers (cheap to clone).
@@ -74,6 +75,10 @@ impl AppState {
     }
     pub fn dataplane(&self) -> &Arc<dyn DataPlane> {
         &self.0.dataplane
+    }
+    /// The database read-write locks, as this node.
+    pub fn locks(&self) -> &locks::Locks {
+        &self.0.locks
     }
 }
 
@@ -102,11 +107,17 @@ impl Control {
             None => keys::MasterKey::load_or_create(&cfg.data_dir.join("master.key"))?,
         };
         keys::check_master_key(&db, &master).await?;
+        let locks = locks::Locks::new(
+            db.pool.clone(),
+            db.dialect == store::Dialect::MySql,
+            cfg.node_name.clone(),
+        );
         let state = AppState(Arc::new(Inner {
             db,
             master,
             node_name: cfg.node_name.clone(),
             dataplane,
+            locks,
         }));
         let admin_token_path = cfg.data_dir.join("admin-token");
         bootstrap_admin(state.db(), &admin_token_path).await?;

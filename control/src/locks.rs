@@ -30,6 +30,8 @@
 use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{AnyPool, Row};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Default lease of a holder (renewed by the heartbeat well before it runs out).
@@ -240,7 +242,8 @@ pub struct Locks {
     pool: AnyPool,
     mysql: bool,
     node: String,
-    lease: Duration,
+    /// Lease of this node's holders in ms (shared by clones, settable at run time).
+    lease_ms: Arc<AtomicU64>,
 }
 
 /// Unix milliseconds now.
@@ -296,14 +299,20 @@ impl Locks {
             pool,
             mysql,
             node: node.into(),
-            lease: DEFAULT_LEASE,
+            lease_ms: Arc::new(AtomicU64::new(DEFAULT_LEASE.as_millis() as u64)),
         }
     }
 
-    /// Use `lease` for holders of this node (tests use short leases).
+    /// A handle with its own lease setting (tests use short leases).
     pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.lease = lease;
+        self.lease_ms = Arc::new(AtomicU64::new(ms(lease).unsigned_abs()));
         self
+    }
+
+    /// Change the lease of this node's holders (the heartbeat must renew well within it).
+    pub fn set_lease(&self, lease: Duration) {
+        self.lease_ms
+            .store(ms(lease).unsigned_abs(), Ordering::Relaxed);
     }
 
     /// This node's name.
@@ -313,7 +322,7 @@ impl Locks {
 
     /// The lease of this node's holders.
     pub fn lease(&self) -> Duration {
-        self.lease
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
     }
 
     /// Create the tables if missing (also part of the store's migrations).
@@ -601,7 +610,7 @@ impl Locks {
             return Ok(Attempt::Refused { why, retry_after });
         }
         let gen = lock.generation + 1;
-        let lease = req.lease.unwrap_or(self.lease);
+        let lease = req.lease.unwrap_or(self.lease());
         let h = Holder {
             id: holder_id.to_string(),
             lock_id: lock.id.clone(),
@@ -791,7 +800,7 @@ impl Locks {
     /// Heartbeat: extend the leases of every non-external holder of this node.
     pub async fn renew_node(&self) -> Result<u64, LockError> {
         let now = now_ms();
-        let until = now + ms(self.lease);
+        let until = now + ms(self.lease());
         let n = self
             .retrying(|| async {
                 sqlx::query(
@@ -998,6 +1007,8 @@ pub fn check_history(h: &[HistoryEntry]) -> Result<(), Box<(HistoryEntry, Histor
     }
     Ok(())
 }
+
+pub mod api;
 
 #[cfg(test)]
 mod tests;

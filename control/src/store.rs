@@ -84,7 +84,11 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
          encryption_key_id VARCHAR(64) NULL, pool VARCHAR(255) NOT NULL, node_id VARCHAR(255) NULL, \
          status VARCHAR(32) NOT NULL, created_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL)",
     ],
-)];
+),
+// Volumes, snapshots, attachments (issue 6).
+(2, crate::volumes::SCHEMA),
+// Database read-write locks (issue 6).
+(3, crate::locks::SCHEMA)];
 
 impl Db {
     /// Connect to `url` (`sqlite://PATH` or `mysql://…`). SQLite files are created if missing.

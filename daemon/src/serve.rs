@@ -9,15 +9,17 @@
 //! Storage pools come from the config (`[pools.NAME] path = "…"`); the default is one
 //! directory pool `default` at `DATA/pools/default`.
 //!
-//! The NBD and vhost-user front ends are not wired into `serve` yet (they are being
-//! built on another branch): `--nbd` and `--vhost-dir` are parsed, validated and
-//! logged, and the control plane reaches the data plane through
-//! [`ember_control::DataPlane`], implemented here by [`ServeDataPlane`] which, for now,
-//! refuses to export.
+//! The control plane reaches the data plane through [`ember_control::DataPlane`],
+//! implemented by [`EmberDataPlane`]: storage pools, LUKS header work, NBD exports on the
+//! `--nbd` listeners and vhost-user sockets in `--vhost-dir`. At start-up a
+//! reconciliation pass cleans up after a crash; lock leases are renewed every third of
+//! `--lock-lease-secs`.
 
+use crate::dataplane::{EmberDataPlane, NbdEndpoint};
+use crate::nbd::{ListenAddr, NbdServer};
 use anyhow::Context;
 use clap::Args;
-use ember_control::{Control, ControlConfig, DataPlane, ExportSpec};
+use ember_control::{Control, ControlConfig};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +53,10 @@ pub struct ServeArgs {
     /// TOML file with the same keys as these flags (kebab-case) plus `[pools.NAME] path = "DIR"`.
     #[arg(long, env = "EMBER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Lease of this node's database locks in seconds; the node renews them every third
+    /// of it, and a dead node's locks free up after it [default: 30].
+    #[arg(long, env = "EMBER_LOCK_LEASE_SECS", value_name = "SECS")]
+    pub lock_lease_secs: Option<u64>,
 }
 
 /// The `--config` file.
@@ -93,6 +99,11 @@ impl NbdAddr {
     }
 }
 
+/// Default lease of this node's database locks.
+pub const DEFAULT_LOCK_LEASE_SECS: u64 = 30;
+/// NBD I/O threads of `emberd serve`.
+const NBD_THREADS: usize = 2;
+
 /// Effective settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -104,6 +115,7 @@ pub struct ServeConfig {
     pub node_name: String,
     pub master_key_file: Option<PathBuf>,
     pub pools: BTreeMap<String, PoolConfig>,
+    pub lock_lease: Duration,
 }
 
 fn hostname() -> String {
@@ -158,6 +170,11 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         "--node-name must be 1..255 characters"
     );
     let master_key_file = args.master_key_file.or(file.master_key_file);
+    let lease_secs = args.lock_lease_secs.unwrap_or(DEFAULT_LOCK_LEASE_SECS);
+    anyhow::ensure!(
+        (1..=3600).contains(&lease_secs),
+        "--lock-lease-secs must be 1..3600"
+    );
     let mut pools = file.pools.unwrap_or_default();
     if pools.is_empty() {
         pools.insert(
@@ -176,27 +193,8 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         node_name,
         master_key_file,
         pools,
+        lock_lease: Duration::from_secs(lease_secs),
     })
-}
-
-/// The data plane as seen by the control plane. Front ends are not wired in yet.
-pub struct ServeDataPlane {
-    pub nbd: Vec<NbdAddr>,
-    pub vhost_dir: PathBuf,
-}
-
-impl DataPlane for ServeDataPlane {
-    fn open_export(&self, spec: &ExportSpec) -> anyhow::Result<()> {
-        anyhow::bail!(
-            "exporting volumes from `emberd serve` is not wired yet (volume {}, NBD {:?}, vhost dir {})",
-            spec.volume_id,
-            self.nbd,
-            self.vhost_dir.display()
-        )
-    }
-    fn close_export(&self, _volume_id: &str) -> anyhow::Result<()> {
-        Ok(())
-    }
 }
 
 /// Run the daemon.
@@ -221,10 +219,32 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     for (name, pool) in &cfg.pools {
         create_dir(&pool.path, &format!("pool {name}"))?;
     }
-    let dataplane = Arc::new(ServeDataPlane {
-        nbd: cfg.nbd.clone(),
-        vhost_dir: cfg.vhost_dir.clone(),
-    });
+    let nbd = NbdServer::start(NBD_THREADS)?;
+    let mut endpoints = Vec::new();
+    for a in &cfg.nbd {
+        let (addr, ep) = match a {
+            NbdAddr::Tcp(t) => (ListenAddr::Tcp(t.to_string()), None),
+            NbdAddr::Unix(p) => (
+                ListenAddr::Unix(p.clone()),
+                Some(NbdEndpoint::Unix(p.clone())),
+            ),
+        };
+        let bound = nbd
+            .listen(&addr)
+            .with_context(|| format!("listen on --nbd {a:?}"))?;
+        endpoints.push(ep.unwrap_or(NbdEndpoint::Tcp(bound)));
+    }
+    let pools = cfg
+        .pools
+        .iter()
+        .map(|(n, p)| (n.clone(), p.path.clone()))
+        .collect();
+    let dataplane = Arc::new(EmberDataPlane::new(
+        pools,
+        nbd,
+        endpoints,
+        cfg.vhost_dir.clone(),
+    )?);
     let ccfg = ControlConfig {
         data_dir: cfg.data_dir.clone(),
         database: cfg.database.clone(),
@@ -233,6 +253,10 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         rest_address: cfg.rest.to_string(),
     };
     let control = Control::open(&ccfg, dataplane).await?;
+    control.state.locks().set_lease(cfg.lock_lease);
+    ember_control::volumes::reconcile::reconcile(&control.state)
+        .await
+        .context("start-up reconciliation")?;
     let listener = tokio::net::TcpListener::bind(cfg.rest)
         .await
         .with_context(|| format!("listen on --rest {}", cfg.rest))?;
@@ -245,9 +269,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         pools = ?cfg.pools.keys().collect::<Vec<_>>(),
         "emberd serve: REST API listening"
     );
-    for a in &cfg.nbd {
-        tracing::warn!(nbd = ?a, "the NBD front end is not wired into `emberd serve` yet; not listening");
-    }
+    tracing::info!(nbd = ?cfg.nbd, "NBD front end listening");
     let control = Arc::new(control);
     let hb = control.clone();
     let heartbeat = tokio::spawn(async move {
@@ -259,8 +281,23 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     });
+    // Lock leases: renewed every third of the lease, expired holders reaped.
+    let lk = control.state.locks().clone();
+    let leases = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(lk.lease() / 3);
+        loop {
+            tick.tick().await;
+            if let Err(e) = lk.renew_node().await {
+                tracing::warn!(error = %e, "lock lease renewal failed (database unavailable?)");
+            }
+            if let Err(e) = lk.reap().await {
+                tracing::warn!(error = %e, "reaping expired locks failed");
+            }
+        }
+    });
     axum_serve(listener, control.router()).await?;
     heartbeat.abort();
+    leases.abort();
     tracing::info!("emberd serve: stopped");
     Ok(())
 }
@@ -309,6 +346,7 @@ mod tests {
             node_name: Some("n1".into()),
             master_key_file: None,
             config: None,
+            lock_lease_secs: None,
         }
     }
 
