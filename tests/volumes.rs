@@ -27,6 +27,16 @@ struct Node {
 
 impl Node {
     fn start(dir: &Path, name: &str, database: Option<&str>, lease_secs: u64) -> Node {
+        Self::start_with(dir, name, database, lease_secs, &[])
+    }
+
+    fn start_with(
+        dir: &Path,
+        name: &str,
+        database: Option<&str>,
+        lease_secs: u64,
+        extra: &[&str],
+    ) -> Node {
         let data = dir.join(format!("data-{name}"));
         std::fs::create_dir_all(&data).unwrap();
         let port = free_port();
@@ -49,6 +59,7 @@ impl Node {
             args.push("--database".into());
             args.push(db.into());
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = Daemon::spawn(&data, &a);
         wait_for_tcp(&rest, Duration::from_secs(120));
@@ -606,7 +617,12 @@ fn clone_lock_flow(database: Option<&str>) {
         Some(json!({"lock": {"resource_type": "volume", "resource_id": src, "mode": "exclusive"}})),
     );
     assert_eq!(r.status, 409, "{r:?}");
-    assert!(r.retry_after.as_deref().is_some_and(|s| s.parse::<u64>().is_ok()), "{r:?}");
+    assert!(
+        r.retry_after
+            .as_deref()
+            .is_some_and(|s| s.parse::<u64>().is_ok()),
+        "{r:?}"
+    );
 
     // Four clones at once.
     let clones: Vec<String> = std::thread::scope(|s| {
@@ -848,7 +864,15 @@ fn two_nodes_mariadb_history_and_sigkill() {
     let db = fresh_mysql_db();
     let dir = tempfile::tempdir().unwrap();
     let a = Node::start(dir.path(), "node-a", Some(&db), 3);
-    let mut b = Node::start(dir.path(), "node-b", Some(&db), 3);
+    // Cluster members share the master key that seals the secrets in the database.
+    let key = a.data.join("master.key");
+    let mut b = Node::start_with(
+        dir.path(),
+        "node-b",
+        Some(&db),
+        3,
+        &["--master-key-file", key.to_str().unwrap()],
+    );
     let nodes = [&a, &b];
     let admin = a.admin.clone();
     // Both nodes share the database: node B's admin token file was registered too.
