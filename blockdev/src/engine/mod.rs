@@ -81,6 +81,28 @@ impl Ring {
         })
     }
 
+    /// A ring for an event loop that lives on the calling thread and only ever waits in
+    /// [`Ring::submit_and_wait`]: `SINGLE_ISSUER | DEFER_TASKRUN`, so the kernel's
+    /// completion work (socket receives, mostly) runs in batches when the loop asks for
+    /// it instead of interrupting the thread. Create it on the thread that uses it; do
+    /// not poll its fd. Falls back to [`Ring::new`] on kernels without these flags.
+    pub fn new_single_thread(entries: u32) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 4)
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .build(entries);
+        match ring {
+            Ok(ring) => Ok(Ring {
+                ring,
+                next_owner: 1,
+                free_owners: Vec::new(),
+            }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ring::new(entries),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Register a new owner id (never 0, which is reserved for the event loop itself).
     pub fn new_owner(&mut self) -> OwnerId {
         if let Some(id) = self.free_owners.pop() {

@@ -1,9 +1,11 @@
 //! One NBD connection in the transmission phase, driven by its I/O thread's ring.
 //!
 //! Receive: one `IORING_OP_RECV` at a time into a large per-connection buffer; every
-//! complete request in it is parsed and submitted to the device queue at once. A write
-//! payload that is not yet complete is received straight into its own pooled buffer (no
-//! second copy for large writes). A request that must be refused after its header
+//! complete request in it is parsed and submitted to the device queue at once. A small
+//! write whose payload is already there is written from the receive buffer itself (the
+//! buffer is then pinned: not compacted or reset until that write completes); a payload
+//! that is not yet complete is received straight into its own pooled buffer (only the
+//! head that had already arrived is copied). A request that must be refused after its header
 //! (oversized, read-only, out of range) has its payload skipped, then gets its error:
 //! the stream stays in sync and nothing of the announced size is allocated.
 //!
@@ -16,7 +18,7 @@
 //! buffers (plus one maximum-size request) per connection; over the bound the connection
 //! stops parsing and receiving until replies drain.
 //!
-//! Ownership rule for io_uring: every pointer an SQE holds (`rbuf`, a payload buffer in
+//! Ownership rule for io_uring: every pointer an SQE or a device request holds (`rbuf`, a payload buffer in
 //! `reqs`, `iovs`/`msg` and the `sending` batch) belongs to this `Conn`, which sits in a
 //! `Box` (stable address) and is only freed once no SQE of it is in flight
 //! ([`Conn::finished`]).
@@ -26,7 +28,7 @@ use super::proto::{self, cmd, cmd_flag, err, RequestHeader};
 use super::Export;
 use ember_blockdev::buf::BufPool;
 use ember_blockdev::engine::user_data;
-use ember_blockdev::{Buffer, Completion, DeviceInfo, IoBuf, Op, Queue, Request, Ring};
+use ember_blockdev::{Buffer, Completion, DeviceInfo, IoBuf, IoVecs, Op, Queue, Request, Ring};
 use io_uring::{opcode, types};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -41,6 +43,20 @@ pub const MAX_REQUESTS: usize = 512;
 pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// Most iovecs in one sendmsg (`IOV_MAX`).
 const MAX_IOVS: usize = 1024;
+
+/// Writes up to this size whose payload is already in the receive buffer are written
+/// from it directly (zero copy); bigger ones get their own buffer so the receive buffer
+/// is not pinned for long.
+const BORROW_MAX_BYTES: usize = 64 * 1024;
+/// Buffers up to this size go back to the thread's pool; bigger ones are freed, so a
+/// burst of huge requests does not pin their memory for good.
+const POOL_MAX_BUF_BYTES: usize = 1 << 20;
+
+fn recycle(pool: &mut BufPool, b: IoBuf) {
+    if b.capacity() <= POOL_MAX_BUF_BYTES {
+        pool.put(b);
+    }
+}
 
 /// `user_data` slot kinds of the socket SQEs (owner 0 is the event loop).
 pub const KIND_RECV: u64 = 0;
@@ -80,6 +96,8 @@ struct Pending {
     buf: Option<IoBuf>,
     /// The FUA flush after a trim/write-zeroes is in flight.
     flushing: bool,
+    /// A write whose payload is borrowed from the receive buffer (pins it).
+    borrowed: bool,
 }
 
 /// One reply: header bytes in the batch arena, optional data.
@@ -122,6 +140,8 @@ pub struct Conn {
     rbuf: Box<[u8]>,
     rstart: usize,
     rend: usize,
+    /// In-flight writes borrowing bytes of `rbuf`.
+    rbuf_pins: usize,
     rx_armed: bool,
     rx_into_payload: bool,
     payload: Option<Payload>,
@@ -134,6 +154,8 @@ pub struct Conn {
     dev_inflight: usize,
     inflight_bytes: usize,
 
+    /// Reused vector for synchronous completions.
+    scratch: Vec<Completion>,
     out: Batch,
     sending: Batch,
     iovs: Vec<libc::iovec>,
@@ -170,6 +192,7 @@ impl Conn {
             rbuf: vec![0u8; RBUF_BYTES].into_boxed_slice(),
             rstart: 0,
             rend: 0,
+            rbuf_pins: 0,
             rx_armed: false,
             rx_into_payload: false,
             payload: None,
@@ -180,6 +203,7 @@ impl Conn {
             live_reqs: 0,
             dev_inflight: 0,
             inflight_bytes: 0,
+            scratch: Vec::new(),
             out: Batch::default(),
             sending: Batch::default(),
             iovs: Vec::new(),
@@ -216,7 +240,7 @@ impl Conn {
         for it in self.out.items.drain(..) {
             if let Some(b) = it.data {
                 self.inflight_bytes = self.inflight_bytes.saturating_sub(b.len());
-                pool.put(b);
+                recycle(pool, b);
             }
         }
         self.out.hdr.clear();
@@ -225,6 +249,7 @@ impl Conn {
     /// Parse what was received, keep a receive armed and send what is ready.
     pub fn service(&mut self, cx: &mut Cx<'_>) {
         self.parse(cx);
+        self.take_sync_completions(cx);
         self.arm_recv(cx);
         self.flush_send(cx);
         if self.state == State::Draining
@@ -234,6 +259,30 @@ impl Conn {
             && !self.tx_armed
         {
             self.close("disconnect requested", false, cx.pool);
+        }
+    }
+
+    /// Handle the completions that `parse`'s submissions produced synchronously (inline
+    /// devices), so their replies go out and their buffers (and receive buffer pins) are
+    /// released in this same pass.
+    fn take_sync_completions(&mut self, cx: &mut Cx<'_>) {
+        while !cx.done.is_empty() {
+            let mut batch = std::mem::take(&mut self.scratch);
+            std::mem::swap(cx.done, &mut batch);
+            let mut foreign = false;
+            for c in batch.drain(..) {
+                if (c.tag >> 32) as usize == self.idx {
+                    self.on_done(c, cx);
+                } else {
+                    // Not ours (cannot happen today): leave it to the worker.
+                    cx.done.push(c);
+                    foreign = true;
+                }
+            }
+            self.scratch = batch;
+            if foreign {
+                break;
+            }
         }
     }
 
@@ -265,11 +314,16 @@ impl Conn {
             if self.blocked() && self.skip == 0 {
                 return;
             }
-            if self.rstart == self.rend {
+            // Writes in flight may borrow bytes before `rstart`: while any does, the
+            // buffer is neither reset nor compacted, only filled further.
+            if self.rstart == self.rend && self.rbuf_pins == 0 {
                 self.rstart = 0;
                 self.rend = 0;
             }
-            if self.rbuf.len() - self.rend < RECV_MIN_BYTES && self.rstart > 0 {
+            if self.rbuf.len() - self.rend < RECV_MIN_BYTES
+                && self.rstart > 0
+                && self.rbuf_pins == 0
+            {
                 self.rbuf.copy_within(self.rstart..self.rend, 0);
                 self.rend -= self.rstart;
                 self.rstart = 0;
@@ -286,7 +340,11 @@ impl Conn {
             )
         };
         let len = u32::try_from(len).unwrap_or(u32::MAX);
+        // A payload is wanted whole: MSG_WAITALL lets the kernel keep receiving into it
+        // instead of completing (and waking this loop) once per socket-buffer refill.
+        let flags = if into_payload { libc::MSG_WAITALL } else { 0 };
         let e = opcode::Recv::new(fd, ptr, len)
+            .flags(flags)
             .build()
             .user_data(self.ud(KIND_RECV));
         // SAFETY: the target is `rbuf` or a payload buffer owned by `reqs`; both belong to
@@ -444,8 +502,34 @@ impl Conn {
                     return;
                 }
                 let len = h.len as usize;
-                let mut buf = cx.pool.get(len);
                 let have = (self.rend - self.rstart).min(len);
+                if have == len && len > 0 && len <= BORROW_MAX_BYTES {
+                    // Zero copy: the device writes straight from the receive buffer.
+                    let iov = libc::iovec {
+                        // SAFETY: rstart + len ≤ rend ≤ rbuf.len().
+                        iov_base: unsafe { self.rbuf.as_mut_ptr().add(self.rstart) }.cast(),
+                        iov_len: len,
+                    };
+                    // SAFETY: the bytes lie in `rbuf`, owned by this boxed Conn, which is
+                    // not freed while a device request is in flight (`finished`). While
+                    // `rbuf_pins` > 0 the buffer is never compacted or reset, and receives
+                    // only fill it past `rend`, so nothing writes these bytes until the
+                    // completion (`on_done`) unpins them.
+                    let v = unsafe { IoVecs::new(vec![iov]) };
+                    self.rstart += len;
+                    self.rbuf_pins += 1;
+                    let slot = self.alloc(&h, None);
+                    if let Some(p) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) {
+                        p.borrowed = true;
+                    }
+                    let op = Op::Write {
+                        fua: h.flags & cmd_flag::FUA != 0,
+                    };
+                    let (off, l) = (h.offset, u64::from(h.len));
+                    self.submit(slot, op, off, l, Buffer::Borrowed(v), cx);
+                    return;
+                }
+                let mut buf = cx.pool.get(len);
                 buf.as_mut_slice()[..have]
                     .copy_from_slice(&self.rbuf[self.rstart..self.rstart + have]);
                 self.rstart += have;
@@ -561,6 +645,7 @@ impl Conn {
             len: h.len,
             buf,
             flushing: false,
+            borrowed: false,
         };
         self.live_reqs += 1;
         if let Some(i) = self.free.pop() {
@@ -632,12 +717,15 @@ impl Conn {
             tracing::warn!(slot, "completion for an unknown NBD request");
             return;
         };
+        if p.borrowed {
+            self.rbuf_pins = self.rbuf_pins.saturating_sub(1);
+        }
         let keep = match (closing, p.cmd, c.result, buf) {
             (false, cmd::READ, Ok(()), Some(b)) => Some(b),
             (_, _, _, b) => {
                 if let Some(b) = b {
                     self.inflight_bytes = self.inflight_bytes.saturating_sub(b.len());
-                    cx.pool.put(b);
+                    recycle(cx.pool, b);
                 }
                 None
             }
@@ -778,7 +866,7 @@ impl Conn {
         for it in self.sending.items.drain(..) {
             if let Some(b) = it.data {
                 self.inflight_bytes = self.inflight_bytes.saturating_sub(b.len());
-                pool.put(b);
+                recycle(pool, b);
             }
         }
         self.sending.hdr.clear();

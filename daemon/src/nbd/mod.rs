@@ -42,6 +42,9 @@ use std::time::Duration;
 pub const MAX_BLOCK_BYTES: u32 = 32 << 20;
 /// How long a client may take for each step of the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Handshakes in progress at once; more clients are turned away (each holds a thread
+/// for up to [`HANDSHAKE_TIMEOUT`] per step).
+const MAX_HANDSHAKES: usize = 256;
 /// How often blocked accept loops look at the stop flag.
 const ACCEPT_POLL_MS: i32 = 200;
 
@@ -234,6 +237,7 @@ impl NbdServer {
             workers: self.workers.clone(),
             next_worker: self.next_worker.clone(),
             stop: self.stop.clone(),
+            handshakes: Arc::new(AtomicUsize::new(0)),
         };
         let (join, path, bound) = match addr {
             ListenAddr::Unix(path) => {
@@ -306,10 +310,21 @@ struct Acceptor {
     workers: Arc<Vec<worker::WorkerHandle>>,
     next_worker: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    handshakes: Arc<AtomicUsize>,
 }
 
-/// Wait until `fd` is readable or the poll interval passed. False on a hard error.
-fn poll_readable(fd: i32) -> bool {
+/// What a bounded wait on a listening socket saw.
+enum Polled {
+    /// A connection is waiting.
+    Ready,
+    /// The interval passed (or a signal came): look at the stop flag again.
+    Idle,
+    /// The listener is broken.
+    Failed,
+}
+
+/// Wait until `fd` is readable or the poll interval passed.
+fn poll_readable(fd: i32) -> Polled {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
@@ -317,7 +332,12 @@ fn poll_readable(fd: i32) -> bool {
     };
     // SAFETY: `p` is a valid pollfd for the duration of the call.
     let r = unsafe { libc::poll(&raw mut p, 1, ACCEPT_POLL_MS) };
-    r >= 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EINTR)
+    match r {
+        r if r > 0 => Polled::Ready,
+        0 => Polled::Idle,
+        _ if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => Polled::Idle,
+        _ => Polled::Failed,
+    }
 }
 
 impl Acceptor {
@@ -327,8 +347,13 @@ impl Acceptor {
             return;
         }
         while !self.stop.load(Ordering::SeqCst) {
-            if !poll_readable(l.as_raw_fd()) {
-                break;
+            match poll_readable(l.as_raw_fd()) {
+                Polled::Ready => {}
+                Polled::Idle => continue,
+                Polled::Failed => {
+                    tracing::error!(error = %io::Error::last_os_error(), "listener failed");
+                    break;
+                }
             }
             match l.accept() {
                 Ok((s, _)) => {
@@ -349,8 +374,13 @@ impl Acceptor {
             return;
         }
         while !self.stop.load(Ordering::SeqCst) {
-            if !poll_readable(l.as_raw_fd()) {
-                break;
+            match poll_readable(l.as_raw_fd()) {
+                Polled::Ready => {}
+                Polled::Idle => continue,
+                Polled::Failed => {
+                    tracing::error!(error = %io::Error::last_os_error(), "listener failed");
+                    break;
+                }
             }
             match l.accept() {
                 Ok((s, peer)) => {
@@ -380,16 +410,35 @@ impl Acceptor {
         S: io::Read + io::Write + Into<OwnedFd> + Send + 'static,
         S: SetTimeouts,
     {
+        if self.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
+            self.handshakes.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "too many handshakes in progress; dropping client");
+            return;
+        }
         let registry = self.registry.clone();
         let workers = self.workers.clone();
         let next = self.next_worker.clone();
+        let count = self.handshakes.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-handshake".into())
-            .spawn(move || match handshake::negotiate(&mut s, &registry) {
+            .spawn(move || {
+                let r = handshake::negotiate(&mut s, &registry);
+                count.fetch_sub(1, Ordering::SeqCst);
+                match r {
                 Ok(Some(n)) => {
                     s.clear_timeouts();
                     let i = next.fetch_add(1, Ordering::Relaxed) % workers.len().max(1);
                     tracing::debug!(%peer, export = %n.export.name, thread = i, "client connected");
+                    // Hand over under the registry's read lock: an export removed
+                    // meanwhile is seen here, and one removed later sends its
+                    // RemoveExport after this NewConn, on the same channel.
+                    let Ok(exports) = registry.exports.read() else {
+                        return;
+                    };
+                    if exports.get(&n.export.name).map(|e| e.id) != Some(n.export.id) {
+                        tracing::info!(%peer, export = %n.export.name, "export removed during the handshake; dropping client");
+                        return;
+                    }
                     if let Some(w) = workers.get(i) {
                         w.send(worker::Ctl::NewConn(worker::NewConn {
                             fd: s.into(),
@@ -399,11 +448,14 @@ impl Acceptor {
                             meta_context: n.meta_context,
                         }));
                     }
+                    drop(exports);
                 }
                 Ok(None) => tracing::debug!(%peer, "client ended the handshake"),
                 Err(e) => tracing::info!(%peer, error = %e, "handshake failed; dropping client"),
+            }
             });
         if let Err(e) = spawned {
+            self.handshakes.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(error = %e, "could not start a handshake thread; dropping client");
         }
     }
@@ -429,25 +481,4 @@ impl SetTimeouts for TcpStream {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_listen_addrs() {
-        assert_eq!(
-            "unix:/tmp/x.sock".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Unix("/tmp/x.sock".into())
-        );
-        assert_eq!(
-            "127.0.0.1:10809".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Tcp("127.0.0.1:10809".into())
-        );
-        assert_eq!(
-            "[::1]:0".parse::<ListenAddr>().unwrap(),
-            ListenAddr::Tcp("[::1]:0".into())
-        );
-        assert!("unix:".parse::<ListenAddr>().is_err());
-        assert!("localhost".parse::<ListenAddr>().is_err());
-        assert!("localhost:http".parse::<ListenAddr>().is_err());
-    }
-}
+mod tests;

@@ -80,12 +80,23 @@ pub fn spawn(i: usize) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
     }
     // SAFETY: `raw` is a fresh fd that nothing else owns.
     let efd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-    let ring = Ring::new(DEFAULT_RING_ENTRIES)?;
     let (tx, rx) = mpsc::channel();
     let efd2 = efd.clone();
+    // The ring is made on its own thread (it is single-issuer); set-up errors come back.
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
     let join = std::thread::Builder::new()
         .name(format!("nbd-io-{i}"))
         .spawn(move || {
+            let ring = match Ring::new_single_thread(DEFAULT_RING_ENTRIES) {
+                Ok(r) => {
+                    let _ = ready_tx.send(Ok(()));
+                    r
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
             Worker {
                 ring,
                 rx,
@@ -105,6 +116,9 @@ pub fn spawn(i: usize) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
             }
             .run()
         })?;
+    ready_rx
+        .recv()
+        .map_err(|_| io::Error::other("I/O thread died during set-up"))??;
     Ok((WorkerHandle { tx, efd }, join))
 }
 
