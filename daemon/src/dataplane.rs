@@ -289,11 +289,13 @@ impl DataPlane for EmberDataPlane {
             return Ok(());
         };
         match a.attachments.remove(attachment_id) {
-            Some(Attachment::Nbd) => {
-                if !a.attachments.values().any(|x| matches!(x, Attachment::Nbd)) {
-                    self.nbd.remove_export(volume_id);
-                }
+            Some(Attachment::Nbd)
+                if !a.attachments.values().any(|x| matches!(x, Attachment::Nbd)) =>
+            {
+                // The last NBD attachment: the export goes.
+                self.nbd.remove_export(volume_id);
             }
+            Some(Attachment::Nbd) => {}
             Some(Attachment::Vhost { export, socket }) => {
                 if let Err(e) = std::fs::remove_file(&socket) {
                     if e.kind() != std::io::ErrorKind::NotFound {

@@ -537,19 +537,32 @@ fn check_user_key(k: &KeyRow, id: &str, project_id: &str, enc: &Enc) -> VResult<
     }
 }
 
+/// Attributes of a secret Ember stores for a volume or snapshot.
+struct KeyAttrs<'a> {
+    name: &'a str,
+    secret_type: &'a str,
+    algorithm: Option<&'a str>,
+    bit_length: Option<i64>,
+    mode: Option<&'a str>,
+    content_type: &'a str,
+}
+
 /// Insert a secret owned by `project_id` (a volume's own key).
 async fn insert_key(
     conn: &mut AnyConnection,
     st: &AppState,
     project_id: &str,
-    name: &str,
-    secret_type: &str,
-    algorithm: Option<&str>,
-    bit_length: Option<i64>,
-    mode: Option<&str>,
-    content_type: &str,
+    a: &KeyAttrs<'_>,
     payload: &[u8],
 ) -> VResult<String> {
+    let KeyAttrs {
+        name,
+        secret_type,
+        algorithm,
+        bit_length,
+        mode,
+        content_type,
+    } = *a;
     let id = new_id();
     let sealed = st.master().seal(&id, payload)?;
     let t = now();
@@ -592,12 +605,14 @@ async fn order_key(
         conn,
         st,
         project_id,
-        &format!("volume-{volume_id}"),
-        "symmetric",
-        Some(enc.algorithm()),
-        Some(enc.key_size),
-        None,
-        "application/octet-stream",
+        &KeyAttrs {
+            name: &format!("volume-{volume_id}"),
+            secret_type: "symmetric",
+            algorithm: Some(enc.algorithm()),
+            bit_length: Some(enc.key_size),
+            mode: None,
+            content_type: "application/octet-stream",
+        },
         &key,
     )
     .await
@@ -619,12 +634,14 @@ async fn copy_key(
         conn,
         st,
         project_id,
-        name,
-        &k.secret_type,
-        k.algorithm.as_deref(),
-        k.bit_length,
-        k.mode.as_deref(),
-        &k.content_type,
+        &KeyAttrs {
+            name,
+            secret_type: &k.secret_type,
+            algorithm: k.algorithm.as_deref(),
+            bit_length: k.bit_length,
+            mode: k.mode.as_deref(),
+            content_type: &k.content_type,
+        },
         &payload,
     )
     .await
@@ -918,6 +935,9 @@ enum Source {
     },
 }
 
+/// A LUKS passphrase.
+type Passphrase = Zeroizing<Vec<u8>>;
+
 /// The background part of a create.
 struct CreateJob {
     vol_id: String,
@@ -927,7 +947,7 @@ struct CreateJob {
     /// Format a new LUKS volume with this passphrase.
     format: Option<(LuksFormat, Zeroizing<Vec<u8>>)>,
     /// Rekey the copied LUKS header: old → new passphrase.
-    rekey: Option<(Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>)>,
+    rekey: Option<(Passphrase, Passphrase)>,
     lock_holder: Option<String>,
 }
 
