@@ -26,6 +26,8 @@ fn json_of(out: &std::process::Output) -> Value {
 fn start(dir: &Path, port: u16) -> Daemon {
     let data = dir.join("data");
     let rest = format!("127.0.0.1:{port}");
+    // A private NBD socket: the default TCP port may be taken by a parallel test.
+    let nbd = format!("unix:{}", dir.join("nbd.sock").display());
     let d = Daemon::spawn(
         dir,
         &[
@@ -36,6 +38,8 @@ fn start(dir: &Path, port: u16) -> Daemon {
             &rest,
             "--node-name",
             "e2e-node",
+            "--nbd",
+            &nbd,
         ],
     );
     wait_for_tcp(&rest, Duration::from_secs(60));

@@ -14,7 +14,7 @@
 //! vhost-user attachment removes its socket (no new frontend can connect) but a frontend
 //! still connected keeps its session until it disconnects.
 
-use crate::nbd::NbdServer;
+use crate::nbd::{ListenAddr, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
 use anyhow::{bail, Context};
 use ember_blockdev::layer::crypt::CryptDevice;
@@ -94,6 +94,11 @@ impl EmberDataPlane {
             vhost_dir,
             volumes: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Start accepting NBD clients on `addr` (one of the endpoints given to [`Self::new`]).
+    pub fn listen_nbd(&self, addr: &ListenAddr) -> anyhow::Result<String> {
+        self.nbd.listen(addr)
     }
 
     fn nbd_info(&self, volume_id: &str) -> serde_json::Value {

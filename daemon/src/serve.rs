@@ -220,20 +220,14 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         create_dir(&pool.path, &format!("pool {name}"))?;
     }
     let nbd = NbdServer::start(NBD_THREADS)?;
-    let mut endpoints = Vec::new();
-    for a in &cfg.nbd {
-        let (addr, ep) = match a {
-            NbdAddr::Tcp(t) => (ListenAddr::Tcp(t.to_string()), None),
-            NbdAddr::Unix(p) => (
-                ListenAddr::Unix(p.clone()),
-                Some(NbdEndpoint::Unix(p.clone())),
-            ),
-        };
-        let bound = nbd
-            .listen(&addr)
-            .with_context(|| format!("listen on --nbd {a:?}"))?;
-        endpoints.push(ep.unwrap_or(NbdEndpoint::Tcp(bound)));
-    }
+    let endpoints = cfg
+        .nbd
+        .iter()
+        .map(|a| match a {
+            NbdAddr::Tcp(t) => NbdEndpoint::Tcp(t.to_string()),
+            NbdAddr::Unix(p) => NbdEndpoint::Unix(p.clone()),
+        })
+        .collect();
     let pools = cfg
         .pools
         .iter()
@@ -252,7 +246,17 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         node_name: cfg.node_name.clone(),
         rest_address: cfg.rest.to_string(),
     };
-    let control = Control::open(&ccfg, dataplane).await?;
+    let control = Control::open(&ccfg, dataplane.clone()).await?;
+    // Listen for NBD clients once the database is known to be usable.
+    for a in &cfg.nbd {
+        let addr = match a {
+            NbdAddr::Tcp(t) => ListenAddr::Tcp(t.to_string()),
+            NbdAddr::Unix(p) => ListenAddr::Unix(p.clone()),
+        };
+        dataplane
+            .listen_nbd(&addr)
+            .with_context(|| format!("listen on --nbd {a:?}"))?;
+    }
     control.state.locks().set_lease(cfg.lock_lease);
     ember_control::volumes::reconcile::reconcile(&control.state)
         .await
