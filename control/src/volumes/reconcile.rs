@@ -9,12 +9,13 @@
 //! 3. Attachments of this node died with it: drop their rows; volumes left without an
 //!    attachment go back to `available`.
 //! 4. Pool objects: partial ones (interrupted create/clone) are deleted; complete ones
-//!    that no volume or snapshot row names are orphans and are deleted too.
+//!    that no volume or snapshot row names are orphans and are deleted too. Objects
+//!    another node is still building (a shared pool directory) are left alone.
 
 use super::api::{
     finish_delete, finish_snapshot_delete, snap_object, snap_row, vol_row, SNAPSHOT_PREFIX,
 };
-use crate::store::{get_str, now};
+use crate::store::{get_str, now, opt_str};
 use crate::AppState;
 use std::collections::HashSet;
 
@@ -113,19 +114,23 @@ pub async fn reconcile(st: &AppState) -> anyhow::Result<Report> {
     .execute(pool)
     .await?;
 
-    // Objects the database knows.
+    // Objects the database knows, and those another node is building right now (a pool
+    // directory may be shared by several nodes: their part files are not ours to remove).
     let mut known = HashSet::new();
-    for r in sqlx::query("SELECT id FROM volumes")
-        .fetch_all(pool)
-        .await?
-    {
-        known.insert(get_str(&r, "id")?);
-    }
-    for r in sqlx::query("SELECT id FROM snapshots")
-        .fetch_all(pool)
-        .await?
-    {
-        known.insert(snap_object(&get_str(&r, "id")?));
+    let mut others_building = HashSet::new();
+    for (sql, snap) in [
+        ("SELECT id, status, node_id FROM volumes", false),
+        ("SELECT id, status, node_id FROM snapshots", true),
+    ] {
+        for r in sqlx::query(sql).fetch_all(pool).await? {
+            let raw = get_str(&r, "id")?;
+            let id = if snap { snap_object(&raw) } else { raw };
+            let building = get_str(&r, "status")? == "creating";
+            if building && opt_str(&r, "node_id")?.as_deref() != Some(node.as_str()) {
+                others_building.insert(id.clone());
+            }
+            known.insert(id);
+        }
     }
     for p in st.dataplane().pools() {
         let p2 = p.clone();
@@ -141,7 +146,8 @@ pub async fn reconcile(st: &AppState) -> anyhow::Result<Report> {
                 || o.id
                     .strip_prefix(SNAPSHOT_PREFIX)
                     .is_some_and(|s| uuid::Uuid::parse_str(s).is_ok());
-            if !(o.partial || (volume_like && !known.contains(&o.id))) {
+            let leftover = o.partial || (volume_like && !known.contains(&o.id));
+            if !leftover || others_building.contains(&o.id) {
                 continue;
             }
             let (p2, id) = (p.clone(), o.id.clone());
