@@ -764,7 +764,7 @@ fn clone_lock_flow(database: Option<&str>) {
     );
     let src = src["volume"]["id"].as_str().unwrap().to_string();
     assert_eq!(wait_ready(&n, &p, &src)["status"], "available");
-    fill(&n.pool_dir().join(format!("{src}.img")), 768 << 20, 0x11);
+    fill(&n.pool_dir().join(format!("{src}.img")), 384 << 20, 0x11);
 
     // An external orchestrator holds the source shared too, so the delete below is
     // guaranteed to find readers whatever the machine's speed.
@@ -873,7 +873,7 @@ fn clone_lock_flow(database: Option<&str>) {
         assert_eq!(v["status"], "available", "{v}");
         let f = std::fs::File::open(n.pool_dir().join(format!("{c}.img"))).unwrap();
         let mut b = vec![0u8; 1 << 20];
-        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 700 << 20).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 380 << 20).unwrap();
         assert!(
             b.iter().all(|&x| x == 0x11),
             "clone {c} has the source's data"

@@ -102,6 +102,14 @@ impl Control {
             .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
         let db = Db::connect(&cfg.database).await?;
         db.migrate().await.context("database migrations")?;
+        if db.dialect == store::Dialect::Sqlite {
+            // Write-ahead log: a commit costs one fsync instead of several, so short lock
+            // transactions stay short while volume copies load the disk (persistent).
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&db.pool)
+                .await
+                .context("switch SQLite to WAL")?;
+        }
         let master = match &cfg.master_key_file {
             Some(p) => keys::MasterKey::load(p)?,
             None => keys::MasterKey::load_or_create(&cfg.data_dir.join("master.key"))?,

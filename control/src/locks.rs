@@ -261,6 +261,8 @@ fn ms(d: Duration) -> i64 {
 /// Deadlock, lock wait timeout, or SQLite busy/locked: run the transaction again.
 pub fn is_retryable(e: &sqlx::Error) -> bool {
     match e {
+        // Every connection busy (SQLite has one): wait for it rather than fail.
+        sqlx::Error::PoolTimedOut => true,
         sqlx::Error::Database(d) => {
             let code = d.code().map(|c| c.to_string()).unwrap_or_default();
             // MySQL 1213 ER_LOCK_DEADLOCK, 1205 ER_LOCK_WAIT_TIMEOUT, 40001 SQLSTATE
