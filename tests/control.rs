@@ -26,8 +26,6 @@ fn json_of(out: &std::process::Output) -> Value {
 fn start(dir: &Path, port: u16) -> Daemon {
     let data = dir.join("data");
     let rest = format!("127.0.0.1:{port}");
-    // A private NBD socket: the default TCP port may be taken by a parallel test.
-    let nbd = format!("unix:{}", dir.join("nbd.sock").display());
     let d = Daemon::spawn(
         dir,
         &[
@@ -39,7 +37,7 @@ fn start(dir: &Path, port: u16) -> Daemon {
             "--node-name",
             "e2e-node",
             "--nbd",
-            &nbd,
+            "127.0.0.1:0",
         ],
     );
     wait_for_tcp(&rest, Duration::from_secs(60));
@@ -328,4 +326,46 @@ fn serve_rejects_bad_flags() {
     ] {
         assert!(help.contains(flag), "help lacks {flag}:\n{help}");
     }
+}
+
+/// `--nbd` listeners (TCP and Unix) answer real NBD clients; the socket is removed on exit.
+#[test]
+fn serve_listens_for_nbd() {
+    common::require_tool("nbdinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let rest = format!("127.0.0.1:{}", free_port());
+    let nbd = format!("127.0.0.1:{}", free_port());
+    let sock = dir.path().join("nbd.sock");
+    let data = dir.path().join("data");
+    let mut d = Daemon::spawn(
+        dir.path(),
+        &[
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--rest",
+            &rest,
+            "--nbd",
+            &nbd,
+            "--nbd",
+            &format!("unix:{}", sock.display()),
+        ],
+    );
+    wait_for_tcp(&rest, Duration::from_secs(60));
+    for uri in [
+        format!("nbd://{nbd}"),
+        format!("nbd+unix:///?socket={}", sock.display()),
+    ] {
+        let out = run_ok(Command::new("nbdinfo").args(["--list", &uri]));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("newstyle-fixed"),
+            "{out:?}"
+        );
+    }
+    d.signal(libc::SIGTERM);
+    let st = d
+        .wait_exit(Duration::from_secs(60))
+        .expect("emberd did not stop on SIGTERM");
+    assert!(st.success(), "{}", d.log_text());
+    assert!(!sock.exists(), "the NBD socket is removed at shutdown");
 }

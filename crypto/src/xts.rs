@@ -164,11 +164,17 @@ impl SectorCipher {
                 sector_size: self.sector_size,
             });
         }
-        dst.copy_from_slice(src);
-        self.encrypt(dst, offset)
+        self.check(dst.len(), offset)?;
+        self.run_from(Some(src), dst, offset, true);
+        Ok(())
     }
 
     fn run(&self, data: &mut [u8], offset: u64, encrypt: bool) {
+        self.run_from(None, data, offset, encrypt);
+    }
+
+    /// En- or decrypt `data` in place, or `src` into `data` (same length, checked).
+    fn run_from(&self, src: Option<&[u8]>, data: &mut [u8], offset: u64, encrypt: bool) {
         #[cfg(target_arch = "x86_64")]
         if let Some(fast) = &self.fast {
             let ss = self.sector_size;
@@ -176,8 +182,10 @@ impl SectorCipher {
             let mut t0s = [0u128; FAST_SECTORS];
             let mut iv = offset / 512;
             let iv_step = (ss / 512) as u64;
-            for chunk in data.chunks_mut(ss * FAST_SECTORS) {
+            for (ci, chunk) in data.chunks_mut(ss * FAST_SECTORS).enumerate() {
                 let n = chunk.len() / ss;
+                let start = ci * ss * FAST_SECTORS;
+                let from = src.and_then(|s| s.get(start..start + chunk.len()));
                 for b in ivs.iter_mut().take(n) {
                     let mut x = [0u8; BLOCK];
                     x[..8].copy_from_slice(&iv.to_le_bytes());
@@ -188,9 +196,12 @@ impl SectorCipher {
                 for (t, b) in t0s.iter_mut().zip(&ivs[..n]) {
                     *t = u128::from_le_bytes(b.0);
                 }
-                fast.run(encrypt, chunk, &t0s[..n], ss);
+                fast.run(encrypt, from, chunk, &t0s[..n], ss);
             }
             return;
+        }
+        if let Some(s) = src {
+            data.copy_from_slice(s);
         }
         self.run_portable(data, offset, encrypt);
     }
@@ -410,6 +421,24 @@ mod tests {
     fn fast_path_is_used_when_available() {
         let c = SectorCipher::new(&[1u8; 64], 512).unwrap();
         assert_eq!(c.fast.is_some(), vaes::available());
+    }
+
+    #[test]
+    fn encrypt_to_over_many_chunks_matches_in_place() {
+        let key: Vec<u8> = (0..64u8).rev().collect();
+        for ss in [512usize, 4096] {
+            let c = SectorCipher::new(&key, ss).unwrap();
+            let src: Vec<u8> = (0..ss * 70).map(|i| (i * 7 % 253) as u8).collect();
+            let mut inplace = src.clone();
+            c.encrypt(&mut inplace, 4096 * 3).unwrap();
+            let mut out = vec![0u8; src.len()];
+            c.encrypt_to(&src, &mut out, 4096 * 3).unwrap();
+            assert_eq!(out, inplace);
+            let mut p = src.clone();
+            c.run_portable(&mut p, 4096 * 3, true);
+            assert_eq!(p, inplace);
+            assert!(c.encrypt_to(&src[..ss], &mut out, 0).is_err());
+        }
     }
 
     #[test]

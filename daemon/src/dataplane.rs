@@ -56,7 +56,7 @@ struct Attached {
 
 /// Where NBD clients reach the daemon.
 #[derive(Debug, Clone)]
-pub enum NbdEndpoint {
+enum NbdEndpoint {
     /// A Unix socket path.
     Unix(PathBuf),
     /// `HOST:PORT`.
@@ -66,39 +66,72 @@ pub enum NbdEndpoint {
 /// `emberd serve`'s data plane.
 pub struct EmberDataPlane {
     pools: Vec<Arc<dyn Pool>>,
-    nbd: NbdServer,
+    /// `None` once shut down.
+    nbd: Mutex<Option<NbdServer>>,
     nbd_endpoints: Vec<NbdEndpoint>,
     vhost_dir: PathBuf,
     volumes: Mutex<HashMap<String, Attached>>,
 }
 
 impl EmberDataPlane {
-    /// A data plane over `pools` (name → directory), an NBD server listening on
-    /// `nbd_endpoints`, and vhost-user sockets in `vhost_dir`.
-    pub fn new(
+    /// Open the pools (name → directory), start the NBD server listening on `listen`,
+    /// and put vhost-user sockets in `vhost_dir`. Returns the bound NBD addresses too.
+    pub fn start(
         pools: Vec<(String, PathBuf)>,
-        nbd: NbdServer,
-        nbd_endpoints: Vec<NbdEndpoint>,
+        listen: &[ListenAddr],
         vhost_dir: PathBuf,
-    ) -> anyhow::Result<Self> {
+    ) -> anyhow::Result<(Self, Vec<String>)> {
         let mut ps: Vec<Arc<dyn Pool>> = Vec::new();
         for (name, dir) in pools {
             let p = DirPool::open(name.clone(), &dir)
                 .with_context(|| format!("open pool {name} at {}", dir.display()))?;
             ps.push(Arc::new(p));
         }
-        Ok(EmberDataPlane {
-            pools: ps,
-            nbd,
-            nbd_endpoints,
-            vhost_dir,
-            volumes: Mutex::new(HashMap::new()),
-        })
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let server = NbdServer::start(threads)?;
+        let mut bound = Vec::new();
+        let mut endpoints = Vec::new();
+        for a in listen {
+            match server.listen(a) {
+                Ok(b) => {
+                    endpoints.push(match a {
+                        ListenAddr::Unix(p) => NbdEndpoint::Unix(p.clone()),
+                        ListenAddr::Tcp(_) => NbdEndpoint::Tcp(b.clone()),
+                    });
+                    bound.push(b);
+                }
+                Err(e) => {
+                    server.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        Ok((
+            EmberDataPlane {
+                pools: ps,
+                nbd: Mutex::new(Some(server)),
+                nbd_endpoints: endpoints,
+                vhost_dir,
+                volumes: Mutex::new(HashMap::new()),
+            },
+            bound,
+        ))
     }
 
-    /// Start accepting NBD clients on `addr` (one of the endpoints given to [`Self::new`]).
-    pub fn listen_nbd(&self, addr: &ListenAddr) -> anyhow::Result<String> {
-        self.nbd.listen(addr)
+    /// Stop listening, close NBD connections and join the I/O threads.
+    pub fn shutdown(&self) {
+        let server = lock(&self.nbd).take();
+        if let Some(s) = server {
+            s.shutdown();
+        }
+    }
+
+    fn with_nbd<T>(&self, f: impl FnOnce(&NbdServer) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let g = lock(&self.nbd);
+        let server = g.as_ref().context("the NBD server is shut down")?;
+        f(server)
     }
 
     fn nbd_info(&self, volume_id: &str) -> serde_json::Value {
@@ -166,13 +199,34 @@ fn vhost_socket(dir: &Path, volume_id: &str, attachment_id: &str) -> PathBuf {
 }
 
 impl DataPlane for EmberDataPlane {
+    /// A bare NBD export of a file (no attachment bookkeeping); idempotent.
     fn open_export(&self, spec: &ExportSpec) -> anyhow::Result<()> {
-        bail!(
-            "open_export is superseded by attach (volume {})",
-            spec.volume_id
-        )
+        self.with_nbd(|server| {
+            if server.export_names().contains(&spec.volume_id) {
+                return Ok(());
+            }
+            let opts = OpenOptions {
+                read_only: spec.read_only,
+                ..OpenOptions::default()
+            };
+            let mut dev = open(
+                &BackendSpec::File {
+                    path: spec.path.clone(),
+                },
+                &opts,
+            )
+            .with_context(|| format!("open {}", spec.path.display()))?;
+            if let Some(pass) = &spec.passphrase {
+                dev = Arc::new(
+                    CryptDevice::open(dev, pass, &ember_crypto::OpenOptions::default())
+                        .context("unlock the LUKS volume")?,
+                );
+            }
+            server.add_export(&spec.volume_id, dev, spec.read_only)
+        })
     }
 
+    /// End every attachment and export of a volume.
     fn close_export(&self, volume_id: &str) -> anyhow::Result<()> {
         let ids: Vec<String> = lock(&self.volumes)
             .get(volume_id)
@@ -180,6 +234,9 @@ impl DataPlane for EmberDataPlane {
             .unwrap_or_default();
         for id in ids {
             self.detach(volume_id, &id)?;
+        }
+        if let Some(s) = lock(&self.nbd).as_ref() {
+            s.remove_export(volume_id);
         }
         Ok(())
     }
@@ -258,8 +315,8 @@ impl DataPlane for EmberDataPlane {
             Protocol::Nbd => {
                 let has_nbd = a.attachments.values().any(|x| matches!(x, Attachment::Nbd));
                 if !has_nbd {
-                    self.nbd
-                        .add_export(&spec.volume_id, stack()?, spec.read_only)
+                    let dev = stack()?;
+                    self.with_nbd(|s| s.add_export(&spec.volume_id, dev, spec.read_only))
                         .context("add the NBD export")?;
                 }
                 (Attachment::Nbd, self.nbd_info(&spec.volume_id))
@@ -298,7 +355,9 @@ impl DataPlane for EmberDataPlane {
                 if !a.attachments.values().any(|x| matches!(x, Attachment::Nbd)) =>
             {
                 // The last NBD attachment: the export goes.
-                self.nbd.remove_export(volume_id);
+                if let Some(s) = lock(&self.nbd).as_ref() {
+                    s.remove_export(volume_id);
+                }
             }
             Some(Attachment::Nbd) => {}
             Some(Attachment::Vhost { export, socket }) => {

@@ -9,14 +9,14 @@
 //! Storage pools come from the config (`[pools.NAME] path = "…"`); the default is one
 //! directory pool `default` at `DATA/pools/default`.
 //!
-//! The control plane reaches the data plane through [`ember_control::DataPlane`],
-//! implemented by [`EmberDataPlane`]: storage pools, LUKS header work, NBD exports on the
-//! `--nbd` listeners and vhost-user sockets in `--vhost-dir`. At start-up a
-//! reconciliation pass cleans up after a crash; lock leases are renewed every third of
-//! `--lock-lease-secs`.
+//! The data plane: an NBD server listens on every `--nbd` address; the control plane
+//! reaches it only through [`ember_control::DataPlane`], implemented by
+//! [`EmberDataPlane`]: storage pools, LUKS header work, NBD exports named after the
+//! volume id and vhost-user sockets in `--vhost-dir`. At start-up a reconciliation pass
+//! cleans up after a crash; lock leases are renewed every third of `--lock-lease-secs`.
 
-use crate::dataplane::{EmberDataPlane, NbdEndpoint};
-use crate::nbd::{ListenAddr, NbdServer};
+use crate::dataplane::EmberDataPlane;
+use crate::nbd::ListenAddr;
 use anyhow::Context;
 use clap::Args;
 use ember_control::{Control, ControlConfig};
@@ -80,36 +80,12 @@ pub struct PoolConfig {
     pub path: PathBuf,
 }
 
-/// An NBD listen address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum NbdAddr {
-    Tcp(std::net::SocketAddr),
-    Unix(PathBuf),
-}
-
-impl NbdAddr {
-    fn parse(s: &str) -> anyhow::Result<NbdAddr> {
-        if let Some(p) = s.strip_prefix("unix:") {
-            anyhow::ensure!(!p.is_empty(), "--nbd unix: needs a path");
-            return Ok(NbdAddr::Unix(PathBuf::from(p)));
-        }
-        s.parse()
-            .map(NbdAddr::Tcp)
-            .with_context(|| format!("--nbd {s:?}: expected HOST:PORT or unix:PATH"))
-    }
-}
-
-/// Default lease of this node's database locks.
-pub const DEFAULT_LOCK_LEASE_SECS: u64 = 30;
-/// NBD I/O threads of `emberd serve`.
-const NBD_THREADS: usize = 2;
-
 /// Effective settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub rest: std::net::SocketAddr,
-    pub nbd: Vec<NbdAddr>,
+    pub nbd: Vec<ListenAddr>,
     pub vhost_dir: PathBuf,
     pub database: String,
     pub node_name: String,
@@ -117,6 +93,9 @@ pub struct ServeConfig {
     pub pools: BTreeMap<String, PoolConfig>,
     pub lock_lease: Duration,
 }
+
+/// Default lease of this node's database locks.
+pub const DEFAULT_LOCK_LEASE_SECS: u64 = 30;
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -154,7 +133,10 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     };
     let nbd = nbd_raw
         .iter()
-        .map(|s| NbdAddr::parse(s))
+        .map(|s| {
+            s.parse::<ListenAddr>()
+                .with_context(|| format!("--nbd {s:?}"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let vhost_dir = args
         .vhost_dir
@@ -164,6 +146,13 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         .database
         .or(file.database)
         .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("ember.db").display()));
+    anyhow::ensure!(
+        ["sqlite:", "mysql:", "mariadb:"]
+            .iter()
+            .any(|p| database.starts_with(p)),
+        "unsupported database URL {:?}: use sqlite://PATH or mysql://USER:PASSWORD@HOST/DB",
+        ember_control::store::redact(&database)
+    );
     let node_name = args.node_name.or(file.node_name).unwrap_or_else(hostname);
     anyhow::ensure!(
         !node_name.is_empty() && node_name.len() <= 255,
@@ -214,31 +203,21 @@ fn create_dir(p: &Path, what: &str) -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    // Install the handlers first: a SIGTERM that arrives while we start is then handled
+    // as soon as the server runs, instead of killing the process half-way.
+    let signals = Signals::install()?;
     create_dir(&cfg.data_dir, "data dir")?;
     create_dir(&cfg.vhost_dir, "vhost dir")?;
     for (name, pool) in &cfg.pools {
         create_dir(&pool.path, &format!("pool {name}"))?;
     }
-    let nbd = NbdServer::start(NBD_THREADS)?;
-    let endpoints = cfg
-        .nbd
-        .iter()
-        .map(|a| match a {
-            NbdAddr::Tcp(t) => NbdEndpoint::Tcp(t.to_string()),
-            NbdAddr::Unix(p) => NbdEndpoint::Unix(p.clone()),
-        })
-        .collect();
     let pools = cfg
         .pools
         .iter()
         .map(|(n, p)| (n.clone(), p.path.clone()))
         .collect();
-    let dataplane = Arc::new(EmberDataPlane::new(
-        pools,
-        nbd,
-        endpoints,
-        cfg.vhost_dir.clone(),
-    )?);
+    let (dataplane, nbd_bound) = EmberDataPlane::start(pools, &cfg.nbd, cfg.vhost_dir.clone())?;
+    let dataplane = Arc::new(dataplane);
     let ccfg = ControlConfig {
         data_dir: cfg.data_dir.clone(),
         database: cfg.database.clone(),
@@ -246,24 +225,25 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         node_name: cfg.node_name.clone(),
         rest_address: cfg.rest.to_string(),
     };
-    let control = Control::open(&ccfg, dataplane.clone()).await?;
-    // Listen for NBD clients once the database is known to be usable.
-    for a in &cfg.nbd {
-        let addr = match a {
-            NbdAddr::Tcp(t) => ListenAddr::Tcp(t.to_string()),
-            NbdAddr::Unix(p) => ListenAddr::Unix(p.clone()),
-        };
-        dataplane
-            .listen_nbd(&addr)
-            .with_context(|| format!("listen on --nbd {a:?}"))?;
-    }
+    let control = match Control::open(&ccfg, dataplane.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            dataplane.shutdown();
+            return Err(e);
+        }
+    };
     control.state.locks().set_lease(cfg.lock_lease);
-    ember_control::volumes::reconcile::reconcile(&control.state)
-        .await
-        .context("start-up reconciliation")?;
-    let listener = tokio::net::TcpListener::bind(cfg.rest)
-        .await
-        .with_context(|| format!("listen on --rest {}", cfg.rest))?;
+    if let Err(e) = ember_control::volumes::reconcile::reconcile(&control.state).await {
+        dataplane.shutdown();
+        return Err(e.context("start-up reconciliation"));
+    }
+    let listener = match tokio::net::TcpListener::bind(cfg.rest).await {
+        Ok(l) => l,
+        Err(e) => {
+            dataplane.shutdown();
+            return Err(anyhow::Error::new(e).context(format!("listen on --rest {}", cfg.rest)));
+        }
+    };
     let addr = listener.local_addr()?;
     tracing::info!(
         rest = %addr,
@@ -273,7 +253,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         pools = ?cfg.pools.keys().collect::<Vec<_>>(),
         "emberd serve: REST API listening"
     );
-    tracing::info!(nbd = ?cfg.nbd, "NBD front end listening");
+    tracing::info!(listeners = %nbd_bound.join(" "), "NBD server listening");
     let control = Arc::new(control);
     let hb = control.clone();
     let heartbeat = tokio::spawn(async move {
@@ -299,9 +279,11 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     });
-    axum_serve(listener, control.router()).await?;
+    let served = axum_serve(listener, control.router(), signals).await;
     heartbeat.abort();
     leases.abort();
+    dataplane.shutdown();
+    served?;
     tracing::info!("emberd serve: stopped");
     Ok(())
 }
@@ -309,29 +291,35 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 async fn axum_serve(
     listener: tokio::net::TcpListener,
     router: axum_router::Router,
+    signals: Signals,
 ) -> anyhow::Result<()> {
     axum_router::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(signals.wait())
         .await
         .context("REST server")
 }
 
 use ember_control::axum as axum_router;
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let term = signal(SignalKind::terminate());
-    let int = signal(SignalKind::interrupt());
-    match (term, int) {
-        (Ok(mut t), Ok(mut i)) => {
-            tokio::select! {
-                _ = t.recv() => tracing::info!("SIGTERM: shutting down"),
-                _ = i.recv() => tracing::info!("SIGINT: shutting down"),
-            }
-        }
-        _ => {
-            tracing::error!("cannot install signal handlers; stop with SIGKILL");
-            std::future::pending::<()>().await;
+/// SIGTERM and SIGINT streams.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
         }
     }
 }
@@ -359,10 +347,7 @@ mod tests {
         let c = resolve(args()).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("./ember-data"));
         assert_eq!(c.rest.to_string(), "127.0.0.1:8776");
-        assert_eq!(
-            c.nbd,
-            vec![NbdAddr::Tcp("127.0.0.1:10809".parse().unwrap())]
-        );
+        assert_eq!(c.nbd, vec![ListenAddr::Tcp("127.0.0.1:10809".into())]);
         assert_eq!(c.vhost_dir, PathBuf::from("./ember-data/vhost"));
         assert_eq!(c.database, "sqlite://./ember-data/ember.db");
         assert_eq!(
@@ -387,7 +372,7 @@ mod tests {
         let c = resolve(a).unwrap();
         assert_eq!(c.rest.to_string(), "127.0.0.1:1234", "flag beats file");
         assert_eq!(c.data_dir, PathBuf::from("/srv/ember"));
-        assert_eq!(c.nbd[0], NbdAddr::Unix("/run/e.sock".into()));
+        assert_eq!(c.nbd[0], ListenAddr::Unix("/run/e.sock".into()));
         assert_eq!(c.database, "mysql://u:p@db/ember");
         assert_eq!(c.vhost_dir, PathBuf::from("/srv/ember/vhost"));
         assert_eq!(c.pools.len(), 1);

@@ -657,10 +657,7 @@ async fn passphrase(
         .await?
         .ok_or_else(|| ApiError::internal(format!("encryption key {key_id} vanished")))?;
     let payload = Zeroizing::new(st.master().open(key_id, &k.sealed)?);
-    Ok(Zeroizing::new(crate::keys::passphrase_for(
-        &k.secret_type,
-        &payload,
-    )))
+    Ok(crate::keys::passphrase_for(&k.secret_type, &payload))
 }
 
 // ---------------------------------------------------------------------------------------

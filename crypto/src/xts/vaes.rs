@@ -184,23 +184,39 @@ impl Keys {
         Some(k)
     }
 
-    /// En- or decrypt `data` in place: consecutive sectors of `sector_size` bytes whose
-    /// first tweaks (already encrypted with key 2) are `t0s`.
-    pub(super) fn run(&self, encrypt: bool, data: &mut [u8], t0s: &[u128], sector_size: usize) {
-        debug_assert!(sector_size.is_multiple_of(256));
-        debug_assert_eq!(data.len(), t0s.len() * sector_size);
-        // SAFETY: a `Keys` exists only if `available()` returned true (see module docs).
+    /// En- or decrypt consecutive sectors of `sector_size` bytes whose first tweaks
+    /// (already encrypted with key 2) are `t0s`: from `src` into `data` when `src` is given
+    /// (same length), else in place.
+    pub(super) fn run(
+        &self,
+        encrypt: bool,
+        src: Option<&[u8]>,
+        data: &mut [u8],
+        t0s: &[u128],
+        sector_size: usize,
+    ) {
+        assert!(sector_size.is_multiple_of(256), "sector size");
+        assert_eq!(data.len(), t0s.len() * sector_size, "data length");
+        assert!(src.is_none_or(|s| s.len() == data.len()), "source length");
+        // SAFETY: a `Keys` exists only if `available()` returned true (see module docs);
+        // the lengths were checked just above.
         unsafe {
             if encrypt {
-                self.run_impl::<true>(data, t0s, sector_size)
+                self.run_impl::<true>(src, data, t0s, sector_size)
             } else {
-                self.run_impl::<false>(data, t0s, sector_size)
+                self.run_impl::<false>(src, data, t0s, sector_size)
             }
         }
     }
 
     #[target_feature(enable = "aes,vaes,avx2")]
-    fn run_impl<const ENC: bool>(&self, data: &mut [u8], t0s: &[u128], sector_size: usize) {
+    fn run_impl<const ENC: bool>(
+        &self,
+        src: Option<&[u8]>,
+        data: &mut [u8],
+        t0s: &[u128],
+        sector_size: usize,
+    ) {
         let keys = if ENC { &self.enc } else { &self.dec };
         let nr = self.rounds;
         let mut rk = [_mm256_setzero_si256(); 15];
@@ -212,7 +228,12 @@ impl Keys {
         }
         let rk0 = rk[0];
         let rkl = rk[nr];
-        for (sector, &t0) in data.chunks_exact_mut(sector_size).zip(t0s) {
+        let len = data.len();
+        let dst_base = data.as_mut_ptr();
+        // In place: read from the destination itself (every 256-byte step is loaded
+        // completely before any of it is stored).
+        let src_base = src.map_or(dst_base.cast_const(), <[u8]>::as_ptr);
+        for (s, &t0) in t0s.iter().enumerate().take(len / sector_size) {
             let mut tw = [0u128; 16];
             for (i, t) in tw.iter_mut().enumerate() {
                 *t = mul_ai(t0, i as u32);
@@ -222,12 +243,14 @@ impl Keys {
                 // SAFETY: reading 32 bytes (two u128) at index 2i < 16.
                 *v = unsafe { _mm256_loadu_si256(tw.as_ptr().add(2 * i).cast()) };
             }
-            for step in sector.chunks_exact_mut(256) {
-                let p = step.as_mut_ptr();
+            for step in 0..sector_size / 256 {
+                let at = s * sector_size + step * 256;
+                debug_assert!(at + 256 <= len);
                 let mut x = [_mm256_setzero_si256(); 8];
                 for i in 0..8 {
-                    // SAFETY: 32-byte load at offset 32i < 256 within `step`.
-                    let v = unsafe { _mm256_loadu_si256(p.add(32 * i).cast()) };
+                    // SAFETY: 32-byte load at `at + 32i`, inside the source (same length as
+                    // `data`, checked by `run`): at + 256 <= len.
+                    let v = unsafe { _mm256_loadu_si256(src_base.add(at + 32 * i).cast()) };
                     x[i] = _mm256_xor_si256(v, _mm256_xor_si256(t[i], rk0));
                 }
                 for k in &rk[1..nr] {
@@ -246,8 +269,8 @@ impl Keys {
                     } else {
                         _mm256_aesdeclast_epi128(x[i], last)
                     };
-                    // SAFETY: 32-byte store at offset 32i < 256 within `step`.
-                    unsafe { _mm256_storeu_si256(p.add(32 * i).cast(), v) };
+                    // SAFETY: 32-byte store at `at + 32i` inside `data` (at + 256 <= len).
+                    unsafe { _mm256_storeu_si256(dst_base.add(at + 32 * i).cast(), v) };
                     t[i] = mul_a16(t[i]);
                 }
             }

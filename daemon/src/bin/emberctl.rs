@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 /// Command-line client for emberd's REST API.
 #[derive(Debug, Parser)]
-#[command(name = "emberctl", version, about)]
+#[command(name = "emberctl", version)]
 struct Cli {
     /// API endpoint.
     #[arg(
@@ -61,7 +61,9 @@ enum Cmd {
 enum ProjectCmd {
     /// Create a project.
     Create {
+        /// Project name (unique).
         name: String,
+        /// Free-text description.
         #[arg(long)]
         description: Option<String>,
     },
@@ -98,7 +100,9 @@ enum TypeCmd {
 
 #[derive(Debug, Args)]
 struct TypeCreate {
+    /// Type name (unique).
     name: String,
+    /// Free-text description.
     #[arg(long)]
     description: Option<String>,
     /// Make the type private.
@@ -136,6 +140,7 @@ enum SecretCmd {
 
 #[derive(Debug, Args)]
 struct SecretCreate {
+    /// Secret name.
     #[arg(long)]
     name: Option<String>,
     /// symmetric, passphrase or opaque.
@@ -150,8 +155,10 @@ struct SecretCreate {
     /// Let the server generate a random symmetric key of this many bits (a key order).
     #[arg(long)]
     generate_bits: Option<u32>,
+    /// Algorithm recorded with the secret (orders default to aes).
     #[arg(long)]
     algorithm: Option<String>,
+    /// Cipher mode recorded with the secret (e.g. xts).
     #[arg(long)]
     mode: Option<String>,
 }
