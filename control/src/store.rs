@@ -154,10 +154,23 @@ impl Db {
                 } else {
                     stmt.to_string()
                 };
-                sqlx::query(AssertSqlSafe(sql))
-                    .execute(&self.pool)
-                    .await
-                    .with_context(|| format!("migration {version}: {stmt}"))?;
+                match sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await {
+                    Ok(_) => {}
+                    // ADD COLUMN / CREATE INDEX have no portable IF NOT EXISTS: a second
+                    // node migrating at the same time finds them done.
+                    Err(sqlx::Error::Database(d))
+                        if d.message()
+                            .to_ascii_lowercase()
+                            .contains("duplicate column name")
+                            || d.message().contains("Duplicate key name")
+                            || (stmt.starts_with("CREATE INDEX")
+                                && d.message().contains("already exists")) => {}
+                    Err(e) => {
+                        return Err(
+                            anyhow::Error::new(e).context(format!("migration {version}: {stmt}"))
+                        )
+                    }
+                }
             }
             let r = sqlx::query("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)")
                 .bind(*version)
