@@ -384,3 +384,96 @@ impl DataPlane for EmberDataPlane {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_blockdev::layer::throttle::QosLimits;
+
+    fn names(dp: &EmberDataPlane) -> Vec<String> {
+        dp.with_nbd(|s| Ok(s.export_names())).unwrap()
+    }
+
+    #[test]
+    fn exports_attachments_luks_and_shutdown() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("nbd.sock");
+        let (dp, bound) = EmberDataPlane::start(
+            vec![("default".into(), d.path().join("pool"))],
+            &[ListenAddr::Unix(sock.clone())],
+            d.path().join("vhost"),
+        )
+        .unwrap();
+        assert_eq!(bound, vec![format!("unix:{}", sock.display())]);
+        let pool = dp.pools().pop().unwrap();
+        let spec = pool.create("v1", 32 << 20).unwrap();
+
+        // LUKS format, then a clone-style rekey.
+        let f = LuksFormat {
+            version: 2,
+            key_bits: 512,
+        };
+        dp.luks_format(&spec, b"old", &f).unwrap();
+        dp.luks_change_key(&spec, b"old", b"new").unwrap();
+        assert!(
+            dp.luks_change_key(&spec, b"old", b"x").is_err(),
+            "old key removed"
+        );
+        assert!(dp
+            .luks_format(
+                &spec,
+                b"p",
+                &LuksFormat {
+                    version: 2,
+                    key_bits: 100
+                }
+            )
+            .is_err());
+
+        // Two NBD attachments share one export; it goes with the last one.
+        let att = |id: &str, pass: &[u8]| AttachSpec {
+            volume_id: "v1".into(),
+            attachment_id: id.into(),
+            backend: spec.clone(),
+            protocol: Protocol::Nbd,
+            read_only: false,
+            passphrase: Some(ember_crypto::Zeroizing::new(pass.to_vec())),
+            qos: QosLimits {
+                total_iops_sec: Some(1000),
+                ..Default::default()
+            },
+        };
+        assert!(dp.attach(&att("a0", b"wrong")).is_err(), "wrong passphrase");
+        let info = dp.attach(&att("a1", b"new")).unwrap();
+        assert_eq!(info["driver_volume_type"], "nbd");
+        assert_eq!(
+            info["data"]["uri"],
+            format!("nbd+unix:///v1?socket={}", sock.display())
+        );
+        dp.attach(&att("a2", b"new")).unwrap();
+        assert_eq!(names(&dp), vec!["v1".to_string()]);
+        dp.detach("v1", "a1").unwrap();
+        assert_eq!(names(&dp), vec!["v1".to_string()]);
+        dp.detach("v1", "a2").unwrap();
+        dp.detach("v1", "a2").unwrap();
+        assert!(names(&dp).is_empty());
+        dp.resize("v1", 64 << 20).unwrap();
+
+        // Bare exports (open/close_export) are idempotent.
+        let e = ExportSpec {
+            volume_id: "v1".into(),
+            path: d.path().join("pool").join("v1.img"),
+            read_only: true,
+            passphrase: Some(b"new".to_vec().into()),
+        };
+        dp.open_export(&e).unwrap();
+        dp.open_export(&e).unwrap();
+        assert_eq!(names(&dp), vec!["v1".to_string()]);
+        dp.close_export("v1").unwrap();
+        assert!(names(&dp).is_empty());
+
+        dp.shutdown();
+        assert!(!sock.exists(), "the socket is removed at shutdown");
+        assert!(dp.open_export(&e).is_err());
+    }
+}
