@@ -547,6 +547,14 @@ fn bad_flags_fail_clearly() {
         vec!["--nbd", "nonsense"],
         vec!["--nbd", "unix:"],
         vec!["--nbd", "localhost:notaport"],
+        vec![
+            "--vhost-user",
+            "/tmp/x.sock",
+            "--num-queues",
+            "0",
+            "--nbd",
+            "unix:/tmp/y.sock",
+        ],
         vec![],
     ] {
         let mut c = Command::new(emberd_bin());

@@ -518,3 +518,359 @@ fn guest_vhost_and_nbd_share_one_volume() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("Pattern verification failed"), "{text}");
 }
+
+mod raw {
+    //! A hand-rolled vhost-user frontend (the `vhost` crate's `Frontend`) that puts
+    //! malformed requests in the ring and sends a bad memory table.
+
+    use std::fs::File;
+    use std::os::fd::AsRawFd;
+    use std::os::fd::FromRawFd;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+    use vm_memory::{
+        Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion,
+    };
+    use vmm_sys_util::eventfd::EventFd;
+
+    pub const MEM: usize = 1 << 20;
+    pub const QSIZE: u16 = 32;
+    pub const DESC: u64 = 0;
+    pub const AVAIL: u64 = 0x1000;
+    pub const USED: u64 = 0x2000;
+
+    pub fn memfd(len: usize) -> File {
+        // SAFETY: valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd we own.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len as u64).unwrap();
+        f
+    }
+
+    pub fn region(f: &File, gpa: u64, len: usize) -> GuestRegionMmap<()> {
+        let m = MmapRegion::from_file(FileOffset::new(f.try_clone().unwrap(), 0), len).unwrap();
+        GuestRegionMmap::new(m, GuestAddress(gpa)).unwrap()
+    }
+
+    /// How a connection sets up inflight tracking.
+    pub enum Inflight {
+        None,
+        /// GET_INFLIGHT_FD then SET_INFLIGHT_FD (a first connection).
+        Get,
+        /// SET_INFLIGHT_FD with an area kept from before (a reconnection).
+        Set(VhostUserInflight, File),
+    }
+
+    pub struct Guest {
+        pub mem: GuestMemoryMmap<()>,
+        pub kick: EventFd,
+        pub mem_file: File,
+        pub inflight: Option<(VhostUserInflight, File)>,
+        // Kept open for the connection's lifetime.
+        _region: Arc<GuestRegionMmap<()>>,
+        _fe: Frontend,
+        _call: EventFd,
+        pub next_desc: u16,
+        pub avail_idx: u16,
+    }
+
+    impl Guest {
+        pub fn connect(sock: &std::path::Path) -> Guest {
+            Guest::setup(sock, memfd(MEM), Inflight::None)
+        }
+
+        /// Connect with guest memory `f` (which may hold rings from an earlier
+        /// connection: the vring base is the current used index, as QEMU does after a
+        /// backend crash) and the given inflight setup.
+        pub fn setup(sock: &std::path::Path, f: File, inflight: Inflight) -> Guest {
+            let region = Arc::new(region(&f, 0, MEM));
+            let mem = GuestMemoryMmap::from_arc_regions(vec![region.clone()]).unwrap();
+            let mut fe = Frontend::connect(sock, 1).unwrap();
+            fe.set_owner().unwrap();
+            let features = fe.get_features().unwrap();
+            // Keep it simple: no EVENT_IDX, no indirect descriptors.
+            fe.set_features(features & !(1 << 29) & !(1 << 28)).unwrap();
+            let pf = fe.get_protocol_features().unwrap();
+            assert!(pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+            fe.set_protocol_features(
+                VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            )
+            .unwrap();
+            // Wait for the backend's ack of every message (so "enabled" means running).
+            fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+            let info = VhostUserMemoryRegionInfo::from_guest_region(&region).unwrap();
+            fe.set_mem_table(&[info]).unwrap();
+            let va = region.as_ptr() as u64;
+            fe.set_vring_num(0, QSIZE).unwrap();
+            fe.set_vring_addr(
+                0,
+                &VringConfigData {
+                    queue_max_size: QSIZE,
+                    queue_size: QSIZE,
+                    flags: 0,
+                    desc_table_addr: va + DESC,
+                    used_ring_addr: va + USED,
+                    avail_ring_addr: va + AVAIL,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+            let inflight = match inflight {
+                Inflight::None => None,
+                Inflight::Get => {
+                    let want = VhostUserInflight::new(0, 0, 1, QSIZE);
+                    let (info, file) = fe.get_inflight_fd(&want).unwrap();
+                    fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+                    Some((info, file))
+                }
+                Inflight::Set(info, file) => {
+                    fe.set_inflight_fd(&info, file.as_raw_fd()).unwrap();
+                    Some((info, file))
+                }
+            };
+            let used: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+            let avail_idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+            fe.set_vring_base(0, used).unwrap();
+            let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            fe.set_vring_call(0, &call).unwrap();
+            fe.set_vring_kick(0, &kick).unwrap();
+            fe.set_vring_enable(0, true).unwrap();
+            Guest {
+                mem,
+                kick,
+                mem_file: f,
+                inflight,
+                _region: region,
+                _fe: fe,
+                _call: call,
+                next_desc: 0,
+                avail_idx,
+            }
+        }
+
+        /// Put a chain of (addr, len, device-writable) in the ring; returns its head.
+        pub fn push(&mut self, chain: &[(u64, u32, bool)]) -> u16 {
+            let head = self.next_desc;
+            for (i, &(addr, len, write)) in chain.iter().enumerate() {
+                let idx = self.next_desc;
+                let last = i + 1 == chain.len();
+                let flags: u16 = if last { 0 } else { 1 } | if write { 2 } else { 0 };
+                let at = DESC + u64::from(idx) * 16;
+                let m = &self.mem;
+                m.write_obj(addr, GuestAddress(at)).unwrap();
+                m.write_obj(len, GuestAddress(at + 8)).unwrap();
+                m.write_obj(flags, GuestAddress(at + 12)).unwrap();
+                m.write_obj(idx + 1, GuestAddress(at + 14)).unwrap();
+                self.next_desc += 1;
+            }
+            let slot = AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
+            self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+            self.avail_idx += 1;
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+            self.mem
+                .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+                .unwrap();
+            head
+        }
+
+        pub fn header(&self, at: u64, rtype: u32, sector: u64) {
+            self.mem.write_obj(rtype, GuestAddress(at)).unwrap();
+            self.mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+            self.mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+        }
+
+        /// Kick and wait until the used index reaches `n`.
+        pub fn kick_and_wait(&self, n: u16) {
+            self.kick.write(1).unwrap();
+            let t = Instant::now();
+            loop {
+                let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+                if used >= n {
+                    return;
+                }
+                let st: Vec<u8> = (0..8).map(|i| self.byte(0x5000 + i)).collect();
+                assert!(
+                    t.elapsed() < Duration::from_secs(30),
+                    "used index stuck at {used}; status bytes {st:?}"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        pub fn byte(&self, at: u64) -> u8 {
+            self.mem.read_obj(GuestAddress(at)).unwrap()
+        }
+    }
+}
+
+#[test]
+fn raw_frontend_bad_requests_get_an_error_status_and_the_daemon_lives_on() {
+    let e = export(&["--name", "raw"]);
+    let mut g = raw::Guest::connect(&e.sock);
+    let pattern = pattern(7, 512);
+    g.mem
+        .write_slice(&pattern, vm_memory::GuestAddress(0x4000))
+        .unwrap();
+    use vm_memory::Bytes;
+    // 1. A good write of sector 3.
+    g.header(0x3000, 1, 3);
+    g.push(&[(0x3000, 16, false), (0x4000, 512, false), (0x5000, 1, true)]);
+    // 2. Data outside guest memory.
+    g.header(0x3010, 0, 0);
+    g.push(&[
+        (0x3010, 16, false),
+        (0x40_0000_0000, 512, true),
+        (0x5001, 1, true),
+    ]);
+    // 3. Unknown request type.
+    g.header(0x3020, 99, 0);
+    g.push(&[(0x3020, 16, false), (0x5002, 1, true)]);
+    // 4. A header of 8 bytes.
+    g.header(0x3030, 0, 0);
+    g.push(&[(0x3030, 8, false), (0x5003, 1, true)]);
+    // 5. Beyond the end of the device.
+    g.header(0x3040, 0, SIZE / 512);
+    g.push(&[(0x3040, 16, false), (0x6000, 512, true), (0x5004, 1, true)]);
+    // 6. GET_ID.
+    g.header(0x3050, 8, 0);
+    g.push(&[(0x3050, 16, false), (0x7000, 20, true), (0x5005, 1, true)]);
+    for s in 0..7u64 {
+        g.mem
+            .write_obj(0xffu8, vm_memory::GuestAddress(0x5000 + s))
+            .unwrap();
+    }
+    // Requests in flight together have no order: let the write finish before reading.
+    g.kick_and_wait(6);
+    // 7. A good read of sector 3 into 0x8000.
+    g.header(0x3060, 0, 3);
+    g.push(&[(0x3060, 16, false), (0x8000, 512, true), (0x5006, 1, true)]);
+    g.kick_and_wait(7);
+    let st: Vec<u8> = (0..7).map(|i| g.byte(0x5000 + i)).collect();
+    assert_eq!(st, vec![0, 1, 2, 1, 1, 0, 0], "statuses");
+    let mut id = [0u8; 20];
+    g.mem
+        .read_slice(&mut id, vm_memory::GuestAddress(0x7000))
+        .unwrap();
+    assert_eq!(&id[..4], b"raw\0");
+    let mut back = vec![0u8; 512];
+    g.mem
+        .read_slice(&mut back, vm_memory::GuestAddress(0x8000))
+        .unwrap();
+    assert!(back == pattern);
+    drop(g);
+
+    // A memory table with overlapping regions is refused (REPLY_ACK reports it).
+    {
+        use vhost::vhost_user::message::VhostUserProtocolFeatures;
+        use vhost::vhost_user::{Frontend, VhostUserFrontend};
+        use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+        let f = raw::memfd(raw::MEM);
+        let a = raw::region(&f, 0, 0x10000);
+        let b = raw::region(&f, 0x8000, 0x10000);
+        let mut fe = Frontend::connect(&e.sock, 1).unwrap();
+        fe.set_owner().unwrap();
+        let features = fe.get_features().unwrap();
+        fe.set_features(features).unwrap();
+        fe.get_protocol_features().unwrap();
+        fe.set_protocol_features(VhostUserProtocolFeatures::REPLY_ACK)
+            .unwrap();
+        fe.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);
+        let regions = [
+            VhostUserMemoryRegionInfo::from_guest_region(&a).unwrap(),
+            VhostUserMemoryRegionInfo::from_guest_region(&b).unwrap(),
+        ];
+        assert!(
+            fe.set_mem_table(&regions).is_err(),
+            "overlapping memory table accepted"
+        );
+    }
+    // The daemon still serves the next frontend, and the good write landed.
+    let mut c = Client::connect(&e.sock, 1, false);
+    let p = c.region.addr as *mut u8;
+    assert_eq!(
+        c.sync_op(0, |q| q.read(3 * 512, p, 512, 0, ReqFlags::empty())),
+        0
+    );
+    assert!(c.buf(0, 512) == &pattern[..]);
+}
+
+/// Inflight resubmission, deterministic: the test plays a backend that died with requests
+/// in flight by writing the shared inflight area itself (the same layout a SIGKILLed
+/// emberd leaves), then reconnects the way QEMU does after a crash.
+#[test]
+fn raw_frontend_inflight_requests_are_resubmitted_after_reconnect() {
+    use raw::{Guest, Inflight, QSIZE, USED};
+    use vm_memory::{Bytes, GuestAddress};
+    let e = export(&["--name", "inflight"]);
+    let mut g = Guest::setup(&e.sock, raw::memfd(raw::MEM), Inflight::Get);
+    // Three writes of distinct data to sectors 10, 11, 12, put in the avail ring without
+    // a kick (the backend does not look at them).
+    let mut heads = Vec::new();
+    for i in 0..3u64 {
+        let hdr = 0x3000 + i * 16;
+        let data = 0x4000 + i * 512;
+        g.header(hdr, 1, 10 + i);
+        g.mem
+            .write_slice(&pattern(20 + i, 512), GuestAddress(data))
+            .unwrap();
+        g.mem.write_obj(0xffu8, GuestAddress(0x5000 + i)).unwrap();
+        heads.push(g.push(&[(hdr, 16, false), (data, 512, false), (0x5000 + i, 1, true)]));
+    }
+    let (info, area_file) = g.inflight.take().expect("inflight area");
+    let mem_file = g.mem_file.try_clone().unwrap();
+    let next_desc = g.next_desc;
+    drop(g);
+    // What a backend killed mid-way leaves: all three popped (counters 7, 8, 9); the
+    // first one already in the used ring (used->idx = 1, last_batch_head = it) but the
+    // area not yet updated (its used_idx is still 0, its flag still set).
+    let area = raw::region(&area_file, 0, info.mmap_size as usize);
+    let area = vm_memory::GuestMemoryMmap::from_regions(vec![area]).unwrap();
+    area.write_obj(1u16, GuestAddress(8)).unwrap(); // version
+    area.write_obj(QSIZE, GuestAddress(10)).unwrap(); // desc_num
+    area.write_obj(heads[0], GuestAddress(12)).unwrap(); // last_batch_head
+    area.write_obj(0u16, GuestAddress(14)).unwrap(); // used_idx
+    for (n, &h) in heads.iter().enumerate() {
+        let d = 16 + u64::from(h) * 16;
+        area.write_obj(1u8, GuestAddress(d)).unwrap();
+        area.write_obj(7 + n as u64, GuestAddress(d + 8)).unwrap();
+    }
+    let guest = vm_memory::GuestMemoryMmap::from_regions(vec![raw::region(&mem_file, 0, raw::MEM)])
+        .unwrap();
+    guest
+        .write_obj(u32::from(heads[0]), GuestAddress(USED + 4))
+        .unwrap();
+    guest.write_obj(1u32, GuestAddress(USED + 8)).unwrap();
+    guest.write_obj(0u8, GuestAddress(0x5000)).unwrap();
+    guest.write_obj(1u16, GuestAddress(USED + 2)).unwrap();
+
+    // Reconnect with the kept area: the backend must resubmit exactly the two others.
+    let mut g = Guest::setup(&e.sock, mem_file, Inflight::Set(info, area_file));
+    g.next_desc = next_desc;
+    g.kick_and_wait(3);
+    std::thread::sleep(Duration::from_millis(200));
+    let used: u16 = g.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+    assert_eq!(used, 3, "requests completed twice or lost");
+    assert_eq!((g.byte(0x5001), g.byte(0x5002)), (0, 0), "statuses");
+    let file = std::fs::read(&e.file).unwrap();
+    assert!(file[11 * 512..12 * 512] == pattern(21, 512)[..]);
+    assert!(file[12 * 512..13 * 512] == pattern(22, 512)[..]);
+    assert!(
+        file[10 * 512..11 * 512].iter().all(|&b| b == 0),
+        "the used one was redone; emberd log:\n{}",
+        e.daemon.log_text()
+    );
+    // New requests continue after the resubmitted ones.
+    g.header(0x3100, 1, 13);
+    g.push(&[(0x3100, 16, false), (0x4000, 512, false), (0x5010, 1, true)]);
+    g.kick_and_wait(4);
+    assert_eq!(g.byte(0x5010), 0);
+    assert!(std::fs::read(&e.file).unwrap()[13 * 512..14 * 512] == pattern(20, 512)[..]);
+}

@@ -4,7 +4,9 @@
 #   OUTDIR/base.cpio      initramfs: busybox-static, virtio/nbd modules, nbd-client, /init
 # Tests append their own cpio holding /test.sh (see tests/guest/mod.rs); /init loads the
 # virtio-blk modules, runs /test.sh and prints "EMBER-GUEST-EXIT rc=N" before powering off.
-# Needs: apt-get (Debian archive reachable), dpkg-deb, cpio, busybox-static, nbd-client.
+# Needs: dpkg-deb, cpio, busybox-static, nbd-client, and the kernel .deb in
+# $EMBER_GUEST_CACHE (default /var/cache/ember-test, filled by scripts/install-test-deps.sh)
+# or apt-get with the Debian archive reachable.
 set -eu
 OUT=${1:?usage: build.sh OUTDIR}
 if [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/base.cpio" ]; then
@@ -25,8 +27,14 @@ cd "$WORK"
 # Newest 6.1 cloud kernel the archive offers (signed image package).
 PKG=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' | awk '{print $1}' | sort -V | tail -n 1)
 [ -n "$PKG" ] || { echo "build.sh: no linux-image-6.1.0-*-cloud-amd64 in apt (run apt-get update)" >&2; exit 1; }
-apt-get download "$PKG" >/dev/null
-dpkg-deb -x ./"$PKG"_*.deb kroot
+# scripts/install-test-deps.sh pre-downloads it into $EMBER_GUEST_CACHE; else fetch it now.
+CACHE=${EMBER_GUEST_CACHE:-/var/cache/ember-test}
+DEB=$(ls "$CACHE/${PKG}"_*.deb 2>/dev/null | head -n 1 || true)
+if [ -z "$DEB" ]; then
+    apt-get download -q -o APT::Sandbox::User=root "$PKG" >/dev/null
+    DEB=$(ls ./"$PKG"_*.deb | head -n 1)
+fi
+dpkg-deb -x "$DEB" kroot
 KVER=${PKG#linux-image-}
 cp kroot/boot/vmlinuz-"$KVER" vmlinuz
 

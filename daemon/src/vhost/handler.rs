@@ -196,7 +196,7 @@ impl BlkHandler {
             inflight,
         };
         self.workers[i]
-            .send(Cmd::Start(Box::new(start)))
+            .start(start)
             .map_err(VuError::ReqHandlerError)?;
         self.vrings[i].running = true;
         Ok(())

@@ -63,8 +63,9 @@ pub struct Start {
 
 /// A command for a worker.
 pub enum Cmd {
-    /// Run a queue (replacing nothing: the worker must be idle).
-    Start(Box<Start>),
+    /// Run a queue; the reply comes once the worker has taken it (and processed what
+    /// was already available).
+    Start(Box<Start>, mpsc::Sender<()>),
     /// Stop the queue: drain in-flight requests, answer the next avail index.
     Stop(mpsc::Sender<u16>),
     /// Replace the call eventfd.
@@ -109,6 +110,14 @@ impl WorkerHandle {
             .send(cmd)
             .map_err(|_| io::Error::other("worker thread is gone"))?;
         self.wake.write(1)
+    }
+
+    /// Hand a queue to the worker and wait until it runs.
+    pub fn start(&self, s: Start) -> io::Result<()> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Cmd::Start(Box::new(s), tx))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("worker thread is gone"))
     }
 
     /// Stop the queue and return its next avail index (None if the worker is gone).
@@ -241,7 +250,10 @@ impl Worker {
 
     fn command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Start(s) => self.start(*s),
+            Cmd::Start(s, reply) => {
+                self.start(*s);
+                let _ = reply.send(());
+            }
             Cmd::Stop(reply) => {
                 let next = self.stop();
                 let _ = reply.send(next);
@@ -604,5 +616,58 @@ fn walk_chain(mem: &Mem, desc_table: u64, queue_size: u16, head: u16) -> Option<
         }
         idx = d.next();
         ttl -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
+
+    fn put(m: &Mem, table: u64, i: u16, d: Descriptor) {
+        m.write_obj(d, GuestAddress(table + u64::from(i) * 16))
+            .unwrap();
+    }
+
+    #[test]
+    fn walks_direct_and_indirect_chains() {
+        let m: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let table = 0x1000;
+        // Chain 2 → 5 → 7 in the main table.
+        put(&m, table, 2, Descriptor::new(0x4000, 16, F_NEXT, 5));
+        put(
+            &m,
+            table,
+            5,
+            Descriptor::new(0x5000, 512, F_NEXT | F_WRITE, 7),
+        );
+        put(&m, table, 7, Descriptor::new(0x6000, 1, F_WRITE, 0));
+        let segs = walk_chain(&m, table, 8, 2).unwrap();
+        assert_eq!(segs.len(), 3);
+        assert_eq!(
+            segs[1],
+            Seg {
+                addr: 0x5000,
+                len: 512,
+                write: true
+            }
+        );
+        // Head 0 points to an indirect table of two entries.
+        let ind = 0x2000;
+        put(&m, table, 0, Descriptor::new(ind, 32, F_INDIRECT, 0));
+        put(&m, ind, 0, Descriptor::new(0x7000, 16, F_NEXT, 1));
+        put(&m, ind, 1, Descriptor::new(0x7100, 1, F_WRITE, 0));
+        assert_eq!(walk_chain(&m, table, 8, 0).unwrap().len(), 2);
+        // A loop is refused, and so is a head beyond the queue.
+        put(&m, table, 3, Descriptor::new(0x4000, 16, F_NEXT, 4));
+        put(&m, table, 4, Descriptor::new(0x4000, 16, F_NEXT, 3));
+        assert!(walk_chain(&m, table, 8, 3).is_none());
+        assert!(walk_chain(&m, table, 8, 8).is_none());
+        // A descriptor table outside guest memory.
+        assert!(walk_chain(&m, 0xffff_0000, 8, 0).is_none());
     }
 }
