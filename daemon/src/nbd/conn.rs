@@ -252,8 +252,10 @@ impl Conn {
     pub fn service(&mut self, cx: &mut Cx<'_>) {
         self.parse(cx);
         self.take_sync_completions(cx);
-        self.arm_recv(cx);
+        // Replies first: the client's next requests follow them, so by the time the
+        // receive is tried they may already be there.
         self.flush_send(cx);
+        self.arm_recv(cx);
         if self.state == State::Draining
             && self.dev_inflight == 0
             && self.out.items.is_empty()
