@@ -26,6 +26,8 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
+use ember_crypto::volume::SecretKind;
+use ember_crypto::Zeroizing;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
@@ -42,7 +44,7 @@ const SEAL_VERSION: u8 = 1;
 
 /// The master key sealing secret payloads.
 pub struct MasterKey {
-    key: [u8; 32],
+    key: Zeroizing<[u8; 32]>,
 }
 
 impl std::fmt::Debug for MasterKey {
@@ -54,7 +56,9 @@ impl std::fmt::Debug for MasterKey {
 impl MasterKey {
     /// A key from raw bytes (tests).
     pub fn from_bytes(key: [u8; 32]) -> Self {
-        MasterKey { key }
+        MasterKey {
+            key: Zeroizing::new(key),
+        }
     }
 
     /// Load a key file: 32 raw bytes or 64 hex characters.
@@ -66,13 +70,15 @@ impl MasterKey {
                 tracing::warn!(path = %path.display(), "master key file is readable by group/others; chmod 600 it");
             }
         }
-        let key: Vec<u8> = if data.len() == 32 {
+        let data = Zeroizing::new(data);
+        let key: Zeroizing<Vec<u8>> = if data.len() == 32 {
             data
         } else {
             let text = String::from_utf8_lossy(&data);
             hex::decode(text.trim())
                 .ok()
                 .filter(|k| k.len() == 32)
+                .map(Zeroizing::new)
                 .ok_or_else(|| {
                     anyhow::anyhow!(
                         "master key {} must hold 32 raw bytes or 64 hex characters",
@@ -80,7 +86,7 @@ impl MasterKey {
                     )
                 })?
         };
-        let mut k = [0u8; 32];
+        let mut k = Zeroizing::new([0u8; 32]);
         k.copy_from_slice(&key);
         Ok(MasterKey { key: k })
     }
@@ -90,22 +96,22 @@ impl MasterKey {
         if path.exists() {
             return Self::load(path);
         }
-        let mut k = [0u8; 32];
-        getrandom::fill(&mut k).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
+        let mut k = Zeroizing::new([0u8; 32]);
+        getrandom::fill(&mut k[..]).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(path)
             .with_context(|| format!("create master key {}", path.display()))?;
-        f.write_all(&k)?;
+        f.write_all(&k[..])?;
         f.sync_all()?;
         tracing::info!(path = %path.display(), "created a new master key; back it up, secrets cannot be read without it");
         Ok(MasterKey { key: k })
     }
 
     fn cipher(&self) -> Aes256Gcm {
-        Aes256Gcm::new(&self.key.into())
+        Aes256Gcm::new(&(*self.key).into())
     }
 
     /// Seal `plain` bound to `aad`; returns base64 text.
@@ -131,7 +137,7 @@ impl MasterKey {
     }
 
     /// Open what [`MasterKey::seal`] produced.
-    pub fn open(&self, aad: &str, sealed: &str) -> ApiResult<Vec<u8>> {
+    pub fn open(&self, aad: &str, sealed: &str) -> ApiResult<Zeroizing<Vec<u8>>> {
         let bad = || {
             ApiError::internal(
                 "a sealed secret could not be decrypted (wrong master key or corrupted row)",
@@ -151,6 +157,7 @@ impl MasterKey {
                     aad: aad.as_bytes(),
                 },
             )
+            .map(Zeroizing::new)
             .map_err(|_| bad())
     }
 }
@@ -190,16 +197,16 @@ pub async fn check_master_key(db: &Db, key: &MasterKey) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Cinder's passphrase rule: a `symmetric` (or `opaque`) secret's bytes are hex-encoded
-/// (lowercase) and that text is the LUKS passphrase; a `passphrase` secret is used as-is.
-///
-/// Kept here until `ember_crypto` exports the shared function.
-pub fn passphrase_for(secret_type: &str, bytes: &[u8]) -> Vec<u8> {
-    if secret_type == "passphrase" {
-        bytes.to_vec()
+/// Cinder's passphrase rule, from `ember_crypto`: a `symmetric` (or `opaque`, as
+/// os-brick does) secret's bytes are hex-encoded (lowercase) and that text is the LUKS
+/// passphrase; a `passphrase` secret is used as-is.
+pub fn passphrase_for(secret_type: &str, bytes: &[u8]) -> Zeroizing<Vec<u8>> {
+    let kind = if secret_type == "passphrase" {
+        SecretKind::Passphrase
     } else {
-        hex::encode(bytes).into_bytes()
-    }
+        SecretKind::Symmetric
+    };
+    ember_crypto::volume::passphrase_for(kind, bytes)
 }
 
 /// Secret types Ember stores.
@@ -587,7 +594,7 @@ pub async fn secret_payload(
     if is_expired(&opt_str(&row, "expiration")?) {
         return Err(ApiError::not_found(format!("secret {id} has expired")));
     }
-    let mut resp = bytes.into_response();
+    let mut resp = bytes.to_vec().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_str(&ct).map_err(|_| ApiError::internal("content type"))?,
@@ -595,7 +602,7 @@ pub async fn secret_payload(
     Ok(resp)
 }
 
-async fn open_row(st: &AppState, id: &str) -> ApiResult<(String, Vec<u8>)> {
+async fn open_row(st: &AppState, id: &str) -> ApiResult<(String, Zeroizing<Vec<u8>>)> {
     let row = sqlx::query("SELECT content_type, sealed FROM secrets WHERE id = ?")
         .bind(id.to_string())
         .fetch_optional(&st.db().pool)
@@ -611,7 +618,7 @@ pub async fn unlock_passphrase(
     st: &AppState,
     project_id: &str,
     secret_id: &str,
-) -> ApiResult<Vec<u8>> {
+) -> ApiResult<Zeroizing<Vec<u8>>> {
     let row =
         sqlx::query("SELECT secret_type, expiration FROM secrets WHERE id = ? AND project_id = ?")
             .bind(secret_id.to_string())
@@ -833,21 +840,21 @@ mod tests {
     #[test]
     fn passphrase_rule() {
         assert_eq!(
-            passphrase_for("symmetric", &[0x00, 0xab, 0xff]),
-            b"00abff".to_vec()
+            &passphrase_for("symmetric", &[0x00, 0xab, 0xff])[..],
+            b"00abff"
         );
         assert_eq!(
-            passphrase_for("passphrase", b"Secret Words"),
-            b"Secret Words".to_vec()
+            &passphrase_for("passphrase", b"Secret Words")[..],
+            b"Secret Words"
         );
-        assert_eq!(passphrase_for("opaque", &[0x12]), b"12".to_vec());
+        assert_eq!(&passphrase_for("opaque", &[0x12])[..], b"12");
     }
 
     #[test]
     fn seal_roundtrip_and_binding() {
         let k = MasterKey::from_bytes([7u8; 32]);
         let s = k.seal("id-1", b"hello").unwrap();
-        assert_eq!(k.open("id-1", &s).unwrap(), b"hello");
+        assert_eq!(&k.open("id-1", &s).unwrap()[..], b"hello");
         assert!(k.open("id-2", &s).is_err(), "aad binds the row");
         let other = MasterKey::from_bytes([8u8; 32]);
         assert!(other.open("id-1", &s).is_err());
@@ -862,10 +869,10 @@ mod tests {
         let meta = std::fs::metadata(&p).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         let k2 = MasterKey::load(&p).unwrap();
-        assert_eq!(k.key, k2.key);
+        assert_eq!(*k.key, *k2.key);
         std::fs::write(&p, "short").unwrap();
         assert!(MasterKey::load(&p).is_err());
         std::fs::write(&p, hex::encode([1u8; 32])).unwrap();
-        assert_eq!(MasterKey::load(&p).unwrap().key, [1u8; 32]);
+        assert_eq!(*MasterKey::load(&p).unwrap().key, [1u8; 32]);
     }
 }

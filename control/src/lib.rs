@@ -108,10 +108,40 @@ impl Control {
             dataplane,
         }));
         let admin_token_path = cfg.data_dir.join("admin-token");
-        bootstrap_admin(state.db(), &admin_token_path).await?;
-        types::bootstrap(state.db()).await?;
-        metadefs::bootstrap(state.db()).await?;
-        register_node(state.db(), &cfg.node_name, &cfg.rest_address).await?;
+        // Several nodes may start at once on one database: a bootstrap step that loses a
+        // race (unique key) is retried and then finds the other node's rows.
+        macro_rules! retried {
+            ($what:literal, $step:expr) => {{
+                let mut attempt = 0u64;
+                loop {
+                    match $step.await {
+                        Ok(v) => break v,
+                        Err(e) if attempt < 3 => {
+                            attempt += 1;
+                            tracing::info!(error = %e, "{} raced with another node; retrying", $what);
+                            tokio::time::sleep(std::time::Duration::from_millis(100 * attempt)).await;
+                        }
+                        Err(e) => return Err(e.context($what)),
+                    }
+                }
+            }};
+        }
+        retried!(
+            "bootstrap the admin project and token",
+            bootstrap_admin(state.db(), &admin_token_path)
+        );
+        retried!(
+            "bootstrap the default volume type",
+            types::bootstrap(state.db())
+        );
+        retried!(
+            "bootstrap the standard metadef namespaces",
+            metadefs::bootstrap(state.db())
+        );
+        retried!(
+            "register this node",
+            register_node(state.db(), &cfg.node_name, &cfg.rest_address)
+        );
         Ok(Control {
             state,
             admin_token_path,
@@ -234,3 +264,6 @@ async fn bootstrap_admin(db: &Db, path: &Path) -> anyhow::Result<()> {
     tracing::info!(path = %path.display(), "created the admin token (read it from this file)");
     Ok(())
 }
+
+/// Re-exported so embedders serve the router with the same axum version.
+pub use axum;

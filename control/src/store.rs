@@ -4,7 +4,7 @@
 //! One code path serves both: queries use `?` placeholders and portable SQL
 //! (`VARCHAR`, `BIGINT`, `TEXT`), booleans are `BIGINT` 0/1, timestamps are RFC 3339
 //! strings, binary data is base64 text. The only per-dialect piece is the table suffix
-//! (`ENGINE=InnoDB … COLLATE utf8mb4_bin` so names compare byte-wise on MariaDB as on
+//! (`ENGINE=InnoDB … COLLATE utf8mb4_nopad_bin` so names compare byte-wise, trailing spaces included, on MariaDB as on
 //! SQLite). Upserts are written as "update, insert if nothing was updated" inside a
 //! transaction instead of `ON CONFLICT`/`ON DUPLICATE KEY`.
 //!
@@ -65,7 +65,7 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
          protected BIGINT NOT NULL, owner VARCHAR(64) NOT NULL, created_at VARCHAR(40) NOT NULL, \
          updated_at VARCHAR(40) NOT NULL)",
         "CREATE TABLE IF NOT EXISTS metadef_properties (namespace VARCHAR(80) NOT NULL, name VARCHAR(80) NOT NULL, \
-         definition TEXT NOT NULL, PRIMARY KEY (namespace, name))",
+         definition MEDIUMTEXT NOT NULL, PRIMARY KEY (namespace, name))",
         "CREATE TABLE IF NOT EXISTS metadef_resource_types (namespace VARCHAR(80) NOT NULL, name VARCHAR(80) NOT NULL, \
          prefix VARCHAR(80) NOT NULL, properties_target VARCHAR(80) NOT NULL, created_at VARCHAR(40) NOT NULL, \
          PRIMARY KEY (namespace, name))",
@@ -118,7 +118,7 @@ impl Db {
     fn table_suffix(&self) -> &'static str {
         match self.dialect {
             Dialect::Sqlite => "",
-            Dialect::MySql => " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            Dialect::MySql => " ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_nopad_bin",
         }
     }
 

@@ -1110,7 +1110,7 @@ api_test!(secrets_and_orders, |h| {
     let pp = ember_control::keys::unlock_passphrase(&h.control.state, &pa, &sid)
         .await
         .unwrap();
-    assert_eq!(pp, hex::encode(key).into_bytes());
+    assert_eq!(&pp[..], hex::encode(key).as_bytes());
 
     // Text passphrase.
     let (s, v) = h.call(POST, "/v1/secrets", Some(&member), Some(json!({"secret_type": "passphrase", "payload": "correct horse", "payload_content_type": "text/plain"}))).await;
@@ -1132,8 +1132,8 @@ api_test!(secrets_and_orders, |h| {
     assert_eq!(
         ember_control::keys::unlock_passphrase(&h.control.state, &pa, &pid)
             .await
-            .unwrap(),
-        b"correct horse"
+            .unwrap()[..],
+        b"correct horse"[..]
     );
 
     // Validation.
@@ -1358,7 +1358,7 @@ api_test!(restart_keeps_state, |h| {
     let pp = ember_control::keys::unlock_passphrase(&h.control.state, &h.admin_project, &sid)
         .await
         .unwrap();
-    assert_eq!(pp, b"pw");
+    assert_eq!(&pp[..], b"pw");
     // A wrong master key is refused at start-up.
     let wrong = h.dir.path().join("wrong.key");
     std::fs::write(&wrong, [9u8; 32]).unwrap();
@@ -1368,4 +1368,40 @@ api_test!(restart_keeps_state, |h| {
     )
     .await;
     assert!(r.unwrap_err().to_string().contains("does not match"));
+});
+
+api_test!(names_compare_bytewise, |h| {
+    // Both backends treat names as exact byte strings: case and trailing spaces matter.
+    let base = format!("/v3/{}/types", h.admin_project);
+    for name in ["Gold", "gold", "gold ", "göld"] {
+        h.admin_ok(
+            POST,
+            &base,
+            Some(json!({"volume_type": {"name": name}})),
+            200,
+        )
+        .await;
+    }
+    h.admin_ok(
+        POST,
+        &base,
+        Some(json!({"volume_type": {"name": "gold "}})),
+        409,
+    )
+    .await;
+    let v = h.admin_ok(GET, &format!("{base}/gold%20"), None, 200).await;
+    assert_eq!(v["volume_type"]["name"], "gold ");
+    let v = h.admin_ok(GET, &format!("{base}/Gold"), None, 200).await;
+    assert_eq!(v["volume_type"]["name"], "Gold");
+    let id = v["volume_type"]["id"].as_str().unwrap().to_string();
+    let es = format!("{base}/{id}/extra_specs");
+    h.admin_ok(
+        POST,
+        &es,
+        Some(json!({"extra_specs": {"k": "1", "K": "2"}})),
+        200,
+    )
+    .await;
+    let v = h.admin_ok(GET, &es, None, 200).await;
+    assert_eq!(v["extra_specs"], json!({"k": "1", "K": "2"}));
 });

@@ -636,10 +636,19 @@ impl Header {
         });
         obj(&mut self.json["keyslots"])?.insert(id.to_string(), slot);
         // Attach to the digest that verifies this volume key.
-        let dig_id = self.json["digests"]
+        let seg_id = self.json["segments"]
             .as_object()
             .and_then(|m| m.keys().next().cloned())
-            .ok_or_else(|| corrupt("no digest"))?;
+            .ok_or_else(|| corrupt("no segment"))?;
+        let seg = Value::String(seg_id);
+        let dig_id = self.json["digests"]
+            .as_object()
+            .and_then(|m| {
+                m.iter()
+                    .find(|(_, d)| d["segments"].as_array().is_some_and(|a| a.contains(&seg)))
+                    .map(|(k, _)| k.clone())
+            })
+            .ok_or_else(|| corrupt("no digest covers the data segment"))?;
         let list = self.json["digests"][&dig_id]["keyslots"]
             .as_array_mut()
             .ok_or_else(|| corrupt("digest keyslots is not a list"))?;

@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 #[derive(Debug, Clone)]
 pub enum Header {
     /// LUKS1.
-    Luks1(luks1::Header),
+    Luks1(Box<luks1::Header>),
     /// LUKS2.
     Luks2(luks2::Header),
 }
@@ -82,7 +82,7 @@ impl Header {
             match u16::from_be_bytes([first[6], first[7]]) {
                 1 => {
                     let raw = read_vec(disk, 0, luks1::HEADER_LEN)?;
-                    return Ok(Header::Luks1(luks1::Header::parse(&raw)?));
+                    return Ok(Header::Luks1(Box::new(luks1::Header::parse(&raw)?)));
                 }
                 2 => {}
                 v => return Err(Error::UnsupportedVersion(v)),
@@ -235,7 +235,7 @@ pub fn format(disk: &mut dyn Disk, passphrase: &[u8], p: &FormatParams) -> Resul
                 KdfParams::Pbkdf2 { hash, .. } => hash,
                 KdfParams::Argon2 { .. } => Hash::Sha256,
             };
-            Header::Luks1(luks1::Header::new(&vk, hash, digest_iter, uuid)?)
+            Header::Luks1(Box::new(luks1::Header::new(&vk, hash, digest_iter, uuid)?))
         }
         2 => Header::Luks2(luks2::Header::new(
             &vk,

@@ -40,6 +40,9 @@ pub struct ExportArgs {
     /// Open --file as a LUKS volume with the passphrase in this file.
     #[arg(long)]
     pub passphrase_file: Option<PathBuf>,
+    /// With --passphrase-file: refuse argon2 keyslots needing more memory than this (KiB).
+    #[arg(long, default_value_t = ember_crypto::keyslot::DEFAULT_MAX_ARGON2_KIB)]
+    pub max_argon2_memory: u64,
 }
 
 /// Block SIGINT and SIGTERM in this thread (and every thread it starts later).
@@ -70,9 +73,6 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
 
 /// Run the export.
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    if args.passphrase_file.is_some() {
-        anyhow::bail!("--passphrase-file (LUKS) is not supported yet");
-    }
     anyhow::ensure!(
         !args.nbd.is_empty() || args.vhost_user.is_some(),
         "nothing to serve on: give --vhost-user SOCKET and/or --nbd unix:PATH or --nbd HOST:PORT"
@@ -93,6 +93,10 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         &opts,
     )
     .with_context(|| format!("open {}", args.file.display()))?;
+    let dev = match &args.passphrase_file {
+        Some(p) => crate::luks::open_device(dev, p, args.max_argon2_memory)?,
+        None => dev,
+    };
     let size = dev.info().size;
 
     let set = block_signals()?;

@@ -68,7 +68,8 @@ struct KdfArgs {
     /// Target unlock time in milliseconds for PBKDF2 when no iteration count is forced.
     #[arg(long, default_value_t = 2000)]
     iter_time: u64,
-    /// PBKDF2 iterations or argon2 time cost, instead of benchmarking.
+    /// PBKDF2 iterations (at least 1000) or argon2 time cost (at least 4), instead of
+    /// benchmarking.
     #[arg(long)]
     pbkdf_force_iterations: Option<u32>,
     /// Argon2 memory cost in KiB.
@@ -104,6 +105,9 @@ struct FormatArgs {
     /// UUID (random by default).
     #[arg(long)]
     uuid: Option<String>,
+    /// Format even if PATH already holds a LUKS header (its keys, and so its data, are lost).
+    #[arg(long)]
+    force: bool,
     #[command(flatten)]
     kdf: KdfArgs,
 }
@@ -171,8 +175,20 @@ impl FileDisk {
     }
 }
 
+/// Largest passphrase file accepted (cryptsetup's default key file limit).
+const MAX_PASSPHRASE_BYTES: u64 = 8 << 20;
+
 /// Read a passphrase file byte-for-byte into zeroizing memory.
 pub fn read_passphrase(path: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("read passphrase file {}", path.display()))?
+        .len();
+    if len > MAX_PASSPHRASE_BYTES {
+        bail!(
+            "passphrase file {} is larger than {MAX_PASSPHRASE_BYTES} bytes",
+            path.display()
+        );
+    }
     let p = Zeroizing::new(
         std::fs::read(path).with_context(|| format!("read passphrase file {}", path.display()))?,
     );
@@ -204,9 +220,11 @@ impl KdfArgs {
                 let hash = Hash::parse(&self.hash)?;
                 KdfParams::Pbkdf2 {
                     hash,
+                    // cryptsetup's minimum is 1000.
                     iterations: self
                         .pbkdf_force_iterations
-                        .unwrap_or_else(|| calibrate_pbkdf2(hash, self.iter_time)),
+                        .unwrap_or_else(|| calibrate_pbkdf2(hash, self.iter_time))
+                        .max(1000),
                 }
             }
             Pbkdf::Argon2i | Pbkdf::Argon2id => {
@@ -219,7 +237,8 @@ impl KdfArgs {
                     } else {
                         Argon2Type::Id
                     },
-                    time: self.pbkdf_force_iterations.unwrap_or(4).max(1),
+                    // cryptsetup's minimum time cost is 4.
+                    time: self.pbkdf_force_iterations.unwrap_or(4).max(4),
                     memory_kib: self.pbkdf_memory,
                     lanes: self.pbkdf_parallel.max(1),
                 }
@@ -256,6 +275,14 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
     let f = opts
         .open(&a.path)
         .with_context(|| format!("open {}", a.path.display()))?;
+    let mut disk = FileDisk(f);
+    if !a.force && has_luks_magic(&mut disk) {
+        bail!(
+            "{} already holds a LUKS header: formatting would lose its data (use --force)",
+            a.path.display()
+        );
+    }
+    let f = disk.0;
     if let Some(size) = a.size {
         if size % u64::from(a.sector_size) != 0 {
             bail!("--size must be a multiple of the sector size");
@@ -277,6 +304,12 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
         u.data_offset
     );
     Ok(())
+}
+
+/// Either LUKS magic at offset 0 (a LUKS2 secondary alone is caught by the header read).
+fn has_luks_magic(disk: &mut FileDisk) -> bool {
+    let mut m = [0u8; 6];
+    disk.read_at(0, &mut m).is_ok() && (&m == b"LUKS\xba\xbe" || &m == b"SKUL\xba\xbe")
 }
 
 fn open_opts(max_kib: u64) -> OpenOptions {
@@ -344,7 +377,6 @@ pub fn run(args: LuksArgs) -> anyhow::Result<()> {
 
 /// Unlock the LUKS volume on `dev` with the passphrase in `passphrase_file` and return a
 /// device serving its plaintext (the crypt layer over `dev`).
-#[allow(dead_code)] // called by `emberd export --passphrase-file` once export runs
 pub fn open_device(
     dev: Arc<dyn BlockDevice>,
     passphrase_file: &Path,

@@ -1,12 +1,483 @@
-//! `emberd serve`: the full daemon (control plane issue).
+//! `emberd serve`: the full daemon — REST control plane (and, once wired, the data plane).
+//!
+//! Settings come from flags, then environment variables (`EMBER_*`, shown in `--help`),
+//! then the TOML file given by `--config` (same keys as the flags, kebab-case), then the
+//! defaults. The REST shim runs on a small tokio runtime; SIGTERM/SIGINT stop accepting
+//! requests, let in-flight ones finish and exit 0. Every minute the node's heartbeat row
+//! is refreshed so other cluster members can tell it is alive.
+//!
+//! Storage pools come from the config (`[pools.NAME] path = "…"`); the default is one
+//! directory pool `default` at `DATA/pools/default`.
+//!
+//! The data plane: an [`NbdServer`] listens on every `--nbd` address; the control plane
+//! reaches it only through [`ember_control::DataPlane`], implemented by
+//! [`ServeDataPlane`] (open a volume's file with the block layer and add it as an NBD
+//! export named after the volume id; close removes it and drops its connections).
+//! Volumes (and so exports) arrive with the next issue. Not wired yet: vhost-user
+//! exports under `--vhost-dir` (the directory is created) and encrypted exports.
 
+use crate::nbd::{ListenAddr, NbdServer};
+use anyhow::Context;
 use clap::Args;
+use ember_blockdev::{BackendSpec, OpenOptions};
+use ember_control::{Control, ControlConfig, DataPlane, ExportSpec};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Flags of `emberd serve`.
 #[derive(Debug, Args)]
-pub struct ServeArgs {}
+pub struct ServeArgs {
+    /// Data directory: admin token, master key, SQLite database, default pool [default: ./ember-data].
+    #[arg(long, env = "EMBER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// REST API listen address [default: 127.0.0.1:8776].
+    #[arg(long, env = "EMBER_REST", value_name = "ADDR")]
+    pub rest: Option<String>,
+    /// NBD listen address, HOST:PORT or unix:PATH; repeatable (env: comma separated) [default: 127.0.0.1:10809].
+    #[arg(long, env = "EMBER_NBD", value_name = "ADDR", value_delimiter = ',')]
+    pub nbd: Vec<String>,
+    /// Directory for vhost-user-blk sockets [default: DATA/vhost].
+    #[arg(long, env = "EMBER_VHOST_DIR", value_name = "DIR")]
+    pub vhost_dir: Option<PathBuf>,
+    /// Database URL: sqlite://PATH or mysql://USER:PASSWORD@HOST[:PORT]/DB [default: sqlite://DATA/ember.db].
+    #[arg(long, env = "EMBER_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
+    /// This node's name in the cluster [default: the host name].
+    #[arg(long, env = "EMBER_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Master key sealing secrets (32 raw bytes or 64 hex chars, mode 0600) [default: DATA/master.key, created if missing].
+    #[arg(long, env = "EMBER_MASTER_KEY_FILE", value_name = "FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// TOML file with the same keys as these flags (kebab-case) plus `[pools.NAME] path = "DIR"`.
+    #[arg(long, env = "EMBER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ConfigFile {
+    pub data_dir: Option<PathBuf>,
+    pub rest: Option<String>,
+    pub nbd: Option<Vec<String>>,
+    pub vhost_dir: Option<PathBuf>,
+    pub database: Option<String>,
+    pub node_name: Option<String>,
+    pub master_key_file: Option<PathBuf>,
+    pub pools: Option<BTreeMap<String, PoolConfig>>,
+}
+
+/// A storage pool (a directory holding volume files).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub path: PathBuf,
+}
+
+/// Effective settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub rest: std::net::SocketAddr,
+    pub nbd: Vec<ListenAddr>,
+    pub vhost_dir: PathBuf,
+    pub database: String,
+    pub node_name: String,
+    pub master_key_file: Option<PathBuf>,
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Merge flags/env, config file and defaults.
+pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
+    let file: ConfigFile = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("read config {}", p.display()))?;
+            toml::from_str(&text).with_context(|| format!("parse config {}", p.display()))?
+        }
+        None => ConfigFile::default(),
+    };
+    let data_dir = args
+        .data_dir
+        .or(file.data_dir)
+        .unwrap_or_else(|| PathBuf::from("./ember-data"));
+    let rest = args
+        .rest
+        .or(file.rest)
+        .unwrap_or_else(|| "127.0.0.1:8776".into());
+    let rest = rest
+        .parse()
+        .with_context(|| format!("--rest {rest:?}: expected HOST:PORT"))?;
+    let nbd_raw = if !args.nbd.is_empty() {
+        args.nbd
+    } else {
+        file.nbd.unwrap_or_else(|| vec!["127.0.0.1:10809".into()])
+    };
+    let nbd = nbd_raw
+        .iter()
+        .map(|s| {
+            s.parse::<ListenAddr>()
+                .with_context(|| format!("--nbd {s:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let vhost_dir = args
+        .vhost_dir
+        .or(file.vhost_dir)
+        .unwrap_or_else(|| data_dir.join("vhost"));
+    let database = args
+        .database
+        .or(file.database)
+        .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("ember.db").display()));
+    anyhow::ensure!(
+        ["sqlite:", "mysql:", "mariadb:"]
+            .iter()
+            .any(|p| database.starts_with(p)),
+        "unsupported database URL {:?}: use sqlite://PATH or mysql://USER:PASSWORD@HOST/DB",
+        ember_control::store::redact(&database)
+    );
+    let node_name = args.node_name.or(file.node_name).unwrap_or_else(hostname);
+    anyhow::ensure!(
+        !node_name.is_empty() && node_name.len() <= 255,
+        "--node-name must be 1..255 characters"
+    );
+    let master_key_file = args.master_key_file.or(file.master_key_file);
+    let mut pools = file.pools.unwrap_or_default();
+    if pools.is_empty() {
+        pools.insert(
+            "default".into(),
+            PoolConfig {
+                path: data_dir.join("pools").join("default"),
+            },
+        );
+    }
+    Ok(ServeConfig {
+        data_dir,
+        rest,
+        nbd,
+        vhost_dir,
+        database,
+        node_name,
+        master_key_file,
+        pools,
+    })
+}
+
+/// The data plane as seen by the control plane: NBD exports of volume files.
+pub struct ServeDataPlane {
+    nbd: Mutex<Option<NbdServer>>,
+}
+
+impl ServeDataPlane {
+    /// Start the NBD server and listen on `addrs`; returns the bound addresses too.
+    pub fn start(addrs: &[ListenAddr]) -> anyhow::Result<(ServeDataPlane, Vec<String>)> {
+        let threads = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let server = NbdServer::start(threads)?;
+        let mut bound = Vec::new();
+        for a in addrs {
+            match server.listen(a) {
+                Ok(b) => bound.push(b),
+                Err(e) => {
+                    server.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+        Ok((
+            ServeDataPlane {
+                nbd: Mutex::new(Some(server)),
+            },
+            bound,
+        ))
+    }
+
+    /// Stop listening, close connections and join the I/O threads.
+    pub fn shutdown(&self) {
+        let server = self.nbd.lock().ok().and_then(|mut g| g.take());
+        if let Some(s) = server {
+            s.shutdown();
+        }
+    }
+
+    fn with_server<T>(&self, f: impl FnOnce(&NbdServer) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let g = self
+            .nbd
+            .lock()
+            .map_err(|_| anyhow::anyhow!("NBD server state poisoned"))?;
+        let server = g.as_ref().context("the NBD server is shut down")?;
+        f(server)
+    }
+}
+
+impl DataPlane for ServeDataPlane {
+    fn open_export(&self, spec: &ExportSpec) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            spec.passphrase.is_none(),
+            "encrypted exports are not wired into `emberd serve` yet (volume {})",
+            spec.volume_id
+        );
+        self.with_server(|server| {
+            if server.export_names().contains(&spec.volume_id) {
+                return Ok(());
+            }
+            let opts = OpenOptions {
+                read_only: spec.read_only,
+                ..OpenOptions::default()
+            };
+            let dev = ember_blockdev::open(
+                &BackendSpec::File {
+                    path: spec.path.clone(),
+                },
+                &opts,
+            )
+            .with_context(|| format!("open {}", spec.path.display()))?;
+            server.add_export(&spec.volume_id, dev, spec.read_only)
+        })
+    }
+
+    fn close_export(&self, volume_id: &str) -> anyhow::Result<()> {
+        self.with_server(|server| {
+            server.remove_export(volume_id);
+            Ok(())
+        })
+    }
+}
 
 /// Run the daemon.
-pub fn run(_args: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("emberd serve is not built yet")
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let cfg = resolve(args)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("ember-rest")
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    rt.block_on(serve(cfg))
+}
+
+fn create_dir(p: &Path, what: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(p).with_context(|| format!("create {what} {}", p.display()))
+}
+
+async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    // Install the handlers first: a SIGTERM that arrives while we start is then handled
+    // as soon as the server runs, instead of killing the process half-way.
+    let signals = Signals::install()?;
+    create_dir(&cfg.data_dir, "data dir")?;
+    create_dir(&cfg.vhost_dir, "vhost dir")?;
+    for (name, pool) in &cfg.pools {
+        create_dir(&pool.path, &format!("pool {name}"))?;
+    }
+    let (dataplane, nbd_bound) = ServeDataPlane::start(&cfg.nbd)?;
+    let dataplane = Arc::new(dataplane);
+    let ccfg = ControlConfig {
+        data_dir: cfg.data_dir.clone(),
+        database: cfg.database.clone(),
+        master_key_file: cfg.master_key_file.clone(),
+        node_name: cfg.node_name.clone(),
+        rest_address: cfg.rest.to_string(),
+    };
+    let control = match Control::open(&ccfg, dataplane.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            dataplane.shutdown();
+            return Err(e);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(cfg.rest).await {
+        Ok(l) => l,
+        Err(e) => {
+            dataplane.shutdown();
+            return Err(anyhow::Error::new(e).context(format!("listen on --rest {}", cfg.rest)));
+        }
+    };
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        rest = %addr,
+        node = %cfg.node_name,
+        database = %ember_control::store::redact(&cfg.database),
+        admin_token_file = %control.admin_token_path.display(),
+        pools = ?cfg.pools.keys().collect::<Vec<_>>(),
+        "emberd serve: REST API listening"
+    );
+    tracing::info!(listeners = %nbd_bound.join(" "), "NBD server listening (no exports until volumes exist)");
+    let control = Arc::new(control);
+    let hb = control.clone();
+    let heartbeat = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            if let Err(e) = hb.heartbeat().await {
+                tracing::warn!(error = %e, "heartbeat failed (database unavailable?)");
+            }
+        }
+    });
+    let served = axum_serve(listener, control.router(), signals).await;
+    heartbeat.abort();
+    dataplane.shutdown();
+    served?;
+    tracing::info!("emberd serve: stopped");
+    Ok(())
+}
+
+async fn axum_serve(
+    listener: tokio::net::TcpListener,
+    router: axum_router::Router,
+    signals: Signals,
+) -> anyhow::Result<()> {
+    axum_router::serve(listener, router)
+        .with_graceful_shutdown(signals.wait())
+        .await
+        .context("REST server")
+}
+
+use ember_control::axum as axum_router;
+
+/// SIGTERM and SIGINT streams.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = self.int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            data_dir: None,
+            rest: None,
+            nbd: vec![],
+            vhost_dir: None,
+            database: None,
+            node_name: Some("n1".into()),
+            master_key_file: None,
+            config: None,
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = resolve(args()).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("./ember-data"));
+        assert_eq!(c.rest.to_string(), "127.0.0.1:8776");
+        assert_eq!(c.nbd, vec![ListenAddr::Tcp("127.0.0.1:10809".into())]);
+        assert_eq!(c.vhost_dir, PathBuf::from("./ember-data/vhost"));
+        assert_eq!(c.database, "sqlite://./ember-data/ember.db");
+        assert_eq!(
+            c.pools["default"].path,
+            PathBuf::from("./ember-data/pools/default")
+        );
+    }
+
+    #[test]
+    fn config_file_and_precedence() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("ember.toml");
+        std::fs::write(
+            &f,
+            "data-dir = \"/srv/ember\"\nrest = \"0.0.0.0:9000\"\nnbd = [\"unix:/run/e.sock\", \"127.0.0.1:1\"]\n\
+             database = \"mysql://u:p@db/ember\"\n[pools.fast]\npath = \"/nvme\"\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.rest = Some("127.0.0.1:1234".into());
+        let c = resolve(a).unwrap();
+        assert_eq!(c.rest.to_string(), "127.0.0.1:1234", "flag beats file");
+        assert_eq!(c.data_dir, PathBuf::from("/srv/ember"));
+        assert_eq!(c.nbd[0], ListenAddr::Unix("/run/e.sock".into()));
+        assert_eq!(c.database, "mysql://u:p@db/ember");
+        assert_eq!(c.vhost_dir, PathBuf::from("/srv/ember/vhost"));
+        assert_eq!(c.pools.len(), 1);
+        std::fs::write(&f, "colour = 1\n").unwrap();
+        let mut a = args();
+        a.config = Some(f);
+        assert!(resolve(a).is_err(), "unknown keys are refused");
+        let mut a = args();
+        a.nbd = vec!["nonsense".into()];
+        assert!(resolve(a).is_err());
+    }
+
+    #[test]
+    fn dataplane_exports_volume_files() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("vol");
+        std::fs::File::create(&file)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let sock = d.path().join("nbd.sock");
+        let (dp, bound) = ServeDataPlane::start(&[ListenAddr::Unix(sock.clone())]).unwrap();
+        assert_eq!(bound, vec![format!("unix:{}", sock.display())]);
+        let spec = ExportSpec {
+            volume_id: "v1".into(),
+            path: file.clone(),
+            read_only: false,
+            passphrase: None,
+        };
+        dp.open_export(&spec).unwrap();
+        dp.open_export(&spec).unwrap(); // idempotent
+        let names = dp.with_server(|s| Ok(s.export_names())).unwrap();
+        assert_eq!(names, vec!["v1".to_string()]);
+        let enc = ExportSpec {
+            volume_id: "v2".into(),
+            passphrase: Some(b"pw".to_vec()),
+            ..spec.clone()
+        };
+        assert!(dp
+            .open_export(&enc)
+            .unwrap_err()
+            .to_string()
+            .contains("encrypted"));
+        let missing = ExportSpec {
+            volume_id: "v3".into(),
+            path: d.path().join("nope"),
+            ..spec
+        };
+        assert!(dp.open_export(&missing).is_err());
+        dp.close_export("v1").unwrap();
+        dp.close_export("v1").unwrap();
+        let names = dp.with_server(|s| Ok(s.export_names())).unwrap();
+        assert!(names.is_empty());
+        dp.shutdown();
+        assert!(!sock.exists(), "the socket is removed at shutdown");
+        assert!(dp
+            .open_export(&ExportSpec {
+                volume_id: "v4".into(),
+                path: file,
+                read_only: true,
+                passphrase: None
+            })
+            .is_err());
+    }
 }

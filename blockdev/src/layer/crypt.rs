@@ -525,17 +525,18 @@ impl Queue for CryptQueue {
             Op::Write { fua } => {
                 let len = req.len as usize;
                 let mut bounce: IoBuf = self.pool.get(len);
-                match &req.buf {
-                    Buffer::Owned(b) => bounce.as_mut_slice().copy_from_slice(b.as_slice()),
-                    Buffer::Borrowed(v) => v.copy_to(bounce.as_mut_slice()),
-                    Buffer::None => {}
-                }
-                if self
-                    .dev
-                    .cipher
-                    .encrypt(bounce.as_mut_slice(), self.cipher_offset(req.offset))
-                    .is_err()
-                {
+                let cipher = &self.dev.cipher;
+                let off = self.cipher_offset(req.offset);
+                let res = match &req.buf {
+                    // One pass: encrypt straight from the client's buffer into the bounce.
+                    Buffer::Owned(b) => cipher.encrypt_to(b.as_slice(), bounce.as_mut_slice(), off),
+                    Buffer::Borrowed(v) => {
+                        v.copy_to(bounce.as_mut_slice());
+                        cipher.encrypt(bounce.as_mut_slice(), off)
+                    }
+                    Buffer::None => cipher.encrypt(bounce.as_mut_slice(), off),
+                };
+                if res.is_err() {
                     self.pool.put(bounce);
                     self.in_flight -= 1;
                     done.push(Completion::of(req, Err(libc::EINVAL)));
