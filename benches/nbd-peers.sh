@@ -33,6 +33,7 @@ LUKS=0
 EMBERD=
 OUT=
 
+ORIG_ARGS=("$@")
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while (($#)); do
     case "$1" in
@@ -180,6 +181,7 @@ MODES=()
 ((PLAIN)) && MODES+=(plain)
 ((LUKS)) && MODES+=(luks)
 npeers=${#PEER_LIST[@]}
+LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "results in $OUT; ${#MODES[@]} mode(s) x $ROUNDS rounds x $npeers peers x ${#JOB_LIST[@]} jobs x $((RUNTIME + RAMP)) s"
 for mode in "${MODES[@]}"; do
     for ((round = 1; round <= ROUNDS; round++)); do
@@ -198,61 +200,10 @@ done
 
 {
     echo "# $(date -u +%FT%TZ) $(uname -r) $(nproc) CPUs; runtime ${RUNTIME}s ramp ${RAMP}s; median of $ROUNDS rounds"
-    echo "# command: $0 --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --peers $PEERS --jobs $JOBS$( ((LUKS)) && echo ' --luks')"
+    echo "# load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "# command: $0 ${ORIG_ARGS[*]}"
+    echo "# settings: --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --peers $PEERS --jobs $JOBS"
 } >"$OUT/summary.txt"
-python3 - "$OUT" "$PEERS" "$JOBS" "${MODES[*]}" >>"$OUT/summary.txt" <<'EOF'
-import glob, json, os, statistics, sys
-
-out, peers, jobs, modes = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(","), sys.argv[4].split()
-DESC = {"randread": "4k randread QD32", "randwrite": "4k randwrite QD32",
-        "seqread": "1M seq read QD8", "seqwrite": "1M seq write QD8"}
-
-def sample(path):
-    with open(path) as f:
-        text = f.read()
-    # fio may print warnings before the JSON document.
-    doc = json.loads(text[text.index("{"):])
-    job = doc["jobs"][0]
-    side = job["write"] if job["write"]["io_bytes"] > job["read"]["io_bytes"] else job["read"]
-    return side["iops"], side["bw_bytes"] / (1 << 20)
-
-rows = []
-for mode in modes:
-    for job in jobs:
-        seq = job.startswith("seq")
-        med = {}
-        for peer in peers:
-            s = [sample(p) for p in sorted(glob.glob(os.path.join(out, f"{mode}-{peer}-{job}-r*.json")))]
-            if s:
-                med[peer] = (statistics.median(x[0] for x in s), statistics.median(x[1] for x in s))
-        rows.append((mode, job, seq, med))
-
-others = [p for p in peers if p != "ember"]
-head = ["mode", "workload"]
-for p in peers:
-    head += [f"{p} IOPS", f"{p} MiB/s"]
-if "ember" in peers:
-    head += [f"ember/{p}" for p in others]
-table = [head]
-for mode, job, seq, med in rows:
-    r = [mode, DESC[job]]
-    for p in peers:
-        if p in med:
-            r += [f"{med[p][0]:,.0f}", f"{med[p][1]:,.1f}"]
-        else:
-            r += ["-", "-"]
-    if "ember" in peers:
-        for p in others:
-            if "ember" in med and p in med and med[p][1] > 0:
-                r.append(f"{med['ember'][1] / med[p][1]:.2f}x")
-            else:
-                r.append("-")
-    table.append(r)
-w = [max(len(row[i]) for row in table) for i in range(len(head))]
-print("| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |")
-print("|" + "|".join("-" * (w[i] + 2) for i in range(len(head))) + "|")
-for row in table[1:]:
-    print("| " + " | ".join(c.rjust(w[i]) if i > 1 else c.ljust(w[i]) for i, c in enumerate(row)) + " |")
-EOF
+python3 "$ROOT/benches/fio_summary.py" "$OUT" "$PEERS" "$JOBS" "${MODES[*]}" >>"$OUT/summary.txt"
 cat "$OUT/summary.txt"
 log "fio JSON and peer logs kept in $OUT"

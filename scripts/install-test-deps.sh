@@ -8,8 +8,8 @@
 #   scripts/install-test-deps.sh --check    # only report what is missing (exit 1 if any)
 #
 # Environment:
-#   EMBER_GUEST_CACHE  where the guest kernel package is downloaded
-#                      (default /var/cache/ember-test; the QEMU tests read it from there)
+#   EMBER_GUEST_CACHE  where the guest kernel .deb is kept (default /var/cache/ember-test;
+#                      tests/guest/build.sh reads it from there)
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -93,18 +93,21 @@ else
         "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" "${rest[@]}"
 fi
 
-# Guest kernel for the QEMU tests (tests/guest/build.sh finds it with `apt-cache search`
-# and fetches it with `apt-get download`): the package lists must be populated (a fresh
-# container image often ships without them), and a copy of the .deb is kept in
-# $EMBER_GUEST_CACHE so an offline re-run can still build the guest.
-if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then
-    ((CHECK_ONLY)) && die "apt package lists are empty (apt-get update)"
+# Guest kernel for the QEMU tests: tests/guest/build.sh picks Debian's newest 6.1 cloud
+# kernel with `apt-cache search` (so the package lists must be populated; a fresh container
+# image often ships without them) and takes its .deb from $EMBER_GUEST_CACHE, which this
+# fills (else it runs `apt-get download` itself).
+kernel_pkg() {
+    apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' |
+        awk '{print $1}' | sort -V | tail -n 1
+}
+if [[ -z "$(kernel_pkg)" ]]; then
+    ((CHECK_ONLY)) && die "apt lists have no linux-image-6.1.0-*-cloud-amd64 (apt-get update)"
     apt_update_once
 fi
-GUEST_CACHE="${EMBER_GUEST_CACHE:-/var/cache/ember-test}"
-kpkg="$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' |
-    awk '{print $1}' | sort -V | tail -n 1)"
+kpkg="$(kernel_pkg)"
 [[ -n "$kpkg" ]] || die "no linux-image-6.1.0-*-cloud-amd64 package in the apt lists"
+GUEST_CACHE="${EMBER_GUEST_CACHE:-/var/cache/ember-test}"
 if ! compgen -G "$GUEST_CACHE/${kpkg}_*.deb" >/dev/null; then
     ((CHECK_ONLY)) && die "guest kernel $kpkg not in $GUEST_CACHE"
     mkdir -p "$GUEST_CACHE"

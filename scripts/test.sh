@@ -21,7 +21,6 @@ exec </dev/null
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
-export EMBER_GUEST_CACHE="${EMBER_GUEST_CACHE:-/var/cache/ember-test}"
 TEST_TIMEOUT_MIN="${EMBER_TEST_TIMEOUT:-75}"
 
 say() { printf '\n==> %s\n' "$*" >&2; }
@@ -129,23 +128,32 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---- the steps ------------------------------------------------------------------------
-TEST_ARGS=()
-if [[ "${1:-}" == "--" ]]; then
-    shift
-    TEST_ARGS=("$@")
-fi
+# Everything runs inside main(), so bash has parsed the whole file before the first step:
+# editing or checking out this script while it runs cannot change what it does.
+main() {
+    TEST_ARGS=()
+    if [[ "${1:-}" == "--" ]]; then
+        shift
+        TEST_ARGS=("$@")
+    elif (($#)); then
+        echo "usage: scripts/test.sh [-- CARGO_TEST_ARGS...]" >&2
+        exit 2
+    fi
 
-if [[ "${EMBER_SKIP_INSTALL:-0}" != 1 ]]; then
-    step deps "$ROOT/scripts/install-test-deps.sh"
-fi
-step mariadb start_mysql
-step fmt cargo fmt --all -- --check
-step clippy cargo clippy --workspace --all-targets -- -D warnings
-# Build first so the test timeout covers running, not compiling.
-step build cargo test --workspace --no-run
-step cli-ref "$ROOT/scripts/cli-reference.sh" --check "${CARGO_TARGET_DIR:-$ROOT/target}/debug/emberd"
-step test timeout --signal=TERM --kill-after=60 "${TEST_TIMEOUT_MIN}m" \
-    cargo test --workspace --no-fail-fast -- "${TEST_ARGS[@]}"
+    if [[ "${EMBER_SKIP_INSTALL:-0}" != 1 ]]; then
+        step deps "$ROOT/scripts/install-test-deps.sh"
+    fi
+    step mariadb start_mysql
+    step fmt cargo fmt --all -- --check
+    step clippy cargo clippy --workspace --all-targets -- -D warnings
+    # Build first so the test timeout covers running, not compiling.
+    step build cargo test --workspace --no-run
+    step cli-ref "$ROOT/scripts/cli-reference.sh" --check "${CARGO_TARGET_DIR:-$ROOT/target}/debug/emberd"
+    step test timeout --signal=TERM --kill-after=60 "${TEST_TIMEOUT_MIN}m" \
+        cargo test --workspace --no-fail-fast -- "${TEST_ARGS[@]}"
 
-summary
-exit "$FAILED"
+    summary
+    exit "$FAILED"
+}
+
+main "$@"

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""Summarise the fio JSON files benches/nbd-peers.sh leaves in its results dir.
+
+usage: fio_summary.py OUT_DIR PEERS JOBS MODES
+  PEERS, JOBS: comma lists (e.g. ember,nbdkit,qemu-nbd  randread,seqwrite)
+  MODES: space list (plain luks)
+Files are named MODE-PEER-JOB-rROUND.json. Prints a Markdown table of medians (IOPS,
+MiB/s, Ember's ratio to each peer), then every round's MiB/s.
+"""
+import glob, json, os, statistics, sys
+
+out, peers, jobs, modes = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(","), sys.argv[4].split()
+DESC = {"randread": "4k randread QD32", "randwrite": "4k randwrite QD32",
+        "seqread": "1M seq read QD8", "seqwrite": "1M seq write QD8"}
+
+def sample(path):
+    with open(path) as f:
+        text = f.read()
+    # fio may print warnings before the JSON document.
+    doc = json.loads(text[text.index("{"):])
+    job = doc["jobs"][0]
+    side = job["write"] if job["write"]["io_bytes"] > job["read"]["io_bytes"] else job["read"]
+    return side["iops"], side["bw_bytes"] / (1 << 20)
+
+rows = []
+for mode in modes:
+    for job in jobs:
+        seq = job.startswith("seq")
+        med = {}
+        for peer in peers:
+            s = [sample(p) for p in sorted(glob.glob(os.path.join(out, f"{mode}-{peer}-{job}-r*.json")))]
+            if s:
+                med[peer] = (statistics.median(x[0] for x in s), statistics.median(x[1] for x in s))
+        rows.append((mode, job, seq, med))
+
+others = [p for p in peers if p != "ember"]
+head = ["mode", "workload"]
+for p in peers:
+    head += [f"{p} IOPS", f"{p} MiB/s"]
+if "ember" in peers:
+    head += [f"ember/{p}" for p in others]
+table = [head]
+for mode, job, seq, med in rows:
+    r = [mode, DESC[job]]
+    for p in peers:
+        if p in med:
+            r += [f"{med[p][0]:,.0f}", f"{med[p][1]:,.1f}"]
+        else:
+            r += ["-", "-"]
+    if "ember" in peers:
+        for p in others:
+            if "ember" in med and p in med and med[p][1] > 0:
+                r.append(f"{med['ember'][1] / med[p][1]:.2f}x")
+            else:
+                r.append("-")
+    table.append(r)
+def show(table):
+    w = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    print("| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(table[0])) + " |")
+    print("|" + "|".join("-" * (w[i] + 2) for i in range(len(table[0]))) + "|")
+    for row in table[1:]:
+        print("| " + " | ".join(c.rjust(w[i]) if i > 1 else c.ljust(w[i]) for i, c in enumerate(row)) + " |")
+
+show(table)
+
+# Every round's MiB/s, to show the spread behind each median.
+print()
+print("MiB/s of each round:")
+print()
+spread = [["mode", "workload"] + peers]
+for mode, job, seq, med in rows:
+    r = [mode, DESC[job]]
+    for p in peers:
+        s = [sample(f)[1] for f in sorted(glob.glob(os.path.join(out, f"{mode}-{p}-{job}-r*.json")))]
+        r.append(" / ".join(f"{x:,.0f}" for x in s) or "-")
+    spread.append(r)
+show(spread)
