@@ -464,7 +464,7 @@ mod tests {
             volume_id: "v1".into(),
             path: d.path().join("pool").join("v1.img"),
             read_only: true,
-            passphrase: Some(b"new".to_vec().into()),
+            passphrase: Some(b"new".to_vec()),
         };
         dp.open_export(&e).unwrap();
         dp.open_export(&e).unwrap();
