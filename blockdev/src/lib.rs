@@ -32,6 +32,7 @@
 //! - [`backend`]: `file` (regular files, block devices) and `null`; [`open`] is the factory.
 //! - [`sync`]: [`SyncDevice`], a blocking driver for tools, the control plane and tests.
 //! - [`layer`]: stacking layers (crypt, throttle) that wrap another device.
+//! - [`pool`]: storage pools (a directory of files) that allocate, clone and grow volumes.
 
 #![deny(missing_docs)]
 
@@ -40,6 +41,7 @@ pub mod buf;
 pub mod engine;
 pub mod error;
 pub mod layer;
+pub mod pool;
 pub mod request;
 pub mod sync;
 

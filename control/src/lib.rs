@@ -19,6 +19,7 @@ pub mod auth;
 pub mod dataplane;
 pub mod error;
 pub mod keys;
+pub mod locks;
 pub mod metadefs;
 pub mod openapi;
 pub mod projects;
@@ -55,6 +56,7 @@ struct Inner {
     master: keys::MasterKey,
     node_name: String,
     dataplane: Arc<dyn DataPlane>,
+    locks: locks::Locks,
 }
 
 /// State shared by all handlers (cheap to clone).
@@ -73,6 +75,10 @@ impl AppState {
     }
     pub fn dataplane(&self) -> &Arc<dyn DataPlane> {
         &self.0.dataplane
+    }
+    /// The database read-write locks, as this node.
+    pub fn locks(&self) -> &locks::Locks {
+        &self.0.locks
     }
 }
 
@@ -96,16 +102,30 @@ impl Control {
             .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
         let db = Db::connect(&cfg.database).await?;
         db.migrate().await.context("database migrations")?;
+        if db.dialect == store::Dialect::Sqlite {
+            // Write-ahead log: a commit costs one fsync instead of several, so short lock
+            // transactions stay short while volume copies load the disk (persistent).
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&db.pool)
+                .await
+                .context("switch SQLite to WAL")?;
+        }
         let master = match &cfg.master_key_file {
             Some(p) => keys::MasterKey::load(p)?,
             None => keys::MasterKey::load_or_create(&cfg.data_dir.join("master.key"))?,
         };
         keys::check_master_key(&db, &master).await?;
+        let locks = locks::Locks::new(
+            db.pool.clone(),
+            db.dialect == store::Dialect::MySql,
+            cfg.node_name.clone(),
+        );
         let state = AppState(Arc::new(Inner {
             db,
             master,
             node_name: cfg.node_name.clone(),
             dataplane,
+            locks,
         }));
         let admin_token_path = cfg.data_dir.join("admin-token");
         // Several nodes may start at once on one database: a bootstrap step that loses a

@@ -4,7 +4,7 @@
 //! /openapi.json` serves the spec; a test checks spec and router against each other.
 
 use crate::api::{cinder_errors, fallback, MAX_BODY};
-use crate::{keys, metadefs, projects, types, AppState};
+use crate::{keys, locks, metadefs, projects, types, volumes, AppState};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::Json;
 use std::sync::Arc;
@@ -106,6 +106,32 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(keys::secret_payload))
         .routes(routes!(keys::create_order, keys::list_orders))
         .routes(routes!(keys::show_order, keys::delete_order))
+        .routes(routes!(
+            volumes::api::list_volumes,
+            volumes::api::create_volume
+        ))
+        .routes(routes!(volumes::api::list_volumes_detail))
+        .routes(routes!(
+            volumes::api::show_volume,
+            volumes::api::delete_volume
+        ))
+        .routes(routes!(volumes::api::volume_action))
+        .routes(routes!(volumes::api::volume_encryption))
+        .routes(routes!(
+            volumes::api::list_snapshots,
+            volumes::api::create_snapshot
+        ))
+        .routes(routes!(
+            volumes::api::show_snapshot,
+            volumes::api::delete_snapshot
+        ))
+        .routes(routes!(locks::api::list_locks, locks::api::create_lock))
+        .routes(routes!(locks::api::lock_history))
+        .routes(routes!(
+            locks::api::show_lock,
+            locks::api::renew_lock,
+            locks::api::delete_lock
+        ))
 }
 
 /// The OpenAPI document (including `/openapi.json` itself).

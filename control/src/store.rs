@@ -84,7 +84,11 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
          encryption_key_id VARCHAR(64) NULL, pool VARCHAR(255) NOT NULL, node_id VARCHAR(255) NULL, \
          status VARCHAR(32) NOT NULL, created_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL)",
     ],
-)];
+),
+// Volumes, snapshots, attachments (issue 6).
+(2, crate::volumes::SCHEMA),
+// Database read-write locks (issue 6).
+(3, crate::locks::SCHEMA)];
 
 impl Db {
     /// Connect to `url` (`sqlite://PATH` or `mysql://…`). SQLite files are created if missing.
@@ -150,10 +154,23 @@ impl Db {
                 } else {
                     stmt.to_string()
                 };
-                sqlx::query(AssertSqlSafe(sql))
-                    .execute(&self.pool)
-                    .await
-                    .with_context(|| format!("migration {version}: {stmt}"))?;
+                match sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await {
+                    Ok(_) => {}
+                    // ADD COLUMN / CREATE INDEX have no portable IF NOT EXISTS: a second
+                    // node migrating at the same time finds them done.
+                    Err(sqlx::Error::Database(d))
+                        if d.message()
+                            .to_ascii_lowercase()
+                            .contains("duplicate column name")
+                            || d.message().contains("Duplicate key name")
+                            || (stmt.starts_with("CREATE INDEX")
+                                && d.message().contains("already exists")) => {}
+                    Err(e) => {
+                        return Err(
+                            anyhow::Error::new(e).context(format!("migration {version}: {stmt}"))
+                        )
+                    }
+                }
             }
             let r = sqlx::query("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)")
                 .bind(*version)

@@ -430,6 +430,107 @@ fn rows(pa: &str, f: &Fx) -> Vec<(&'static str, String, Option<Value>, [u16; 5])
             None,
             [200, 200, 200, 200, 200],
         ),
+        // Volumes and snapshots (issue 6). The harness has no data plane, so a create
+        // that passes auth and validation ends in 503 (no storage pool on this node);
+        // the per-object rows use an id that does not exist.
+        (
+            "GET /v3/{project_id}/volumes",
+            format!("/v3/{pa}/volumes"),
+            None,
+            READ_PROJ,
+        ),
+        (
+            "GET /v3/{project_id}/volumes/detail",
+            format!("/v3/{pa}/volumes/detail"),
+            None,
+            READ_PROJ,
+        ),
+        (
+            "POST /v3/{project_id}/volumes",
+            format!("/v3/{pa}/volumes"),
+            Some(json!({"volume": {"size": 1}})),
+            [401, 403, 403, 503, 503],
+        ),
+        (
+            "GET /v3/{project_id}/volumes/{volume_id}",
+            format!("/v3/{pa}/volumes/{r}"),
+            None,
+            [401, 403, 404, 404, 404],
+        ),
+        (
+            "DELETE /v3/{project_id}/volumes/{volume_id}",
+            format!("/v3/{pa}/volumes/{r}"),
+            None,
+            [401, 403, 403, 404, 404],
+        ),
+        (
+            "POST /v3/{project_id}/volumes/{volume_id}/action",
+            format!("/v3/{pa}/volumes/{r}/action"),
+            Some(json!({"os-extend": {"new_size": 2}})),
+            [401, 403, 403, 404, 404],
+        ),
+        (
+            "GET /v3/{project_id}/volumes/{volume_id}/encryption",
+            format!("/v3/{pa}/volumes/{r}/encryption"),
+            None,
+            [401, 403, 404, 404, 404],
+        ),
+        (
+            "GET /v3/{project_id}/snapshots",
+            format!("/v3/{pa}/snapshots"),
+            None,
+            READ_PROJ,
+        ),
+        (
+            "POST /v3/{project_id}/snapshots",
+            format!("/v3/{pa}/snapshots"),
+            Some(json!({"snapshot": {"volume_id": r}})),
+            [401, 403, 403, 404, 404],
+        ),
+        (
+            "GET /v3/{project_id}/snapshots/{snapshot_id}",
+            format!("/v3/{pa}/snapshots/{r}"),
+            None,
+            [401, 403, 404, 404, 404],
+        ),
+        (
+            "DELETE /v3/{project_id}/snapshots/{snapshot_id}",
+            format!("/v3/{pa}/snapshots/{r}"),
+            None,
+            [401, 403, 403, 404, 404],
+        ),
+        // Database locks: admin only.
+        ("GET /v3/locks", "/v3/locks".into(), None, ADMIN(200)),
+        (
+            "GET /v3/locks/history",
+            "/v3/locks/history?resource_id=x".into(),
+            None,
+            ADMIN(200),
+        ),
+        (
+            "POST /v3/locks",
+            "/v3/locks".into(),
+            Some(json!({"lock": {"resource_type": "volume", "resource_id": r, "mode": "shared"}})),
+            ADMIN(201),
+        ),
+        (
+            "GET /v3/locks/{holder_id}",
+            format!("/v3/locks/{r}"),
+            None,
+            ADMIN(404),
+        ),
+        (
+            "PUT /v3/locks/{holder_id}",
+            format!("/v3/locks/{r}"),
+            None,
+            ADMIN(404),
+        ),
+        (
+            "DELETE /v3/locks/{holder_id}",
+            format!("/v3/locks/{r}"),
+            None,
+            ADMIN(404),
+        ),
     ]
 }
 
@@ -543,13 +644,20 @@ async fn openapi_matches_router() {
     // Source check: every #[utoipa::path] handler is registered, nothing bypasses routes!.
     let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut annotated = 0;
-    for e in std::fs::read_dir(&src).unwrap() {
-        let path = e.unwrap().path();
-        if path.extension().is_none_or(|x| x != "rs") {
-            continue;
+    let mut dirs = vec![src.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|x| x != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(path).unwrap();
+            annotated += text.matches("#[utoipa::path(").count();
         }
-        let text = std::fs::read_to_string(path).unwrap();
-        annotated += text.matches("#[utoipa::path(").count();
     }
     assert_eq!(
         annotated,

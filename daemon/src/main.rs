@@ -9,6 +9,7 @@
 //! `main` only parses arguments, installs logging and dispatches; each subcommand lives
 //! in its own module with its `*Args` and a `run` function.
 
+mod dataplane;
 mod export;
 mod logging;
 mod luks;

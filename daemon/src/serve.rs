@@ -9,22 +9,21 @@
 //! Storage pools come from the config (`[pools.NAME] path = "…"`); the default is one
 //! directory pool `default` at `DATA/pools/default`.
 //!
-//! The data plane: an [`NbdServer`] listens on every `--nbd` address; the control plane
+//! The data plane: an NBD server listens on every `--nbd` address; the control plane
 //! reaches it only through [`ember_control::DataPlane`], implemented by
-//! [`ServeDataPlane`] (open a volume's file with the block layer and add it as an NBD
-//! export named after the volume id; close removes it and drops its connections).
-//! Volumes (and so exports) arrive with the next issue. Not wired yet: vhost-user
-//! exports under `--vhost-dir` (the directory is created) and encrypted exports.
+//! [`EmberDataPlane`]: storage pools, LUKS header work, NBD exports named after the
+//! volume id and vhost-user sockets in `--vhost-dir`. At start-up a reconciliation pass
+//! cleans up after a crash; lock leases are renewed every third of `--lock-lease-secs`.
 
-use crate::nbd::{ListenAddr, NbdServer};
+use crate::dataplane::EmberDataPlane;
+use crate::nbd::ListenAddr;
 use anyhow::Context;
 use clap::Args;
-use ember_blockdev::{BackendSpec, OpenOptions};
-use ember_control::{Control, ControlConfig, DataPlane, ExportSpec};
+use ember_control::{Control, ControlConfig};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Flags of `emberd serve`.
@@ -54,6 +53,10 @@ pub struct ServeArgs {
     /// TOML file with the same keys as these flags (kebab-case) plus `[pools.NAME] path = "DIR"`.
     #[arg(long, env = "EMBER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Lease of this node's database locks in seconds; the node renews them every third
+    /// of it, and a dead node's locks free up after it [default: 30].
+    #[arg(long, env = "EMBER_LOCK_LEASE_SECS", value_name = "SECS")]
+    pub lock_lease_secs: Option<u64>,
 }
 
 /// The `--config` file.
@@ -88,7 +91,11 @@ pub struct ServeConfig {
     pub node_name: String,
     pub master_key_file: Option<PathBuf>,
     pub pools: BTreeMap<String, PoolConfig>,
+    pub lock_lease: Duration,
 }
+
+/// Default lease of this node's database locks.
+pub const DEFAULT_LOCK_LEASE_SECS: u64 = 30;
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -152,6 +159,11 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         "--node-name must be 1..255 characters"
     );
     let master_key_file = args.master_key_file.or(file.master_key_file);
+    let lease_secs = args.lock_lease_secs.unwrap_or(DEFAULT_LOCK_LEASE_SECS);
+    anyhow::ensure!(
+        (1..=3600).contains(&lease_secs),
+        "--lock-lease-secs must be 1..3600"
+    );
     let mut pools = file.pools.unwrap_or_default();
     if pools.is_empty() {
         pools.insert(
@@ -170,89 +182,8 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         node_name,
         master_key_file,
         pools,
+        lock_lease: Duration::from_secs(lease_secs),
     })
-}
-
-/// The data plane as seen by the control plane: NBD exports of volume files.
-pub struct ServeDataPlane {
-    nbd: Mutex<Option<NbdServer>>,
-}
-
-impl ServeDataPlane {
-    /// Start the NBD server and listen on `addrs`; returns the bound addresses too.
-    pub fn start(addrs: &[ListenAddr]) -> anyhow::Result<(ServeDataPlane, Vec<String>)> {
-        let threads = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
-        let server = NbdServer::start(threads)?;
-        let mut bound = Vec::new();
-        for a in addrs {
-            match server.listen(a) {
-                Ok(b) => bound.push(b),
-                Err(e) => {
-                    server.shutdown();
-                    return Err(e);
-                }
-            }
-        }
-        Ok((
-            ServeDataPlane {
-                nbd: Mutex::new(Some(server)),
-            },
-            bound,
-        ))
-    }
-
-    /// Stop listening, close connections and join the I/O threads.
-    pub fn shutdown(&self) {
-        let server = self.nbd.lock().ok().and_then(|mut g| g.take());
-        if let Some(s) = server {
-            s.shutdown();
-        }
-    }
-
-    fn with_server<T>(&self, f: impl FnOnce(&NbdServer) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let g = self
-            .nbd
-            .lock()
-            .map_err(|_| anyhow::anyhow!("NBD server state poisoned"))?;
-        let server = g.as_ref().context("the NBD server is shut down")?;
-        f(server)
-    }
-}
-
-impl DataPlane for ServeDataPlane {
-    fn open_export(&self, spec: &ExportSpec) -> anyhow::Result<()> {
-        anyhow::ensure!(
-            spec.passphrase.is_none(),
-            "encrypted exports are not wired into `emberd serve` yet (volume {})",
-            spec.volume_id
-        );
-        self.with_server(|server| {
-            if server.export_names().contains(&spec.volume_id) {
-                return Ok(());
-            }
-            let opts = OpenOptions {
-                read_only: spec.read_only,
-                ..OpenOptions::default()
-            };
-            let dev = ember_blockdev::open(
-                &BackendSpec::File {
-                    path: spec.path.clone(),
-                },
-                &opts,
-            )
-            .with_context(|| format!("open {}", spec.path.display()))?;
-            server.add_export(&spec.volume_id, dev, spec.read_only)
-        })
-    }
-
-    fn close_export(&self, volume_id: &str) -> anyhow::Result<()> {
-        self.with_server(|server| {
-            server.remove_export(volume_id);
-            Ok(())
-        })
-    }
 }
 
 /// Run the daemon.
@@ -280,7 +211,12 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     for (name, pool) in &cfg.pools {
         create_dir(&pool.path, &format!("pool {name}"))?;
     }
-    let (dataplane, nbd_bound) = ServeDataPlane::start(&cfg.nbd)?;
+    let pools = cfg
+        .pools
+        .iter()
+        .map(|(n, p)| (n.clone(), p.path.clone()))
+        .collect();
+    let (dataplane, nbd_bound) = EmberDataPlane::start(pools, &cfg.nbd, cfg.vhost_dir.clone())?;
     let dataplane = Arc::new(dataplane);
     let ccfg = ControlConfig {
         data_dir: cfg.data_dir.clone(),
@@ -296,6 +232,11 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    control.state.locks().set_lease(cfg.lock_lease);
+    if let Err(e) = ember_control::volumes::reconcile::reconcile(&control.state).await {
+        dataplane.shutdown();
+        return Err(e.context("start-up reconciliation"));
+    }
     let listener = match tokio::net::TcpListener::bind(cfg.rest).await {
         Ok(l) => l,
         Err(e) => {
@@ -312,7 +253,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         pools = ?cfg.pools.keys().collect::<Vec<_>>(),
         "emberd serve: REST API listening"
     );
-    tracing::info!(listeners = %nbd_bound.join(" "), "NBD server listening (no exports until volumes exist)");
+    tracing::info!(listeners = %nbd_bound.join(" "), "NBD server listening");
     let control = Arc::new(control);
     let hb = control.clone();
     let heartbeat = tokio::spawn(async move {
@@ -324,8 +265,23 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     });
+    // Lock leases: renewed every third of the lease, expired holders reaped.
+    let lk = control.state.locks().clone();
+    let leases = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(lk.lease() / 3);
+        loop {
+            tick.tick().await;
+            if let Err(e) = lk.renew_node().await {
+                tracing::warn!(error = %e, "lock lease renewal failed (database unavailable?)");
+            }
+            if let Err(e) = lk.reap().await {
+                tracing::warn!(error = %e, "reaping expired locks failed");
+            }
+        }
+    });
     let served = axum_serve(listener, control.router(), signals).await;
     heartbeat.abort();
+    leases.abort();
     dataplane.shutdown();
     served?;
     tracing::info!("emberd serve: stopped");
@@ -382,6 +338,7 @@ mod tests {
             node_name: Some("n1".into()),
             master_key_file: None,
             config: None,
+            lock_lease_secs: None,
         }
     }
 
@@ -426,58 +383,5 @@ mod tests {
         let mut a = args();
         a.nbd = vec!["nonsense".into()];
         assert!(resolve(a).is_err());
-    }
-
-    #[test]
-    fn dataplane_exports_volume_files() {
-        let d = tempfile::tempdir().unwrap();
-        let file = d.path().join("vol");
-        std::fs::File::create(&file)
-            .unwrap()
-            .set_len(1 << 20)
-            .unwrap();
-        let sock = d.path().join("nbd.sock");
-        let (dp, bound) = ServeDataPlane::start(&[ListenAddr::Unix(sock.clone())]).unwrap();
-        assert_eq!(bound, vec![format!("unix:{}", sock.display())]);
-        let spec = ExportSpec {
-            volume_id: "v1".into(),
-            path: file.clone(),
-            read_only: false,
-            passphrase: None,
-        };
-        dp.open_export(&spec).unwrap();
-        dp.open_export(&spec).unwrap(); // idempotent
-        let names = dp.with_server(|s| Ok(s.export_names())).unwrap();
-        assert_eq!(names, vec!["v1".to_string()]);
-        let enc = ExportSpec {
-            volume_id: "v2".into(),
-            passphrase: Some(b"pw".to_vec()),
-            ..spec.clone()
-        };
-        assert!(dp
-            .open_export(&enc)
-            .unwrap_err()
-            .to_string()
-            .contains("encrypted"));
-        let missing = ExportSpec {
-            volume_id: "v3".into(),
-            path: d.path().join("nope"),
-            ..spec
-        };
-        assert!(dp.open_export(&missing).is_err());
-        dp.close_export("v1").unwrap();
-        dp.close_export("v1").unwrap();
-        let names = dp.with_server(|s| Ok(s.export_names())).unwrap();
-        assert!(names.is_empty());
-        dp.shutdown();
-        assert!(!sock.exists(), "the socket is removed at shutdown");
-        assert!(dp
-            .open_export(&ExportSpec {
-                volume_id: "v4".into(),
-                path: file,
-                read_only: true,
-                passphrase: None
-            })
-            .is_err());
     }
 }

@@ -98,6 +98,8 @@ struct Pending {
     flushing: bool,
     /// A write whose payload is borrowed from the receive buffer (pins it).
     borrowed: bool,
+    /// A write-zeroes is being retried without deallocation.
+    zero_retry: bool,
 }
 
 /// One reply: header bytes in the batch arena, optional data.
@@ -250,8 +252,10 @@ impl Conn {
     pub fn service(&mut self, cx: &mut Cx<'_>) {
         self.parse(cx);
         self.take_sync_completions(cx);
-        self.arm_recv(cx);
+        // Replies first: the client's next requests follow them, so by the time the
+        // receive is tried they may already be there.
         self.flush_send(cx);
+        self.arm_recv(cx);
         if self.state == State::Draining
             && self.dev_inflight == 0
             && self.out.items.is_empty()
@@ -646,6 +650,7 @@ impl Conn {
             buf,
             flushing: false,
             borrowed: false,
+            zero_retry: false,
         };
         self.live_reqs += 1;
         if let Some(i) = self.free.pop() {
@@ -694,8 +699,32 @@ impl Conn {
         let slot = (c.tag & 0xffff_ffff) as usize;
         let buf = c.buf.into_owned();
         let closing = self.state == State::Closing;
+        let mut result = c.result;
+        let unsupported = matches!(result, Err(libc::EOPNOTSUPP));
+        if let (false, true, Some(p)) = (
+            closing,
+            unsupported,
+            self.reqs.get_mut(slot).and_then(|r| r.as_mut()),
+        ) {
+            if p.cmd == cmd::TRIM && !p.flushing {
+                // Trim is advisory: a device that cannot deallocate just keeps the data.
+                result = Ok(());
+            } else if p.cmd == cmd::WRITE_ZEROES
+                && !p.flushing
+                && !p.zero_retry
+                && p.flags & cmd_flag::FAST_ZERO == 0
+            {
+                // Deallocating failed (e.g. a block device without unmap): zero the range
+                // the slow way, which the backend can always do.
+                p.zero_retry = true;
+                let (offset, len) = (p.offset, u64::from(p.len));
+                let op = Op::WriteZeroes { unmap: false };
+                self.submit(slot, op, offset, len, Buffer::None, cx);
+                return;
+            }
+        }
         let fua_flush = !closing
-            && c.result.is_ok()
+            && result.is_ok()
             && self
                 .reqs
                 .get(slot)
@@ -720,7 +749,7 @@ impl Conn {
         if p.borrowed {
             self.rbuf_pins = self.rbuf_pins.saturating_sub(1);
         }
-        let keep = match (closing, p.cmd, c.result, buf) {
+        let keep = match (closing, p.cmd, result, buf) {
             (false, cmd::READ, Ok(()), Some(b)) => Some(b),
             (_, _, _, b) => {
                 if let Some(b) = b {
@@ -733,7 +762,7 @@ impl Conn {
         if closing {
             return;
         }
-        match (c.result, keep) {
+        match (result, keep) {
             (Ok(()), Some(b)) => self.reply_read(p.handle, p.offset, b),
             (Ok(()), None) => self.reply_ok(p.handle, p.cmd),
             (Err(e), _) => self.reply_error(p.handle, p.cmd, proto::nbd_error(e)),

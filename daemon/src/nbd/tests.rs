@@ -78,8 +78,12 @@ fn connect_with(path: &Path, name: &str, structured: bool) -> Result<UnixStream,
 }
 
 fn request(cmd: u16, handle: u64, offset: u64, len: u32) -> [u8; 28] {
+    request_flags(cmd, 0, handle, offset, len)
+}
+
+fn request_flags(cmd: u16, flags: u16, handle: u64, offset: u64, len: u32) -> [u8; 28] {
     proto::RequestHeader {
-        flags: 0,
+        flags,
         cmd,
         handle,
         offset,
@@ -234,7 +238,8 @@ impl ember_blockdev::Queue for FailingQueue {
             Op::Write { .. } => libc::ENOSPC,
             Op::Flush => libc::EIO,
             Op::Discard => libc::EOPNOTSUPP,
-            Op::WriteZeroes { .. } => libc::ENOMEM,
+            Op::WriteZeroes { unmap: true } => libc::EOPNOTSUPP,
+            Op::WriteZeroes { unmap: false } => libc::ENOMEM,
         };
         done.push(ember_blockdev::Completion::of(req, Err(errno)));
     }
@@ -268,11 +273,22 @@ fn disk_errors_reach_the_client_as_nbd_errors() {
     assert_eq!(reply(&mut s, 0), (proto::err::ENOSPC, 2));
     s.write_all(&request(proto::cmd::FLUSH, 3, 0, 0)).unwrap();
     assert_eq!(reply(&mut s, 0), (proto::err::EIO, 3));
+    // Trim is advisory: a device that cannot deallocate is not an error.
     s.write_all(&request(proto::cmd::TRIM, 4, 0, 512)).unwrap();
-    assert_eq!(reply(&mut s, 0), (proto::err::ENOTSUP, 4));
+    assert_eq!(reply(&mut s, 0), (0, 4));
+    // Write-zeroes that cannot deallocate is retried as a plain zeroing (which fails
+    // here with its own errno), unless the client asked for a fast zero.
     s.write_all(&request(proto::cmd::WRITE_ZEROES, 5, 0, 512))
         .unwrap();
     assert_eq!(reply(&mut s, 0), (proto::err::ENOMEM, 5));
+    let fast = proto::cmd_flag::FAST_ZERO;
+    s.write_all(&request_flags(proto::cmd::WRITE_ZEROES, fast, 8, 0, 512))
+        .unwrap();
+    assert_eq!(reply(&mut s, 0), (proto::err::ENOTSUP, 8));
+    let no_hole = proto::cmd_flag::FAST_ZERO | proto::cmd_flag::NO_HOLE;
+    s.write_all(&request_flags(proto::cmd::WRITE_ZEROES, no_hole, 9, 0, 512))
+        .unwrap();
+    assert_eq!(reply(&mut s, 0), (proto::err::ENOTSUP, 9));
 
     // With structured replies a failed read is an error chunk.
     let mut s = connect_with(&path, "", true).unwrap();

@@ -149,3 +149,50 @@ fn resize_grows_the_device() {
     s.write_at((2 << 20) - 512, &[7u8; 512])
         .expect("write at the new end");
 }
+
+#[test]
+fn tmpfs_small_io_is_inline_and_large_io_goes_through_the_ring() {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "/dev/shm (tmpfs) is needed for this test");
+    let f = tempfile::NamedTempFile::new_in(shm).expect("tempfile in /dev/shm");
+    f.as_file().set_len(4 << 20).expect("set_len");
+    let fd = FileDevice::open(f.path(), &OpenOptions::default()).expect("open");
+    assert!(
+        fd.inline_io && !fd.is_direct(),
+        "tmpfs should use buffered inline I/O"
+    );
+    let mut s = SyncDevice::new(Arc::new(fd)).expect("ring");
+    for len in [4096usize, 1 << 20] {
+        let data: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
+        s.write_at(8192, &data).expect("write");
+        assert_eq!(s.read_at(8192, len).expect("read").as_slice(), &data[..]);
+    }
+    // Borrowed iovecs (vhost-user style) through the inline path.
+    let mut a = vec![0u8; 1000];
+    let mut b = vec![0u8; 3096];
+    let iovs = vec![
+        libc::iovec {
+            iov_base: a.as_mut_ptr().cast(),
+            iov_len: a.len(),
+        },
+        libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        },
+    ];
+    // SAFETY: a and b outlive the request and are not touched until it completes.
+    let v = unsafe { crate::buf::IoVecs::new(iovs) };
+    let c = s
+        .run(vec![Request {
+            op: Op::Read,
+            offset: 8192,
+            len: 4096,
+            buf: Buffer::Borrowed(v),
+            tag: 1,
+        }])
+        .expect("run");
+    assert_eq!(c[0].result, Ok(()));
+    drop(c);
+    assert_eq!(a[999], (999 % 253) as u8);
+    assert_eq!(b[0], (1000 % 253) as u8);
+}
