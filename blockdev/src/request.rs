@@ -93,6 +93,18 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
+    /// Check a request before it is started: flushes always pass, data-changing ops on a
+    /// read-only device get `EPERM`, everything else must pass [`check_range`](Self::check_range).
+    pub fn check_request(&self, op: Op, offset: u64, len: u64) -> Result<(), i32> {
+        if op == Op::Flush {
+            Ok(())
+        } else if op.is_write() && self.read_only {
+            Err(libc::EPERM)
+        } else {
+            self.check_range(offset, len)
+        }
+    }
+
     /// Check that `[offset, offset+len)` is inside the device and aligned to the
     /// logical block size. Returns `EINVAL` otherwise.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<(), i32> {

@@ -526,13 +526,7 @@ impl Queue for FileQueue {
 
     fn submit(&mut self, ring: &mut Ring, req: Request, done: &mut Vec<Completion>) {
         let info = self.dev.info();
-        let check = if req.op == Op::Flush {
-            Ok(())
-        } else if req.op.is_write() && info.read_only {
-            Err(libc::EPERM)
-        } else {
-            info.check_range(req.offset, req.len)
-        };
+        let check = info.check_request(req.op, req.offset, req.len);
         let check = check.and_then(|()| match req.op {
             Op::Read | Op::Write { .. } if req.buf.len() as u64 != req.len => Err(libc::EINVAL),
             Op::Read | Op::Write { .. } if req.len > u64::from(info.max_transfer) => {

@@ -79,13 +79,7 @@ impl Queue for NullQueue {
 
     fn submit(&mut self, _ring: &mut Ring, mut req: Request, done: &mut Vec<Completion>) {
         let info = self.dev.info();
-        let res = if req.op == Op::Flush {
-            Ok(())
-        } else if req.op.is_write() && info.read_only {
-            Err(libc::EPERM)
-        } else {
-            info.check_range(req.offset, req.len)
-        };
+        let res = info.check_request(req.op, req.offset, req.len);
         if res.is_ok() && req.op == Op::Read {
             match &mut req.buf {
                 Buffer::Owned(b) => b.as_mut_slice().fill(0),
