@@ -1198,3 +1198,104 @@ fn two_nodes_mariadb_history_and_sigkill() {
     );
     assert_eq!(l["locks"], json!([]), "{l}");
 }
+
+/// NBD attachments are separate exports: each has its own access mode, terminating one
+/// closes its live connections and leaves the others, and a new connection after
+/// `os-extend` sees the new size (NBD cannot tell a connected client).
+#[test]
+fn nbd_attachments_modes_terminate_and_extend() {
+    use std::io::{BufRead, BufReader, Write};
+    require_tool("qemu-io");
+    require_tool("nbdinfo");
+    require_tool("nbdsh");
+    let dir = tempfile::tempdir().unwrap();
+    let n = Node::start(dir.path(), "nbdatt", None, 30);
+    let p = project(&n, "nbdatt");
+    let v = expect(
+        create_volume(&n, &p, json!({"size": 1, "name": "plain"})),
+        202,
+        "create",
+    );
+    let id = v["volume"]["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_ready(&n, &p, &id)["status"], "available");
+
+    let rw = attach(&n, &p, &id, "nbd");
+    let ro = expect(
+        action(
+            &n,
+            &p,
+            &id,
+            json!({"os-initialize_connection": {"connector": {"protocol": "nbd", "read_only": true}}}),
+        ),
+        200,
+        "read-only attach",
+    )["connection_info"]
+        .clone();
+    assert_eq!(ro["data"]["access_mode"], "ro");
+    let rw_uri = rw["data"]["uri"].as_str().unwrap().to_string();
+    let ro_uri = ro["data"]["uri"].as_str().unwrap().to_string();
+    assert_ne!(rw_uri, ro_uri, "each attachment is its own export");
+
+    // The modes are each attachment's own, whichever came first.
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &rw_uri, "-c", "write -P 0x3c 0 64k"]));
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", &ro_uri, "-c", "write -P 0x11 0 64k"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("ermission denied")
+            || text.contains("read-only")
+            || text.contains("Read-only"),
+        "a write through the read-only attachment must fail: {text}"
+    );
+    let out = run_ok(Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        &ro_uri,
+        "-c",
+        "read -P 0x3c 0 64k",
+    ]));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"));
+
+    // A live connection to the read-write attachment ends with its termination.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let script = "import sys\n\
+h.pread(512, 0)\n\
+print('connected', flush=True)\n\
+sys.stdin.readline()\n\
+try:\n    h.pread(512, 0)\n    print('still-open', flush=True)\n\
+except nbd.Error as e:\n    print('closed', e, flush=True)\n";
+    let mut sh = Command::new("nbdsh")
+        .env("PATH", path)
+        .args(["-u", &rw_uri, "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(sh.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "connected");
+    detach(&n, &p, &id, rw["data"]["attachment_id"].as_str().unwrap());
+    writeln!(sh.stdin.take().unwrap()).unwrap();
+    let last = lines.next().unwrap().unwrap();
+    assert!(last.starts_with("closed"), "{last}\n{}", n.log());
+    sh.wait().unwrap();
+    let out = Command::new("nbdinfo").arg(&rw_uri).output().unwrap();
+    assert!(!out.status.success(), "the terminated export is gone");
+
+    // Online extend: the read-only attachment lives on; a new connection sees 2 GiB.
+    expect(
+        action(&n, &p, &id, json!({"os-extend": {"new_size": 2}})),
+        202,
+        "extend",
+    );
+    let out = run_ok(Command::new("nbdinfo").args(["--size", &ro_uri]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (2 * GIB).to_string()
+    );
+    detach(&n, &p, &id, ro["data"]["attachment_id"].as_str().unwrap());
+    assert_eq!(show(&n, &p, &id)["status"], "available");
+}

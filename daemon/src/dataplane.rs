@@ -2,11 +2,13 @@
 //!
 //! - Pools: the configured [`DirPool`]s.
 //! - LUKS header work (format, rekey of a clone) through `ember_crypto` on the file.
-//! - Attachments: one device stack per attached volume, shared by all its attachments:
+//! - Attachments: one device stack per attached volume, built by its first attachment and
+//!   shared by all of them, so the type's QoS limits the volume as a whole:
 //!   `throttle (type's qos:) → crypt (LUKS, key from the control plane) → file`.
-//!   NBD attachments share the NBD export named by the volume id on the daemon's NBD
-//!   listeners (the export goes away with the last NBD attachment); each vhost-user
-//!   attachment gets its own socket `VHOST_DIR/<volume>-<attachment>.sock`.
+//!   Every attachment has its own front end, so its access mode is its own and ending it
+//!   ends exactly its clients: an NBD attachment is the export `<volume>-<attachment>` on
+//!   the daemon's NBD listeners (removing it closes its connections); a vhost-user
+//!   attachment is the socket `VHOST_DIR/<volume>-<attachment8>.sock`.
 //! - Resize: the file already grew (the pool did it); the live stack's base device is
 //!   told, and the layers above derive their size from it.
 //!
@@ -40,7 +42,8 @@ pub const VHOST_QUEUES: u16 = 2;
 
 /// One attachment.
 enum Attachment {
-    Nbd,
+    /// The NBD export of this attachment (by name).
+    Nbd { export: String },
     Vhost {
         export: VhostExport,
         socket: PathBuf,
@@ -51,6 +54,8 @@ enum Attachment {
 struct Attached {
     /// The backend (file) device.
     base: Arc<dyn BlockDevice>,
+    /// The stack every front end of the volume serves (`base` plus layers).
+    stack: Arc<dyn BlockDevice>,
     attachments: HashMap<String, Attachment>,
 }
 
@@ -134,19 +139,19 @@ impl EmberDataPlane {
         f(server)
     }
 
-    fn nbd_info(&self, volume_id: &str) -> serde_json::Value {
+    fn nbd_info(&self, export: &str) -> serde_json::Value {
         let uris: Vec<String> = self
             .nbd_endpoints
             .iter()
             .map(|e| match e {
-                NbdEndpoint::Unix(p) => format!("nbd+unix:///{volume_id}?socket={}", p.display()),
-                NbdEndpoint::Tcp(a) => format!("nbd://{a}/{volume_id}"),
+                NbdEndpoint::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+                NbdEndpoint::Tcp(a) => format!("nbd://{a}/{export}"),
             })
             .collect();
         serde_json::json!({
             "driver_volume_type": "nbd",
             "data": {
-                "export_name": volume_id,
+                "export_name": export,
                 "uri": uris.first(),
                 "uris": uris,
             }
@@ -190,6 +195,11 @@ fn kdf() -> KdfParams {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// NBD export name of an attachment (ids are UUIDs: no characters a URI must escape).
+fn nbd_export_name(volume_id: &str, attachment_id: &str) -> String {
+    format!("{volume_id}-{attachment_id}")
 }
 
 /// Socket path of a vhost-user attachment (short: Unix socket paths are limited).
@@ -285,11 +295,23 @@ impl DataPlane for EmberDataPlane {
     fn attach(&self, spec: &AttachSpec) -> anyhow::Result<serde_json::Value> {
         let mut vols = lock(&self.volumes);
         if !vols.contains_key(&spec.volume_id) {
+            // The first attachment builds the stack: crypt, then throttle.
             let base = open(&spec.backend, &OpenOptions::default()).context("open the volume")?;
+            let mut stack = base.clone();
+            if let Some(pass) = &spec.passphrase {
+                stack = Arc::new(
+                    CryptDevice::open(stack, pass, &ember_crypto::OpenOptions::default())
+                        .context("unlock the LUKS volume")?,
+                );
+            }
+            if !spec.qos.is_unlimited() {
+                stack = Arc::new(ThrottleDevice::new(stack, &spec.qos));
+            }
             vols.insert(
                 spec.volume_id.clone(),
                 Attached {
                     base,
+                    stack,
                     attachments: HashMap::new(),
                 },
             );
@@ -297,34 +319,27 @@ impl DataPlane for EmberDataPlane {
         let Some(a) = vols.get_mut(&spec.volume_id) else {
             bail!("volume {} vanished", spec.volume_id);
         };
-        // The stack above the base: crypt, then throttle.
-        let stack = || -> anyhow::Result<Arc<dyn BlockDevice>> {
-            let mut dev = a.base.clone();
-            if let Some(pass) = &spec.passphrase {
-                dev = Arc::new(
-                    CryptDevice::open(dev, pass, &ember_crypto::OpenOptions::default())
-                        .context("unlock the LUKS volume")?,
-                );
-            }
-            if !spec.qos.is_unlimited() {
-                dev = Arc::new(ThrottleDevice::new(dev, &spec.qos));
-            }
-            Ok(dev)
-        };
-        let (att, info) = match spec.protocol {
+        if a.attachments.contains_key(&spec.attachment_id) {
+            bail!(
+                "attachment {} of volume {} exists already",
+                spec.attachment_id,
+                spec.volume_id
+            );
+        }
+        let res = match spec.protocol {
             Protocol::Nbd => {
-                let has_nbd = a.attachments.values().any(|x| matches!(x, Attachment::Nbd));
-                if !has_nbd {
-                    let dev = stack()?;
-                    self.with_nbd(|s| s.add_export(&spec.volume_id, dev, spec.read_only))
-                        .context("add the NBD export")?;
-                }
-                (Attachment::Nbd, self.nbd_info(&spec.volume_id))
+                let name = nbd_export_name(&spec.volume_id, &spec.attachment_id);
+                self.with_nbd(|s| s.add_export(&name, a.stack.clone(), spec.read_only))
+                    .context("add the NBD export")
+                    .map(|()| {
+                        let info = self.nbd_info(&name);
+                        (Attachment::Nbd { export: name }, info)
+                    })
             }
             Protocol::VhostUser => {
                 let socket = vhost_socket(&self.vhost_dir, &spec.volume_id, &spec.attachment_id);
-                let export = vhost::spawn(
-                    stack()?,
+                vhost::spawn(
+                    a.stack.clone(),
                     &socket,
                     VhostConfig {
                         num_queues: VHOST_QUEUES,
@@ -332,16 +347,27 @@ impl DataPlane for EmberDataPlane {
                         id: spec.volume_id.clone(),
                     },
                 )
-                .context("start the vhost-user export")?;
-                let info = serde_json::json!({
-                    "driver_volume_type": "vhost-user",
-                    "data": { "socket_path": socket, "num_queues": VHOST_QUEUES }
-                });
-                (Attachment::Vhost { export, socket }, info)
+                .context("start the vhost-user export")
+                .map(|export| {
+                    let info = serde_json::json!({
+                        "driver_volume_type": "vhost-user",
+                        "data": { "socket_path": socket, "num_queues": VHOST_QUEUES }
+                    });
+                    (Attachment::Vhost { export, socket }, info)
+                })
+            }
+        };
+        let (att, info) = match res {
+            Ok(x) => x,
+            Err(e) => {
+                if a.attachments.is_empty() {
+                    vols.remove(&spec.volume_id);
+                }
+                return Err(e);
             }
         };
         a.attachments.insert(spec.attachment_id.clone(), att);
-        tracing::info!(volume = %spec.volume_id, attachment = %spec.attachment_id, protocol = spec.protocol.as_str(), "attached");
+        tracing::info!(volume = %spec.volume_id, attachment = %spec.attachment_id, protocol = spec.protocol.as_str(), read_only = spec.read_only, "attached");
         Ok(info)
     }
 
@@ -351,15 +377,12 @@ impl DataPlane for EmberDataPlane {
             return Ok(());
         };
         match a.attachments.remove(attachment_id) {
-            Some(Attachment::Nbd)
-                if !a.attachments.values().any(|x| matches!(x, Attachment::Nbd)) =>
-            {
-                // The last NBD attachment: the export goes.
+            Some(Attachment::Nbd { export }) => {
+                // Removing the export closes its connections.
                 if let Some(s) = lock(&self.nbd).as_ref() {
-                    s.remove_export(volume_id);
+                    s.remove_export(&export);
                 }
             }
-            Some(Attachment::Nbd) => {}
             Some(Attachment::Vhost { export, socket }) => {
                 if let Err(e) = std::fs::remove_file(&socket) {
                     if e.kind() != std::io::ErrorKind::NotFound {
@@ -430,33 +453,52 @@ mod tests {
             )
             .is_err());
 
-        // Two NBD attachments share one export; it goes with the last one.
-        let att = |id: &str, pass: &[u8]| AttachSpec {
+        // Each NBD attachment is its own export with its own access mode; all share
+        // the volume's one device stack.
+        let att = |id: &str, pass: &[u8], read_only: bool| AttachSpec {
             volume_id: "v1".into(),
             attachment_id: id.into(),
             backend: spec.clone(),
             protocol: Protocol::Nbd,
-            read_only: false,
+            read_only,
             passphrase: Some(ember_crypto::Zeroizing::new(pass.to_vec())),
             qos: QosLimits {
                 total_iops_sec: Some(1000),
                 ..Default::default()
             },
         };
-        assert!(dp.attach(&att("a0", b"wrong")).is_err(), "wrong passphrase");
-        let info = dp.attach(&att("a1", b"new")).unwrap();
+        assert!(
+            dp.attach(&att("a0", b"wrong", false)).is_err(),
+            "wrong passphrase"
+        );
+        assert!(
+            lock(&dp.volumes).is_empty(),
+            "a failed attach leaves nothing"
+        );
+        let info = dp.attach(&att("a1", b"new", false)).unwrap();
         assert_eq!(info["driver_volume_type"], "nbd");
+        assert_eq!(info["data"]["export_name"], "v1-a1");
         assert_eq!(
             info["data"]["uri"],
-            format!("nbd+unix:///v1?socket={}", sock.display())
+            format!("nbd+unix:///v1-a1?socket={}", sock.display())
         );
-        dp.attach(&att("a2", b"new")).unwrap();
-        assert_eq!(names(&dp), vec!["v1".to_string()]);
+        assert!(
+            dp.attach(&att("a1", b"new", false)).is_err(),
+            "an attachment id is used once"
+        );
+        dp.attach(&att("a2", b"new", true)).unwrap();
+        assert_eq!(names(&dp), vec!["v1-a1".to_string(), "v1-a2".to_string()]);
+        {
+            let vols = lock(&dp.volumes);
+            let v = &vols["v1"];
+            assert_eq!(v.attachments.len(), 2);
+        }
         dp.detach("v1", "a1").unwrap();
-        assert_eq!(names(&dp), vec!["v1".to_string()]);
+        assert_eq!(names(&dp), vec!["v1-a2".to_string()]);
         dp.detach("v1", "a2").unwrap();
         dp.detach("v1", "a2").unwrap();
         assert!(names(&dp).is_empty());
+        assert!(lock(&dp.volumes).is_empty());
         dp.resize("v1", 64 << 20).unwrap();
 
         // Bare exports (open/close_export) are idempotent.
