@@ -9,12 +9,12 @@
 //!   ends exactly its clients: an NBD attachment is the export `<volume>-<attachment>` on
 //!   the daemon's NBD listeners (removing it closes its connections); a vhost-user
 //!   attachment is the socket `VHOST_DIR/<volume>-<attachment8>.sock`.
+//!   Detaching a vhost-user attachment stops its export: the connected frontend is
+//!   disconnected, its queues drained and the export's threads joined.
 //! - Resize: the file already grew (the pool did it); the live stack's base device is
-//!   told, and the layers above derive their size from it.
-//!
-//! Limits: a vhost-user export cannot be stopped by the vhost module yet, so detaching a
-//! vhost-user attachment removes its socket (no new frontend can connect) but a frontend
-//! still connected keeps its session until it disconnects.
+//!   told, and the layers above derive their size from it. Connected vhost-user
+//!   frontends get a config-change notice (QEMU then re-reads the capacity and interrupts
+//!   the guest); NBD clients see the new size on their next connection.
 
 use crate::nbd::{ListenAddr, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
@@ -44,10 +44,7 @@ pub const VHOST_QUEUES: u16 = 2;
 enum Attachment {
     /// The NBD export of this attachment (by name).
     Nbd { export: String },
-    Vhost {
-        export: VhostExport,
-        socket: PathBuf,
-    },
+    Vhost { export: VhostExport },
 }
 
 /// An attached volume.
@@ -353,7 +350,7 @@ impl DataPlane for EmberDataPlane {
                         "driver_volume_type": "vhost-user",
                         "data": { "socket_path": socket, "num_queues": VHOST_QUEUES }
                     });
-                    (Attachment::Vhost { export, socket }, info)
+                    (Attachment::Vhost { export }, info)
                 })
             }
         };
@@ -376,6 +373,7 @@ impl DataPlane for EmberDataPlane {
         let Some(a) = vols.get_mut(volume_id) else {
             return Ok(());
         };
+        let mut vhost_stop = None;
         match a.attachments.remove(attachment_id) {
             Some(Attachment::Nbd { export }) => {
                 // Removing the export closes its connections.
@@ -383,18 +381,20 @@ impl DataPlane for EmberDataPlane {
                     s.remove_export(&export);
                 }
             }
-            Some(Attachment::Vhost { export, socket }) => {
-                if let Err(e) = std::fs::remove_file(&socket) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the vhost-user socket");
-                    }
-                }
-                drop(export);
+            Some(Attachment::Vhost { export }) => {
+                // Stopped below, without holding the volumes lock.
+                vhost_stop = Some(export);
             }
             None => {}
         }
         if a.attachments.is_empty() {
             vols.remove(volume_id);
+        }
+        drop(vols);
+        if let Some(export) = vhost_stop {
+            // Disconnects the frontend, drains its queues, joins the threads and removes
+            // the socket (bounded; see `VhostExport::stop`).
+            export.stop();
         }
         tracing::info!(volume = %volume_id, attachment = %attachment_id, "detached");
         Ok(())
@@ -403,6 +403,16 @@ impl DataPlane for EmberDataPlane {
     fn resize(&self, volume_id: &str, new_size: u64) -> anyhow::Result<()> {
         if let Some(a) = lock(&self.volumes).get(volume_id) {
             a.base.resize(new_size).context("grow the live device")?;
+            // vhost-user frontends learn the new capacity in band (NBD clients see it
+            // on their next connection). A frontend that cannot be told is no reason to
+            // fail the resize: it already happened.
+            for (id, att) in &a.attachments {
+                if let Attachment::Vhost { export } = att {
+                    if let Err(e) = export.config_changed() {
+                        tracing::warn!(volume = %volume_id, attachment = %id, "{e:#}");
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -104,11 +104,6 @@ impl VhostExport {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// True while a frontend is connected.
-    pub fn is_connected(&self) -> bool {
-        lock(&self.ctl.conn).is_some()
-    }
-
     /// Stop the export: accept no more frontends, disconnect the connected one, stop its
     /// queues (requests already submitted complete first), join every thread (bounded by
     /// [`STOP_TIMEOUT`]) and remove the socket file.
