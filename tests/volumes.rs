@@ -1376,7 +1376,12 @@ fn vhost_online_extend_reaches_the_guest() {
         "create",
     );
     let id = v["volume"]["id"].as_str().unwrap().to_string();
-    assert_eq!(wait_ready(&n, &p, &id)["status"], "available", "{}", n.log());
+    assert_eq!(
+        wait_ready(&n, &p, &id)["status"],
+        "available",
+        "{}",
+        n.log()
+    );
     let ci = attach(&n, &p, &id, "vhost-user");
     let sock = PathBuf::from(ci["data"]["socket_path"].as_str().unwrap());
     let att = ci["data"]["attachment_id"].as_str().unwrap().to_string();
@@ -1405,6 +1410,7 @@ fn vhost_online_extend_reaches_the_guest() {
     );
     let s1 = console_number(&console, "SIZE1=");
     assert_eq!(s1, s0 + (2 << 20), "the guest sees exactly 1 GiB more");
+    eprintln!("guest: /sys/block/vda/size {s0} -> {s1} sectors");
     assert!(
         n.log()
             .contains("notified the vhost-user frontend of a config change"),
@@ -1498,7 +1504,12 @@ fn vhost_terminate_ends_the_live_session() {
         "create",
     );
     let id = v["volume"]["id"].as_str().unwrap().to_string();
-    assert_eq!(wait_ready(&n, &p, &id)["status"], "available", "{}", n.log());
+    assert_eq!(
+        wait_ready(&n, &p, &id)["status"],
+        "available",
+        "{}",
+        n.log()
+    );
     let pid = n.daemon.child.id();
     assert!(vhost_threads(pid).is_empty(), "{:?}", vhost_threads(pid));
     let ci = attach(&n, &p, &id, "vhost-user");
@@ -1545,25 +1556,32 @@ fn vhost_terminate_ends_the_live_session() {
     }
     let log = n.log();
     assert!(log.contains("vhost-user-blk export stopped"), "{log}");
+    eprintln!(
+        "QEMU chardev c0: {before:?} -> {:?}; emberd: {}",
+        chardev_filename(&qmp_sock, "c0"),
+        log.lines()
+            .filter(|l| l.contains("vhost-user"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!(show(&n, &p, &id)["status"], "available");
     drop(q);
 
     // What the guest wrote before the terminate is on disk.
     let ci = attach(&n, &p, &id, "nbd");
     let uri = ci["data"]["uri"].as_str().unwrap().to_string();
-    let out = run_ok(Command::new("qemu-io").args([
-        "-r",
-        "-f",
-        "raw",
-        &uri,
-        "-c",
-        "read -P 0x5a 1M 1M",
-    ]));
+    let out =
+        run_ok(Command::new("qemu-io").args(["-r", "-f", "raw", &uri, "-c", "read -P 0x5a 1M 1M"]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("Pattern verification failed"), "{text}");
     detach(&n, &p, &id, ci["data"]["attachment_id"].as_str().unwrap());
     expect(
-        http("DELETE", &vol_url(&n, &p, &format!("/{id}")), &p.token, None),
+        http(
+            "DELETE",
+            &vol_url(&n, &p, &format!("/{id}")),
+            &p.token,
+            None,
+        ),
         202,
         "delete",
     );

@@ -43,8 +43,12 @@ pub const VHOST_QUEUES: u16 = 2;
 /// One attachment.
 enum Attachment {
     /// The NBD export of this attachment (by name).
-    Nbd { export: String },
-    Vhost { export: VhostExport },
+    Nbd {
+        export: String,
+    },
+    Vhost {
+        export: VhostExport,
+    },
 }
 
 /// An attached volume.

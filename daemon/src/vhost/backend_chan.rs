@@ -48,7 +48,7 @@ pub fn peek_backend_fd(sock: &UnixStream) -> Option<UnixStream> {
     };
     // SAFETY: an all-zero msghdr is valid (null name, no iovecs); we fill the fields below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
+    msg.msg_iov = &raw mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cbuf.as_mut_ptr().cast();
     msg.msg_controllen = cspace as _;
@@ -58,7 +58,7 @@ pub fn peek_backend_fd(sock: &UnixStream) -> Option<UnixStream> {
         let n = unsafe {
             libc::recvmsg(
                 sock.as_raw_fd(),
-                &mut msg,
+                &raw mut msg,
                 libc::MSG_PEEK | libc::MSG_CMSG_CLOEXEC,
             )
         };
@@ -74,7 +74,7 @@ pub fn peek_backend_fd(sock: &UnixStream) -> Option<UnixStream> {
     // SAFETY: `msg` was filled by recvmsg; the CMSG_* macros walk its control buffer
     // within `msg_controllen`.
     unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c).cast::<i32>();
@@ -85,7 +85,7 @@ pub fn peek_backend_fd(sock: &UnixStream) -> Option<UnixStream> {
                     fds.push(OwnedFd::from_raw_fd(fd));
                 }
             }
-            c = libc::CMSG_NXTHDR(&msg, c);
+            c = libc::CMSG_NXTHDR(&raw const msg, c);
         }
     }
     if n < HDR_LEN {
@@ -135,7 +135,8 @@ impl BackendChannel {
                 e
             }
         })?;
-        let word = |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
+        let word =
+            |i: usize| u32::from_le_bytes([reply[i], reply[i + 1], reply[i + 2], reply[i + 3]]);
         if word(0) != code || word(4) & FLAG_REPLY == 0 || word(8) != 8 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -169,13 +170,13 @@ mod tests {
         };
         // SAFETY: zeroed msghdr is valid; fields set below.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
+        msg.msg_iov = &raw mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = cbuf.as_mut_ptr().cast();
         msg.msg_controllen = space as _;
         // SAFETY: the control buffer holds one cmsghdr with room for one fd.
         unsafe {
-            let c = libc::CMSG_FIRSTHDR(&msg);
+            let c = libc::CMSG_FIRSTHDR(&raw const msg);
             (*c).cmsg_level = libc::SOL_SOCKET;
             (*c).cmsg_type = libc::SCM_RIGHTS;
             (*c).cmsg_len = libc::CMSG_LEN(4) as _;
@@ -184,7 +185,7 @@ mod tests {
                 .write_unaligned(fd.as_fd().as_raw_fd());
         }
         // SAFETY: msg points at live buffers.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, 0) };
+        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0) };
         assert_eq!(n as usize, bytes.len());
     }
 
