@@ -361,3 +361,82 @@ fn serve_one(
     lock(&ctl.conn).take();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_blockdev::backend::null::NullDevice;
+    use std::io::{Read, Write};
+    use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures as P};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::VhostBackend;
+
+    fn capacity(fe: &mut Frontend) -> u64 {
+        let (_, buf) = fe
+            .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+            .unwrap();
+        u64::from_le_bytes(buf[..8].try_into().unwrap())
+    }
+
+    /// The vhost crate's frontend: the config change notice arrives on its backend
+    /// channel after a resize and GET_CONFIG has the new capacity; `stop` disconnects it,
+    /// removes the socket and lets go of the device (every thread is gone).
+    #[test]
+    fn config_change_then_stop_with_a_connected_frontend() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("v.sock");
+        let dev = Arc::new(NullDevice::new(1 << 30, false));
+        let cfg = VhostConfig {
+            num_queues: 2,
+            read_only: false,
+            id: "t".into(),
+        };
+        let export = spawn(dev.clone(), &sock, cfg).unwrap();
+        assert!(!export.config_changed().unwrap(), "nobody to tell yet");
+
+        let mut fe = Frontend::connect(&sock, 2).unwrap();
+        fe.set_owner().unwrap();
+        let f = fe.get_features().unwrap();
+        fe.set_features(f).unwrap();
+        let pf = fe.get_protocol_features().unwrap();
+        assert!(pf.contains(P::BACKEND_REQ | P::CONFIG | P::REPLY_ACK));
+        fe.set_protocol_features(P::CONFIG | P::REPLY_ACK | P::BACKEND_REQ)
+            .unwrap();
+        let (theirs, ours) = UnixStream::pair().unwrap();
+        fe.set_backend_request_fd(&ours).unwrap();
+        drop(ours);
+        // A reply to a later message means the channel was taken up.
+        assert_eq!(capacity(&mut fe), 2 << 20);
+
+        dev.resize(2 << 30).unwrap();
+        let frontend = std::thread::spawn(move || {
+            let mut h = [0u8; 12];
+            (&theirs).read_exact(&mut h).unwrap();
+            let code = u32::from_le_bytes(h[0..4].try_into().unwrap());
+            let flags = u32::from_le_bytes(h[4..8].try_into().unwrap());
+            assert_eq!(code, 2, "CONFIG_CHANGE_MSG");
+            assert_ne!(flags & 0x8, 0, "need-reply with REPLY_ACK");
+            let mut r = Vec::new();
+            for w in [code, 0x1 | 0x4, 8] {
+                r.extend_from_slice(&w.to_le_bytes());
+            }
+            r.extend_from_slice(&0u64.to_le_bytes());
+            (&theirs).write_all(&r).unwrap();
+            theirs
+        });
+        assert!(export.config_changed().unwrap());
+        let theirs = frontend.join().unwrap();
+        assert_eq!(capacity(&mut fe), 4 << 20, "GET_CONFIG has the new size");
+
+        export.stop();
+        assert!(!sock.exists(), "socket removed");
+        assert!(fe.get_features().is_err(), "the frontend was disconnected");
+        let mut b = [0u8; 1];
+        assert_eq!((&theirs).read(&mut b).unwrap(), 0, "backend channel closed");
+        assert_eq!(
+            Arc::strong_count(&dev),
+            1,
+            "every handler and worker let go of the device"
+        );
+    }
+}
