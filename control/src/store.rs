@@ -247,11 +247,34 @@ pub async fn count(
     sql: &'static str,
     arg: &str,
 ) -> Result<i64, sqlx::Error> {
-    let row = sqlx::query(sql)
-        .bind(arg.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
+    count_args(tx, sql, &[arg]).await
+}
+
+/// `COUNT(*) AS n` helper for several text arguments.
+pub async fn count_args(
+    conn: &mut sqlx::AnyConnection,
+    sql: &'static str,
+    args: &[&str],
+) -> Result<i64, sqlx::Error> {
+    let mut q = sqlx::query(sql);
+    for a in args {
+        q = q.bind(a.to_string());
+    }
+    let row = q.fetch_one(&mut *conn).await?;
     get_i64(&row, "n")
+}
+
+/// Run a statement (`DELETE`, `UPDATE`) with text arguments; the number of rows it touched.
+pub async fn execute_args(
+    conn: &mut sqlx::AnyConnection,
+    sql: &'static str,
+    args: &[&str],
+) -> Result<u64, sqlx::Error> {
+    let mut q = sqlx::query(sql);
+    for a in args {
+        q = q.bind(a.to_string());
+    }
+    Ok(q.execute(&mut *conn).await?.rows_affected())
 }
 
 #[cfg(test)]
