@@ -19,7 +19,7 @@ use crate::dataplane::{AttachSpec, LuksFormat, Protocol};
 use crate::error::{error_body, ApiError};
 use crate::locks::{LockError, LockRequest, Mode};
 use crate::projects::{check_url_project, project_conn};
-use crate::store::{get_i64, get_str, new_id, now, opt_str};
+use crate::store::{execute_args, get_i64, get_str, new_id, now, opt_str};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -1372,24 +1372,16 @@ pub async fn delete_volume(
         )));
     }
     // Compare-and-swap to `deleting`: new clones are refused from now on.
-    let n = sqlx::query(
+    mark_deleting(
+        &mut conn,
+        "volume",
+        &id,
         "UPDATE volumes SET previous_status = status, status = 'deleting', updated_at = ? \
          WHERE id = ? AND status IN ('available', 'error')",
     )
-    .bind(now())
-    .bind(id.clone())
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if n == 0 {
-        return Err(VolError::Api(ApiError::conflict(format!(
-            "volume {id} changed state; retry"
-        ))));
-    }
+    .await?;
     drop(conn);
-    let mut req = LockRequest::new("volume", &id, Mode::Exclusive, "delete", LOCK_WAIT);
-    req.holder = format!("volume {id}");
-    let holder = match st.locks().acquire(&req).await {
+    let holder = match st.locks().acquire(&delete_lock("volume", &id)).await {
         Ok(h) => h,
         Err(e) => {
             // Give the volume back: the delete did not happen.
@@ -1406,6 +1398,30 @@ pub async fn delete_volume(
     let res = finish_delete(&st, &v).await;
     let _ = st.locks().release(&holder.id).await;
     res.map(|()| StatusCode::ACCEPTED)
+}
+
+/// Move `kind` `id` to `deleting` with `cas_sql`, a compare-and-swap
+/// `UPDATE … SET … updated_at = ? WHERE id = ? AND status IN (…)`: 409 when the status
+/// changed since it was checked.
+async fn mark_deleting(
+    conn: &mut AnyConnection,
+    kind: &str,
+    id: &str,
+    cas_sql: &'static str,
+) -> VResult<()> {
+    if execute_args(conn, cas_sql, &[&now(), id]).await? == 0 {
+        return Err(VolError::Api(ApiError::conflict(format!(
+            "{kind} {id} changed state; retry"
+        ))));
+    }
+    Ok(())
+}
+
+/// The exclusive lock a delete of `kind` `id` holds while the bytes go.
+fn delete_lock(kind: &str, id: &str) -> LockRequest {
+    let mut req = LockRequest::new(kind, id, Mode::Exclusive, "delete", LOCK_WAIT);
+    req.holder = format!("{kind} {id}");
+    req
 }
 
 /// Remove a volume's bytes, key and row (status already `deleting`).
@@ -1844,21 +1860,15 @@ pub async fn delete_snapshot(
             s.status
         )));
     }
-    let n = sqlx::query("UPDATE snapshots SET status = 'deleting', updated_at = ? WHERE id = ? AND status IN ('available', 'error')")
-        .bind(now())
-        .bind(id.clone())
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if n == 0 {
-        return Err(VolError::Api(ApiError::conflict(format!(
-            "snapshot {id} changed state; retry"
-        ))));
-    }
+    mark_deleting(
+        &mut conn,
+        "snapshot",
+        &id,
+        "UPDATE snapshots SET status = 'deleting', updated_at = ? WHERE id = ? AND status IN ('available', 'error')",
+    )
+    .await?;
     drop(conn);
-    let mut req = LockRequest::new("snapshot", &id, Mode::Exclusive, "delete", LOCK_WAIT);
-    req.holder = format!("snapshot {id}");
-    let h = match st.locks().acquire(&req).await {
+    let h = match st.locks().acquire(&delete_lock("snapshot", &id)).await {
         Ok(h) => h,
         Err(e) => {
             let _ = set_snap_status(&st, &id, &s.status).await;
