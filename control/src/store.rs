@@ -256,11 +256,7 @@ pub async fn count_args(
     sql: &'static str,
     args: &[&str],
 ) -> Result<i64, sqlx::Error> {
-    let mut q = sqlx::query(sql);
-    for a in args {
-        q = q.bind(a.to_string());
-    }
-    let row = q.fetch_one(&mut *conn).await?;
+    let row = with_args(sql, args).fetch_one(&mut *conn).await?;
     get_i64(&row, "n")
 }
 
@@ -270,11 +266,19 @@ pub async fn execute_args(
     sql: &'static str,
     args: &[&str],
 ) -> Result<u64, sqlx::Error> {
-    let mut q = sqlx::query(sql);
-    for a in args {
-        q = q.bind(a.to_string());
-    }
-    Ok(q.execute(&mut *conn).await?.rows_affected())
+    Ok(with_args(sql, args)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
+}
+
+/// `sql` with its text arguments bound in order.
+fn with_args(
+    sql: &'static str,
+    args: &[&str],
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    args.iter()
+        .fold(sqlx::query(sql), |q, a| q.bind(a.to_string()))
 }
 
 #[cfg(test)]

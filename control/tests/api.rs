@@ -136,31 +136,20 @@ api_test!(bad_input, |h| {
         .await;
     assert_eq!(s, 400);
     assert_fault(&v, 400, "badRequest", "malformed JSON");
-    h.admin_fault(
-        POST,
-        &uri,
-        Some(json!({"volume_type": {"name": 5}})),
-        400,
-        "volume_type.name",
-    )
-    .await;
-    h.admin_fault(
-        POST,
-        &uri,
-        Some(json!({"volume_type": {"name": "a", "bogus": true}})),
-        400,
-        "bogus",
-    )
-    .await;
-    h.admin_fault(
-        POST,
-        &uri,
-        Some(json!({"volume_type": {}, "extra": 1})),
-        400,
-        "extra",
-    )
-    .await;
-    h.admin_fault(POST, &uri, None, 400, "required").await;
+    for (body, needle) in [
+        (
+            Some(json!({"volume_type": {"name": 5}})),
+            "volume_type.name",
+        ),
+        (
+            Some(json!({"volume_type": {"name": "a", "bogus": true}})),
+            "bogus",
+        ),
+        (Some(json!({"volume_type": {}, "extra": 1})), "extra"),
+        (None, "required"),
+    ] {
+        h.admin_fault(POST, &uri, body, 400, needle).await;
+    }
     // Oversized body.
     let big = format!(
         "{{\"volume_type\": {{\"name\": \"{}\"}}}}",
@@ -440,30 +429,13 @@ api_test!(extra_specs_metadata_rules, |h| {
         )
         .await;
     assert_eq!(v["extra_specs"]["a"], "1");
-    h.admin_fault(
-        POST,
-        &es,
-        Some(json!({"extra_specs": {"bad key": "1"}})),
-        400,
-        "bad key",
-    )
-    .await;
-    h.admin_fault(
-        POST,
-        &es,
-        Some(json!({"extra_specs": {"k": "v".repeat(256)}})),
-        400,
-        "255",
-    )
-    .await;
-    h.admin_fault(
-        POST,
-        &es,
-        Some(json!({"extra_specs": {"k": 5}})),
-        400,
-        "extra_specs.k",
-    )
-    .await;
+    for (body, needle) in [
+        (json!({"extra_specs": {"bad key": "1"}}), "bad key"),
+        (json!({"extra_specs": {"k": "v".repeat(256)}}), "255"),
+        (json!({"extra_specs": {"k": 5}}), "extra_specs.k"),
+    ] {
+        h.admin_fault(POST, &es, Some(body), 400, needle).await;
+    }
     h.admin_ok(POST, &es, Some(json!({"extra_specs": {}})), 400)
         .await;
     // PUT single key.
