@@ -405,17 +405,27 @@ impl DataPlane for EmberDataPlane {
     }
 
     fn resize(&self, volume_id: &str, new_size: u64) -> anyhow::Result<()> {
-        if let Some(a) = lock(&self.volumes).get(volume_id) {
+        let notifiers: Vec<(String, vhost::ConfigNotifier)> = {
+            let vols = lock(&self.volumes);
+            let Some(a) = vols.get(volume_id) else {
+                return Ok(());
+            };
             a.base.resize(new_size).context("grow the live device")?;
-            // vhost-user frontends learn the new capacity in band (NBD clients see it
-            // on their next connection). A frontend that cannot be told is no reason to
-            // fail the resize: it already happened.
-            for (id, att) in &a.attachments {
-                if let Attachment::Vhost { export } = att {
-                    if let Err(e) = export.config_changed() {
-                        tracing::warn!(volume = %volume_id, attachment = %id, "{e:#}");
-                    }
-                }
+            a.attachments
+                .iter()
+                .filter_map(|(id, att)| match att {
+                    Attachment::Vhost { export } => Some((id.clone(), export.notifier())),
+                    Attachment::Nbd { .. } => None,
+                })
+                .collect()
+        };
+        // vhost-user frontends learn the new capacity in band (NBD clients see it on
+        // their next connection). Told outside the lock: a frontend slow to ack must not
+        // hold up other attachments. One that cannot be told is no reason to fail the
+        // resize: it already happened.
+        for (id, n) in notifiers {
+            if let Err(e) = n.config_changed() {
+                tracing::warn!(volume = %volume_id, attachment = %id, "{e:#}");
             }
         }
         Ok(())

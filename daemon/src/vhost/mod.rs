@@ -26,7 +26,7 @@
 //! if any) for a later backend. Finally the workers are told to exit and every thread
 //! is joined; the socket file is removed.
 //!
-//! [`VhostExport::config_changed`] tells a connected frontend that the config space (the
+//! [`VhostExport::notifier`] → [`ConfigNotifier::config_changed`] tells a connected frontend that the config space (the
 //! capacity, after a resize) changed, over the channel of `BACKEND_REQ`.
 
 pub mod backend_chan;
@@ -53,7 +53,7 @@ use worker::{Shared, WorkerHandle};
 
 /// How long [`VhostExport::stop`] (and drop) waits for the threads.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long [`VhostExport::config_changed`] waits for the frontend's ack.
+/// How long [`ConfigNotifier::config_changed`] waits for the frontend's ack.
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Settings of one vhost-user-blk export.
@@ -153,6 +153,25 @@ impl VhostExport {
         }
     }
 
+    /// A handle that sends config-change notices to this export's frontend, usable
+    /// without holding the export (e.g. outside the data plane's lock).
+    pub fn notifier(&self) -> ConfigNotifier {
+        ConfigNotifier {
+            socket: self.socket.clone(),
+            ctl: self.ctl.clone(),
+        }
+    }
+}
+
+/// Sends config-change notices to the frontend of one export (see
+/// [`VhostExport::notifier`]).
+#[derive(Debug, Clone)]
+pub struct ConfigNotifier {
+    socket: PathBuf,
+    ctl: Arc<Control>,
+}
+
+impl ConfigNotifier {
     /// Tell the connected frontend that the config space changed (e.g. the capacity,
     /// after the device grew), so it re-reads it and interrupts the guest. Returns
     /// `Ok(false)` if no frontend with a backend channel is connected. Waits at most
@@ -392,7 +411,10 @@ mod tests {
             id: "t".into(),
         };
         let export = spawn(dev.clone(), &sock, cfg).unwrap();
-        assert!(!export.config_changed().unwrap(), "nobody to tell yet");
+        assert!(
+            !export.notifier().config_changed().unwrap(),
+            "nobody to tell yet"
+        );
 
         let mut fe = Frontend::connect(&sock, 2).unwrap();
         fe.set_owner().unwrap();
@@ -424,7 +446,7 @@ mod tests {
             (&theirs).write_all(&r).unwrap();
             theirs
         });
-        assert!(export.config_changed().unwrap());
+        assert!(export.notifier().config_changed().unwrap());
         let theirs = frontend.join().unwrap();
         assert_eq!(capacity(&mut fe), 4 << 20, "GET_CONFIG has the new size");
 
