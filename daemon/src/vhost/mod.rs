@@ -26,8 +26,9 @@
 //! if any) for a later backend. Finally the workers are told to exit and every thread
 //! is joined; the socket file is removed.
 //!
-//! [`VhostExport::notifier`] → [`ConfigNotifier::config_changed`] tells a connected frontend that the config space (the
-//! capacity, after a resize) changed, over the channel of `BACKEND_REQ`.
+//! [`VhostExport::notifier`] → [`ConfigNotifier::config_changed`] tells a connected
+//! frontend that the config space (the capacity, after a resize) changed, over the
+//! channel of `BACKEND_REQ`.
 
 pub mod backend_chan;
 pub mod config;
