@@ -1,7 +1,9 @@
 //! vhost-user-blk: Ember vs qemu-storage-daemon, same tmpfs file, same client (blkio).
 //!
 //! Run: `cargo bench -p emberd --bench vhost-vs-qsd` (env: `BENCH_SECS` per case, default
-//! 5; `BENCH_SIZE_MIB`, default 1024; `BENCH_MODES`, default `plain,luks`). For each mode,
+//! 5; `BENCH_SIZE_MIB`, default 1024; `BENCH_MODES`, default `plain,luks`; `BENCH_EMBERD`,
+//! an emberd binary to run instead of this build's, for A/B runs; `BENCH_QUEUES`, default
+//! `1,2`; `BENCH_ONLY`, run only workloads whose name contains it, e.g. `1M`). For each mode,
 //! server, queue count (1, 2) and workload (4k randread/randwrite QD32, 1M read/write QD8)
 //! one blkio connection drives every queue from its own thread, keeping QD requests in
 //! flight per queue. Prints IOPS, MiB/s, p50/p99 latency and Ember's ratio. Numbers go in
@@ -99,7 +101,9 @@ enum Mode<'a> {
 
 fn start_ember(file: &Path, sock: &Path, queues: u16, mode: Mode) -> Server {
     let _ = std::fs::remove_file(sock);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_emberd"));
+    let bin = std::env::var_os("BENCH_EMBERD")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_emberd")), PathBuf::from);
+    let mut cmd = Command::new(bin);
     cmd.args(["export", "--file"]).arg(file);
     if let Mode::Luks { pass_file } = mode {
         cmd.arg("--passphrase-file").arg(pass_file);
@@ -343,8 +347,14 @@ fn run_mode(name: &str, mode: Mode, file: &Path, sock: &Path, size: u64, size_mi
         "ratio",
         "p99x"
     );
-    for queues in [1u16, 2] {
-        for w in WORKLOADS {
+    // Optional filters for quick A/B runs: BENCH_QUEUES=1,2 and BENCH_ONLY=<substring>.
+    let queue_list: Vec<u16> = std::env::var("BENCH_QUEUES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|q| q.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2]);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    for queues in queue_list {
+        for w in WORKLOADS.into_iter().filter(|w| w.name.contains(only.as_str())) {
             let qsd = {
                 let _s = start_qsd(file, sock, queues, mode);
                 run_case(sock, queues, w, size, secs)
