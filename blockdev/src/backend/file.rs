@@ -21,7 +21,7 @@ use crate::engine::{user_data, Cqe, OwnerId, Ring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
 use crate::{BlockDevice, Queue};
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
@@ -168,6 +168,9 @@ impl BlockDevice for FileDevice {
 
     fn queue(self: Arc<Self>, ring: &mut Ring) -> Result<Box<dyn Queue>> {
         let owner = ring.new_owner();
+        if self.inline_io {
+            limit_iowq_workers(ring);
+        }
         Ok(Box::new(FileQueue {
             dev: self,
             owner,
@@ -382,7 +385,15 @@ impl FileQueue {
                 }
             }
         };
-        let entry = entry.user_data(ud);
+        let mut entry = entry.user_data(ud);
+        if self.dev.inline_io && matches!(s.op, Op::Read | Op::Write { .. }) {
+            // tmpfs: the kernel's non-blocking attempt always fails and the request is
+            // punted to io-wq anyway. Without ASYNC, io-wq adds a worker only when all of
+            // its workers sleep, and a tmpfs copy never sleeps: every large request of
+            // the ring would queue behind one worker on one core. ASYNC marks the work
+            // concurrent, so io-wq starts a worker per queued request (module doc).
+            entry = entry.flags(squeue::Flags::ASYNC);
+        }
         // SAFETY: every pointer in `entry` points into slot `idx` (its buffer, bounce
         // buffer, iov_rest or zeros), which stays in `self.slots` until `complete` reaps
         // the CQE with this user_data; the fd is owned by `self.dev`, kept alive by the Arc.
@@ -399,6 +410,35 @@ impl FileQueue {
                 .unwrap_or(libc::EIO));
         }
         Ok(())
+    }
+}
+
+/// Cap the ring's bounded io-wq workers at the number of CPUs. Large tmpfs requests are
+/// submitted with `ASYNC` (see `issue`), which lets io-wq start one worker per queued
+/// request; more copying threads than cores only adds time slicing and cache misses.
+/// Best effort: an old kernel without `IORING_REGISTER_IOWQ_MAX_WORKERS` keeps its default.
+fn limit_iowq_workers(ring: &Ring) {
+    const IORING_REGISTER_IOWQ_MAX_WORKERS: libc::c_long = 19;
+    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    // [bounded, unbounded]; 0 leaves the unbounded limit alone.
+    let n = u32::try_from(cpus).unwrap_or(u32::MAX);
+    let mut limits: [u32; 2] = [n, n];
+    // SAFETY: io_uring_register(IOWQ_MAX_WORKERS) reads and writes two u32 at the pointer,
+    // which points to `limits`; the ring fd is open for the duration of the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            libc::c_long::from(ring.as_raw_fd()),
+            IORING_REGISTER_IOWQ_MAX_WORKERS,
+            limits.as_mut_ptr(),
+            2 as libc::c_long,
+        )
+    };
+    if r < 0 {
+        tracing::debug!(
+            "io-wq worker limit not set: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
