@@ -26,7 +26,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Largest single transfer this backend accepts.
@@ -169,7 +169,7 @@ impl BlockDevice for FileDevice {
     fn queue(self: Arc<Self>, ring: &mut Ring) -> Result<Box<dyn Queue>> {
         let owner = ring.new_owner();
         if self.inline_io {
-            limit_iowq_workers(ring);
+            TMPFS_QUEUES.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Box::new(FileQueue {
             dev: self,
@@ -177,6 +177,7 @@ impl BlockDevice for FileDevice {
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
+            iowq_cap: 0,
         }))
     }
 
@@ -268,6 +269,16 @@ struct FileQueue {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     in_flight: usize,
+    /// io-wq worker limit last set on the ring (tmpfs; 0: not yet).
+    iowq_cap: u32,
+}
+
+impl Drop for FileQueue {
+    fn drop(&mut self) {
+        if self.dev.inline_io {
+            TMPFS_QUEUES.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl FileQueue {
@@ -386,12 +397,13 @@ impl FileQueue {
             }
         };
         let mut entry = entry.user_data(ud);
-        if self.dev.inline_io && matches!(s.op, Op::Read | Op::Write { .. }) {
-            // tmpfs: the kernel's non-blocking attempt always fails and the request is
+        if self.dev.inline_io && s.op == Op::Read {
+            // tmpfs: the kernel's non-blocking attempt always fails and the read is
             // punted to io-wq anyway. Without ASYNC, io-wq adds a worker only when all of
-            // its workers sleep, and a tmpfs copy never sleeps: every large request of
-            // the ring would queue behind one worker on one core. ASYNC marks the work
-            // concurrent, so io-wq starts a worker per queued request (module doc).
+            // its workers sleep, and a tmpfs copy never sleeps: every large read of the
+            // ring would queue behind one worker on one core. ASYNC marks the work
+            // concurrent, so io-wq starts workers up to the ring's cap (module doc).
+            // Writes gain nothing: io-wq serialises buffered writes per inode.
             entry = entry.flags(squeue::Flags::ASYNC);
         }
         // SAFETY: every pointer in `entry` points into slot `idx` (its buffer, bounce
@@ -413,15 +425,26 @@ impl FileQueue {
     }
 }
 
-/// Cap the ring's bounded io-wq workers at the number of CPUs. Large tmpfs requests are
-/// submitted with `ASYNC` (see `issue`), which lets io-wq start one worker per queued
-/// request; more copying threads than cores only adds time slicing and cache misses.
-/// Best effort: an old kernel without `IORING_REGISTER_IOWQ_MAX_WORKERS` keeps its default.
-fn limit_iowq_workers(ring: &Ring) {
+/// Live queues of tmpfs-backed devices in this process (one per I/O thread and device).
+static TMPFS_QUEUES: AtomicUsize = AtomicUsize::new(0);
+
+/// The io-wq worker cap for a thread serving tmpfs reads: the CPUs shared out among the
+/// live tmpfs queues, at least one. More copying threads than cores only adds time
+/// slicing and cache misses (8 workers on 2 cores measured a 3× worse p99 than 2).
+fn iowq_cap() -> u32 {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let queues = TMPFS_QUEUES.load(Ordering::Relaxed).max(1);
+    u32::try_from((cpus / queues).max(1)).unwrap_or(1)
+}
+
+/// Limit the calling thread's io-wq workers (bounded and unbounded: tmpfs reads count as
+/// unbounded work) on `ring` to `n`. Best effort: an old kernel without
+/// `IORING_REGISTER_IOWQ_MAX_WORKERS` keeps its default. Returns whether it was set.
+fn limit_iowq_workers(ring: &Ring, n: u32) -> bool {
     const IORING_REGISTER_IOWQ_MAX_WORKERS: libc::c_long = 19;
-    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
-    // [bounded, unbounded]; 0 leaves the unbounded limit alone.
-    let n = u32::try_from(cpus).unwrap_or(u32::MAX);
     let mut limits: [u32; 2] = [n, n];
     // SAFETY: io_uring_register(IOWQ_MAX_WORKERS) reads and writes two u32 at the pointer,
     // which points to `limits`; the ring fd is open for the duration of the call.
@@ -440,6 +463,7 @@ fn limit_iowq_workers(ring: &Ring) {
             std::io::Error::last_os_error()
         );
     }
+    r >= 0
 }
 
 /// Whether `file` lives on tmpfs.
@@ -595,6 +619,12 @@ impl Queue for FileQueue {
             let r = inline_rw(self.dev.file.as_raw_fd(), req.op, req.offset, &mut req.buf);
             done.push(Completion::of(req, r));
             return;
+        }
+        if self.dev.inline_io && req.op == Op::Read {
+            let cap = iowq_cap();
+            if cap != self.iowq_cap && limit_iowq_workers(ring, cap) {
+                self.iowq_cap = cap;
+            }
         }
         let mut bounce = None;
         if matches!(req.op, Op::Read | Op::Write { .. })
