@@ -101,8 +101,10 @@ enum Mode<'a> {
 
 fn start_ember(file: &Path, sock: &Path, queues: u16, mode: Mode) -> Server {
     let _ = std::fs::remove_file(sock);
-    let bin = std::env::var_os("BENCH_EMBERD")
-        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_emberd")), PathBuf::from);
+    let bin = std::env::var_os("BENCH_EMBERD").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_emberd")),
+        PathBuf::from,
+    );
     let mut cmd = Command::new(bin);
     cmd.args(["export", "--file"]).arg(file);
     if let Mode::Luks { pass_file } = mode {
@@ -354,7 +356,10 @@ fn run_mode(name: &str, mode: Mode, file: &Path, sock: &Path, size: u64, size_mi
         .unwrap_or_else(|| vec![1, 2]);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     for queues in queue_list {
-        for w in WORKLOADS.into_iter().filter(|w| w.name.contains(only.as_str())) {
+        for w in WORKLOADS
+            .into_iter()
+            .filter(|w| w.name.contains(only.as_str()))
+        {
             let qsd = {
                 let _s = start_qsd(file, sock, queues, mode);
                 run_case(sock, queues, w, size, secs)
