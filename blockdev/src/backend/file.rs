@@ -14,6 +14,15 @@
 //!   data is in memory, so on tmpfs reads and writes are done inline with
 //!   `preadv2`/`pwritev2` instead: a plain copy, several times cheaper. Large requests
 //!   still go through io_uring, where the hand-off pays for itself.
+//! - Large tmpfs reads carry `IOSQE_ASYNC`. io-wq only adds a worker when all of its
+//!   workers sleep; a tmpfs copy never sleeps, so without it every large read of a ring
+//!   queued behind one worker on one core (measured: vhost-user-blk 1 MiB reads at QD8
+//!   kept one `iou-wrk` thread at 83% of a core while the other core idled). With ASYNC
+//!   io-wq starts a worker per queued read, so each ring's io-wq is capped
+//!   (`IORING_REGISTER_IOWQ_MAX_WORKERS`; tmpfs reads count as unbounded work) at the CPUs
+//!   shared out among the live tmpfs queues: 8 workers on 2 cores had a 3× worse p99
+//!   than 2. Writes stay as they were: io-wq serialises buffered writes per inode and
+//!   tmpfs holds the inode lock for the copy, so no submission trick parallelises them.
 
 use crate::backend::{Direct, OpenOptions};
 use crate::buf::{Buffer, IoBuf};
