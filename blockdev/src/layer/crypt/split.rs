@@ -147,7 +147,7 @@ impl Splitter {
             && src.is_none_or(|s| s.len() == data.len())
             && data.len().is_multiple_of(ss)
             && offset.is_multiple_of(ss as u64);
-        if !shareable || std::env::var_os("EMBER_EXP_NOSPLIT").is_some() || !self.helper_running() {
+        if !shareable || !self.helper_running() {
             return direct(data);
         }
         let job = Arc::new(Job {
