@@ -126,8 +126,18 @@ impl EmberDataPlane {
         ))
     }
 
-    /// Stop listening, close NBD connections and join the I/O threads.
+    /// Stop every vhost-user export (their submitted requests complete first), stop
+    /// listening for NBD, close NBD connections and join the I/O threads.
     pub fn shutdown(&self) {
+        let vols: Vec<(String, Attached)> = lock(&self.volumes).drain().collect();
+        for (volume, a) in vols {
+            for (id, att) in a.attachments {
+                if let Attachment::Vhost { export } = att {
+                    tracing::info!(volume = %volume, attachment = %id, "stopping the vhost-user export");
+                    export.stop();
+                }
+            }
+        }
         let server = lock(&self.nbd).take();
         if let Some(s) = server {
             s.shutdown();
@@ -445,6 +455,7 @@ mod tests {
     fn exports_attachments_luks_and_shutdown() {
         let d = tempfile::tempdir().unwrap();
         let sock = d.path().join("nbd.sock");
+        std::fs::create_dir(d.path().join("vhost")).unwrap();
         let (dp, bound) = EmberDataPlane::start(
             vec![("default".into(), d.path().join("pool"))],
             &[ListenAddr::Unix(sock.clone())],
@@ -538,8 +549,23 @@ mod tests {
         dp.close_export("v1").unwrap();
         assert!(names(&dp).is_empty());
 
+        // A vhost-user attachment is stopped by shutdown: its socket goes.
+        let vinfo = dp
+            .attach(&AttachSpec {
+                protocol: Protocol::VhostUser,
+                ..att("a3", b"new", false)
+            })
+            .unwrap();
+        let vsock = PathBuf::from(vinfo["data"]["socket_path"].as_str().unwrap());
+        assert!(vsock.exists());
+
         dp.shutdown();
         assert!(!sock.exists(), "the socket is removed at shutdown");
+        assert!(
+            !vsock.exists(),
+            "vhost-user exports are stopped at shutdown"
+        );
+        assert!(lock(&dp.volumes).is_empty());
         assert!(dp.open_export(&e).is_err());
     }
 }
