@@ -187,6 +187,14 @@ fn create_volume(n: &Node, p: &Project, body: Value) -> Resp {
     )
 }
 
+/// Create a volume and wait until it is `available`; returns its id.
+fn create_available(n: &Node, p: &Project, body: Value) -> String {
+    let v = expect(create_volume(n, p, body), 202, "create");
+    let id = v["volume"]["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_ready(n, p, &id)["status"], "available", "{}", n.log());
+    id
+}
+
 fn show(n: &Node, p: &Project, id: &str) -> Value {
     expect(
         http("GET", &vol_url(n, p, &format!("/{id}")), &p.token, None),
@@ -1170,13 +1178,7 @@ fn nbd_attachments_modes_terminate_and_extend() {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(dir.path(), "nbdatt", None, 30);
     let p = project(&n, "nbdatt");
-    let v = expect(
-        create_volume(&n, &p, json!({"size": 1, "name": "plain"})),
-        202,
-        "create",
-    );
-    let id = v["volume"]["id"].as_str().unwrap().to_string();
-    assert_eq!(wait_ready(&n, &p, &id)["status"], "available");
+    let id = create_available(&n, &p, json!({"size": 1, "name": "plain"}));
 
     let rw = attach(&n, &p, &id, "nbd");
     let ro = expect(
@@ -1337,18 +1339,7 @@ fn vhost_online_extend_reaches_the_guest() {
     let n = Node::start(dir.path(), "vhext", None, 30);
     let p = project(&n, "vhext");
     encrypted_type(&n, &p, "secure", json!({}), "luks2", 512);
-    let v = expect(
-        create_volume(&n, &p, json!({"size": 1, "volume_type": "secure"})),
-        202,
-        "create",
-    );
-    let id = v["volume"]["id"].as_str().unwrap().to_string();
-    assert_eq!(
-        wait_ready(&n, &p, &id)["status"],
-        "available",
-        "{}",
-        n.log()
-    );
+    let id = create_available(&n, &p, json!({"size": 1, "volume_type": "secure"}));
     let ci = attach(&n, &p, &id, "vhost-user");
     let sock = PathBuf::from(ci["data"]["socket_path"].as_str().unwrap());
     let att = ci["data"]["attachment_id"].as_str().unwrap().to_string();
@@ -1465,18 +1456,7 @@ fn vhost_terminate_ends_the_live_session() {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(dir.path(), "vhterm", None, 30);
     let p = project(&n, "vhterm");
-    let v = expect(
-        create_volume(&n, &p, json!({"size": 1, "name": "plain"})),
-        202,
-        "create",
-    );
-    let id = v["volume"]["id"].as_str().unwrap().to_string();
-    assert_eq!(
-        wait_ready(&n, &p, &id)["status"],
-        "available",
-        "{}",
-        n.log()
-    );
+    let id = create_available(&n, &p, json!({"size": 1, "name": "plain"}));
     let pid = n.daemon.child.id();
     assert!(vhost_threads(pid).is_empty(), "{:?}", vhost_threads(pid));
     let ci = attach(&n, &p, &id, "vhost-user");
