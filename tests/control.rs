@@ -23,6 +23,19 @@ fn json_of(out: &std::process::Output) -> Value {
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// Run `emberctl` (expecting success) and parse its `--json` output.
+fn ctl_json(url: &str, token_file: &Path, args: &[&str]) -> Value {
+    json_of(&run_ok(&mut ctl(url, token_file, args)))
+}
+
+/// The id at the end of a `*_ref` link.
+fn ref_id(link: &Value) -> String {
+    let link = link
+        .as_str()
+        .unwrap_or_else(|| panic!("not a link: {link}"));
+    link.rsplit('/').next().unwrap().to_string()
+}
+
 fn start(dir: &Path, port: u16) -> Daemon {
     let data = dir.join("data");
     let rest = format!("127.0.0.1:{port}");
@@ -75,13 +88,9 @@ fn serve_and_emberctl() {
     );
 
     // Admin: project, member token.
-    let out = run_ok(&mut ctl(
-        &url,
-        &admin_file,
-        &["--json", "project", "create", "alpha"],
-    ));
-    let pa = json_of(&out)["project"]["id"].as_str().unwrap().to_string();
-    let out = run_ok(&mut ctl(
+    let v = ctl_json(&url, &admin_file, &["--json", "project", "create", "alpha"]);
+    let pa = v["project"]["id"].as_str().unwrap().to_string();
+    let v = ctl_json(
         &url,
         &admin_file,
         &[
@@ -93,11 +102,8 @@ fn serve_and_emberctl() {
             "--role",
             "member",
         ],
-    ));
-    let member = json_of(&out)["token"]["token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    );
+    let member = v["token"]["token"].as_str().unwrap().to_string();
     let member_file = dir.path().join("member-token");
     std::fs::write(&member_file, &member).unwrap();
 
@@ -132,15 +138,8 @@ fn serve_and_emberctl() {
         text.starts_with("id") && text.contains("__DEFAULT__") && text.contains("gold"),
         "{text}"
     );
-    let out = run_ok(&mut ctl(
-        &url,
-        &admin_file,
-        &["--json", "type", "show", "gold"],
-    ));
-    assert_eq!(
-        json_of(&out)["volume_type"]["extra_specs"]["qos:read_iops_sec"],
-        "100"
-    );
+    let v = ctl_json(&url, &admin_file, &["--json", "type", "show", "gold"]);
+    assert_eq!(v["volume_type"]["extra_specs"]["qos:read_iops_sec"], "100");
     let out = run_any(&mut ctl(
         &url,
         &admin_file,
@@ -153,15 +152,8 @@ fn serve_and_emberctl() {
         "{err}"
     );
     // The member sees the type (without hidden specs) but cannot delete it.
-    let out = run_ok(&mut ctl(
-        &url,
-        &member_file,
-        &["--json", "type", "show", "gold"],
-    ));
-    assert_eq!(
-        json_of(&out)["volume_type"]["extra_specs"],
-        serde_json::json!({})
-    );
+    let v = ctl_json(&url, &member_file, &["--json", "type", "show", "gold"]);
+    assert_eq!(v["volume_type"]["extra_specs"], serde_json::json!({}));
     let out = run_any(&mut ctl(&url, &member_file, &["type", "delete", "gold"]));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("403"),
@@ -169,7 +161,7 @@ fn serve_and_emberctl() {
     );
 
     // Secrets.
-    let out = run_ok(&mut ctl(
+    let v = ctl_json(
         &url,
         &member_file,
         &[
@@ -183,14 +175,8 @@ fn serve_and_emberctl() {
             "--payload",
             "correct horse",
         ],
-    ));
-    let pw = json_of(&out)["secret_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
+    );
+    let pw = ref_id(&v["secret_ref"]);
     let out = run_ok(&mut ctl(
         &url,
         &member_file,
@@ -211,7 +197,7 @@ fn serve_and_emberctl() {
             keyfile.to_str().unwrap(),
         ],
     ));
-    let out = run_ok(&mut ctl(
+    let v = ctl_json(
         &url,
         &member_file,
         &[
@@ -223,14 +209,8 @@ fn serve_and_emberctl() {
             "--mode",
             "xts",
         ],
-    ));
-    let gen = json_of(&out)["secret_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
+    );
+    let gen = ref_id(&v["secret_ref"]);
     let out = run_ok(&mut ctl(
         &url,
         &member_file,
@@ -252,11 +232,7 @@ fn serve_and_emberctl() {
     );
 
     // Graceful stop, then restart on the same data dir: same admin token, secrets readable.
-    d.signal(libc::SIGTERM);
-    let st = d
-        .wait_exit(Duration::from_secs(60))
-        .expect("emberd did not stop on SIGTERM");
-    assert!(st.success(), "exit status {st:?}\n{}", d.log_text());
+    d.terminate(Duration::from_secs(60));
     assert!(d.log_text().contains("stopped"));
     let port2 = free_port();
     let url2 = format!("http://127.0.0.1:{port2}");
@@ -362,10 +338,6 @@ fn serve_listens_for_nbd() {
             "{out:?}"
         );
     }
-    d.signal(libc::SIGTERM);
-    let st = d
-        .wait_exit(Duration::from_secs(60))
-        .expect("emberd did not stop on SIGTERM");
-    assert!(st.success(), "{}", d.log_text());
+    d.terminate(Duration::from_secs(60));
     assert!(!sock.exists(), "the NBD socket is removed at shutdown");
 }

@@ -46,6 +46,34 @@ fn emberd(args: &[&str]) -> Command {
     c
 }
 
+/// `emberd luks OP IMG --passphrase-file PW`, for the caller to add to.
+fn luks(op: &str, img: &Path, pw: &Path) -> Command {
+    let mut c = emberd(&["luks", op]);
+    c.arg(img).arg("--passphrase-file").arg(pw);
+    c
+}
+
+/// `emberd luks format` of a `size`-byte volume of type `ty` with a cheap PBKDF2.
+fn luks_format_fast(img: &Path, pw: &Path, ty: &str, size: &str) {
+    run_ok(
+        luks("format", img, pw)
+            .args(["--type", ty, "--pbkdf", "pbkdf2"])
+            .args(["--pbkdf-force-iterations", "1000", "--size", size]),
+    );
+}
+
+/// `cryptsetup luksFormat`: LUKS2, 4096-byte sectors, a cheap Argon2id.
+fn cryptsetup_format_luks2_4k(img: &Path, key: &Path) {
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "--type", "luks2", "--pbkdf", "argon2id"])
+            .args(["--pbkdf-memory", "32768", "--pbkdf-force-iterations", "4"])
+            .args(["--sector-size", "4096", "--batch-mode", "--key-file"])
+            .arg(key)
+            .arg(img),
+    );
+}
+
 fn qemu_io(img: &Path, pw: &Path, cmds: &[&str]) -> String {
     let mut c = Command::new("qemu-io");
     c.arg("--object")
@@ -90,6 +118,17 @@ fn qemu_img_create_luks(img: &Path, pw: &Path, size: &str) {
     }
 }
 
+/// A LUKS1 image `name` of `size` that QEMU made in `dir`, and its passphrase file
+/// (holding `pass`): (passphrase file, image). Needs qemu-img and qemu-io.
+fn qemu_luks_image(dir: &Path, pass: &[u8], name: &str, size: &str) -> (PathBuf, PathBuf) {
+    require_tool("qemu-img");
+    require_tool("qemu-io");
+    let pw = write_file(dir, "pw", pass);
+    let img = dir.join(name);
+    qemu_img_create_luks(&img, &pw, size);
+    (pw, img)
+}
+
 fn cryptsetup_test_passphrase(img: &Path, key: &Path) -> bool {
     run_any(
         Command::new("cryptsetup")
@@ -103,12 +142,8 @@ fn cryptsetup_test_passphrase(img: &Path, key: &Path) -> bool {
 
 #[test]
 fn qemu_img_luks1_volume_interoperates_both_ways() {
-    require_tool("qemu-img");
-    require_tool("qemu-io");
     let dir = tempfile::tempdir().unwrap();
-    let pw = write_file(dir.path(), "pw", b"qemu secret");
-    let img = dir.path().join("q.luks");
-    qemu_img_create_luks(&img, &pw, "8M");
+    let (pw, img) = qemu_luks_image(dir.path(), b"qemu secret", "q.luks", "8M");
     // QEMU writes, Ember reads.
     qemu_io(&img, &pw, &["write -P 0xab 0 1M", "write -P 0x5c 3M 64k"]);
     let mut d = ember_open(&img, b"qemu secret");
@@ -138,14 +173,7 @@ fn cryptsetup_luks2_argon2id_4k_volume_opens_in_ember() {
     let pw = write_file(dir.path(), "pw", b"cs pass\n");
     let img = dir.path().join("c.luks");
     common::sparse_file(&img, 24 << 20);
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "--type", "luks2", "--pbkdf", "argon2id"])
-            .args(["--pbkdf-memory", "32768", "--pbkdf-force-iterations", "4"])
-            .args(["--sector-size", "4096", "--batch-mode", "--key-file"])
-            .arg(&pw)
-            .arg(&img),
-    );
+    cryptsetup_format_luks2_4k(&img, &pw);
     let mut d = ember_open(&img, b"cs pass\n");
     let info = d.device().info();
     assert_eq!(info.size, 8 << 20);
@@ -161,10 +189,7 @@ fn cryptsetup_luks2_argon2id_4k_volume_opens_in_ember() {
     // versa for a wrong passphrase.
     let pw2 = write_file(dir.path(), "pw2", b"second");
     run_ok(
-        emberd(&["luks", "add-key"])
-            .arg(&img)
-            .arg("--passphrase-file")
-            .arg(&pw)
+        luks("add-key", &img, &pw)
             .arg("--new-passphrase-file")
             .arg(&pw2)
             .args([
@@ -252,10 +277,7 @@ fn emberd_formatted_volumes_pass_cryptsetup_and_qemu() {
     ] {
         let img = dir.path().join(format!("{ty}-{ss}-{pbkdf}-{key}.img"));
         run_ok(
-            emberd(&["luks", "format"])
-                .arg(&img)
-                .arg("--passphrase-file")
-                .arg(&pw)
+            luks("format", &img, &pw)
                 .args([
                     "--type",
                     ty,
@@ -323,20 +345,7 @@ fn symmetric_secret_becomes_hex_passphrase_for_cryptsetup() {
     // Ember formats (passphrase file holding the hex), cryptsetup accepts the hex, not the
     // raw bytes.
     let img2 = dir.path().join("em.img");
-    run_ok(
-        emberd(&["luks", "format"])
-            .arg(&img2)
-            .arg("--passphrase-file")
-            .arg(&hex_file)
-            .args([
-                "--type",
-                "luks1",
-                "--size",
-                "1048576",
-                "--pbkdf-force-iterations",
-                "1000",
-            ]),
-    );
+    luks_format_fast(&img2, &hex_file, "luks1", "1048576");
     assert!(cryptsetup_test_passphrase(&img2, &hex_file));
     assert!(!cryptsetup_test_passphrase(&img2, &raw_file));
     // A `passphrase` secret is used as-is.
@@ -351,21 +360,7 @@ fn on_disk_bytes_never_contain_the_plaintext() {
     let dir = tempfile::tempdir().unwrap();
     let pw = write_file(dir.path(), "pw", b"scan");
     let img = dir.path().join("scan.img");
-    run_ok(
-        emberd(&["luks", "format"])
-            .arg(&img)
-            .arg("--passphrase-file")
-            .arg(&pw)
-            .args([
-                "--type",
-                "luks2",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-            ])
-            .args(["--size", "8388608"]),
-    );
+    luks_format_fast(&img, &pw, "luks2", "8388608");
     let marker = b"EMBER-PLAINTEXT-MARKER-0123456789abcdef";
     let mut block = Vec::new();
     while block.len() < 1 << 20 {
@@ -404,60 +399,30 @@ fn wrong_passphrase_and_corrupt_header_fail_cleanly() {
     let new = write_file(dir.path(), "new", b"new");
     for ty in ["luks1", "luks2"] {
         let img = dir.path().join(format!("{ty}.img"));
-        run_ok(
-            emberd(&["luks", "format"])
-                .arg(&img)
-                .arg("--passphrase-file")
-                .arg(&pw)
-                .args([
-                    "--type",
-                    ty,
-                    "--pbkdf",
-                    "pbkdf2",
-                    "--pbkdf-force-iterations",
-                    "1000",
-                ])
-                .args(["--size", "1048576"]),
-        );
+        luks_format_fast(&img, &pw, ty, "1048576");
         let before = sha(&img);
-        for args in [
-            vec!["luks", "add-key"],
-            vec!["luks", "remove-key"],
-            vec!["luks", "change-key"],
-        ] {
-            let mut c = emberd(&args);
-            c.arg(&img).arg("--passphrase-file").arg(&wrong);
-            if args[1] != "remove-key" {
+        for op in ["add-key", "remove-key", "change-key"] {
+            let mut c = luks(op, &img, &wrong);
+            if op != "remove-key" {
                 c.arg("--new-passphrase-file").arg(&new);
             }
             let out = run_any(&mut c);
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(
                 !out.status.success(),
-                "{args:?} succeeded with a wrong passphrase"
+                "luks {op} succeeded with a wrong passphrase"
             );
             assert!(err.contains("wrong passphrase"), "{err}");
             assert!(!err.contains("right") && !err.contains("wrong\n"), "{err}");
-            assert!(sha(&img) == before, "{args:?} changed the file");
+            assert!(sha(&img) == before, "luks {op} changed the file");
         }
         // Formatting over a LUKS volume is refused without --force.
-        let out = run_any(
-            emberd(&["luks", "format"])
-                .arg(&img)
-                .arg("--passphrase-file")
-                .arg(&new)
-                .args(["--type", ty, "--size", "4096"]),
-        );
+        let out = run_any(luks("format", &img, &new).args(["--type", ty, "--size", "4096"]));
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a LUKS header"));
         assert!(sha(&img) == before);
         // Removing the only keyslot is refused.
-        let out = run_any(
-            emberd(&["luks", "remove-key"])
-                .arg(&img)
-                .arg("--passphrase-file")
-                .arg(&pw),
-        );
+        let out = run_any(&mut luks("remove-key", &img, &pw));
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("last keyslot"));
         assert!(sha(&img) == before);
@@ -493,10 +458,7 @@ fn wrong_passphrase_and_corrupt_header_fail_cleanly() {
     let short = dir.path().join("short.img");
     std::fs::write(&short, &sha(&dir.path().join("luks1.img"))[..4096]).unwrap();
     let out = run_any(
-        emberd(&["luks", "add-key"])
-            .arg(&short)
-            .arg("--passphrase-file")
-            .arg(&pw)
+        luks("add-key", &short, &pw)
             .arg("--new-passphrase-file")
             .arg(&new),
     );
@@ -512,10 +474,7 @@ fn argon2_memory_cap_is_enforced_with_a_clear_error() {
     let new = write_file(dir.path(), "new", b"new");
     let img = dir.path().join("m.img");
     run_ok(
-        emberd(&["luks", "format"])
-            .arg(&img)
-            .arg("--passphrase-file")
-            .arg(&pw)
+        luks("format", &img, &pw)
             .args([
                 "--pbkdf",
                 "argon2id",
@@ -527,10 +486,7 @@ fn argon2_memory_cap_is_enforced_with_a_clear_error() {
             .args(["--size", "1048576"]),
     );
     let out = run_any(
-        emberd(&["luks", "add-key"])
-            .arg(&img)
-            .arg("--passphrase-file")
-            .arg(&pw)
+        luks("add-key", &img, &pw)
             .arg("--new-passphrase-file")
             .arg(&new)
             .args(["--max-argon2-memory", "1024"]),
@@ -579,16 +535,7 @@ impl LuksExport {
     }
 
     fn stop(mut self) {
-        self.daemon.signal(libc::SIGTERM);
-        let st = self
-            .daemon
-            .wait_exit(std::time::Duration::from_secs(60))
-            .expect("emberd did not exit on SIGTERM");
-        assert!(
-            st.success(),
-            "emberd exited with {st}:\n{}",
-            self.daemon.log_text()
-        );
+        self.daemon.terminate(std::time::Duration::from_secs(60));
     }
 }
 
@@ -610,12 +557,8 @@ fn qemu_io_nbd(uri: &str, cmds: &[&str]) -> String {
 
 #[test]
 fn export_serves_qemu_luks1_plaintext_over_nbd() {
-    require_tool("qemu-img");
-    require_tool("qemu-io");
     let dir = tempfile::tempdir().unwrap();
-    let pw = write_file(dir.path(), "pw", b"nbd luks");
-    let img = dir.path().join("q.luks");
-    qemu_img_create_luks(&img, &pw, "16M");
+    let (pw, img) = qemu_luks_image(dir.path(), b"nbd luks", "q.luks", "16M");
     qemu_io(&img, &pw, &["write -P 0xab 0 1M", "write -P 0x17 15M 1M"]);
     let srv = LuksExport::start(dir.path(), &img, &pw);
     let out = run_ok(
@@ -652,14 +595,7 @@ fn export_serves_cryptsetup_luks2_4k_over_nbd() {
     let pw = write_file(dir.path(), "pw", b"nbd luks2");
     let img = dir.path().join("c.luks");
     common::sparse_file(&img, 32 << 20);
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "--type", "luks2", "--pbkdf", "argon2id"])
-            .args(["--pbkdf-memory", "32768", "--pbkdf-force-iterations", "4"])
-            .args(["--sector-size", "4096", "--batch-mode", "--key-file"])
-            .arg(&pw)
-            .arg(&img),
-    );
+    cryptsetup_format_luks2_4k(&img, &pw);
     let srv = LuksExport::start(dir.path(), &img, &pw);
     qemu_io_nbd(&srv.uri(), &["write -P 0x99 1M 3M", "read -P 0x99 1M 3M"]);
     srv.stop();
@@ -678,20 +614,7 @@ fn export_with_wrong_passphrase_fails_and_writes_nothing() {
     let pw = write_file(dir.path(), "pw", b"good");
     let bad = write_file(dir.path(), "bad", b"bad");
     let img = dir.path().join("w.img");
-    run_ok(
-        emberd(&["luks", "format"])
-            .arg(&img)
-            .arg("--passphrase-file")
-            .arg(&pw)
-            .args([
-                "--type",
-                "luks1",
-                "--size",
-                "1048576",
-                "--pbkdf-force-iterations",
-                "1000",
-            ]),
-    );
+    luks_format_fast(&img, &pw, "luks1", "1048576");
     let before = std::fs::read(&img).unwrap();
     let sock = dir.path().join("w.sock");
     let out = run_any(
@@ -717,12 +640,8 @@ fn export_with_wrong_passphrase_fails_and_writes_nothing() {
 fn export_serves_luks_over_vhost_user() {
     use blkio::{Blkio, ReqFlags};
     use std::mem::MaybeUninit;
-    require_tool("qemu-img");
-    require_tool("qemu-io");
     let dir = tempfile::tempdir().unwrap();
-    let pw = write_file(dir.path(), "pw", b"vhost luks");
-    let img = dir.path().join("v.luks");
-    qemu_img_create_luks(&img, &pw, "16M");
+    let (pw, img) = qemu_luks_image(dir.path(), b"vhost luks", "v.luks", "16M");
     qemu_io(&img, &pw, &["write -P 0x3e 8M 1M"]);
     let sock = dir.path().join("v.sock");
     let mut daemon = common::Daemon::spawn(

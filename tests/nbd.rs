@@ -50,16 +50,7 @@ impl Srv {
 
     /// Stop with SIGTERM and check the exit status and the socket removal.
     fn stop(mut self) {
-        self.daemon.signal(libc::SIGTERM);
-        let st = self
-            .daemon
-            .wait_exit(START)
-            .expect("emberd did not exit on SIGTERM");
-        assert!(
-            st.success(),
-            "emberd exited with {st}; log:\n{}",
-            self.daemon.log_text()
-        );
+        self.daemon.terminate(START);
         assert!(
             !self.sock.exists(),
             "socket {} left behind",
@@ -83,6 +74,21 @@ fn qemu_io(uri: &str, cmds: &[&str]) -> String {
         "qemu-io {cmds:?}: {text}"
     );
     text
+}
+
+/// `qemu-img compare` of two raw images (files or NBD URIs): panics if they differ.
+fn qemu_img_compare(a: &str, b: &str) {
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]));
+}
+
+/// `qemu-img convert` from raw to raw; `into_existing` (`-n`) writes into an existing target.
+fn qemu_img_convert(into_existing: bool, src: &str, dst: &str) {
+    let mut c = Command::new("qemu-img");
+    c.arg("convert");
+    if into_existing {
+        c.arg("-n");
+    }
+    run_ok(c.args(["-f", "raw", "-O", "raw", src, dst]));
 }
 
 fn nbdsh(uri: &str, script: &str) -> String {
@@ -119,35 +125,11 @@ fn qemu_io_patterns_and_qemu_img_compare_convert() {
         ],
     );
     // Reads through NBD equal the file itself.
-    run_ok(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        srv.file.to_str().unwrap(),
-        &uri,
-    ]));
+    qemu_img_compare(srv.file.to_str().unwrap(), &uri);
     // convert out of the export, then a different image into it, and compare.
     let out = srv.dir.path().join("out.img");
-    run_ok(Command::new("qemu-img").args([
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        &uri,
-        out.to_str().unwrap(),
-    ]));
-    run_ok(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        out.to_str().unwrap(),
-        &uri,
-    ]));
+    qemu_img_convert(false, &uri, out.to_str().unwrap());
+    qemu_img_compare(out.to_str().unwrap(), &uri);
     let src = srv.dir.path().join("src.img");
     let mut data = vec![0u8; 16 << 20];
     for (i, b) in data.iter_mut().enumerate() {
@@ -155,25 +137,8 @@ fn qemu_io_patterns_and_qemu_img_compare_convert() {
     }
     data[8 << 20..10 << 20].fill(0);
     std::fs::write(&src, &data).unwrap();
-    run_ok(Command::new("qemu-img").args([
-        "convert",
-        "-n",
-        "-f",
-        "raw",
-        "-O",
-        "raw",
-        src.to_str().unwrap(),
-        &uri,
-    ]));
-    run_ok(Command::new("qemu-img").args([
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "raw",
-        src.to_str().unwrap(),
-        &uri,
-    ]));
+    qemu_img_convert(true, src.to_str().unwrap(), &uri);
+    qemu_img_compare(src.to_str().unwrap(), &uri);
     assert_eq!(std::fs::read(&srv.file).unwrap(), data);
     srv.stop();
 }

@@ -187,6 +187,14 @@ fn create_volume(n: &Node, p: &Project, body: Value) -> Resp {
     )
 }
 
+/// Create a volume and wait until it is `available`; returns its id.
+fn create_available(n: &Node, p: &Project, body: Value) -> String {
+    let v = expect(create_volume(n, p, body), 202, "create");
+    let id = v["volume"]["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_ready(n, p, &id)["status"], "available", "{}", n.log());
+    id
+}
+
 fn show(n: &Node, p: &Project, id: &str) -> Value {
     expect(
         http("GET", &vol_url(n, p, &format!("/{id}")), &p.token, None),
@@ -286,31 +294,13 @@ fn full_tour_encrypted_volume() {
     let p = project(&n, "tour");
 
     // Admin: an encrypted type (LUKS2, AES-256-XTS) with QoS.
-    let t = expect(
-        http(
-            "POST",
-            &format!("{}/v3/{}/types", n.url, p.id),
-            &n.admin,
-            Some(
-                json!({"volume_type": {"name": "secure", "extra_specs": {"qos:total_iops_sec": "100000"}}}),
-            ),
-        ),
-        200,
-        "create type",
-    );
-    let type_id = t["volume_type"]["id"].as_str().unwrap().to_string();
-    expect(
-        http(
-            "POST",
-            &format!("{}/v3/{}/types/{type_id}/encryption", n.url, p.id),
-            &n.admin,
-            Some(
-                json!({"encryption": {"provider": "luks2", "cipher": "aes-xts-plain64", "key_size": 512,
-                "control_location": "front-end"}}),
-            ),
-        ),
-        200,
-        "create encryption spec",
+    encrypted_type(
+        &n,
+        &p,
+        "secure",
+        json!({"qos:total_iops_sec": "100000"}),
+        "luks2",
+        512,
     );
 
     // Bad input first: too big (413 before anything is allocated), unknown field, bad key.
@@ -618,30 +608,7 @@ fn encrypted_snapshot_and_restore() {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(dir.path(), "snap", None, 30);
     let p = project(&n, "snap");
-    let t = expect(
-        http(
-            "POST",
-            &format!("{}/v3/{}/types", n.url, p.id),
-            &n.admin,
-            Some(json!({"volume_type": {"name": "enc1"}})),
-        ),
-        200,
-        "create type",
-    );
-    let type_id = t["volume_type"]["id"].as_str().unwrap().to_string();
-    expect(
-        http(
-            "POST",
-            &format!("{}/v3/{}/types/{type_id}/encryption", n.url, p.id),
-            &n.admin,
-            Some(
-                json!({"encryption": {"provider": "luks", "cipher": "aes-xts-plain64", "key_size": 256,
-                "control_location": "front-end"}}),
-            ),
-        ),
-        200,
-        "encryption spec",
-    );
+    encrypted_type(&n, &p, "enc1", json!({}), "luks", 256);
     let v = expect(
         create_volume(&n, &p, json!({"size": 1, "volume_type": "enc1"})),
         202,
@@ -1197,4 +1164,373 @@ fn two_nodes_mariadb_history_and_sigkill() {
         "locks",
     );
     assert_eq!(l["locks"], json!([]), "{l}");
+}
+
+/// NBD attachments are separate exports: each has its own access mode, terminating one
+/// closes its live connections and leaves the others, and a new connection after
+/// `os-extend` sees the new size (NBD cannot tell a connected client).
+#[test]
+fn nbd_attachments_modes_terminate_and_extend() {
+    use std::io::{BufRead, BufReader, Write};
+    require_tool("qemu-io");
+    require_tool("nbdinfo");
+    require_tool("nbdsh");
+    let dir = tempfile::tempdir().unwrap();
+    let n = Node::start(dir.path(), "nbdatt", None, 30);
+    let p = project(&n, "nbdatt");
+    let id = create_available(&n, &p, json!({"size": 1, "name": "plain"}));
+
+    let rw = attach(&n, &p, &id, "nbd");
+    let ro = expect(
+        action(
+            &n,
+            &p,
+            &id,
+            json!({"os-initialize_connection": {"connector": {"protocol": "nbd", "read_only": true}}}),
+        ),
+        200,
+        "read-only attach",
+    )["connection_info"]
+        .clone();
+    assert_eq!(ro["data"]["access_mode"], "ro");
+    let rw_uri = rw["data"]["uri"].as_str().unwrap().to_string();
+    let ro_uri = ro["data"]["uri"].as_str().unwrap().to_string();
+    assert_ne!(rw_uri, ro_uri, "each attachment is its own export");
+
+    // The modes are each attachment's own, whichever came first.
+    run_ok(Command::new("qemu-io").args(["-f", "raw", &rw_uri, "-c", "write -P 0x3c 0 64k"]));
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", &ro_uri, "-c", "write -P 0x11 0 64k"])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("ermission denied")
+            || text.contains("read-only")
+            || text.contains("Read-only"),
+        "a write through the read-only attachment must fail: {text}"
+    );
+    let out = run_ok(Command::new("qemu-io").args([
+        "-r",
+        "-f",
+        "raw",
+        &ro_uri,
+        "-c",
+        "read -P 0x3c 0 64k",
+    ]));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"));
+
+    // A live connection to the read-write attachment ends with its termination.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let script = "import sys\n\
+h.pread(512, 0)\n\
+print('connected', flush=True)\n\
+sys.stdin.readline()\n\
+try:\n    h.pread(512, 0)\n    print('still-open', flush=True)\n\
+except nbd.Error as e:\n    print('closed', e, flush=True)\n";
+    let mut sh = Command::new("nbdsh")
+        .env("PATH", path)
+        .args(["-u", &rw_uri, "-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(sh.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "connected");
+    detach(&n, &p, &id, rw["data"]["attachment_id"].as_str().unwrap());
+    writeln!(sh.stdin.take().unwrap()).unwrap();
+    let last = lines.next().unwrap().unwrap();
+    assert!(last.starts_with("closed"), "{last}\n{}", n.log());
+    sh.wait().unwrap();
+    let out = Command::new("nbdinfo").arg(&rw_uri).output().unwrap();
+    assert!(!out.status.success(), "the terminated export is gone");
+
+    // Online extend: the read-only attachment lives on; a new connection sees 2 GiB.
+    expect(
+        action(&n, &p, &id, json!({"os-extend": {"new_size": 2}})),
+        202,
+        "extend",
+    );
+    let out = run_ok(Command::new("nbdinfo").args(["--size", &ro_uri]));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (2 * GIB).to_string()
+    );
+    detach(&n, &p, &id, ro["data"]["attachment_id"].as_str().unwrap());
+    assert_eq!(show(&n, &p, &id)["status"], "available");
+}
+
+/// An encrypted volume type `name` (`provider` luks or luks2, aes-xts-plain64 with
+/// `key_size`-bit keys; Ember orders the keys) with `extra_specs`.
+fn encrypted_type(
+    n: &Node,
+    p: &Project,
+    name: &str,
+    extra_specs: Value,
+    provider: &str,
+    key_size: u32,
+) {
+    let t = expect(
+        http(
+            "POST",
+            &format!("{}/v3/{}/types", n.url, p.id),
+            &n.admin,
+            Some(json!({"volume_type": {"name": name, "extra_specs": extra_specs}})),
+        ),
+        200,
+        "create type",
+    );
+    let type_id = t["volume_type"]["id"].as_str().unwrap().to_string();
+    expect(
+        http(
+            "POST",
+            &format!("{}/v3/{}/types/{type_id}/encryption", n.url, p.id),
+            &n.admin,
+            Some(
+                json!({"encryption": {"provider": provider, "cipher": "aes-xts-plain64",
+                "key_size": key_size, "control_location": "front-end"}}),
+            ),
+        ),
+        200,
+        "create encryption spec",
+    );
+}
+
+/// The value after `key=` on the console, as a number.
+fn console_number(console: &str, key: &str) -> u64 {
+    console
+        .split(key)
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} number on the console:\n{console}"))
+}
+
+/// Guest: print vda's size, wait (bounded) for it to change, print the new size, then
+/// write and read back a block beyond the old end.
+const GUEST_WAIT_RESIZE: &str = r#"
+s0=$(cat /sys/block/vda/size)
+echo "SIZE0=$s0 "
+i=0
+s=$s0
+while [ "$s" = "$s0" ] && [ $i -lt 900 ]; do
+    sleep 1
+    s=$(cat /sys/block/vda/size)
+    i=$((i+1))
+done
+echo "SIZE1=$s "
+[ "$s" != "$s0" ] || { echo "NO-RESIZE"; exit 3; }
+head -c 65536 /dev/zero | tr '\0' '\132' > /tmp/p
+dd if=/tmp/p of=/dev/vda bs=64k seek=$((s0 / 128)) oflag=direct conv=fsync 2>/dev/null || { echo "WRITE-FAILED"; exit 4; }
+dd if=/dev/vda of=/tmp/r bs=64k skip=$((s0 / 128)) count=1 iflag=direct 2>/dev/null || { echo "READ-FAILED"; exit 5; }
+[ "$(md5sum < /tmp/r)" = "$(md5sum < /tmp/p)" ] || { echo "PATTERN-MISSING"; exit 6; }
+echo GUEST-RESIZE-OK
+"#;
+
+/// `os-extend` of an encrypted volume attached over vhost-user: the running TCG guest
+/// sees the disk grow by 1 GiB without reconnecting (CONFIG_CHANGE_MSG → QEMU re-reads
+/// the capacity → config interrupt → virtio_blk updates the size), and can use it.
+#[test]
+fn vhost_online_extend_reaches_the_guest() {
+    require_tool("qemu-system-x86_64");
+    let g = guest::Guest::get();
+    let dir = tempfile::tempdir().unwrap();
+    let n = Node::start(dir.path(), "vhext", None, 30);
+    let p = project(&n, "vhext");
+    encrypted_type(&n, &p, "secure", json!({}), "luks2", 512);
+    let id = create_available(&n, &p, json!({"size": 1, "volume_type": "secure"}));
+    let ci = attach(&n, &p, &id, "vhost-user");
+    let sock = PathBuf::from(ci["data"]["socket_path"].as_str().unwrap());
+    let att = ci["data"]["attachment_id"].as_str().unwrap().to_string();
+
+    let gdir = dir.path().join("guest");
+    std::fs::create_dir_all(&gdir).unwrap();
+    let initrd = g.initrd(&gdir, GUEST_WAIT_RESIZE);
+    let mut args = guest::base_args(&g, &initrd, 512);
+    args.extend(guest::vhost_blk_args("c0", &sock, 1, false));
+    let mut q = guest::Qemu::spawn(&gdir, &args);
+    let console = q.wait_for("SIZE0=", Duration::from_secs(900));
+    let s0 = console_number(&console, "SIZE0=");
+    // 1 GiB minus the LUKS2 header (the data offset), in sectors.
+    assert!(s0 < 2 << 20 && s0 > (2 << 20) - (64 << 11), "SIZE0={s0}");
+    expect(
+        action(&n, &p, &id, json!({"os-extend": {"new_size": 2}})),
+        202,
+        "extend",
+    );
+    let (rc, console) = q.wait_exit(Duration::from_secs(900));
+    assert_eq!(
+        rc,
+        0,
+        "guest failed; console:\n{console}\nemberd log:\n{}",
+        n.log()
+    );
+    let s1 = console_number(&console, "SIZE1=");
+    assert_eq!(s1, s0 + (2 << 20), "the guest sees exactly 1 GiB more");
+    eprintln!("guest: /sys/block/vda/size {s0} -> {s1} sectors");
+    assert!(
+        n.log()
+            .contains("notified the vhost-user frontend of a config change"),
+        "{}",
+        n.log()
+    );
+    drop(q);
+    detach(&n, &p, &id, &att);
+    assert_eq!(show(&n, &p, &id)["size"], 2);
+}
+
+/// Names of `pid`'s threads that belong to vhost-user exports.
+fn vhost_threads(pid: u32) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let comm = std::fs::read_to_string(t.unwrap().path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm == "vhost-listen" || comm.starts_with("vhost-q") {
+            out.push(comm.to_string());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One QMP command on a QEMU monitor socket; returns the `return` value.
+fn qmp(sock: &Path, command: &str) -> Value {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let next_return = |r: &mut BufReader<std::os::unix::net::UnixStream>| loop {
+        let mut line = String::new();
+        assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if let Some(ret) = v.get("return") {
+            return ret.clone();
+        }
+        assert!(v.get("error").is_none(), "QMP error: {v}");
+    };
+    let mut greeting = String::new();
+    r.read_line(&mut greeting).unwrap();
+    writeln!(w, r#"{{"execute": "qmp_capabilities"}}"#).unwrap();
+    next_return(&mut r);
+    writeln!(w, r#"{{"execute": "{command}"}}"#).unwrap();
+    next_return(&mut r)
+}
+
+/// The `filename` QEMU reports for chardev `label` (`disconnected:…` once the peer left).
+fn chardev_filename(qmp_sock: &Path, label: &str) -> String {
+    let list = qmp(qmp_sock, "query-chardev");
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["label"] == label)
+        .unwrap_or_else(|| panic!("no chardev {label}: {list}"))["filename"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Guest: write 0x5a at 1 MiB..2 MiB (direct + fsync: acknowledged), say so, then keep
+/// writing 0xa5 at 8 MiB..9 MiB so requests are in flight when the export stops.
+const GUEST_WRITE_THEN_BUSY: &str = r#"
+set -e
+head -c 1048576 /dev/zero | tr '\0' '\132' > /tmp/a
+head -c 1048576 /dev/zero | tr '\0' '\245' > /tmp/b
+dd if=/tmp/a of=/dev/vda bs=64k seek=16 oflag=direct conv=fsync 2>/dev/null
+echo GUEST-WROTE
+set +e
+while dd if=/tmp/b of=/dev/vda bs=64k seek=128 oflag=direct 2>/dev/null; do :; done
+echo GUEST-IO-FAILED
+sleep 100000
+"#;
+
+/// `os-terminate_connection` of a vhost-user attachment ends the live session: QEMU
+/// sees the socket close, the export's threads are gone, the socket file is removed, the
+/// data the guest wrote is on disk (read back over NBD) and the volume can be deleted.
+#[test]
+fn vhost_terminate_ends_the_live_session() {
+    require_tool("qemu-system-x86_64");
+    require_tool("qemu-io");
+    let g = guest::Guest::get();
+    let dir = tempfile::tempdir().unwrap();
+    let n = Node::start(dir.path(), "vhterm", None, 30);
+    let p = project(&n, "vhterm");
+    let id = create_available(&n, &p, json!({"size": 1, "name": "plain"}));
+    let pid = n.daemon.child.id();
+    assert!(vhost_threads(pid).is_empty(), "{:?}", vhost_threads(pid));
+    let ci = attach(&n, &p, &id, "vhost-user");
+    let sock = PathBuf::from(ci["data"]["socket_path"].as_str().unwrap());
+    let att = ci["data"]["attachment_id"].as_str().unwrap().to_string();
+    assert_eq!(
+        vhost_threads(pid),
+        vec!["vhost-listen", "vhost-q0", "vhost-q1"],
+        "one listener and one worker per queue"
+    );
+
+    let gdir = dir.path().join("guest");
+    std::fs::create_dir_all(&gdir).unwrap();
+    let initrd = g.initrd(&gdir, GUEST_WRITE_THEN_BUSY);
+    let qmp_sock = gdir.join("qmp.sock");
+    let mut args = guest::base_args(&g, &initrd, 512);
+    args.extend(guest::vhost_blk_args("c0", &sock, 1, false));
+    args.extend([
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", qmp_sock.display()),
+    ]);
+    let mut q = guest::Qemu::spawn(&gdir, &args);
+    q.wait_for("GUEST-WROTE", Duration::from_secs(900));
+    let before = chardev_filename(&qmp_sock, "c0");
+    assert!(!before.starts_with("disconnected"), "{before}");
+    // Let the write loop run so requests are in flight at the stop.
+    std::thread::sleep(Duration::from_secs(2));
+
+    detach(&n, &p, &id, &att);
+    assert!(vhost_threads(pid).is_empty(), "{:?}", vhost_threads(pid));
+    assert!(!sock.exists(), "the socket file is removed");
+    let t = Instant::now();
+    loop {
+        let f = chardev_filename(&qmp_sock, "c0");
+        if f.starts_with("disconnected") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "QEMU still connected: {f}; console:\n{}",
+            q.console_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = n.log();
+    assert!(log.contains("vhost-user-blk export stopped"), "{log}");
+    eprintln!(
+        "QEMU chardev c0: {before:?} -> {:?}; emberd: {}",
+        chardev_filename(&qmp_sock, "c0"),
+        log.lines()
+            .filter(|l| l.contains("vhost-user"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(show(&n, &p, &id)["status"], "available");
+    drop(q);
+
+    // What the guest wrote before the terminate is on disk.
+    let ci = attach(&n, &p, &id, "nbd");
+    let uri = ci["data"]["uri"].as_str().unwrap().to_string();
+    let out =
+        run_ok(Command::new("qemu-io").args(["-r", "-f", "raw", &uri, "-c", "read -P 0x5a 1M 1M"]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    detach(&n, &p, &id, ci["data"]["attachment_id"].as_str().unwrap());
+    expect(
+        http(
+            "DELETE",
+            &vol_url(&n, &p, &format!("/{id}")),
+            &p.token,
+            None,
+        ),
+        202,
+        "delete",
+    );
+    assert!(!n.pool_dir().join(format!("{id}.img")).exists());
 }

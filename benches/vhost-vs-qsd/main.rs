@@ -1,10 +1,15 @@
 //! vhost-user-blk: Ember vs qemu-storage-daemon, same tmpfs file, same client (blkio).
 //!
 //! Run: `cargo bench -p emberd --bench vhost-vs-qsd` (env: `BENCH_SECS` per case, default
-//! 5; `BENCH_SIZE_MIB`, default 1024). For each server, queue count (1, 2) and workload
-//! (4k randread/randwrite QD32, 1M read/write QD8) one blkio connection drives every
-//! queue from its own thread, keeping QD requests in flight per queue. Prints IOPS, MiB/s,
-//! p50/p99 latency and Ember's ratio. Numbers go in benches/README.md.
+//! 5; `BENCH_SIZE_MIB`, default 1024; `BENCH_MODES`, default `plain,luks`). For each mode,
+//! server, queue count (1, 2) and workload (4k randread/randwrite QD32, 1M read/write QD8)
+//! one blkio connection drives every queue from its own thread, keeping QD requests in
+//! flight per queue. Prints IOPS, MiB/s, p50/p99 latency and Ember's ratio. Numbers go in
+//! benches/README.md.
+//!
+//! `luks` serves a LUKS1 aes-xts-plain64 image made by `qemu-img create -f luks` (fully
+//! preallocated): Ember with `--passphrase-file`, qemu-storage-daemon with its `luks`
+//! driver over the same file.
 
 use blkio::{Blkio, Blkioq, ReqFlags};
 use std::mem::MaybeUninit;
@@ -85,11 +90,21 @@ fn wait_for(path: &Path) {
     }
 }
 
-fn start_ember(file: &Path, sock: &Path, queues: u16) -> Server {
+/// How the file is served: as is, or as LUKS with the passphrase in this file.
+#[derive(Clone, Copy)]
+enum Mode<'a> {
+    Plain,
+    Luks { pass_file: &'a Path },
+}
+
+fn start_ember(file: &Path, sock: &Path, queues: u16, mode: Mode) -> Server {
     let _ = std::fs::remove_file(sock);
-    let child = Command::new(env!("CARGO_BIN_EXE_emberd"))
-        .args(["export", "--file"])
-        .arg(file)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_emberd"));
+    cmd.args(["export", "--file"]).arg(file);
+    if let Mode::Luks { pass_file } = mode {
+        cmd.arg("--passphrase-file").arg(pass_file);
+    }
+    let child = cmd
         .arg("--vhost-user")
         .arg(sock)
         .args(["--num-queues", &queues.to_string(), "--threads", "1"])
@@ -104,17 +119,27 @@ fn start_ember(file: &Path, sock: &Path, queues: u16) -> Server {
     }
 }
 
-fn start_qsd(file: &Path, sock: &Path, queues: u16) -> Server {
+fn start_qsd(file: &Path, sock: &Path, queues: u16, mode: Mode) -> Server {
     let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-storage-daemon")
-        .arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f,filename={},aio=io_uring,cache.direct=off",
-            file.display()
-        ))
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev").arg(format!(
+        "driver=file,node-name=f,filename={},aio=io_uring,cache.direct=off",
+        file.display()
+    ));
+    let node = match mode {
+        Mode::Plain => "f",
+        Mode::Luks { pass_file } => {
+            cmd.arg("--object")
+                .arg(format!("secret,id=sec0,file={}", pass_file.display()))
+                .arg("--blockdev")
+                .arg("driver=luks,node-name=c,file=f,key-secret=sec0");
+            "c"
+        }
+    };
+    let child = cmd
         .arg("--export")
         .arg(format!(
-            "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+            "type=vhost-user-blk,id=e,node-name={node},addr.type=unix,addr.path={},writable=on,num-queues={queues}",
             sock.display()
         ))
         .stdout(Stdio::null())
@@ -265,8 +290,44 @@ fn main() {
         }
     }
     let size = size_mib << 20;
+    let modes = std::env::var("BENCH_MODES").unwrap_or_else(|_| "plain,luks".into());
+    let pass_file = dir.path().join("pass");
+    std::fs::write(&pass_file, "bench-passphrase").unwrap();
+    let luks_file = dir.path().join("luks.img");
     let sock = dir.path().join("vhost.sock");
-    println!("vhost-user-blk, blkio client, tmpfs file of {size_mib} MiB, {secs} s per case");
+    for mode_name in modes.split(',').filter(|m| !m.is_empty()) {
+        let (mode, file, size) = match mode_name {
+            "plain" => (Mode::Plain, file.clone(), size),
+            "luks" => {
+                if !luks_file.exists() {
+                    let st = Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "luks", "--object"])
+                        .arg(format!("secret,id=sec0,file={}", pass_file.display()))
+                        .args(["-o", "key-secret=sec0,preallocation=full"])
+                        .arg(&luks_file)
+                        .arg(format!("{size_mib}M"))
+                        .status()
+                        .expect("qemu-img is not installed");
+                    assert!(st.success(), "qemu-img create -f luks failed");
+                }
+                (
+                    Mode::Luks {
+                        pass_file: &pass_file,
+                    },
+                    luks_file.clone(),
+                    size,
+                )
+            }
+            other => panic!("BENCH_MODES: unknown mode {other:?} (plain, luks)"),
+        };
+        run_mode(mode_name, mode, &file, &sock, size, size_mib, secs);
+    }
+}
+
+fn run_mode(name: &str, mode: Mode, file: &Path, sock: &Path, size: u64, size_mib: u64, secs: f64) {
+    println!(
+        "vhost-user-blk {name}, blkio client, tmpfs file of {size_mib} MiB, {secs} s per case"
+    );
     println!(
         "{:<20} {:>2} | {:>10} {:>9} {:>8} {:>8} | {:>10} {:>9} {:>8} {:>8} | {:>6} {:>6}",
         "workload",
@@ -285,12 +346,12 @@ fn main() {
     for queues in [1u16, 2] {
         for w in WORKLOADS {
             let qsd = {
-                let _s = start_qsd(&file, &sock, queues);
-                run_case(&sock, queues, w, size, secs)
+                let _s = start_qsd(file, sock, queues, mode);
+                run_case(sock, queues, w, size, secs)
             };
             let ember = {
-                let _s = start_ember(&file, &sock, queues);
-                run_case(&sock, queues, w, size, secs)
+                let _s = start_ember(file, sock, queues, mode);
+                run_case(sock, queues, w, size, secs)
             };
             println!(
                 "{:<20} {:>2} | {:>10.0} {:>9.1} {:>8.1} {:>8.1} | {:>10.0} {:>9.1} {:>8.1} {:>8.1} | {:>5.2}x {:>5.2}x",

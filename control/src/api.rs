@@ -101,6 +101,17 @@ pub fn check_len(field: &str, v: &str, min: usize, max: usize) -> Result<(), Api
     Ok(())
 }
 
+/// Validate a required name: 1 to 255 characters, not blank.
+pub fn check_required_name(field: &str, v: &str) -> Result<(), ApiError> {
+    check_len(field, v, 1, 255)?;
+    if v.trim().is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "`{field}` must not be blank"
+        )));
+    }
+    Ok(())
+}
+
 /// A boolean accepting Cinder's string spellings too (`"true"`, `"yes"`, `"1"`, …).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BoolLike(pub bool);

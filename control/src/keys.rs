@@ -280,6 +280,40 @@ pub struct ListQuery {
     pub secret_type: Option<String>,
 }
 
+/// A page of a listing: rows to skip, rows to show.
+#[derive(Debug, Clone, Copy)]
+struct Page {
+    offset: usize,
+    limit: usize,
+}
+
+impl ListQuery {
+    /// The page asked for; 400 unless `limit` is 1..100.
+    fn page(&self) -> ApiResult<Page> {
+        let limit = self.limit.unwrap_or(10);
+        if !(1..=100).contains(&limit) {
+            return Err(ApiError::bad_request("`limit` must be between 1 and 100"));
+        }
+        Ok(Page {
+            offset: usize::try_from(self.offset.unwrap_or(0)).unwrap_or(usize::MAX),
+            limit: limit as usize,
+        })
+    }
+}
+
+/// The views of one page of rows.
+fn page_of(
+    rows: &[AnyRow],
+    page: Page,
+    view: impl Fn(&AnyRow) -> Result<Value, sqlx::Error>,
+) -> Result<Vec<Value>, sqlx::Error> {
+    rows.iter()
+        .skip(page.offset)
+        .take(page.limit)
+        .map(view)
+        .collect()
+}
+
 /// Base URL for `*_ref` links, from the request's Host header.
 fn base_url(headers: &HeaderMap) -> String {
     let host = headers
@@ -479,14 +513,26 @@ async fn insert_secret(
     Ok(id)
 }
 
-async fn fetch_secret(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<AnyRow> {
-    let sql = format!("SELECT {SECRET_COLS} FROM secrets WHERE id = ? AND project_id = ?");
+/// A row of the caller's project by id: `sql` selects `WHERE id = ? AND project_id = ?`;
+/// 404 naming `what` when there is none.
+async fn fetch_own(
+    st: &AppState,
+    ctx: &Ctx,
+    sql: String,
+    what: &str,
+    id: &str,
+) -> ApiResult<AnyRow> {
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.to_string())
         .bind(ctx.project_id.clone())
         .fetch_optional(&st.db().pool)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("secret {id} not found")))
+        .ok_or_else(|| ApiError::not_found(format!("{what} {id} not found")))
+}
+
+async fn fetch_secret(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<AnyRow> {
+    let sql = format!("SELECT {SECRET_COLS} FROM secrets WHERE id = ? AND project_id = ?");
+    fetch_own(st, ctx, sql, "secret", id).await
 }
 
 #[utoipa::path(post, path = "/v1/secrets", tag = "keys", request_body = SecretCreate,
@@ -519,11 +565,7 @@ pub async fn list_secrets(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    let limit = q.limit.unwrap_or(10);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request("`limit` must be between 1 and 100"));
-    }
-    let offset = i64::from(q.offset.unwrap_or(0));
+    let page = q.page()?;
     let sql = format!(
         "SELECT {SECRET_COLS} FROM secrets WHERE project_id = ? AND (? = '' OR name = ?) AND (? = '' OR secret_type = ?) \
          ORDER BY created_at, id"
@@ -539,14 +581,8 @@ pub async fn list_secrets(
         .fetch_all(&st.db().pool)
         .await?;
     let base = base_url(&headers);
-    let total = rows.len();
-    let page = rows
-        .iter()
-        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-        .take(limit as usize)
-        .map(|r| secret_view(&base, r))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({"secrets": page, "total": total})))
+    let list = page_of(&rows, page, |r| secret_view(&base, r))?;
+    Ok(Json(json!({"secrets": list, "total": rows.len()})))
 }
 
 #[utoipa::path(get, path = "/v1/secrets/{secret_id}", tag = "keys",
@@ -770,10 +806,7 @@ pub async fn list_orders(
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
-    let limit = q.limit.unwrap_or(10);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request("`limit` must be between 1 and 100"));
-    }
+    let page = q.page()?;
     let sql =
         format!("SELECT {ORDER_COLS} FROM orders WHERE project_id = ? ORDER BY created_at, id");
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -781,23 +814,13 @@ pub async fn list_orders(
         .fetch_all(&st.db().pool)
         .await?;
     let base = base_url(&headers);
-    let page = rows
-        .iter()
-        .skip(q.offset.unwrap_or(0) as usize)
-        .take(limit as usize)
-        .map(|r| order_view(&base, r))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Json(json!({"orders": page, "total": rows.len()})))
+    let list = page_of(&rows, page, |r| order_view(&base, r))?;
+    Ok(Json(json!({"orders": list, "total": rows.len()})))
 }
 
 async fn fetch_order(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<AnyRow> {
     let sql = format!("SELECT {ORDER_COLS} FROM orders WHERE id = ? AND project_id = ?");
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(id.to_string())
-        .bind(ctx.project_id.clone())
-        .fetch_optional(&st.db().pool)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("order {id} not found")))
+    fetch_own(st, ctx, sql, "order", id).await
 }
 
 #[utoipa::path(get, path = "/v1/orders/{order_id}", tag = "keys",

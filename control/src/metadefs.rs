@@ -20,7 +20,7 @@
 use crate::api::{check_len, parse_bool, ApiJson};
 use crate::auth::Ctx;
 use crate::error::{ApiError, ApiResult};
-use crate::store::{get_i64, get_str, now, Db};
+use crate::store::{execute_args, get_i64, get_str, now, Db, Tx};
 use crate::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -28,7 +28,8 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sqlx::any::AnyRow;
-use sqlx::AnyConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection};
 use std::collections::BTreeMap;
 use utoipa::{IntoParams, ToSchema};
 
@@ -563,6 +564,20 @@ async fn load_ns(conn: &mut AnyConnection, ctx: &Ctx, ns: &str) -> ApiResult<Any
     Ok(row)
 }
 
+/// Prologue of the reads under a namespace: a pooled connection and the visible namespace.
+async fn read_ns(st: &AppState, ctx: &Ctx, ns: &str) -> ApiResult<(PoolConnection<Any>, AnyRow)> {
+    let mut conn = st.db().pool.acquire().await?;
+    let row = load_ns(&mut conn, ctx, ns).await?;
+    Ok((conn, row))
+}
+
+/// The transaction of a change under a namespace, with the namespace loaded.
+async fn begin_ns(st: &AppState, ctx: &Ctx, ns: &str) -> ApiResult<(Tx<'static>, AnyRow)> {
+    let mut tx = st.db().begin().await?;
+    let row = load_ns(&mut tx, ctx, ns).await?;
+    Ok((tx, row))
+}
+
 async fn properties_of(conn: &mut AnyConnection, ns: &str) -> ApiResult<Map<String, Value>> {
     let rows = sqlx::query(
         "SELECT name, definition FROM metadef_properties WHERE namespace = ? ORDER BY name",
@@ -791,8 +806,7 @@ pub async fn show_namespace(
     ctx: Ctx,
     Path(ns): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let mut conn = st.db().pool.acquire().await?;
-    let row = load_ns(&mut conn, &ctx, &ns).await?;
+    let (mut conn, row) = read_ns(&st, &ctx, &ns).await?;
     Ok(Json(ns_view(&mut conn, &row, true).await?))
 }
 
@@ -808,8 +822,7 @@ pub async fn update_namespace(
     ApiJson(b): ApiJson<NamespaceUpdate>,
 ) -> ApiResult<Json<Value>> {
     ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    let row = load_ns(&mut tx, &ctx, &ns).await?;
+    let (mut tx, row) = begin_ns(&st, &ctx, &ns).await?;
     if b.namespace.as_ref().is_some_and(|n| *n != ns) {
         return Err(ApiError::bad_request("`namespace` cannot be renamed"));
     }
@@ -856,8 +869,7 @@ pub async fn delete_namespace(
     Path(ns): Path<String>,
 ) -> ApiResult<StatusCode> {
     ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    let row = load_ns(&mut tx, &ctx, &ns).await?;
+    let (mut tx, row) = begin_ns(&st, &ctx, &ns).await?;
     if get_i64(&row, "protected")? != 0 {
         return Err(ApiError::forbidden(format!(
             "namespace {ns} is protected; set protected=false first"
@@ -883,8 +895,7 @@ pub async fn list_properties(
     ctx: Ctx,
     Path(ns): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let mut conn = st.db().pool.acquire().await?;
-    load_ns(&mut conn, &ctx, &ns).await?;
+    let (mut conn, _) = read_ns(&st, &ctx, &ns).await?;
     Ok(Json(
         json!({"properties": properties_of(&mut conn, &ns).await?}),
     ))
@@ -907,8 +918,7 @@ pub async fn create_property(
         .clone()
         .ok_or_else(|| ApiError::bad_request("`name` is required"))?;
     check_def(&name, &def)?;
-    let mut tx = st.db().begin().await?;
-    load_ns(&mut tx, &ctx, &ns).await?;
+    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
     let exists =
         sqlx::query("SELECT name FROM metadef_properties WHERE namespace = ? AND name = ?")
             .bind(ns.clone())
@@ -949,8 +959,7 @@ pub async fn show_property(
     ctx: Ctx,
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    let mut conn = st.db().pool.acquire().await?;
-    load_ns(&mut conn, &ctx, &ns).await?;
+    let (mut conn, _) = read_ns(&st, &ctx, &ns).await?;
     let mut def = load_property(&mut conn, &ns, &name).await?;
     def.name = Some(name);
     Ok(Json(serde_json::to_value(&def).unwrap_or(Value::Null)))
@@ -973,8 +982,7 @@ pub async fn update_property(
         return Err(ApiError::bad_request("`name` cannot be changed"));
     }
     check_def(&name, &def)?;
-    let mut tx = st.db().begin().await?;
-    load_ns(&mut tx, &ctx, &ns).await?;
+    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
     load_property(&mut tx, &ns, &name).await?;
     sqlx::query("DELETE FROM metadef_properties WHERE namespace = ? AND name = ?")
         .bind(ns.clone())
@@ -997,14 +1005,13 @@ pub async fn delete_property(
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    load_ns(&mut tx, &ctx, &ns).await?;
-    let n = sqlx::query("DELETE FROM metadef_properties WHERE namespace = ? AND name = ?")
-        .bind(ns.clone())
-        .bind(name.clone())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
+    let n = execute_args(
+        &mut tx,
+        "DELETE FROM metadef_properties WHERE namespace = ? AND name = ?",
+        &[&ns, &name],
+    )
+    .await?;
     if n == 0 {
         return Err(ApiError::not_found(format!(
             "property {name} not found in {ns}"
@@ -1023,8 +1030,7 @@ pub async fn list_associations(
     ctx: Ctx,
     Path(ns): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let mut conn = st.db().pool.acquire().await?;
-    load_ns(&mut conn, &ctx, &ns).await?;
+    let (mut conn, _) = read_ns(&st, &ctx, &ns).await?;
     Ok(Json(
         json!({"resource_type_associations": associations_of(&mut conn, &ns).await?}),
     ))
@@ -1042,8 +1048,7 @@ pub async fn create_association(
     ApiJson(a): ApiJson<AssociationCreate>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    load_ns(&mut tx, &ctx, &ns).await?;
+    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
     let v = insert_association(&mut tx, &ns, &a).await?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(v)))
@@ -1059,14 +1064,13 @@ pub async fn delete_association(
     Path((ns, rt)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    load_ns(&mut tx, &ctx, &ns).await?;
-    let n = sqlx::query("DELETE FROM metadef_resource_types WHERE namespace = ? AND name = ?")
-        .bind(ns.clone())
-        .bind(rt.clone())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
+    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
+    let n = execute_args(
+        &mut tx,
+        "DELETE FROM metadef_resource_types WHERE namespace = ? AND name = ?",
+        &[&ns, &rt],
+    )
+    .await?;
     if n == 0 {
         return Err(ApiError::not_found(format!(
             "namespace {ns} is not associated with {rt}"

@@ -2,7 +2,7 @@
 //! tokens with a role for a project. A token's clear text is returned once; only its
 //! SHA-256 is stored.
 
-use crate::api::{check_len, ApiJson};
+use crate::api::{check_len, check_required_name, ApiJson};
 use crate::auth::{generate_token, insert_token, Ctx, Role};
 use crate::error::{ApiError, ApiResult};
 use crate::store::{get_str, new_id, now};
@@ -13,6 +13,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
+use sqlx::pool::PoolConnection;
+use sqlx::Any;
 use utoipa::ToSchema;
 
 /// `POST /v3/projects` body.
@@ -88,6 +90,16 @@ pub async fn check_url_project(state: &AppState, ctx: &Ctx, project_id: &str) ->
     Ok(())
 }
 
+/// [`check_url_project`], then a pooled connection for the handler's queries.
+pub async fn project_conn(
+    state: &AppState,
+    ctx: &Ctx,
+    project_id: &str,
+) -> ApiResult<PoolConnection<Any>> {
+    check_url_project(state, ctx, project_id).await?;
+    Ok(state.db().pool.acquire().await?)
+}
+
 #[utoipa::path(post, path = "/v3/projects", tag = "projects", request_body = ProjectCreateBody,
     responses((status = 201, description = "project created"), (status = 400, description = "bad input"),
         (status = 401, description = "no token"), (status = 403, description = "not admin"),
@@ -99,10 +111,7 @@ pub async fn create_project(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     ctx.require_admin()?;
     let p = body.project;
-    check_len("project.name", &p.name, 1, 255)?;
-    if p.name.trim().is_empty() {
-        return Err(ApiError::bad_request("`project.name` must not be blank"));
-    }
+    check_required_name("project.name", &p.name)?;
     let desc = p.description.unwrap_or_default();
     check_len("project.description", &desc, 0, 255)?;
     let id = new_id();

@@ -247,11 +247,38 @@ pub async fn count(
     sql: &'static str,
     arg: &str,
 ) -> Result<i64, sqlx::Error> {
-    let row = sqlx::query(sql)
-        .bind(arg.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
+    count_args(tx, sql, &[arg]).await
+}
+
+/// `COUNT(*) AS n` helper for several text arguments.
+pub async fn count_args(
+    conn: &mut sqlx::AnyConnection,
+    sql: &'static str,
+    args: &[&str],
+) -> Result<i64, sqlx::Error> {
+    let row = with_args(sql, args).fetch_one(&mut *conn).await?;
     get_i64(&row, "n")
+}
+
+/// Run a statement (`DELETE`, `UPDATE`) with text arguments; the number of rows it touched.
+pub async fn execute_args(
+    conn: &mut sqlx::AnyConnection,
+    sql: &'static str,
+    args: &[&str],
+) -> Result<u64, sqlx::Error> {
+    Ok(with_args(sql, args)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected())
+}
+
+/// `sql` with its text arguments bound in order.
+fn with_args(
+    sql: &'static str,
+    args: &[&str],
+) -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    args.iter()
+        .fold(sqlx::query(sql), |q, a| q.bind(a.to_string()))
 }
 
 #[cfg(test)]

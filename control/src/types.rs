@@ -11,11 +11,11 @@
 //!
 //! Every change runs in one transaction.
 
-use crate::api::{check_len, ApiJson, BoolLike};
+use crate::api::{check_len, check_required_name, ApiJson, BoolLike};
 use crate::auth::Ctx;
 use crate::error::{ApiError, ApiResult};
-use crate::projects::{check_url_project, ensure_project};
-use crate::store::{get_i64, get_str, new_id, now, opt_str, Db};
+use crate::projects::{check_url_project, ensure_project, project_conn};
+use crate::store::{count_args, execute_args, get_i64, get_str, new_id, now, opt_str, Db, Tx};
 use crate::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -23,7 +23,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use sqlx::any::AnyRow;
-use sqlx::AnyConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection};
 use std::collections::BTreeMap;
 use utoipa::{IntoParams, ToSchema};
 
@@ -307,16 +308,21 @@ async fn visible_to(conn: &mut AnyConnection, ctx: &Ctx, t: &TypeRow) -> Result<
     if t.is_public || ctx.is_admin() {
         return Ok(true);
     }
-    let n: i64 = {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n FROM volume_type_access WHERE type_id = ? AND project_id = ?",
-        )
-        .bind(t.id.clone())
-        .bind(ctx.project_id.clone())
-        .fetch_one(&mut *conn)
-        .await?;
-        get_i64(&row, "n")?
-    };
+    has_access(conn, &t.id, &ctx.project_id).await
+}
+
+/// Does the access list of a (private) type name the project?
+async fn has_access(
+    conn: &mut AnyConnection,
+    type_id: &str,
+    project_id: &str,
+) -> Result<bool, sqlx::Error> {
+    let n = count_args(
+        conn,
+        "SELECT COUNT(*) AS n FROM volume_type_access WHERE type_id = ? AND project_id = ?",
+        &[type_id, project_id],
+    )
+    .await?;
     Ok(n > 0)
 }
 
@@ -342,6 +348,51 @@ async fn load_type(conn: &mut AnyConnection, ctx: &Ctx, id: &str) -> ApiResult<T
         return Err(ApiError::not_found(format!("volume type {id} not found")));
     }
     Ok(t)
+}
+
+/// The `{key: value}` body of the single-key endpoints.
+fn one_entry(key: String, value: Value) -> Json<Value> {
+    let mut m = Map::new();
+    m.insert(key, value);
+    Json(Value::Object(m))
+}
+
+/// Prologue of the reads under `/v3/{project_id}/types/{type_id}`: the URL's project
+/// is checked, then the type must be visible to the caller.
+async fn read_type(
+    st: &AppState,
+    ctx: &Ctx,
+    project_id: &str,
+    type_id: &str,
+) -> ApiResult<(PoolConnection<Any>, TypeRow)> {
+    let mut conn = project_conn(st, ctx, project_id).await?;
+    let t = load_type(&mut conn, ctx, type_id).await?;
+    Ok((conn, t))
+}
+
+/// First check of every change: the URL's project, then the admin role.
+async fn check_admin_project(st: &AppState, ctx: &Ctx, project_id: &str) -> ApiResult<()> {
+    check_url_project(st, ctx, project_id).await?;
+    ctx.require_admin()
+}
+
+/// The transaction of a change, with the type it changes loaded.
+async fn begin_type(st: &AppState, ctx: &Ctx, type_id: &str) -> ApiResult<(Tx<'static>, TypeRow)> {
+    let mut tx = st.db().begin().await?;
+    let t = load_type(&mut tx, ctx, type_id).await?;
+    Ok((tx, t))
+}
+
+/// Prologue of the changes that validate nothing before loading the type:
+/// [`check_admin_project`], then [`begin_type`].
+async fn change_type(
+    st: &AppState,
+    ctx: &Ctx,
+    project_id: &str,
+    type_id: &str,
+) -> ApiResult<(Tx<'static>, TypeRow)> {
+    check_admin_project(st, ctx, project_id).await?;
+    begin_type(st, ctx, type_id).await
 }
 
 async fn has_encryption(conn: &mut AnyConnection, type_id: &str) -> Result<bool, sqlx::Error> {
@@ -449,15 +500,9 @@ pub async fn create_type(
     Path(project_id): Path<String>,
     ApiJson(body): ApiJson<TypeCreateBody>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
+    check_admin_project(&st, &ctx, &project_id).await?;
     let b = body.volume_type;
-    check_len("volume_type.name", &b.name, 1, 255)?;
-    if b.name.trim().is_empty() {
-        return Err(ApiError::bad_request(
-            "`volume_type.name` must not be blank",
-        ));
-    }
+    check_required_name("volume_type.name", &b.name)?;
     if let Some(d) = &b.description {
         check_len("volume_type.description", d, 0, 255)?;
     }
@@ -522,9 +567,7 @@ pub async fn default_type(
     ctx: Ctx,
     Path(project_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = load_type(&mut conn, &ctx, DEFAULT_TYPE).await?;
+    let (mut conn, t) = read_type(&st, &ctx, &project_id, DEFAULT_TYPE).await?;
     Ok(Json(
         json!({ "volume_type": type_view(&mut conn, &ctx, &t).await? }),
     ))
@@ -539,9 +582,7 @@ pub async fn show_type(
     ctx: Ctx,
     Path((project_id, type_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = load_type(&mut conn, &ctx, &type_id).await?;
+    let (mut conn, t) = read_type(&st, &ctx, &project_id, &type_id).await?;
     Ok(Json(
         json!({ "volume_type": type_view(&mut conn, &ctx, &t).await? }),
     ))
@@ -559,23 +600,16 @@ pub async fn update_type(
     Path((project_id, type_id)): Path<(String, String)>,
     ApiJson(body): ApiJson<TypeUpdateBody>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
+    check_admin_project(&st, &ctx, &project_id).await?;
     let u = body.volume_type;
     if u.name.is_none() && u.description.is_none() && u.is_public.is_none() {
         return Err(ApiError::bad_request(
             "`volume_type` must change at least one of name, description, is_public",
         ));
     }
-    let mut tx = st.db().begin().await?;
-    let mut t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, mut t) = begin_type(&st, &ctx, &type_id).await?;
     if let Some(name) = u.name {
-        check_len("volume_type.name", &name, 1, 255)?;
-        if name.trim().is_empty() {
-            return Err(ApiError::bad_request(
-                "`volume_type.name` must not be blank",
-            ));
-        }
+        check_required_name("volume_type.name", &name)?;
         if t.name == DEFAULT_TYPE && name != DEFAULT_TYPE {
             return Err(ApiError::bad_request(
                 "the default volume type cannot be renamed",
@@ -626,10 +660,7 @@ pub async fn delete_type(
     ctx: Ctx,
     Path((project_id, type_id)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    let t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, t) = change_type(&st, &ctx, &project_id, &type_id).await?;
     if t.name == DEFAULT_TYPE {
         return Err(ApiError::bad_request(
             "the default volume type cannot be deleted",
@@ -664,9 +695,7 @@ pub async fn list_specs(
     ctx: Ctx,
     Path((project_id, type_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = load_type(&mut conn, &ctx, &type_id).await?;
+    let (mut conn, t) = read_type(&st, &ctx, &project_id, &type_id).await?;
     let specs = filter_specs(&ctx, kv_all(&mut conn, Kv::Specs, &t.id).await?);
     Ok(Json(json!({ "extra_specs": specs })))
 }
@@ -683,10 +712,7 @@ pub async fn set_specs(
     Path((project_id, type_id)): Path<(String, String)>,
     ApiJson(body): ApiJson<ExtraSpecsBody>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    let t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, t) = change_type(&st, &ctx, &project_id, &type_id).await?;
     if body.extra_specs.is_empty() {
         return Err(ApiError::bad_request("`extra_specs` must not be empty"));
     }
@@ -711,16 +737,12 @@ pub async fn show_spec(
     ctx: Ctx,
     Path((project_id, type_id, key)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = load_type(&mut conn, &ctx, &type_id).await?;
+    let (mut conn, t) = read_type(&st, &ctx, &project_id, &type_id).await?;
     let specs = filter_specs(&ctx, kv_all(&mut conn, Kv::Specs, &t.id).await?);
     let v = specs.get(&key).ok_or_else(|| {
         ApiError::not_found(format!("volume type {} has no extra spec {key:?}", t.id))
     })?;
-    let mut m = Map::new();
-    m.insert(key, Value::String(v.clone()));
-    Ok(Json(Value::Object(m)))
+    Ok(one_entry(key, Value::String(v.clone())))
 }
 
 #[utoipa::path(put, path = "/v3/{project_id}/types/{type_id}/extra_specs/{key}", tag = "types",
@@ -748,10 +770,7 @@ async fn put_kv(
     key: String,
     body: BTreeMap<String, String>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    let t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, t) = change_type(&st, &ctx, &project_id, &type_id).await?;
     if body.len() != 1 || !body.contains_key(&key) {
         return Err(ApiError::bad_request(format!(
             "the body must be exactly {{{key:?}: \"<value>\"}}"
@@ -764,9 +783,7 @@ async fn put_kv(
     validate_kv(&mut tx, kv, &key, &value).await?;
     kv_set(&mut tx, kv, &t.id, &key, &value).await?;
     tx.commit().await?;
-    let mut m = Map::new();
-    m.insert(key, Value::String(value));
-    Ok(Json(Value::Object(m)))
+    Ok(one_entry(key, Value::String(value)))
 }
 
 async fn delete_kv(
@@ -777,10 +794,7 @@ async fn delete_kv(
     type_id: String,
     key: String,
 ) -> ApiResult<StatusCode> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    let t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, t) = change_type(&st, &ctx, &project_id, &type_id).await?;
     if matches!(kv, Kv::Specs) {
         refuse_in_use(&mut tx, &t.id, "extra specs").await?;
     }
@@ -821,9 +835,7 @@ pub async fn list_meta(
     ctx: Ctx,
     Path((project_id, type_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = load_type(&mut conn, &ctx, &type_id).await?;
+    let (mut conn, t) = read_type(&st, &ctx, &project_id, &type_id).await?;
     Ok(Json(
         json!({ "metadata": metadata_view(&mut conn, &t.id).await? }),
     ))
@@ -841,10 +853,7 @@ pub async fn set_meta(
     Path((project_id, type_id)): Path<(String, String)>,
     ApiJson(body): ApiJson<MetadataBody>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    let t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, t) = change_type(&st, &ctx, &project_id, &type_id).await?;
     if body.metadata.is_empty() {
         return Err(ApiError::bad_request("`metadata` must not be empty"));
     }
@@ -868,16 +877,12 @@ pub async fn show_meta(
     ctx: Ctx,
     Path((project_id, type_id, key)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = load_type(&mut conn, &ctx, &type_id).await?;
+    let (mut conn, t) = read_type(&st, &ctx, &project_id, &type_id).await?;
     let meta = metadata_view(&mut conn, &t.id).await?;
     let v = meta.get(&key).ok_or_else(|| {
         ApiError::not_found(format!("volume type {} has no metadata {key:?}", t.id))
     })?;
-    let mut m = Map::new();
-    m.insert(key, Value::String(v.clone()));
-    Ok(Json(Value::Object(m)))
+    Ok(one_entry(key, Value::String(v.clone())))
 }
 
 #[utoipa::path(put, path = "/v3/{project_id}/types/{type_id}/metadata/{key}", tag = "types",
@@ -989,9 +994,7 @@ pub async fn show_encryption(
     ctx: Ctx,
     Path((project_id, type_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = load_type(&mut conn, &ctx, &type_id).await?;
+    let (mut conn, t) = read_type(&st, &ctx, &project_id, &type_id).await?;
     ctx.require_admin()?;
     match load_encryption(&mut conn, &t.id).await? {
         Some(r) => Ok(Json(encryption_view(&r, true)?)),
@@ -1011,8 +1014,7 @@ pub async fn create_encryption(
     Path((project_id, type_id)): Path<(String, String)>,
     ApiJson(body): ApiJson<EncryptionBody>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
+    check_admin_project(&st, &ctx, &project_id).await?;
     let e = body.encryption;
     let provider = e
         .provider
@@ -1028,8 +1030,7 @@ pub async fn create_encryption(
         .control_location
         .unwrap_or_else(|| "front-end".to_string());
     check_location(&location)?;
-    let mut tx = st.db().begin().await?;
-    let t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, t) = begin_type(&st, &ctx, &type_id).await?;
     if load_encryption(&mut tx, &t.id).await?.is_some() {
         return Err(ApiError::bad_request(format!(
             "volume type {} already has an encryption spec",
@@ -1070,9 +1071,7 @@ pub async fn show_encryption_key(
     ctx: Ctx,
     Path((project_id, type_id, key)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = load_type(&mut conn, &ctx, &type_id).await?;
+    let (mut conn, t) = read_type(&st, &ctx, &project_id, &type_id).await?;
     ctx.require_admin()?;
     let row = load_encryption(&mut conn, &t.id).await?.ok_or_else(|| {
         ApiError::not_found(format!("volume type {} has no encryption spec", t.id))
@@ -1082,9 +1081,7 @@ pub async fn show_encryption_key(
         .get(&key)
         .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no encryption field {key:?}")))?;
-    let mut m = Map::new();
-    m.insert(key, field);
-    Ok(Json(Value::Object(m)))
+    Ok(one_entry(key, field))
 }
 
 #[utoipa::path(put, path = "/v3/{project_id}/types/{type_id}/encryption/{encryption_id}", tag = "types",
@@ -1100,8 +1097,7 @@ pub async fn update_encryption(
     Path((project_id, type_id, enc_id)): Path<(String, String, String)>,
     ApiJson(body): ApiJson<EncryptionBody>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
+    check_admin_project(&st, &ctx, &project_id).await?;
     let e = body.encryption;
     let mut changed = Map::new();
     if let Some(p) = &e.provider {
@@ -1124,8 +1120,7 @@ pub async fn update_encryption(
             "`encryption` must change at least one field",
         ));
     }
-    let mut tx = st.db().begin().await?;
-    let t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, t) = begin_type(&st, &ctx, &type_id).await?;
     let row = load_encryption(&mut tx, &t.id)
         .await?
         .filter(|r| get_str(r, "encryption_id").is_ok_and(|v| v == enc_id))
@@ -1171,10 +1166,7 @@ pub async fn delete_encryption(
     ctx: Ctx,
     Path((project_id, type_id, enc_id)): Path<(String, String, String)>,
 ) -> ApiResult<StatusCode> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    let t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, t) = change_type(&st, &ctx, &project_id, &type_id).await?;
     let n = crate::store::count(
         &mut tx,
         "SELECT COUNT(*) AS n FROM volume_type_encryption WHERE encryption_id = ?",
@@ -1211,9 +1203,7 @@ pub async fn list_access(
     ctx: Ctx,
     Path((project_id, type_id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = load_type(&mut conn, &ctx, &type_id).await?;
+    let (mut conn, t) = read_type(&st, &ctx, &project_id, &type_id).await?;
     ctx.require_admin()?;
     if t.is_public {
         return Err(ApiError::not_found(
@@ -1245,8 +1235,7 @@ pub async fn type_action(
     Path((project_id, type_id)): Path<(String, String)>,
     ApiJson(body): ApiJson<TypeActionBody>,
 ) -> ApiResult<StatusCode> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_admin()?;
+    check_admin_project(&st, &ctx, &project_id).await?;
     let (add, target) = match (body.add_project_access, body.remove_project_access) {
         (Some(a), None) => (true, a.project),
         (None, Some(r)) => (false, r.project),
@@ -1256,8 +1245,7 @@ pub async fn type_action(
             ))
         }
     };
-    let mut tx = st.db().begin().await?;
-    let t = load_type(&mut tx, &ctx, &type_id).await?;
+    let (mut tx, t) = begin_type(&st, &ctx, &type_id).await?;
     if t.is_public {
         return Err(ApiError::bad_request(
             "type access does not apply to public volume types",
@@ -1265,17 +1253,7 @@ pub async fn type_action(
     }
     if add {
         ensure_project(&mut tx, &target).await?;
-        let n = {
-            let row = sqlx::query(
-                "SELECT COUNT(*) AS n FROM volume_type_access WHERE type_id = ? AND project_id = ?",
-            )
-            .bind(t.id.clone())
-            .bind(target.clone())
-            .fetch_one(&mut *tx)
-            .await?;
-            get_i64(&row, "n")?
-        };
-        if n > 0 {
+        if has_access(&mut tx, &t.id, &target).await? {
             return Err(ApiError::conflict(format!(
                 "project {target} already has access to type {}",
                 t.id
@@ -1287,12 +1265,12 @@ pub async fn type_action(
             .execute(&mut *tx)
             .await?;
     } else {
-        let n = sqlx::query("DELETE FROM volume_type_access WHERE type_id = ? AND project_id = ?")
-            .bind(t.id.clone())
-            .bind(target.clone())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let n = execute_args(
+            &mut tx,
+            "DELETE FROM volume_type_access WHERE type_id = ? AND project_id = ?",
+            &[&t.id, &target],
+        )
+        .await?;
         if n == 0 {
             return Err(ApiError::not_found(format!(
                 "project {target} has no access to type {}",

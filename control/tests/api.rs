@@ -5,7 +5,7 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Method, Request};
-use common::{assert_fault, Backend, Harness};
+use common::{assert_fault, ref_id, Backend, Harness};
 use serde_json::json;
 
 const GET: Method = Method::GET;
@@ -15,98 +15,90 @@ const DELETE: Method = Method::DELETE;
 
 api_test!(auth_and_projects, |h| {
     // No token / unknown token.
-    let (s, v) = h.call(GET, "/v3/projects", None, None).await;
-    assert_eq!(s, 401);
-    assert_fault(&v, 401, "unauthorized", "X-Auth-Token");
-    let (s, v) = h.call(GET, "/v3/projects", Some("nope"), None).await;
-    assert_eq!(s, 401);
-    assert_fault(&v, 401, "unauthorized", "unknown token");
+    h.fault(GET, "/v3/projects", None, None, 401, "X-Auth-Token")
+        .await;
+    h.fault(
+        GET,
+        "/v3/projects",
+        Some("nope"),
+        None,
+        401,
+        "unknown token",
+    )
+    .await;
 
     let pa = h.project("alpha").await;
-    let (s, v) = h
-        .call(
-            POST,
-            "/v3/projects",
-            Some(&h.admin),
-            Some(json!({"project": {"name": "alpha"}})),
-        )
-        .await;
-    assert_eq!(s, 409);
-    assert_fault(&v, 409, "conflictingRequest", "alpha");
-    let (s, v) = h
-        .call(
-            POST,
-            "/v3/projects",
-            Some(&h.admin),
-            Some(json!({"project": {"name": ""}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "project.name");
-    let (s, v) = h
-        .call(
-            POST,
-            "/v3/projects",
-            Some(&h.admin),
-            Some(json!({"project": {"name": "x", "color": 1}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "color");
+    h.admin_fault(
+        POST,
+        "/v3/projects",
+        Some(json!({"project": {"name": "alpha"}})),
+        409,
+        "alpha",
+    )
+    .await;
+    h.admin_fault(
+        POST,
+        "/v3/projects",
+        Some(json!({"project": {"name": ""}})),
+        400,
+        "project.name",
+    )
+    .await;
+    h.admin_fault(
+        POST,
+        "/v3/projects",
+        Some(json!({"project": {"name": "x", "color": 1}})),
+        400,
+        "color",
+    )
+    .await;
 
     let (tid, member) = h.token(&pa, "member").await;
-    let (s, v) = h
-        .call(
-            POST,
-            &format!("/v3/projects/{pa}/tokens"),
-            Some(&h.admin),
-            Some(json!({"token": {"role": "root"}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "token.role");
-    let (s, _) = h
-        .call(
-            POST,
-            "/v3/projects/nope/tokens",
-            Some(&h.admin),
-            Some(json!({"token": {"role": "reader"}})),
-        )
-        .await;
-    assert_eq!(s, 404);
+    h.admin_fault(
+        POST,
+        &format!("/v3/projects/{pa}/tokens"),
+        Some(json!({"token": {"role": "root"}})),
+        400,
+        "token.role",
+    )
+    .await;
+    h.admin_ok(
+        POST,
+        "/v3/projects/nope/tokens",
+        Some(json!({"token": {"role": "reader"}})),
+        404,
+    )
+    .await;
 
-    let (s, v) = h.call(GET, "/v3/auth/tokens", Some(&member), None).await;
-    assert_eq!(s, 200);
+    let v = h
+        .expect(GET, "/v3/auth/tokens", Some(&member), None, 200)
+        .await;
     assert_eq!(v["token"]["project_id"], pa.as_str());
     assert_eq!(v["token"]["role"], "member");
 
     // Members see only their project; cannot create projects or tokens.
-    let (s, v) = h.call(GET, "/v3/projects", Some(&member), None).await;
-    assert_eq!(s, 200);
+    let v = h
+        .expect(GET, "/v3/projects", Some(&member), None, 200)
+        .await;
     assert_eq!(v["projects"].as_array().unwrap().len(), 1);
-    let (s, v) = h
-        .call(
-            POST,
-            "/v3/projects",
-            Some(&member),
-            Some(json!({"project": {"name": "m"}})),
-        )
-        .await;
-    assert_eq!(s, 403);
-    assert_fault(&v, 403, "forbidden", "admin");
-    let (s, _) = h
-        .call(
-            GET,
-            &format!("/v3/projects/{}", h.admin_project),
-            Some(&member),
-            None,
-        )
-        .await;
-    assert_eq!(s, 403);
-    let (s, _) = h
-        .call(GET, "/v3/projects/missing", Some(&h.admin), None)
-        .await;
-    assert_eq!(s, 404);
+    h.fault(
+        POST,
+        "/v3/projects",
+        Some(&member),
+        Some(json!({"project": {"name": "m"}})),
+        403,
+        "admin",
+    )
+    .await;
+    h.expect(
+        GET,
+        &format!("/v3/projects/{}", h.admin_project),
+        Some(&member),
+        None,
+        403,
+    )
+    .await;
+    h.admin_ok(GET, "/v3/projects/missing", None, 404).await;
     let v = h
         .admin_ok(GET, &format!("/v3/projects/{pa}/tokens"), None, 200)
         .await;
@@ -125,8 +117,8 @@ api_test!(auth_and_projects, |h| {
         204,
     )
     .await;
-    let (s, _) = h.call(GET, "/v3/auth/tokens", Some(&member), None).await;
-    assert_eq!(s, 401);
+    h.expect(GET, "/v3/auth/tokens", Some(&member), None, 401)
+        .await;
     h.admin_ok(
         DELETE,
         &format!("/v3/projects/{pa}/tokens/{tid}"),
@@ -144,39 +136,20 @@ api_test!(bad_input, |h| {
         .await;
     assert_eq!(s, 400);
     assert_fault(&v, 400, "badRequest", "malformed JSON");
-    let (s, v) = h
-        .call(
-            POST,
-            &uri,
-            Some(&h.admin),
+    for (body, needle) in [
+        (
             Some(json!({"volume_type": {"name": 5}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "volume_type.name");
-    let (s, v) = h
-        .call(
-            POST,
-            &uri,
-            Some(&h.admin),
+            "volume_type.name",
+        ),
+        (
             Some(json!({"volume_type": {"name": "a", "bogus": true}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "bogus");
-    let (s, v) = h
-        .call(
-            POST,
-            &uri,
-            Some(&h.admin),
-            Some(json!({"volume_type": {}, "extra": 1})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "extra");
-    let (s, v) = h.call(POST, &uri, Some(&h.admin), None).await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "required");
+            "bogus",
+        ),
+        (Some(json!({"volume_type": {}, "extra": 1})), "extra"),
+        (None, "required"),
+    ] {
+        h.admin_fault(POST, &uri, body, 400, needle).await;
+    }
     // Oversized body.
     let big = format!(
         "{{\"volume_type\": {{\"name\": \"{}\"}}}}",
@@ -188,19 +161,18 @@ api_test!(bad_input, |h| {
     assert_eq!(s, 413);
     assert_fault(&v, 413, "overLimit", "larger than");
     // Unknown route and method.
-    let (s, v) = h
-        .call(GET, "/v3/nothing/here/at/all", Some(&h.admin), None)
-        .await;
-    assert_eq!(s, 404);
-    assert_fault(&v, 404, "itemNotFound", "no such API route");
-    let (s, v) = h.call(Method::PATCH, &uri, Some(&h.admin), None).await;
-    assert_eq!(s, 405);
+    h.admin_fault(
+        GET,
+        "/v3/nothing/here/at/all",
+        None,
+        404,
+        "no such API route",
+    )
+    .await;
+    let v = h.admin_ok(Method::PATCH, &uri, None, 405).await;
     assert!(v["badMethod"]["code"] == 405, "{v}");
     // Bad query.
-    let (s, v) = h
-        .call(GET, "/v1/secrets?limit=abc", Some(&h.admin), None)
-        .await;
-    assert_eq!(s, 400);
+    let v = h.admin_ok(GET, "/v1/secrets?limit=abc", None, 400).await;
     assert!(
         v["badRequest"]["message"]
             .as_str()
@@ -208,10 +180,7 @@ api_test!(bad_input, |h| {
             .contains("limit"),
         "{v}"
     );
-    let (s, _) = h
-        .call(GET, "/v1/secrets?limit=1000", Some(&h.admin), None)
-        .await;
-    assert_eq!(s, 400);
+    h.admin_ok(GET, "/v1/secrets?limit=1000", None, 400).await;
     // Nothing was written by the failures.
     let v = h.admin_ok(GET, &uri, None, 200).await;
     assert_eq!(v["volume_types"].as_array().unwrap().len(), 1, "{v}");
@@ -239,45 +208,40 @@ api_test!(types_crud_and_visibility, |h| {
     assert_eq!(t["extra_specs"]["volume_backend_name"], "pool1");
     assert_eq!(t["metadata"]["encryption"], "false");
     assert_eq!(t["metadata"]["tier"], "gold");
-    let (s, v) = h
-        .call(
-            POST,
-            &base,
-            Some(&h.admin),
-            Some(json!({"volume_type": {"name": "gold"}})),
-        )
-        .await;
-    assert_eq!(s, 409);
-    assert_fault(&v, 409, "conflictingRequest", "gold");
+    h.admin_fault(
+        POST,
+        &base,
+        Some(json!({"volume_type": {"name": "gold"}})),
+        409,
+        "gold",
+    )
+    .await;
 
     // Member view: user-visible extra specs only; hidden key is 404.
     let mb = format!("/v3/{pa}/types");
-    let (s, v) = h
-        .call(GET, &format!("{mb}/{id}"), Some(&member), None)
+    let v = h
+        .expect(GET, &format!("{mb}/{id}"), Some(&member), None, 200)
         .await;
-    assert_eq!(s, 200);
     let specs = v["volume_type"]["extra_specs"].as_object().unwrap();
     assert_eq!(specs.len(), 1, "{v}");
     assert_eq!(specs["multiattach"], "<is> True");
-    let (s, v) = h
-        .call(
-            GET,
-            &format!("{mb}/{id}/extra_specs/volume_backend_name"),
-            Some(&member),
-            None,
-        )
-        .await;
-    assert_eq!(s, 404);
-    assert_fault(&v, 404, "itemNotFound", "volume_backend_name");
-    let (s, _) = h
-        .call(
-            GET,
-            &format!("{mb}/{id}/extra_specs/multiattach"),
-            Some(&member),
-            None,
-        )
-        .await;
-    assert_eq!(s, 200);
+    h.fault(
+        GET,
+        &format!("{mb}/{id}/extra_specs/volume_backend_name"),
+        Some(&member),
+        None,
+        404,
+        "volume_backend_name",
+    )
+    .await;
+    h.expect(
+        GET,
+        &format!("{mb}/{id}/extra_specs/multiattach"),
+        Some(&member),
+        None,
+        200,
+    )
+    .await;
     let v = h
         .admin_ok(
             GET,
@@ -287,15 +251,25 @@ api_test!(types_crud_and_visibility, |h| {
         )
         .await;
     assert_eq!(v, json!({"volume_backend_name": "pool1"}));
-    let (s, v) = h
-        .call(GET, &format!("{mb}/{id}/extra_specs"), Some(&member), None)
+    let v = h
+        .expect(
+            GET,
+            &format!("{mb}/{id}/extra_specs"),
+            Some(&member),
+            None,
+            200,
+        )
         .await;
-    assert_eq!(s, 200);
     assert_eq!(v["extra_specs"].as_object().unwrap().len(), 1);
-    let (s, v) = h
-        .call(GET, &format!("{mb}/{id}/metadata"), Some(&member), None)
+    let v = h
+        .expect(
+            GET,
+            &format!("{mb}/{id}/metadata"),
+            Some(&member),
+            None,
+            200,
+        )
         .await;
-    assert_eq!(s, 200);
     assert_eq!(v["metadata"]["tier"], "gold");
     let (s, v) = h
         .call(
@@ -312,19 +286,15 @@ api_test!(types_crud_and_visibility, |h| {
     assert_eq!(v["volume_type"]["name"], "__DEFAULT__");
     let v = h.admin_ok(GET, &format!("{base}/default"), None, 200).await;
     let def_id = v["volume_type"]["id"].as_str().unwrap().to_string();
-    let (s, v) = h
-        .call(DELETE, &format!("{base}/{def_id}"), Some(&h.admin), None)
+    h.admin_fault(DELETE, &format!("{base}/{def_id}"), None, 400, "default")
         .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "default");
 
     // Private type: invisible to members until access is granted.
-    let v = h.admin_ok(POST, &base, Some(json!({"volume_type": {"name": "secret-tier", "os-volume-type-access:is_public": false}})), 200).await;
-    let pid = v["volume_type"]["id"].as_str().unwrap().to_string();
-    let (s, _) = h
-        .call(GET, &format!("{mb}/{pid}"), Some(&member), None)
+    let pid = h
+        .create_type(json!({"name": "secret-tier", "os-volume-type-access:is_public": false}))
         .await;
-    assert_eq!(s, 404);
+    h.expect(GET, &format!("{mb}/{pid}"), Some(&member), None, 404)
+        .await;
     let (_, v) = h.call(GET, &mb, Some(&member), None).await;
     assert!(v["volume_types"]
         .as_array()
@@ -380,10 +350,8 @@ api_test!(types_crud_and_visibility, |h| {
         404,
     )
     .await;
-    let (s, _) = h
-        .call(GET, &format!("{mb}/{pid}"), Some(&member), None)
+    h.expect(GET, &format!("{mb}/{pid}"), Some(&member), None, 200)
         .await;
-    assert_eq!(s, 200);
     h.admin_ok(
         POST,
         &act,
@@ -398,10 +366,8 @@ api_test!(types_crud_and_visibility, |h| {
         404,
     )
     .await;
-    let (s, _) = h
-        .call(GET, &format!("{mb}/{pid}"), Some(&member), None)
+    h.expect(GET, &format!("{mb}/{pid}"), Some(&member), None, 404)
         .await;
-    assert_eq!(s, 404);
     let v = h
         .admin_ok(GET, &format!("{base}?is_public=false"), None, 200)
         .await;
@@ -452,15 +418,7 @@ api_test!(types_crud_and_visibility, |h| {
 api_test!(extra_specs_metadata_rules, |h| {
     let p = &h.admin_project;
     let base = format!("/v3/{p}/types");
-    let v = h
-        .admin_ok(
-            POST,
-            &base,
-            Some(json!({"volume_type": {"name": "t"}})),
-            200,
-        )
-        .await;
-    let id = v["volume_type"]["id"].as_str().unwrap().to_string();
+    let id = h.create_type(json!({"name": "t"})).await;
     let es = format!("{base}/{id}/extra_specs");
     let v = h
         .admin_ok(
@@ -471,36 +429,13 @@ api_test!(extra_specs_metadata_rules, |h| {
         )
         .await;
     assert_eq!(v["extra_specs"]["a"], "1");
-    let (s, v) = h
-        .call(
-            POST,
-            &es,
-            Some(&h.admin),
-            Some(json!({"extra_specs": {"bad key": "1"}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "bad key");
-    let (s, v) = h
-        .call(
-            POST,
-            &es,
-            Some(&h.admin),
-            Some(json!({"extra_specs": {"k": "v".repeat(256)}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "255");
-    let (s, v) = h
-        .call(
-            POST,
-            &es,
-            Some(&h.admin),
-            Some(json!({"extra_specs": {"k": 5}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "extra_specs.k");
+    for (body, needle) in [
+        (json!({"extra_specs": {"bad key": "1"}}), "bad key"),
+        (json!({"extra_specs": {"k": "v".repeat(256)}}), "255"),
+        (json!({"extra_specs": {"k": 5}}), "extra_specs.k"),
+    ] {
+        h.admin_fault(POST, &es, Some(body), 400, needle).await;
+    }
     h.admin_ok(POST, &es, Some(json!({"extra_specs": {}})), 400)
         .await;
     // PUT single key.
@@ -508,16 +443,14 @@ api_test!(extra_specs_metadata_rules, |h| {
         .admin_ok(PUT, &format!("{es}/a"), Some(json!({"a": "9"})), 200)
         .await;
     assert_eq!(v, json!({"a": "9"}));
-    let (s, v) = h
-        .call(
-            PUT,
-            &format!("{es}/a"),
-            Some(&h.admin),
-            Some(json!({"b": "9"})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "exactly");
+    h.admin_fault(
+        PUT,
+        &format!("{es}/a"),
+        Some(json!({"b": "9"})),
+        400,
+        "exactly",
+    )
+    .await;
     h.admin_ok(
         PUT,
         &format!("{es}/a"),
@@ -530,16 +463,15 @@ api_test!(extra_specs_metadata_rules, |h| {
     h.admin_ok(GET, &format!("{es}/a"), None, 404).await;
 
     // Metadef enforcement: qos range, unknown qos key, read-only encryption, boolean.
-    let (s, v) = h
-        .call(
+    let v = h
+        .admin_fault(
             POST,
             &es,
-            Some(&h.admin),
             Some(json!({"extra_specs": {"qos:read_iops_sec": "0"}})),
+            400,
+            "OS::Ember::QoS/read_iops_sec",
         )
         .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "OS::Ember::QoS/read_iops_sec");
     assert!(
         v["badRequest"]["message"]
             .as_str()
@@ -547,26 +479,22 @@ api_test!(extra_specs_metadata_rules, |h| {
             .contains("minimum"),
         "{v}"
     );
-    let (s, v) = h
-        .call(
-            PUT,
-            &format!("{es}/qos:write_bytes_sec"),
-            Some(&h.admin),
-            Some(json!({"qos:write_bytes_sec": "lots"})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "integer");
-    let (s, v) = h
-        .call(
-            POST,
-            &es,
-            Some(&h.admin),
-            Some(json!({"extra_specs": {"qos:bogus": "1"}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "unknown property");
+    h.admin_fault(
+        PUT,
+        &format!("{es}/qos:write_bytes_sec"),
+        Some(json!({"qos:write_bytes_sec": "lots"})),
+        400,
+        "integer",
+    )
+    .await;
+    h.admin_fault(
+        POST,
+        &es,
+        Some(json!({"extra_specs": {"qos:bogus": "1"}})),
+        400,
+        "unknown property",
+    )
+    .await;
     h.admin_ok(
         POST,
         &es,
@@ -575,26 +503,22 @@ api_test!(extra_specs_metadata_rules, |h| {
     )
     .await;
     let md = format!("{base}/{id}/metadata");
-    let (s, v) = h
-        .call(
-            POST,
-            &md,
-            Some(&h.admin),
-            Some(json!({"metadata": {"encryption": "true"}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "read-only");
-    let (s, v) = h
-        .call(
-            POST,
-            &md,
-            Some(&h.admin),
-            Some(json!({"metadata": {"replication": "sometimes"}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "OS::Ember::VolumeType/replication");
+    h.admin_fault(
+        POST,
+        &md,
+        Some(json!({"metadata": {"encryption": "true"}})),
+        400,
+        "read-only",
+    )
+    .await;
+    h.admin_fault(
+        POST,
+        &md,
+        Some(json!({"metadata": {"replication": "sometimes"}})),
+        400,
+        "OS::Ember::VolumeType/replication",
+    )
+    .await;
     // A failed multi-key request writes nothing.
     h.admin_ok(
         POST,
@@ -620,16 +544,14 @@ api_test!(extra_specs_metadata_rules, |h| {
 
     // In use: extra specs and encryption frozen; metadata still editable; delete refused.
     h.fake_volume(p, &id, None).await;
-    let (s, v) = h
-        .call(
-            POST,
-            &es,
-            Some(&h.admin),
-            Some(json!({"extra_specs": {"x": "1"}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "used by 1 volume");
+    h.admin_fault(
+        POST,
+        &es,
+        Some(json!({"extra_specs": {"x": "1"}})),
+        400,
+        "used by 1 volume",
+    )
+    .await;
     h.admin_ok(PUT, &format!("{es}/x"), Some(json!({"x": "1"})), 400)
         .await;
     h.admin_ok(DELETE, &format!("{es}/qos:total_iops_sec"), None, 400)
@@ -654,15 +576,7 @@ api_test!(extra_specs_metadata_rules, |h| {
 api_test!(encryption_specs, |h| {
     let p = &h.admin_project;
     let base = format!("/v3/{p}/types");
-    let v = h
-        .admin_ok(
-            POST,
-            &base,
-            Some(json!({"volume_type": {"name": "enc"}})),
-            200,
-        )
-        .await;
-    let id = v["volume_type"]["id"].as_str().unwrap().to_string();
+    let id = h.create_type(json!({"name": "enc"})).await;
     let e = format!("{base}/{id}/encryption");
     assert_eq!(h.admin_ok(GET, &e, None, 200).await, json!({}));
     for (body, needle) in [
@@ -726,16 +640,15 @@ api_test!(encryption_specs, |h| {
     // Non-admins cannot read the spec.
     let pa = h.project("a").await;
     let (_, member) = h.token(&pa, "member").await;
-    let (s, v) = h
-        .call(
-            GET,
-            &format!("/v3/{pa}/types/{id}/encryption"),
-            Some(&member),
-            None,
-        )
-        .await;
-    assert_eq!(s, 403);
-    assert_fault(&v, 403, "forbidden", "admin");
+    h.fault(
+        GET,
+        &format!("/v3/{pa}/types/{id}/encryption"),
+        Some(&member),
+        None,
+        403,
+        "admin",
+    )
+    .await;
     let (_, v) = h
         .call(GET, &format!("/v3/{pa}/types/{id}"), Some(&member), None)
         .await;
@@ -794,16 +707,14 @@ api_test!(metadefs_api, |h| {
     assert_eq!(v["properties"]["read_iops_sec"]["minimum"], 1.0);
     assert_eq!(v["resource_type_associations"][0]["prefix"], "qos:");
     assert_eq!(v["protected"], true);
-    let (s, v) = h
-        .call(
-            DELETE,
-            "/v2/metadefs/namespaces/OS::Ember::QoS",
-            Some(&h.admin),
-            None,
-        )
-        .await;
-    assert_eq!(s, 403);
-    assert_fault(&v, 403, "forbidden", "protected");
+    h.admin_fault(
+        DELETE,
+        "/v2/metadefs/namespaces/OS::Ember::QoS",
+        None,
+        403,
+        "protected",
+    )
+    .await;
 
     // A custom enforced namespace.
     let ns = json!({
@@ -817,16 +728,14 @@ api_test!(metadefs_api, |h| {
     assert_eq!(v["namespace"], "Acme::Tiers");
     h.admin_ok(POST, "/v2/metadefs/namespaces", Some(ns), 409)
         .await;
-    let (s, v) = h
-        .call(
-            POST,
-            "/v2/metadefs/namespaces",
-            Some(&h.admin),
-            Some(json!({"namespace": "x", "visibility": "open"})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "visibility");
+    h.admin_fault(
+        POST,
+        "/v2/metadefs/namespaces",
+        Some(json!({"namespace": "x", "visibility": "open"})),
+        400,
+        "visibility",
+    )
+    .await;
     let base = "/v2/metadefs/namespaces/Acme::Tiers";
     let prop =
         json!({"name": "iops", "title": "IOPS", "type": "integer", "minimum": 10, "maximum": 20});
@@ -834,26 +743,22 @@ api_test!(metadefs_api, |h| {
         .await;
     h.admin_ok(POST, &format!("{base}/properties"), Some(prop), 409)
         .await;
-    let (s, v) = h
-        .call(
-            POST,
-            &format!("{base}/properties"),
-            Some(&h.admin),
-            Some(json!({"name": "bad", "title": "b", "type": "string", "pattern": "("})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "pattern");
-    let (s, v) = h
-        .call(
-            POST,
-            &format!("{base}/properties"),
-            Some(&h.admin),
-            Some(json!({"name": "bad", "title": "b", "type": "object"})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "type");
+    h.admin_fault(
+        POST,
+        &format!("{base}/properties"),
+        Some(json!({"name": "bad", "title": "b", "type": "string", "pattern": "("})),
+        400,
+        "pattern",
+    )
+    .await;
+    h.admin_fault(
+        POST,
+        &format!("{base}/properties"),
+        Some(json!({"name": "bad", "title": "b", "type": "object"})),
+        400,
+        "type",
+    )
+    .await;
     h.admin_ok(
         POST,
         &format!("{base}/properties"),
@@ -893,15 +798,7 @@ api_test!(metadefs_api, |h| {
 
     // Enforced on types.
     let p = &h.admin_project;
-    let v = h
-        .admin_ok(
-            POST,
-            &format!("/v3/{p}/types"),
-            Some(json!({"volume_type": {"name": "acme"}})),
-            200,
-        )
-        .await;
-    let id = v["volume_type"]["id"].as_str().unwrap().to_string();
+    let id = h.create_type(json!({"name": "acme"})).await;
     let md = format!("/v3/{p}/types/{id}/metadata");
     h.admin_ok(
         POST,
@@ -910,36 +807,30 @@ api_test!(metadefs_api, |h| {
         200,
     )
     .await;
-    let (s, v) = h
-        .call(
-            POST,
-            &md,
-            Some(&h.admin),
-            Some(json!({"metadata": {"acme:tier": "bronze"}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "Acme::Tiers/tier must be one of");
-    let (s, v) = h
-        .call(
-            POST,
-            &md,
-            Some(&h.admin),
-            Some(json!({"metadata": {"acme:iops": "31"}})),
-        )
-        .await;
-    assert_eq!(s, 400);
-    assert_fault(&v, 400, "badRequest", "maximum");
+    h.admin_fault(
+        POST,
+        &md,
+        Some(json!({"metadata": {"acme:tier": "bronze"}})),
+        400,
+        "Acme::Tiers/tier must be one of",
+    )
+    .await;
+    h.admin_fault(
+        POST,
+        &md,
+        Some(json!({"metadata": {"acme:iops": "31"}})),
+        400,
+        "maximum",
+    )
+    .await;
     // Creating a type validates too.
-    let (s, _) = h
-        .call(
-            POST,
-            &format!("/v3/{p}/types"),
-            Some(&h.admin),
-            Some(json!({"volume_type": {"name": "acme2", "metadata": {"acme:nope": "1"}}})),
-        )
-        .await;
-    assert_eq!(s, 400);
+    h.admin_ok(
+        POST,
+        &format!("/v3/{p}/types"),
+        Some(json!({"volume_type": {"name": "acme2", "metadata": {"acme:nope": "1"}}})),
+        400,
+    )
+    .await;
     h.admin_ok(GET, &format!("/v3/{p}/types/acme2"), None, 404)
         .await;
 
@@ -992,21 +883,19 @@ api_test!(metadefs_api, |h| {
     // Private namespace hidden from other projects.
     let pa = h.project("a").await;
     let (_, member) = h.token(&pa, "member").await;
-    let (s, _) = h.call(GET, base, Some(&member), None).await;
-    assert_eq!(s, 404);
+    h.expect(GET, base, Some(&member), None, 404).await;
     let (_, v) = h
         .call(GET, "/v2/metadefs/namespaces", Some(&member), None)
         .await;
     assert_eq!(v["namespaces"].as_array().unwrap().len(), 2);
-    let (s, _) = h
-        .call(
-            POST,
-            "/v2/metadefs/namespaces",
-            Some(&member),
-            Some(json!({"namespace": "m"})),
-        )
-        .await;
-    assert_eq!(s, 403);
+    h.expect(
+        POST,
+        "/v2/metadefs/namespaces",
+        Some(&member),
+        Some(json!({"namespace": "m"})),
+        403,
+    )
+    .await;
 
     // Update, unprotect and delete.
     let v = h
@@ -1054,10 +943,9 @@ api_test!(secrets_and_orders, |h| {
     let sref = v["secret_ref"].as_str().unwrap();
     let sid = sref.rsplit('/').next().unwrap().to_string();
     assert!(sref.starts_with("http://"));
-    let (s, v) = h
-        .call(GET, &format!("/v1/secrets/{sid}"), Some(&reader), None)
+    let v = h
+        .expect(GET, &format!("/v1/secrets/{sid}"), Some(&reader), None, 200)
         .await;
-    assert_eq!(s, 200);
     assert_eq!(v["secret_type"], "symmetric");
     assert_eq!(v["bit_length"], 256);
     assert_eq!(v["status"], "ACTIVE");
@@ -1089,15 +977,17 @@ api_test!(secrets_and_orders, |h| {
         .await;
     assert_eq!(s, 403, "{v}");
     for t in [&other, &h.admin] {
-        let (s, v) = h
-            .call(GET, &format!("/v1/secrets/{sid}/payload"), Some(t), None)
+        h.fault(
+            GET,
+            &format!("/v1/secrets/{sid}/payload"),
+            Some(t),
+            None,
+            404,
+            &sid,
+        )
+        .await;
+        h.expect(GET, &format!("/v1/secrets/{sid}"), Some(t), None, 404)
             .await;
-        assert_eq!(s, 404);
-        assert_fault(&v, 404, "itemNotFound", &sid);
-        let (s, _) = h
-            .call(GET, &format!("/v1/secrets/{sid}"), Some(t), None)
-            .await;
-        assert_eq!(s, 404);
     }
     // At rest the payload is sealed.
     let row: (String,) = sqlx::query_as("SELECT sealed FROM secrets WHERE id = ?")
@@ -1113,15 +1003,8 @@ api_test!(secrets_and_orders, |h| {
     assert_eq!(&pp[..], hex::encode(key).as_bytes());
 
     // Text passphrase.
-    let (s, v) = h.call(POST, "/v1/secrets", Some(&member), Some(json!({"secret_type": "passphrase", "payload": "correct horse", "payload_content_type": "text/plain"}))).await;
-    assert_eq!(s, 201);
-    let pid = v["secret_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let v = h.expect(POST, "/v1/secrets", Some(&member), Some(json!({"secret_type": "passphrase", "payload": "correct horse", "payload_content_type": "text/plain"})), 201).await;
+    let pid = ref_id(&v["secret_ref"]);
     let req = Request::get(format!("/v1/secrets/{pid}/payload"))
         .header("x-auth-token", &member)
         .header("accept", "text/plain")
@@ -1203,15 +1086,14 @@ api_test!(secrets_and_orders, |h| {
         };
         assert_fault(&v, status, fault, needle);
     }
-    let (s, _) = h
-        .call(
-            POST,
-            "/v1/secrets",
-            Some(&reader),
-            Some(json!({"payload": "x", "payload_content_type": "text/plain"})),
-        )
-        .await;
-    assert_eq!(s, 403);
+    h.expect(
+        POST,
+        "/v1/secrets",
+        Some(&reader),
+        Some(json!({"payload": "x", "payload_content_type": "text/plain"})),
+        403,
+    )
+    .await;
 
     // Listing is per project.
     let (_, v) = h.call(GET, "/v1/secrets", Some(&reader), None).await;
@@ -1231,25 +1113,12 @@ api_test!(secrets_and_orders, |h| {
     // Orders.
     let (s, v) = h.call(POST, "/v1/orders", Some(&member), Some(json!({"type": "key", "meta": {"name": "gen", "algorithm": "aes", "bit_length": 512, "mode": "xts"}}))).await;
     assert_eq!(s, 202, "{v}");
-    let oid = v["order_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let (s, v) = h
-        .call(GET, &format!("/v1/orders/{oid}"), Some(&reader), None)
+    let oid = ref_id(&v["order_ref"]);
+    let v = h
+        .expect(GET, &format!("/v1/orders/{oid}"), Some(&reader), None, 200)
         .await;
-    assert_eq!(s, 200);
     assert_eq!(v["status"], "ACTIVE");
-    let gen = v["secret_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let gen = ref_id(&v["secret_ref"]);
     let req = Request::get(format!("/v1/secrets/{gen}/payload"))
         .header("x-auth-token", &member)
         .body(Body::empty())
@@ -1280,18 +1149,24 @@ api_test!(secrets_and_orders, |h| {
     }
     let (_, v) = h.call(GET, "/v1/orders", Some(&member), None).await;
     assert_eq!(v["total"], 1);
-    let (s, _) = h
-        .call(GET, &format!("/v1/orders/{oid}"), Some(&other), None)
+    h.expect(GET, &format!("/v1/orders/{oid}"), Some(&other), None, 404)
         .await;
-    assert_eq!(s, 404);
-    let (s, _) = h
-        .call(DELETE, &format!("/v1/orders/{oid}"), Some(&reader), None)
-        .await;
-    assert_eq!(s, 403);
-    let (s, _) = h
-        .call(DELETE, &format!("/v1/orders/{oid}"), Some(&member), None)
-        .await;
-    assert_eq!(s, 204);
+    h.expect(
+        DELETE,
+        &format!("/v1/orders/{oid}"),
+        Some(&reader),
+        None,
+        403,
+    )
+    .await;
+    h.expect(
+        DELETE,
+        &format!("/v1/orders/{oid}"),
+        Some(&member),
+        None,
+        204,
+    )
+    .await;
     let (s, _) = h
         .call(GET, &format!("/v1/secrets/{gen}"), Some(&member), None)
         .await;
@@ -1308,45 +1183,52 @@ api_test!(secrets_and_orders, |h| {
         .await;
     let def = v["volume_type"]["id"].as_str().unwrap().to_string();
     let vol = h.fake_volume(&pa, &def, Some(&sid)).await;
-    let (s, v) = h
-        .call(DELETE, &format!("/v1/secrets/{sid}"), Some(&member), None)
-        .await;
-    assert_eq!(s, 409);
-    assert_fault(&v, 409, "conflictingRequest", "used by 1 volume");
+    h.fault(
+        DELETE,
+        &format!("/v1/secrets/{sid}"),
+        Some(&member),
+        None,
+        409,
+        "used by 1 volume",
+    )
+    .await;
     sqlx::query("DELETE FROM volumes WHERE id = ?")
         .bind(vol)
         .execute(&h.control.state.db().pool)
         .await
         .unwrap();
-    let (s, _) = h
-        .call(DELETE, &format!("/v1/secrets/{sid}"), Some(&reader), None)
+    h.expect(
+        DELETE,
+        &format!("/v1/secrets/{sid}"),
+        Some(&reader),
+        None,
+        403,
+    )
+    .await;
+    h.expect(
+        DELETE,
+        &format!("/v1/secrets/{sid}"),
+        Some(&other),
+        None,
+        404,
+    )
+    .await;
+    h.expect(
+        DELETE,
+        &format!("/v1/secrets/{sid}"),
+        Some(&member),
+        None,
+        204,
+    )
+    .await;
+    h.expect(GET, &format!("/v1/secrets/{sid}"), Some(&member), None, 404)
         .await;
-    assert_eq!(s, 403);
-    let (s, _) = h
-        .call(DELETE, &format!("/v1/secrets/{sid}"), Some(&other), None)
-        .await;
-    assert_eq!(s, 404);
-    let (s, _) = h
-        .call(DELETE, &format!("/v1/secrets/{sid}"), Some(&member), None)
-        .await;
-    assert_eq!(s, 204);
-    let (s, _) = h
-        .call(GET, &format!("/v1/secrets/{sid}"), Some(&member), None)
-        .await;
-    assert_eq!(s, 404);
 });
 
 api_test!(restart_keeps_state, |h| {
     // Re-opening the same data dir and database reuses the admin token and master key.
-    let (s, v) = h.call(POST, "/v1/secrets", Some(&h.admin), Some(json!({"payload": "pw", "payload_content_type": "text/plain", "secret_type": "passphrase"}))).await;
-    assert_eq!(s, 201);
-    let sid = v["secret_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let v = h.admin_ok(POST, "/v1/secrets", Some(json!({"payload": "pw", "payload_content_type": "text/plain", "secret_type": "passphrase"})), 201).await;
+    let sid = ref_id(&v["secret_ref"]);
     let cfg = ember_control::ControlConfig {
         data_dir: h.dir.path().to_path_buf(),
         database: String::new(),

@@ -5,7 +5,7 @@
 mod common;
 
 use axum::http::Method;
-use common::{fresh_mysql_db, mysql_base_url, Harness};
+use common::{fresh_mysql_db, mysql_base_url, ref_id, Harness};
 use ember_control::{Control, ControlConfig, NoDataPlane};
 use serde_json::json;
 use std::sync::Arc;
@@ -78,13 +78,7 @@ async fn two_nodes(database: String, mysql: Option<(String, String)>) {
         )
         .await;
     assert_eq!(s, 201);
-    let id = v["secret_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let id = ref_id(&v["secret_ref"]);
     let pp = ember_control::keys::unlock_passphrase(&h1.control.state, &h1.admin_project, &id)
         .await
         .unwrap();

@@ -268,57 +268,12 @@ async fn fuzz(backend: Backend, seed: u64, per_op: usize) {
     let pa = h.project("fuzz").await;
     let (_, member) = h.token(&pa, "member").await;
     let p = h.admin_project.clone();
-    let v = h
-        .admin_ok(
-            Method::POST,
-            &format!("/v3/{p}/types"),
-            Some(json!({"volume_type": {"name": "fz", "extra_specs": {"k": "v"}, "metadata": {"m": "v"}}})),
-            200,
-        )
+    let t = h
+        .create_type(json!({"name": "fz", "extra_specs": {"k": "v"}, "metadata": {"m": "v"}}))
         .await;
-    let t = v["volume_type"]["id"].as_str().unwrap().to_string();
-    let v = h
-        .admin_ok(
-            Method::POST,
-            &format!("/v3/{p}/types/{t}/encryption"),
-            Some(json!({"encryption": {"provider": "luks"}})),
-            200,
-        )
-        .await;
-    let enc = v["encryption"]["encryption_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let (_, v) = h
-        .call(
-            Method::POST,
-            "/v1/secrets",
-            Some(&member),
-            Some(json!({"payload": "pw", "payload_content_type": "text/plain"})),
-        )
-        .await;
-    let s = v["secret_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let (_, v) = h
-        .call(
-            Method::POST,
-            "/v1/orders",
-            Some(&member),
-            Some(json!({"type": "key", "meta": {"algorithm": "aes", "bit_length": 256}})),
-        )
-        .await;
-    let o = v["order_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let enc = h.create_luks_encryption(&t).await;
+    let s = h.create_text_secret(&member, "pw").await;
+    let o = h.create_key_order(&member).await;
     let real = |name: &str, admin: bool| -> Vec<String> {
         match name {
             "project_id" => vec![if admin { p.clone() } else { pa.clone() }],

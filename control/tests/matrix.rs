@@ -21,48 +21,18 @@ struct Fx {
 }
 
 async fn fixture(h: &Harness, pa: &str, member: &str) -> Fx {
-    let p = &h.admin_project;
     let r = uuid_like();
-    let v = h
-        .admin_ok(
-            Method::POST,
-            &format!("/v3/{p}/types"),
-            Some(json!({"volume_type": {"name": format!("t-{r}"),
-                "extra_specs": {"volume_backend_name": "b", "multiattach": "<is> True"}, "metadata": {"tier": "gold"}}})),
-            200,
+    let t = h
+        .create_type(
+            json!({"name": format!("t-{r}"), "metadata": {"tier": "gold"},
+            "extra_specs": {"volume_backend_name": "b", "multiattach": "<is> True"}}),
         )
         .await;
-    let t = v["volume_type"]["id"].as_str().unwrap().to_string();
-    let v = h
-        .admin_ok(
-            Method::POST,
-            &format!("/v3/{p}/types/{t}/encryption"),
-            Some(json!({"encryption": {"provider": "luks"}})),
-            200,
-        )
+    let enc = h.create_luks_encryption(&t).await;
+    let t_plain = h.create_type(json!({"name": format!("tp-{r}")})).await;
+    let tp = h
+        .create_type(json!({"name": format!("priv-{r}"), "is_public": false}))
         .await;
-    let enc = v["encryption"]["encryption_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let v = h
-        .admin_ok(
-            Method::POST,
-            &format!("/v3/{p}/types"),
-            Some(json!({"volume_type": {"name": format!("tp-{r}")}})),
-            200,
-        )
-        .await;
-    let t_plain = v["volume_type"]["id"].as_str().unwrap().to_string();
-    let v = h
-        .admin_ok(
-            Method::POST,
-            &format!("/v3/{p}/types"),
-            Some(json!({"volume_type": {"name": format!("priv-{r}"), "is_public": false}})),
-            200,
-        )
-        .await;
-    let tp = v["volume_type"]["id"].as_str().unwrap().to_string();
     let ns = format!("NS-{r}");
     h.admin_ok(
         Method::POST,
@@ -73,38 +43,8 @@ async fn fixture(h: &Harness, pa: &str, member: &str) -> Fx {
         201,
     )
     .await;
-    let (st, v) = h
-        .call(
-            Method::POST,
-            "/v1/secrets",
-            Some(member),
-            Some(json!({"payload": "pw", "payload_content_type": "text/plain"})),
-        )
-        .await;
-    assert_eq!(st, 201);
-    let s = v["secret_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let (st, v) = h
-        .call(
-            Method::POST,
-            "/v1/orders",
-            Some(member),
-            Some(json!({"type": "key", "meta": {"algorithm": "aes", "bit_length": 256}})),
-        )
-        .await;
-    assert_eq!(st, 202);
-    let o = v["order_ref"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let s = h.create_text_secret(member, "pw").await;
+    let o = h.create_key_order(member).await;
     let (spare_token, _) = h.token(pa, "reader").await;
     Fx {
         t,

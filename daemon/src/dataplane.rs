@@ -2,17 +2,19 @@
 //!
 //! - Pools: the configured [`DirPool`]s.
 //! - LUKS header work (format, rekey of a clone) through `ember_crypto` on the file.
-//! - Attachments: one device stack per attached volume, shared by all its attachments:
+//! - Attachments: one device stack per attached volume, built by its first attachment and
+//!   shared by all of them, so the type's QoS limits the volume as a whole:
 //!   `throttle (type's qos:) → crypt (LUKS, key from the control plane) → file`.
-//!   NBD attachments share the NBD export named by the volume id on the daemon's NBD
-//!   listeners (the export goes away with the last NBD attachment); each vhost-user
-//!   attachment gets its own socket `VHOST_DIR/<volume>-<attachment>.sock`.
+//!   Every attachment has its own front end, so its access mode is its own and ending it
+//!   ends exactly its clients: an NBD attachment is the export `<volume>-<attachment>` on
+//!   the daemon's NBD listeners (removing it closes its connections); a vhost-user
+//!   attachment is the socket `VHOST_DIR/<volume>-<attachment8>.sock`.
+//!   Detaching a vhost-user attachment stops its export: the connected frontend is
+//!   disconnected, its queues drained and the export's threads joined.
 //! - Resize: the file already grew (the pool did it); the live stack's base device is
-//!   told, and the layers above derive their size from it.
-//!
-//! Limits: a vhost-user export cannot be stopped by the vhost module yet, so detaching a
-//! vhost-user attachment removes its socket (no new frontend can connect) but a frontend
-//! still connected keeps its session until it disconnects.
+//!   told, and the layers above derive their size from it. Connected vhost-user
+//!   frontends get a config-change notice (QEMU then re-reads the capacity and interrupts
+//!   the guest); NBD clients see the new size on their next connection.
 
 use crate::nbd::{ListenAddr, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
@@ -40,10 +42,12 @@ pub const VHOST_QUEUES: u16 = 2;
 
 /// One attachment.
 enum Attachment {
-    Nbd,
+    /// The NBD export of this attachment (by name).
+    Nbd {
+        export: String,
+    },
     Vhost {
         export: VhostExport,
-        socket: PathBuf,
     },
 }
 
@@ -51,6 +55,8 @@ enum Attachment {
 struct Attached {
     /// The backend (file) device.
     base: Arc<dyn BlockDevice>,
+    /// The stack every front end of the volume serves (`base` plus layers).
+    stack: Arc<dyn BlockDevice>,
     attachments: HashMap<String, Attachment>,
 }
 
@@ -120,8 +126,18 @@ impl EmberDataPlane {
         ))
     }
 
-    /// Stop listening, close NBD connections and join the I/O threads.
+    /// Stop every vhost-user export (their submitted requests complete first), stop
+    /// listening for NBD, close NBD connections and join the I/O threads.
     pub fn shutdown(&self) {
+        let vols: Vec<(String, Attached)> = lock(&self.volumes).drain().collect();
+        for (volume, a) in vols {
+            for (id, att) in a.attachments {
+                if let Attachment::Vhost { export } = att {
+                    tracing::info!(volume = %volume, attachment = %id, "stopping the vhost-user export");
+                    export.stop();
+                }
+            }
+        }
         let server = lock(&self.nbd).take();
         if let Some(s) = server {
             s.shutdown();
@@ -134,19 +150,19 @@ impl EmberDataPlane {
         f(server)
     }
 
-    fn nbd_info(&self, volume_id: &str) -> serde_json::Value {
+    fn nbd_info(&self, export: &str) -> serde_json::Value {
         let uris: Vec<String> = self
             .nbd_endpoints
             .iter()
             .map(|e| match e {
-                NbdEndpoint::Unix(p) => format!("nbd+unix:///{volume_id}?socket={}", p.display()),
-                NbdEndpoint::Tcp(a) => format!("nbd://{a}/{volume_id}"),
+                NbdEndpoint::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
+                NbdEndpoint::Tcp(a) => format!("nbd://{a}/{export}"),
             })
             .collect();
         serde_json::json!({
             "driver_volume_type": "nbd",
             "data": {
-                "export_name": volume_id,
+                "export_name": export,
                 "uri": uris.first(),
                 "uris": uris,
             }
@@ -190,6 +206,11 @@ fn kdf() -> KdfParams {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// NBD export name of an attachment (ids are UUIDs: no characters a URI must escape).
+fn nbd_export_name(volume_id: &str, attachment_id: &str) -> String {
+    format!("{volume_id}-{attachment_id}")
 }
 
 /// Socket path of a vhost-user attachment (short: Unix socket paths are limited).
@@ -285,11 +306,23 @@ impl DataPlane for EmberDataPlane {
     fn attach(&self, spec: &AttachSpec) -> anyhow::Result<serde_json::Value> {
         let mut vols = lock(&self.volumes);
         if !vols.contains_key(&spec.volume_id) {
+            // The first attachment builds the stack: crypt, then throttle.
             let base = open(&spec.backend, &OpenOptions::default()).context("open the volume")?;
+            let mut stack = base.clone();
+            if let Some(pass) = &spec.passphrase {
+                stack = Arc::new(
+                    CryptDevice::open(stack, pass, &ember_crypto::OpenOptions::default())
+                        .context("unlock the LUKS volume")?,
+                );
+            }
+            if !spec.qos.is_unlimited() {
+                stack = Arc::new(ThrottleDevice::new(stack, &spec.qos));
+            }
             vols.insert(
                 spec.volume_id.clone(),
                 Attached {
                     base,
+                    stack,
                     attachments: HashMap::new(),
                 },
             );
@@ -297,34 +330,27 @@ impl DataPlane for EmberDataPlane {
         let Some(a) = vols.get_mut(&spec.volume_id) else {
             bail!("volume {} vanished", spec.volume_id);
         };
-        // The stack above the base: crypt, then throttle.
-        let stack = || -> anyhow::Result<Arc<dyn BlockDevice>> {
-            let mut dev = a.base.clone();
-            if let Some(pass) = &spec.passphrase {
-                dev = Arc::new(
-                    CryptDevice::open(dev, pass, &ember_crypto::OpenOptions::default())
-                        .context("unlock the LUKS volume")?,
-                );
-            }
-            if !spec.qos.is_unlimited() {
-                dev = Arc::new(ThrottleDevice::new(dev, &spec.qos));
-            }
-            Ok(dev)
-        };
-        let (att, info) = match spec.protocol {
+        if a.attachments.contains_key(&spec.attachment_id) {
+            bail!(
+                "attachment {} of volume {} exists already",
+                spec.attachment_id,
+                spec.volume_id
+            );
+        }
+        let res = match spec.protocol {
             Protocol::Nbd => {
-                let has_nbd = a.attachments.values().any(|x| matches!(x, Attachment::Nbd));
-                if !has_nbd {
-                    let dev = stack()?;
-                    self.with_nbd(|s| s.add_export(&spec.volume_id, dev, spec.read_only))
-                        .context("add the NBD export")?;
-                }
-                (Attachment::Nbd, self.nbd_info(&spec.volume_id))
+                let name = nbd_export_name(&spec.volume_id, &spec.attachment_id);
+                self.with_nbd(|s| s.add_export(&name, a.stack.clone(), spec.read_only))
+                    .context("add the NBD export")
+                    .map(|()| {
+                        let info = self.nbd_info(&name);
+                        (Attachment::Nbd { export: name }, info)
+                    })
             }
             Protocol::VhostUser => {
                 let socket = vhost_socket(&self.vhost_dir, &spec.volume_id, &spec.attachment_id);
-                let export = vhost::spawn(
-                    stack()?,
+                vhost::spawn(
+                    a.stack.clone(),
                     &socket,
                     VhostConfig {
                         num_queues: VHOST_QUEUES,
@@ -332,16 +358,27 @@ impl DataPlane for EmberDataPlane {
                         id: spec.volume_id.clone(),
                     },
                 )
-                .context("start the vhost-user export")?;
-                let info = serde_json::json!({
-                    "driver_volume_type": "vhost-user",
-                    "data": { "socket_path": socket, "num_queues": VHOST_QUEUES }
-                });
-                (Attachment::Vhost { export, socket }, info)
+                .context("start the vhost-user export")
+                .map(|export| {
+                    let info = serde_json::json!({
+                        "driver_volume_type": "vhost-user",
+                        "data": { "socket_path": socket, "num_queues": VHOST_QUEUES }
+                    });
+                    (Attachment::Vhost { export }, info)
+                })
+            }
+        };
+        let (att, info) = match res {
+            Ok(x) => x,
+            Err(e) => {
+                if a.attachments.is_empty() {
+                    vols.remove(&spec.volume_id);
+                }
+                return Err(e);
             }
         };
         a.attachments.insert(spec.attachment_id.clone(), att);
-        tracing::info!(volume = %spec.volume_id, attachment = %spec.attachment_id, protocol = spec.protocol.as_str(), "attached");
+        tracing::info!(volume = %spec.volume_id, attachment = %spec.attachment_id, protocol = spec.protocol.as_str(), read_only = spec.read_only, "attached");
         Ok(info)
     }
 
@@ -350,36 +387,56 @@ impl DataPlane for EmberDataPlane {
         let Some(a) = vols.get_mut(volume_id) else {
             return Ok(());
         };
+        let mut vhost_stop = None;
         match a.attachments.remove(attachment_id) {
-            Some(Attachment::Nbd)
-                if !a.attachments.values().any(|x| matches!(x, Attachment::Nbd)) =>
-            {
-                // The last NBD attachment: the export goes.
+            Some(Attachment::Nbd { export }) => {
+                // Removing the export closes its connections.
                 if let Some(s) = lock(&self.nbd).as_ref() {
-                    s.remove_export(volume_id);
+                    s.remove_export(&export);
                 }
             }
-            Some(Attachment::Nbd) => {}
-            Some(Attachment::Vhost { export, socket }) => {
-                if let Err(e) = std::fs::remove_file(&socket) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(socket = %socket.display(), error = %e, "cannot remove the vhost-user socket");
-                    }
-                }
-                drop(export);
+            Some(Attachment::Vhost { export }) => {
+                // Stopped below, without holding the volumes lock.
+                vhost_stop = Some(export);
             }
             None => {}
         }
         if a.attachments.is_empty() {
             vols.remove(volume_id);
         }
+        drop(vols);
+        if let Some(export) = vhost_stop {
+            // Disconnects the frontend, drains its queues, joins the threads and removes
+            // the socket (bounded; see `VhostExport::stop`).
+            export.stop();
+        }
         tracing::info!(volume = %volume_id, attachment = %attachment_id, "detached");
         Ok(())
     }
 
     fn resize(&self, volume_id: &str, new_size: u64) -> anyhow::Result<()> {
-        if let Some(a) = lock(&self.volumes).get(volume_id) {
+        let notifiers: Vec<(String, vhost::ConfigNotifier)> = {
+            let vols = lock(&self.volumes);
+            let Some(a) = vols.get(volume_id) else {
+                return Ok(());
+            };
             a.base.resize(new_size).context("grow the live device")?;
+            a.attachments
+                .iter()
+                .filter_map(|(id, att)| match att {
+                    Attachment::Vhost { export } => Some((id.clone(), export.notifier())),
+                    Attachment::Nbd { .. } => None,
+                })
+                .collect()
+        };
+        // vhost-user frontends learn the new capacity in band (NBD clients see it on
+        // their next connection). Told outside the lock: a frontend slow to ack must not
+        // hold up other attachments. One that cannot be told is no reason to fail the
+        // resize: it already happened.
+        for (id, n) in notifiers {
+            if let Err(e) = n.config_changed() {
+                tracing::warn!(volume = %volume_id, attachment = %id, "{e:#}");
+            }
         }
         Ok(())
     }
@@ -398,6 +455,7 @@ mod tests {
     fn exports_attachments_luks_and_shutdown() {
         let d = tempfile::tempdir().unwrap();
         let sock = d.path().join("nbd.sock");
+        std::fs::create_dir(d.path().join("vhost")).unwrap();
         let (dp, bound) = EmberDataPlane::start(
             vec![("default".into(), d.path().join("pool"))],
             &[ListenAddr::Unix(sock.clone())],
@@ -430,33 +488,52 @@ mod tests {
             )
             .is_err());
 
-        // Two NBD attachments share one export; it goes with the last one.
-        let att = |id: &str, pass: &[u8]| AttachSpec {
+        // Each NBD attachment is its own export with its own access mode; all share
+        // the volume's one device stack.
+        let att = |id: &str, pass: &[u8], read_only: bool| AttachSpec {
             volume_id: "v1".into(),
             attachment_id: id.into(),
             backend: spec.clone(),
             protocol: Protocol::Nbd,
-            read_only: false,
+            read_only,
             passphrase: Some(ember_crypto::Zeroizing::new(pass.to_vec())),
             qos: QosLimits {
                 total_iops_sec: Some(1000),
                 ..Default::default()
             },
         };
-        assert!(dp.attach(&att("a0", b"wrong")).is_err(), "wrong passphrase");
-        let info = dp.attach(&att("a1", b"new")).unwrap();
+        assert!(
+            dp.attach(&att("a0", b"wrong", false)).is_err(),
+            "wrong passphrase"
+        );
+        assert!(
+            lock(&dp.volumes).is_empty(),
+            "a failed attach leaves nothing"
+        );
+        let info = dp.attach(&att("a1", b"new", false)).unwrap();
         assert_eq!(info["driver_volume_type"], "nbd");
+        assert_eq!(info["data"]["export_name"], "v1-a1");
         assert_eq!(
             info["data"]["uri"],
-            format!("nbd+unix:///v1?socket={}", sock.display())
+            format!("nbd+unix:///v1-a1?socket={}", sock.display())
         );
-        dp.attach(&att("a2", b"new")).unwrap();
-        assert_eq!(names(&dp), vec!["v1".to_string()]);
+        assert!(
+            dp.attach(&att("a1", b"new", false)).is_err(),
+            "an attachment id is used once"
+        );
+        dp.attach(&att("a2", b"new", true)).unwrap();
+        assert_eq!(names(&dp), vec!["v1-a1".to_string(), "v1-a2".to_string()]);
+        {
+            let vols = lock(&dp.volumes);
+            let v = &vols["v1"];
+            assert_eq!(v.attachments.len(), 2);
+        }
         dp.detach("v1", "a1").unwrap();
-        assert_eq!(names(&dp), vec!["v1".to_string()]);
+        assert_eq!(names(&dp), vec!["v1-a2".to_string()]);
         dp.detach("v1", "a2").unwrap();
         dp.detach("v1", "a2").unwrap();
         assert!(names(&dp).is_empty());
+        assert!(lock(&dp.volumes).is_empty());
         dp.resize("v1", 64 << 20).unwrap();
 
         // Bare exports (open/close_export) are idempotent.
@@ -472,8 +549,23 @@ mod tests {
         dp.close_export("v1").unwrap();
         assert!(names(&dp).is_empty());
 
+        // A vhost-user attachment is stopped by shutdown: its socket goes.
+        let vinfo = dp
+            .attach(&AttachSpec {
+                protocol: Protocol::VhostUser,
+                ..att("a3", b"new", false)
+            })
+            .unwrap();
+        let vsock = PathBuf::from(vinfo["data"]["socket_path"].as_str().unwrap());
+        assert!(vsock.exists());
+
         dp.shutdown();
         assert!(!sock.exists(), "the socket is removed at shutdown");
+        assert!(
+            !vsock.exists(),
+            "vhost-user exports are stopped at shutdown"
+        );
+        assert!(lock(&dp.volumes).is_empty());
         assert!(dp.open_export(&e).is_err());
     }
 }

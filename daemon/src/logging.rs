@@ -1,5 +1,6 @@
 //! Logging set-up: `tracing` with an `EnvFilter` (default `info`), `-v` to raise the level,
-//! text or JSON output on stderr. Only `main` calls [`init`].
+//! text or JSON output on stderr. Colours only when stderr is a terminal and `NO_COLOR` is
+//! unset, so log files and journald get plain text. Only `main` calls [`init`].
 
 use clap::{Args, ValueEnum};
 use tracing_subscriber::EnvFilter;
@@ -38,8 +39,11 @@ pub fn init(args: &LogArgs) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),

@@ -211,12 +211,15 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     for (name, pool) in &cfg.pools {
         create_dir(&pool.path, &format!("pool {name}"))?;
     }
-    let pools = cfg
-        .pools
-        .iter()
-        .map(|(n, p)| (n.clone(), p.path.clone()))
-        .collect();
-    let (dataplane, nbd_bound) = EmberDataPlane::start(pools, &cfg.nbd, cfg.vhost_dir.clone())?;
+    // Absolute paths: the vhost-user socket paths go to clients in other directories.
+    let absolute =
+        |p: &Path| std::fs::canonicalize(p).with_context(|| format!("resolve {}", p.display()));
+    let mut pools = Vec::new();
+    for (n, p) in &cfg.pools {
+        pools.push((n.clone(), absolute(&p.path)?));
+    }
+    let vhost_dir = absolute(&cfg.vhost_dir)?;
+    let (dataplane, nbd_bound) = EmberDataPlane::start(pools, &cfg.nbd, vhost_dir)?;
     let dataplane = Arc::new(dataplane);
     let ccfg = ControlConfig {
         data_dir: cfg.data_dir.clone(),

@@ -90,6 +90,19 @@ impl Daemon {
         }
         None
     }
+
+    /// Stop with SIGTERM: panics unless it exits successfully within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) {
+        self.signal(libc::SIGTERM);
+        let st = self
+            .wait_exit(timeout)
+            .expect("emberd did not exit on SIGTERM");
+        assert!(
+            st.success(),
+            "emberd exited with {st}; log:\n{}",
+            self.log_text()
+        );
+    }
 }
 
 impl Drop for Daemon {

@@ -55,22 +55,15 @@ fn req(mode: Mode, op: &str, wait_ms: u64) -> LockRequest {
     LockRequest::new("volume", "v1", mode, op, Duration::from_millis(wait_ms))
 }
 
+/// One attempt at the test lock (`volume` `v1`): the holder, or None when refused.
+async fn try_take(l: &Locks, mode: Mode, op: &str) -> Option<Holder> {
+    l.try_acquire(&req(mode, op, 0)).await.unwrap()
+}
+
 async fn readers_share_writers_exclude(l: Locks) {
-    let a = l
-        .try_acquire(&req(Mode::Shared, "clone", 0))
-        .await
-        .unwrap()
-        .unwrap();
-    let b = l
-        .try_acquire(&req(Mode::Shared, "clone", 0))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(l
-        .try_acquire(&req(Mode::Exclusive, "delete", 0))
-        .await
-        .unwrap()
-        .is_none());
+    let a = try_take(&l, Mode::Shared, "clone").await.unwrap();
+    let b = try_take(&l, Mode::Shared, "clone").await.unwrap();
+    assert!(try_take(&l, Mode::Exclusive, "delete").await.is_none());
     let info = l.list(None, false).await.unwrap();
     assert_eq!(info.len(), 1);
     assert_eq!(info[0].readers, 2);
@@ -82,21 +75,9 @@ async fn readers_share_writers_exclude(l: Locks) {
     assert!(l.release(&a.id).await.unwrap());
     assert!(!l.release(&a.id).await.unwrap(), "double release");
     assert!(l.release(&b.id).await.unwrap());
-    let w = l
-        .try_acquire(&req(Mode::Exclusive, "delete", 0))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(l
-        .try_acquire(&req(Mode::Shared, "clone", 0))
-        .await
-        .unwrap()
-        .is_none());
-    assert!(l
-        .try_acquire(&req(Mode::Exclusive, "extend", 0))
-        .await
-        .unwrap()
-        .is_none());
+    let w = try_take(&l, Mode::Exclusive, "delete").await.unwrap();
+    assert!(try_take(&l, Mode::Shared, "clone").await.is_none());
+    assert!(try_take(&l, Mode::Exclusive, "extend").await.is_none());
     assert_eq!(
         l.list(None, false).await.unwrap()[0].writer.as_deref(),
         Some(w.id.as_str())
@@ -108,11 +89,7 @@ async fn readers_share_writers_exclude(l: Locks) {
 }
 
 async fn waiting_writer_blocks_new_readers(l: Locks) {
-    let r = l
-        .try_acquire(&req(Mode::Shared, "clone", 0))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = try_take(&l, Mode::Shared, "clone").await.unwrap();
     let l2 = l.clone();
     let writer =
         tokio::spawn(async move { l2.acquire(&req(Mode::Exclusive, "delete", 20_000)).await });
@@ -149,25 +126,13 @@ async fn waiting_writer_blocks_new_readers(l: Locks) {
 
 async fn expired_leases_are_reaped(l: Locks) {
     let short = l.clone().with_lease(Duration::from_secs(4));
-    let dead = short
-        .try_acquire(&req(Mode::Exclusive, "delete", 0))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(l
-        .try_acquire(&req(Mode::Exclusive, "delete", 0))
-        .await
-        .unwrap()
-        .is_none());
+    let dead = try_take(&short, Mode::Exclusive, "delete").await.unwrap();
+    assert!(try_take(&l, Mode::Exclusive, "delete").await.is_none());
     // The heartbeat renews it...
     assert_eq!(short.renew_node().await.unwrap(), 1);
     let renewed = l.holder(&dead.id).await.unwrap().unwrap();
     assert!(renewed.lease_until >= dead.lease_until);
-    assert!(l
-        .try_acquire(&req(Mode::Shared, "clone", 0))
-        .await
-        .unwrap()
-        .is_none());
+    assert!(try_take(&l, Mode::Shared, "clone").await.is_none());
     // ...and without heartbeats it expires: the next acquirer reaps it.
     let got = l
         .acquire(&req(Mode::Shared, "clone", 60_000))
@@ -183,11 +148,7 @@ async fn expired_leases_are_reaped(l: Locks) {
     assert!(l.holder(&got.id).await.unwrap().is_none());
     // reap() finds expired holders without an acquirer.
     let tiny = l.clone().with_lease(Duration::from_millis(100));
-    let e = tiny
-        .try_acquire(&req(Mode::Shared, "clone", 0))
-        .await
-        .unwrap()
-        .unwrap();
+    let e = try_take(&tiny, Mode::Shared, "clone").await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(l.reap().await.unwrap(), 1);
     assert!(l.holder(&e.id).await.unwrap().is_none());

@@ -18,8 +18,8 @@ use crate::auth::Ctx;
 use crate::dataplane::{AttachSpec, LuksFormat, Protocol};
 use crate::error::{error_body, ApiError};
 use crate::locks::{LockError, LockRequest, Mode};
-use crate::projects::check_url_project;
-use crate::store::{get_i64, get_str, new_id, now, opt_str};
+use crate::projects::{check_url_project, project_conn};
+use crate::store::{execute_args, get_i64, get_str, new_id, now, opt_str};
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -110,6 +110,33 @@ impl IntoResponse for VolError {
 
 fn bad(msg: impl Into<String>) -> VolError {
     VolError::Api(ApiError::bad_request(msg))
+}
+
+/// First checks of every change to a project's volumes and snapshots: the URL's
+/// project, then a role that may write.
+async fn check_writer_project(st: &AppState, ctx: &Ctx, project_id: &str) -> Result<(), ApiError> {
+    check_url_project(st, ctx, project_id).await?;
+    ctx.require_writer()
+}
+
+/// The descriptive fields of a new volume or snapshot (`what`): name and description of
+/// up to 255 characters, and no metadata.
+fn check_descriptive(
+    what: &str,
+    name: &str,
+    description: &Option<String>,
+    metadata: &Option<BTreeMap<String, String>>,
+) -> VResult<()> {
+    check_len(&format!("{what}.name"), name, 0, 255)?;
+    if let Some(d) = description {
+        check_len(&format!("{what}.description"), d, 0, 255)?;
+    }
+    if metadata.as_ref().is_some_and(|m| !m.is_empty()) {
+        return Err(bad(format!(
+            "`{what}.metadata` is not supported (leave it empty)"
+        )));
+    }
+    Ok(())
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> VolError {
@@ -857,8 +884,7 @@ pub async fn list_volumes(
     ctx: Ctx,
     Path(project_id): Path<String>,
 ) -> VResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
+    let mut conn = project_conn(&st, &ctx, &project_id).await?;
     let rows = sqlx::query("SELECT * FROM volumes WHERE project_id = ? ORDER BY created_at, id")
         .bind(project_id.clone())
         .fetch_all(&mut *conn)
@@ -891,8 +917,7 @@ pub async fn show_volume(
     ctx: Ctx,
     Path((project_id, id)): Path<(String, String)>,
 ) -> VResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
+    let mut conn = project_conn(&st, &ctx, &project_id).await?;
     let v = load_vol(&mut conn, &ctx, &project_id, &id).await?;
     Ok(Json(json!({ "volume": vol_view(&mut conn, &v).await? })))
 }
@@ -907,8 +932,7 @@ pub async fn volume_encryption(
     ctx: Ctx,
     Path((project_id, id)): Path<(String, String)>,
 ) -> VResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
+    let mut conn = project_conn(&st, &ctx, &project_id).await?;
     let v = load_vol(&mut conn, &ctx, &project_id, &id).await?;
     let t = type_by_id(&mut conn, &v.type_id).await?;
     let mut o = json!({ "encryption_key_id": v.encryption_key_id });
@@ -1016,17 +1040,10 @@ pub async fn create_volume(
     Path(project_id): Path<String>,
     ApiJson(body): ApiJson<VolumeCreateBody>,
 ) -> VResult<(StatusCode, Json<Value>)> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_writer()?;
+    check_writer_project(&st, &ctx, &project_id).await?;
     let b = body.volume;
     let name = b.name.clone().unwrap_or_default();
-    check_len("volume.name", &name, 0, 255)?;
-    if let Some(d) = &b.description {
-        check_len("volume.description", d, 0, 255)?;
-    }
-    if b.metadata.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(bad("`volume.metadata` is not supported (leave it empty)"));
-    }
+    check_descriptive("volume", &name, &b.description, &b.metadata)?;
     if b.source_volid.is_some() && b.snapshot_id.is_some() {
         return Err(bad(
             "give at most one of `volume.source_volid` and `volume.snapshot_id`",
@@ -1328,8 +1345,7 @@ pub async fn delete_volume(
     ctx: Ctx,
     Path((project_id, id)): Path<(String, String)>,
 ) -> VResult<StatusCode> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_writer()?;
+    check_writer_project(&st, &ctx, &project_id).await?;
     let mut conn = st.db().pool.acquire().await?;
     let v = load_vol(&mut conn, &ctx, &project_id, &id).await?;
     let attached = !attachments(&mut conn, &id).await?.is_empty();
@@ -1356,24 +1372,16 @@ pub async fn delete_volume(
         )));
     }
     // Compare-and-swap to `deleting`: new clones are refused from now on.
-    let n = sqlx::query(
+    mark_deleting(
+        &mut conn,
+        "volume",
+        &id,
         "UPDATE volumes SET previous_status = status, status = 'deleting', updated_at = ? \
          WHERE id = ? AND status IN ('available', 'error')",
     )
-    .bind(now())
-    .bind(id.clone())
-    .execute(&mut *conn)
-    .await?
-    .rows_affected();
-    if n == 0 {
-        return Err(VolError::Api(ApiError::conflict(format!(
-            "volume {id} changed state; retry"
-        ))));
-    }
+    .await?;
     drop(conn);
-    let mut req = LockRequest::new("volume", &id, Mode::Exclusive, "delete", LOCK_WAIT);
-    req.holder = format!("volume {id}");
-    let holder = match st.locks().acquire(&req).await {
+    let holder = match st.locks().acquire(&delete_lock("volume", &id)).await {
         Ok(h) => h,
         Err(e) => {
             // Give the volume back: the delete did not happen.
@@ -1390,6 +1398,30 @@ pub async fn delete_volume(
     let res = finish_delete(&st, &v).await;
     let _ = st.locks().release(&holder.id).await;
     res.map(|()| StatusCode::ACCEPTED)
+}
+
+/// Move `kind` `id` to `deleting` with `cas_sql`, a compare-and-swap
+/// `UPDATE … SET … updated_at = ? WHERE id = ? AND status IN (…)`: 409 when the status
+/// changed since it was checked.
+async fn mark_deleting(
+    conn: &mut AnyConnection,
+    kind: &str,
+    id: &str,
+    cas_sql: &'static str,
+) -> VResult<()> {
+    if execute_args(conn, cas_sql, &[&now(), id]).await? == 0 {
+        return Err(VolError::Api(ApiError::conflict(format!(
+            "{kind} {id} changed state; retry"
+        ))));
+    }
+    Ok(())
+}
+
+/// The exclusive lock a delete of `kind` `id` holds while the bytes go.
+fn delete_lock(kind: &str, id: &str) -> LockRequest {
+    let mut req = LockRequest::new(kind, id, Mode::Exclusive, "delete", LOCK_WAIT);
+    req.holder = format!("{kind} {id}");
+    req
 }
 
 /// Remove a volume's bytes, key and row (status already `deleting`).
@@ -1433,8 +1465,7 @@ pub async fn volume_action(
     Path((project_id, id)): Path<(String, String)>,
     ApiJson(a): ApiJson<VolumeAction>,
 ) -> VResult<Response> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_writer()?;
+    check_writer_project(&st, &ctx, &project_id).await?;
     let n = usize::from(a.extend.is_some())
         + usize::from(a.initialize.is_some())
         + usize::from(a.terminate.is_some());
@@ -1668,8 +1699,7 @@ pub async fn show_snapshot(
     ctx: Ctx,
     Path((project_id, id)): Path<(String, String)>,
 ) -> VResult<Json<Value>> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    let mut conn = st.db().pool.acquire().await?;
+    let mut conn = project_conn(&st, &ctx, &project_id).await?;
     let s = load_snap(&mut conn, &ctx, &project_id, &id).await?;
     Ok(Json(json!({ "snapshot": snap_view(&s) })))
 }
@@ -1686,17 +1716,10 @@ pub async fn create_snapshot(
     Path(project_id): Path<String>,
     ApiJson(body): ApiJson<SnapshotCreateBody>,
 ) -> VResult<(StatusCode, Json<Value>)> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_writer()?;
+    check_writer_project(&st, &ctx, &project_id).await?;
     let b = body.snapshot;
     let name = b.name.clone().unwrap_or_default();
-    check_len("snapshot.name", &name, 0, 255)?;
-    if let Some(d) = &b.description {
-        check_len("snapshot.description", d, 0, 255)?;
-    }
-    if b.metadata.as_ref().is_some_and(|m| !m.is_empty()) {
-        return Err(bad("`snapshot.metadata` is not supported (leave it empty)"));
-    }
+    check_descriptive("snapshot", &name, &b.description, &b.metadata)?;
     let mut conn = st.db().pool.acquire().await?;
     let v = load_vol(&mut conn, &ctx, &project_id, &b.volume_id).await?;
     let force = b.force.is_some_and(|f| f.0);
@@ -1828,8 +1851,7 @@ pub async fn delete_snapshot(
     ctx: Ctx,
     Path((project_id, id)): Path<(String, String)>,
 ) -> VResult<StatusCode> {
-    check_url_project(&st, &ctx, &project_id).await?;
-    ctx.require_writer()?;
+    check_writer_project(&st, &ctx, &project_id).await?;
     let mut conn = st.db().pool.acquire().await?;
     let s = load_snap(&mut conn, &ctx, &project_id, &id).await?;
     if !matches!(s.status.as_str(), "available" | "error") {
@@ -1838,21 +1860,15 @@ pub async fn delete_snapshot(
             s.status
         )));
     }
-    let n = sqlx::query("UPDATE snapshots SET status = 'deleting', updated_at = ? WHERE id = ? AND status IN ('available', 'error')")
-        .bind(now())
-        .bind(id.clone())
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if n == 0 {
-        return Err(VolError::Api(ApiError::conflict(format!(
-            "snapshot {id} changed state; retry"
-        ))));
-    }
+    mark_deleting(
+        &mut conn,
+        "snapshot",
+        &id,
+        "UPDATE snapshots SET status = 'deleting', updated_at = ? WHERE id = ? AND status IN ('available', 'error')",
+    )
+    .await?;
     drop(conn);
-    let mut req = LockRequest::new("snapshot", &id, Mode::Exclusive, "delete", LOCK_WAIT);
-    req.holder = format!("snapshot {id}");
-    let h = match st.locks().acquire(&req).await {
+    let h = match st.locks().acquire(&delete_lock("snapshot", &id)).await {
         Ok(h) => h,
         Err(e) => {
             let _ = set_snap_status(&st, &id, &s.status).await;

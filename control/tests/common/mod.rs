@@ -184,6 +184,37 @@ impl Harness {
         self.call_bytes(method, uri, token, bytes).await
     }
 
+    /// [`Harness::call`] expecting the status `want`; returns the body.
+    pub async fn expect(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        want: u16,
+    ) -> Value {
+        let (s, v) = self.call(method.clone(), uri, token, body).await;
+        assert_eq!(s.as_u16(), want, "{method} {uri}: {v}");
+        v
+    }
+
+    /// [`Harness::call`] expecting a Cinder error `want` whose message contains `needle`;
+    /// returns the body.
+    pub async fn fault(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        want: u16,
+        needle: &str,
+    ) -> Value {
+        let v = self.expect(method, uri, token, body, want).await;
+        let status = StatusCode::from_u16(want).unwrap();
+        assert_fault(&v, want, ember_control::error::fault_name(status), needle);
+        v
+    }
+
     /// As admin, expecting `want`.
     pub async fn admin_ok(
         &self,
@@ -192,11 +223,34 @@ impl Harness {
         body: Option<Value>,
         want: u16,
     ) -> Value {
-        let (s, v) = self
-            .call(method.clone(), uri, Some(&self.admin), body)
+        self.expect(method, uri, Some(&self.admin), body, want)
+            .await
+    }
+
+    /// As admin, expecting a Cinder error `want` whose message contains `needle`.
+    pub async fn admin_fault(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Value>,
+        want: u16,
+        needle: &str,
+    ) -> Value {
+        self.fault(method, uri, Some(&self.admin), body, want, needle)
+            .await
+    }
+
+    /// Create a volume type as admin (`body` is the `volume_type` object); returns its id.
+    pub async fn create_type(&self, body: Value) -> String {
+        let v = self
+            .admin_ok(
+                Method::POST,
+                &format!("/v3/{}/types", self.admin_project),
+                Some(json!({ "volume_type": body })),
+                200,
+            )
             .await;
-        assert_eq!(s.as_u16(), want, "{method} {uri}: {v}");
-        v
+        v["volume_type"]["id"].as_str().unwrap().to_string()
     }
 
     /// Create a project and return its id.
@@ -210,6 +264,50 @@ impl Harness {
             )
             .await;
         v["project"]["id"].as_str().unwrap().to_string()
+    }
+
+    /// Give a type the LUKS encryption spec (defaults for the rest); returns its id.
+    pub async fn create_luks_encryption(&self, type_id: &str) -> String {
+        let v = self
+            .admin_ok(
+                Method::POST,
+                &format!("/v3/{}/types/{type_id}/encryption", self.admin_project),
+                Some(json!({"encryption": {"provider": "luks"}})),
+                200,
+            )
+            .await;
+        v["encryption"]["encryption_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Store a text passphrase secret with `token`; returns its id.
+    pub async fn create_text_secret(&self, token: &str, payload: &str) -> String {
+        let v = self
+            .expect(
+                Method::POST,
+                "/v1/secrets",
+                Some(token),
+                Some(json!({"payload": payload, "payload_content_type": "text/plain"})),
+                201,
+            )
+            .await;
+        ref_id(&v["secret_ref"])
+    }
+
+    /// Order a 256-bit AES key with `token`; returns the order's id.
+    pub async fn create_key_order(&self, token: &str) -> String {
+        let v = self
+            .expect(
+                Method::POST,
+                "/v1/orders",
+                Some(token),
+                Some(json!({"type": "key", "meta": {"algorithm": "aes", "bit_length": 256}})),
+                202,
+            )
+            .await;
+        ref_id(&v["order_ref"])
     }
 
     /// Issue a token for a project; returns (token id, token).
@@ -244,6 +342,14 @@ impl Harness {
         .unwrap();
         id
     }
+}
+
+/// The id at the end of a `*_ref` link (`secret_ref`, `order_ref`).
+pub fn ref_id(link: &Value) -> String {
+    let link = link
+        .as_str()
+        .unwrap_or_else(|| panic!("not a link: {link}"));
+    link.rsplit('/').next().unwrap().to_string()
 }
 
 /// Assert a Cinder error body with `fault` and a message containing `needle`.

@@ -4,7 +4,8 @@
 //! keep the negotiated features, the guest memory table, each vring's setup, and the
 //! inflight area. A vring starts (is handed to its worker thread) once it has a size,
 //! addresses and a kick fd and is enabled; `GET_VRING_BASE` stops it, waiting until the
-//! worker has completed everything it started.
+//! worker has completed everything it started. GET_CONFIG reports the device's current
+//! size, so a frontend told of a config change (after a resize) reads the new capacity.
 //!
 //! We write this handler ourselves (rather than use `vhost-user-backend`'s) because that
 //! crate answers `GET_INFLIGHT_FD` with "not supported", and inflight tracking is what
@@ -26,7 +27,7 @@ use vhost::vhost_user::message::{
     VhostUserVringState,
 };
 use vhost::vhost_user::{
-    Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
+    Backend, Error as VuError, GpuBackend, Result as VuResult, VhostUserBackendReqHandlerMut,
 };
 use vhost::VhostUserMemoryRegionBase;
 use virtio_queue::{Queue, QueueT};
@@ -72,6 +73,8 @@ pub struct BlkHandler {
     vrings: Vec<VringSetup>,
     workers: Arc<Vec<WorkerHandle>>,
     inflight: Option<Arc<InflightArea>>,
+    /// The frontend sent SET_BACKEND_REQ_FD (the connection thread keeps the channel).
+    backend_req: bool,
 }
 
 fn err(msg: &str) -> VuError {
@@ -95,6 +98,7 @@ impl BlkHandler {
             vrings: (0..num_queues).map(|_| VringSetup::default()).collect(),
             workers,
             inflight: None,
+            backend_req: false,
         }
     }
 
@@ -103,6 +107,16 @@ impl BlkHandler {
         for i in 0..self.vrings.len() {
             self.stop_vring(i);
         }
+    }
+
+    /// The frontend has set up its backend channel (`SET_BACKEND_REQ_FD`).
+    pub fn backend_req_set(&self) -> bool {
+        self.backend_req
+    }
+
+    /// REPLY_ACK was negotiated (backend-channel messages then want an ack).
+    pub fn reply_ack(&self) -> bool {
+        self.acked_protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
 
     fn vring(&mut self, index: u32) -> VuResult<&mut VringSetup> {
@@ -361,7 +375,8 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-            | VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ)
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
@@ -424,6 +439,13 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         } else {
             Err(VuError::InvalidParam)
         }
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {
+        // The crate's `Backend` proxy cannot send CONFIG_CHANGE_MSG; the connection
+        // thread peeked this message and keeps its own duplicate of the channel (see
+        // `backend_chan`). We only note that the channel exists.
+        self.backend_req = true;
     }
 
     fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VuResult<()> {

@@ -77,6 +77,7 @@ pub enum Cmd {
 pub struct WorkerHandle {
     tx: mpsc::Sender<Cmd>,
     wake: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WorkerHandle {
@@ -87,7 +88,7 @@ impl WorkerHandle {
         let wake2 = wake.try_clone()?;
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("vhost-q{q}"))
             .spawn(move || match Worker::new(shared, q, wake2) {
                 Ok(mut w) => {
@@ -101,7 +102,11 @@ impl WorkerHandle {
         ready_rx
             .recv()
             .map_err(|_| io::Error::other("worker thread died"))??;
-        Ok(WorkerHandle { tx, wake })
+        Ok(WorkerHandle {
+            tx,
+            wake,
+            thread: Some(thread),
+        })
     }
 
     /// Send a command.
@@ -128,12 +133,28 @@ impl WorkerHandle {
     }
 }
 
-impl Drop for WorkerHandle {
-    fn drop(&mut self) {
+impl WorkerHandle {
+    /// Make the thread exit (it drains what it submitted first) and wait for it.
+    pub fn join(mut self) {
+        self.close();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                tracing::error!("a vhost-user queue worker panicked");
+            }
+        }
+    }
+
+    fn close(&mut self) {
         // Closing the channel and waking the thread makes it exit (after draining).
         let (tx, _) = mpsc::channel();
         drop(std::mem::replace(&mut self.tx, tx));
         let _ = self.wake.write(1);
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
