@@ -19,7 +19,8 @@
 //! [`split::SPLIT_MIN`] bytes and more (owned buffers) are shared with one helper thread
 //! per device ([`split`]): the I/O thread and the helper take 64 KiB chunks from a shared
 //! counter, so a 1 MiB read's decrypt uses the second core when it is free and never
-//! waits for it when it is not.
+//! waits for it when it is not. NBD over a Unix socket, 1M sequential QD8 on tmpfs, A/B in
+//! one run on 2 cores (benches/README.md): LUKS reads 1.3-1.6x, writes 1.2-1.4x faster.
 
 use crate::buf::{BufPool, Buffer, IoBuf};
 use crate::engine::{Cqe, OwnerId, Ring};
