@@ -507,11 +507,7 @@ impl Queue for CryptQueue {
             self.submit_inner(ring, r, done);
             return;
         }
-        if req.op.is_write() && info.read_only {
-            done.push(Completion::of(req, Err(libc::EPERM)));
-            return;
-        }
-        if let Err(e) = info.check_range(req.offset, req.len) {
+        if let Err(e) = info.check_request(req.op, req.offset, req.len) {
             done.push(Completion::of(req, Err(e)));
             return;
         }
