@@ -16,6 +16,7 @@
 //!   frontends get a config-change notice (QEMU then re-reads the capacity and interrupts
 //!   the guest); NBD clients see the new size on their next connection.
 
+use crate::luks::FileDisk;
 use crate::nbd::{ListenAddr, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
 use anyhow::{bail, Context};
@@ -26,10 +27,8 @@ use ember_blockdev::{open, BackendSpec, BlockDevice, OpenOptions};
 use ember_control::dataplane::{AttachSpec, LuksFormat, Protocol};
 use ember_control::{DataPlane, ExportSpec};
 use ember_crypto::kdf::Hash;
-use ember_crypto::{Disk, FormatParams, KdfParams};
+use ember_crypto::{FormatParams, KdfParams};
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -170,31 +169,11 @@ impl EmberDataPlane {
     }
 }
 
-/// A file as a [`Disk`] for header work.
-struct FileDisk(File);
-
-impl Disk for FileDisk {
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_exact_at(buf, offset)
-    }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
-        self.0.write_all_at(buf, offset)
-    }
-    fn size(&mut self) -> std::io::Result<u64> {
-        Ok(self.0.metadata()?.len())
-    }
-}
-
 fn file_disk(backend: &BackendSpec) -> anyhow::Result<FileDisk> {
     let BackendSpec::File { path } = backend else {
         bail!("LUKS header work needs a file backend, not {backend:?}");
     };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))?;
-    Ok(FileDisk(f))
+    FileDisk::open(path, true)
 }
 
 fn kdf() -> KdfParams {
@@ -285,7 +264,7 @@ impl DataPlane for EmberDataPlane {
             uuid: None,
         };
         ember_crypto::format(&mut disk, passphrase, &p).context("write the LUKS header")?;
-        disk.0.sync_all().context("sync the LUKS header")?;
+        disk.sync().context("sync the LUKS header")?;
         Ok(())
     }
 
@@ -299,7 +278,7 @@ impl DataPlane for EmberDataPlane {
             &ember_crypto::OpenOptions::default(),
         )
         .context("give the copy its own keyslot")?;
-        disk.0.sync_all().context("sync the LUKS header")?;
+        disk.sync().context("sync the LUKS header")?;
         Ok(())
     }
 
