@@ -33,12 +33,14 @@ for mode in modes:
                 med[peer] = (statistics.median(x[0] for x in s), statistics.median(x[1] for x in s))
         rows.append((mode, job, seq, med))
 
-others = [p for p in peers if p != "ember"]
+# Ratios: each Ember build (ember, and ember-b when an A/B run has one) to every other peer.
+embers = [p for p in ("ember", "ember-b") if p in peers]
+others = [p for p in peers if p not in embers]
+pairs = [(e, p) for e in embers for p in others] + ([("ember-b", "ember")] if len(embers) == 2 else [])
 head = ["mode", "workload"]
 for p in peers:
     head += [f"{p} IOPS", f"{p} MiB/s"]
-if "ember" in peers:
-    head += [f"ember/{p}" for p in others]
+head += [f"{e}/{p}" for e, p in pairs]
 table = [head]
 for mode, job, seq, med in rows:
     r = [mode, DESC[job]]
@@ -47,12 +49,11 @@ for mode, job, seq, med in rows:
             r += [f"{med[p][0]:,.0f}", f"{med[p][1]:,.1f}"]
         else:
             r += ["-", "-"]
-    if "ember" in peers:
-        for p in others:
-            if "ember" in med and p in med and med[p][1] > 0:
-                r.append(f"{med['ember'][1] / med[p][1]:.2f}x")
-            else:
-                r.append("-")
+    for e, p in pairs:
+        if e in med and p in med and med[p][1] > 0:
+            r.append(f"{med[e][1] / med[p][1]:.2f}x")
+        else:
+            r.append("-")
     table.append(r)
 def show(table):
     w = [max(len(row[i]) for row in table) for i in range(len(table[0]))]

@@ -14,6 +14,8 @@
 #                        filter, qemu-nbd luks driver) on a `qemu-img create -f luks` image
 #     --luks-only        only the LUKS rows
 #     --emberd PATH      emberd binary (default: build it with cargo build --release)
+#     --emberd-b PATH    a second emberd build, run as peer `ember-b` (A/B of two builds
+#                        in one run; add ember-b to --peers or it is appended)
 #     --out DIR          keep fio JSON and peer logs here (default: a fresh /tmp dir)
 #
 # Workloads (one connection, fio --ioengine=nbd):
@@ -31,6 +33,7 @@ JOBS=randread,randwrite,seqread,seqwrite
 PLAIN=1
 LUKS=0
 EMBERD=
+EMBERD_B=
 OUT=
 
 ORIG_ARGS=("$@")
@@ -47,6 +50,7 @@ while (($#)); do
         --luks) LUKS=1; shift ;;
         --luks-only) LUKS=1; PLAIN=0; shift ;;
         --emberd) EMBERD="$2"; shift 2 ;;
+        --emberd-b) EMBERD_B="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -60,10 +64,13 @@ die() { log "error: $*"; exit 1; }
 for t in fio nbdkit qemu-nbd qemu-img nbdinfo python3; do
     command -v "$t" >/dev/null || die "$t not found: run scripts/install-test-deps.sh"
 done
+if [[ -n "$EMBERD_B" && ",$PEERS," != *",ember-b,"* ]]; then
+    PEERS="$PEERS,ember-b"
+fi
 IFS=, read -r -a PEER_LIST <<<"$PEERS"
 IFS=, read -r -a JOB_LIST <<<"$JOBS"
 for p in "${PEER_LIST[@]}"; do
-    case "$p" in ember | nbdkit | qemu-nbd) ;; *) die "unknown peer $p" ;; esac
+    case "$p" in ember | nbdkit | qemu-nbd) ;; ember-b) [[ -x "$EMBERD_B" ]] || die "ember-b needs --emberd-b" ;; *) die "unknown peer $p" ;; esac
 done
 for j in "${JOB_LIST[@]}"; do
     case "$j" in randread | randwrite | seqread | seqwrite) ;; *) die "unknown job $j" ;; esac
@@ -135,6 +142,9 @@ start_peer() {
     case "$peer/$mode" in
         ember/plain) cmd=("$EMBERD" export --file "$PLAIN_IMG" --nbd "unix:$SOCK") ;;
         ember/luks) cmd=("$EMBERD" export --file "$LUKS_IMG" --nbd "unix:$SOCK"
+            --passphrase-file "$PASS_FILE") ;;
+        ember-b/plain) cmd=("$EMBERD_B" export --file "$PLAIN_IMG" --nbd "unix:$SOCK") ;;
+        ember-b/luks) cmd=("$EMBERD_B" export --file "$LUKS_IMG" --nbd "unix:$SOCK"
             --passphrase-file "$PASS_FILE") ;;
         nbdkit/plain) cmd=(nbdkit -f -U "$SOCK" file "$PLAIN_IMG") ;;
         nbdkit/luks) cmd=(nbdkit -f -U "$SOCK" --filter=luks file "$LUKS_IMG"

@@ -187,6 +187,14 @@ fn create_volume(n: &Node, p: &Project, body: Value) -> Resp {
     )
 }
 
+/// Create a volume and wait until it is `available`; returns its id.
+fn create_available(n: &Node, p: &Project, body: Value) -> String {
+    let v = expect(create_volume(n, p, body), 202, "create");
+    let id = v["volume"]["id"].as_str().unwrap().to_string();
+    assert_eq!(wait_ready(n, p, &id)["status"], "available", "{}", n.log());
+    id
+}
+
 fn show(n: &Node, p: &Project, id: &str) -> Value {
     expect(
         http("GET", &vol_url(n, p, &format!("/{id}")), &p.token, None),
@@ -286,31 +294,13 @@ fn full_tour_encrypted_volume() {
     let p = project(&n, "tour");
 
     // Admin: an encrypted type (LUKS2, AES-256-XTS) with QoS.
-    let t = expect(
-        http(
-            "POST",
-            &format!("{}/v3/{}/types", n.url, p.id),
-            &n.admin,
-            Some(
-                json!({"volume_type": {"name": "secure", "extra_specs": {"qos:total_iops_sec": "100000"}}}),
-            ),
-        ),
-        200,
-        "create type",
-    );
-    let type_id = t["volume_type"]["id"].as_str().unwrap().to_string();
-    expect(
-        http(
-            "POST",
-            &format!("{}/v3/{}/types/{type_id}/encryption", n.url, p.id),
-            &n.admin,
-            Some(
-                json!({"encryption": {"provider": "luks2", "cipher": "aes-xts-plain64", "key_size": 512,
-                "control_location": "front-end"}}),
-            ),
-        ),
-        200,
-        "create encryption spec",
+    encrypted_type(
+        &n,
+        &p,
+        "secure",
+        json!({"qos:total_iops_sec": "100000"}),
+        "luks2",
+        512,
     );
 
     // Bad input first: too big (413 before anything is allocated), unknown field, bad key.
@@ -618,30 +608,7 @@ fn encrypted_snapshot_and_restore() {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(dir.path(), "snap", None, 30);
     let p = project(&n, "snap");
-    let t = expect(
-        http(
-            "POST",
-            &format!("{}/v3/{}/types", n.url, p.id),
-            &n.admin,
-            Some(json!({"volume_type": {"name": "enc1"}})),
-        ),
-        200,
-        "create type",
-    );
-    let type_id = t["volume_type"]["id"].as_str().unwrap().to_string();
-    expect(
-        http(
-            "POST",
-            &format!("{}/v3/{}/types/{type_id}/encryption", n.url, p.id),
-            &n.admin,
-            Some(
-                json!({"encryption": {"provider": "luks", "cipher": "aes-xts-plain64", "key_size": 256,
-                "control_location": "front-end"}}),
-            ),
-        ),
-        200,
-        "encryption spec",
-    );
+    encrypted_type(&n, &p, "enc1", json!({}), "luks", 256);
     let v = expect(
         create_volume(&n, &p, json!({"size": 1, "volume_type": "enc1"})),
         202,
@@ -1211,13 +1178,7 @@ fn nbd_attachments_modes_terminate_and_extend() {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(dir.path(), "nbdatt", None, 30);
     let p = project(&n, "nbdatt");
-    let v = expect(
-        create_volume(&n, &p, json!({"size": 1, "name": "plain"})),
-        202,
-        "create",
-    );
-    let id = v["volume"]["id"].as_str().unwrap().to_string();
-    assert_eq!(wait_ready(&n, &p, &id)["status"], "available");
+    let id = create_available(&n, &p, json!({"size": 1, "name": "plain"}));
 
     let rw = attach(&n, &p, &id, "nbd");
     let ro = expect(
@@ -1300,14 +1261,22 @@ except nbd.Error as e:\n    print('closed', e, flush=True)\n";
     assert_eq!(show(&n, &p, &id)["status"], "available");
 }
 
-/// An encrypted volume type `secure` (LUKS2, AES-256-XTS, Ember orders the keys).
-fn secure_type(n: &Node, p: &Project) {
+/// An encrypted volume type `name` (`provider` luks or luks2, aes-xts-plain64 with
+/// `key_size`-bit keys; Ember orders the keys) with `extra_specs`.
+fn encrypted_type(
+    n: &Node,
+    p: &Project,
+    name: &str,
+    extra_specs: Value,
+    provider: &str,
+    key_size: u32,
+) {
     let t = expect(
         http(
             "POST",
             &format!("{}/v3/{}/types", n.url, p.id),
             &n.admin,
-            Some(json!({"volume_type": {"name": "secure"}})),
+            Some(json!({"volume_type": {"name": name, "extra_specs": extra_specs}})),
         ),
         200,
         "create type",
@@ -1319,8 +1288,8 @@ fn secure_type(n: &Node, p: &Project) {
             &format!("{}/v3/{}/types/{type_id}/encryption", n.url, p.id),
             &n.admin,
             Some(
-                json!({"encryption": {"provider": "luks2", "cipher": "aes-xts-plain64", "key_size": 512,
-                "control_location": "front-end"}}),
+                json!({"encryption": {"provider": provider, "cipher": "aes-xts-plain64",
+                "key_size": key_size, "control_location": "front-end"}}),
             ),
         ),
         200,
@@ -1369,19 +1338,8 @@ fn vhost_online_extend_reaches_the_guest() {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(dir.path(), "vhext", None, 30);
     let p = project(&n, "vhext");
-    secure_type(&n, &p);
-    let v = expect(
-        create_volume(&n, &p, json!({"size": 1, "volume_type": "secure"})),
-        202,
-        "create",
-    );
-    let id = v["volume"]["id"].as_str().unwrap().to_string();
-    assert_eq!(
-        wait_ready(&n, &p, &id)["status"],
-        "available",
-        "{}",
-        n.log()
-    );
+    encrypted_type(&n, &p, "secure", json!({}), "luks2", 512);
+    let id = create_available(&n, &p, json!({"size": 1, "volume_type": "secure"}));
     let ci = attach(&n, &p, &id, "vhost-user");
     let sock = PathBuf::from(ci["data"]["socket_path"].as_str().unwrap());
     let att = ci["data"]["attachment_id"].as_str().unwrap().to_string();
@@ -1498,18 +1456,7 @@ fn vhost_terminate_ends_the_live_session() {
     let dir = tempfile::tempdir().unwrap();
     let n = Node::start(dir.path(), "vhterm", None, 30);
     let p = project(&n, "vhterm");
-    let v = expect(
-        create_volume(&n, &p, json!({"size": 1, "name": "plain"})),
-        202,
-        "create",
-    );
-    let id = v["volume"]["id"].as_str().unwrap().to_string();
-    assert_eq!(
-        wait_ready(&n, &p, &id)["status"],
-        "available",
-        "{}",
-        n.log()
-    );
+    let id = create_available(&n, &p, json!({"size": 1, "name": "plain"}));
     let pid = n.daemon.child.id();
     assert!(vhost_threads(pid).is_empty(), "{:?}", vhost_threads(pid));
     let ci = attach(&n, &p, &id, "vhost-user");

@@ -16,6 +16,7 @@
 //!   frontends get a config-change notice (QEMU then re-reads the capacity and interrupts
 //!   the guest); NBD clients see the new size on their next connection.
 
+use crate::luks::FileDisk;
 use crate::nbd::{ListenAddr, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
 use anyhow::{bail, Context};
@@ -26,10 +27,8 @@ use ember_blockdev::{open, BackendSpec, BlockDevice, OpenOptions};
 use ember_control::dataplane::{AttachSpec, LuksFormat, Protocol};
 use ember_control::{DataPlane, ExportSpec};
 use ember_crypto::kdf::Hash;
-use ember_crypto::{Disk, FormatParams, KdfParams};
+use ember_crypto::{FormatParams, KdfParams};
 use std::collections::HashMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -126,8 +125,18 @@ impl EmberDataPlane {
         ))
     }
 
-    /// Stop listening, close NBD connections and join the I/O threads.
+    /// Stop every vhost-user export (their submitted requests complete first), stop
+    /// listening for NBD, close NBD connections and join the I/O threads.
     pub fn shutdown(&self) {
+        let vols: Vec<(String, Attached)> = lock(&self.volumes).drain().collect();
+        for (volume, a) in vols {
+            for (id, att) in a.attachments {
+                if let Attachment::Vhost { export } = att {
+                    tracing::info!(volume = %volume, attachment = %id, "stopping the vhost-user export");
+                    export.stop();
+                }
+            }
+        }
         let server = lock(&self.nbd).take();
         if let Some(s) = server {
             s.shutdown();
@@ -160,31 +169,11 @@ impl EmberDataPlane {
     }
 }
 
-/// A file as a [`Disk`] for header work.
-struct FileDisk(File);
-
-impl Disk for FileDisk {
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_exact_at(buf, offset)
-    }
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
-        self.0.write_all_at(buf, offset)
-    }
-    fn size(&mut self) -> std::io::Result<u64> {
-        Ok(self.0.metadata()?.len())
-    }
-}
-
 fn file_disk(backend: &BackendSpec) -> anyhow::Result<FileDisk> {
     let BackendSpec::File { path } = backend else {
         bail!("LUKS header work needs a file backend, not {backend:?}");
     };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))?;
-    Ok(FileDisk(f))
+    FileDisk::open(path, true)
 }
 
 fn kdf() -> KdfParams {
@@ -275,7 +264,7 @@ impl DataPlane for EmberDataPlane {
             uuid: None,
         };
         ember_crypto::format(&mut disk, passphrase, &p).context("write the LUKS header")?;
-        disk.0.sync_all().context("sync the LUKS header")?;
+        disk.sync().context("sync the LUKS header")?;
         Ok(())
     }
 
@@ -289,7 +278,7 @@ impl DataPlane for EmberDataPlane {
             &ember_crypto::OpenOptions::default(),
         )
         .context("give the copy its own keyslot")?;
-        disk.0.sync_all().context("sync the LUKS header")?;
+        disk.sync().context("sync the LUKS header")?;
         Ok(())
     }
 
@@ -445,6 +434,7 @@ mod tests {
     fn exports_attachments_luks_and_shutdown() {
         let d = tempfile::tempdir().unwrap();
         let sock = d.path().join("nbd.sock");
+        std::fs::create_dir(d.path().join("vhost")).unwrap();
         let (dp, bound) = EmberDataPlane::start(
             vec![("default".into(), d.path().join("pool"))],
             &[ListenAddr::Unix(sock.clone())],
@@ -538,8 +528,23 @@ mod tests {
         dp.close_export("v1").unwrap();
         assert!(names(&dp).is_empty());
 
+        // A vhost-user attachment is stopped by shutdown: its socket goes.
+        let vinfo = dp
+            .attach(&AttachSpec {
+                protocol: Protocol::VhostUser,
+                ..att("a3", b"new", false)
+            })
+            .unwrap();
+        let vsock = PathBuf::from(vinfo["data"]["socket_path"].as_str().unwrap());
+        assert!(vsock.exists());
+
         dp.shutdown();
         assert!(!sock.exists(), "the socket is removed at shutdown");
+        assert!(
+            !vsock.exists(),
+            "vhost-user exports are stopped at shutdown"
+        );
+        assert!(lock(&dp.volumes).is_empty());
         assert!(dp.open_export(&e).is_err());
     }
 }

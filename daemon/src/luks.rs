@@ -141,8 +141,8 @@ struct RemoveKeyArgs {
     max_argon2_memory: u64,
 }
 
-/// A file as a [`Disk`] for header work.
-struct FileDisk(File);
+/// A file (or block device) as a [`Disk`] for header work; also the data plane's.
+pub(crate) struct FileDisk(pub(crate) File);
 
 impl Disk for FileDisk {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -161,7 +161,7 @@ impl Disk for FileDisk {
 }
 
 impl FileDisk {
-    fn open(path: &Path, write: bool) -> anyhow::Result<Self> {
+    pub(crate) fn open(path: &Path, write: bool) -> anyhow::Result<Self> {
         let f = FsOpenOptions::new()
             .read(true)
             .write(write)
@@ -170,7 +170,7 @@ impl FileDisk {
         Ok(FileDisk(f))
     }
 
-    fn sync(&self) -> anyhow::Result<()> {
+    pub(crate) fn sync(&self) -> anyhow::Result<()> {
         self.0.sync_all().context("sync")
     }
 }

@@ -15,7 +15,12 @@
 //!   inner device does not read as zeros through the cipher.
 //!
 //! The sector cipher is shared by every queue (it is immutable); each queue has its own
-//! bounce pool and in-flight table, so the I/O path takes no lock.
+//! bounce pool and in-flight table, so the I/O path takes no lock. En/decryptions of
+//! [`split::SPLIT_MIN`] bytes and more (owned buffers) are shared with one helper thread
+//! per device ([`split`]): the I/O thread and the helper take 64 KiB chunks from a shared
+//! counter, so a 1 MiB read's decrypt uses the second core when it is free and never
+//! waits for it when it is not. NBD over a Unix socket, 1M sequential QD8 on tmpfs, A/B in
+//! one run on 2 cores (benches/README.md): LUKS reads 1.3-1.6x, writes 1.2-1.4x faster.
 
 use crate::buf::{BufPool, Buffer, IoBuf};
 use crate::engine::{Cqe, OwnerId, Ring};
@@ -24,7 +29,10 @@ use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
 use crate::sync::SyncDevice;
 use crate::{BlockDevice, Queue};
 use ember_crypto::{Disk, OpenOptions, SectorCipher, Unlocked};
+use split::Splitter;
 use std::sync::Arc;
+
+mod split;
 
 /// Write-zeroes is done as encrypted writes of at most this many bytes at a time.
 pub const ZERO_CHUNK: usize = 1 << 20;
@@ -32,7 +40,8 @@ pub const ZERO_CHUNK: usize = 1 << 20;
 /// A LUKS volume's plaintext view of an inner device.
 pub struct CryptDevice {
     inner: Arc<dyn BlockDevice>,
-    cipher: SectorCipher,
+    cipher: Arc<SectorCipher>,
+    split: Splitter,
     data_offset: u64,
     data_size: Option<u64>,
     iv_offset: u64,
@@ -103,9 +112,11 @@ impl CryptDevice {
                 "LUKS data offset not aligned to the encryption sector",
             ));
         }
+        let cipher = Arc::new(u.cipher);
         Ok(CryptDevice {
             inner,
-            cipher: u.cipher,
+            split: Splitter::new(cipher.clone()),
+            cipher,
             data_offset: u.data_offset,
             data_size: u.data_size,
             iv_offset: u.iv_offset,
@@ -300,8 +311,8 @@ impl CryptQueue {
         bounce.as_mut_slice().fill(0);
         if self
             .dev
-            .cipher
-            .encrypt(bounce.as_mut_slice(), self.cipher_offset(next))
+            .split
+            .run(None, bounce.as_mut_slice(), self.cipher_offset(next), true)
             .is_err()
         {
             self.pool.put(bounce);
@@ -388,7 +399,11 @@ impl CryptQueue {
         let cipher = &self.dev.cipher;
         let off = self.cipher_offset(offset);
         match buf {
-            Buffer::Owned(b) => cipher.decrypt(b.as_mut_slice(), off).map_err(|_| libc::EIO),
+            Buffer::Owned(b) => self
+                .dev
+                .split
+                .run(None, b.as_mut_slice(), off, false)
+                .map_err(|_| libc::EIO),
             Buffer::Borrowed(v) => decrypt_iovecs(cipher, v, off),
             Buffer::None => Ok(()),
         }
@@ -492,11 +507,7 @@ impl Queue for CryptQueue {
             self.submit_inner(ring, r, done);
             return;
         }
-        if req.op.is_write() && info.read_only {
-            done.push(Completion::of(req, Err(libc::EPERM)));
-            return;
-        }
-        if let Err(e) = info.check_range(req.offset, req.len) {
+        if let Err(e) = info.check_request(req.op, req.offset, req.len) {
             done.push(Completion::of(req, Err(e)));
             return;
         }
@@ -529,7 +540,11 @@ impl Queue for CryptQueue {
                 let off = self.cipher_offset(req.offset);
                 let res = match &req.buf {
                     // One pass: encrypt straight from the client's buffer into the bounce.
-                    Buffer::Owned(b) => cipher.encrypt_to(b.as_slice(), bounce.as_mut_slice(), off),
+                    Buffer::Owned(b) => {
+                        self.dev
+                            .split
+                            .run(Some(b.as_slice()), bounce.as_mut_slice(), off, true)
+                    }
                     Buffer::Borrowed(v) => {
                         v.copy_to(bounce.as_mut_slice());
                         cipher.encrypt(bounce.as_mut_slice(), off)

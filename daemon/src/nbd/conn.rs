@@ -12,7 +12,13 @@
 //! Send: replies accumulate in a batch (headers in one byte arena, data buffers as they
 //! came back from the disk); one `IORING_OP_SENDMSG` sends a whole batch with a vectored
 //! iovec list, zero copy. While it is in flight the next batch accumulates. Partial sends
-//! advance the iovecs and resubmit.
+//! advance the iovecs and resubmit. Unix sockets get a 4 MiB send buffer
+//! ([`UNIX_SNDBUF_BYTES`]): with the default 208 KiB a 1 MiB read reply leaves in five
+//! pieces, each waiting for the client to drain the socket, and the loop cannot move on
+//! to the next reply (or its decrypt) meanwhile; with room for several replies the send
+//! completes at once and the client's copy-out overlaps with the next reply's work.
+//! Measured against the same build without it (benches/README.md, 1M seq read QD8):
+//! plain and LUKS reads gain 10-20%.
 //!
 //! Memory bound: at most [`MAX_REQUESTS`] requests and about [`MAX_INFLIGHT_BYTES`] of
 //! buffers (plus one maximum-size request) per connection; over the bound the connection
@@ -43,6 +49,12 @@ pub const MAX_REQUESTS: usize = 512;
 pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
 /// Most iovecs in one sendmsg (`IOV_MAX`).
 const MAX_IOVS: usize = 1024;
+
+/// Send buffer asked for on Unix sockets (the kernel doubles it and caps it at twice
+/// `net.core.wmem_max`). The default (208 KiB) makes a 1 MiB read reply go out in five
+/// pieces, each waiting for the client to drain the socket, so the loop cannot start on
+/// the next reply meanwhile.
+const UNIX_SNDBUF_BYTES: libc::c_int = 4 << 20;
 
 /// Writes up to this size whose payload is already in the receive buffer are written
 /// from it directly (zero copy); bigger ones get their own buffer so the receive buffer
@@ -179,6 +191,7 @@ impl Conn {
     ) -> Box<Conn> {
         let max_block = export.max_block();
         let read_only = export.is_read_only();
+        Self::tune_socket(&fd);
         Box::new(Conn {
             idx,
             fd,
@@ -214,6 +227,39 @@ impl Conn {
             msg: unsafe { std::mem::zeroed() },
             tx_armed: false,
         })
+    }
+
+    /// Enlarge a Unix socket's send buffer (see [`UNIX_SNDBUF_BYTES`]); TCP keeps its
+    /// auto-tuning. Best effort: a failure only costs speed.
+    fn tune_socket(fd: &OwnedFd) {
+        // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `ss` and `len` are valid out-pointers sized as declared.
+        let r = unsafe {
+            libc::getsockname(
+                fd.as_raw_fd(),
+                (&raw mut ss).cast::<libc::sockaddr>(),
+                &raw mut len,
+            )
+        };
+        if r != 0 || libc::c_int::from(ss.ss_family) != libc::AF_UNIX {
+            return;
+        }
+        let v = UNIX_SNDBUF_BYTES;
+        // SAFETY: setsockopt reads a c_int from a live local.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&raw const v).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "could not enlarge SO_SNDBUF");
+        }
     }
 
     fn ud(&self, kind: u64) -> u64 {

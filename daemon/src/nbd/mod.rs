@@ -27,10 +27,11 @@ pub mod worker;
 
 use anyhow::Context;
 use ember_blockdev::BlockDevice;
+use socket2::SockRef;
 use std::collections::HashMap;
 use std::io;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -247,7 +248,7 @@ impl NbdServer {
                 let bound = format!("unix:{}", path.display());
                 let j = std::thread::Builder::new()
                     .name("nbd-accept".into())
-                    .spawn(move || ctx.run_unix(l))
+                    .spawn(move || ctx.run(l))
                     .context("spawn accept thread")?;
                 (j, Some(path.clone()), bound)
             }
@@ -256,7 +257,7 @@ impl NbdServer {
                 let bound = l.local_addr().map(|a| a.to_string()).unwrap_or(a.clone());
                 let j = std::thread::Builder::new()
                     .name("nbd-accept".into())
-                    .spawn(move || ctx.run_tcp(l))
+                    .spawn(move || ctx.run(l))
                     .context("spawn accept thread")?;
                 (j, None, bound)
             }
@@ -341,7 +342,8 @@ fn poll_readable(fd: i32) -> Polled {
 }
 
 impl Acceptor {
-    fn run_unix(self, l: UnixListener) {
+    /// Accept clients on `l` until the server stops; each gets a handshake thread.
+    fn run<L: Listening>(self, l: L) {
         if let Err(e) = l.set_nonblocking(true) {
             tracing::error!(error = %e, "listener set-up failed");
             return;
@@ -355,40 +357,10 @@ impl Acceptor {
                     break;
                 }
             }
-            match l.accept() {
-                Ok((s, _)) => {
-                    if s.set_nonblocking(false).is_ok() {
-                        let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-                        let _ = s.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-                        self.handshake(s, "unix".to_string());
-                    }
-                }
-                Err(e) => self.accept_error(e),
-            }
-        }
-    }
-
-    fn run_tcp(self, l: TcpListener) {
-        if let Err(e) = l.set_nonblocking(true) {
-            tracing::error!(error = %e, "listener set-up failed");
-            return;
-        }
-        while !self.stop.load(Ordering::SeqCst) {
-            match poll_readable(l.as_raw_fd()) {
-                Polled::Ready => {}
-                Polled::Idle => continue,
-                Polled::Failed => {
-                    tracing::error!(error = %io::Error::last_os_error(), "listener failed");
-                    break;
-                }
-            }
-            match l.accept() {
+            match l.accept_client() {
                 Ok((s, peer)) => {
-                    if s.set_nonblocking(false).is_ok() {
-                        let _ = s.set_nodelay(true);
-                        let _ = s.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-                        let _ = s.set_write_timeout(Some(HANDSHAKE_TIMEOUT));
-                        self.handshake(s, peer.to_string());
+                    if s.prepare_handshake().is_ok() {
+                        self.handshake(s, peer);
                     }
                 }
                 Err(e) => self.accept_error(e),
@@ -462,21 +434,53 @@ impl Acceptor {
 }
 
 /// Sockets whose handshake timeouts can be cleared for the transmission phase.
-trait SetTimeouts {
-    fn clear_timeouts(&self);
-}
-
-impl SetTimeouts for UnixStream {
+/// A client socket during and after the handshake.
+trait SetTimeouts: AsFd + Sized {
+    /// Blocking, with [`HANDSHAKE_TIMEOUT`] on reads and writes.
+    fn prepare_handshake(&self) -> io::Result<()> {
+        let s = SockRef::from(self);
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
+        s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+    }
+    /// No timeouts (the I/O thread takes the socket over).
     fn clear_timeouts(&self) {
-        let _ = self.set_read_timeout(None);
-        let _ = self.set_write_timeout(None);
+        let s = SockRef::from(self);
+        let _ = s.set_read_timeout(None);
+        let _ = s.set_write_timeout(None);
     }
 }
 
-impl SetTimeouts for TcpStream {
-    fn clear_timeouts(&self) {
-        let _ = self.set_read_timeout(None);
-        let _ = self.set_write_timeout(None);
+impl SetTimeouts for UnixStream {}
+impl SetTimeouts for TcpStream {}
+
+/// What the accept loop needs of a listening socket.
+trait Listening: AsRawFd {
+    type Stream: io::Read + io::Write + Into<OwnedFd> + Send + 'static + SetTimeouts;
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()>;
+    /// Accept one client; returns it and a peer name for the logs.
+    fn accept_client(&self) -> io::Result<(Self::Stream, String)>;
+}
+
+impl Listening for UnixListener {
+    type Stream = UnixStream;
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        UnixListener::set_nonblocking(self, nonblocking)
+    }
+    fn accept_client(&self) -> io::Result<(UnixStream, String)> {
+        self.accept().map(|(s, _)| (s, "unix".to_string()))
+    }
+}
+
+impl Listening for TcpListener {
+    type Stream = TcpStream;
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+        TcpListener::set_nonblocking(self, nonblocking)
+    }
+    fn accept_client(&self) -> io::Result<(TcpStream, String)> {
+        let (s, peer) = self.accept()?;
+        let _ = s.set_nodelay(true);
+        Ok((s, peer.to_string()))
     }
 }
 
