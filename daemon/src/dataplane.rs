@@ -128,13 +128,11 @@ impl EmberDataPlane {
     /// Stop every vhost-user export (their submitted requests complete first), stop
     /// listening for NBD, close NBD connections and join the I/O threads.
     pub fn shutdown(&self) {
-        let vols: Vec<(String, Attached)> = lock(&self.volumes).drain().collect();
-        for (volume, a) in vols {
-            for (id, att) in a.attachments {
-                if let Attachment::Vhost { export } = att {
-                    tracing::info!(volume = %volume, attachment = %id, "stopping the vhost-user export");
-                    export.stop();
-                }
+        let volumes: Vec<String> = lock(&self.volumes).keys().cloned().collect();
+        for volume in volumes {
+            // The detach path of every attachment: one way to stop a front end.
+            if let Err(e) = self.close_export(&volume) {
+                tracing::warn!(volume = %volume, "{e:#}");
             }
         }
         let server = lock(&self.nbd).take();
