@@ -451,32 +451,10 @@ fn full_tour_encrypted_volume() {
     let dump = run_ok(Command::new("cryptsetup").args(["luksDump", file.to_str().unwrap()]));
     let dump = String::from_utf8_lossy(&dump.stdout);
     assert!(dump.contains("Version:") && dump.contains("2"), "{dump}");
-    let key = reqwest::blocking::Client::new()
-        .get(format!("{}/v1/secrets/{key_id}/payload", n.url))
-        .header("X-Auth-Token", &p.token)
-        .header("Accept", "application/octet-stream")
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap();
-    assert_eq!(key.len(), 64);
-    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    let mut c = Command::new("cryptsetup")
-        .args([
-            "open",
-            "--test-passphrase",
-            "--key-file=-",
-            file.to_str().unwrap(),
-        ])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        c.stdin.take().unwrap().write_all(hex.as_bytes()).unwrap();
-    }
+    let hex = key_hex(&n, &p, &key_id);
+    assert_eq!(hex.len(), 128, "a 512-bit key");
     assert!(
-        c.wait().unwrap().success(),
+        opens_with(&file, &hex),
         "cryptsetup rejected the hex passphrase"
     );
     let raw = std::fs::read(&file).unwrap();
@@ -497,38 +475,15 @@ fn full_tour_encrypted_volume() {
     let ckey = cv["encryption_key_id"].as_str().unwrap().to_string();
     assert_ne!(ckey, key_id);
     let cfile = n.pool_dir().join(format!("{cid}.img"));
-    let test_pass = |file: &Path, pass: &str| {
-        let mut c = Command::new("cryptsetup")
-            .args([
-                "open",
-                "--test-passphrase",
-                "--key-file=-",
-                file.to_str().unwrap(),
-            ])
-            .stdin(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        {
-            use std::io::Write;
-            c.stdin.take().unwrap().write_all(pass.as_bytes()).unwrap();
-        }
-        c.wait().unwrap().success()
-    };
     assert!(
-        !test_pass(&cfile, &hex),
+        !opens_with(&cfile, &hex),
         "the clone must not open with the source's key"
     );
-    let ckey_bytes = reqwest::blocking::Client::new()
-        .get(format!("{}/v1/secrets/{ckey}/payload", n.url))
-        .header("X-Auth-Token", &p.token)
-        .header("Accept", "application/octet-stream")
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap();
-    let chex: String = ckey_bytes.iter().map(|b| format!("{b:02x}")).collect();
-    assert!(test_pass(&cfile, &chex), "the clone opens with its own key");
+    let chex = key_hex(&n, &p, &ckey);
+    assert!(
+        opens_with(&cfile, &chex),
+        "the clone opens with its own key"
+    );
     // The clone's data reads back over NBD.
     let ci = attach(&n, &p, &cid, "nbd");
     let curi = ci["data"]["uri"].as_str().unwrap().to_string();
@@ -1462,9 +1417,15 @@ fn vhost_terminate_ends_the_live_session() {
     let ci = attach(&n, &p, &id, "vhost-user");
     let sock = PathBuf::from(ci["data"]["socket_path"].as_str().unwrap());
     let att = ci["data"]["attachment_id"].as_str().unwrap().to_string();
+    // A new thread names itself once it runs: wait (bounded) for the names.
+    let want = vec!["vhost-listen", "vhost-q0", "vhost-q1"];
+    let t0 = Instant::now();
+    while vhost_threads(pid) != want && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         vhost_threads(pid),
-        vec!["vhost-listen", "vhost-q0", "vhost-q1"],
+        want,
         "one listener and one worker per queue"
     );
 
