@@ -1,23 +1,51 @@
 #!/usr/bin/env bash
 # Install everything Ember's tests and benches need, on Debian 12 (bookworm), as root.
 #
-# Idempotent and fast on re-runs: when every package is already installed (and the QEMU
-# packages agree on one version) no apt command runs at all.
+# Works from a machine that has nothing but a Rust toolchain, and is idempotent and fast on
+# re-runs: when every package is already installed (and the QEMU packages agree on one
+# version) no apt command runs at all.
 #
 #   scripts/install-test-deps.sh            # install what is missing
 #   scripts/install-test-deps.sh --check    # only report what is missing (exit 1 if any)
+#   scripts/install-test-deps.sh --plan     # print what an install would do, one action a
+#                                           # line, change nothing, exit 0
+#
+# --plan prints lines of the form
+#   apt-update
+#   install PACKAGE             (one line per missing Debian package)
+#   align-qemu VERSION          (QEMU packages to be brought to one version)
+#   guest-kernel PACKAGE|unknown
+#   rust-component NAME
+# The test command runs it against an empty package database (scripts/check-install-plan.sh)
+# so that the fresh-machine path is exercised even on a machine that has everything.
 #
 # Environment:
-#   EMBER_GUEST_CACHE  where the guest kernel .deb is kept (default /var/cache/ember-test;
-#                      tests/guest/build.sh reads it from there)
-set -euo pipefail
+#   EMBER_GUEST_CACHE     where the guest kernel .deb is kept (default /var/cache/ember-test;
+#                         tests/guest/build.sh reads it from there)
+#   EMBER_DPKG_ADMINDIR   dpkg database to read installed packages from (dpkg-query
+#                         --admindir; default: the system's). For --plan tests.
+#   EMBER_APT_LISTS_EMPTY=1  behave as if apt's package lists were empty (a fresh image)
+set -Eeuo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
-CHECK_ONLY=0
-[[ "${1:-}" == "--check" ]] && CHECK_ONLY=1
+MODE=install
+case "${1:-}" in
+    "") ;;
+    --check) MODE=check ;;
+    --plan) MODE=plan ;;
+    *)
+        echo "usage: install-test-deps.sh [--check|--plan]" >&2
+        exit 2
+        ;;
+esac
 
 log() { printf 'install-test-deps: %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+die() {
+    log "error: $*"
+    exit 1
+}
+# No silent exits: any command that fails under `set -e` names itself and its line.
+trap 'rc=$?; log "error: line $LINENO: \`$BASH_COMMAND\` exited with status $rc"; exit $rc' ERR
 
 # Debian packages the tests and benches call (grep tests/ for require_tool to extend this).
 PKGS=(
@@ -29,30 +57,40 @@ PKGS=(
     fio linux-perf
     # LUKS interoperability
     cryptsetup-bin
+    # TLS credentials for the NBD TLS tests (psktool, certtool)
+    gnutls-bin
     # guest initramfs builder
     busybox-static cpio xz-utils kmod zstd
     # iSCSI backend tests (target + initiator tools)
     tgt libiscsi-bin
-    # control-plane store tests
-    mariadb-server mariadb-client
+    # control-plane store tests (single MariaDB and a Galera cluster)
+    mariadb-server mariadb-client galera-4
+    # metrics checks (promtool)
+    prometheus
+    # the test command's own checks, the OpenStack client virtualenv
+    shellcheck git python3 python3-pip python3-venv
     # build and misc
     pkg-config gcc make iproute2 procps util-linux e2fsprogs openssl curl ca-certificates
-    python3 python3-pip
 )
 # QEMU packages must share one version (Debian's qemu-system-x86 conflicts with a newer
-# qemu-utils from backports).
+# qemu-utils from backports, which some images preinstall).
 QEMU_PINNED=(qemu-utils qemu-block-extra)
 
 APT_UPDATED=0
 apt_update_once() {
     ((APT_UPDATED)) && return 0
     [[ $(id -u) -eq 0 ]] || die "apt-get update needs root"
-    apt-get update -q
+    log "apt-get update"
+    apt-get update -q || die "apt-get update failed (is the Debian mirror reachable?)"
     APT_UPDATED=1
 }
 
+# installed_version PKG: the installed version, or nothing. Never fails: a package that
+# dpkg does not know is simply not installed (dpkg-query exits 1 for it).
 installed_version() {
-    dpkg-query -W -f='${Status} ${Version}\n' "$1" 2>/dev/null |
+    local admindir=()
+    [[ -n "${EMBER_DPKG_ADMINDIR:-}" ]] && admindir=(--admindir="$EMBER_DPKG_ADMINDIR")
+    { dpkg-query "${admindir[@]}" -W -f='${Status} ${Version}\n' "$1" 2>/dev/null || true; } |
         awk '$1=="install" && $3=="installed" {print $4}'
 }
 
@@ -72,16 +110,55 @@ if [[ -n "$qemu_sys_v" ]]; then
     done
 fi
 
+# Guest kernel for the QEMU tests: tests/guest/build.sh picks Debian's newest 6.1 cloud
+# kernel with `apt-cache search` (so the package lists must be populated; a fresh image
+# often ships without them) and takes its .deb from $EMBER_GUEST_CACHE, which this fills.
+kernel_pkg() {
+    [[ "${EMBER_APT_LISTS_EMPTY:-0}" == 1 ]] && return 0
+    { apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' 2>/dev/null || true; } |
+        awk '{print $1}' | sort -V | tail -n 1
+}
+GUEST_CACHE="${EMBER_GUEST_CACHE:-/var/cache/ember-test}"
+kernel_cached() { compgen -G "$GUEST_CACHE/${1}_*.deb" >/dev/null; }
+
+# Rust components the test command uses.
+rust_missing=()
+if command -v rustup >/dev/null; then
+    have="$(rustup component list --installed 2>/dev/null || true)"
+    for c in clippy rustfmt; do
+        grep -q "^$c" <<<"$have" || rust_missing+=("$c")
+    done
+else
+    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs)"
+    cargo clippy --version >/dev/null 2>&1 || die "cargo clippy missing and no rustup to add it"
+    cargo fmt --version >/dev/null 2>&1 || die "cargo fmt missing and no rustup to add it"
+fi
+
+if [[ "$MODE" == plan ]]; then
+    kpkg="$(kernel_pkg)"
+    if ((${#missing[@]})) || [[ -z "$kpkg" ]]; then echo "apt-update"; fi
+    for p in "${missing[@]}"; do echo "install $p"; done
+    ((qemu_skew)) && echo "align-qemu $qemu_sys_v"
+    if [[ -z "$kpkg" ]]; then
+        echo "guest-kernel unknown"
+    elif ! kernel_cached "$kpkg"; then
+        echo "guest-kernel $kpkg"
+    fi
+    for c in "${rust_missing[@]}"; do echo "rust-component $c"; done
+    exit 0
+fi
+
+# ---- packages ---------------------------------------------------------------------------
 if ((${#missing[@]} == 0 && qemu_skew == 0)); then
     log "all ${#PKGS[@]} packages present"
-elif ((CHECK_ONLY)); then
+elif [[ "$MODE" == check ]]; then
     die "missing: ${missing[*]:-none}; qemu version skew: $qemu_skew"
 else
     [[ $(id -u) -eq 0 ]] || die "missing packages (${missing[*]}): run me as root"
     log "installing: ${missing[*]:-(qemu version alignment)}"
     apt_update_once
     V="$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')"
-    [[ -n "$V" && "$V" != "(none)" ]] || die "no installable qemu-system-x86 candidate"
+    [[ -n "$V" && "$V" != "(none)" ]] || die "no installable qemu-system-x86 candidate in apt"
     rest=()
     for p in "${PKGS[@]}"; do
         case " ${QEMU_PINNED[*]} qemu-system-x86 " in
@@ -89,47 +166,51 @@ else
             *) rest+=("$p") ;;
         esac
     done
-    apt-get install -y -q --allow-downgrades \
-        "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" "${rest[@]}"
+    # Package scripts must not start services on their own (mariadb-server's postinst would
+    # start MariaDB under a service manager this machine may not have): the test command
+    # starts what it needs itself.
+    policy=/usr/sbin/policy-rc.d
+    made_policy=0
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        made_policy=1
+    fi
+    rc=0
+    apt-get install -y -q --allow-downgrades -o Dpkg::Options::=--force-confdef \
+        -o Dpkg::Options::=--force-confold \
+        "qemu-system-x86=$V" "qemu-utils=$V" "qemu-block-extra=$V" "${rest[@]}" || rc=$?
+    ((made_policy)) && rm -f "$policy"
+    ((rc == 0)) || die "apt-get install failed with status $rc (see apt's output above)"
+    # Check, rather than trust: every package must now be installed.
+    still=()
+    for p in "${PKGS[@]}"; do
+        [[ -n "$(installed_version "$p")" ]] || still+=("$p")
+    done
+    ((${#still[@]} == 0)) || die "still not installed after apt-get: ${still[*]}"
 fi
 
-# Guest kernel for the QEMU tests: tests/guest/build.sh picks Debian's newest 6.1 cloud
-# kernel with `apt-cache search` (so the package lists must be populated; a fresh container
-# image often ships without them) and takes its .deb from $EMBER_GUEST_CACHE, which this
-# fills (else it runs `apt-get download` itself).
-kernel_pkg() {
-    apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' |
-        awk '{print $1}' | sort -V | tail -n 1
-}
+# ---- guest kernel -----------------------------------------------------------------------
 if [[ -z "$(kernel_pkg)" ]]; then
-    ((CHECK_ONLY)) && die "apt lists have no linux-image-6.1.0-*-cloud-amd64 (apt-get update)"
+    [[ "$MODE" == check ]] && die "apt lists have no linux-image-6.1.0-*-cloud-amd64 (apt-get update)"
     apt_update_once
 fi
 kpkg="$(kernel_pkg)"
 [[ -n "$kpkg" ]] || die "no linux-image-6.1.0-*-cloud-amd64 package in the apt lists"
-GUEST_CACHE="${EMBER_GUEST_CACHE:-/var/cache/ember-test}"
-if ! compgen -G "$GUEST_CACHE/${kpkg}_*.deb" >/dev/null; then
-    ((CHECK_ONLY)) && die "guest kernel $kpkg not in $GUEST_CACHE"
+if ! kernel_cached "$kpkg"; then
+    [[ "$MODE" == check ]] && die "guest kernel $kpkg not in $GUEST_CACHE"
     mkdir -p "$GUEST_CACHE"
     log "downloading $kpkg into $GUEST_CACHE"
     # apt-get download would drop privileges to _apt, which cannot write into a root dir.
-    (cd "$GUEST_CACHE" && apt-get download -q -o APT::Sandbox::User=root "$kpkg")
+    (cd "$GUEST_CACHE" && apt-get download -q -o APT::Sandbox::User=root "$kpkg") ||
+        die "apt-get download $kpkg failed"
 fi
 log "guest kernel: $(compgen -G "$GUEST_CACHE/${kpkg}_*.deb" | head -1)"
 
-# Rust components used by the test command.
-if command -v rustup >/dev/null; then
-    have="$(rustup component list --installed 2>/dev/null || true)"
-    for c in clippy rustfmt; do
-        if ! grep -q "^$c" <<<"$have"; then
-            ((CHECK_ONLY)) && die "rust component $c missing"
-            log "rustup component add $c"
-            rustup component add "$c"
-        fi
-    done
-else
-    command -v cargo >/dev/null || die "cargo not found: install Rust (https://rustup.rs)"
-    cargo clippy --version >/dev/null 2>&1 || die "cargo clippy missing"
-    cargo fmt --version >/dev/null 2>&1 || die "cargo fmt missing"
-fi
+# ---- Rust components --------------------------------------------------------------------
+for c in "${rust_missing[@]}"; do
+    [[ "$MODE" == check ]] && die "rust component $c missing"
+    log "rustup component add $c"
+    rustup component add "$c" || die "rustup component add $c failed"
+done
 log "ok"

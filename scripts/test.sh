@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Ember's one test command: install the test tools, start MariaDB, then fmt, clippy and
-# every test of the workspace (unit, protocol and end-to-end with real clients).
+# Ember's one test command: install the test tools, check the installer's fresh-machine
+# plan and every shell script, start MariaDB, then fmt, clippy and every test of the
+# workspace (unit, protocol and end-to-end with real clients), and finally check that the
+# run left the source tree as it found it.
 #
 #   scripts/test.sh                 # everything (what CI runs through .ci/run)
 #   scripts/test.sh -- nbd_         # extra args go to `cargo test` (e.g. a test-name filter)
@@ -16,7 +18,7 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
+cd "$ROOT" || exit 1
 exec </dev/null
 
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -127,6 +129,39 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
+# ---- shellcheck and the source tree ----------------------------------------------------
+# Every shell script the test command runs or ships (settings in .shellcheckrc).
+shellcheck_all() {
+    local files=()
+    mapfile -t files < <(git ls-files -- '*.sh' .ci/run 2>/dev/null || find . -name '*.sh' -not -path './target/*')
+    ((${#files[@]})) || files=(scripts/*.sh tests/guest/build.sh benches/*.sh .ci/run)
+    echo "shellcheck ${#files[@]} scripts"
+    shellcheck "${files[@]}"
+}
+
+# What git sees in the tree, ignored files included, minus the build directory: tests must
+# not write into the source tree (they write into temporary directories).
+tree_state() {
+    git rev-parse --is-inside-work-tree >/dev/null 2>&1 || return 0
+    git status --porcelain --ignored=matching --untracked-files=all 2>/dev/null |
+        grep -v -e '^!! target/' -e '^!! ember-data/' || true
+}
+
+tree_unchanged() {
+    if ! git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+        echo "not a git checkout: nothing to compare"
+        return 0
+    fi
+    local after
+    after="$(tree_state)"
+    if [[ "$after" != "$1" ]]; then
+        echo "the test run changed the source tree (tests must write into temp dirs only):"
+        diff <(printf '%s\n' "$1") <(printf '%s\n' "$after") || true
+        return 1
+    fi
+    echo "source tree unchanged"
+}
+
 # ---- the steps ------------------------------------------------------------------------
 # Everything runs inside main(), so bash has parsed the whole file before the first step:
 # editing or checking out this script while it runs cannot change what it does.
@@ -140,9 +175,13 @@ main() {
         exit 2
     fi
 
+    local tree_before
+    tree_before="$(tree_state)"
     if [[ "${EMBER_SKIP_INSTALL:-0}" != 1 ]]; then
         step deps "$ROOT/scripts/install-test-deps.sh"
     fi
+    step plan "$ROOT/scripts/check-install-plan.sh"
+    step shellcheck shellcheck_all
     step mariadb start_mysql
     step fmt cargo fmt --all -- --check
     step clippy cargo clippy --workspace --all-targets -- -D warnings
@@ -151,6 +190,7 @@ main() {
     step cli-ref "$ROOT/scripts/cli-reference.sh" --check "${CARGO_TARGET_DIR:-$ROOT/target}/debug/emberd"
     step test timeout --signal=TERM --kill-after=60 "${TEST_TIMEOUT_MIN}m" \
         cargo test --workspace --no-fail-fast -- "${TEST_ARGS[@]}"
+    step clean-tree tree_unchanged "$tree_before"
 
     summary
     exit "$FAILED"

@@ -227,7 +227,8 @@ fn nbdcopy_four_connections_round_trip() {
 fn fio_nbd_engine_verifies_crc32c() {
     require_tool("fio");
     let srv = Srv::start(32 << 20, &[]);
-    let out = run_ok(Command::new("fio").args([
+    // fio writes its verify state file into its working directory: keep it in the temp dir.
+    let out = run_ok(Command::new("fio").current_dir(srv.dir.path()).args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", srv.uri()),

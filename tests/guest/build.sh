@@ -16,7 +16,10 @@ for tool in apt-get apt-cache dpkg-deb cpio; do
     command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing" >&2; exit 1; }
 done
 BUSYBOX=$(command -v busybox || true)
-[ -n "$BUSYBOX" ] && "$BUSYBOX" --list | grep -qx sh || { echo "build.sh: busybox-static is missing" >&2; exit 1; }
+if [ -z "$BUSYBOX" ] || ! "$BUSYBOX" --list | grep -qx sh; then
+    echo "build.sh: busybox-static is missing" >&2
+    exit 1
+fi
 NBDCLIENT=$(command -v nbd-client || echo /usr/sbin/nbd-client)
 [ -x "$NBDCLIENT" ] || { echo "build.sh: nbd-client is missing" >&2; exit 1; }
 
@@ -29,10 +32,10 @@ PKG=$(apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-cloud-amd64$' |
 [ -n "$PKG" ] || { echo "build.sh: no linux-image-6.1.0-*-cloud-amd64 in apt (run apt-get update)" >&2; exit 1; }
 # scripts/install-test-deps.sh pre-downloads it into $EMBER_GUEST_CACHE; else fetch it now.
 CACHE=${EMBER_GUEST_CACHE:-/var/cache/ember-test}
-DEB=$(ls "$CACHE/${PKG}"_*.deb 2>/dev/null | head -n 1 || true)
+DEB=$(find "$CACHE" -maxdepth 1 -name "${PKG}_*.deb" 2>/dev/null | head -n 1 || true)
 if [ -z "$DEB" ]; then
     apt-get download -q -o APT::Sandbox::User=root "$PKG" >/dev/null
-    DEB=$(ls ./"$PKG"_*.deb | head -n 1)
+    DEB=$(find . -maxdepth 1 -name "${PKG}_*.deb" | head -n 1)
 fi
 dpkg-deb -x "$DEB" kroot
 KVER=${PKG#linux-image-}
