@@ -16,6 +16,7 @@
 #   align-qemu VERSION          (QEMU packages to be brought to one version)
 #   guest-kernel PACKAGE|unknown
 #   rust-component NAME
+#   cargo-install CRATE VERSION
 # The test command runs it against an empty package database (scripts/check-install-plan.sh)
 # so that the fresh-machine path is exercised even on a machine that has everything.
 #
@@ -25,6 +26,7 @@
 #   EMBER_DPKG_ADMINDIR   dpkg database to read installed packages from (dpkg-query
 #                         --admindir; default: the system's). For --plan tests.
 #   EMBER_APT_LISTS_EMPTY=1  behave as if apt's package lists were empty (a fresh image)
+#   EMBER_TOOLS_MISSING=1    behave as if no rustup component or cargo tool were installed
 set -Eeuo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -70,7 +72,7 @@ PKGS=(
     # the test command's own checks, the OpenStack client virtualenv
     shellcheck git python3 python3-pip python3-venv
     # build and misc
-    pkg-config gcc make iproute2 procps util-linux e2fsprogs openssl curl ca-certificates
+    pkg-config gcc g++ make iproute2 procps util-linux e2fsprogs openssl curl ca-certificates
 )
 # QEMU packages must share one version (Debian's qemu-system-x86 conflicts with a newer
 # qemu-utils from backports, which some images preinstall).
@@ -121,10 +123,12 @@ kernel_pkg() {
 GUEST_CACHE="${EMBER_GUEST_CACHE:-/var/cache/ember-test}"
 kernel_cached() { compgen -G "$GUEST_CACHE/${1}_*.deb" >/dev/null; }
 
-# Rust components the test command uses.
+# Rust components and cargo tools the test command uses.
+TOOLS_MISSING="${EMBER_TOOLS_MISSING:-0}"
 rust_missing=()
 if command -v rustup >/dev/null; then
     have="$(rustup component list --installed 2>/dev/null || true)"
+    [[ "$TOOLS_MISSING" == 1 ]] && have=""
     for c in clippy rustfmt; do
         grep -q "^$c" <<<"$have" || rust_missing+=("$c")
     done
@@ -133,6 +137,17 @@ else
     cargo clippy --version >/dev/null 2>&1 || die "cargo clippy missing and no rustup to add it"
     cargo fmt --version >/dev/null 2>&1 || die "cargo fmt missing and no rustup to add it"
 fi
+
+# cargo-fuzz drives the fuzz targets (scripts/fuzz.sh); pinned so runs are repeatable.
+CARGO_TOOLS=("cargo-fuzz 0.13.2")
+cargo_missing=()
+for t in "${CARGO_TOOLS[@]}"; do
+    name="${t% *}"
+    ver="${t#* }"
+    have_v="$({ "$name" --version 2>/dev/null || "$HOME/.cargo/bin/$name" --version 2>/dev/null || true; } | awk '{print $2}')"
+    [[ "$TOOLS_MISSING" == 1 ]] && have_v=""
+    [[ "$have_v" == "$ver" ]] || cargo_missing+=("$t")
+done
 
 if [[ "$MODE" == plan ]]; then
     kpkg="$(kernel_pkg)"
@@ -145,6 +160,7 @@ if [[ "$MODE" == plan ]]; then
         echo "guest-kernel $kpkg"
     fi
     for c in "${rust_missing[@]}"; do echo "rust-component $c"; done
+    for t in "${cargo_missing[@]}"; do echo "cargo-install $t"; done
     exit 0
 fi
 
@@ -212,5 +228,11 @@ for c in "${rust_missing[@]}"; do
     [[ "$MODE" == check ]] && die "rust component $c missing"
     log "rustup component add $c"
     rustup component add "$c" || die "rustup component add $c failed"
+done
+for t in "${cargo_missing[@]}"; do
+    [[ "$MODE" == check ]] && die "cargo tool missing: $t"
+    log "cargo install ${t% *} --version ${t#* } --locked"
+    cargo install --locked --quiet "${t% *}" --version "${t#* }" ||
+        die "cargo install ${t% *} failed"
 done
 log "ok"

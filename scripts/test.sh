@@ -190,6 +190,8 @@ main() {
     step cli-ref "$ROOT/scripts/cli-reference.sh" --check "${CARGO_TARGET_DIR:-$ROOT/target}/debug/emberd"
     step test timeout --signal=TERM --kill-after=60 "${TEST_TIMEOUT_MIN}m" \
         cargo test --workspace --no-fail-fast -- "${TEST_ARGS[@]}"
+    # Every fuzz target, one minute in all (scripts/fuzz.sh TARGET SECONDS for longer runs).
+    step fuzz "$ROOT/scripts/fuzz.sh"
     step clean-tree tree_unchanged "$tree_before"
 
     summary

@@ -7,7 +7,8 @@
 //! - Domain modules, each owning its routes: [`projects`] (projects, tokens),
 //!   [`types`] (volume types, extra specs, metadata, encryption, access), [`metadefs`]
 //!   (Glance-style catalog, enforced on types), [`keys`] (Barbican-style secrets and
-//!   orders, sealed with a master key), [`volumes`] (next issue), [`openapi`].
+//!   orders, sealed with a master key), [`volumes`] (volumes, snapshots, clones, attachments; start-up reconciliation),
+//!   [`locks`] (the database read-write lock), [`openapi`].
 //! - [`Control::open`] connects, migrates and bootstraps (admin project and token file,
 //!   `__DEFAULT__` type, standard metadef namespaces, node registration);
 //!   [`Control::router`] gives the axum router to serve.

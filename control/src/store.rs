@@ -78,7 +78,7 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
          creator_id VARCHAR(64) NOT NULL, order_type VARCHAR(16) NOT NULL, status VARCHAR(16) NOT NULL, \
          meta TEXT NOT NULL, secret_id VARCHAR(64) NULL, error_reason VARCHAR(255) NULL, \
          created_at VARCHAR(40) NOT NULL, updated_at VARCHAR(40) NOT NULL)",
-        // Volumes arrive with the next issue; the table exists now so "in use" queries are real.
+        // The first volumes table (migration 1); migration 2 (volumes::SCHEMA) extends it.
         "CREATE TABLE IF NOT EXISTS volumes (id VARCHAR(64) NOT NULL PRIMARY KEY, project_id VARCHAR(64) NOT NULL, \
          name VARCHAR(255) NOT NULL, size_bytes BIGINT NOT NULL, type_id VARCHAR(64) NOT NULL, \
          encryption_key_id VARCHAR(64) NULL, pool VARCHAR(255) NOT NULL, node_id VARCHAR(255) NULL, \

@@ -5,7 +5,9 @@
 //! SIGINT or SIGTERM (blocked in every thread and taken with `sigwait`, so no handler
 //! runs in the middle of I/O), shuts the server down, removes its Unix sockets and
 //! exits 0. With `--vhost-user SOCKET` the same device is also served to vhost-user-blk
-//! frontends (QEMU) by [`crate::vhost::spawn`]. LUKS is not hooked up here yet.
+//! frontends (QEMU) by [`crate::vhost::spawn`]. With `--passphrase-file` the file is
+//! opened as a LUKS1/LUKS2 volume and its plaintext is served (the crypt layer of
+//! `ember-blockdev` over the file); the listeners appear once the keyslot is unlocked.
 
 use crate::nbd::{ListenAddr, NbdServer};
 use anyhow::Context;

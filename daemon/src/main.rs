@@ -9,13 +9,7 @@
 //! `main` only parses arguments, installs logging and dispatches; each subcommand lives
 //! in its own module with its `*Args` and a `run` function.
 
-mod dataplane;
-mod export;
-mod logging;
-mod luks;
-mod nbd;
-mod serve;
-mod vhost;
+use ember_daemon::{export, logging, luks, serve};
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -122,6 +122,11 @@ impl InflightArea {
         self.len
     }
 
+    /// Whether nothing is mapped (never, for an area that was created).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The region of queue `q`.
     pub fn queue(self: &Arc<Self>, q: u16) -> Option<QueueInflight> {
         if q >= self.num_queues {
