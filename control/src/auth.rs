@@ -11,8 +11,8 @@
 //! a hidden extra spec) → 404.
 
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use crate::store::{get_str, new_id, now};
-use crate::AppState;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};

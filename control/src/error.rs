@@ -14,6 +14,8 @@ use serde_json::json;
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Seconds after which a retry is worth it (`Retry-After`); 503 always carries one.
+    pub retry_after: Option<u64>,
 }
 
 /// Result alias for handlers.
@@ -47,6 +49,14 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+    /// 409 with `Retry-After` (a lock held by others).
+    pub fn busy(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        ApiError {
+            retry_after: Some(retry_after_secs.max(1)),
+            ..Self::conflict(message)
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -90,9 +100,13 @@ impl IntoResponse for ApiError {
             axum::Json(error_body(self.status, &self.message)),
         )
             .into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        let retry_after = match (self.retry_after, self.status) {
+            (Some(s), _) => Some(s),
+            (None, StatusCode::SERVICE_UNAVAILABLE) => Some(5),
+            (None, _) => None,
+        };
+        if let Some(v) = retry_after.and_then(|s| HeaderValue::from_str(&s.to_string()).ok()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
         resp
     }
@@ -132,6 +146,17 @@ impl From<sqlx::Error> for ApiError {
         }
         tracing::error!(error = %e, "database error");
         ApiError::internal("internal database error (see the daemon log)")
+    }
+}
+
+impl From<crate::locks::LockError> for ApiError {
+    fn from(e: crate::locks::LockError) -> Self {
+        match e {
+            crate::locks::LockError::Busy { retry_after, .. } => {
+                ApiError::busy(e.to_string(), retry_after.as_secs())
+            }
+            crate::locks::LockError::Db(e) => e.into(),
+        }
     }
 }
 

@@ -2,13 +2,17 @@
 //! and the domain modules.
 //!
 //! Layout:
-//! - [`store`]: connection, dialect, migrations; [`error`]: Cinder-style errors;
-//!   [`api`]: strict JSON extractor and error middleware; [`auth`]: tokens and roles.
+//! - Plumbing, below every domain module: [`store`] (connection, dialect, migration
+//!   runner), [`error`] (Cinder-style errors), [`api`] (strict JSON extractor, error
+//!   middleware), [`seal`] (the master key), [`locks`] (the database read-write lock),
+//!   [`dataplane`] (the boundary to the data plane), [`state`] ([`AppState`], what
+//!   handlers share), [`auth`] (tokens and roles).
 //! - Domain modules, each owning its routes: [`projects`] (projects, tokens),
 //!   [`types`] (volume types, extra specs, metadata, encryption, access), [`metadefs`]
 //!   (Glance-style catalog, enforced on types), [`keys`] (Barbican-style secrets and
 //!   orders, sealed with a master key), [`volumes`] (volumes, snapshots, clones, attachments; start-up reconciliation),
-//!   [`locks`] (the database read-write lock), [`openapi`].
+//!   [`locks::api`] (the locks' own routes).
+//! - Above them all: [`schema`] (every migration, in order) and [`openapi`] (the router).
 //! - [`Control::open`] connects, migrates and bootstraps (admin project and token file,
 //!   `__DEFAULT__` type, standard metadef namespaces, node registration);
 //!   [`Control::router`] gives the axum router to serve.
@@ -24,6 +28,9 @@ pub mod locks;
 pub mod metadefs;
 pub mod openapi;
 pub mod projects;
+pub mod schema;
+pub mod seal;
+pub mod state;
 pub mod store;
 pub mod types;
 pub mod volumes;
@@ -35,6 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use dataplane::{DataPlane, ExportSpec, NoDataPlane};
+pub use state::AppState;
 pub use store::Db;
 
 /// Settings of the control plane.
@@ -50,37 +58,6 @@ pub struct ControlConfig {
     pub node_name: String,
     /// Address the REST API is served on (recorded in `nodes`).
     pub rest_address: String,
-}
-
-struct Inner {
-    db: Db,
-    master: keys::MasterKey,
-    node_name: String,
-    dataplane: Arc<dyn DataPlane>,
-    locks: locks::Locks,
-}
-
-/// State shared by all handlers (cheap to clone).
-#[derive(Clone)]
-pub struct AppState(Arc<Inner>);
-
-impl AppState {
-    pub fn db(&self) -> &Db {
-        &self.0.db
-    }
-    pub fn master(&self) -> &keys::MasterKey {
-        &self.0.master
-    }
-    pub fn node_name(&self) -> &str {
-        &self.0.node_name
-    }
-    pub fn dataplane(&self) -> &Arc<dyn DataPlane> {
-        &self.0.dataplane
-    }
-    /// The database read-write locks, as this node.
-    pub fn locks(&self) -> &locks::Locks {
-        &self.0.locks
-    }
 }
 
 /// An opened control plane.
@@ -102,7 +79,9 @@ impl Control {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("create data dir {}", cfg.data_dir.display()))?;
         let db = Db::connect(&cfg.database).await?;
-        db.migrate().await.context("database migrations")?;
+        db.migrate(schema::MIGRATIONS)
+            .await
+            .context("database migrations")?;
         if db.dialect == store::Dialect::Sqlite {
             // Write-ahead log: a commit costs one fsync instead of several, so short lock
             // transactions stay short while volume copies load the disk (persistent).
@@ -112,22 +91,16 @@ impl Control {
                 .context("switch SQLite to WAL")?;
         }
         let master = match &cfg.master_key_file {
-            Some(p) => keys::MasterKey::load(p)?,
-            None => keys::MasterKey::load_or_create(&cfg.data_dir.join("master.key"))?,
+            Some(p) => seal::MasterKey::load(p)?,
+            None => seal::MasterKey::load_or_create(&cfg.data_dir.join("master.key"))?,
         };
-        keys::check_master_key(&db, &master).await?;
+        seal::check_master_key(&db, &master).await?;
         let locks = locks::Locks::new(
             db.pool.clone(),
             db.dialect == store::Dialect::MySql,
             cfg.node_name.clone(),
         );
-        let state = AppState(Arc::new(Inner {
-            db,
-            master,
-            node_name: cfg.node_name.clone(),
-            dataplane,
-            locks,
-        }));
+        let state = AppState::new(db, master, cfg.node_name.clone(), dataplane, locks);
         let admin_token_path = cfg.data_dir.join("admin-token");
         // Several nodes may start at once on one database: a bootstrap step that loses a
         // race (unique key) is retried and then finds the other node's rows.

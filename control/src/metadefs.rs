@@ -20,8 +20,8 @@
 use crate::api::{check_len, parse_bool, ApiJson};
 use crate::auth::Ctx;
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use crate::store::{execute_args, get_i64, get_str, now, Db, Tx};
-use crate::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;

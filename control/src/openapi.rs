@@ -4,7 +4,8 @@
 //! /openapi.json` serves the spec; a test checks spec and router against each other.
 
 use crate::api::{cinder_errors, fallback, MAX_BODY};
-use crate::{keys, locks, metadefs, projects, types, volumes, AppState};
+use crate::state::AppState;
+use crate::{keys, locks, metadefs, projects, types, volumes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::Json;
 use std::sync::Arc;

@@ -5,8 +5,8 @@
 use crate::api::{check_len, check_required_name, ApiJson};
 use crate::auth::{generate_token, insert_token, Ctx, Role};
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use crate::store::{get_str, new_id, now};
-use crate::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;

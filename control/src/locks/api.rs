@@ -9,9 +9,8 @@
 use super::{LockRequest, Mode};
 use crate::api::{check_len, ApiJson};
 use crate::auth::Ctx;
-use crate::error::ApiError;
-use crate::volumes::api::{VResult, VolError};
-use crate::AppState;
+use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -83,7 +82,7 @@ pub async fn list_locks(
     State(st): State<AppState>,
     ctx: Ctx,
     Query(q): Query<LockQuery>,
-) -> VResult<Json<Value>> {
+) -> ApiResult<Json<Value>> {
     ctx.require_admin()?;
     let locks = st
         .locks()
@@ -101,7 +100,7 @@ pub async fn lock_history(
     State(st): State<AppState>,
     ctx: Ctx,
     Query(q): Query<HistoryQuery>,
-) -> VResult<Json<Value>> {
+) -> ApiResult<Json<Value>> {
     ctx.require_admin()?;
     let t = q.resource_type.unwrap_or_else(|| "volume".into());
     let h = st.locks().history(&t, &q.resource_id).await?;
@@ -116,7 +115,7 @@ pub async fn create_lock(
     State(st): State<AppState>,
     ctx: Ctx,
     ApiJson(body): ApiJson<LockCreateBody>,
-) -> VResult<(StatusCode, Json<Value>)> {
+) -> ApiResult<(StatusCode, Json<Value>)> {
     ctx.require_admin()?;
     let l = body.lock;
     check_len("lock.resource_type", &l.resource_type, 1, 32)?;
@@ -127,11 +126,15 @@ pub async fn create_lock(
     check_len("lock.holder", &holder, 0, 255)?;
     let ttl = l.ttl_s.unwrap_or(DEFAULT_TTL_S);
     if ttl == 0 || ttl > MAX_TTL_S {
-        return Err(ApiError::bad_request(format!("`lock.ttl_s` must be 1..{MAX_TTL_S}")).into());
+        return Err(ApiError::bad_request(format!(
+            "`lock.ttl_s` must be 1..{MAX_TTL_S}"
+        )));
     }
     let wait = l.wait_s.unwrap_or(0.0);
     if !(0.0..=MAX_WAIT_S as f64).contains(&wait) {
-        return Err(ApiError::bad_request(format!("`lock.wait_s` must be 0..{MAX_WAIT_S}")).into());
+        return Err(ApiError::bad_request(format!(
+            "`lock.wait_s` must be 0..{MAX_WAIT_S}"
+        )));
     }
     let req = LockRequest {
         resource_type: l.resource_type,
@@ -148,7 +151,7 @@ pub async fn create_lock(
             Some(h) => h,
             None => {
                 // One attempt failed: say why through the same path as a timed-out wait.
-                st.locks().acquire(&req).await.map_err(VolError::from)?
+                st.locks().acquire(&req).await.map_err(ApiError::from)?
             }
         }
     } else {
@@ -165,11 +168,11 @@ pub async fn show_lock(
     State(st): State<AppState>,
     ctx: Ctx,
     Path(id): Path<String>,
-) -> VResult<Json<Value>> {
+) -> ApiResult<Json<Value>> {
     ctx.require_admin()?;
     match st.locks().holder(&id).await? {
         Some(h) => Ok(Json(json!({ "lock": h }))),
-        None => Err(ApiError::not_found(format!("lock holder {id} not found")).into()),
+        None => Err(ApiError::not_found(format!("lock holder {id} not found"))),
     }
 }
 
@@ -181,13 +184,12 @@ pub async fn renew_lock(
     State(st): State<AppState>,
     ctx: Ctx,
     Path(id): Path<String>,
-) -> VResult<Json<Value>> {
+) -> ApiResult<Json<Value>> {
     ctx.require_admin()?;
     if !st.locks().renew(&id).await? {
         return Err(ApiError::not_found(format!(
             "lock holder {id} not found (released or expired)"
-        ))
-        .into());
+        )));
     }
     show_lock(State(st), ctx, Path(id)).await
 }
@@ -200,11 +202,11 @@ pub async fn delete_lock(
     State(st): State<AppState>,
     ctx: Ctx,
     Path(id): Path<String>,
-) -> VResult<StatusCode> {
+) -> ApiResult<StatusCode> {
     ctx.require_admin()?;
     if st.locks().release(&id).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::not_found(format!("lock holder {id} not found")).into())
+        Err(ApiError::not_found(format!("lock holder {id} not found")))
     }
 }

@@ -15,8 +15,8 @@
 use super::api::{
     finish_delete, finish_snapshot_delete, snap_object, snap_row, vol_row, SNAPSHOT_PREFIX,
 };
+use crate::state::AppState;
 use crate::store::{get_str, now, opt_str};
-use crate::AppState;
 use std::collections::HashSet;
 
 /// What the pass did.
