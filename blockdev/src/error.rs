@@ -21,6 +21,8 @@ pub enum ErrorKind {
     ReadOnly,
     /// No space left.
     NoSpace,
+    /// The device is busy (a pause could not drain its writes in time).
+    Busy,
 }
 
 impl ErrorKind {
@@ -33,6 +35,7 @@ impl ErrorKind {
             ErrorKind::InvalidConfig => libc::EINVAL,
             ErrorKind::ReadOnly => libc::EPERM,
             ErrorKind::NoSpace => libc::ENOSPC,
+            ErrorKind::Busy => libc::EBUSY,
         }
     }
 }
@@ -91,6 +94,7 @@ impl fmt::Display for Error {
             ErrorKind::InvalidConfig => "invalid configuration",
             ErrorKind::ReadOnly => "read-only",
             ErrorKind::NoSpace => "no space",
+            ErrorKind::Busy => "busy",
         };
         write!(f, "{kind}: {}", self.context)
     }

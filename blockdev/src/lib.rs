@@ -11,7 +11,7 @@
 //!   Request{op,offset,len,buf,tag} ─▶ Queue::submit ─▶ Ring (SQEs, one io_uring_enter per batch)
 //!                                                      │
 //!   Completion{tag,result,buf}     ◀─ Queue::complete ◀─┘ CQE routed by owner id
-//!   stack:  throttle → crypt → backend (file | null | iscsi)
+//!   stack:  throttle → crypt → gate → backend (file | null | iscsi)
 //! ```
 //!
 //! ## Threading model
@@ -31,7 +31,9 @@
 //! - [`engine`]: the io_uring [`Ring`] wrapper and `user_data` packing.
 //! - [`backend`]: `file` (regular files, block devices) and `null`; [`open`] is the factory.
 //! - [`sync`]: [`SyncDevice`], a blocking driver for tools, the control plane and tests.
-//! - [`layer`]: stacking layers (crypt, throttle) that wrap another device.
+//! - [`layer`]: stacking layers (crypt, throttle, gate) that wrap another device.
+//! - [`stack`]: the one builder of a volume's stack (backend → gate → crypt → throttle)
+//!   and of LUKS header access.
 //! - [`pool`]: storage pools (a directory of files) that allocate, clone and grow volumes.
 
 #![deny(missing_docs)]
@@ -43,6 +45,7 @@ pub mod error;
 pub mod layer;
 pub mod pool;
 pub mod request;
+pub mod stack;
 pub mod sync;
 
 pub use backend::{open, BackendSpec, OpenOptions};

@@ -26,13 +26,15 @@ use crate::buf::{BufPool, Buffer, IoBuf};
 use crate::engine::{Cqe, OwnerId, Ring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
-use crate::sync::SyncDevice;
 use crate::{BlockDevice, Queue};
-use ember_crypto::{Disk, OpenOptions, SectorCipher, Unlocked};
+use ember_crypto::{OpenOptions, SectorCipher, Unlocked};
 use split::Splitter;
 use std::sync::Arc;
 
+mod disk;
 mod split;
+
+pub use disk::DeviceDisk;
 
 /// Write-zeroes is done as encrypted writes of at most this many bytes at a time.
 pub const ZERO_CHUNK: usize = 1 << 20;
@@ -56,39 +58,6 @@ impl std::fmt::Debug for CryptDevice {
             .field("data_offset", &self.data_offset)
             .field("sector_size", &self.cipher.sector_size())
             .finish_non_exhaustive()
-    }
-}
-
-/// Header access through a [`SyncDevice`] (reads rounded out to the logical block size).
-struct DeviceDisk {
-    dev: SyncDevice,
-    lbs: u64,
-    size: u64,
-}
-
-impl Disk for DeviceDisk {
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
-            .filter(|&e| e <= self.size)
-            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
-        let start = offset - offset % self.lbs;
-        let aligned_end = end.div_ceil(self.lbs) * self.lbs;
-        let data = self
-            .dev
-            .read_at(start, (aligned_end - start) as usize)
-            .map_err(std::io::Error::other)?;
-        let skip = (offset - start) as usize;
-        buf.copy_from_slice(&data.as_slice()[skip..skip + buf.len()]);
-        Ok(())
-    }
-
-    fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EROFS))
-    }
-
-    fn size(&mut self) -> std::io::Result<u64> {
-        Ok(self.size)
     }
 }
 
@@ -130,12 +99,7 @@ impl CryptDevice {
         passphrase: &[u8],
         opts: &OpenOptions,
     ) -> Result<Self> {
-        let info = inner.info();
-        let mut disk = DeviceDisk {
-            dev: SyncDevice::new(inner.clone())?,
-            lbs: u64::from(info.logical_block_size.max(1)),
-            size: info.size,
-        };
+        let mut disk = DeviceDisk::new(inner.clone())?;
         let u = ember_crypto::open(&mut disk, passphrase, opts)
             .map_err(|e| Error::new(ErrorKind::InvalidConfig, "open LUKS volume").with_source(e))?;
         Self::new(inner, u)

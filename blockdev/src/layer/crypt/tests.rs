@@ -3,6 +3,7 @@
 use super::*;
 use crate::backend::{BackendSpec, OpenOptions as BackendOpts};
 use crate::buf::IoVecs;
+use crate::sync::SyncDevice;
 use ember_crypto::kdf::Hash;
 use ember_crypto::{FormatParams, KdfParams};
 use std::io::Write as _;

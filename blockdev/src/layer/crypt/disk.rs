@@ -1,0 +1,142 @@
+//! [`DeviceDisk`]: any block device as a LUKS header [`Disk`] — the one adapter all
+//! LUKS header work goes through: the crypt layer's unlock, `emberd luks` (format,
+//! dump, keyslots) and the data plane's format and rekey of new volumes.
+//!
+//! Header reads and writes are small and unaligned; the device (opened with O_DIRECT
+//! where the file system allows it) takes whole logical blocks. Reads are rounded out
+//! to blocks; a write that does not cover whole blocks reads the blocks it touches,
+//! patches them and writes them back. [`DeviceDisk::flush`] makes written headers
+//! durable.
+
+use crate::error::Result;
+use crate::request::Op;
+use crate::sync::SyncDevice;
+use crate::BlockDevice;
+use ember_crypto::Disk;
+use std::io;
+use std::sync::Arc;
+
+/// A block device driven synchronously for header work.
+#[derive(Debug)]
+pub struct DeviceDisk {
+    dev: SyncDevice,
+    lbs: u64,
+}
+
+impl DeviceDisk {
+    /// Header access to `dev` (its own private ring).
+    pub fn new(dev: Arc<dyn BlockDevice>) -> Result<Self> {
+        let lbs = u64::from(dev.info().logical_block_size.max(1));
+        Ok(DeviceDisk {
+            dev: SyncDevice::new(dev)?,
+            lbs,
+        })
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        self.dev.device()
+    }
+
+    /// Make every completed write durable.
+    pub fn flush(&mut self) -> Result<()> {
+        self.dev.op(Op::Flush, 0, 0)
+    }
+
+    /// `[offset, offset+len)` rounded out to whole blocks, inside the device.
+    fn aligned(&self, offset: u64, len: usize) -> io::Result<(u64, u64)> {
+        let size = self.dev.device().info().size;
+        let end = u64::try_from(len)
+            .ok()
+            .and_then(|l| offset.checked_add(l))
+            .filter(|&e| e <= size)
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        let start = offset - offset % self.lbs;
+        let aligned_end = end
+            .div_ceil(self.lbs)
+            .checked_mul(self.lbs)
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        Ok((start, aligned_end))
+    }
+}
+
+impl Disk for DeviceDisk {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let (start, end) = self.aligned(offset, buf.len())?;
+        let n = usize::try_from(end - start).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let data = self.dev.read_at(start, n).map_err(io::Error::other)?;
+        // `offset - start` < one block, and the read covers `buf` (checked above).
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&data.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if self.dev.device().info().read_only {
+            return Err(io::Error::from_raw_os_error(libc::EROFS));
+        }
+        let (start, end) = self.aligned(offset, buf.len())?;
+        if start == offset && end - start == buf.len() as u64 {
+            return self.dev.write_at(offset, buf).map_err(io::Error::other);
+        }
+        let n = usize::try_from(end - start).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let mut block = self.dev.read_at(start, n).map_err(io::Error::other)?;
+        let skip = (offset - start) as usize;
+        block.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+        self.dev
+            .write_at(start, block.as_slice())
+            .map_err(io::Error::other)
+    }
+
+    fn size(&mut self) -> io::Result<u64> {
+        Ok(self.dev.device().info().size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{open, BackendSpec, OpenOptions};
+
+    #[test]
+    fn unaligned_writes_patch_whole_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.img");
+        std::fs::write(&path, vec![0x11u8; 64 << 10]).unwrap();
+        let dev = open(
+            &BackendSpec::File { path: path.clone() },
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        let mut d = DeviceDisk::new(dev).unwrap();
+        d.write_at(4000, &[0xab; 200]).unwrap();
+        d.write_at(8192, &[0xcd; 4096]).unwrap();
+        d.flush().unwrap();
+        let mut b = vec![0u8; 300];
+        d.read_at(3950, &mut b).unwrap();
+        assert!(b[..50].iter().all(|&x| x == 0x11));
+        assert!(b[50..250].iter().all(|&x| x == 0xab));
+        assert!(b[250..].iter().all(|&x| x == 0x11));
+        let raw = std::fs::read(&path).unwrap();
+        assert_eq!(
+            &raw[3999..4201],
+            &[&[0x11][..], &[0xab; 200], &[0x11]].concat()[..]
+        );
+        assert!(raw[8192..12288].iter().all(|&x| x == 0xcd));
+        assert_eq!(d.size().unwrap(), 64 << 10);
+        assert!(
+            d.read_at((64 << 10) - 10, &mut [0u8; 20]).is_err(),
+            "past the end"
+        );
+        let ro = open(
+            &BackendSpec::File { path },
+            &OpenOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut r = DeviceDisk::new(ro).unwrap();
+        assert!(r.write_at(0, &[0; 512]).is_err(), "read-only");
+    }
+}
