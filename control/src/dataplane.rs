@@ -1,36 +1,208 @@
-//! The narrow interface through which the control plane drives the data plane.
+//! The one boundary between the control plane and the data plane: a typed, async
+//! volume-lifecycle interface, [`DataPlane`], that this crate owns and the process
+//! embedding it implements (`emberd serve`: `ember_daemon::dataplane::EmberDataPlane`).
 //!
-//! The control plane never reaches into front ends; it asks the process that embeds it
-//! (`emberd serve`) to open or close the export of a volume. `emberd` implements this
-//! trait over its NBD/vhost-user servers; tests use [`NoDataPlane`].
+//! ```text
+//!   volumes::service ──(DataPlane: plain data, one error enum)──▶ emberd's data plane
+//!        │ renders Cinder JSON                                    pools, LUKS, device
+//!        ▼                                                        stacks, NBD, vhost-user
+//!   connection_info  ◀── Endpoint { Nbd | VhostUser } ◀───────────┘
+//! ```
+//!
+//! Design:
+//! - **Plain data** in and out: object references ([`ObjectRef`]: pool, kind, id), sizes
+//!   in bytes, LUKS parameters, QoS limits, passphrases in [`Passphrase`] (zeroized on
+//!   drop, shown as `<redacted>` by `Debug`), and a typed [`Endpoint`] from
+//!   [`DataPlane::attach`]. No JSON and no block-layer types cross it: the control plane
+//!   renders Cinder's `connection_info` from the endpoint; the data plane never sees an
+//!   HTTP body, and this crate does not depend on `ember-blockdev` (nor io_uring).
+//! - **One error enum**, [`DataPlaneError`]; the volumes service maps it to HTTP in one
+//!   place (`NoSpace` → 413, `NoPool`/`ShuttingDown` → 503, `Busy` → 409, the rest a
+//!   logged 500).
+//! - **Async, never blocking the runtime**: every method returns a boxed future. An
+//!   implementation does its blocking work (file system calls, copies, LUKS headers and
+//!   key derivation) on blocking threads, so neither a copy nor a slow unlock stalls
+//!   the REST server.
+//! - **Idempotent ends**: deleting a missing object and detaching an unknown attachment
+//!   succeed (both are retried after crashes).
+//! - **Point in time**: a clone or snapshot of an attached volume is the volume at one
+//!   instant; the data plane pauses the volume's writes (drains the in-flight ones and
+//!   holds new ones, for a bounded time) while it copies.
+//!
+//! [`mem::MemDataPlane`] (this crate's tests, or feature `test-utils`) implements it in
+//! memory, with failure injection and holds, for the volumes API's in-process tests.
 
-use ember_blockdev::layer::throttle::QosLimits;
-use ember_blockdev::pool::Pool;
-use ember_blockdev::BackendSpec;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mem;
+
+use ember_crypto::Zeroizing;
+use std::future::Future;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::pin::Pin;
 
-/// What the data plane needs to export one volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExportSpec {
-    /// Volume id (also the NBD export name).
-    pub volume_id: String,
-    /// Backing file or device.
-    pub path: PathBuf,
-    /// Serve read-only.
-    pub read_only: bool,
-    /// LUKS passphrase when the volume is encrypted (see `keys::passphrase_for`).
-    pub passphrase: Option<Vec<u8>>,
+/// Result of a data-plane call.
+pub type DpResult<T> = Result<T, DataPlaneError>;
+
+/// The future a [`DataPlane`] method returns.
+pub type DpFuture<'a, T> = Pin<Box<dyn Future<Output = DpResult<T>> + Send + 'a>>;
+
+/// What a pool object holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ObjectKind {
+    /// A volume's bytes.
+    Volume,
+    /// A snapshot's bytes.
+    Snapshot,
+}
+
+/// One object in a storage pool: a volume or a snapshot, by its control-plane id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectRef {
+    /// The storage pool's name.
+    pub pool: String,
+    /// Volume or snapshot.
+    pub kind: ObjectKind,
+    /// The volume's or snapshot's id.
+    pub id: String,
+}
+
+impl ObjectRef {
+    /// Volume `id` in `pool`.
+    pub fn volume(pool: impl Into<String>, id: impl Into<String>) -> Self {
+        ObjectRef {
+            pool: pool.into(),
+            kind: ObjectKind::Volume,
+            id: id.into(),
+        }
+    }
+
+    /// Snapshot `id` in `pool`.
+    pub fn snapshot(pool: impl Into<String>, id: impl Into<String>) -> Self {
+        ObjectRef {
+            pool: pool.into(),
+            kind: ObjectKind::Snapshot,
+            id: id.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.kind {
+            ObjectKind::Volume => "volume",
+            ObjectKind::Snapshot => "snapshot",
+        };
+        write!(f, "{kind} {} in pool {}", self.id, self.pool)
+    }
+}
+
+/// A LUKS passphrase (Cinder's rule already applied): zeroized on drop, never printed.
+#[derive(Clone)]
+pub struct Passphrase(Zeroizing<Vec<u8>>);
+
+impl Passphrase {
+    /// Wrap the bytes.
+    pub fn new(bytes: Zeroizing<Vec<u8>>) -> Self {
+        Passphrase(bytes)
+    }
+
+    /// The bytes, for the LUKS code that needs them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passphrase(<redacted>)")
+    }
+}
+
+/// LUKS header version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LuksVersion {
+    /// LUKS1 (`provider: luks`).
+    Luks1,
+    /// LUKS2 (`provider: luks2`).
+    Luks2,
+}
+
+/// How to format a new encrypted volume (aes-xts-plain64).
+#[derive(Debug, Clone)]
+pub struct LuksFormat {
+    /// Header version.
+    pub version: LuksVersion,
+    /// Volume key bits as cryptsetup counts them (256: AES-128-XTS, 512: AES-256-XTS).
+    pub key_bits: u32,
+    /// The one keyslot's passphrase.
+    pub passphrase: Passphrase,
+}
+
+/// Replace the keyslot `old` opens by one for `new` (a copy gets its own key).
+#[derive(Debug, Clone)]
+pub struct Rekey {
+    /// Opens the copied header.
+    pub old: Passphrase,
+    /// The copy's own passphrase.
+    pub new: Passphrase,
+}
+
+/// [`DataPlane::create`]: a new, zero-filled volume.
+#[derive(Debug, Clone)]
+pub struct CreateVolume {
+    /// The new volume (kind [`ObjectKind::Volume`]).
+    pub volume: ObjectRef,
+    /// Size in bytes.
+    pub size: u64,
+    /// Write a LUKS header with one keyslot.
+    pub luks: Option<LuksFormat>,
+}
+
+/// [`DataPlane::clone_volume`]: a new volume with the bytes of a volume or snapshot.
+#[derive(Debug, Clone)]
+pub struct CloneVolume {
+    /// The volume or snapshot copied (same pool as `volume`).
+    pub source: ObjectRef,
+    /// The new volume.
+    pub volume: ObjectRef,
+    /// Size in bytes (at least the source's; the copy is grown to it).
+    pub size: u64,
+    /// Give the copied LUKS header its own passphrase.
+    pub rekey: Option<Rekey>,
+}
+
+/// [`DataPlane::snapshot`]: a point-in-time copy of a volume.
+#[derive(Debug, Clone)]
+pub struct SnapshotVolume {
+    /// The volume.
+    pub volume: ObjectRef,
+    /// The new snapshot (kind [`ObjectKind::Snapshot`], same pool).
+    pub snapshot: ObjectRef,
+}
+
+/// QoS limits of a volume (Cinder's `qos:` extra specs); `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QosLimits {
+    /// `qos:read_iops_sec`
+    pub read_iops_sec: Option<u64>,
+    /// `qos:write_iops_sec`
+    pub write_iops_sec: Option<u64>,
+    /// `qos:total_iops_sec`
+    pub total_iops_sec: Option<u64>,
+    /// `qos:read_bytes_sec`
+    pub read_bytes_sec: Option<u64>,
+    /// `qos:write_bytes_sec`
+    pub write_bytes_sec: Option<u64>,
+    /// `qos:total_bytes_sec`
+    pub total_bytes_sec: Option<u64>,
 }
 
 /// Front-end protocol of an attachment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Protocol {
-    /// NBD export named by the volume id, on the daemon's NBD listeners.
-    #[serde(rename = "nbd")]
+    /// An NBD export on the daemon's NBD listeners.
     Nbd,
     /// A vhost-user-blk socket of its own.
-    #[serde(rename = "vhost-user")]
     VhostUser,
 }
 
@@ -44,114 +216,168 @@ impl Protocol {
     }
 }
 
-/// One attachment of a volume to a front end.
-#[derive(Clone)]
-pub struct AttachSpec {
-    /// Volume id (the NBD export name).
-    pub volume_id: String,
-    /// Attachment id (several attachments of one volume may coexist).
+/// [`DataPlane::attach`]: serve a volume through one more front end.
+#[derive(Debug, Clone)]
+pub struct AttachVolume {
+    /// The volume.
+    pub volume: ObjectRef,
+    /// The attachment's id (several attachments of one volume may coexist).
     pub attachment_id: String,
-    /// Where the volume's bytes are.
-    pub backend: BackendSpec,
     /// Front end.
     pub protocol: Protocol,
-    /// Serve read-only.
+    /// Refuse writes through this attachment.
     pub read_only: bool,
-    /// LUKS passphrase when the volume is encrypted (Cinder's rule already applied).
-    pub passphrase: Option<ember_crypto::Zeroizing<Vec<u8>>>,
-    /// QoS from the type's `qos:` extra specs.
+    /// LUKS passphrase when the volume is encrypted.
+    pub passphrase: Option<Passphrase>,
+    /// The volume's QoS (shared by all its attachments).
     pub qos: QosLimits,
 }
 
-impl std::fmt::Debug for AttachSpec {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AttachSpec")
-            .field("volume_id", &self.volume_id)
-            .field("attachment_id", &self.attachment_id)
-            .field("backend", &self.backend)
-            .field("protocol", &self.protocol)
-            .field("read_only", &self.read_only)
-            .field("encrypted", &self.passphrase.is_some())
-            .field("qos", &self.qos)
-            .finish()
+/// TLS credentials an NBD client must present (a pre-shared key per attachment).
+#[derive(Debug, Clone)]
+pub struct NbdCredentials {
+    /// PSK identity.
+    pub psk_identity: String,
+    /// The key.
+    pub psk: Passphrase,
+}
+
+/// Where a client reaches an attachment.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Endpoint {
+    /// An NBD export.
+    Nbd {
+        /// Export name.
+        export: String,
+        /// One URI per NBD listener (`nbd+unix:///…?socket=…`, `nbd://host:port/…`).
+        uris: Vec<String>,
+        /// TLS credentials, when the listener requires TLS.
+        credentials: Option<NbdCredentials>,
+    },
+    /// A vhost-user-blk socket.
+    VhostUser {
+        /// The Unix socket path.
+        socket: PathBuf,
+        /// Virtqueues the device offers.
+        queues: u16,
+    },
+}
+
+/// Capacity of one storage pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// The pool's name.
+    pub name: String,
+    /// Bytes of the underlying storage.
+    pub total_bytes: u64,
+    /// Bytes free for new objects.
+    pub free_bytes: u64,
+    /// Sum of the objects' sizes.
+    pub provisioned_bytes: u64,
+}
+
+/// One object found in a pool ([`DataPlane::inventory`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    /// The object.
+    pub object: ObjectRef,
+    /// Size in bytes.
+    pub size: u64,
+    /// Left by an interrupted create or clone (or one still running, on any node that
+    /// shares the pool).
+    pub partial: bool,
+}
+
+/// A data-plane call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DataPlaneError {
+    /// The object exists already.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// A point-in-time copy could not pause the volume's writes in time.
+    #[error("{0} is busy; retry later")]
+    Busy(String),
+    /// Anything else: what failed, and why (the why is for the log).
+    #[error("{what}: {detail}")]
+    Failed {
+        /// The operation.
+        what: String,
+        /// The cause.
+        detail: String,
+    },
+    /// A request the data plane cannot carry out as given (a bug in the caller).
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    /// The pool is not configured on this node.
+    #[error("storage pool {0} is not reachable from this node")]
+    NoPool(String),
+    /// Not enough space in the pool (nothing was allocated).
+    #[error("not enough space in storage pool {pool}: {need} bytes needed, {free} bytes free")]
+    NoSpace {
+        /// The pool.
+        pool: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes free.
+        free: u64,
+    },
+    /// The object does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The data plane is stopping.
+    #[error("the data plane is shutting down")]
+    ShuttingDown,
+    /// The LUKS header refused the passphrase or could not be read.
+    #[error("cannot unlock {what}: {detail}")]
+    Unlock {
+        /// The object.
+        what: String,
+        /// The cause.
+        detail: String,
+    },
+}
+
+impl DataPlaneError {
+    /// [`DataPlaneError::Failed`] from any error.
+    pub fn failed(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
+        DataPlaneError::Failed {
+            what: what.into(),
+            detail: detail.to_string(),
+        }
     }
 }
 
-/// How to format a new encrypted volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LuksFormat {
-    /// 1 (`provider: luks`) or 2 (`luks2`).
-    pub version: u8,
-    /// LUKS volume key bits as cryptsetup counts them (256: AES-128-XTS, 512: AES-256-XTS).
-    pub key_bits: u32,
-}
-
-/// Open/close exports of volumes. Implementations must be idempotent.
-///
-/// The methods with default bodies belong to the volumes API: storage pools, LUKS
-/// header work, attachments and live resize. A data plane without them (tests,
-/// control-only deployments) refuses those operations with a clear error.
+/// The volume lifecycle as the data plane carries it out. Implemented by the process
+/// that embeds the control plane; see the module doc for the rules.
 pub trait DataPlane: Send + Sync + 'static {
-    /// Start serving a volume.
-    fn open_export(&self, spec: &ExportSpec) -> anyhow::Result<()>;
-    /// Stop serving a volume (no-op if it was not exported).
-    fn close_export(&self, volume_id: &str) -> anyhow::Result<()>;
+    /// Capacity of every pool of this node.
+    fn stats(&self) -> DpFuture<'_, Vec<PoolStats>>;
 
-    /// The storage pools of this node.
-    fn pools(&self) -> Vec<Arc<dyn Pool>> {
-        Vec::new()
-    }
+    /// Every object of `pool`, complete or partial (start-up reconciliation).
+    fn inventory(&self, pool: String) -> DpFuture<'_, Vec<StoredObject>>;
 
-    /// Write a LUKS header with one keyslot for `passphrase` on a new volume.
-    fn luks_format(
-        &self,
-        backend: &BackendSpec,
-        passphrase: &[u8],
-        f: &LuksFormat,
-    ) -> anyhow::Result<()> {
-        let _ = (passphrase, f);
-        anyhow::bail!("no data plane in this process: cannot format {backend:?}")
-    }
+    /// Allocate a volume (refused with `NoSpace` before anything is allocated), and
+    /// format it as LUKS when asked.
+    fn create(&self, req: CreateVolume) -> DpFuture<'_, ()>;
 
-    /// Replace the keyslot `old` opens by one for `new` (a clone's own key).
-    fn luks_change_key(&self, backend: &BackendSpec, old: &[u8], new: &[u8]) -> anyhow::Result<()> {
-        let _ = (old, new);
-        anyhow::bail!("no data plane in this process: cannot rekey {backend:?}")
-    }
+    /// Make a volume from a volume or snapshot (point in time when the source is
+    /// attached), grow it to the requested size, rekey it when asked.
+    fn clone_volume(&self, req: CloneVolume) -> DpFuture<'_, ()>;
 
-    /// Attach a volume; returns the connection info (`{"driver_volume_type", "data"}`).
-    fn attach(&self, spec: &AttachSpec) -> anyhow::Result<serde_json::Value> {
-        anyhow::bail!(
-            "no data plane in this process: cannot attach volume {}",
-            spec.volume_id
-        )
-    }
+    /// Copy a volume into a snapshot (point in time when the volume is attached).
+    fn snapshot(&self, req: SnapshotVolume) -> DpFuture<'_, ()>;
 
-    /// End an attachment (no-op if unknown).
-    fn detach(&self, volume_id: &str, attachment_id: &str) -> anyhow::Result<()> {
-        let _ = (volume_id, attachment_id);
-        Ok(())
-    }
+    /// Grow a volume to `new_size` bytes, live attachments included (vhost-user
+    /// frontends are told; NBD clients see the size on their next connection).
+    fn grow(&self, volume: ObjectRef, new_size: u64) -> DpFuture<'_, ()>;
 
-    /// The backing of an attached volume grew to `new_size` bytes: grow the live devices.
-    fn resize(&self, volume_id: &str, new_size: u64) -> anyhow::Result<()> {
-        let _ = (volume_id, new_size);
-        Ok(())
-    }
-}
+    /// Remove an object (no error when it is missing).
+    fn delete(&self, object: ObjectRef) -> DpFuture<'_, ()>;
 
-/// A data plane that exports nothing (control-plane-only deployments and tests).
-#[derive(Debug, Default)]
-pub struct NoDataPlane;
+    /// Serve a volume through a new front end; where clients reach it.
+    fn attach(&self, req: AttachVolume) -> DpFuture<'_, Endpoint>;
 
-impl DataPlane for NoDataPlane {
-    fn open_export(&self, spec: &ExportSpec) -> anyhow::Result<()> {
-        anyhow::bail!(
-            "no data plane in this process: cannot export volume {}",
-            spec.volume_id
-        )
-    }
-    fn close_export(&self, _volume_id: &str) -> anyhow::Result<()> {
-        Ok(())
-    }
+    /// End one attachment: its clients are disconnected (no error when unknown).
+    fn detach(&self, volume: ObjectRef, attachment_id: String) -> DpFuture<'_, ()>;
 }

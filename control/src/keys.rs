@@ -9,9 +9,15 @@
 //! key before anything is written with it.
 //!
 //! Orders (`type: key`) generate a symmetric key from the OS RNG at once; the order is
-//! `ACTIVE` when the 202 returns. Deleting a secret that a volume uses is refused (409).
+//! `ACTIVE` when the 202 returns. Deleting a secret that a volume or a snapshot uses is
+//! refused (409).
 //!
 //! [`passphrase_for`] is Cinder's rule turning a secret into a LUKS passphrase.
+//!
+//! The volumes module keeps its keys here and reaches them only through this module:
+//! [`check_volume_key`] (a caller's key against the type), [`order_volume_key`] (a new
+//! key a volume owns), [`copy_secret`] (a snapshot's copy of its volume's key),
+//! [`volume_passphrase`] and [`delete_owned`].
 
 use crate::api::{check_len, ApiJson};
 use crate::auth::Ctx;
@@ -240,7 +246,7 @@ struct NewSecret {
     mode: Option<String>,
     content_type: &'static str,
     expiration: Option<String>,
-    payload: Vec<u8>,
+    payload: Zeroizing<Vec<u8>>,
 }
 
 fn validate_secret(b: SecretCreate) -> ApiResult<NewSecret> {
@@ -270,8 +276,10 @@ fn validate_secret(b: SecretCreate) -> ApiResult<NewSecret> {
                     "`payload_content_encoding` must be \"base64\" with application/octet-stream",
                 )),
             }
-            B64.decode(b.payload.trim())
-                .map_err(|_| ApiError::bad_request("`payload` is not valid base64"))?
+            Zeroizing::new(
+                B64.decode(b.payload.trim())
+                    .map_err(|_| ApiError::bad_request("`payload` is not valid base64"))?,
+            )
         }
         _ => {
             if b.payload_content_encoding.is_some() {
@@ -279,7 +287,7 @@ fn validate_secret(b: SecretCreate) -> ApiResult<NewSecret> {
                     "`payload_content_encoding` is not allowed with text/plain",
                 ));
             }
-            b.payload.into_bytes()
+            Zeroizing::new(b.payload.into_bytes())
         }
     };
     if payload.is_empty() {
@@ -322,14 +330,16 @@ fn validate_secret(b: SecretCreate) -> ApiResult<NewSecret> {
     })
 }
 
+/// Store a secret of `project_id`, sealed; returns its id.
 async fn insert_secret(
     conn: &mut sqlx::AnyConnection,
-    st: &AppState,
-    ctx: &Ctx,
+    master: &MasterKey,
+    project_id: &str,
+    creator_id: &str,
     s: &NewSecret,
 ) -> ApiResult<String> {
     let id = new_id();
-    let sealed = st.master().seal(&id, &s.payload)?;
+    let sealed = master.seal(&id, &s.payload)?;
     let t = now();
     sqlx::query(
         "INSERT INTO secrets (id, project_id, creator_id, name, secret_type, algorithm, bit_length, mode, \
@@ -337,8 +347,8 @@ async fn insert_secret(
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'ACTIVE', ?, ?, ?)",
     )
     .bind(id.clone())
-    .bind(ctx.project_id.clone())
-    .bind(ctx.token_id.clone())
+    .bind(project_id.to_string())
+    .bind(creator_id.to_string())
     .bind(s.name.clone())
     .bind(s.secret_type.as_str())
     .bind(s.algorithm.clone())
@@ -389,7 +399,7 @@ pub async fn create_secret(
     ctx.require_writer()?;
     let s = validate_secret(body)?;
     let mut tx = st.db().begin().await?;
-    let id = insert_secret(&mut tx, &st, &ctx, &s).await?;
+    let id = insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, &s).await?;
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
@@ -513,11 +523,201 @@ pub async fn unlock_passphrase(
     Ok(passphrase_for(&stype, &bytes))
 }
 
+/// What an encrypted volume type asks of a key (from its encryption spec).
+#[derive(Debug, Clone, Copy)]
+pub struct KeyFit<'a> {
+    /// `aes` of `aes-xts-plain64`.
+    pub algorithm: &'a str,
+    /// The type's `key_size`.
+    pub bit_length: i64,
+    /// `xts` of `aes-xts-plain64`.
+    pub mode: &'a str,
+}
+
+/// A secret's attributes and sealed payload.
+struct SecretRow {
+    project_id: String,
+    secret_type: String,
+    algorithm: Option<String>,
+    bit_length: Option<i64>,
+    mode: Option<String>,
+    expiration: Option<String>,
+    status: String,
+    content_type: String,
+    sealed: String,
+}
+
+async fn secret_row(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+) -> Result<Option<SecretRow>, sqlx::Error> {
+    let r = sqlx::query("SELECT * FROM secrets WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    r.map(|r| {
+        Ok(SecretRow {
+            project_id: get_str(&r, "project_id")?,
+            secret_type: get_str(&r, "secret_type")?,
+            algorithm: opt_str(&r, "algorithm")?,
+            bit_length: r.try_get::<Option<i64>, _>("bit_length")?,
+            mode: opt_str(&r, "mode")?,
+            expiration: opt_str(&r, "expiration")?,
+            status: get_str(&r, "status")?,
+            content_type: get_str(&r, "content_type")?,
+            sealed: get_str(&r, "sealed")?,
+        })
+    })
+    .transpose()
+}
+
+/// A secret Ember stores for a volume: it must exist, or something lost it.
+async fn volume_secret(conn: &mut sqlx::AnyConnection, id: &str) -> ApiResult<SecretRow> {
+    secret_row(conn, id)
+        .await?
+        .ok_or_else(|| ApiError::internal(format!("encryption key {id} vanished")))
+}
+
+/// Check a caller-supplied `encryption_key_id` for a volume of `project_id` against
+/// what its type asks: 400 naming the field that does not fit. Only `passphrase`
+/// secrets are exempt from the algorithm/bit length/mode match (their text is the
+/// passphrase); `symmetric` and `opaque` ones must fit the cipher.
+pub async fn check_volume_key(
+    conn: &mut sqlx::AnyConnection,
+    id: &str,
+    project_id: &str,
+    fit: KeyFit<'_>,
+) -> ApiResult<()> {
+    let bad = |m: String| {
+        Err(ApiError::bad_request(format!(
+            "encryption_key_id {id}: {m}"
+        )))
+    };
+    let k = match secret_row(conn, id).await? {
+        // Someone else's secret: do not reveal that it exists.
+        Some(k) if k.project_id == project_id => k,
+        _ => return bad("no such secret in this project".into()),
+    };
+    if k.status != "ACTIVE" || is_expired(&k.expiration) {
+        return bad("the secret is not active (expired or not ready)".into());
+    }
+    match k.secret_type.as_str() {
+        "passphrase" => return Ok(()),
+        "symmetric" | "opaque" => {}
+        other => {
+            return bad(format!(
+                "secret_type is {other:?}; use a symmetric, opaque or passphrase secret"
+            ))
+        }
+    }
+    let alg = k.algorithm.unwrap_or_default();
+    if !alg.eq_ignore_ascii_case(fit.algorithm) {
+        return bad(format!(
+            "algorithm is {alg:?}, the volume type needs {:?}",
+            fit.algorithm
+        ));
+    }
+    if k.bit_length != Some(fit.bit_length) {
+        return bad(format!(
+            "bit_length is {}, the volume type's key_size is {}",
+            k.bit_length.map_or("unset".to_string(), |b| b.to_string()),
+            fit.bit_length
+        ));
+    }
+    if let Some(m) = k.mode.as_deref().filter(|m| !m.is_empty()) {
+        if !m.eq_ignore_ascii_case(fit.mode) {
+            return bad(format!(
+                "mode is {m:?}, the volume type's cipher needs {:?}",
+                fit.mode
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Generate a symmetric key of `fit` for volume `volume_id` of `project_id` and store
+/// it (the volume owns it: it is deleted with the volume); returns its id.
+pub async fn order_volume_key(
+    conn: &mut sqlx::AnyConnection,
+    master: &MasterKey,
+    project_id: &str,
+    fit: KeyFit<'_>,
+    volume_id: &str,
+) -> ApiResult<String> {
+    let bytes = usize::try_from(fit.bit_length / 8)
+        .unwrap_or(64)
+        .clamp(16, 64);
+    let mut key = Zeroizing::new(vec![0u8; bytes]);
+    getrandom::fill(&mut key)
+        .map_err(|e| ApiError::internal(format!("OS random generator failed: {e}")))?;
+    let s = NewSecret {
+        name: format!("volume-{volume_id}"),
+        secret_type: SecretType::Symmetric,
+        algorithm: Some(fit.algorithm.to_string()),
+        bit_length: Some(fit.bit_length),
+        mode: None,
+        content_type: "application/octet-stream",
+        expiration: None,
+        payload: key,
+    };
+    insert_secret(conn, master, project_id, EMBER_CREATOR, &s).await
+}
+
+/// Creator id of the secrets Ember makes for volumes and snapshots.
+const EMBER_CREATOR: &str = "ember";
+
+/// Store a copy of secret `src` for `project_id` under `name` (a snapshot keeps its
+/// volume's key even after the volume is gone); returns the copy's id.
+pub async fn copy_secret(
+    conn: &mut sqlx::AnyConnection,
+    master: &MasterKey,
+    src: &str,
+    project_id: &str,
+    name: &str,
+) -> ApiResult<String> {
+    let k = volume_secret(conn, src).await?;
+    let s = NewSecret {
+        name: name.to_string(),
+        secret_type: match k.secret_type.as_str() {
+            "passphrase" => SecretType::Passphrase,
+            "opaque" => SecretType::Opaque,
+            _ => SecretType::Symmetric,
+        },
+        algorithm: k.algorithm,
+        bit_length: k.bit_length,
+        mode: k.mode,
+        content_type: normalize_content_type(&k.content_type).unwrap_or("application/octet-stream"),
+        expiration: None,
+        payload: master.open(src, &k.sealed)?,
+    };
+    insert_secret(conn, master, project_id, EMBER_CREATOR, &s).await
+}
+
+/// The LUKS passphrase secret `id` yields for a volume (Cinder's rule, [`passphrase_for`]).
+pub async fn volume_passphrase(
+    conn: &mut sqlx::AnyConnection,
+    master: &MasterKey,
+    id: &str,
+) -> ApiResult<Zeroizing<Vec<u8>>> {
+    let k = volume_secret(conn, id).await?;
+    let payload = master.open(id, &k.sealed)?;
+    Ok(passphrase_for(&k.secret_type, &payload))
+}
+
+/// Delete a secret a volume or snapshot owned (with it, in the caller's transaction).
+pub async fn delete_owned(conn: &mut sqlx::AnyConnection, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM secrets WHERE id = ?")
+        .bind(id.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 #[utoipa::path(delete, path = "/v1/secrets/{secret_id}", tag = "keys",
     params(("secret_id" = String, Path, description = "secret id")),
     responses((status = 204, description = "deleted"), (status = 401, description = "no token"),
         (status = 403, description = "reader"), (status = 404, description = "no such secret"),
-        (status = 409, description = "a volume uses this secret")))]
+        (status = 409, description = "a volume or snapshot uses this secret")))]
 pub async fn delete_secret(
     State(st): State<AppState>,
     ctx: Ctx,
@@ -526,10 +726,11 @@ pub async fn delete_secret(
     fetch_secret(&st, &ctx, &id).await?;
     ctx.require_writer()?;
     let mut tx = st.db().begin().await?;
+    // Volumes and snapshots both keep their key here: either one makes it in use.
     let users = crate::volumes::count_by_secret(&mut tx, &id).await?;
     if users > 0 {
         return Err(ApiError::conflict(format!(
-            "secret {id} is used by {users} volume(s)"
+            "secret {id} is used by {users} volume(s) or snapshot(s)"
         )));
     }
     sqlx::query("DELETE FROM secrets WHERE id = ? AND project_id = ?")
@@ -597,7 +798,7 @@ pub async fn create_order(
         check_len("meta.mode", mode, 0, 255)?;
     }
     let expiration = parse_expiration("meta.expiration", &m.expiration)?;
-    let mut key = vec![0u8; (m.bit_length / 8) as usize];
+    let mut key = Zeroizing::new(vec![0u8; (m.bit_length / 8) as usize]);
     getrandom::fill(&mut key)
         .map_err(|e| ApiError::internal(format!("OS random generator failed: {e}")))?;
     let s = NewSecret {
@@ -615,7 +816,7 @@ pub async fn create_order(
         "payload_content_type": "application/octet-stream", "expiration": expiration,
     });
     let mut tx = st.db().begin().await?;
-    let secret_id = insert_secret(&mut tx, &st, &ctx, &s).await?;
+    let secret_id = insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, &s).await?;
     let id = new_id();
     let t = now();
     sqlx::query(

@@ -41,7 +41,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use dataplane::{DataPlane, ExportSpec, NoDataPlane};
+pub use dataplane::DataPlane;
 pub use state::AppState;
 pub use store::Db;
 

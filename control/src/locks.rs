@@ -244,7 +244,12 @@ pub struct Locks {
     node: String,
     /// Lease of this node's holders in ms (shared by clones, settable at run time).
     lease_ms: Arc<AtomicU64>,
+    /// How long this node's own operations (delete, extend, clone) wait for a lock, ms.
+    wait_ms: Arc<AtomicU64>,
 }
+
+/// How long delete, extend and clone wait for a lock before answering 409 by default.
+pub const DEFAULT_OPERATION_WAIT: Duration = Duration::from_secs(60);
 
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
@@ -302,7 +307,19 @@ impl Locks {
             mysql,
             node: node.into(),
             lease_ms: Arc::new(AtomicU64::new(DEFAULT_LEASE.as_millis() as u64)),
+            wait_ms: Arc::new(AtomicU64::new(DEFAULT_OPERATION_WAIT.as_millis() as u64)),
         }
+    }
+
+    /// Change how long this node's own operations wait for a lock (tests shorten it).
+    pub fn set_operation_wait(&self, wait: Duration) {
+        self.wait_ms
+            .store(ms(wait).unsigned_abs(), Ordering::Relaxed);
+    }
+
+    /// How long this node's own operations wait for a lock before giving up.
+    pub fn operation_wait(&self) -> Duration {
+        Duration::from_millis(self.wait_ms.load(Ordering::Relaxed))
     }
 
     /// A handle with its own lease setting (tests use short leases).

@@ -108,23 +108,23 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(keys::create_order, keys::list_orders))
         .routes(routes!(keys::show_order, keys::delete_order))
         .routes(routes!(
-            volumes::api::list_volumes,
-            volumes::api::create_volume
+            volumes::handlers::list_volumes,
+            volumes::handlers::create_volume
         ))
-        .routes(routes!(volumes::api::list_volumes_detail))
+        .routes(routes!(volumes::handlers::list_volumes_detail))
         .routes(routes!(
-            volumes::api::show_volume,
-            volumes::api::delete_volume
+            volumes::handlers::show_volume,
+            volumes::handlers::delete_volume
         ))
-        .routes(routes!(volumes::api::volume_action))
-        .routes(routes!(volumes::api::volume_encryption))
+        .routes(routes!(volumes::handlers::volume_action))
+        .routes(routes!(volumes::handlers::volume_encryption))
         .routes(routes!(
-            volumes::api::list_snapshots,
-            volumes::api::create_snapshot
+            volumes::handlers::list_snapshots,
+            volumes::handlers::create_snapshot
         ))
         .routes(routes!(
-            volumes::api::show_snapshot,
-            volumes::api::delete_snapshot
+            volumes::handlers::show_snapshot,
+            volumes::handlers::delete_snapshot
         ))
         .routes(routes!(locks::api::list_locks, locks::api::create_lock))
         .routes(routes!(locks::api::lock_history))

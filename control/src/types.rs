@@ -10,9 +10,13 @@
 //! metadef namespaces associated with `OS::Cinder::Volumetype` ([`crate::metadefs`]).
 //!
 //! Every change runs in one transaction.
+//!
+//! The volumes module reads types only through [`resolve`] (visibility applied),
+//! [`by_id`] and [`name_of`], as a [`VolumeType`] (encryption spec, QoS, pool).
 
 use crate::api::{check_len, check_required_name, ApiJson, BoolLike};
 use crate::auth::Ctx;
+use crate::dataplane::{LuksVersion, QosLimits};
 use crate::error::{ApiError, ApiResult};
 use crate::projects::{check_url_project, ensure_project, project_conn};
 use crate::state::AppState;
@@ -450,6 +454,134 @@ async fn validate_kv(conn: &mut AnyConnection, kv: Kv, key: &str, value: &str) -
     check_key(kv.field(), key)?;
     check_value(kv.field(), key, value)?;
     crate::metadefs::enforce(conn, key, value).await
+}
+
+// ---- what the volumes module asks of a type ----
+
+/// A volume type as the volumes module needs it.
+#[derive(Debug, Clone)]
+pub struct VolumeType {
+    /// Type id.
+    pub id: String,
+    /// Type name.
+    pub name: String,
+    /// The encryption spec, if the type encrypts.
+    pub encryption: Option<Encryption>,
+    /// All extra specs (admin view).
+    pub extra_specs: BTreeMap<String, String>,
+}
+
+/// A type's encryption spec.
+#[derive(Debug, Clone)]
+pub struct Encryption {
+    /// `luks` or `luks2`.
+    pub provider: String,
+    /// `aes-xts-plain64`.
+    pub cipher: String,
+    /// Key bits (256 or 512).
+    pub key_size: i64,
+    /// `front-end` or `back-end`.
+    pub control_location: String,
+}
+
+impl Encryption {
+    /// What a key must fit (`aes`, the key size, `xts`).
+    pub fn key_fit(&self) -> crate::keys::KeyFit<'_> {
+        let mut parts = self.cipher.split('-');
+        crate::keys::KeyFit {
+            algorithm: parts.next().unwrap_or("aes"),
+            bit_length: self.key_size,
+            mode: parts.next().unwrap_or("xts"),
+        }
+    }
+
+    /// LUKS header version of new volumes.
+    pub fn luks_version(&self) -> LuksVersion {
+        if self.provider == "luks2" {
+            LuksVersion::Luks2
+        } else {
+            LuksVersion::Luks1
+        }
+    }
+
+    /// LUKS volume key bits of new volumes.
+    pub fn key_bits(&self) -> u32 {
+        u32::try_from(self.key_size).unwrap_or(512)
+    }
+}
+
+impl VolumeType {
+    /// QoS limits from the `qos:` extra specs (unset, zero or unparsable: unlimited).
+    pub fn qos(&self) -> QosLimits {
+        let get = |k: &str| {
+            self.extra_specs
+                .get(&format!("qos:{k}"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|v| *v > 0)
+        };
+        QosLimits {
+            read_iops_sec: get("read_iops_sec"),
+            write_iops_sec: get("write_iops_sec"),
+            total_iops_sec: get("total_iops_sec"),
+            read_bytes_sec: get("read_bytes_sec"),
+            write_bytes_sec: get("write_bytes_sec"),
+            total_bytes_sec: get("total_bytes_sec"),
+        }
+    }
+
+    /// The storage pool the type asks for (`volume_backend_name`).
+    pub fn backend_name(&self) -> Option<&str> {
+        self.extra_specs
+            .get("volume_backend_name")
+            .map(String::as_str)
+    }
+}
+
+async fn volume_type(conn: &mut AnyConnection, t: TypeRow) -> ApiResult<VolumeType> {
+    let encryption = load_encryption(conn, &t.id)
+        .await?
+        .map(|r| -> Result<Encryption, sqlx::Error> {
+            Ok(Encryption {
+                provider: get_str(&r, "provider")?,
+                cipher: get_str(&r, "cipher")?,
+                key_size: get_i64(&r, "key_size")?,
+                control_location: get_str(&r, "control_location")?,
+            })
+        })
+        .transpose()?;
+    Ok(VolumeType {
+        extra_specs: kv_all(conn, Kv::Specs, &t.id).await?,
+        id: t.id,
+        name: t.name,
+        encryption,
+    })
+}
+
+/// A type by id or name that the caller may see, for a new volume (404 otherwise).
+pub async fn resolve(conn: &mut AnyConnection, ctx: &Ctx, key: &str) -> ApiResult<VolumeType> {
+    let t = load_type(conn, ctx, key).await?;
+    volume_type(conn, t).await
+}
+
+/// The type of an existing volume (whoever may see it now).
+pub async fn by_id(conn: &mut AnyConnection, id: &str) -> ApiResult<VolumeType> {
+    let r = sqlx::query("SELECT id, name, description, is_public FROM volume_types WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| ApiError::internal(format!("volume type {id} vanished")))?;
+    let t = type_row(&r)?;
+    volume_type(conn, t).await
+}
+
+/// The name of type `id` (`None` if it is gone).
+pub async fn name_of(conn: &mut AnyConnection, id: &str) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query("SELECT name FROM volume_types WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?
+        .map(|r| get_str(&r, "name"))
+        .transpose()
 }
 
 #[utoipa::path(get, path = "/v3/{project_id}/types", tag = "types",

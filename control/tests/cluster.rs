@@ -6,7 +6,8 @@ mod common;
 
 use axum::http::Method;
 use common::{fresh_mysql_db, mysql_base_url, ref_id, Harness};
-use ember_control::{Control, ControlConfig, NoDataPlane};
+use ember_control::dataplane::mem::MemDataPlane;
+use ember_control::{Control, ControlConfig};
 use serde_json::json;
 use std::sync::Arc;
 
@@ -24,8 +25,8 @@ async fn two_nodes(database: String, mysql: Option<(String, String)>) {
     };
     let (c0, c1) = (cfg(0), cfg(1));
     let (a, b) = tokio::join!(
-        Control::open(&c0, Arc::new(NoDataPlane)),
-        Control::open(&c1, Arc::new(NoDataPlane))
+        Control::open(&c0, Arc::new(MemDataPlane::new())),
+        Control::open(&c1, Arc::new(MemDataPlane::new()))
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     drop(b);

@@ -1,36 +1,57 @@
-//! The data plane of `emberd serve`, as the control plane sees it ([`DataPlane`]).
+//! The data plane of `emberd serve`: the daemon's implementation of the control plane's
+//! one boundary, [`DataPlane`] (typed requests in, typed [`Endpoint`]s out; no JSON).
 //!
-//! - Pools: the configured [`DirPool`]s.
-//! - LUKS header work (format, rekey of a clone) through `ember_crypto` on the file.
-//! - Attachments: one device stack per attached volume, built by its first attachment and
-//!   shared by all of them, so the type's QoS limits the volume as a whole:
-//!   `throttle (type's qos:) → crypt (LUKS, key from the control plane) → file`.
-//!   Every attachment has its own front end, so its access mode is its own and ending it
-//!   ends exactly its clients: an NBD attachment is the export `<volume>-<attachment>` on
-//!   the daemon's NBD listeners (removing it closes its connections); a vhost-user
-//!   attachment is the socket `VHOST_DIR/<volume>-<attachment8>.sock`.
-//!   Detaching a vhost-user attachment stops its export: the connected frontend is
-//!   disconnected, its queues drained and the export's threads joined.
-//! - Resize: the file already grew (the pool did it); the live stack's base device is
-//!   told, and the layers above derive their size from it. Connected vhost-user
-//!   frontends get a config-change notice (QEMU then re-reads the capacity and interrupts
-//!   the guest); NBD clients see the new size on their next connection.
+//! - Pools: the configured [`DirPool`]s. A volume's object is named by its id, a
+//!   snapshot's by `snap-<id>`.
+//! - Every method runs its blocking work (file system calls, copies, LUKS headers and
+//!   key derivation) on tokio's blocking threads, never on the REST runtime's workers.
+//! - LUKS header work (format a new volume, rekey a copy) goes through the one header
+//!   adapter, [`ember_blockdev::stack::header_disk`].
+//! - Attachments: one device stack per attached volume, built by
+//!   [`ember_blockdev::stack::build`] (`throttle (type's qos:) → crypt (LUKS) → gate →
+//!   file`) and shared by all its attachments, so the type's QoS limits the volume as a
+//!   whole. Every attachment has its own front end, so its access mode is its own and
+//!   ending it ends exactly its clients: an NBD attachment is the export
+//!   `<volume>-<attachment>` on the daemon's NBD listeners (removing it closes its
+//!   connections); a vhost-user attachment is the socket
+//!   `VHOST_DIR/<volume>-<attachment8>.sock` (detaching disconnects the frontend,
+//!   drains its queues and joins the export's threads).
+//! - **No unlock under the volumes lock.** Opening a LUKS volume derives its key (PBKDF2
+//!   or argon2: up to seconds, by design). The first attachment of a volume builds the
+//!   stack *before* taking the lock that guards the attached volumes, and only registers
+//!   it under the lock; so one slow unlock never holds up other volumes' attach, detach,
+//!   resize or the daemon's shutdown. Two first attachments of one volume racing may
+//!   both unlock; the first to register wins, the other's stack is dropped.
+//! - **Point-in-time copies.** Every volume has a [`Gate`] (made on demand, shared by
+//!   the stack of its attachments). A clone or snapshot of a volume shuts its gate for
+//!   the copy: writes in flight drain (at most [`PAUSE_DRAIN`], else the copy fails
+//!   `Busy`), new ones are held until the copy is done. The gate exists apart from the
+//!   stack, so a volume attached during a copy starts with its writes held.
+//! - Grow: the pool grows the file; the live stack's base device is told, and the
+//!   layers above derive their size from it. Connected vhost-user frontends get a
+//!   config-change notice (QEMU then re-reads the capacity and interrupts the guest);
+//!   NBD clients see the new size on their next connection.
 
-use crate::luks::FileDisk;
 use crate::nbd::{ListenAddr, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
-use anyhow::{bail, Context};
-use ember_blockdev::layer::crypt::CryptDevice;
-use ember_blockdev::layer::throttle::ThrottleDevice;
-use ember_blockdev::pool::{DirPool, Pool};
-use ember_blockdev::{open, BackendSpec, BlockDevice, OpenOptions};
-use ember_control::dataplane::{AttachSpec, LuksFormat, Protocol};
-use ember_control::{DataPlane, ExportSpec};
+use anyhow::Context;
+use ember_blockdev::layer::gate::Gate;
+use ember_blockdev::layer::throttle::QosLimits;
+use ember_blockdev::pool::{DirPool, Pool, PoolError};
+use ember_blockdev::stack::{self, Stack, StackSpec, Unlock};
+use ember_blockdev::{BackendSpec, OpenOptions};
+use ember_control::dataplane::{
+    AttachVolume, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture, DpResult,
+    Endpoint, LuksFormat, LuksVersion, ObjectKind, ObjectRef, PoolStats, Protocol, Rekey,
+    SnapshotVolume, StoredObject,
+};
 use ember_crypto::kdf::Hash;
 use ember_crypto::{FormatParams, KdfParams};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// PBKDF2-SHA256 iterations of keyslots Ember writes. Ember's own keys are 256+ random
 /// bits, so the KDF adds no strength to them; this keeps unlocks fast while staying well
@@ -38,6 +59,10 @@ use std::sync::{Arc, Mutex};
 pub const KEYSLOT_PBKDF2_ITERATIONS: u32 = 20_000;
 /// Virtqueues of a vhost-user attachment.
 pub const VHOST_QUEUES: u16 = 2;
+/// How long a point-in-time copy waits for a volume's writes in flight to drain.
+pub const PAUSE_DRAIN: Duration = Duration::from_secs(30);
+/// Pool object name prefix of snapshots.
+pub const SNAPSHOT_PREFIX: &str = "snap-";
 
 /// One attachment.
 enum Attachment {
@@ -52,11 +77,30 @@ enum Attachment {
 
 /// An attached volume.
 struct Attached {
-    /// The backend (file) device.
-    base: Arc<dyn BlockDevice>,
-    /// The stack every front end of the volume serves (`base` plus layers).
-    stack: Arc<dyn BlockDevice>,
+    /// The device stack every front end of the volume serves.
+    stack: Stack,
     attachments: HashMap<String, Attachment>,
+}
+
+/// What the volumes lock guards (only quick work happens under it).
+#[derive(Default)]
+struct Volumes {
+    attached: HashMap<String, Attached>,
+    /// Each volume's gate, while a stack or a copy uses it.
+    gates: HashMap<String, Arc<Gate>>,
+}
+
+impl Volumes {
+    /// Drop the gate of `volume` if nothing but this map holds it.
+    fn forget_gate(&mut self, volume: &str) {
+        if self
+            .gates
+            .get(volume)
+            .is_some_and(|g| Arc::strong_count(g) == 1)
+        {
+            self.gates.remove(volume);
+        }
+    }
 }
 
 /// Where NBD clients reach the daemon.
@@ -68,14 +112,94 @@ enum NbdEndpoint {
     Tcp(String),
 }
 
-/// `emberd serve`'s data plane.
-pub struct EmberDataPlane {
+struct Inner {
     pools: Vec<Arc<dyn Pool>>,
     /// `None` once shut down.
     nbd: Mutex<Option<NbdServer>>,
     nbd_endpoints: Vec<NbdEndpoint>,
     vhost_dir: PathBuf,
-    volumes: Mutex<HashMap<String, Attached>>,
+    volumes: Mutex<Volumes>,
+    stopping: AtomicBool,
+    /// Limits applied when unlocking volumes' LUKS headers.
+    unlock: ember_crypto::OpenOptions,
+}
+
+/// `emberd serve`'s data plane (cheap to clone).
+#[derive(Clone)]
+pub struct EmberDataPlane {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// An error with its chain of causes, for the log.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn pool_error(pool: &str, what: &str, e: PoolError) -> DataPlaneError {
+    match e {
+        PoolError::NoSpace { need, free } => DataPlaneError::NoSpace {
+            pool: pool.to_string(),
+            need,
+            free,
+        },
+        PoolError::NotFound(id) => DataPlaneError::NotFound(format!("{id} in pool {pool}")),
+        PoolError::AlreadyExists(id) => {
+            DataPlaneError::AlreadyExists(format!("{id} in pool {pool}"))
+        }
+        e => DataPlaneError::failed(what, chain(&e)),
+    }
+}
+
+fn failed(what: &str, e: &dyn std::error::Error) -> DataPlaneError {
+    DataPlaneError::failed(what, chain(e))
+}
+
+/// The pool object name of a volume or snapshot.
+fn object_name(o: &ObjectRef) -> String {
+    match o.kind {
+        ObjectKind::Volume => o.id.clone(),
+        ObjectKind::Snapshot => format!("{SNAPSHOT_PREFIX}{}", o.id),
+    }
+}
+
+/// NBD export name of an attachment (ids are UUIDs: no characters a URI must escape).
+fn nbd_export_name(volume_id: &str, attachment_id: &str) -> String {
+    format!("{volume_id}-{attachment_id}")
+}
+
+/// Socket path of a vhost-user attachment (short: Unix socket paths are limited).
+fn vhost_socket(dir: &Path, volume_id: &str, attachment_id: &str) -> PathBuf {
+    let short: String = attachment_id.chars().take(8).collect();
+    dir.join(format!("{volume_id}-{short}.sock"))
+}
+
+fn keyslot_kdf() -> KdfParams {
+    KdfParams::Pbkdf2 {
+        hash: Hash::Sha256,
+        iterations: KEYSLOT_PBKDF2_ITERATIONS,
+    }
+}
+
+fn qos(q: &ember_control::dataplane::QosLimits) -> QosLimits {
+    QosLimits {
+        read_iops_sec: q.read_iops_sec,
+        write_iops_sec: q.write_iops_sec,
+        total_iops_sec: q.total_iops_sec,
+        read_bytes_sec: q.read_bytes_sec,
+        write_bytes_sec: q.write_bytes_sec,
+        total_bytes_sec: q.total_bytes_sec,
+    }
 }
 
 impl EmberDataPlane {
@@ -113,27 +237,58 @@ impl EmberDataPlane {
                 }
             }
         }
+        let inner = Inner {
+            pools: ps,
+            nbd: Mutex::new(Some(server)),
+            nbd_endpoints: endpoints,
+            vhost_dir,
+            volumes: Mutex::default(),
+            stopping: AtomicBool::new(false),
+            unlock: ember_crypto::OpenOptions::default(),
+        };
         Ok((
             EmberDataPlane {
-                pools: ps,
-                nbd: Mutex::new(Some(server)),
-                nbd_endpoints: endpoints,
-                vhost_dir,
-                volumes: Mutex::new(HashMap::new()),
+                inner: Arc::new(inner),
             },
             bound,
         ))
     }
 
-    /// Stop every vhost-user export (their submitted requests complete first), stop
-    /// listening for NBD, close NBD connections and join the I/O threads.
+    /// Stop every attachment (vhost-user exports finish their submitted requests
+    /// first), stop listening for NBD, close NBD connections and join the I/O threads.
+    /// Attaches still unlocking when it runs fail with `ShuttingDown`.
     pub fn shutdown(&self) {
-        let volumes: Vec<String> = lock(&self.volumes).keys().cloned().collect();
-        for volume in volumes {
+        self.inner.shutdown();
+    }
+
+    /// Run `f` on a blocking thread.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> DpResult<T> + Send + 'static,
+    ) -> DpFuture<'static, T> {
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&inner))
+                .await
+                .map_err(|e| DataPlaneError::failed("data-plane task", e))?
+        })
+    }
+}
+
+impl Inner {
+    fn pool(&self, name: &str) -> DpResult<&Arc<dyn Pool>> {
+        self.pools
+            .iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| DataPlaneError::NoPool(name.to_string()))
+    }
+
+    fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        let volumes: Vec<String> = lock(&self.volumes).attached.keys().cloned().collect();
+        for v in volumes {
             // The detach path of every attachment: one way to stop a front end.
-            if let Err(e) = self.close_export(&volume) {
-                tracing::warn!(volume = %volume, "{e:#}");
-            }
+            self.close_volume(&v);
         }
         let server = lock(&self.nbd).take();
         if let Some(s) = server {
@@ -141,263 +296,182 @@ impl EmberDataPlane {
         }
     }
 
-    fn with_nbd<T>(&self, f: impl FnOnce(&NbdServer) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let g = lock(&self.nbd);
-        let server = g.as_ref().context("the NBD server is shut down")?;
-        f(server)
-    }
-
-    fn nbd_info(&self, export: &str) -> serde_json::Value {
-        let uris: Vec<String> = self
-            .nbd_endpoints
-            .iter()
-            .map(|e| match e {
-                NbdEndpoint::Unix(p) => format!("nbd+unix:///{export}?socket={}", p.display()),
-                NbdEndpoint::Tcp(a) => format!("nbd://{a}/{export}"),
-            })
-            .collect();
-        serde_json::json!({
-            "driver_volume_type": "nbd",
-            "data": {
-                "export_name": export,
-                "uri": uris.first(),
-                "uris": uris,
-            }
-        })
-    }
-}
-
-fn file_disk(backend: &BackendSpec) -> anyhow::Result<FileDisk> {
-    let BackendSpec::File { path } = backend else {
-        bail!("LUKS header work needs a file backend, not {backend:?}");
-    };
-    FileDisk::open(path, true)
-}
-
-fn kdf() -> KdfParams {
-    KdfParams::Pbkdf2 {
-        hash: Hash::Sha256,
-        iterations: KEYSLOT_PBKDF2_ITERATIONS,
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// NBD export name of an attachment (ids are UUIDs: no characters a URI must escape).
-fn nbd_export_name(volume_id: &str, attachment_id: &str) -> String {
-    format!("{volume_id}-{attachment_id}")
-}
-
-/// Socket path of a vhost-user attachment (short: Unix socket paths are limited).
-fn vhost_socket(dir: &Path, volume_id: &str, attachment_id: &str) -> PathBuf {
-    let short: String = attachment_id.chars().take(8).collect();
-    dir.join(format!("{volume_id}-{short}.sock"))
-}
-
-impl DataPlane for EmberDataPlane {
-    /// A bare NBD export of a file (no attachment bookkeeping); idempotent.
-    fn open_export(&self, spec: &ExportSpec) -> anyhow::Result<()> {
-        self.with_nbd(|server| {
-            if server.export_names().contains(&spec.volume_id) {
-                return Ok(());
-            }
-            let opts = OpenOptions {
-                read_only: spec.read_only,
-                ..OpenOptions::default()
-            };
-            let mut dev = open(
-                &BackendSpec::File {
-                    path: spec.path.clone(),
-                },
-                &opts,
-            )
-            .with_context(|| format!("open {}", spec.path.display()))?;
-            if let Some(pass) = &spec.passphrase {
-                dev = Arc::new(
-                    CryptDevice::open(dev, pass, &ember_crypto::OpenOptions::default())
-                        .context("unlock the LUKS volume")?,
-                );
-            }
-            server.add_export(&spec.volume_id, dev, spec.read_only)
-        })
-    }
-
-    /// End every attachment and export of a volume.
-    fn close_export(&self, volume_id: &str) -> anyhow::Result<()> {
+    /// End every attachment of a volume.
+    fn close_volume(&self, volume_id: &str) {
         let ids: Vec<String> = lock(&self.volumes)
+            .attached
             .get(volume_id)
             .map(|a| a.attachments.keys().cloned().collect())
             .unwrap_or_default();
         for id in ids {
-            self.detach(volume_id, &id)?;
+            self.detach(volume_id, &id);
         }
-        if let Some(s) = lock(&self.nbd).as_ref() {
-            s.remove_export(volume_id);
-        }
-        Ok(())
     }
 
-    fn pools(&self) -> Vec<Arc<dyn Pool>> {
-        self.pools.clone()
+    fn stats(&self) -> DpResult<Vec<PoolStats>> {
+        self.pools
+            .iter()
+            .map(|p| {
+                let s = p
+                    .stats()
+                    .map_err(|e| pool_error(p.name(), "pool statistics", e))?;
+                Ok(PoolStats {
+                    name: p.name().to_string(),
+                    total_bytes: s.total_bytes,
+                    free_bytes: s.free_bytes,
+                    provisioned_bytes: s.provisioned_bytes,
+                })
+            })
+            .collect()
     }
 
-    fn luks_format(
-        &self,
-        backend: &BackendSpec,
-        passphrase: &[u8],
-        f: &LuksFormat,
-    ) -> anyhow::Result<()> {
-        if f.key_bits != 256 && f.key_bits != 512 {
-            bail!("LUKS key size {} bits: use 256 or 512", f.key_bits);
-        }
-        let mut disk = file_disk(backend)?;
+    fn inventory(&self, pool: &str) -> DpResult<Vec<StoredObject>> {
+        let p = self.pool(pool)?;
+        let objects = p.list().map_err(|e| pool_error(pool, "list the pool", e))?;
+        Ok(objects
+            .into_iter()
+            .map(|o| {
+                let object = match o.id.strip_prefix(SNAPSHOT_PREFIX) {
+                    Some(id) => ObjectRef::snapshot(pool, id),
+                    None => ObjectRef::volume(pool, &o.id),
+                };
+                StoredObject {
+                    object,
+                    size: o.size,
+                    partial: o.partial,
+                }
+            })
+            .collect())
+    }
+
+    /// Write a LUKS header with one keyslot on a new volume.
+    fn luks_format(&self, backend: &BackendSpec, f: &LuksFormat) -> DpResult<()> {
+        let mut disk = stack::header_disk(backend, false)
+            .map_err(|e| failed("open the volume for its LUKS header", &e))?;
         let p = FormatParams {
-            version: f.version,
+            version: match f.version {
+                LuksVersion::Luks1 => 1,
+                LuksVersion::Luks2 => 2,
+            },
             key_bytes: (f.key_bits / 8) as usize,
             sector_size: 512,
-            kdf: kdf(),
+            kdf: keyslot_kdf(),
             label: String::new(),
             uuid: None,
         };
-        ember_crypto::format(&mut disk, passphrase, &p).context("write the LUKS header")?;
-        disk.sync().context("sync the LUKS header")?;
-        Ok(())
+        ember_crypto::format(&mut disk, f.passphrase.expose(), &p)
+            .map_err(|e| failed("write the LUKS header", &e))?;
+        disk.flush().map_err(|e| failed("sync the LUKS header", &e))
     }
 
-    fn luks_change_key(&self, backend: &BackendSpec, old: &[u8], new: &[u8]) -> anyhow::Result<()> {
-        let mut disk = file_disk(backend)?;
+    /// Replace the keyslot `old` opens by one for `new` (a copy's own key).
+    fn luks_rekey(&self, backend: &BackendSpec, r: &Rekey) -> DpResult<()> {
+        let mut disk = stack::header_disk(backend, false)
+            .map_err(|e| failed("open the copy for its LUKS header", &e))?;
         ember_crypto::change_key(
             &mut disk,
-            old,
-            new,
-            kdf(),
-            &ember_crypto::OpenOptions::default(),
+            r.old.expose(),
+            r.new.expose(),
+            keyslot_kdf(),
+            &self.unlock,
         )
-        .context("give the copy its own keyslot")?;
-        disk.sync().context("sync the LUKS header")?;
+        .map_err(|e| DataPlaneError::Unlock {
+            what: "the copied LUKS header".into(),
+            detail: chain(&e),
+        })?;
+        disk.flush().map_err(|e| failed("sync the LUKS header", &e))
+    }
+
+    fn create(&self, req: &CreateVolume) -> DpResult<()> {
+        if let Some(f) = &req.luks {
+            if f.key_bits != 256 && f.key_bits != 512 {
+                return Err(DataPlaneError::Invalid(format!(
+                    "LUKS key size {} bits: use 256 or 512",
+                    f.key_bits
+                )));
+            }
+        }
+        let p = self.pool(&req.volume.pool)?;
+        let spec = p
+            .create(&object_name(&req.volume), req.size)
+            .map_err(|e| pool_error(p.name(), "create the volume", e))?;
+        if let Some(f) = &req.luks {
+            self.luks_format(&spec, f)?;
+        }
         Ok(())
     }
 
-    fn attach(&self, spec: &AttachSpec) -> anyhow::Result<serde_json::Value> {
-        let mut vols = lock(&self.volumes);
-        if !vols.contains_key(&spec.volume_id) {
-            // The first attachment builds the stack: crypt, then throttle.
-            let base = open(&spec.backend, &OpenOptions::default()).context("open the volume")?;
-            let mut stack = base.clone();
-            if let Some(pass) = &spec.passphrase {
-                stack = Arc::new(
-                    CryptDevice::open(stack, pass, &ember_crypto::OpenOptions::default())
-                        .context("unlock the LUKS volume")?,
-                );
-            }
-            if !spec.qos.is_unlimited() {
-                stack = Arc::new(ThrottleDevice::new(stack, &spec.qos));
-            }
-            vols.insert(
-                spec.volume_id.clone(),
-                Attached {
-                    base,
-                    stack,
-                    attachments: HashMap::new(),
-                },
-            );
-        }
-        let Some(a) = vols.get_mut(&spec.volume_id) else {
-            bail!("volume {} vanished", spec.volume_id);
-        };
-        if a.attachments.contains_key(&spec.attachment_id) {
-            bail!(
-                "attachment {} of volume {} exists already",
-                spec.attachment_id,
-                spec.volume_id
-            );
-        }
-        let res = match spec.protocol {
-            Protocol::Nbd => {
-                let name = nbd_export_name(&spec.volume_id, &spec.attachment_id);
-                self.with_nbd(|s| s.add_export(&name, a.stack.clone(), spec.read_only))
-                    .context("add the NBD export")
-                    .map(|()| {
-                        let info = self.nbd_info(&name);
-                        (Attachment::Nbd { export: name }, info)
-                    })
-            }
-            Protocol::VhostUser => {
-                let socket = vhost_socket(&self.vhost_dir, &spec.volume_id, &spec.attachment_id);
-                vhost::spawn(
-                    a.stack.clone(),
-                    &socket,
-                    VhostConfig {
-                        num_queues: VHOST_QUEUES,
-                        read_only: spec.read_only,
-                        id: spec.volume_id.clone(),
-                    },
-                )
-                .context("start the vhost-user export")
-                .map(|export| {
-                    let info = serde_json::json!({
-                        "driver_volume_type": "vhost-user",
-                        "data": { "socket_path": socket, "num_queues": VHOST_QUEUES }
-                    });
-                    (Attachment::Vhost { export }, info)
-                })
-            }
-        };
-        let (att, info) = match res {
-            Ok(x) => x,
-            Err(e) => {
-                if a.attachments.is_empty() {
-                    vols.remove(&spec.volume_id);
-                }
-                return Err(e);
-            }
-        };
-        a.attachments.insert(spec.attachment_id.clone(), att);
-        tracing::info!(volume = %spec.volume_id, attachment = %spec.attachment_id, protocol = spec.protocol.as_str(), read_only = spec.read_only, "attached");
-        Ok(info)
+    /// The gate of `volume`, made if needed.
+    fn gate_of(&self, volume: &str) -> Arc<Gate> {
+        lock(&self.volumes)
+            .gates
+            .entry(volume.to_string())
+            .or_default()
+            .clone()
     }
 
-    fn detach(&self, volume_id: &str, attachment_id: &str) -> anyhow::Result<()> {
-        let mut vols = lock(&self.volumes);
-        let Some(a) = vols.get_mut(volume_id) else {
-            return Ok(());
-        };
-        let mut vhost_stop = None;
-        match a.attachments.remove(attachment_id) {
-            Some(Attachment::Nbd { export }) => {
-                // Removing the export closes its connections.
-                if let Some(s) = lock(&self.nbd).as_ref() {
-                    s.remove_export(&export);
-                }
-            }
-            Some(Attachment::Vhost { export }) => {
-                // Stopped below, without holding the volumes lock.
-                vhost_stop = Some(export);
-            }
-            None => {}
+    /// Copy `source` to `target` at one instant: an attached volume's writes are
+    /// paused for the copy.
+    fn copy(&self, source: &ObjectRef, target: &ObjectRef) -> DpResult<BackendSpec> {
+        let p = self.pool(&source.pool)?;
+        if target.pool != source.pool {
+            return Err(DataPlaneError::Invalid(format!(
+                "{target} must be in the pool of {source}"
+            )));
         }
-        if a.attachments.is_empty() {
-            vols.remove(volume_id);
+        let gate = (source.kind == ObjectKind::Volume).then(|| self.gate_of(&source.id));
+        let res = (|| {
+            let _pause = match &gate {
+                Some(g) => Some(g.pause(PAUSE_DRAIN).map_err(|e| {
+                    tracing::warn!(volume = %source.id, error = %e, "cannot pause the volume for a copy");
+                    DataPlaneError::Busy(source.to_string())
+                })?),
+                None => None,
+            };
+            let (spec, method) =
+                Pool::clone_from(p.as_ref(), &object_name(source), &object_name(target))
+                    .map_err(|e| pool_error(p.name(), "copy", e))?;
+            tracing::info!(source = %source, target = %target, ?method, "copied at one instant");
+            Ok(spec)
+        })();
+        if let Some(g) = gate {
+            drop(g);
+            lock(&self.volumes).forget_gate(&source.id);
         }
-        drop(vols);
-        if let Some(export) = vhost_stop {
-            // Disconnects the frontend, drains its queues, joins the threads and removes
-            // the socket (bounded; see `VhostExport::stop`).
-            export.stop();
+        res
+    }
+
+    fn clone_volume(&self, req: &CloneVolume) -> DpResult<()> {
+        let spec = self.copy(&req.source, &req.volume)?;
+        let p = self.pool(&req.volume.pool)?;
+        let name = object_name(&req.volume);
+        let size = p
+            .stat(&name)
+            .map_err(|e| pool_error(p.name(), "size of the copy", e))?
+            .size;
+        if req.size > size {
+            p.resize(&name, req.size)
+                .map_err(|e| pool_error(p.name(), "grow the copy", e))?;
         }
-        tracing::info!(volume = %volume_id, attachment = %attachment_id, "detached");
+        if let Some(r) = &req.rekey {
+            self.luks_rekey(&spec, r)?;
+        }
         Ok(())
     }
 
-    fn resize(&self, volume_id: &str, new_size: u64) -> anyhow::Result<()> {
+    fn grow(&self, volume: &ObjectRef, new_size: u64) -> DpResult<()> {
+        let p = self.pool(&volume.pool)?;
+        p.resize(&object_name(volume), new_size)
+            .map_err(|e| pool_error(p.name(), "grow the volume", e))?;
         let notifiers: Vec<(String, vhost::ConfigNotifier)> = {
             let vols = lock(&self.volumes);
-            let Some(a) = vols.get(volume_id) else {
+            let Some(a) = vols.attached.get(&volume.id) else {
                 return Ok(());
             };
-            a.base.resize(new_size).context("grow the live device")?;
+            if let Err(e) = a.stack.base.resize(new_size) {
+                // The file grew: the next stack of this volume sees it.
+                tracing::warn!(volume = %volume.id, error = %e, "the live device did not learn the new size");
+            }
             a.attachments
                 .iter()
                 .filter_map(|(id, att)| match att {
@@ -412,137 +486,235 @@ impl DataPlane for EmberDataPlane {
         // resize: it already happened.
         for (id, n) in notifiers {
             if let Err(e) = n.config_changed() {
-                tracing::warn!(volume = %volume_id, attachment = %id, "{e:#}");
+                tracing::warn!(volume = %volume.id, attachment = %id, "{e:#}");
             }
         }
         Ok(())
     }
+
+    fn delete(&self, object: &ObjectRef) -> DpResult<()> {
+        let p = self.pool(&object.pool)?;
+        p.delete(&object_name(object))
+            .map_err(|e| pool_error(p.name(), "delete", e))
+    }
+
+    fn check_running(&self) -> DpResult<()> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(DataPlaneError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Open the volume's device stack: LUKS unlock (key derivation) included. Called
+    /// without the volumes lock.
+    fn build_stack(&self, req: &AttachVolume, gate: Arc<Gate>) -> DpResult<Stack> {
+        let p = self.pool(&req.volume.pool)?;
+        let backend = p
+            .spec(&object_name(&req.volume))
+            .map_err(|e| pool_error(p.name(), "find the volume", e))?;
+        let spec = StackSpec {
+            backend,
+            open: OpenOptions::default(),
+            luks: req.passphrase.as_ref().map(|pass| Unlock {
+                passphrase: pass.expose(),
+                options: self.unlock,
+            }),
+            qos: qos(&req.qos),
+            gate: Some(gate),
+        };
+        stack::build(&spec).map_err(|e| {
+            if req.passphrase.is_some() {
+                DataPlaneError::Unlock {
+                    what: req.volume.to_string(),
+                    detail: chain(&e),
+                }
+            } else {
+                failed("open the volume", &e)
+            }
+        })
+    }
+
+    fn attach(&self, req: &AttachVolume) -> DpResult<Endpoint> {
+        let vid = req.volume.id.clone();
+        let mut built: Option<Stack> = None;
+        loop {
+            let gate = {
+                let mut vols = lock(&self.volumes);
+                self.check_running()?;
+                if vols.attached.contains_key(&vid) || built.is_some() {
+                    return self.add_attachment(&mut vols, req, built.take());
+                }
+                vols.gates.entry(vid.clone()).or_default().clone()
+            };
+            // The first attachment unlocks, with no lock held (see the module doc).
+            built = Some(self.build_stack(req, gate)?);
+        }
+    }
+
+    /// Register an attachment (and the stack, for the first one): quick work only.
+    fn add_attachment(
+        &self,
+        vols: &mut Volumes,
+        req: &AttachVolume,
+        built: Option<Stack>,
+    ) -> DpResult<Endpoint> {
+        let vid = &req.volume.id;
+        let fresh = !vols.attached.contains_key(vid);
+        let a = match (vols.attached.get_mut(vid), built) {
+            (Some(a), _) => a, // another attachment registered first: ours is dropped
+            (None, Some(stack)) => vols.attached.entry(vid.clone()).or_insert(Attached {
+                stack,
+                attachments: HashMap::new(),
+            }),
+            (None, None) => return Err(DataPlaneError::failed("attach", "no device stack")),
+        };
+        if a.attachments.contains_key(&req.attachment_id) {
+            return Err(DataPlaneError::AlreadyExists(format!(
+                "attachment {} of volume {vid}",
+                req.attachment_id
+            )));
+        }
+        let res = match req.protocol {
+            Protocol::Nbd => {
+                let name = nbd_export_name(vid, &req.attachment_id);
+                let added = match lock(&self.nbd).as_ref() {
+                    Some(s) => s
+                        .add_export(&name, a.stack.top.clone(), req.read_only)
+                        .map_err(|e| {
+                            DataPlaneError::failed("add the NBD export", format!("{e:#}"))
+                        }),
+                    None => Err(DataPlaneError::ShuttingDown),
+                };
+                added.map(|()| {
+                    let uris = self
+                        .nbd_endpoints
+                        .iter()
+                        .map(|e| match e {
+                            NbdEndpoint::Unix(p) => {
+                                format!("nbd+unix:///{name}?socket={}", p.display())
+                            }
+                            NbdEndpoint::Tcp(a) => format!("nbd://{a}/{name}"),
+                        })
+                        .collect();
+                    let ep = Endpoint::Nbd {
+                        export: name.clone(),
+                        uris,
+                        credentials: None,
+                    };
+                    (Attachment::Nbd { export: name }, ep)
+                })
+            }
+            Protocol::VhostUser => {
+                let socket = vhost_socket(&self.vhost_dir, vid, &req.attachment_id);
+                vhost::spawn(
+                    a.stack.top.clone(),
+                    &socket,
+                    VhostConfig {
+                        num_queues: VHOST_QUEUES,
+                        read_only: req.read_only,
+                        id: vid.clone(),
+                    },
+                )
+                .map_err(|e| {
+                    DataPlaneError::failed("start the vhost-user export", format!("{e:#}"))
+                })
+                .map(|export| {
+                    let ep = Endpoint::VhostUser {
+                        socket,
+                        queues: VHOST_QUEUES,
+                    };
+                    (Attachment::Vhost { export }, ep)
+                })
+            }
+        };
+        match res {
+            Ok((att, ep)) => {
+                a.attachments.insert(req.attachment_id.clone(), att);
+                tracing::info!(volume = %vid, attachment = %req.attachment_id,
+                    protocol = req.protocol.as_str(), read_only = req.read_only, "attached");
+                Ok(ep)
+            }
+            Err(e) => {
+                if fresh && a.attachments.is_empty() {
+                    vols.attached.remove(vid);
+                    vols.forget_gate(vid);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn detach(&self, volume_id: &str, attachment_id: &str) {
+        let mut vols = lock(&self.volumes);
+        let Some(a) = vols.attached.get_mut(volume_id) else {
+            return;
+        };
+        let mut vhost_stop = None;
+        match a.attachments.remove(attachment_id) {
+            Some(Attachment::Nbd { export }) => {
+                // Removing the export closes its connections.
+                if let Some(s) = lock(&self.nbd).as_ref() {
+                    s.remove_export(&export);
+                }
+            }
+            // Stopped below, without holding the volumes lock.
+            Some(Attachment::Vhost { export }) => vhost_stop = Some(export),
+            None => {}
+        }
+        if a.attachments.is_empty() {
+            vols.attached.remove(volume_id);
+            vols.forget_gate(volume_id);
+        }
+        drop(vols);
+        if let Some(export) = vhost_stop {
+            // Disconnects the frontend, drains its queues, joins the threads and removes
+            // the socket (bounded; see `VhostExport::stop`).
+            export.stop();
+        }
+        tracing::info!(volume = %volume_id, attachment = %attachment_id, "detached");
+    }
+}
+
+impl DataPlane for EmberDataPlane {
+    fn stats(&self) -> DpFuture<'_, Vec<PoolStats>> {
+        self.run(|i| i.stats())
+    }
+
+    fn inventory(&self, pool: String) -> DpFuture<'_, Vec<StoredObject>> {
+        self.run(move |i| i.inventory(&pool))
+    }
+
+    fn create(&self, req: CreateVolume) -> DpFuture<'_, ()> {
+        self.run(move |i| i.create(&req))
+    }
+
+    fn clone_volume(&self, req: CloneVolume) -> DpFuture<'_, ()> {
+        self.run(move |i| i.clone_volume(&req))
+    }
+
+    fn snapshot(&self, req: SnapshotVolume) -> DpFuture<'_, ()> {
+        self.run(move |i| i.copy(&req.volume, &req.snapshot).map(drop))
+    }
+
+    fn grow(&self, volume: ObjectRef, new_size: u64) -> DpFuture<'_, ()> {
+        self.run(move |i| i.grow(&volume, new_size))
+    }
+
+    fn delete(&self, object: ObjectRef) -> DpFuture<'_, ()> {
+        self.run(move |i| i.delete(&object))
+    }
+
+    fn attach(&self, req: AttachVolume) -> DpFuture<'_, Endpoint> {
+        self.run(move |i| i.attach(&req))
+    }
+
+    fn detach(&self, volume: ObjectRef, attachment_id: String) -> DpFuture<'_, ()> {
+        self.run(move |i| {
+            i.detach(&volume.id, &attachment_id);
+            Ok(())
+        })
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use ember_blockdev::layer::throttle::QosLimits;
-
-    fn names(dp: &EmberDataPlane) -> Vec<String> {
-        dp.with_nbd(|s| Ok(s.export_names())).unwrap()
-    }
-
-    #[test]
-    fn exports_attachments_luks_and_shutdown() {
-        let d = tempfile::tempdir().unwrap();
-        let sock = d.path().join("nbd.sock");
-        std::fs::create_dir(d.path().join("vhost")).unwrap();
-        let (dp, bound) = EmberDataPlane::start(
-            vec![("default".into(), d.path().join("pool"))],
-            &[ListenAddr::Unix(sock.clone())],
-            d.path().join("vhost"),
-        )
-        .unwrap();
-        assert_eq!(bound, vec![format!("unix:{}", sock.display())]);
-        let pool = dp.pools().pop().unwrap();
-        let spec = pool.create("v1", 32 << 20).unwrap();
-
-        // LUKS format, then a clone-style rekey.
-        let f = LuksFormat {
-            version: 2,
-            key_bits: 512,
-        };
-        dp.luks_format(&spec, b"old", &f).unwrap();
-        dp.luks_change_key(&spec, b"old", b"new").unwrap();
-        assert!(
-            dp.luks_change_key(&spec, b"old", b"x").is_err(),
-            "old key removed"
-        );
-        assert!(dp
-            .luks_format(
-                &spec,
-                b"p",
-                &LuksFormat {
-                    version: 2,
-                    key_bits: 100
-                }
-            )
-            .is_err());
-
-        // Each NBD attachment is its own export with its own access mode; all share
-        // the volume's one device stack.
-        let att = |id: &str, pass: &[u8], read_only: bool| AttachSpec {
-            volume_id: "v1".into(),
-            attachment_id: id.into(),
-            backend: spec.clone(),
-            protocol: Protocol::Nbd,
-            read_only,
-            passphrase: Some(ember_crypto::Zeroizing::new(pass.to_vec())),
-            qos: QosLimits {
-                total_iops_sec: Some(1000),
-                ..Default::default()
-            },
-        };
-        assert!(
-            dp.attach(&att("a0", b"wrong", false)).is_err(),
-            "wrong passphrase"
-        );
-        assert!(
-            lock(&dp.volumes).is_empty(),
-            "a failed attach leaves nothing"
-        );
-        let info = dp.attach(&att("a1", b"new", false)).unwrap();
-        assert_eq!(info["driver_volume_type"], "nbd");
-        assert_eq!(info["data"]["export_name"], "v1-a1");
-        assert_eq!(
-            info["data"]["uri"],
-            format!("nbd+unix:///v1-a1?socket={}", sock.display())
-        );
-        assert!(
-            dp.attach(&att("a1", b"new", false)).is_err(),
-            "an attachment id is used once"
-        );
-        dp.attach(&att("a2", b"new", true)).unwrap();
-        assert_eq!(names(&dp), vec!["v1-a1".to_string(), "v1-a2".to_string()]);
-        {
-            let vols = lock(&dp.volumes);
-            let v = &vols["v1"];
-            assert_eq!(v.attachments.len(), 2);
-        }
-        dp.detach("v1", "a1").unwrap();
-        assert_eq!(names(&dp), vec!["v1-a2".to_string()]);
-        dp.detach("v1", "a2").unwrap();
-        dp.detach("v1", "a2").unwrap();
-        assert!(names(&dp).is_empty());
-        assert!(lock(&dp.volumes).is_empty());
-        dp.resize("v1", 64 << 20).unwrap();
-
-        // Bare exports (open/close_export) are idempotent.
-        let e = ExportSpec {
-            volume_id: "v1".into(),
-            path: d.path().join("pool").join("v1.img"),
-            read_only: true,
-            passphrase: Some(b"new".to_vec()),
-        };
-        dp.open_export(&e).unwrap();
-        dp.open_export(&e).unwrap();
-        assert_eq!(names(&dp), vec!["v1".to_string()]);
-        dp.close_export("v1").unwrap();
-        assert!(names(&dp).is_empty());
-
-        // A vhost-user attachment is stopped by shutdown: its socket goes.
-        let vinfo = dp
-            .attach(&AttachSpec {
-                protocol: Protocol::VhostUser,
-                ..att("a3", b"new", false)
-            })
-            .unwrap();
-        let vsock = PathBuf::from(vinfo["data"]["socket_path"].as_str().unwrap());
-        assert!(vsock.exists());
-
-        dp.shutdown();
-        assert!(!sock.exists(), "the socket is removed at shutdown");
-        assert!(
-            !vsock.exists(),
-            "vhost-user exports are stopped at shutdown"
-        );
-        assert!(lock(&dp.volumes).is_empty());
-        assert!(dp.open_export(&e).is_err());
-    }
-}
+mod tests;

@@ -5,13 +5,16 @@
 //! SIGINT or SIGTERM (blocked in every thread and taken with `sigwait`, so no handler
 //! runs in the middle of I/O), shuts the server down, removes its Unix sockets and
 //! exits 0. With `--vhost-user SOCKET` the same device is also served to vhost-user-blk
-//! frontends (QEMU) by [`crate::vhost::spawn`]. With `--passphrase-file` the file is
-//! opened as a LUKS1/LUKS2 volume and its plaintext is served (the crypt layer of
-//! `ember-blockdev` over the file); the listeners appear once the keyslot is unlocked.
+//! frontends (QEMU) by [`crate::vhost::spawn`]. The device stack comes from the one
+//! builder, [`ember_blockdev::stack::build`]: with `--passphrase-file` the file is
+//! opened as a LUKS1/LUKS2 volume and its plaintext is served (the crypt layer over the
+//! file); the listeners appear once the keyslot is unlocked.
 
 use crate::nbd::{ListenAddr, NbdServer};
 use anyhow::Context;
 use clap::Args;
+use ember_blockdev::layer::throttle::QosLimits;
+use ember_blockdev::stack::{self, StackSpec, Unlock};
 use ember_blockdev::{BackendSpec, OpenOptions};
 use std::path::PathBuf;
 
@@ -84,21 +87,33 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .iter()
         .map(|a| a.parse::<ListenAddr>())
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let opts = OpenOptions {
-        read_only: args.read_only,
-        ..OpenOptions::default()
+    let passphrase = match &args.passphrase_file {
+        Some(p) => Some(crate::luks::read_passphrase(p)?),
+        None => None,
     };
-    let dev = ember_blockdev::open(
-        &BackendSpec::File {
+    let spec = StackSpec {
+        backend: BackendSpec::File {
             path: args.file.clone(),
         },
-        &opts,
-    )
-    .with_context(|| format!("open {}", args.file.display()))?;
-    let dev = match &args.passphrase_file {
-        Some(p) => crate::luks::open_device(dev, p, args.max_argon2_memory)?,
-        None => dev,
+        open: OpenOptions {
+            read_only: args.read_only,
+            ..OpenOptions::default()
+        },
+        luks: passphrase.as_ref().map(|p| Unlock {
+            passphrase: p,
+            options: crate::luks::open_opts(args.max_argon2_memory),
+        }),
+        qos: QosLimits::default(),
+        gate: None,
     };
+    let as_luks = if spec.luks.is_some() {
+        " as a LUKS volume"
+    } else {
+        ""
+    };
+    let dev = stack::build(&spec)
+        .with_context(|| format!("open {}{as_luks}", args.file.display()))?
+        .top;
     let size = dev.info().size;
 
     let set = block_signals()?;

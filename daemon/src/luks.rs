@@ -1,22 +1,20 @@
-//! `emberd luks`: format, inspect and manage keyslots of LUKS1/LUKS2 volumes, and
-//! [`open_device`], which `emberd export --passphrase-file` uses to serve a volume's
-//! plaintext through the crypt layer.
+//! `emberd luks`: format, inspect and manage keyslots of LUKS1/LUKS2 volumes.
 //!
 //! Passphrases come only from files (never argv or the environment) and are used
 //! byte-for-byte, like `cryptsetup --key-file` and QEMU's `secret,file=`: a trailing
-//! newline is part of the passphrase. All header work goes through `ember-crypto`; this
-//! module only opens files and maps flags.
+//! newline is part of the passphrase ([`read_passphrase`], also used by `emberd export
+//! --passphrase-file`). All header work goes through `ember-crypto`, on the device
+//! through the one LUKS header adapter ([`ember_blockdev::stack::header_disk`], the same
+//! the crypt layer and the data plane use); this module only maps flags.
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use ember_blockdev::layer::crypt::CryptDevice;
-use ember_blockdev::BlockDevice;
+use ember_blockdev::layer::crypt::DeviceDisk;
+use ember_blockdev::BackendSpec;
 use ember_crypto::kdf::{Argon2Type, Hash};
 use ember_crypto::{Disk, FormatParams, KdfParams, OpenOptions, Zeroizing};
-use std::fs::{File, OpenOptions as FsOpenOptions};
-use std::os::unix::fs::FileExt;
+use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
 /// Flags of `emberd luks`.
@@ -141,38 +139,20 @@ struct RemoveKeyArgs {
     max_argon2_memory: u64,
 }
 
-/// A file (or block device) as a [`Disk`] for header work; also the data plane's.
-pub(crate) struct FileDisk(pub(crate) File);
-
-impl Disk for FileDisk {
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_exact_at(buf, offset)
-    }
-
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
-        self.0.write_all_at(buf, offset)
-    }
-
-    fn size(&mut self) -> std::io::Result<u64> {
-        use std::io::{Seek, SeekFrom};
-        // Works for block devices too, where metadata().len() is 0.
-        self.0.seek(SeekFrom::End(0))
-    }
+/// `path` (a file or block device) for header work.
+fn header_disk(path: &Path, write: bool) -> anyhow::Result<DeviceDisk> {
+    ember_blockdev::stack::header_disk(
+        &BackendSpec::File {
+            path: path.to_path_buf(),
+        },
+        !write,
+    )
+    .with_context(|| format!("open {}", path.display()))
 }
 
-impl FileDisk {
-    pub(crate) fn open(path: &Path, write: bool) -> anyhow::Result<Self> {
-        let f = FsOpenOptions::new()
-            .read(true)
-            .write(write)
-            .open(path)
-            .with_context(|| format!("open {}", path.display()))?;
-        Ok(FileDisk(f))
-    }
-
-    pub(crate) fn sync(&self) -> anyhow::Result<()> {
-        self.0.sync_all().context("sync")
-    }
+/// Make written headers durable.
+fn sync(disk: &mut DeviceDisk) -> anyhow::Result<()> {
+    disk.flush().context("sync")
 }
 
 /// Largest passphrase file accepted (cryptsetup's default key file limit).
@@ -267,35 +247,38 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
         label: a.label,
         uuid: a.uuid,
     };
-    let mut opts = FsOpenOptions::new();
-    opts.read(true).write(true);
     if a.size.is_some() {
-        opts.create(true);
+        // Created if missing; sized below, once its old contents were looked at.
+        FsOpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&a.path)
+            .with_context(|| format!("open {}", a.path.display()))?;
     }
-    let f = opts
-        .open(&a.path)
-        .with_context(|| format!("open {}", a.path.display()))?;
-    let mut disk = FileDisk(f);
-    if !a.force && has_luks_magic(&mut disk) {
+    if !a.force && has_luks_magic(&mut header_disk(&a.path, false)?) {
         bail!(
             "{} already holds a LUKS header: formatting would lose its data (use --force)",
             a.path.display()
         );
     }
-    let f = disk.0;
     if let Some(size) = a.size {
         if size % u64::from(a.sector_size) != 0 {
             bail!("--size must be a multiple of the sector size");
         }
         let total = ember_crypto::default_data_offset(version) + size;
+        let f = FsOpenOptions::new()
+            .write(true)
+            .open(&a.path)
+            .with_context(|| format!("open {}", a.path.display()))?;
         if f.metadata()?.is_file() {
             f.set_len(total).context("resize the file")?;
         }
     }
-    let mut disk = FileDisk(f);
+    let mut disk = header_disk(&a.path, true)?;
     let u = ember_crypto::format(&mut disk, &pass, &params)
         .with_context(|| format!("format {}", a.path.display()))?;
-    disk.sync()?;
+    sync(&mut disk)?;
     println!(
         "formatted {} as LUKS{} (UUID {}), data at offset {}",
         a.path.display(),
@@ -307,18 +290,19 @@ fn format(a: FormatArgs) -> anyhow::Result<()> {
 }
 
 /// Either LUKS magic at offset 0 (a LUKS2 secondary alone is caught by the header read).
-fn has_luks_magic(disk: &mut FileDisk) -> bool {
+fn has_luks_magic(disk: &mut DeviceDisk) -> bool {
     let mut m = [0u8; 6];
     disk.read_at(0, &mut m).is_ok() && (&m == b"LUKS\xba\xbe" || &m == b"SKUL\xba\xbe")
 }
 
-fn open_opts(max_kib: u64) -> OpenOptions {
+/// Unlock limits from the flags.
+pub(crate) fn open_opts(max_kib: u64) -> OpenOptions {
     OpenOptions {
         max_argon2_kib: max_kib,
     }
 }
 
-fn is_luks2(disk: &mut FileDisk) -> anyhow::Result<bool> {
+fn is_luks2(disk: &mut DeviceDisk) -> anyhow::Result<bool> {
     Ok(ember_crypto::Header::read(disk)?.version() == 2)
 }
 
@@ -327,7 +311,7 @@ pub fn run(args: LuksArgs) -> anyhow::Result<()> {
     match args.cmd {
         LuksCmd::Format(a) => format(a),
         LuksCmd::Dump { path } => {
-            let mut disk = FileDisk::open(&path, false)?;
+            let mut disk = header_disk(&path, false)?;
             print!(
                 "{}",
                 ember_crypto::dump(&mut disk).with_context(|| format!("{}", path.display()))?
@@ -337,19 +321,19 @@ pub fn run(args: LuksArgs) -> anyhow::Result<()> {
         LuksCmd::AddKey(a) => {
             let pass = read_passphrase(&a.passphrase_file)?;
             let new = read_passphrase(&a.new_passphrase_file)?;
-            let mut disk = FileDisk::open(&a.path, true)?;
+            let mut disk = header_disk(&a.path, true)?;
             let kdf = a.kdf.params(is_luks2(&mut disk)?)?;
             let id =
                 ember_crypto::add_key(&mut disk, &pass, &new, kdf, &open_opts(a.max_argon2_memory))
                     .with_context(|| format!("add a key to {}", a.path.display()))?;
-            disk.sync()?;
+            sync(&mut disk)?;
             println!("added keyslot {id}");
             Ok(())
         }
         LuksCmd::ChangeKey(a) => {
             let pass = read_passphrase(&a.passphrase_file)?;
             let new = read_passphrase(&a.new_passphrase_file)?;
-            let mut disk = FileDisk::open(&a.path, true)?;
+            let mut disk = header_disk(&a.path, true)?;
             let kdf = a.kdf.params(is_luks2(&mut disk)?)?;
             let id = ember_crypto::change_key(
                 &mut disk,
@@ -359,31 +343,18 @@ pub fn run(args: LuksArgs) -> anyhow::Result<()> {
                 &open_opts(a.max_argon2_memory),
             )
             .with_context(|| format!("change a key of {}", a.path.display()))?;
-            disk.sync()?;
+            sync(&mut disk)?;
             println!("passphrase changed, now in keyslot {id}");
             Ok(())
         }
         LuksCmd::RemoveKey(a) => {
             let pass = read_passphrase(&a.passphrase_file)?;
-            let mut disk = FileDisk::open(&a.path, true)?;
+            let mut disk = header_disk(&a.path, true)?;
             let id = ember_crypto::remove_key(&mut disk, &pass, &open_opts(a.max_argon2_memory))
                 .with_context(|| format!("remove a key from {}", a.path.display()))?;
-            disk.sync()?;
+            sync(&mut disk)?;
             println!("removed keyslot {id}");
             Ok(())
         }
     }
-}
-
-/// Unlock the LUKS volume on `dev` with the passphrase in `passphrase_file` and return a
-/// device serving its plaintext (the crypt layer over `dev`).
-pub fn open_device(
-    dev: Arc<dyn BlockDevice>,
-    passphrase_file: &Path,
-    max_argon2_kib: u64,
-) -> anyhow::Result<Arc<dyn BlockDevice>> {
-    let pass = read_passphrase(passphrase_file)?;
-    let c = CryptDevice::open(dev, &pass, &open_opts(max_argon2_kib))
-        .context("open the LUKS volume")?;
-    Ok(Arc::new(c))
 }

@@ -10,10 +10,13 @@
 //! directory pool `default` at `DATA/pools/default`.
 //!
 //! The data plane: an NBD server listens on every `--nbd` address; the control plane
-//! reaches it only through [`ember_control::DataPlane`], implemented by
-//! [`EmberDataPlane`]: storage pools, LUKS header work, NBD exports named after the
-//! volume id and vhost-user sockets in `--vhost-dir`. At start-up a reconciliation pass
-//! cleans up after a crash; lock leases are renewed every third of `--lock-lease-secs`.
+//! reaches it only through its typed volume-lifecycle interface,
+//! [`ember_control::DataPlane`], implemented by [`EmberDataPlane`]: storage pools, LUKS
+//! header work, device stacks, NBD exports and vhost-user sockets in `--vhost-dir`.
+//! At start-up a reconciliation pass cleans up after a crash; lock leases are renewed
+//! every third of `--lock-lease-secs`. At exit the data plane stops every attachment,
+//! then the runtime waits at most [`BLOCKING_SHUTDOWN`] for blocking work still
+//! running (a copy, an unlock).
 
 use crate::dataplane::EmberDataPlane;
 use crate::nbd::ListenAddr;
@@ -195,8 +198,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("start the tokio runtime")?;
-    rt.block_on(serve(cfg))
+    let res = rt.block_on(serve(cfg));
+    // A copy or an unlock still running on a blocking thread must not hold the exit.
+    rt.shutdown_timeout(BLOCKING_SHUTDOWN);
+    res
 }
+
+/// How long the exit waits for blocking data-plane work still running.
+pub const BLOCKING_SHUTDOWN: Duration = Duration::from_secs(10);
 
 fn create_dir(p: &Path, what: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(p).with_context(|| format!("create {what} {}", p.display()))

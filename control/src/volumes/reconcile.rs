@@ -8,15 +8,24 @@
 //!    deletes it). Rows still `deleting`: finish the delete.
 //! 3. Attachments of this node died with it: drop their rows; volumes left without an
 //!    attachment go back to `available`.
-//! 4. Pool objects: partial ones (interrupted create/clone) are deleted; complete ones
-//!    that no volume or snapshot row names are orphans and are deleted too. Objects
-//!    another node is still building (a shared pool directory) are left alone.
+//! 4. Pool objects no volume or snapshot row names (orphans, and partial leftovers of
+//!    an interrupted create) are deleted.
+//!
+//! Several nodes may share one pool (a shared directory or LUN) and one database. Step 4
+//! must then never delete another node's object, even one made while this pass runs.
+//! The rule that guarantees it: **list the pool first, read the database after**. Every
+//! create, clone and snapshot inserts its row before it asks the data plane for the
+//! bytes, and every delete removes the bytes before the row; so an object seen in the
+//! listing has a row by the time the database is read, unless it is being deleted (and
+//! deleting it again is harmless). Reading the database first would miss the row of an
+//! object another node makes between the two reads, and delete it.
+//! Only objects named like Ember's (volume and snapshot ids are UUIDs) are touched.
 
-use super::api::{
-    finish_delete, finish_snapshot_delete, snap_object, snap_row, vol_row, SNAPSHOT_PREFIX,
-};
+use super::rows;
+use super::service::{finish_delete, finish_snapshot_delete};
+use super::status::{SnapshotEvent, SnapshotStatus, VolumeEvent, VolumeStatus};
+use crate::dataplane::ObjectRef;
 use crate::state::AppState;
-use crate::store::{get_str, now, opt_str};
 use std::collections::HashSet;
 
 /// What the pass did.
@@ -29,136 +38,97 @@ pub struct Report {
     /// Deletes finished.
     pub deletes_finished: usize,
     /// Attachments dropped.
-    pub attachments_dropped: usize,
-    /// Pool objects removed (partial or orphaned).
+    pub attachments_dropped: u64,
+    /// Pool objects removed (orphans and partial leftovers).
     pub objects_removed: usize,
 }
 
 /// Run the pass for this node. Errors on single objects are logged and skipped.
 pub async fn reconcile(st: &AppState) -> anyhow::Result<Report> {
     let node = st.node_name().to_string();
+    let dp = st.dataplane().clone();
     let mut rep = Report {
         locks_released: st.locks().release_node(&node).await?,
         ..Default::default()
     };
+    // A connection per step: SQLite pools have one, and finishing a delete needs it.
     let pool = &st.db().pool;
 
-    for r in sqlx::query(
-        "SELECT * FROM volumes WHERE node_id = ? AND status IN ('creating', 'deleting')",
-    )
-    .bind(node.clone())
-    .fetch_all(pool)
-    .await?
-    {
-        let v = vol_row(&r)?;
-        if v.status == "creating" {
-            if let Ok(p) = super::api::pool_named(st, &v.pool) {
-                let id = v.id.clone();
-                let _ = super::api::blocking(move || Ok(p.delete(&id)?)).await;
+    let busy = [VolumeStatus::Creating, VolumeStatus::Deleting];
+    let vols = rows::node_vols(&mut *pool.acquire().await?, &node, &busy).await?;
+    for v in vols {
+        if v.status == VolumeStatus::Creating {
+            if let Err(e) = dp.delete(v.object()).await {
+                tracing::warn!(volume = %v.id, error = %e, "cannot remove a half-made volume");
             }
-            super::api::set_vol_status(st, &v.id, "error").await?;
+            rows::move_vol(
+                &mut *pool.acquire().await?,
+                &v.id,
+                VolumeEvent::NodeRestarted,
+            )
+            .await?;
             tracing::warn!(volume = %v.id, "volume was being created when the daemon stopped: marked error");
             rep.marked_error += 1;
         } else {
             match finish_delete(st, &v).await {
                 Ok(()) => rep.deletes_finished += 1,
                 Err(e) => {
-                    tracing::error!(volume = %v.id, error = ?e, "cannot finish an interrupted delete")
+                    tracing::error!(volume = %v.id, error = %e, "cannot finish an interrupted delete")
                 }
             }
         }
     }
-    for r in sqlx::query(
-        "SELECT * FROM snapshots WHERE node_id = ? AND status IN ('creating', 'deleting')",
-    )
-    .bind(node.clone())
-    .fetch_all(pool)
-    .await?
-    {
-        let s = snap_row(&r)?;
-        if s.status == "creating" {
-            if let Ok(p) = super::api::pool_named(st, &s.pool) {
-                let obj = snap_object(&s.id);
-                let _ = super::api::blocking(move || Ok(p.delete(&obj)?)).await;
+    let busy = [SnapshotStatus::Creating, SnapshotStatus::Deleting];
+    let snaps = rows::node_snaps(&mut *pool.acquire().await?, &node, &busy).await?;
+    for s in snaps {
+        if s.status == SnapshotStatus::Creating {
+            if let Err(e) = dp.delete(s.object()).await {
+                tracing::warn!(snapshot = %s.id, error = %e, "cannot remove a half-made snapshot");
             }
-            sqlx::query("UPDATE snapshots SET status = 'error', updated_at = ? WHERE id = ?")
-                .bind(now())
-                .bind(s.id.clone())
-                .execute(pool)
-                .await?;
+            rows::move_snap(
+                &mut *pool.acquire().await?,
+                &s.id,
+                SnapshotEvent::NodeRestarted,
+            )
+            .await?;
             rep.marked_error += 1;
         } else {
             match finish_snapshot_delete(st, &s).await {
                 Ok(()) => rep.deletes_finished += 1,
                 Err(e) => {
-                    tracing::error!(snapshot = %s.id, error = ?e, "cannot finish an interrupted delete")
+                    tracing::error!(snapshot = %s.id, error = %e, "cannot finish an interrupted delete")
                 }
             }
         }
     }
 
-    let dropped = sqlx::query("SELECT volume_id FROM volume_attachments WHERE node_id = ?")
-        .bind(node.clone())
-        .fetch_all(pool)
-        .await?;
-    rep.attachments_dropped = dropped.len();
-    sqlx::query("DELETE FROM volume_attachments WHERE node_id = ?")
-        .bind(node.clone())
-        .execute(pool)
-        .await?;
-    sqlx::query(
-        "UPDATE volumes SET status = 'available', updated_at = ? WHERE status = 'in-use' \
-         AND NOT EXISTS (SELECT 1 FROM volume_attachments a WHERE a.volume_id = volumes.id)",
-    )
-    .bind(now())
-    .execute(pool)
-    .await?;
+    rep.attachments_dropped =
+        rows::drop_node_attachments(&mut *pool.acquire().await?, &node).await?;
 
-    // Objects the database knows, and those another node is building right now (a pool
-    // directory may be shared by several nodes: their part files are not ours to remove).
-    let mut known = HashSet::new();
-    let mut others_building = HashSet::new();
-    for (sql, snap) in [
-        ("SELECT id, status, node_id FROM volumes", false),
-        ("SELECT id, status, node_id FROM snapshots", true),
-    ] {
-        for r in sqlx::query(sql).fetch_all(pool).await? {
-            let raw = get_str(&r, "id")?;
-            let id = if snap { snap_object(&raw) } else { raw };
-            let building = get_str(&r, "status")? == "creating";
-            if building && opt_str(&r, "node_id")?.as_deref() != Some(node.as_str()) {
-                others_building.insert(id.clone());
-            }
-            known.insert(id);
+    // The pools first, then the database (see the module doc).
+    let mut stored = Vec::new();
+    for p in dp.stats().await? {
+        match dp.inventory(p.name.clone()).await {
+            Ok(objects) => stored.extend(objects),
+            Err(e) => tracing::error!(pool = %p.name, error = %e, "cannot list the pool"),
         }
     }
-    for p in st.dataplane().pools() {
-        let p2 = p.clone();
-        let objects = match super::api::blocking(move || Ok(p2.list()?)).await {
-            Ok(o) => o,
+    let known: HashSet<ObjectRef> = rows::all_objects(&mut *pool.acquire().await?)
+        .await?
+        .into_iter()
+        .collect();
+    for o in stored {
+        let ours = uuid::Uuid::parse_str(&o.object.id).is_ok();
+        if !ours || known.contains(&o.object) {
+            continue;
+        }
+        match dp.delete(o.object.clone()).await {
+            Ok(()) => {
+                tracing::warn!(object = %o.object, partial = o.partial, "removed a leftover pool object");
+                rep.objects_removed += 1;
+            }
             Err(e) => {
-                tracing::error!(pool = p.name(), error = %format!("{e:#}"), "cannot list the pool");
-                continue;
-            }
-        };
-        for o in objects {
-            let volume_like = uuid::Uuid::parse_str(&o.id).is_ok()
-                || o.id
-                    .strip_prefix(SNAPSHOT_PREFIX)
-                    .is_some_and(|s| uuid::Uuid::parse_str(s).is_ok());
-            let leftover = o.partial || (volume_like && !known.contains(&o.id));
-            if !leftover || others_building.contains(&o.id) {
-                continue;
-            }
-            let (p2, id) = (p.clone(), o.id.clone());
-            match super::api::blocking(move || Ok(p2.delete(&id)?)).await {
-                Ok(()) => {
-                    tracing::warn!(pool = p.name(), object = %o.id, partial = o.partial, "removed a leftover pool object");
-                    rep.objects_removed += 1;
-                }
-                Err(e) => {
-                    tracing::error!(object = %o.id, error = %format!("{e:#}"), "cannot remove a leftover")
-                }
+                tracing::error!(object = %o.object, error = %e, "cannot remove a leftover")
             }
         }
     }

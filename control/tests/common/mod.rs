@@ -7,7 +7,8 @@
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use axum::Router;
-use ember_control::{Control, ControlConfig, NoDataPlane};
+use ember_control::dataplane::mem::MemDataPlane;
+use ember_control::{Control, ControlConfig};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -86,19 +87,51 @@ impl Harness {
         Self::with_database(dir, database, mysql_db).await
     }
 
+    /// A harness whose node has the pools of `dp`.
+    pub async fn with_dataplane(backend: Backend, dp: Arc<MemDataPlane>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let (database, mysql_db) = match backend {
+            Backend::Sqlite => (format!("sqlite://{}/ember.db", dir.path().display()), None),
+            Backend::MariaDb => {
+                let (url, name) = fresh_mysql_db().await;
+                (url, Some((mysql_base_url(), name)))
+            }
+        };
+        Self::open(dir, database, mysql_db, "test-node", dp).await
+    }
+
+    /// A node with no storage pool (volume creates answer 503).
     pub async fn with_database(
         dir: tempfile::TempDir,
         database: String,
         mysql_db: Option<(String, String)>,
     ) -> Harness {
+        Self::open(
+            dir,
+            database,
+            mysql_db,
+            "test-node",
+            Arc::new(MemDataPlane::new()),
+        )
+        .await
+    }
+
+    /// Open node `node` on `database` with data plane `dp`.
+    pub async fn open(
+        dir: tempfile::TempDir,
+        database: String,
+        mysql_db: Option<(String, String)>,
+        node: &str,
+        dp: Arc<MemDataPlane>,
+    ) -> Harness {
         let cfg = ControlConfig {
             data_dir: dir.path().to_path_buf(),
             database,
             master_key_file: None,
-            node_name: "test-node".into(),
+            node_name: node.into(),
             rest_address: "127.0.0.1:0".into(),
         };
-        let control = Control::open(&cfg, Arc::new(NoDataPlane)).await.unwrap();
+        let control = Control::open(&cfg, dp).await.unwrap();
         let router = control.router();
         let admin = std::fs::read_to_string(dir.path().join("admin-token"))
             .unwrap()

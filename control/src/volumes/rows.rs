@@ -1,0 +1,511 @@
+//! Row mapping: the volumes module's own tables (`volumes`, `snapshots`,
+//! `volume_attachments`) and every SQL statement on them. Nothing else in the crate
+//! reads these tables except through the functions here ([`count_by_type`] for
+//! `types`, [`count_by_secret`] for `keys`).
+
+use super::status::{SnapshotEvent, SnapshotStatus, Target, VolumeEvent, VolumeStatus};
+use crate::dataplane::{ObjectRef, Protocol};
+use crate::store::{count, execute_args, get_i64, get_str, now, opt_str};
+use sqlx::any::AnyRow;
+use sqlx::AnyConnection;
+
+/// Schema of the volume tables (migration 2; the `volumes` table itself is from 1).
+pub const SCHEMA: &[&str] = &[
+    "ALTER TABLE volumes ADD COLUMN description VARCHAR(255) NULL",
+    "ALTER TABLE volumes ADD COLUMN source_volid VARCHAR(64) NULL",
+    "ALTER TABLE volumes ADD COLUMN snapshot_id VARCHAR(64) NULL",
+    "ALTER TABLE volumes ADD COLUMN owns_key BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE volumes ADD COLUMN previous_status VARCHAR(32) NULL",
+    "CREATE TABLE IF NOT EXISTS snapshots (id VARCHAR(64) NOT NULL PRIMARY KEY, project_id VARCHAR(64) NOT NULL, \
+     volume_id VARCHAR(64) NOT NULL, name VARCHAR(255) NOT NULL, description VARCHAR(255) NULL, \
+     size_bytes BIGINT NOT NULL, encryption_key_id VARCHAR(64) NULL, pool VARCHAR(255) NOT NULL, \
+     node_id VARCHAR(255) NULL, status VARCHAR(32) NOT NULL, created_at VARCHAR(40) NOT NULL, \
+     updated_at VARCHAR(40) NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS volume_attachments (id VARCHAR(64) NOT NULL PRIMARY KEY, \
+     volume_id VARCHAR(64) NOT NULL, protocol VARCHAR(16) NOT NULL, node_id VARCHAR(255) NOT NULL, \
+     connection_info TEXT NOT NULL, attached_at VARCHAR(40) NOT NULL)",
+];
+
+/// A volume row.
+#[derive(Debug, Clone)]
+pub struct Vol {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub size_bytes: u64,
+    pub type_id: String,
+    pub encryption_key_id: Option<String>,
+    /// The key was made for this volume and goes with it.
+    pub owns_key: bool,
+    pub pool: String,
+    /// The node that made it.
+    pub node_id: Option<String>,
+    pub status: VolumeStatus,
+    pub source_volid: Option<String>,
+    pub snapshot_id: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl Vol {
+    /// Its pool object.
+    pub fn object(&self) -> ObjectRef {
+        ObjectRef::volume(&self.pool, &self.id)
+    }
+}
+
+/// A snapshot row.
+#[derive(Debug, Clone)]
+pub struct Snap {
+    pub id: String,
+    pub project_id: String,
+    pub volume_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub size_bytes: u64,
+    /// A copy of the volume's key, owned by the snapshot.
+    pub encryption_key_id: Option<String>,
+    pub pool: String,
+    pub node_id: Option<String>,
+    pub status: SnapshotStatus,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl Snap {
+    /// Its pool object.
+    pub fn object(&self) -> ObjectRef {
+        ObjectRef::snapshot(&self.pool, &self.id)
+    }
+}
+
+/// An attachment row.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub id: String,
+    pub volume_id: String,
+    /// `nbd` or `vhost-user`.
+    pub protocol: String,
+    pub node_id: String,
+    pub attached_at: String,
+}
+
+fn size_of(r: &AnyRow) -> Result<u64, sqlx::Error> {
+    u64::try_from(get_i64(r, "size_bytes")?).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn bad_status(s: &str) -> sqlx::Error {
+    sqlx::Error::Decode(format!("unknown status {s:?}").into())
+}
+
+fn db_size(size: u64) -> i64 {
+    i64::try_from(size).unwrap_or(i64::MAX)
+}
+
+fn vol_row(r: &AnyRow) -> Result<Vol, sqlx::Error> {
+    let status = get_str(r, "status")?;
+    Ok(Vol {
+        id: get_str(r, "id")?,
+        project_id: get_str(r, "project_id")?,
+        name: get_str(r, "name")?,
+        description: opt_str(r, "description")?,
+        size_bytes: size_of(r)?,
+        type_id: get_str(r, "type_id")?,
+        encryption_key_id: opt_str(r, "encryption_key_id")?,
+        owns_key: get_i64(r, "owns_key")? != 0,
+        pool: get_str(r, "pool")?,
+        node_id: opt_str(r, "node_id")?,
+        status: VolumeStatus::parse(&status).ok_or_else(|| bad_status(&status))?,
+        source_volid: opt_str(r, "source_volid")?,
+        snapshot_id: opt_str(r, "snapshot_id")?,
+        created_at: get_str(r, "created_at")?,
+        updated_at: get_str(r, "updated_at")?,
+    })
+}
+
+fn snap_row(r: &AnyRow) -> Result<Snap, sqlx::Error> {
+    let status = get_str(r, "status")?;
+    Ok(Snap {
+        id: get_str(r, "id")?,
+        project_id: get_str(r, "project_id")?,
+        volume_id: get_str(r, "volume_id")?,
+        name: get_str(r, "name")?,
+        description: opt_str(r, "description")?,
+        size_bytes: size_of(r)?,
+        encryption_key_id: opt_str(r, "encryption_key_id")?,
+        pool: get_str(r, "pool")?,
+        node_id: opt_str(r, "node_id")?,
+        status: SnapshotStatus::parse(&status).ok_or_else(|| bad_status(&status))?,
+        created_at: get_str(r, "created_at")?,
+        updated_at: get_str(r, "updated_at")?,
+    })
+}
+
+/// Volume `id`.
+pub async fn find_vol(conn: &mut AnyConnection, id: &str) -> Result<Option<Vol>, sqlx::Error> {
+    let r = sqlx::query("SELECT * FROM volumes WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    r.as_ref().map(vol_row).transpose()
+}
+
+/// Snapshot `id`.
+pub async fn find_snap(conn: &mut AnyConnection, id: &str) -> Result<Option<Snap>, sqlx::Error> {
+    let r = sqlx::query("SELECT * FROM snapshots WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    r.as_ref().map(snap_row).transpose()
+}
+
+/// The volumes of a project, oldest first.
+pub async fn project_vols(
+    conn: &mut AnyConnection,
+    project_id: &str,
+) -> Result<Vec<Vol>, sqlx::Error> {
+    sqlx::query("SELECT * FROM volumes WHERE project_id = ? ORDER BY created_at, id")
+        .bind(project_id.to_string())
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(vol_row)
+        .collect()
+}
+
+/// The snapshots of a project, oldest first.
+pub async fn project_snaps(
+    conn: &mut AnyConnection,
+    project_id: &str,
+) -> Result<Vec<Snap>, sqlx::Error> {
+    sqlx::query("SELECT * FROM snapshots WHERE project_id = ? ORDER BY created_at, id")
+        .bind(project_id.to_string())
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(snap_row)
+        .collect()
+}
+
+/// Volumes of `node` in one of `statuses` (start-up reconciliation).
+pub async fn node_vols(
+    conn: &mut AnyConnection,
+    node: &str,
+    statuses: &[VolumeStatus],
+) -> Result<Vec<Vol>, sqlx::Error> {
+    let sql = format!(
+        "SELECT * FROM volumes WHERE node_id = ? AND status IN ({})",
+        in_list(statuses.iter().map(|s| s.as_str()))
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(node.to_string())
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(vol_row)
+        .collect()
+}
+
+/// Snapshots of `node` in one of `statuses`.
+pub async fn node_snaps(
+    conn: &mut AnyConnection,
+    node: &str,
+    statuses: &[SnapshotStatus],
+) -> Result<Vec<Snap>, sqlx::Error> {
+    let sql = format!(
+        "SELECT * FROM snapshots WHERE node_id = ? AND status IN ({})",
+        in_list(statuses.iter().map(|s| s.as_str()))
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(node.to_string())
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(snap_row)
+        .collect()
+}
+
+/// Every volume and snapshot object the database names.
+pub async fn all_objects(conn: &mut AnyConnection) -> Result<Vec<ObjectRef>, sqlx::Error> {
+    let mut out = Vec::new();
+    for r in sqlx::query("SELECT id, pool FROM volumes")
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        out.push(ObjectRef::volume(get_str(&r, "pool")?, get_str(&r, "id")?));
+    }
+    for r in sqlx::query("SELECT id, pool FROM snapshots")
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        out.push(ObjectRef::snapshot(
+            get_str(&r, "pool")?,
+            get_str(&r, "id")?,
+        ));
+    }
+    Ok(out)
+}
+
+/// A quoted `IN (…)` list of status spellings (static strings of this module).
+fn in_list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    items
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Insert a new volume row.
+pub async fn insert_vol(conn: &mut AnyConnection, v: &Vol) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO volumes (id, project_id, name, size_bytes, type_id, encryption_key_id, pool, node_id, status, \
+         created_at, updated_at, description, source_volid, snapshot_id, owns_key, previous_status) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+    )
+    .bind(v.id.clone())
+    .bind(v.project_id.clone())
+    .bind(v.name.clone())
+    .bind(db_size(v.size_bytes))
+    .bind(v.type_id.clone())
+    .bind(v.encryption_key_id.clone())
+    .bind(v.pool.clone())
+    .bind(v.node_id.clone())
+    .bind(v.status.as_str())
+    .bind(v.created_at.clone())
+    .bind(v.updated_at.clone())
+    .bind(v.description.clone())
+    .bind(v.source_volid.clone())
+    .bind(v.snapshot_id.clone())
+    .bind(i64::from(v.owns_key))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Insert a new snapshot row.
+pub async fn insert_snap(conn: &mut AnyConnection, s: &Snap) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO snapshots (id, project_id, volume_id, name, description, size_bytes, encryption_key_id, pool, \
+         node_id, status, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(s.id.clone())
+    .bind(s.project_id.clone())
+    .bind(s.volume_id.clone())
+    .bind(s.name.clone())
+    .bind(s.description.clone())
+    .bind(db_size(s.size_bytes))
+    .bind(s.encryption_key_id.clone())
+    .bind(s.pool.clone())
+    .bind(s.node_id.clone())
+    .bind(s.status.as_str())
+    .bind(s.created_at.clone())
+    .bind(s.updated_at.clone())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Apply `event` to volume `id` as a compare-and-swap; false when its status was not
+/// one the event starts from (someone else moved it first).
+pub async fn move_vol(
+    conn: &mut AnyConnection,
+    id: &str,
+    event: VolumeEvent,
+) -> Result<bool, sqlx::Error> {
+    let (from, to) = event.transition();
+    let from = in_list(from.iter().map(|s| s.as_str()));
+    let set = match to {
+        Target::To(s) if event == VolumeEvent::DeleteStarted => {
+            format!("previous_status = status, status = '{s}'")
+        }
+        Target::To(s) => format!("status = '{s}'"),
+        Target::Previous => format!(
+            "status = COALESCE(previous_status, '{}')",
+            VolumeStatus::Available
+        ),
+    };
+    let mut sql =
+        format!("UPDATE volumes SET {set}, updated_at = ? WHERE id = ? AND status IN ({from})");
+    let t = now();
+    let mut args = vec![t.as_str(), id];
+    if event == VolumeEvent::LastDetached {
+        sql.push_str(" AND NOT EXISTS (SELECT 1 FROM volume_attachments WHERE volume_id = ?)");
+        args.push(id);
+    }
+    Ok(exec_built(conn, sql, &args).await? > 0)
+}
+
+/// Apply `event` to snapshot `id` as a compare-and-swap.
+pub async fn move_snap(
+    conn: &mut AnyConnection,
+    id: &str,
+    event: SnapshotEvent,
+) -> Result<bool, sqlx::Error> {
+    let (from, to) = event.transition();
+    let from = in_list(from.iter().map(|s| s.as_str()));
+    let to = match to {
+        Target::To(s) => s,
+        Target::Previous => {
+            return Err(sqlx::Error::Protocol(
+                "snapshots name the status they go back to".into(),
+            ))
+        }
+    };
+    let sql = format!(
+        "UPDATE snapshots SET status = '{to}', updated_at = ? WHERE id = ? AND status IN ({from})"
+    );
+    Ok(exec_built(conn, sql, &[&now(), id]).await? > 0)
+}
+
+/// Run a statement built from this module's constants (status spellings) with text
+/// arguments; the number of rows it touched.
+async fn exec_built(
+    conn: &mut AnyConnection,
+    sql: String,
+    args: &[&str],
+) -> Result<u64, sqlx::Error> {
+    let q = args
+        .iter()
+        .fold(sqlx::query(sqlx::AssertSqlSafe(sql)), |q, a| {
+            q.bind(a.to_string())
+        });
+    Ok(q.execute(&mut *conn).await?.rows_affected())
+}
+
+/// Record the new size of volume `id`.
+pub async fn set_size(conn: &mut AnyConnection, id: &str, size: u64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE volumes SET size_bytes = ?, updated_at = ? WHERE id = ?")
+        .bind(db_size(size))
+        .bind(now())
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Remove volume `id`'s row and its attachment rows.
+pub async fn delete_vol(conn: &mut AnyConnection, id: &str) -> Result<(), sqlx::Error> {
+    execute_args(
+        conn,
+        "DELETE FROM volume_attachments WHERE volume_id = ?",
+        &[id],
+    )
+    .await?;
+    execute_args(conn, "DELETE FROM volumes WHERE id = ?", &[id]).await?;
+    Ok(())
+}
+
+/// Remove snapshot `id`'s row.
+pub async fn delete_snap(conn: &mut AnyConnection, id: &str) -> Result<(), sqlx::Error> {
+    execute_args(conn, "DELETE FROM snapshots WHERE id = ?", &[id]).await?;
+    Ok(())
+}
+
+/// Number of snapshots of volume `id`.
+pub async fn snapshots_of(conn: &mut AnyConnection, id: &str) -> Result<i64, sqlx::Error> {
+    count(
+        conn,
+        "SELECT COUNT(*) AS n FROM snapshots WHERE volume_id = ?",
+        id,
+    )
+    .await
+}
+
+/// The attachments of volume `id`, oldest first.
+pub async fn attachments_of(
+    conn: &mut AnyConnection,
+    volume_id: &str,
+) -> Result<Vec<Attachment>, sqlx::Error> {
+    sqlx::query("SELECT * FROM volume_attachments WHERE volume_id = ? ORDER BY attached_at, id")
+        .bind(volume_id.to_string())
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(Attachment {
+                id: get_str(r, "id")?,
+                volume_id: get_str(r, "volume_id")?,
+                protocol: get_str(r, "protocol")?,
+                node_id: get_str(r, "node_id")?,
+                attached_at: get_str(r, "attached_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Record an attachment and its rendered `connection_info`.
+pub async fn insert_attachment(
+    conn: &mut AnyConnection,
+    id: &str,
+    volume_id: &str,
+    protocol: Protocol,
+    node: &str,
+    connection_info: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO volume_attachments (id, volume_id, protocol, node_id, connection_info, attached_at) \
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(id.to_string())
+    .bind(volume_id.to_string())
+    .bind(protocol.as_str())
+    .bind(node.to_string())
+    .bind(connection_info.to_string())
+    .bind(now())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Remove attachment `id`.
+pub async fn delete_attachment(conn: &mut AnyConnection, id: &str) -> Result<(), sqlx::Error> {
+    execute_args(conn, "DELETE FROM volume_attachments WHERE id = ?", &[id]).await?;
+    Ok(())
+}
+
+/// Drop every attachment of `node` (they died with it); returns how many. Volumes
+/// left without one go back to `available`.
+pub async fn drop_node_attachments(
+    conn: &mut AnyConnection,
+    node: &str,
+) -> Result<u64, sqlx::Error> {
+    let n = execute_args(
+        conn,
+        "DELETE FROM volume_attachments WHERE node_id = ?",
+        &[node],
+    )
+    .await?;
+    let (from, _) = VolumeEvent::LastDetached.transition();
+    let sql = format!(
+        "UPDATE volumes SET status = '{}', updated_at = ? WHERE status IN ({}) \
+         AND NOT EXISTS (SELECT 1 FROM volume_attachments a WHERE a.volume_id = volumes.id)",
+        VolumeStatus::Available,
+        in_list(from.iter().map(|s| s.as_str()))
+    );
+    exec_built(conn, sql, &[&now()]).await?;
+    Ok(n)
+}
+
+/// Number of volumes of a volume type.
+pub async fn count_by_type(conn: &mut AnyConnection, type_id: &str) -> Result<i64, sqlx::Error> {
+    count(
+        conn,
+        "SELECT COUNT(*) AS n FROM volumes WHERE type_id = ?",
+        type_id,
+    )
+    .await
+}
+
+/// Number of volumes and snapshots whose encryption key is this secret.
+pub async fn count_by_secret(
+    conn: &mut AnyConnection,
+    secret_id: &str,
+) -> Result<i64, sqlx::Error> {
+    crate::store::count_args(
+        conn,
+        "SELECT (SELECT COUNT(*) FROM volumes WHERE encryption_key_id = ?) + \
+         (SELECT COUNT(*) FROM snapshots WHERE encryption_key_id = ?) AS n",
+        &[secret_id, secret_id],
+    )
+    .await
+}

@@ -1,0 +1,958 @@
+//! The volumes service: what every volume and snapshot operation does, in order,
+//! between the database, the locks, the keys and the data plane. No HTTP here (the
+//! handlers parse and render); no SQL here (that is [`super::rows`]).
+//!
+//! - **Create and clone** answer once the request is validated, the space checked, the
+//!   key settled and the source locked **shared**: the row is inserted `creating` and
+//!   the bytes are made in a background task ([`DataPlane::create`] or
+//!   [`DataPlane::clone_volume`], LUKS format or rekey included) that ends the volume
+//!   `available` or `error` and releases the lock.
+//! - **Snapshots** likewise (shared lock on the volume, background
+//!   [`DataPlane::snapshot`]); an in-use volume needs `force` and is copied at one
+//!   instant (the data plane pauses its writes).
+//! - **Delete and extend** run in the request: they take the object's lock
+//!   **exclusive**, waiting (as a recorded writer, so new clones queue behind them) up
+//!   to [`crate::locks::Locks::operation_wait`] (a minute), then answer 409 with
+//!   `Retry-After`. A delete first moves the
+//!   status to `deleting` (compare-and-swap), so new clones are refused at once.
+//! - **Attach** asks the data plane for an [`Endpoint`], renders `connection_info`,
+//!   and records the attachment together with the move to `in-use` in one
+//!   transaction; if the volume changed status meanwhile (a delete won), the data-plane
+//!   attachment is undone and the caller told 409.
+//! - Keys: a volume of an encrypted type gets a fresh key it owns (deleted with it),
+//!   unless the caller names one of its own secrets, checked against the type
+//!   ([`keys::check_volume_key`]). A clone, or a volume made from a snapshot, gets its
+//!   own new key: the copied LUKS header gets a keyslot for the new passphrase and
+//!   loses the old one. A snapshot keeps a copy of its volume's key.
+//!
+//! Every status move is a [`VolumeEvent`]/[`SnapshotEvent`] of [`super::status`].
+
+use super::rows::{self, Snap, Vol};
+use super::status::{
+    SnapshotEvent, SnapshotStatus, SnapshotUse, VolumeEvent, VolumeStatus, VolumeUse,
+};
+use super::views::{self, GIB};
+use crate::auth::Ctx;
+use crate::dataplane::{
+    AttachVolume, CloneVolume, CreateVolume, DataPlaneError, Endpoint, LuksFormat, ObjectRef,
+    Passphrase, PoolStats, Protocol, Rekey, SnapshotVolume,
+};
+use crate::error::{ApiError, ApiResult};
+use crate::locks::{Holder, LockRequest, Mode};
+use crate::state::AppState;
+use crate::store::{new_id, now};
+use crate::types::VolumeType;
+use crate::{keys, types};
+use serde_json::{json, Value};
+use sqlx::AnyConnection;
+
+/// Largest volume accepted (GiB).
+pub const MAX_SIZE_GIB: u64 = 1 << 20;
+/// `Retry-After` when the data plane could not pause a volume for a copy.
+const BUSY_RETRY_SECS: u64 = 5;
+
+/// The API's answer to a data-plane error (the one place that maps them).
+pub fn dp_error(what: &str, e: DataPlaneError) -> ApiError {
+    match e {
+        DataPlaneError::NoSpace { .. } => ApiError::too_large(e.to_string()),
+        DataPlaneError::NoPool(_) => ApiError::unavailable(e.to_string()),
+        DataPlaneError::ShuttingDown => ApiError::unavailable("the node is shutting down; retry"),
+        DataPlaneError::Busy(_) => ApiError::busy(e.to_string(), BUSY_RETRY_SECS),
+        e => {
+            tracing::error!(error = %e, "{what}");
+            ApiError::internal(format!("{what} failed (see the daemon log)"))
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading and viewing
+
+/// A volume of the URL's project (admins see any); 404 otherwise.
+pub async fn load_vol(
+    conn: &mut AnyConnection,
+    ctx: &Ctx,
+    project_id: &str,
+    id: &str,
+) -> ApiResult<Vol> {
+    match rows::find_vol(conn, id).await? {
+        Some(v) if v.project_id == project_id || ctx.is_admin() => Ok(v),
+        _ => Err(ApiError::not_found(format!("volume {id} not found"))),
+    }
+}
+
+/// A snapshot of the URL's project (admins see any); 404 otherwise.
+pub async fn load_snap(
+    conn: &mut AnyConnection,
+    ctx: &Ctx,
+    project_id: &str,
+    id: &str,
+) -> ApiResult<Snap> {
+    match rows::find_snap(conn, id).await? {
+        Some(s) if s.project_id == project_id || ctx.is_admin() => Ok(s),
+        _ => Err(ApiError::not_found(format!("snapshot {id} not found"))),
+    }
+}
+
+/// A volume's JSON view (with its type's name and attachments).
+pub async fn volume_view(conn: &mut AnyConnection, v: &Vol) -> ApiResult<Value> {
+    let type_name = types::name_of(conn, &v.type_id).await?;
+    let atts = rows::attachments_of(conn, &v.id).await?;
+    Ok(views::volume(v, type_name, &atts))
+}
+
+/// A volume's encryption (`GET …/volumes/{id}/encryption`).
+pub async fn encryption_view(conn: &mut AnyConnection, v: &Vol) -> ApiResult<Value> {
+    let t = types::by_id(conn, &v.type_id).await?;
+    let mut o = json!({ "encryption_key_id": v.encryption_key_id });
+    if let (Some(e), Some(_)) = (&t.encryption, &v.encryption_key_id) {
+        o["provider"] = json!(e.provider);
+        o["cipher"] = json!(e.cipher);
+        o["key_size"] = json!(e.key_size);
+        o["control_location"] = json!(e.control_location);
+    }
+    Ok(o)
+}
+
+// ---------------------------------------------------------------------------------------
+// Pools, keys, locks
+
+async fn pools(st: &AppState) -> ApiResult<Vec<PoolStats>> {
+    st.dataplane()
+        .stats()
+        .await
+        .map_err(|e| dp_error("read the storage pools", e))
+}
+
+/// The pool for a new volume: the type's `volume_backend_name`, else `default`, else
+/// the first one.
+async fn pick_pool(st: &AppState, t: &VolumeType) -> ApiResult<PoolStats> {
+    let pools = pools(st).await?;
+    if let Some(name) = t.backend_name() {
+        return pools.into_iter().find(|p| p.name == name).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "volume type {}: volume_backend_name {name:?} names no storage pool of this node",
+                t.name
+            ))
+        });
+    }
+    let i = pools.iter().position(|p| p.name == "default").unwrap_or(0);
+    pools
+        .into_iter()
+        .nth(i)
+        .ok_or_else(|| ApiError::unavailable("this node has no storage pool"))
+}
+
+/// The pool an existing object lives in.
+async fn pool_named(st: &AppState, name: &str) -> ApiResult<PoolStats> {
+    pools(st)
+        .await?
+        .into_iter()
+        .find(|p| p.name == name)
+        .ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "storage pool {name} is not reachable from this node"
+            ))
+        })
+}
+
+/// 413 unless `need` bytes fit in `pool`.
+fn check_space(pool: &PoolStats, need: u64, what: impl std::fmt::Display) -> ApiResult<()> {
+    if need > pool.free_bytes {
+        return Err(ApiError::too_large(format!(
+            "{what} does not fit in storage pool {}: {} bytes free",
+            pool.name, pool.free_bytes
+        )));
+    }
+    Ok(())
+}
+
+async fn passphrase(conn: &mut AnyConnection, st: &AppState, key: &str) -> ApiResult<Passphrase> {
+    Ok(Passphrase::new(
+        keys::volume_passphrase(conn, st.master(), key).await?,
+    ))
+}
+
+/// Release a lock holder, logging failures (its lease runs out anyway).
+async fn release(st: &AppState, holder: &str) {
+    if let Err(e) = st.locks().release(holder).await {
+        tracing::error!(holder, error = %e, "cannot release a lock (its lease will expire)");
+    }
+}
+
+/// A lock this node's operation `op` takes on `kind` `id` for `holder`, waiting at
+/// most the node's operation wait.
+fn lock_request(
+    st: &AppState,
+    kind: &str,
+    id: &str,
+    mode: Mode,
+    op: &str,
+    holder: String,
+) -> LockRequest {
+    let mut req = LockRequest::new(kind, id, mode, op, st.locks().operation_wait());
+    req.holder = holder;
+    req
+}
+
+/// The exclusive lock a delete of `kind` `id` holds while the bytes go.
+fn delete_lock(st: &AppState, kind: &str, id: &str) -> LockRequest {
+    lock_request(
+        st,
+        kind,
+        id,
+        Mode::Exclusive,
+        "delete",
+        format!("{kind} {id}"),
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Create and clone
+
+/// Where a new volume's bytes come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A clone of this volume.
+    Volume(String),
+    /// A restore of this snapshot.
+    Snapshot(String),
+}
+
+/// A new volume, as the API asks for it.
+#[derive(Debug, Clone)]
+pub struct NewVolume {
+    /// Name (checked by the handler).
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Size in GiB (default: the source's).
+    pub size_gib: Option<u64>,
+    /// Type name or id (default: the source's type, else `__DEFAULT__`).
+    pub volume_type: Option<String>,
+    /// A secret of the caller's to encrypt with.
+    pub encryption_key_id: Option<String>,
+    /// Clone or restore from.
+    pub source: Option<Source>,
+}
+
+/// The source of a clone, as loaded.
+struct Src {
+    kind: &'static str,
+    id: String,
+    object: ObjectRef,
+    size: u64,
+    type_id: String,
+    key: Option<String>,
+}
+
+async fn load_source(
+    conn: &mut AnyConnection,
+    ctx: &Ctx,
+    project_id: &str,
+    source: &Source,
+) -> ApiResult<Src> {
+    match source {
+        Source::Volume(sid) => {
+            let v = load_vol(conn, ctx, project_id, sid)
+                .await
+                .map_err(|_| ApiError::not_found(format!("source volume {sid} not found")))?;
+            v.status.allows(sid, VolumeUse::CloneSource)?;
+            Ok(Src {
+                kind: "volume",
+                object: v.object(),
+                id: v.id,
+                size: v.size_bytes,
+                type_id: v.type_id,
+                key: v.encryption_key_id,
+            })
+        }
+        Source::Snapshot(sid) => {
+            let s = load_snap(conn, ctx, project_id, sid).await?;
+            s.status.allows(sid, SnapshotUse::CloneSource)?;
+            let type_id = match rows::find_vol(conn, &s.volume_id).await? {
+                Some(v) => v.type_id,
+                None => types::DEFAULT_TYPE.to_string(),
+            };
+            Ok(Src {
+                kind: "snapshot",
+                object: s.object(),
+                id: s.id,
+                size: s.size_bytes,
+                type_id,
+                key: s.encryption_key_id,
+            })
+        }
+    }
+}
+
+/// Is the source still usable (under its lock: a delete may have won the race)?
+async fn source_still_there(conn: &mut AnyConnection, s: &Src) -> ApiResult<bool> {
+    Ok(if s.kind == "volume" {
+        rows::find_vol(conn, &s.id)
+            .await?
+            .is_some_and(|v| v.status.allows(&s.id, VolumeUse::CloneSource).is_ok())
+    } else {
+        rows::find_snap(conn, &s.id)
+            .await?
+            .is_some_and(|x| x.status.allows(&s.id, SnapshotUse::CloneSource).is_ok())
+    })
+}
+
+/// The data-plane work of a create, run in the background.
+enum Build {
+    Blank(CreateVolume),
+    Copy(CloneVolume),
+}
+
+/// Create a volume (blank, clone or restore); the row is `creating` and the bytes
+/// are made in the background.
+pub async fn create_volume(
+    st: &AppState,
+    ctx: &Ctx,
+    project_id: &str,
+    req: NewVolume,
+) -> ApiResult<Vol> {
+    let mut conn = st.db().pool.acquire().await?;
+    let vol_id = new_id();
+    let src = match &req.source {
+        Some(s) => Some(load_source(&mut conn, ctx, project_id, s).await?),
+        None => None,
+    };
+
+    // Type: explicit > source's > default.
+    let t = match (&req.volume_type, &src) {
+        (Some(k), _) => types::resolve(&mut conn, ctx, k).await?,
+        (None, Some(s)) => types::by_id(&mut conn, &s.type_id).await?,
+        (None, None) => types::resolve(&mut conn, ctx, types::DEFAULT_TYPE).await?,
+    };
+    if let Some(s) = &src {
+        if s.key.is_some() != t.encryption.is_some() {
+            return Err(ApiError::bad_request(format!(
+                "volume type {} is {}encrypted but the source {} {} is {}: a copy cannot change that",
+                t.name,
+                if t.encryption.is_some() { "" } else { "not " },
+                s.kind,
+                s.id,
+                if s.key.is_some() { "encrypted" } else { "not encrypted" }
+            )));
+        }
+    }
+    if req.encryption_key_id.is_some() && t.encryption.is_none() {
+        return Err(ApiError::bad_request(format!(
+            "`volume.encryption_key_id` given but volume type {} is not encrypted",
+            t.name
+        )));
+    }
+
+    // Size.
+    let size_gib = match (req.size_gib, &src) {
+        (Some(s), _) => s,
+        (None, Some(s)) => s.size.div_ceil(GIB),
+        (None, None) => return Err(ApiError::bad_request("`volume.size` is required")),
+    };
+    if size_gib == 0 || size_gib > MAX_SIZE_GIB {
+        return Err(ApiError::bad_request(format!(
+            "`volume.size` must be between 1 and {MAX_SIZE_GIB} GiB"
+        )));
+    }
+    let size = size_gib * GIB;
+    if let Some(s) = &src {
+        if size < s.size {
+            return Err(ApiError::bad_request(format!(
+                "`volume.size` {size_gib} GiB is smaller than the source's {} GiB",
+                s.size / GIB
+            )));
+        }
+    }
+
+    // Pool and space, before anything is allocated.
+    let pool = match &src {
+        Some(s) => pool_named(st, &s.object.pool).await?,
+        None => pick_pool(st, &t).await?,
+    };
+    check_space(&pool, size, format_args!("volume of {size_gib} GiB"))?;
+
+    // A caller's key is checked before the source is locked.
+    if let (Some(kid), Some(enc)) = (&req.encryption_key_id, &t.encryption) {
+        keys::check_volume_key(&mut conn, kid, project_id, enc.key_fit()).await?;
+    }
+    drop(conn);
+
+    // Lock the source shared for the whole copy.
+    let lock = match &src {
+        Some(s) => {
+            let lr = lock_request(
+                st,
+                s.kind,
+                &s.id,
+                Mode::Shared,
+                "clone",
+                format!("volume {vol_id}"),
+            );
+            Some(st.locks().acquire(&lr).await?)
+        }
+        None => None,
+    };
+    match insert_new_volume(st, project_id, &vol_id, &req, &t, &pool, size, src.as_ref()).await {
+        Ok((v, build)) => {
+            tokio::spawn(run_build(st.clone(), v.clone(), build, lock.map(|h| h.id)));
+            Ok(v)
+        }
+        Err(e) => {
+            if let Some(h) = lock {
+                release(st, &h.id).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Under the source's lock: settle the keys, insert the `creating` row, and say what
+/// the data plane must build.
+#[allow(clippy::too_many_arguments)]
+async fn insert_new_volume(
+    st: &AppState,
+    project_id: &str,
+    vol_id: &str,
+    req: &NewVolume,
+    t: &VolumeType,
+    pool: &PoolStats,
+    size: u64,
+    src: Option<&Src>,
+) -> ApiResult<(Vol, Build)> {
+    let mut tx = st.db().begin().await?;
+    if let Some(s) = src {
+        if !source_still_there(&mut tx, s).await? {
+            return Err(ApiError::conflict(format!(
+                "source {} {} is being deleted",
+                s.kind, s.id
+            )));
+        }
+    }
+    let object = ObjectRef::volume(&pool.name, vol_id);
+    let (key, owns_key, build) = match &t.encryption {
+        None => (None, false, None),
+        Some(enc) => {
+            let (kid, owns) = match &req.encryption_key_id {
+                Some(k) => (k.clone(), false),
+                None => {
+                    let k = keys::order_volume_key(
+                        &mut tx,
+                        st.master(),
+                        project_id,
+                        enc.key_fit(),
+                        vol_id,
+                    )
+                    .await?;
+                    (k, true)
+                }
+            };
+            let new = passphrase(&mut tx, st, &kid).await?;
+            let build = match src {
+                None => Build::Blank(CreateVolume {
+                    volume: object.clone(),
+                    size,
+                    luks: Some(LuksFormat {
+                        version: enc.luks_version(),
+                        key_bits: enc.key_bits(),
+                        passphrase: new,
+                    }),
+                }),
+                Some(s) => {
+                    let old = s
+                        .key
+                        .as_deref()
+                        .ok_or_else(|| ApiError::internal("the source's key is missing"))?;
+                    Build::Copy(CloneVolume {
+                        source: s.object.clone(),
+                        volume: object.clone(),
+                        size,
+                        rekey: Some(Rekey {
+                            old: passphrase(&mut tx, st, old).await?,
+                            new,
+                        }),
+                    })
+                }
+            };
+            (Some(kid), owns, Some(build))
+        }
+    };
+    let build = build.unwrap_or_else(|| match src {
+        None => Build::Blank(CreateVolume {
+            volume: object.clone(),
+            size,
+            luks: None,
+        }),
+        Some(s) => Build::Copy(CloneVolume {
+            source: s.object.clone(),
+            volume: object.clone(),
+            size,
+            rekey: None,
+        }),
+    });
+    let t_now = now();
+    let v = Vol {
+        id: vol_id.to_string(),
+        project_id: project_id.to_string(),
+        name: req.name.clone(),
+        description: req.description.clone(),
+        size_bytes: size,
+        type_id: t.id.clone(),
+        encryption_key_id: key,
+        owns_key,
+        pool: pool.name.clone(),
+        node_id: Some(st.node_name().to_string()),
+        status: VolumeStatus::Creating,
+        source_volid: match &req.source {
+            Some(Source::Volume(id)) => Some(id.clone()),
+            _ => None,
+        },
+        snapshot_id: match &req.source {
+            Some(Source::Snapshot(id)) => Some(id.clone()),
+            _ => None,
+        },
+        created_at: t_now.clone(),
+        updated_at: t_now,
+    };
+    rows::insert_vol(&mut tx, &v).await?;
+    tx.commit().await?;
+    Ok((v, build))
+}
+
+/// The background part of a create: build the bytes, record the outcome, release
+/// the source's lock.
+async fn run_build(st: AppState, v: Vol, build: Build, lock: Option<String>) {
+    let dp = st.dataplane().clone();
+    let res = match build {
+        Build::Blank(req) => dp.create(req).await,
+        Build::Copy(req) => dp.clone_volume(req).await,
+    };
+    let event = match res {
+        Ok(()) => VolumeEvent::Built,
+        Err(e) => {
+            tracing::error!(volume = %v.id, error = %e, "volume create failed");
+            if let Err(e) = dp.delete(v.object()).await {
+                tracing::warn!(volume = %v.id, error = %e, "cannot remove the failed volume's bytes");
+            }
+            VolumeEvent::BuildFailed
+        }
+    };
+    match st.db().pool.acquire().await {
+        Ok(mut c) => {
+            if let Err(e) = rows::move_vol(&mut c, &v.id, event).await {
+                tracing::error!(volume = %v.id, error = %e, "cannot record the volume's status");
+            }
+        }
+        Err(e) => tracing::error!(volume = %v.id, error = %e, "cannot record the volume's status"),
+    }
+    if let Some(h) = lock {
+        release(&st, &h).await;
+    }
+    if event == VolumeEvent::Built {
+        tracing::info!(volume = %v.id, "volume available");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Delete
+
+/// Delete a volume: refused while attached or snapshotted; waits for clones of it.
+pub async fn delete_volume(st: &AppState, ctx: &Ctx, project_id: &str, id: &str) -> ApiResult<()> {
+    let mut conn = st.db().pool.acquire().await?;
+    let v = load_vol(&mut conn, ctx, project_id, id).await?;
+    let attached = !rows::attachments_of(&mut conn, id).await?.is_empty();
+    if attached {
+        return VolumeStatus::InUse.allows(id, VolumeUse::Delete);
+    }
+    let snaps = rows::snapshots_of(&mut conn, id).await?;
+    if snaps > 0 {
+        return Err(ApiError::bad_request(format!(
+            "volume {id} has {snaps} snapshot(s): delete them first"
+        )));
+    }
+    v.status.allows(id, VolumeUse::Delete)?;
+    // New clones are refused from now on.
+    if !rows::move_vol(&mut conn, id, VolumeEvent::DeleteStarted).await? {
+        return Err(ApiError::conflict(format!(
+            "volume {id} changed state; retry"
+        )));
+    }
+    drop(conn);
+    let holder = match st.locks().acquire(&delete_lock(st, "volume", id)).await {
+        Ok(h) => h,
+        Err(e) => {
+            // Give the volume back: the delete did not happen.
+            let mut conn = st.db().pool.acquire().await?;
+            rows::move_vol(&mut conn, id, VolumeEvent::DeleteAbandoned).await?;
+            return Err(e.into());
+        }
+    };
+    let res = finish_delete(st, &v).await;
+    release(st, &holder.id).await;
+    res
+}
+
+/// Remove a volume's bytes, key and row (its status is `deleting` already).
+pub(crate) async fn finish_delete(st: &AppState, v: &Vol) -> ApiResult<()> {
+    if let Err(e) = st.dataplane().delete(v.object()).await {
+        let mut conn = st.db().pool.acquire().await?;
+        rows::move_vol(&mut conn, &v.id, VolumeEvent::DeleteFailed).await?;
+        return Err(dp_error("delete the volume's storage", e));
+    }
+    let mut tx = st.db().begin().await?;
+    rows::delete_vol(&mut tx, &v.id).await?;
+    if let (true, Some(k)) = (v.owns_key, &v.encryption_key_id) {
+        keys::delete_owned(&mut tx, k).await?;
+    }
+    tx.commit().await?;
+    tracing::info!(volume = %v.id, "volume deleted");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Extend
+
+/// Grow a volume (live attachments too) to `new_gib` GiB.
+pub async fn extend(st: &AppState, v: &Vol, new_gib: u64) -> ApiResult<()> {
+    v.status.allows(&v.id, VolumeUse::Extend)?;
+    let old_gib = v.size_bytes / GIB;
+    if new_gib <= old_gib || new_gib > MAX_SIZE_GIB {
+        return Err(ApiError::bad_request(format!(
+            "`os-extend.new_size` must be larger than the current size ({old_gib} GiB) and at most {MAX_SIZE_GIB}"
+        )));
+    }
+    let new_size = new_gib * GIB;
+    let pool = pool_named(st, &v.pool).await?;
+    check_space(
+        &pool,
+        new_size - v.size_bytes,
+        format_args!("extending to {new_gib} GiB"),
+    )?;
+    let req = lock_request(
+        st,
+        "volume",
+        &v.id,
+        Mode::Exclusive,
+        "extend",
+        format!("volume {}", v.id),
+    );
+    let h = st.locks().acquire(&req).await?;
+    let res = async {
+        st.dataplane()
+            .grow(v.object(), new_size)
+            .await
+            .map_err(|e| dp_error("grow the volume", e))?;
+        let mut conn = st.db().pool.acquire().await?;
+        rows::set_size(&mut conn, &v.id, new_size).await?;
+        ApiResult::Ok(())
+    }
+    .await;
+    release(st, &h.id).await;
+    res
+}
+
+// ---------------------------------------------------------------------------------------
+// Attach and detach
+
+/// Attach a volume; its `connection_info`.
+pub async fn attach(
+    st: &AppState,
+    v: &Vol,
+    protocol: Protocol,
+    read_only: bool,
+) -> ApiResult<Value> {
+    v.status.allows(&v.id, VolumeUse::Attach)?;
+    let mut conn = st.db().pool.acquire().await?;
+    let t = types::by_id(&mut conn, &v.type_id).await?;
+    let pass = match &v.encryption_key_id {
+        Some(k) => Some(passphrase(&mut conn, st, k).await?),
+        None => None,
+    };
+    drop(conn);
+    let attachment_id = new_id();
+    let endpoint = st
+        .dataplane()
+        .attach(AttachVolume {
+            volume: v.object(),
+            attachment_id: attachment_id.clone(),
+            protocol,
+            read_only,
+            passphrase: pass,
+            qos: t.qos(),
+        })
+        .await
+        .map_err(|e| dp_error("attach the volume", e))?;
+    let info = views::connection_info(&endpoint, v, &attachment_id, read_only);
+    match record_attachment(st, v, &attachment_id, protocol, &endpoint, &info).await {
+        Ok(()) => Ok(json!({ "connection_info": info })),
+        Err(e) => {
+            // The volume moved on (a delete won the race) or the database failed: the
+            // front end must not outlive the request that made it.
+            if let Err(d) = st.dataplane().detach(v.object(), attachment_id).await {
+                tracing::error!(volume = %v.id, error = %d, "cannot undo a data-plane attachment");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Record an attachment and the move to `in-use` in one transaction.
+async fn record_attachment(
+    st: &AppState,
+    v: &Vol,
+    attachment_id: &str,
+    protocol: Protocol,
+    endpoint: &Endpoint,
+    info: &Value,
+) -> ApiResult<()> {
+    // Credentials are for the caller only; the row keeps where, not how to get in.
+    let stored = match endpoint {
+        Endpoint::Nbd {
+            credentials: Some(_),
+            ..
+        } => {
+            let mut i = info.clone();
+            if let Some(d) = i["data"].as_object_mut() {
+                d.remove("tls");
+            }
+            i
+        }
+        _ => info.clone(),
+    };
+    let mut tx = st.db().begin().await?;
+    if !rows::move_vol(&mut tx, &v.id, VolumeEvent::Attached).await? {
+        return Err(ApiError::conflict(format!(
+            "volume {} changed state while it was being attached; retry",
+            v.id
+        )));
+    }
+    rows::insert_attachment(
+        &mut tx,
+        attachment_id,
+        &v.id,
+        protocol,
+        st.node_name(),
+        &stored.to_string(),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// End the attachments of a volume that match (`protocol`, `attachment_id`; both
+/// optional); 400 when none does.
+pub async fn detach(
+    st: &AppState,
+    v: &Vol,
+    protocol: Option<Protocol>,
+    attachment_id: Option<&str>,
+) -> ApiResult<()> {
+    let mut conn = st.db().pool.acquire().await?;
+    let chosen: Vec<String> = rows::attachments_of(&mut conn, &v.id)
+        .await?
+        .into_iter()
+        .filter(|a| attachment_id.is_none_or(|x| x == a.id))
+        .filter(|a| protocol.is_none_or(|p| p.as_str() == a.protocol))
+        .map(|a| a.id)
+        .collect();
+    if chosen.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "volume {} has no matching attachment",
+            v.id
+        )));
+    }
+    for aid in &chosen {
+        st.dataplane()
+            .detach(v.object(), aid.clone())
+            .await
+            .map_err(|e| dp_error("detach the volume", e))?;
+        rows::delete_attachment(&mut conn, aid).await?;
+    }
+    rows::move_vol(&mut conn, &v.id, VolumeEvent::LastDetached).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Snapshots
+
+/// A new snapshot, as the API asks for it.
+#[derive(Debug, Clone)]
+pub struct NewSnapshot {
+    /// The volume.
+    pub volume_id: String,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: Option<String>,
+    /// Allow a snapshot of an in-use volume (taken at one instant).
+    pub force: bool,
+}
+
+/// Snapshot a volume; the row is `creating` and the copy runs in the background.
+pub async fn create_snapshot(
+    st: &AppState,
+    ctx: &Ctx,
+    project_id: &str,
+    req: NewSnapshot,
+) -> ApiResult<Snap> {
+    let mut conn = st.db().pool.acquire().await?;
+    let v = load_vol(&mut conn, ctx, project_id, &req.volume_id).await?;
+    let use_ = VolumeUse::Snapshot { force: req.force };
+    v.status.allows(&v.id, use_)?;
+    drop(conn);
+    let pool = pool_named(st, &v.pool).await?;
+    check_space(
+        &pool,
+        v.size_bytes,
+        format_args!("a snapshot of volume {}", v.id),
+    )?;
+    let snap_id = new_id();
+    let lr = lock_request(
+        st,
+        "volume",
+        &v.id,
+        Mode::Shared,
+        "snapshot",
+        format!("snapshot {snap_id}"),
+    );
+    let h = st.locks().acquire(&lr).await?;
+    let s = match insert_snapshot(st, project_id, &snap_id, &req, &v).await {
+        Ok(s) => s,
+        Err(e) => {
+            release(st, &h.id).await;
+            return Err(e);
+        }
+    };
+    tokio::spawn(run_snapshot(st.clone(), v, s.clone(), h));
+    Ok(s)
+}
+
+/// Under the volume's lock: copy its key, insert the `creating` row.
+async fn insert_snapshot(
+    st: &AppState,
+    project_id: &str,
+    snap_id: &str,
+    req: &NewSnapshot,
+    v: &Vol,
+) -> ApiResult<Snap> {
+    let mut tx = st.db().begin().await?;
+    let still = rows::find_vol(&mut tx, &v.id).await?;
+    if still.is_none_or(|x| x.status.allows(&v.id, VolumeUse::CloneSource).is_err()) {
+        return Err(ApiError::conflict(format!(
+            "volume {} is being deleted",
+            v.id
+        )));
+    }
+    let key = match &v.encryption_key_id {
+        Some(k) => Some(
+            keys::copy_secret(
+                &mut tx,
+                st.master(),
+                k,
+                &v.project_id,
+                &format!("snapshot-{snap_id}"),
+            )
+            .await?,
+        ),
+        None => None,
+    };
+    let t = now();
+    let s = Snap {
+        id: snap_id.to_string(),
+        project_id: project_id.to_string(),
+        volume_id: v.id.clone(),
+        name: req.name.clone(),
+        description: req.description.clone(),
+        size_bytes: v.size_bytes,
+        encryption_key_id: key,
+        pool: v.pool.clone(),
+        node_id: Some(st.node_name().to_string()),
+        status: SnapshotStatus::Creating,
+        created_at: t.clone(),
+        updated_at: t,
+    };
+    rows::insert_snap(&mut tx, &s).await?;
+    tx.commit().await?;
+    Ok(s)
+}
+
+async fn run_snapshot(st: AppState, v: Vol, s: Snap, lock: Holder) {
+    let dp = st.dataplane().clone();
+    let res = dp
+        .snapshot(SnapshotVolume {
+            volume: v.object(),
+            snapshot: s.object(),
+        })
+        .await;
+    let event = match res {
+        Ok(()) => {
+            tracing::info!(snapshot = %s.id, volume = %v.id, "snapshot taken");
+            SnapshotEvent::Built
+        }
+        Err(e) => {
+            tracing::error!(snapshot = %s.id, error = %e, "snapshot failed");
+            if let Err(e) = dp.delete(s.object()).await {
+                tracing::warn!(snapshot = %s.id, error = %e, "cannot remove the failed snapshot's bytes");
+            }
+            SnapshotEvent::BuildFailed
+        }
+    };
+    match st.db().pool.acquire().await {
+        Ok(mut c) => {
+            if let Err(e) = rows::move_snap(&mut c, &s.id, event).await {
+                tracing::error!(snapshot = %s.id, error = %e, "cannot record the snapshot's status");
+            }
+        }
+        Err(e) => {
+            tracing::error!(snapshot = %s.id, error = %e, "cannot record the snapshot's status")
+        }
+    }
+    release(&st, &lock.id).await;
+}
+
+/// Delete a snapshot; waits for volumes being made from it.
+pub async fn delete_snapshot(
+    st: &AppState,
+    ctx: &Ctx,
+    project_id: &str,
+    id: &str,
+) -> ApiResult<()> {
+    let mut conn = st.db().pool.acquire().await?;
+    let s = load_snap(&mut conn, ctx, project_id, id).await?;
+    s.status.allows(id, SnapshotUse::Delete)?;
+    if !rows::move_snap(&mut conn, id, SnapshotEvent::DeleteStarted).await? {
+        return Err(ApiError::conflict(format!(
+            "snapshot {id} changed state; retry"
+        )));
+    }
+    drop(conn);
+    let h = match st.locks().acquire(&delete_lock(st, "snapshot", id)).await {
+        Ok(h) => h,
+        Err(e) => {
+            let mut conn = st.db().pool.acquire().await?;
+            let back = SnapshotEvent::DeleteAbandoned { previous: s.status };
+            rows::move_snap(&mut conn, id, back).await?;
+            return Err(e.into());
+        }
+    };
+    let res = finish_snapshot_delete(st, &s).await;
+    release(st, &h.id).await;
+    res
+}
+
+/// Remove a snapshot's bytes, key and row (its status is `deleting` already).
+pub(crate) async fn finish_snapshot_delete(st: &AppState, s: &Snap) -> ApiResult<()> {
+    if let Err(e) = st.dataplane().delete(s.object()).await {
+        let mut conn = st.db().pool.acquire().await?;
+        rows::move_snap(&mut conn, &s.id, SnapshotEvent::DeleteFailed).await?;
+        return Err(dp_error("delete the snapshot's storage", e));
+    }
+    let mut tx = st.db().begin().await?;
+    rows::delete_snap(&mut tx, &s.id).await?;
+    if let Some(k) = &s.encryption_key_id {
+        keys::delete_owned(&mut tx, k).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
