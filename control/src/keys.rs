@@ -249,6 +249,12 @@ struct NewSecret {
     payload: Zeroizing<Vec<u8>>,
 }
 
+/// The checks of a `POST /v1/secrets` body that need no database (fuzz targets and
+/// property tests call this).
+pub fn check_secret_body(b: SecretCreate) -> ApiResult<()> {
+    validate_secret(b).map(drop)
+}
+
 fn validate_secret(b: SecretCreate) -> ApiResult<NewSecret> {
     let name = b.name.unwrap_or_default();
     check_len("name", &name, 0, 255)?;

@@ -2,6 +2,10 @@
 //! route is registered through `utoipa_axum::routes!`, which adds the handler's
 //! `#[utoipa::path]` to the spec as it adds the handler to the router. `GET
 //! /openapi.json` serves the spec; a test checks spec and router against each other.
+//!
+//! [`check_body`] runs a request body through what its route does before touching the
+//! database (the strict parser, then the body's own checks): the entry point of the
+//! `rest_bodies` fuzz target and of the body property test.
 
 use crate::api::{cinder_errors, fallback, MAX_BODY};
 use crate::state::AppState;
@@ -157,4 +161,96 @@ pub fn router(state: AppState) -> axum::Router {
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(cinder_errors))
+}
+
+/// A request body of the API, by route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum BodyKind {
+    /// `POST /v3/{project_id}/volumes`
+    Volume,
+    /// `POST /v3/{project_id}/volumes/{volume_id}/action`
+    VolumeAction,
+    /// `POST /v3/{project_id}/snapshots`
+    Snapshot,
+    /// `POST /v1/secrets`
+    Secret,
+    /// `POST /v1/orders`
+    Order,
+    /// `POST /v3/{project_id}/types`
+    Type,
+    /// `PUT /v3/{project_id}/types/{type_id}`
+    TypeUpdate,
+    /// `POST /v3/{project_id}/types/{type_id}/extra_specs`
+    ExtraSpecs,
+    /// `POST /v3/{project_id}/types/{type_id}/encryption`
+    Encryption,
+    /// `POST /v3/{project_id}/types/{type_id}/action`
+    TypeAction,
+    /// `POST /v3/locks`
+    Lock,
+    /// `POST /v3/projects`
+    Project,
+}
+
+impl BodyKind {
+    /// Every kind.
+    pub const ALL: [BodyKind; 12] = [
+        BodyKind::Volume,
+        BodyKind::VolumeAction,
+        BodyKind::Snapshot,
+        BodyKind::Secret,
+        BodyKind::Order,
+        BodyKind::Type,
+        BodyKind::TypeUpdate,
+        BodyKind::ExtraSpecs,
+        BodyKind::Encryption,
+        BodyKind::TypeAction,
+        BodyKind::Lock,
+        BodyKind::Project,
+    ];
+}
+
+/// Parse `bytes` strictly as a body of `kind` and run the checks that need no
+/// database; the 400 (or 413) the route would answer otherwise.
+pub fn check_body(kind: BodyKind, bytes: &[u8]) -> crate::error::ApiResult<()> {
+    use crate::api::parse_json;
+    use crate::volumes::handlers as vh;
+    match kind {
+        BodyKind::Volume => parse_json::<vh::VolumeCreateBody>(bytes)?
+            .volume
+            .validate()
+            .map(drop),
+        BodyKind::VolumeAction => {
+            let a = parse_json::<vh::VolumeAction>(bytes)?;
+            for c in [a.initialize, a.terminate].into_iter().flatten() {
+                c.connector.protocol()?;
+            }
+            Ok(())
+        }
+        BodyKind::Snapshot => parse_json::<vh::SnapshotCreateBody>(bytes)?
+            .snapshot
+            .validate()
+            .map(drop),
+        BodyKind::Secret => keys::check_secret_body(parse_json(bytes)?),
+        BodyKind::Order => parse_json::<keys::OrderCreate>(bytes).map(drop),
+        BodyKind::Type => {
+            let t = parse_json::<types::TypeCreateBody>(bytes)?;
+            for k in t.volume_type.extra_specs.iter().flat_map(|m| m.keys()) {
+                types::check_key("extra_specs", k)?;
+            }
+            Ok(())
+        }
+        BodyKind::TypeUpdate => parse_json::<types::TypeUpdateBody>(bytes).map(drop),
+        BodyKind::ExtraSpecs => {
+            let b = parse_json::<types::ExtraSpecsBody>(bytes)?;
+            for k in b.extra_specs.keys() {
+                types::check_key("extra_specs", k)?;
+            }
+            Ok(())
+        }
+        BodyKind::Encryption => parse_json::<types::EncryptionBody>(bytes).map(drop),
+        BodyKind::TypeAction => parse_json::<types::TypeActionBody>(bytes).map(drop),
+        BodyKind::Lock => parse_json::<locks::api::LockCreateBody>(bytes).map(drop),
+        BodyKind::Project => parse_json::<projects::ProjectCreateBody>(bytes).map(drop),
+    }
 }

@@ -16,23 +16,25 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
+use utoipa::ToSchema;
 
 // ---------------------------------------------------------------------------------------
 // Bodies
 
 /// `POST /v3/{project_id}/volumes` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeCreateBody {
     /// The new volume.
     pub volume: VolumeCreate,
     /// Accepted and ignored (one node decides).
     #[serde(default, rename = "OS-SCH-HNT:scheduler_hints")]
+    #[schema(value_type = Option<Object>)]
     pub scheduler_hints: Option<Value>,
 }
 
 /// A new volume.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeCreate {
     /// Size in GiB (default: the source's).
@@ -58,7 +60,7 @@ pub struct VolumeCreate {
 }
 
 /// `POST /volumes/{id}/action` body: exactly one action.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeAction {
     /// Grow the volume.
@@ -73,7 +75,7 @@ pub struct VolumeAction {
 }
 
 /// `os-extend` arguments.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendArgs {
     /// New size in GiB.
@@ -81,7 +83,7 @@ pub struct ExtendArgs {
 }
 
 /// `os-initialize_connection` / `os-terminate_connection` arguments.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectionArgs {
     /// The connector.
@@ -89,7 +91,7 @@ pub struct ConnectionArgs {
 }
 
 /// Who connects, and how.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct Connector {
     /// `nbd` or `vhost-user`.
     pub protocol: Option<String>,
@@ -100,11 +102,12 @@ pub struct Connector {
     pub read_only: bool,
     /// Other connector properties (host, initiator…) are accepted and ignored.
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub other: BTreeMap<String, Value>,
 }
 
 /// `POST /v3/{project_id}/snapshots` body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreateBody {
     /// The new snapshot.
@@ -112,7 +115,7 @@ pub struct SnapshotCreateBody {
 }
 
 /// A new snapshot.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotCreate {
     /// Source volume.
@@ -122,6 +125,7 @@ pub struct SnapshotCreate {
     /// Description.
     pub description: Option<String>,
     /// Allow snapshots of in-use volumes (taken at one instant).
+    #[schema(value_type = Option<bool>)]
     pub force: Option<BoolLike>,
     /// Must be empty or absent.
     pub metadata: Option<BTreeMap<String, String>>,
@@ -274,7 +278,7 @@ pub async fn volume_encryption(
     Ok(Json(service::encryption_view(&mut conn, &v).await?))
 }
 
-#[utoipa::path(post, path = "/v3/{project_id}/volumes", tag = "volumes",
+#[utoipa::path(post, path = "/v3/{project_id}/volumes", tag = "volumes", request_body = VolumeCreateBody,
     params(("project_id" = String, Path, description = "project id")),
     responses((status = 202, description = "`{volume}` (status creating)"), (status = 400, description = "bad input"),
         (status = 401, description = "no token"), (status = 403, description = "reader or another project"),
@@ -314,7 +318,7 @@ pub async fn delete_volume(
 }
 
 #[utoipa::path(post, path = "/v3/{project_id}/volumes/{volume_id}/action", tag = "volumes",
-    params(("project_id" = String, Path, description = "project id"), ("volume_id" = String, Path, description = "volume id")),
+    request_body = VolumeAction, params(("project_id" = String, Path, description = "project id"), ("volume_id" = String, Path, description = "volume id")),
     responses((status = 200, description = "`{connection_info}` (os-initialize_connection)"),
         (status = 202, description = "done (os-extend, os-terminate_connection)"),
         (status = 400, description = "bad action or status"), (status = 401, description = "no token"),
@@ -391,7 +395,7 @@ pub async fn show_snapshot(
 }
 
 #[utoipa::path(post, path = "/v3/{project_id}/snapshots", tag = "snapshots",
-    params(("project_id" = String, Path, description = "project id")),
+    request_body = SnapshotCreateBody, params(("project_id" = String, Path, description = "project id")),
     responses((status = 202, description = "`{snapshot}` (status creating)"), (status = 400, description = "bad input or status"),
         (status = 401, description = "no token"), (status = 403, description = "reader or another project"),
         (status = 404, description = "no such volume"), (status = 409, description = "volume locked (Retry-After)"),
