@@ -180,21 +180,25 @@ pub struct SnapshotVolume {
     pub snapshot: ObjectRef,
 }
 
-/// QoS limits of a volume (Cinder's `qos:` extra specs); `None` is unlimited.
+/// QoS limits of a volume (Cinder's `qos:` extra specs): caps on operations and on
+/// bytes per second.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct QosLimits {
-    /// `qos:read_iops_sec`
-    pub read_iops_sec: Option<u64>,
-    /// `qos:write_iops_sec`
-    pub write_iops_sec: Option<u64>,
-    /// `qos:total_iops_sec`
-    pub total_iops_sec: Option<u64>,
-    /// `qos:read_bytes_sec`
-    pub read_bytes_sec: Option<u64>,
-    /// `qos:write_bytes_sec`
-    pub write_bytes_sec: Option<u64>,
-    /// `qos:total_bytes_sec`
-    pub total_bytes_sec: Option<u64>,
+    /// `qos:{read,write,total}_iops_sec`
+    pub iops: RateLimits,
+    /// `qos:{read,write,total}_bytes_sec`
+    pub bytes: RateLimits,
+}
+
+/// Per-second caps on reads, writes and both together; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    /// Reads.
+    pub read: Option<u64>,
+    /// Writes (and discards, write-zeroes).
+    pub write: Option<u64>,
+    /// Everything.
+    pub total: Option<u64>,
 }
 
 /// Front-end protocol of an attachment.

@@ -16,7 +16,7 @@
 
 use crate::api::{check_len, check_required_name, ApiJson, BoolLike};
 use crate::auth::Ctx;
-use crate::dataplane::{LuksVersion, QosLimits};
+use crate::dataplane::{LuksVersion, QosLimits, RateLimits};
 use crate::error::{ApiError, ApiResult};
 use crate::projects::{check_url_project, ensure_project, project_conn};
 use crate::state::AppState;
@@ -513,19 +513,22 @@ impl Encryption {
 impl VolumeType {
     /// QoS limits from the `qos:` extra specs (unset, zero or unparsable: unlimited).
     pub fn qos(&self) -> QosLimits {
-        let get = |k: &str| {
-            self.extra_specs
-                .get(&format!("qos:{k}"))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .filter(|v| *v > 0)
+        let rates = |unit: &str| {
+            let get = |what: &str| {
+                self.extra_specs
+                    .get(&format!("qos:{what}_{unit}_sec"))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .filter(|v| *v > 0)
+            };
+            RateLimits {
+                read: get("read"),
+                write: get("write"),
+                total: get("total"),
+            }
         };
         QosLimits {
-            read_iops_sec: get("read_iops_sec"),
-            write_iops_sec: get("write_iops_sec"),
-            total_iops_sec: get("total_iops_sec"),
-            read_bytes_sec: get("read_bytes_sec"),
-            write_bytes_sec: get("write_bytes_sec"),
-            total_bytes_sec: get("total_bytes_sec"),
+            iops: rates("iops"),
+            bytes: rates("bytes"),
         }
     }
 

@@ -603,7 +603,7 @@ async fn a_delete_the_data_plane_refuses_ends_in_error_deleting() {
         &f.vols(&format!("/{id}")),
         None,
         500,
-        "delete the volume's storage",
+        "delete the storage of volume",
     )
     .await;
     assert_eq!(f.show(&id).await["status"], "error_deleting");

@@ -193,12 +193,12 @@ fn keyslot_kdf() -> KdfParams {
 
 fn qos(q: &ember_control::dataplane::QosLimits) -> QosLimits {
     QosLimits {
-        read_iops_sec: q.read_iops_sec,
-        write_iops_sec: q.write_iops_sec,
-        total_iops_sec: q.total_iops_sec,
-        read_bytes_sec: q.read_bytes_sec,
-        write_bytes_sec: q.write_bytes_sec,
-        total_bytes_sec: q.total_bytes_sec,
+        read_iops_sec: q.iops.read,
+        write_iops_sec: q.iops.write,
+        total_iops_sec: q.iops.total,
+        read_bytes_sec: q.bytes.read,
+        write_bytes_sec: q.bytes.write,
+        total_bytes_sec: q.bytes.total,
     }
 }
 

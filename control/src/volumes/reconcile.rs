@@ -21,12 +21,18 @@
 //! object another node makes between the two reads, and delete it.
 //! Only objects named like Ember's (volume and snapshot ids are UUIDs) are touched.
 
-use super::rows;
+use super::rows::{self, Move};
 use super::service::{finish_delete, finish_snapshot_delete};
 use super::status::{SnapshotEvent, SnapshotStatus, VolumeEvent, VolumeStatus};
 use crate::dataplane::ObjectRef;
 use crate::state::AppState;
 use std::collections::HashSet;
+
+/// A volume or snapshot this node was working on.
+enum Busy {
+    Volume(rows::Vol),
+    Snapshot(rows::Snap),
+}
 
 /// What the pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -54,50 +60,45 @@ pub async fn reconcile(st: &AppState) -> anyhow::Result<Report> {
     // A connection per step: SQLite pools have one, and finishing a delete needs it.
     let pool = &st.db().pool;
 
-    let busy = [VolumeStatus::Creating, VolumeStatus::Deleting];
-    let vols = rows::node_vols(&mut *pool.acquire().await?, &node, &busy).await?;
-    for v in vols {
-        if v.status == VolumeStatus::Creating {
-            if let Err(e) = dp.delete(v.object()).await {
-                tracing::warn!(volume = %v.id, error = %e, "cannot remove a half-made volume");
+    // This node's volumes and snapshots caught in the middle of a create or delete.
+    let busy_vols = [VolumeStatus::Creating, VolumeStatus::Deleting];
+    let busy_snaps = [SnapshotStatus::Creating, SnapshotStatus::Deleting];
+    let vols = rows::node_vols(&mut *pool.acquire().await?, &node, &busy_vols).await?;
+    let snaps = rows::node_snaps(&mut *pool.acquire().await?, &node, &busy_snaps).await?;
+    let busy = vols
+        .into_iter()
+        .map(Busy::Volume)
+        .chain(snaps.into_iter().map(Busy::Snapshot));
+    for b in busy {
+        let (object, creating, restarted) = match &b {
+            Busy::Volume(v) => (
+                v.object(),
+                v.status == VolumeStatus::Creating,
+                Move::Volume(VolumeEvent::NodeRestarted),
+            ),
+            Busy::Snapshot(s) => (
+                s.object(),
+                s.status == SnapshotStatus::Creating,
+                Move::Snapshot(SnapshotEvent::NodeRestarted),
+            ),
+        };
+        if creating {
+            if let Err(e) = dp.delete(object.clone()).await {
+                tracing::warn!(object = %object, error = %e, "cannot remove half-made bytes");
             }
-            rows::move_vol(
-                &mut *pool.acquire().await?,
-                &v.id,
-                VolumeEvent::NodeRestarted,
-            )
-            .await?;
-            tracing::warn!(volume = %v.id, "volume was being created when the daemon stopped: marked error");
+            rows::apply(&mut *pool.acquire().await?, &object.id, restarted).await?;
+            tracing::warn!(object = %object, "was being made when the daemon stopped: marked error");
             rep.marked_error += 1;
-        } else {
-            match finish_delete(st, &v).await {
-                Ok(()) => rep.deletes_finished += 1,
-                Err(e) => {
-                    tracing::error!(volume = %v.id, error = %e, "cannot finish an interrupted delete")
-                }
-            }
+            continue;
         }
-    }
-    let busy = [SnapshotStatus::Creating, SnapshotStatus::Deleting];
-    let snaps = rows::node_snaps(&mut *pool.acquire().await?, &node, &busy).await?;
-    for s in snaps {
-        if s.status == SnapshotStatus::Creating {
-            if let Err(e) = dp.delete(s.object()).await {
-                tracing::warn!(snapshot = %s.id, error = %e, "cannot remove a half-made snapshot");
-            }
-            rows::move_snap(
-                &mut *pool.acquire().await?,
-                &s.id,
-                SnapshotEvent::NodeRestarted,
-            )
-            .await?;
-            rep.marked_error += 1;
-        } else {
-            match finish_snapshot_delete(st, &s).await {
-                Ok(()) => rep.deletes_finished += 1,
-                Err(e) => {
-                    tracing::error!(snapshot = %s.id, error = %e, "cannot finish an interrupted delete")
-                }
+        let finished = match &b {
+            Busy::Volume(v) => finish_delete(st, v).await,
+            Busy::Snapshot(s) => finish_snapshot_delete(st, s).await,
+        };
+        match finished {
+            Ok(()) => rep.deletes_finished += 1,
+            Err(e) => {
+                tracing::error!(object = %object, error = %e, "cannot finish an interrupted delete")
             }
         }
     }

@@ -142,50 +142,58 @@ fn snap_row(r: &AnyRow) -> Result<Snap, sqlx::Error> {
     })
 }
 
+/// The rows `sql` selects (text arguments), mapped by `map`. The SQL is this module's
+/// own (status spellings are its constants).
+async fn fetch<T>(
+    conn: &mut AnyConnection,
+    sql: String,
+    args: &[&str],
+    map: fn(&AnyRow) -> Result<T, sqlx::Error>,
+) -> Result<Vec<T>, sqlx::Error> {
+    let q = args
+        .iter()
+        .fold(sqlx::query(sqlx::AssertSqlSafe(sql)), |q, a| {
+            q.bind(a.to_string())
+        });
+    q.fetch_all(&mut *conn).await?.iter().map(map).collect()
+}
+
 /// Volume `id`.
 pub async fn find_vol(conn: &mut AnyConnection, id: &str) -> Result<Option<Vol>, sqlx::Error> {
-    let r = sqlx::query("SELECT * FROM volumes WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
-    r.as_ref().map(vol_row).transpose()
+    let sql = "SELECT * FROM volumes WHERE id = ?".to_string();
+    Ok(fetch(conn, sql, &[id], vol_row).await?.pop())
 }
 
 /// Snapshot `id`.
 pub async fn find_snap(conn: &mut AnyConnection, id: &str) -> Result<Option<Snap>, sqlx::Error> {
-    let r = sqlx::query("SELECT * FROM snapshots WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
-    r.as_ref().map(snap_row).transpose()
+    let sql = "SELECT * FROM snapshots WHERE id = ?".to_string();
+    Ok(fetch(conn, sql, &[id], snap_row).await?.pop())
 }
 
 /// The volumes of a project, oldest first.
 pub async fn project_vols(
     conn: &mut AnyConnection,
-    project_id: &str,
+    project: &str,
 ) -> Result<Vec<Vol>, sqlx::Error> {
-    sqlx::query("SELECT * FROM volumes WHERE project_id = ? ORDER BY created_at, id")
-        .bind(project_id.to_string())
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(vol_row)
-        .collect()
+    let sql = "SELECT * FROM volumes WHERE project_id = ? ORDER BY created_at, id".to_string();
+    fetch(conn, sql, &[project], vol_row).await
 }
 
 /// The snapshots of a project, oldest first.
 pub async fn project_snaps(
     conn: &mut AnyConnection,
-    project_id: &str,
+    project: &str,
 ) -> Result<Vec<Snap>, sqlx::Error> {
-    sqlx::query("SELECT * FROM snapshots WHERE project_id = ? ORDER BY created_at, id")
-        .bind(project_id.to_string())
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(snap_row)
-        .collect()
+    let sql = "SELECT * FROM snapshots WHERE project_id = ? ORDER BY created_at, id".to_string();
+    fetch(conn, sql, &[project], snap_row).await
+}
+
+/// `SELECT * FROM table WHERE node_id = ? AND status IN (statuses)`.
+fn by_node_sql<'a>(table: &str, statuses: impl Iterator<Item = &'a str>) -> String {
+    format!(
+        "SELECT * FROM {table} WHERE node_id = ? AND status IN ({})",
+        in_list(statuses)
+    )
 }
 
 /// Volumes of `node` in one of `statuses` (start-up reconciliation).
@@ -194,17 +202,8 @@ pub async fn node_vols(
     node: &str,
     statuses: &[VolumeStatus],
 ) -> Result<Vec<Vol>, sqlx::Error> {
-    let sql = format!(
-        "SELECT * FROM volumes WHERE node_id = ? AND status IN ({})",
-        in_list(statuses.iter().map(|s| s.as_str()))
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(node.to_string())
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(vol_row)
-        .collect()
+    let sql = by_node_sql("volumes", statuses.iter().map(|s| s.as_str()));
+    fetch(conn, sql, &[node], vol_row).await
 }
 
 /// Snapshots of `node` in one of `statuses`.
@@ -213,37 +212,20 @@ pub async fn node_snaps(
     node: &str,
     statuses: &[SnapshotStatus],
 ) -> Result<Vec<Snap>, sqlx::Error> {
-    let sql = format!(
-        "SELECT * FROM snapshots WHERE node_id = ? AND status IN ({})",
-        in_list(statuses.iter().map(|s| s.as_str()))
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(node.to_string())
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(snap_row)
-        .collect()
+    let sql = by_node_sql("snapshots", statuses.iter().map(|s| s.as_str()));
+    fetch(conn, sql, &[node], snap_row).await
 }
 
 /// Every volume and snapshot object the database names.
 pub async fn all_objects(conn: &mut AnyConnection) -> Result<Vec<ObjectRef>, sqlx::Error> {
-    let mut out = Vec::new();
-    for r in sqlx::query("SELECT id, pool FROM volumes")
-        .fetch_all(&mut *conn)
-        .await?
-    {
-        out.push(ObjectRef::volume(get_str(&r, "pool")?, get_str(&r, "id")?));
-    }
-    for r in sqlx::query("SELECT id, pool FROM snapshots")
-        .fetch_all(&mut *conn)
-        .await?
-    {
-        out.push(ObjectRef::snapshot(
-            get_str(&r, "pool")?,
-            get_str(&r, "id")?,
-        ));
-    }
+    let vols = fetch(conn, "SELECT id, pool FROM volumes".into(), &[], |r| {
+        Ok(ObjectRef::volume(get_str(r, "pool")?, get_str(r, "id")?))
+    });
+    let mut out = vols.await?;
+    let snaps = fetch(conn, "SELECT id, pool FROM snapshots".into(), &[], |r| {
+        Ok(ObjectRef::snapshot(get_str(r, "pool")?, get_str(r, "id")?))
+    });
+    out.extend(snaps.await?);
     Ok(out)
 }
 
@@ -303,6 +285,23 @@ pub async fn insert_snap(conn: &mut AnyConnection, s: &Snap) -> Result<(), sqlx:
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// A status move of a volume or of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Move {
+    /// Of a volume.
+    Volume(VolumeEvent),
+    /// Of a snapshot.
+    Snapshot(SnapshotEvent),
+}
+
+/// Apply `m` to the volume or snapshot `id` ([`move_vol`], [`move_snap`]).
+pub async fn apply(conn: &mut AnyConnection, id: &str, m: Move) -> Result<bool, sqlx::Error> {
+    match m {
+        Move::Volume(e) => move_vol(conn, id, e).await,
+        Move::Snapshot(e) => move_snap(conn, id, e).await,
+    }
 }
 
 /// Apply `event` to volume `id` as a compare-and-swap; false when its status was not
@@ -416,21 +415,18 @@ pub async fn attachments_of(
     conn: &mut AnyConnection,
     volume_id: &str,
 ) -> Result<Vec<Attachment>, sqlx::Error> {
-    sqlx::query("SELECT * FROM volume_attachments WHERE volume_id = ? ORDER BY attached_at, id")
-        .bind(volume_id.to_string())
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| {
-            Ok(Attachment {
-                id: get_str(r, "id")?,
-                volume_id: get_str(r, "volume_id")?,
-                protocol: get_str(r, "protocol")?,
-                node_id: get_str(r, "node_id")?,
-                attached_at: get_str(r, "attached_at")?,
-            })
+    let sql =
+        "SELECT * FROM volume_attachments WHERE volume_id = ? ORDER BY attached_at, id".into();
+    fetch(conn, sql, &[volume_id], |r| {
+        Ok(Attachment {
+            id: get_str(r, "id")?,
+            volume_id: get_str(r, "volume_id")?,
+            protocol: get_str(r, "protocol")?,
+            node_id: get_str(r, "node_id")?,
+            attached_at: get_str(r, "attached_at")?,
         })
-        .collect()
+    })
+    .await
 }
 
 /// Record an attachment and its rendered `connection_info`.

@@ -27,15 +27,15 @@
 //!
 //! Every status move is a [`VolumeEvent`]/[`SnapshotEvent`] of [`super::status`].
 
-use super::rows::{self, Snap, Vol};
+use super::rows::{self, Move, Snap, Vol};
 use super::status::{
     SnapshotEvent, SnapshotStatus, SnapshotUse, VolumeEvent, VolumeStatus, VolumeUse,
 };
 use super::views::{self, GIB};
 use crate::auth::Ctx;
 use crate::dataplane::{
-    AttachVolume, CloneVolume, CreateVolume, DataPlaneError, Endpoint, LuksFormat, ObjectRef,
-    Passphrase, PoolStats, Protocol, Rekey, SnapshotVolume,
+    AttachVolume, CloneVolume, CreateVolume, DataPlaneError, Endpoint, LuksFormat, ObjectKind,
+    ObjectRef, Passphrase, PoolStats, Protocol, Rekey, SnapshotVolume,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::locks::{Holder, LockRequest, Mode};
@@ -520,38 +520,81 @@ async fn insert_new_volume(
     Ok((v, build))
 }
 
-/// The background part of a create: build the bytes, record the outcome, release
-/// the source's lock.
+/// The background part of a create or clone.
 async fn run_build(st: AppState, v: Vol, build: Build, lock: Option<String>) {
     let dp = st.dataplane().clone();
     let res = match build {
         Build::Blank(req) => dp.create(req).await,
         Build::Copy(req) => dp.clone_volume(req).await,
     };
-    let event = match res {
-        Ok(()) => VolumeEvent::Built,
+    end_build(&st, v.object(), res, lock).await;
+}
+
+/// The end of a background create, clone or snapshot of `object`: its status moves
+/// to built or failed (a failed one's bytes are removed) and the source's lock is
+/// released. Logged, not returned: no request waits for it.
+async fn end_build(
+    st: &AppState,
+    object: ObjectRef,
+    res: Result<(), DataPlaneError>,
+    lock: Option<String>,
+) {
+    let built = match res {
+        Ok(()) => true,
         Err(e) => {
-            tracing::error!(volume = %v.id, error = %e, "volume create failed");
-            if let Err(e) = dp.delete(v.object()).await {
-                tracing::warn!(volume = %v.id, error = %e, "cannot remove the failed volume's bytes");
+            tracing::error!(object = %object, error = %e, "making the bytes failed");
+            if let Err(e) = st.dataplane().delete(object.clone()).await {
+                tracing::warn!(object = %object, error = %e, "cannot remove the failed bytes");
             }
-            VolumeEvent::BuildFailed
+            false
         }
     };
-    match st.db().pool.acquire().await {
-        Ok(mut c) => {
-            if let Err(e) = rows::move_vol(&mut c, &v.id, event).await {
-                tracing::error!(volume = %v.id, error = %e, "cannot record the volume's status");
-            }
-        }
-        Err(e) => tracing::error!(volume = %v.id, error = %e, "cannot record the volume's status"),
+    let m = match (object.kind, built) {
+        (ObjectKind::Volume, true) => Move::Volume(VolumeEvent::Built),
+        (ObjectKind::Volume, false) => Move::Volume(VolumeEvent::BuildFailed),
+        (ObjectKind::Snapshot, true) => Move::Snapshot(SnapshotEvent::Built),
+        (ObjectKind::Snapshot, false) => Move::Snapshot(SnapshotEvent::BuildFailed),
+    };
+    if let Err(e) = record(st, &object.id, m).await {
+        tracing::error!(object = %object, error = %e, "cannot record the status");
     }
     if let Some(h) = lock {
-        release(&st, &h).await;
+        release(st, &h).await;
     }
-    if event == VolumeEvent::Built {
-        tracing::info!(volume = %v.id, "volume available");
+    if built {
+        tracing::info!(object = %object, "ready");
     }
+}
+
+/// Apply a status move on a connection of its own.
+async fn record(st: &AppState, id: &str, m: Move) -> ApiResult<bool> {
+    let mut conn = st.db().pool.acquire().await?;
+    Ok(rows::apply(&mut conn, id, m).await?)
+}
+
+/// Remove an object's bytes, then its row and the key it owns (its status is
+/// `deleting` already); `DeleteFailed` when the data plane refuses.
+async fn remove(
+    st: &AppState,
+    object: ObjectRef,
+    failed: Move,
+    owned_key: Option<&str>,
+) -> ApiResult<()> {
+    if let Err(e) = st.dataplane().delete(object.clone()).await {
+        record(st, &object.id, failed).await?;
+        return Err(dp_error(&format!("delete the storage of {object}"), e));
+    }
+    let mut tx = st.db().begin().await?;
+    match object.kind {
+        ObjectKind::Volume => rows::delete_vol(&mut tx, &object.id).await?,
+        ObjectKind::Snapshot => rows::delete_snap(&mut tx, &object.id).await?,
+    }
+    if let Some(k) = owned_key {
+        keys::delete_owned(&mut tx, k).await?;
+    }
+    tx.commit().await?;
+    tracing::info!(object = %object, "deleted");
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -572,42 +615,46 @@ pub async fn delete_volume(st: &AppState, ctx: &Ctx, project_id: &str, id: &str)
         )));
     }
     v.status.allows(id, VolumeUse::Delete)?;
-    // New clones are refused from now on.
-    if !rows::move_vol(&mut conn, id, VolumeEvent::DeleteStarted).await? {
-        return Err(ApiError::conflict(format!(
-            "volume {id} changed state; retry"
-        )));
-    }
     drop(conn);
-    let holder = match st.locks().acquire(&delete_lock(st, "volume", id)).await {
+    let start = Move::Volume(VolumeEvent::DeleteStarted);
+    let abandon = Move::Volume(VolumeEvent::DeleteAbandoned);
+    delete_locked(st, &v.object(), start, abandon, finish_delete(st, &v)).await
+}
+
+/// The common part of a delete of `object`: move its status to `deleting` (`start`,
+/// a compare-and-swap: 409 when it moved since it was checked; new clones are refused
+/// from now on), take its lock exclusive, run `finish`. When the lock cannot be had in
+/// time the status goes back (`abandon`) and the caller is told 409 with `Retry-After`.
+async fn delete_locked(
+    st: &AppState,
+    object: &ObjectRef,
+    start: Move,
+    abandon: Move,
+    finish: impl std::future::Future<Output = ApiResult<()>>,
+) -> ApiResult<()> {
+    if !record(st, &object.id, start).await? {
+        return Err(ApiError::conflict(format!("{object} changed state; retry")));
+    }
+    let kind = match object.kind {
+        ObjectKind::Volume => "volume",
+        ObjectKind::Snapshot => "snapshot",
+    };
+    let holder = match st.locks().acquire(&delete_lock(st, kind, &object.id)).await {
         Ok(h) => h,
         Err(e) => {
-            // Give the volume back: the delete did not happen.
-            let mut conn = st.db().pool.acquire().await?;
-            rows::move_vol(&mut conn, id, VolumeEvent::DeleteAbandoned).await?;
+            record(st, &object.id, abandon).await?;
             return Err(e.into());
         }
     };
-    let res = finish_delete(st, &v).await;
+    let res = finish.await;
     release(st, &holder.id).await;
     res
 }
 
 /// Remove a volume's bytes, key and row (its status is `deleting` already).
 pub(crate) async fn finish_delete(st: &AppState, v: &Vol) -> ApiResult<()> {
-    if let Err(e) = st.dataplane().delete(v.object()).await {
-        let mut conn = st.db().pool.acquire().await?;
-        rows::move_vol(&mut conn, &v.id, VolumeEvent::DeleteFailed).await?;
-        return Err(dp_error("delete the volume's storage", e));
-    }
-    let mut tx = st.db().begin().await?;
-    rows::delete_vol(&mut tx, &v.id).await?;
-    if let (true, Some(k)) = (v.owns_key, &v.encryption_key_id) {
-        keys::delete_owned(&mut tx, k).await?;
-    }
-    tx.commit().await?;
-    tracing::info!(volume = %v.id, "volume deleted");
-    Ok(())
+    let key = v.encryption_key_id.as_deref().filter(|_| v.owns_key);
+    remove(st, v.object(), Move::Volume(VolumeEvent::DeleteFailed), key).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -878,37 +925,12 @@ async fn insert_snapshot(
 }
 
 async fn run_snapshot(st: AppState, v: Vol, s: Snap, lock: Holder) {
-    let dp = st.dataplane().clone();
-    let res = dp
-        .snapshot(SnapshotVolume {
-            volume: v.object(),
-            snapshot: s.object(),
-        })
-        .await;
-    let event = match res {
-        Ok(()) => {
-            tracing::info!(snapshot = %s.id, volume = %v.id, "snapshot taken");
-            SnapshotEvent::Built
-        }
-        Err(e) => {
-            tracing::error!(snapshot = %s.id, error = %e, "snapshot failed");
-            if let Err(e) = dp.delete(s.object()).await {
-                tracing::warn!(snapshot = %s.id, error = %e, "cannot remove the failed snapshot's bytes");
-            }
-            SnapshotEvent::BuildFailed
-        }
+    let req = SnapshotVolume {
+        volume: v.object(),
+        snapshot: s.object(),
     };
-    match st.db().pool.acquire().await {
-        Ok(mut c) => {
-            if let Err(e) = rows::move_snap(&mut c, &s.id, event).await {
-                tracing::error!(snapshot = %s.id, error = %e, "cannot record the snapshot's status");
-            }
-        }
-        Err(e) => {
-            tracing::error!(snapshot = %s.id, error = %e, "cannot record the snapshot's status")
-        }
-    }
-    release(&st, &lock.id).await;
+    let res = st.dataplane().snapshot(req).await;
+    end_build(&st, s.object(), res, Some(lock.id)).await;
 }
 
 /// Delete a snapshot; waits for volumes being made from it.
@@ -921,38 +943,21 @@ pub async fn delete_snapshot(
     let mut conn = st.db().pool.acquire().await?;
     let s = load_snap(&mut conn, ctx, project_id, id).await?;
     s.status.allows(id, SnapshotUse::Delete)?;
-    if !rows::move_snap(&mut conn, id, SnapshotEvent::DeleteStarted).await? {
-        return Err(ApiError::conflict(format!(
-            "snapshot {id} changed state; retry"
-        )));
-    }
     drop(conn);
-    let h = match st.locks().acquire(&delete_lock(st, "snapshot", id)).await {
-        Ok(h) => h,
-        Err(e) => {
-            let mut conn = st.db().pool.acquire().await?;
-            let back = SnapshotEvent::DeleteAbandoned { previous: s.status };
-            rows::move_snap(&mut conn, id, back).await?;
-            return Err(e.into());
-        }
-    };
-    let res = finish_snapshot_delete(st, &s).await;
-    release(st, &h.id).await;
-    res
+    let start = Move::Snapshot(SnapshotEvent::DeleteStarted);
+    let abandon = Move::Snapshot(SnapshotEvent::DeleteAbandoned { previous: s.status });
+    delete_locked(
+        st,
+        &s.object(),
+        start,
+        abandon,
+        finish_snapshot_delete(st, &s),
+    )
+    .await
 }
 
 /// Remove a snapshot's bytes, key and row (its status is `deleting` already).
 pub(crate) async fn finish_snapshot_delete(st: &AppState, s: &Snap) -> ApiResult<()> {
-    if let Err(e) = st.dataplane().delete(s.object()).await {
-        let mut conn = st.db().pool.acquire().await?;
-        rows::move_snap(&mut conn, &s.id, SnapshotEvent::DeleteFailed).await?;
-        return Err(dp_error("delete the snapshot's storage", e));
-    }
-    let mut tx = st.db().begin().await?;
-    rows::delete_snap(&mut tx, &s.id).await?;
-    if let Some(k) = &s.encryption_key_id {
-        keys::delete_owned(&mut tx, k).await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    let failed = Move::Snapshot(SnapshotEvent::DeleteFailed);
+    remove(st, s.object(), failed, s.encryption_key_id.as_deref()).await
 }

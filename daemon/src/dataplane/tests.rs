@@ -1,7 +1,7 @@
 //! The data plane against real files, a real NBD server and the real LUKS code.
 
 use super::*;
-use ember_control::dataplane::{Passphrase, QosLimits as VolumeQos};
+use ember_control::dataplane::{Passphrase, QosLimits as VolumeQos, RateLimits};
 use ember_crypto::kdf::Argon2Type;
 use ember_crypto::Zeroizing;
 use std::time::Instant;
@@ -50,7 +50,10 @@ fn att(volume: &str, id: &str, p: Option<&[u8]>, read_only: bool) -> AttachVolum
         read_only,
         passphrase: p.map(pass),
         qos: VolumeQos {
-            total_iops_sec: Some(1000),
+            iops: RateLimits {
+                total: Some(1000),
+                ..Default::default()
+            },
             ..Default::default()
         },
     }
