@@ -1557,44 +1557,30 @@ fn clones_of_an_in_use_volume_are_point_in_time() {
     let mut lines = BufReader::new(writer.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "writing");
 
-    // A clone and a forced snapshot while the writer runs.
-    let c = expect(
-        create_volume(&n, &p, json!({"source_volid": id, "name": "copy"})),
-        202,
-        "clone",
-    )["volume"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    // A clone, then a forced snapshot, while the writer runs.
+    let c = create_available(&n, &p, json!({"source_volid": id, "name": "copy"}));
     let snap_url = format!("{}/v3/{}/snapshots", n.url, p.id);
-    let sid = expect(
-        http(
-            "POST",
-            &snap_url,
-            &p.token,
-            Some(json!({"snapshot": {"volume_id": id, "force": true}})),
-        ),
+    let body = json!({"snapshot": {"volume_id": id, "force": true}});
+    let s = expect(
+        http("POST", &snap_url, &p.token, Some(body)),
         202,
         "snapshot",
-    )["snapshot"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_eq!(wait_ready(&n, &p, &c)["status"], "available", "{}", n.log());
+    );
+    let sid = s["snapshot"]["id"].as_str().unwrap().to_string();
     let t = Instant::now();
-    loop {
-        let s = expect(
-            http("GET", &format!("{snap_url}/{sid}"), &p.token, None),
-            200,
-            "show snapshot",
-        );
-        if s["snapshot"]["status"] != "creating" {
-            assert_eq!(s["snapshot"]["status"], "available", "{s}\n{}", n.log());
-            break;
+    let done = loop {
+        let s = http("GET", &format!("{snap_url}/{sid}"), &p.token, None).body;
+        if s["snapshot"]["status"] != "creating" || t.elapsed() > Duration::from_secs(600) {
+            break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(600), "{}", n.log());
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    assert_eq!(
+        done["snapshot"]["status"],
+        "available",
+        "{done}\n{}",
+        n.log()
+    );
     std::fs::write(work.join("STOP"), b"").unwrap();
     let last = lines.next().unwrap().unwrap();
     assert!(writer.wait().unwrap().success(), "writer: {last}");

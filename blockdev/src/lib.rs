@@ -93,3 +93,31 @@ pub trait Queue {
     /// Number of requests submitted and not yet completed.
     fn in_flight(&self) -> usize;
 }
+
+/// Helpers of this crate's unit tests.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use crate::backend::{open, BackendSpec, OpenOptions};
+    use crate::BlockDevice;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    /// A file `name` in `dir` holding `bytes`, opened with the file backend.
+    pub fn file_device(
+        dir: &tempfile::TempDir,
+        name: &str,
+        bytes: &[u8],
+        read_only: bool,
+    ) -> (PathBuf, Arc<dyn BlockDevice>) {
+        let path = dir.path().join(name);
+        if !path.exists() {
+            std::fs::write(&path, bytes).unwrap();
+        }
+        let opts = OpenOptions {
+            read_only,
+            ..OpenOptions::default()
+        };
+        let dev = open(&BackendSpec::File { path: path.clone() }, &opts).unwrap();
+        (path, dev)
+    }
+}

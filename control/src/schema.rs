@@ -57,4 +57,6 @@ pub const MIGRATIONS: &[Migration] = &[(
 // Volumes, snapshots, attachments (issue 6).
 (2, crate::volumes::SCHEMA),
 // Database read-write locks (issue 6).
-(3, crate::locks::SCHEMA)];
+(3, crate::locks::SCHEMA),
+// Snapshots record the status a delete left (issue 13).
+(4, crate::volumes::SCHEMA_4)];

@@ -33,4 +33,4 @@ pub mod service;
 pub mod status;
 pub mod views;
 
-pub use rows::{count_by_secret, count_by_type, SCHEMA};
+pub use rows::{count_by_secret, count_by_type, SCHEMA, SCHEMA_4};

@@ -32,7 +32,7 @@
 use crate::engine::{user_data, Cqe, OwnerId, Ring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layer::throttle::LAYER_SLOT_BIT;
-use crate::request::{Completion, DeviceInfo, Extent, Request};
+use crate::request::{Completion, Request};
 use crate::{BlockDevice, Queue};
 use io_uring::{opcode, types};
 use std::collections::VecDeque;
@@ -115,9 +115,7 @@ impl GateDevice {
 }
 
 impl BlockDevice for GateDevice {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
+    super::pass_down_geometry!();
 
     fn queue(self: Arc<Self>, ring: &mut Ring) -> Result<Box<dyn Queue>> {
         let inner = self.inner.clone().queue(ring)?;
@@ -131,14 +129,6 @@ impl BlockDevice for GateDevice {
             timer: Box::new(types::Timespec::new()),
             timer_armed: false,
         }))
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.inner.block_status(offset, len)
-    }
-
-    fn resize(&self, new_size: u64) -> Result<()> {
-        self.inner.resize(new_size)
     }
 }
 
@@ -295,18 +285,12 @@ impl Queue for GateQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{open, BackendSpec, OpenOptions};
     use crate::sync::SyncDevice;
+    use crate::test_util::file_device;
     use std::os::unix::fs::FileExt;
 
     fn file_dev(dir: &tempfile::TempDir) -> (std::path::PathBuf, Arc<GateDevice>) {
-        let path = dir.path().join("v.img");
-        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-        let dev = open(
-            &BackendSpec::File { path: path.clone() },
-            &OpenOptions::default(),
-        )
-        .unwrap();
+        let (path, dev) = file_device(dir, "v.img", &[0; 1 << 20], false);
         (path, Arc::new(GateDevice::new(dev, Arc::default())))
     }
 
@@ -320,12 +304,7 @@ mod tests {
         let writer = std::thread::spawn(move || {
             let mut d = SyncDevice::new(g).unwrap();
             // A read passes while the gate is shut.
-            assert!(d
-                .read_at(0, 4096)
-                .unwrap()
-                .as_slice()
-                .iter()
-                .all(|&b| b == 0));
+            assert_eq!(d.read_at(0, 4096).unwrap().as_slice(), &[0; 4096][..]);
             tx.send("read").unwrap();
             d.write_at(0, &[0x5a; 4096]).unwrap();
             tx.send("written").unwrap();
@@ -378,13 +357,7 @@ mod tests {
         let (_, first) = file_dev(&dir);
         let gate = first.gate().clone();
         let pause = gate.pause(Duration::from_secs(30)).unwrap();
-        let dev = open(
-            &BackendSpec::File {
-                path: dir.path().join("v.img"),
-            },
-            &OpenOptions::default(),
-        )
-        .unwrap();
+        let (_, dev) = file_device(&dir, "v.img", &[], false);
         let later = Arc::new(GateDevice::new(dev, gate));
         let (tx, rx) = std::sync::mpsc::channel();
         let w = std::thread::spawn(move || {

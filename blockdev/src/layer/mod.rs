@@ -12,3 +12,26 @@
 pub mod crypt;
 pub mod gate;
 pub mod throttle;
+
+/// `info`, `block_status` and `resize` of a layer that changes neither the geometry
+/// nor the allocation map of the device below it (`self.inner`).
+macro_rules! pass_down_geometry {
+    () => {
+        fn info(&self) -> crate::request::DeviceInfo {
+            self.inner.info()
+        }
+
+        fn block_status(
+            &self,
+            offset: u64,
+            len: u64,
+        ) -> crate::error::Result<Vec<crate::request::Extent>> {
+            self.inner.block_status(offset, len)
+        }
+
+        fn resize(&self, new_size: u64) -> crate::error::Result<()> {
+            self.inner.resize(new_size)
+        }
+    };
+}
+pub(crate) use pass_down_geometry;

@@ -15,7 +15,7 @@
 use crate::buf::Buffer;
 use crate::engine::{user_data, Cqe, OwnerId, Ring};
 use crate::error::Result;
-use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
+use crate::request::{Completion, Op, Request};
 use crate::{BlockDevice, Queue};
 use io_uring::{opcode, types};
 use std::cmp::Reverse;
@@ -165,9 +165,7 @@ impl ThrottleDevice {
 }
 
 impl BlockDevice for ThrottleDevice {
-    fn info(&self) -> DeviceInfo {
-        self.inner.info()
-    }
+    super::pass_down_geometry!();
 
     fn queue(self: Arc<Self>, ring: &mut Ring) -> Result<Box<dyn Queue>> {
         let inner = self.inner.clone().queue(ring)?;
@@ -179,14 +177,6 @@ impl BlockDevice for ThrottleDevice {
             timer: Box::new(types::Timespec::new()),
             timer_armed: false,
         }))
-    }
-
-    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        self.inner.block_status(offset, len)
-    }
-
-    fn resize(&self, new_size: u64) -> Result<()> {
-        self.inner.resize(new_size)
     }
 }
 

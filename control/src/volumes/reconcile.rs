@@ -21,9 +21,9 @@
 //! object another node makes between the two reads, and delete it.
 //! Only objects named like Ember's (volume and snapshot ids are UUIDs) are touched.
 
-use super::rows::{self, Move};
+use super::rows;
 use super::service::{finish_delete, finish_snapshot_delete};
-use super::status::{SnapshotEvent, SnapshotStatus, VolumeEvent, VolumeStatus};
+use super::status::{Event, Status};
 use crate::dataplane::ObjectRef;
 use crate::state::AppState;
 use std::collections::HashSet;
@@ -61,32 +61,23 @@ pub async fn reconcile(st: &AppState) -> anyhow::Result<Report> {
     let pool = &st.db().pool;
 
     // This node's volumes and snapshots caught in the middle of a create or delete.
-    let busy_vols = [VolumeStatus::Creating, VolumeStatus::Deleting];
-    let busy_snaps = [SnapshotStatus::Creating, SnapshotStatus::Deleting];
-    let vols = rows::node_vols(&mut *pool.acquire().await?, &node, &busy_vols).await?;
-    let snaps = rows::node_snaps(&mut *pool.acquire().await?, &node, &busy_snaps).await?;
+    let busy = [Status::Creating, Status::Deleting];
+    let vols = rows::node_vols(&mut *pool.acquire().await?, &node, &busy).await?;
+    let snaps = rows::node_snaps(&mut *pool.acquire().await?, &node, &busy).await?;
     let busy = vols
         .into_iter()
         .map(Busy::Volume)
         .chain(snaps.into_iter().map(Busy::Snapshot));
     for b in busy {
-        let (object, creating, restarted) = match &b {
-            Busy::Volume(v) => (
-                v.object(),
-                v.status == VolumeStatus::Creating,
-                Move::Volume(VolumeEvent::NodeRestarted),
-            ),
-            Busy::Snapshot(s) => (
-                s.object(),
-                s.status == SnapshotStatus::Creating,
-                Move::Snapshot(SnapshotEvent::NodeRestarted),
-            ),
+        let (object, status) = match &b {
+            Busy::Volume(v) => (v.object(), v.status),
+            Busy::Snapshot(s) => (s.object(), s.status),
         };
-        if creating {
+        if status == Status::Creating {
             if let Err(e) = dp.delete(object.clone()).await {
                 tracing::warn!(object = %object, error = %e, "cannot remove half-made bytes");
             }
-            rows::apply(&mut *pool.acquire().await?, &object.id, restarted).await?;
+            rows::apply(&mut *pool.acquire().await?, &object, Event::NodeRestarted).await?;
             tracing::warn!(object = %object, "was being made when the daemon stopped: marked error");
             rep.marked_error += 1;
             continue;

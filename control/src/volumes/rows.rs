@@ -3,8 +3,8 @@
 //! reads these tables except through the functions here ([`count_by_type`] for
 //! `types`, [`count_by_secret`] for `keys`).
 
-use super::status::{SnapshotEvent, SnapshotStatus, Target, VolumeEvent, VolumeStatus};
-use crate::dataplane::{ObjectRef, Protocol};
+use super::status::{Event, Status, Target};
+use crate::dataplane::{ObjectKind, ObjectRef, Protocol};
 use crate::store::{count, execute_args, get_i64, get_str, now, opt_str};
 use sqlx::any::AnyRow;
 use sqlx::AnyConnection;
@@ -26,6 +26,10 @@ pub const SCHEMA: &[&str] = &[
      connection_info TEXT NOT NULL, attached_at VARCHAR(40) NOT NULL)",
 ];
 
+/// Migration 4: snapshots record the status a delete left too (to give it back).
+pub const SCHEMA_4: &[&str] =
+    &["ALTER TABLE snapshots ADD COLUMN previous_status VARCHAR(32) NULL"];
+
 /// A volume row.
 #[derive(Debug, Clone)]
 pub struct Vol {
@@ -41,7 +45,7 @@ pub struct Vol {
     pub pool: String,
     /// The node that made it.
     pub node_id: Option<String>,
-    pub status: VolumeStatus,
+    pub status: Status,
     pub source_volid: Option<String>,
     pub snapshot_id: Option<String>,
     pub created_at: String,
@@ -68,7 +72,7 @@ pub struct Snap {
     pub encryption_key_id: Option<String>,
     pub pool: String,
     pub node_id: Option<String>,
-    pub status: SnapshotStatus,
+    pub status: Status,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -116,7 +120,7 @@ fn vol_row(r: &AnyRow) -> Result<Vol, sqlx::Error> {
         owns_key: get_i64(r, "owns_key")? != 0,
         pool: get_str(r, "pool")?,
         node_id: opt_str(r, "node_id")?,
-        status: VolumeStatus::parse(&status).ok_or_else(|| bad_status(&status))?,
+        status: Status::parse(&status).ok_or_else(|| bad_status(&status))?,
         source_volid: opt_str(r, "source_volid")?,
         snapshot_id: opt_str(r, "snapshot_id")?,
         created_at: get_str(r, "created_at")?,
@@ -136,7 +140,7 @@ fn snap_row(r: &AnyRow) -> Result<Snap, sqlx::Error> {
         encryption_key_id: opt_str(r, "encryption_key_id")?,
         pool: get_str(r, "pool")?,
         node_id: opt_str(r, "node_id")?,
-        status: SnapshotStatus::parse(&status).ok_or_else(|| bad_status(&status))?,
+        status: Status::parse(&status).ok_or_else(|| bad_status(&status))?,
         created_at: get_str(r, "created_at")?,
         updated_at: get_str(r, "updated_at")?,
     })
@@ -200,7 +204,7 @@ fn by_node_sql<'a>(table: &str, statuses: impl Iterator<Item = &'a str>) -> Stri
 pub async fn node_vols(
     conn: &mut AnyConnection,
     node: &str,
-    statuses: &[VolumeStatus],
+    statuses: &[Status],
 ) -> Result<Vec<Vol>, sqlx::Error> {
     let sql = by_node_sql("volumes", statuses.iter().map(|s| s.as_str()));
     fetch(conn, sql, &[node], vol_row).await
@@ -210,7 +214,7 @@ pub async fn node_vols(
 pub async fn node_snaps(
     conn: &mut AnyConnection,
     node: &str,
-    statuses: &[SnapshotStatus],
+    statuses: &[Status],
 ) -> Result<Vec<Snap>, sqlx::Error> {
     let sql = by_node_sql("snapshots", statuses.iter().map(|s| s.as_str()));
     fetch(conn, sql, &[node], snap_row).await
@@ -287,73 +291,38 @@ pub async fn insert_snap(conn: &mut AnyConnection, s: &Snap) -> Result<(), sqlx:
     Ok(())
 }
 
-/// A status move of a volume or of a snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Move {
-    /// Of a volume.
-    Volume(VolumeEvent),
-    /// Of a snapshot.
-    Snapshot(SnapshotEvent),
-}
-
-/// Apply `m` to the volume or snapshot `id` ([`move_vol`], [`move_snap`]).
-pub async fn apply(conn: &mut AnyConnection, id: &str, m: Move) -> Result<bool, sqlx::Error> {
-    match m {
-        Move::Volume(e) => move_vol(conn, id, e).await,
-        Move::Snapshot(e) => move_snap(conn, id, e).await,
-    }
-}
-
-/// Apply `event` to volume `id` as a compare-and-swap; false when its status was not
-/// one the event starts from (someone else moved it first).
-pub async fn move_vol(
+/// Apply `event` to `object`'s row as a compare-and-swap; false when its status was
+/// not one the event starts from (someone else moved it first).
+pub async fn apply(
     conn: &mut AnyConnection,
-    id: &str,
-    event: VolumeEvent,
+    object: &ObjectRef,
+    event: Event,
 ) -> Result<bool, sqlx::Error> {
+    let table = match object.kind {
+        ObjectKind::Volume => "volumes",
+        ObjectKind::Snapshot => "snapshots",
+    };
     let (from, to) = event.transition();
     let from = in_list(from.iter().map(|s| s.as_str()));
     let set = match to {
-        Target::To(s) if event == VolumeEvent::DeleteStarted => {
+        Target::To(s) if event == Event::DeleteStarted => {
             format!("previous_status = status, status = '{s}'")
         }
         Target::To(s) => format!("status = '{s}'"),
         Target::Previous => format!(
             "status = COALESCE(previous_status, '{}')",
-            VolumeStatus::Available
+            Status::Available
         ),
     };
     let mut sql =
-        format!("UPDATE volumes SET {set}, updated_at = ? WHERE id = ? AND status IN ({from})");
+        format!("UPDATE {table} SET {set}, updated_at = ? WHERE id = ? AND status IN ({from})");
     let t = now();
-    let mut args = vec![t.as_str(), id];
-    if event == VolumeEvent::LastDetached {
+    let mut args = vec![t.as_str(), object.id.as_str()];
+    if event == Event::LastDetached {
         sql.push_str(" AND NOT EXISTS (SELECT 1 FROM volume_attachments WHERE volume_id = ?)");
-        args.push(id);
+        args.push(&object.id);
     }
     Ok(exec_built(conn, sql, &args).await? > 0)
-}
-
-/// Apply `event` to snapshot `id` as a compare-and-swap.
-pub async fn move_snap(
-    conn: &mut AnyConnection,
-    id: &str,
-    event: SnapshotEvent,
-) -> Result<bool, sqlx::Error> {
-    let (from, to) = event.transition();
-    let from = in_list(from.iter().map(|s| s.as_str()));
-    let to = match to {
-        Target::To(s) => s,
-        Target::Previous => {
-            return Err(sqlx::Error::Protocol(
-                "snapshots name the status they go back to".into(),
-            ))
-        }
-    };
-    let sql = format!(
-        "UPDATE snapshots SET status = '{to}', updated_at = ? WHERE id = ? AND status IN ({from})"
-    );
-    Ok(exec_built(conn, sql, &[&now(), id]).await? > 0)
 }
 
 /// Run a statement built from this module's constants (status spellings) with text
@@ -471,11 +440,11 @@ pub async fn drop_node_attachments(
         &[node],
     )
     .await?;
-    let (from, _) = VolumeEvent::LastDetached.transition();
+    let (from, _) = Event::LastDetached.transition();
     let sql = format!(
         "UPDATE volumes SET status = '{}', updated_at = ? WHERE status IN ({}) \
          AND NOT EXISTS (SELECT 1 FROM volume_attachments a WHERE a.volume_id = volumes.id)",
-        VolumeStatus::Available,
+        Status::Available,
         in_list(from.iter().map(|s| s.as_str()))
     );
     exec_built(conn, sql, &[&now()]).await?;

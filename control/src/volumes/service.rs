@@ -25,12 +25,10 @@
 //!   own new key: the copied LUKS header gets a keyslot for the new passphrase and
 //!   loses the old one. A snapshot keeps a copy of its volume's key.
 //!
-//! Every status move is a [`VolumeEvent`]/[`SnapshotEvent`] of [`super::status`].
+//! Every status move is an [`Event`] of [`super::status`].
 
-use super::rows::{self, Move, Snap, Vol};
-use super::status::{
-    SnapshotEvent, SnapshotStatus, SnapshotUse, VolumeEvent, VolumeStatus, VolumeUse,
-};
+use super::rows::{self, Snap, Vol};
+use super::status::{Event, SnapshotUse, Status, VolumeUse};
 use super::views::{self, GIB};
 use crate::auth::Ctx;
 use crate::dataplane::{
@@ -68,6 +66,22 @@ pub fn dp_error(what: &str, e: DataPlaneError) -> ApiError {
 // ---------------------------------------------------------------------------------------
 // Loading and viewing
 
+/// `found` if it belongs to the URL's project (admins see any); 404 naming `what`
+/// otherwise (other projects' objects stay hidden).
+fn visible<T>(
+    found: Option<T>,
+    project_of: fn(&T) -> &str,
+    ctx: &Ctx,
+    project_id: &str,
+    what: &str,
+    id: &str,
+) -> ApiResult<T> {
+    match found {
+        Some(o) if project_of(&o) == project_id || ctx.is_admin() => Ok(o),
+        _ => Err(ApiError::not_found(format!("{what} {id} not found"))),
+    }
+}
+
 /// A volume of the URL's project (admins see any); 404 otherwise.
 pub async fn load_vol(
     conn: &mut AnyConnection,
@@ -75,10 +89,8 @@ pub async fn load_vol(
     project_id: &str,
     id: &str,
 ) -> ApiResult<Vol> {
-    match rows::find_vol(conn, id).await? {
-        Some(v) if v.project_id == project_id || ctx.is_admin() => Ok(v),
-        _ => Err(ApiError::not_found(format!("volume {id} not found"))),
-    }
+    let v = rows::find_vol(conn, id).await?;
+    visible(v, |v| &v.project_id, ctx, project_id, "volume", id)
 }
 
 /// A snapshot of the URL's project (admins see any); 404 otherwise.
@@ -88,10 +100,8 @@ pub async fn load_snap(
     project_id: &str,
     id: &str,
 ) -> ApiResult<Snap> {
-    match rows::find_snap(conn, id).await? {
-        Some(s) if s.project_id == project_id || ctx.is_admin() => Ok(s),
-        _ => Err(ApiError::not_found(format!("snapshot {id} not found"))),
-    }
+    let s = rows::find_snap(conn, id).await?;
+    visible(s, |s| &s.project_id, ctx, project_id, "snapshot", id)
 }
 
 /// A volume's JSON view (with its type's name and attachments).
@@ -269,7 +279,7 @@ async fn load_source(
         }
         Source::Snapshot(sid) => {
             let s = load_snap(conn, ctx, project_id, sid).await?;
-            s.status.allows(sid, SnapshotUse::CloneSource)?;
+            s.status.snapshot_allows(sid, SnapshotUse::CloneSource)?;
             let type_id = match rows::find_vol(conn, &s.volume_id).await? {
                 Some(v) => v.type_id,
                 None => types::DEFAULT_TYPE.to_string(),
@@ -293,9 +303,11 @@ async fn source_still_there(conn: &mut AnyConnection, s: &Src) -> ApiResult<bool
             .await?
             .is_some_and(|v| v.status.allows(&s.id, VolumeUse::CloneSource).is_ok())
     } else {
-        rows::find_snap(conn, &s.id)
-            .await?
-            .is_some_and(|x| x.status.allows(&s.id, SnapshotUse::CloneSource).is_ok())
+        rows::find_snap(conn, &s.id).await?.is_some_and(|x| {
+            x.status
+                .snapshot_allows(&s.id, SnapshotUse::CloneSource)
+                .is_ok()
+        })
     })
 }
 
@@ -503,7 +515,7 @@ async fn insert_new_volume(
         owns_key,
         pool: pool.name.clone(),
         node_id: Some(st.node_name().to_string()),
-        status: VolumeStatus::Creating,
+        status: Status::Creating,
         source_volid: match &req.source {
             Some(Source::Volume(id)) => Some(id.clone()),
             _ => None,
@@ -549,13 +561,12 @@ async fn end_build(
             false
         }
     };
-    let m = match (object.kind, built) {
-        (ObjectKind::Volume, true) => Move::Volume(VolumeEvent::Built),
-        (ObjectKind::Volume, false) => Move::Volume(VolumeEvent::BuildFailed),
-        (ObjectKind::Snapshot, true) => Move::Snapshot(SnapshotEvent::Built),
-        (ObjectKind::Snapshot, false) => Move::Snapshot(SnapshotEvent::BuildFailed),
+    let event = if built {
+        Event::Built
+    } else {
+        Event::BuildFailed
     };
-    if let Err(e) = record(st, &object.id, m).await {
+    if let Err(e) = record(st, &object, event).await {
         tracing::error!(object = %object, error = %e, "cannot record the status");
     }
     if let Some(h) = lock {
@@ -567,21 +578,16 @@ async fn end_build(
 }
 
 /// Apply a status move on a connection of its own.
-async fn record(st: &AppState, id: &str, m: Move) -> ApiResult<bool> {
+async fn record(st: &AppState, object: &ObjectRef, event: Event) -> ApiResult<bool> {
     let mut conn = st.db().pool.acquire().await?;
-    Ok(rows::apply(&mut conn, id, m).await?)
+    Ok(rows::apply(&mut conn, object, event).await?)
 }
 
 /// Remove an object's bytes, then its row and the key it owns (its status is
-/// `deleting` already); `DeleteFailed` when the data plane refuses.
-async fn remove(
-    st: &AppState,
-    object: ObjectRef,
-    failed: Move,
-    owned_key: Option<&str>,
-) -> ApiResult<()> {
+/// `deleting` already); `error_deleting` when the data plane refuses.
+async fn remove(st: &AppState, object: ObjectRef, owned_key: Option<&str>) -> ApiResult<()> {
     if let Err(e) = st.dataplane().delete(object.clone()).await {
-        record(st, &object.id, failed).await?;
+        record(st, &object, Event::DeleteFailed).await?;
         return Err(dp_error(&format!("delete the storage of {object}"), e));
     }
     let mut tx = st.db().begin().await?;
@@ -606,7 +612,7 @@ pub async fn delete_volume(st: &AppState, ctx: &Ctx, project_id: &str, id: &str)
     let v = load_vol(&mut conn, ctx, project_id, id).await?;
     let attached = !rows::attachments_of(&mut conn, id).await?.is_empty();
     if attached {
-        return VolumeStatus::InUse.allows(id, VolumeUse::Delete);
+        return Status::InUse.allows(id, VolumeUse::Delete);
     }
     let snaps = rows::snapshots_of(&mut conn, id).await?;
     if snaps > 0 {
@@ -616,23 +622,19 @@ pub async fn delete_volume(st: &AppState, ctx: &Ctx, project_id: &str, id: &str)
     }
     v.status.allows(id, VolumeUse::Delete)?;
     drop(conn);
-    let start = Move::Volume(VolumeEvent::DeleteStarted);
-    let abandon = Move::Volume(VolumeEvent::DeleteAbandoned);
-    delete_locked(st, &v.object(), start, abandon, finish_delete(st, &v)).await
+    delete_locked(st, &v.object(), finish_delete(st, &v)).await
 }
 
-/// The common part of a delete of `object`: move its status to `deleting` (`start`,
-/// a compare-and-swap: 409 when it moved since it was checked; new clones are refused
+/// The common part of a delete of `object`: move its status to `deleting` (a
+/// compare-and-swap: 409 when it moved since it was checked; new clones are refused
 /// from now on), take its lock exclusive, run `finish`. When the lock cannot be had in
-/// time the status goes back (`abandon`) and the caller is told 409 with `Retry-After`.
+/// time the status goes back and the caller is told 409 with `Retry-After`.
 async fn delete_locked(
     st: &AppState,
     object: &ObjectRef,
-    start: Move,
-    abandon: Move,
     finish: impl std::future::Future<Output = ApiResult<()>>,
 ) -> ApiResult<()> {
-    if !record(st, &object.id, start).await? {
+    if !record(st, object, Event::DeleteStarted).await? {
         return Err(ApiError::conflict(format!("{object} changed state; retry")));
     }
     let kind = match object.kind {
@@ -642,7 +644,7 @@ async fn delete_locked(
     let holder = match st.locks().acquire(&delete_lock(st, kind, &object.id)).await {
         Ok(h) => h,
         Err(e) => {
-            record(st, &object.id, abandon).await?;
+            record(st, object, Event::DeleteAbandoned).await?;
             return Err(e.into());
         }
     };
@@ -654,7 +656,7 @@ async fn delete_locked(
 /// Remove a volume's bytes, key and row (its status is `deleting` already).
 pub(crate) async fn finish_delete(st: &AppState, v: &Vol) -> ApiResult<()> {
     let key = v.encryption_key_id.as_deref().filter(|_| v.owns_key);
-    remove(st, v.object(), Move::Volume(VolumeEvent::DeleteFailed), key).await
+    remove(st, v.object(), key).await
 }
 
 // ---------------------------------------------------------------------------------------
@@ -768,7 +770,7 @@ async fn record_attachment(
         _ => info.clone(),
     };
     let mut tx = st.db().begin().await?;
-    if !rows::move_vol(&mut tx, &v.id, VolumeEvent::Attached).await? {
+    if !rows::apply(&mut tx, &v.object(), Event::Attached).await? {
         return Err(ApiError::conflict(format!(
             "volume {} changed state while it was being attached; retry",
             v.id
@@ -816,7 +818,7 @@ pub async fn detach(
             .map_err(|e| dp_error("detach the volume", e))?;
         rows::delete_attachment(&mut conn, aid).await?;
     }
-    rows::move_vol(&mut conn, &v.id, VolumeEvent::LastDetached).await?;
+    rows::apply(&mut conn, &v.object(), Event::LastDetached).await?;
     Ok(())
 }
 
@@ -915,7 +917,7 @@ async fn insert_snapshot(
         encryption_key_id: key,
         pool: v.pool.clone(),
         node_id: Some(st.node_name().to_string()),
-        status: SnapshotStatus::Creating,
+        status: Status::Creating,
         created_at: t.clone(),
         updated_at: t,
     };
@@ -942,22 +944,12 @@ pub async fn delete_snapshot(
 ) -> ApiResult<()> {
     let mut conn = st.db().pool.acquire().await?;
     let s = load_snap(&mut conn, ctx, project_id, id).await?;
-    s.status.allows(id, SnapshotUse::Delete)?;
+    s.status.snapshot_allows(id, SnapshotUse::Delete)?;
     drop(conn);
-    let start = Move::Snapshot(SnapshotEvent::DeleteStarted);
-    let abandon = Move::Snapshot(SnapshotEvent::DeleteAbandoned { previous: s.status });
-    delete_locked(
-        st,
-        &s.object(),
-        start,
-        abandon,
-        finish_snapshot_delete(st, &s),
-    )
-    .await
+    delete_locked(st, &s.object(), finish_snapshot_delete(st, &s)).await
 }
 
 /// Remove a snapshot's bytes, key and row (its status is `deleting` already).
 pub(crate) async fn finish_snapshot_delete(st: &AppState, s: &Snap) -> ApiResult<()> {
-    let failed = Move::Snapshot(SnapshotEvent::DeleteFailed);
-    remove(st, s.object(), failed, s.encryption_key_id.as_deref()).await
+    remove(st, s.object(), s.encryption_key_id.as_deref()).await
 }

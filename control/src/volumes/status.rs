@@ -9,101 +9,85 @@
 //!                            └── row removed when the bytes are gone
 //! ```
 //!
-//! Snapshots follow the same graph without `in-use`. The database applies a move as
-//! a compare-and-swap (`UPDATE … WHERE status IN (from)`), so two requests racing for
-//! one volume cannot both win: the loser changes nothing and is told 409.
+//! Snapshots follow the same graph without `in-use` (one [`Status`] and one [`Event`]
+//! serve both). The database applies a move as a compare-and-swap (`UPDATE … WHERE
+//! status IN (from)`), so two requests racing for one object cannot both win: the loser
+//! changes nothing and is told 409.
 //!
-//! [`VolumeStatus::allows`] and [`SnapshotStatus::allows`] say what a request may do
-//! with an object in a status, and the answer when it may not (400 naming the status,
-//! 409 when the object is being deleted).
+//! [`Status::allows`] and [`Status::snapshot_allows`] say what a request may do with a
+//! volume or snapshot in a status, and the answer when it may not (400 naming the
+//! status, 409 when the object is being deleted).
 
 use crate::error::ApiError;
 
-/// A volume's status, as Cinder spells it.
+/// The status of a volume or a snapshot, as Cinder spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VolumeStatus {
-    /// Its bytes are being made (create, clone).
+pub enum Status {
+    /// Its bytes are being made (create, clone, snapshot).
     Creating,
-    /// Ready, not attached.
+    /// Ready (a volume: not attached).
     Available,
-    /// Attached at least once.
+    /// A volume attached at least once (never a snapshot).
     InUse,
     /// Its bytes are being removed.
     Deleting,
-    /// A create failed (or the node stopped during it); only delete is allowed.
+    /// Making it failed (or the node stopped meanwhile); only delete is allowed.
     Error,
     /// The bytes could not be removed; an admin must look.
     ErrorDeleting,
 }
 
-/// A snapshot's status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotStatus {
-    /// Its bytes are being copied.
-    Creating,
-    /// Ready.
-    Available,
-    /// Its bytes are being removed.
-    Deleting,
-    /// The copy failed.
-    Error,
-    /// The bytes could not be removed.
-    ErrorDeleting,
+impl Status {
+    /// The API and database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Creating => "creating",
+            Status::Available => "available",
+            Status::InUse => "in-use",
+            Status::Deleting => "deleting",
+            Status::Error => "error",
+            Status::ErrorDeleting => "error_deleting",
+        }
+    }
+
+    /// Parse the database spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Status::Creating,
+            Status::Available,
+            Status::InUse,
+            Status::Deleting,
+            Status::Error,
+            Status::ErrorDeleting,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
 }
 
-macro_rules! spelled {
-    ($t:ident { $($v:ident => $s:literal),* $(,)? }) => {
-        impl $t {
-            /// The API and database spelling.
-            pub fn as_str(self) -> &'static str {
-                match self { $($t::$v => $s),* }
-            }
-            /// Parse the database spelling.
-            pub fn parse(s: &str) -> Option<Self> {
-                match s { $($s => Some($t::$v),)* _ => None }
-            }
-        }
-        impl std::fmt::Display for $t {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
-spelled!(VolumeStatus {
-    Creating => "creating",
-    Available => "available",
-    InUse => "in-use",
-    Deleting => "deleting",
-    Error => "error",
-    ErrorDeleting => "error_deleting",
-});
-
-spelled!(SnapshotStatus {
-    Creating => "creating",
-    Available => "available",
-    Deleting => "deleting",
-    Error => "error",
-    ErrorDeleting => "error_deleting",
-});
-
-/// Why a volume's status changes.
+/// Why a volume's or snapshot's status changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VolumeEvent {
-    /// The background create or clone finished.
+pub enum Event {
+    /// The background create, clone or snapshot finished.
     Built,
     /// It failed.
     BuildFailed,
     /// The node restarted while it ran (start-up reconciliation).
     NodeRestarted,
-    /// An attachment was made.
+    /// A volume's attachment was made.
     Attached,
-    /// The last attachment ended (the database also checks none is left).
+    /// A volume's last attachment ended (the database also checks none is left).
     LastDetached,
-    /// A delete took the volume (new clones are refused from now on).
+    /// A delete took the object (new clones of it are refused from now on); the status
+    /// it left is recorded.
     DeleteStarted,
-    /// The delete could not take the lock: the volume goes back to where it was.
+    /// The delete could not take the lock: back to the recorded status.
     DeleteAbandoned,
     /// The bytes could not be removed.
     DeleteFailed,
@@ -111,65 +95,48 @@ pub enum VolumeEvent {
 
 /// Where a transition goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target<S> {
+pub enum Target {
     /// This status.
-    To(S),
+    To(Status),
     /// The status recorded when the delete started.
     Previous,
 }
 
-impl VolumeEvent {
-    /// The statuses the move starts from, and where it goes.
-    pub fn transition(self) -> (&'static [VolumeStatus], Target<VolumeStatus>) {
-        use VolumeStatus::*;
+impl Event {
+    /// Every event.
+    pub const ALL: [Event; 8] = [
+        Event::Built,
+        Event::BuildFailed,
+        Event::NodeRestarted,
+        Event::Attached,
+        Event::LastDetached,
+        Event::DeleteStarted,
+        Event::DeleteAbandoned,
+        Event::DeleteFailed,
+    ];
+
+    /// The statuses the move starts from, and where it goes: the one table.
+    pub fn transition(self) -> (&'static [Status], Target) {
+        use Status::*;
         match self {
-            VolumeEvent::Built => (&[Creating], Target::To(Available)),
-            VolumeEvent::BuildFailed | VolumeEvent::NodeRestarted => {
-                (&[Creating], Target::To(Error))
-            }
-            VolumeEvent::Attached => (&[Available, InUse], Target::To(InUse)),
-            VolumeEvent::LastDetached => (&[InUse], Target::To(Available)),
-            VolumeEvent::DeleteStarted => (&[Available, Error], Target::To(Deleting)),
-            VolumeEvent::DeleteAbandoned => (&[Deleting], Target::Previous),
-            VolumeEvent::DeleteFailed => (&[Deleting], Target::To(ErrorDeleting)),
+            Event::Built => (&[Creating], Target::To(Available)),
+            Event::BuildFailed | Event::NodeRestarted => (&[Creating], Target::To(Error)),
+            Event::Attached => (&[Available, InUse], Target::To(InUse)),
+            Event::LastDetached => (&[InUse], Target::To(Available)),
+            Event::DeleteStarted => (&[Available, Error], Target::To(Deleting)),
+            Event::DeleteAbandoned => (&[Deleting], Target::Previous),
+            Event::DeleteFailed => (&[Deleting], Target::To(ErrorDeleting)),
         }
     }
 }
 
-/// Why a snapshot's status changes.
+/// What a request wants to do with a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotEvent {
-    /// The copy finished.
-    Built,
-    /// It failed.
-    BuildFailed,
-    /// The node restarted while it ran.
-    NodeRestarted,
-    /// A delete took the snapshot.
-    DeleteStarted,
-    /// The delete could not take the lock: back to the status it had.
-    DeleteAbandoned {
-        /// The status before the delete started (`available` or `error`).
-        previous: SnapshotStatus,
-    },
-    /// The bytes could not be removed.
-    DeleteFailed,
-}
-
-impl SnapshotEvent {
-    /// The statuses the move starts from, and where it goes.
-    pub fn transition(self) -> (&'static [SnapshotStatus], Target<SnapshotStatus>) {
-        use SnapshotStatus::*;
-        match self {
-            SnapshotEvent::Built => (&[Creating], Target::To(Available)),
-            SnapshotEvent::BuildFailed | SnapshotEvent::NodeRestarted => {
-                (&[Creating], Target::To(Error))
-            }
-            SnapshotEvent::DeleteStarted => (&[Available, Error], Target::To(Deleting)),
-            SnapshotEvent::DeleteAbandoned { previous } => (&[Deleting], Target::To(previous)),
-            SnapshotEvent::DeleteFailed => (&[Deleting], Target::To(ErrorDeleting)),
-        }
-    }
+pub enum SnapshotUse {
+    /// Be the source of a new volume.
+    CloneSource,
+    /// Be deleted.
+    Delete,
 }
 
 /// What a request wants to do with a volume.
@@ -190,10 +157,10 @@ pub enum VolumeUse {
     Delete,
 }
 
-impl VolumeStatus {
+impl Status {
     /// May volume `id` in this status be used so? The API's answer when not.
     pub fn allows(self, id: &str, what: VolumeUse) -> Result<(), ApiError> {
-        use VolumeStatus::*;
+        use Status::*;
         let ok = match what {
             VolumeUse::Attach | VolumeUse::Extend | VolumeUse::CloneSource => {
                 matches!(self, Available | InUse)
@@ -229,21 +196,10 @@ impl VolumeStatus {
             "{who} {id} is {self}; it must be {need}"
         )))
     }
-}
 
-/// What a request wants to do with a snapshot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SnapshotUse {
-    /// Be the source of a new volume.
-    CloneSource,
-    /// Be deleted.
-    Delete,
-}
-
-impl SnapshotStatus {
     /// May snapshot `id` in this status be used so? The API's answer when not.
-    pub fn allows(self, id: &str, what: SnapshotUse) -> Result<(), ApiError> {
-        use SnapshotStatus::*;
+    pub fn snapshot_allows(self, id: &str, what: SnapshotUse) -> Result<(), ApiError> {
+        use Status::*;
         match what {
             SnapshotUse::CloneSource if self == Available => Ok(()),
             SnapshotUse::CloneSource if self == Deleting => Err(ApiError::conflict(format!(
@@ -265,90 +221,74 @@ mod tests {
     use super::*;
     use axum::http::StatusCode;
 
-    const ALL: [VolumeStatus; 6] = [
-        VolumeStatus::Creating,
-        VolumeStatus::Available,
-        VolumeStatus::InUse,
-        VolumeStatus::Deleting,
-        VolumeStatus::Error,
-        VolumeStatus::ErrorDeleting,
+    const ALL: [Status; 6] = [
+        Status::Creating,
+        Status::Available,
+        Status::InUse,
+        Status::Deleting,
+        Status::Error,
+        Status::ErrorDeleting,
     ];
 
     #[test]
     fn spellings_round_trip() {
         for s in ALL {
-            assert_eq!(VolumeStatus::parse(s.as_str()), Some(s));
+            assert_eq!(Status::parse(s.as_str()), Some(s));
         }
-        assert_eq!(VolumeStatus::parse("in_use"), None);
-        assert_eq!(
-            SnapshotStatus::parse("error_deleting"),
-            Some(SnapshotStatus::ErrorDeleting)
-        );
+        assert_eq!(Status::parse("in_use"), None);
     }
 
     #[test]
     fn the_use_table() {
-        let code = |s: VolumeStatus, u| s.allows("v", u).map_err(|e| e.status);
+        let code = |s: Status, u| s.allows("v", u).map_err(|e| e.status);
         for s in ALL {
-            let ok = matches!(s, VolumeStatus::Available | VolumeStatus::InUse);
+            let ok = matches!(s, Status::Available | Status::InUse);
             assert_eq!(code(s, VolumeUse::Attach).is_ok(), ok, "{s}");
             assert_eq!(code(s, VolumeUse::Extend).is_ok(), ok, "{s}");
             assert_eq!(code(s, VolumeUse::CloneSource).is_ok(), ok, "{s}");
         }
         assert_eq!(
-            code(VolumeStatus::Deleting, VolumeUse::CloneSource),
+            code(Status::Deleting, VolumeUse::CloneSource),
             Err(StatusCode::CONFLICT)
         );
         assert_eq!(
-            code(VolumeStatus::Error, VolumeUse::CloneSource),
+            code(Status::Error, VolumeUse::CloneSource),
             Err(StatusCode::BAD_REQUEST)
         );
         let snap = |f| VolumeUse::Snapshot { force: f };
-        assert!(code(VolumeStatus::InUse, snap(true)).is_ok());
-        let e = VolumeStatus::InUse.allows("v", snap(false)).unwrap_err();
+        assert!(code(Status::InUse, snap(true)).is_ok());
+        let e = Status::InUse.allows("v", snap(false)).unwrap_err();
         assert!(e.message.contains("force"), "{}", e.message);
         assert_eq!(
-            code(VolumeStatus::Deleting, snap(true)),
+            code(Status::Deleting, snap(true)),
             Err(StatusCode::CONFLICT)
         );
-        assert!(code(VolumeStatus::Error, VolumeUse::Delete).is_ok());
-        let e = VolumeStatus::InUse
-            .allows("v", VolumeUse::Delete)
-            .unwrap_err();
+        assert!(code(Status::Error, VolumeUse::Delete).is_ok());
+        let e = Status::InUse.allows("v", VolumeUse::Delete).unwrap_err();
         assert!(e.message.contains("terminate"), "{}", e.message);
         assert_eq!(
-            code(VolumeStatus::Deleting, VolumeUse::Delete),
+            code(Status::Deleting, VolumeUse::Delete),
             Err(StatusCode::BAD_REQUEST)
         );
         assert_eq!(
-            SnapshotStatus::Deleting
-                .allows("s", SnapshotUse::CloneSource)
+            Status::Deleting
+                .snapshot_allows("s", SnapshotUse::CloneSource)
                 .map_err(|e| e.status),
             Err(StatusCode::CONFLICT)
         );
-        assert!(SnapshotStatus::Error
-            .allows("s", SnapshotUse::Delete)
+        assert!(Status::Error
+            .snapshot_allows("s", SnapshotUse::Delete)
             .is_ok());
     }
 
     #[test]
     fn every_move_leaves_from_somewhere_else_or_restores() {
-        use VolumeEvent::*;
-        for e in [
-            Built,
-            BuildFailed,
-            NodeRestarted,
-            Attached,
-            LastDetached,
-            DeleteStarted,
-            DeleteAbandoned,
-            DeleteFailed,
-        ] {
+        for e in Event::ALL {
             let (from, to) = e.transition();
             assert!(!from.is_empty(), "{e:?}");
             if let Target::To(t) = to {
                 // Only Attached may stay where it is (a second attachment).
-                assert!(!from.contains(&t) || e == Attached, "{e:?}");
+                assert!(!from.contains(&t) || e == Event::Attached, "{e:?}");
             }
         }
     }

@@ -75,16 +75,9 @@ pub fn uuid_like() -> String {
 }
 
 impl Harness {
+    /// A node with no storage pool (volume creates answer 503).
     pub async fn new(backend: Backend) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let (database, mysql_db) = match backend {
-            Backend::Sqlite => (format!("sqlite://{}/ember.db", dir.path().display()), None),
-            Backend::MariaDb => {
-                let (url, name) = fresh_mysql_db().await;
-                (url, Some((mysql_base_url(), name)))
-            }
-        };
-        Self::with_database(dir, database, mysql_db).await
+        Self::with_dataplane(backend, Arc::new(MemDataPlane::new())).await
     }
 
     /// A harness whose node has the pools of `dp`.

@@ -96,46 +96,29 @@ impl Disk for DeviceDisk {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{open, BackendSpec, OpenOptions};
+    use crate::test_util::file_device;
 
     #[test]
     fn unaligned_writes_patch_whole_blocks() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("d.img");
-        std::fs::write(&path, vec![0x11u8; 64 << 10]).unwrap();
-        let dev = open(
-            &BackendSpec::File { path: path.clone() },
-            &OpenOptions::default(),
-        )
-        .unwrap();
+        let (path, dev) = file_device(&dir, "d.img", &[0x11; 64 << 10], false);
         let mut d = DeviceDisk::new(dev).unwrap();
         d.write_at(4000, &[0xab; 200]).unwrap();
         d.write_at(8192, &[0xcd; 4096]).unwrap();
         d.flush().unwrap();
         let mut b = vec![0u8; 300];
         d.read_at(3950, &mut b).unwrap();
-        assert!(b[..50].iter().all(|&x| x == 0x11));
-        assert!(b[50..250].iter().all(|&x| x == 0xab));
-        assert!(b[250..].iter().all(|&x| x == 0x11));
+        let want = [&[0x11; 50][..], &[0xab; 200], &[0x11; 50]].concat();
+        assert_eq!(b, want);
         let raw = std::fs::read(&path).unwrap();
-        assert_eq!(
-            &raw[3999..4201],
-            &[&[0x11][..], &[0xab; 200], &[0x11]].concat()[..]
-        );
+        assert_eq!(&raw[3950..4250], &want[..]);
         assert!(raw[8192..12288].iter().all(|&x| x == 0xcd));
         assert_eq!(d.size().unwrap(), 64 << 10);
         assert!(
             d.read_at((64 << 10) - 10, &mut [0u8; 20]).is_err(),
             "past the end"
         );
-        let ro = open(
-            &BackendSpec::File { path },
-            &OpenOptions {
-                read_only: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (_, ro) = file_device(&dir, "d.img", &[], true);
         let mut r = DeviceDisk::new(ro).unwrap();
         assert!(r.write_at(0, &[0; 512]).is_err(), "read-only");
     }
