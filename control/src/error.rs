@@ -59,30 +59,31 @@ impl ApiError {
             ..Self::conflict(message)
         }
     }
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-    pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, message)
-    }
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, message)
-    }
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, message)
-    }
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::CONFLICT, message)
-    }
-    pub fn too_large(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, message)
-    }
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, message)
-    }
-    pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
-    }
+}
+
+/// `ApiError::NAME(message)` for each status the handlers answer with.
+macro_rules! with_status {
+    ($($name:ident => $status:ident),* $(,)?) => {
+        impl ApiError {
+            $(
+                #[doc = concat!("An error with status `", stringify!($status), "`.")]
+                pub fn $name(message: impl Into<String>) -> Self {
+                    Self::new(StatusCode::$status, message)
+                }
+            )*
+        }
+    };
+}
+
+with_status! {
+    bad_request => BAD_REQUEST,
+    unauthorized => UNAUTHORIZED,
+    forbidden => FORBIDDEN,
+    not_found => NOT_FOUND,
+    conflict => CONFLICT,
+    too_large => PAYLOAD_TOO_LARGE,
+    unavailable => SERVICE_UNAVAILABLE,
+    internal => INTERNAL_SERVER_ERROR,
 }
 
 impl std::fmt::Display for ApiError {

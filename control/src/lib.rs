@@ -36,8 +36,6 @@ pub mod types;
 pub mod volumes;
 
 use anyhow::Context;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -246,14 +244,7 @@ async fn bootstrap_admin(db: &Db, path: &Path) -> anyhow::Result<()> {
         &token,
     )
     .await?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    f.write_all(format!("{token}\n").as_bytes())?;
-    f.sync_all()?;
+    seal::create_private(path, format!("{token}\n").as_bytes())?;
     tx.commit().await?;
     tracing::info!(path = %path.display(), "created the admin token (read it from this file)");
     Ok(())

@@ -75,14 +75,7 @@ impl MasterKey {
         }
         let mut k = Zeroizing::new([0u8; 32]);
         getrandom::fill(&mut k[..]).map_err(|e| anyhow::anyhow!("OS random generator: {e}"))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .with_context(|| format!("create master key {}", path.display()))?;
-        f.write_all(&k[..])?;
-        f.sync_all()?;
+        create_private(path, &k[..]).context("create the master key")?;
         tracing::info!(path = %path.display(), "created a new master key; back it up, secrets cannot be read without it");
         Ok(MasterKey { key: k })
     }
@@ -137,6 +130,20 @@ impl MasterKey {
             .map(Zeroizing::new)
             .map_err(|_| bad())
     }
+}
+
+/// Create `path` (which must not exist) readable by its owner only, holding `data`,
+/// synced (the master key, the admin token).
+pub fn create_private(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    Ok(())
 }
 
 /// Make sure the master key is the one this database was sealed with.

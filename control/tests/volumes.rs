@@ -1024,15 +1024,9 @@ async fn reconciliation_spares_another_nodes_new_volume() {
     let pass = tokio::spawn(async move { reconcile(&st).await });
     hold.entered().await;
     // B creates a volume (row, then bytes) while A lists the pool.
-    let v = b
-        .admin_ok(
-            POST,
-            &format!("/v3/{project}/volumes"),
-            Some(json!({"volume": {"size": 1}})),
-            202,
-        )
-        .await;
-    let id = id_of(&v, "volume");
+    let url = format!("/v3/{project}/volumes");
+    let body = json!({"volume": {"size": 1}});
+    let id = id_of(&b.admin_ok(POST, &url, Some(body), 202).await, "volume");
     let t = Instant::now();
     while !dp.objects().iter().any(|o| o.object == vol(&id)) {
         assert!(t.elapsed() < Duration::from_secs(30));

@@ -118,37 +118,67 @@ impl BlockDevice for GateDevice {
     super::pass_down_geometry!();
 
     fn queue(self: Arc<Self>, ring: &mut Ring) -> Result<Box<dyn Queue>> {
-        let inner = self.inner.clone().queue(ring)?;
         Ok(Box::new(GateQueue {
-            inner,
+            inner: self.inner.clone().queue(ring)?,
             state: self.state.clone(),
-            slots: Vec::new(),
-            free: Vec::new(),
+            passed: Passed::default(),
             held: VecDeque::new(),
-            scratch: Vec::new(),
-            timer: Box::new(types::Timespec::new()),
-            timer_armed: false,
+            timer: None,
         }))
     }
 }
 
-/// What a slot remembers of a request passed down.
-#[derive(Debug, Clone, Copy)]
+/// The requests a queue passed down: per slot (the tag it gave the inner queue), the
+/// caller's tag and whether it is a write.
+#[derive(Default)]
 struct Passed {
-    tag: u64,
-    write: bool,
+    slots: Vec<Option<(u64, bool)>>,
+    free: Vec<usize>,
+    /// Completions of the inner queue, before their tags are mapped back.
+    scratch: Vec<Completion>,
+}
+
+impl Passed {
+    fn insert(&mut self, tag: u64, write: bool) -> u64 {
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some((tag, write));
+                i
+            }
+            None => {
+                self.slots.push(Some((tag, write)));
+                self.slots.len() - 1
+            }
+        };
+        i as u64
+    }
+
+    /// Map `inner`'s completions back to the callers' tags into `done`; count writes
+    /// out of `gate`.
+    fn finish(&mut self, gate: &Gate, done: &mut Vec<Completion>) {
+        for mut c in self.scratch.drain(..) {
+            let i = usize::try_from(c.tag).unwrap_or(usize::MAX);
+            // The inner queue returns the tags it got: anything else is not ours.
+            let Some((tag, write)) = self.slots.get_mut(i).and_then(Option::take) else {
+                continue;
+            };
+            self.free.push(i);
+            if write {
+                gate.writes.fetch_sub(1, Ordering::SeqCst);
+            }
+            c.tag = tag;
+            done.push(c);
+        }
+    }
 }
 
 struct GateQueue {
     inner: Box<dyn Queue>,
     state: Arc<Gate>,
-    slots: Vec<Option<Passed>>,
-    free: Vec<usize>,
+    passed: Passed,
     held: VecDeque<Request>,
-    scratch: Vec<Completion>,
-    /// The armed timeout's timespec; boxed so its address is stable while armed.
-    timer: Box<types::Timespec>,
-    timer_armed: bool,
+    /// The armed timeout's timespec (boxed: its address is stable while armed).
+    timer: Option<Box<types::Timespec>>,
 }
 
 impl GateQueue {
@@ -167,49 +197,11 @@ impl GateQueue {
                 return Err(req);
             }
         }
-        let p = Passed {
-            tag: req.tag,
-            write,
-        };
-        let slot = match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(p);
-                i
-            }
-            None => {
-                self.slots.push(Some(p));
-                self.slots.len() - 1
-            }
-        };
-        let mut tmp = std::mem::take(&mut self.scratch);
-        self.inner.submit(
-            ring,
-            Request {
-                tag: slot as u64,
-                ..req
-            },
-            &mut tmp,
-        );
-        self.finish(&mut tmp, done);
-        self.scratch = tmp;
+        let tag = self.passed.insert(req.tag, write);
+        let r = Request { tag, ..req };
+        self.inner.submit(ring, r, &mut self.passed.scratch);
+        self.passed.finish(&self.state, done);
         Ok(())
-    }
-
-    /// Map inner completions back to the caller's tags; count writes out.
-    fn finish(&mut self, inner: &mut Vec<Completion>, done: &mut Vec<Completion>) {
-        for mut c in inner.drain(..) {
-            let i = usize::try_from(c.tag).unwrap_or(usize::MAX);
-            let Some(p) = self.slots.get_mut(i).and_then(Option::take) else {
-                // Not ours: cannot happen (the inner queue returns the tags it got).
-                continue;
-            };
-            self.free.push(i);
-            if p.write {
-                self.state.writes.fetch_sub(1, Ordering::SeqCst);
-            }
-            c.tag = p.tag;
-            done.push(c);
-        }
     }
 
     /// Pass held requests down, in order, while the gate is open.
@@ -225,18 +217,18 @@ impl GateQueue {
 
     /// Keep a timeout armed while requests are held.
     fn arm(&mut self, ring: &mut Ring, done: &mut Vec<Completion>) {
-        if self.timer_armed || self.held.is_empty() {
+        if self.timer.is_some() || self.held.is_empty() {
             return;
         }
-        *self.timer = types::Timespec::new().nsec(HOLD_POLL.subsec_nanos());
-        let e = opcode::Timeout::new(std::ptr::addr_of!(*self.timer))
+        let timer = Box::new(types::Timespec::new().nsec(HOLD_POLL.subsec_nanos()));
+        let e = opcode::Timeout::new(std::ptr::addr_of!(*timer))
             .build()
             .user_data(user_data(self.inner.owner(), GATE_SLOT));
-        // SAFETY: the timespec is boxed in self and not touched until the timeout's CQE
-        // (timer_armed stays true until then, and in_flight() counts it, so front ends
-        // keep the queue until it is reaped).
+        // SAFETY: the timespec is boxed and kept in `self.timer` untouched until the
+        // timeout's CQE takes it out (in_flight() counts it meanwhile, so front ends keep
+        // the queue until it is reaped).
         match unsafe { ring.push(&e) } {
-            Ok(()) => self.timer_armed = true,
+            Ok(()) => self.timer = Some(timer),
             Err(_) => {
                 // No timer: fail the held requests rather than strand them.
                 for req in self.held.drain(..) {
@@ -267,18 +259,16 @@ impl Queue for GateQueue {
 
     fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
         if cqe.slot() == GATE_SLOT {
-            self.timer_armed = false;
+            self.timer = None;
             self.release(ring, done);
             return;
         }
-        let mut tmp = std::mem::take(&mut self.scratch);
-        self.inner.complete(ring, cqe, &mut tmp);
-        self.finish(&mut tmp, done);
-        self.scratch = tmp;
+        self.inner.complete(ring, cqe, &mut self.passed.scratch);
+        self.passed.finish(&self.state, done);
     }
 
     fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.held.len() + usize::from(self.timer_armed)
+        self.inner.in_flight() + self.held.len() + usize::from(self.timer.is_some())
     }
 }
 

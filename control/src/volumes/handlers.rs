@@ -2,6 +2,7 @@
 //! and the caller's role, parses the body (strictly, [`ApiJson`]), calls
 //! [`super::service`] and renders its answer with [`super::views`].
 
+use super::rows::{Snap, Vol};
 use super::service::{self, NewSnapshot, NewVolume, Source};
 use crate::api::{check_len, ApiJson, BoolLike};
 use crate::auth::Ctx;
@@ -229,7 +230,7 @@ pub async fn list_volumes(
 ) -> ApiResult<Json<Value>> {
     let mut conn = project_conn(&st, &ctx, &project_id).await?;
     let mut out = Vec::new();
-    for v in super::rows::project_vols(&mut conn, &project_id).await? {
+    for v in super::rows::of_project::<Vol>(&mut conn, &project_id).await? {
         out.push(service::volume_view(&mut conn, &v).await?);
     }
     Ok(Json(json!({ "volumes": out })))
@@ -257,7 +258,7 @@ pub async fn show_volume(
     Path((project_id, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let mut conn = project_conn(&st, &ctx, &project_id).await?;
-    let v = service::load_vol(&mut conn, &ctx, &project_id, &id).await?;
+    let v = service::load::<Vol>(&mut conn, &ctx, &project_id, &id).await?;
     Ok(Json(
         json!({ "volume": service::volume_view(&mut conn, &v).await? }),
     ))
@@ -274,7 +275,7 @@ pub async fn volume_encryption(
     Path((project_id, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let mut conn = project_conn(&st, &ctx, &project_id).await?;
-    let v = service::load_vol(&mut conn, &ctx, &project_id, &id).await?;
+    let v = service::load::<Vol>(&mut conn, &ctx, &project_id, &id).await?;
     Ok(Json(service::encryption_view(&mut conn, &v).await?))
 }
 
@@ -340,7 +341,7 @@ pub async fn volume_action(
         ));
     }
     let mut conn = st.db().pool.acquire().await?;
-    let v = service::load_vol(&mut conn, &ctx, &project_id, &id).await?;
+    let v = service::load::<Vol>(&mut conn, &ctx, &project_id, &id).await?;
     drop(conn);
     if let Some(e) = a.extend {
         service::extend(&st, &v, e.new_size).await?;
@@ -372,7 +373,7 @@ pub async fn list_snapshots(
     Path(project_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let mut conn = project_conn(&st, &ctx, &project_id).await?;
-    let out: Vec<Value> = super::rows::project_snaps(&mut conn, &project_id)
+    let out: Vec<Value> = super::rows::of_project::<Snap>(&mut conn, &project_id)
         .await?
         .iter()
         .map(super::views::snapshot)
@@ -390,7 +391,7 @@ pub async fn show_snapshot(
     Path((project_id, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     let mut conn = project_conn(&st, &ctx, &project_id).await?;
-    let s = service::load_snap(&mut conn, &ctx, &project_id, &id).await?;
+    let s = service::load::<Snap>(&mut conn, &ctx, &project_id, &id).await?;
     Ok(Json(json!({ "snapshot": super::views::snapshot(&s) })))
 }
 

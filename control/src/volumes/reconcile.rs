@@ -62,8 +62,8 @@ pub async fn reconcile(st: &AppState) -> anyhow::Result<Report> {
 
     // This node's volumes and snapshots caught in the middle of a create or delete.
     let busy = [Status::Creating, Status::Deleting];
-    let vols = rows::node_vols(&mut *pool.acquire().await?, &node, &busy).await?;
-    let snaps = rows::node_snaps(&mut *pool.acquire().await?, &node, &busy).await?;
+    let vols = rows::of_node::<rows::Vol>(&mut *pool.acquire().await?, &node, &busy).await?;
+    let snaps = rows::of_node::<rows::Snap>(&mut *pool.acquire().await?, &node, &busy).await?;
     let busy = vols
         .into_iter()
         .map(Busy::Volume)

@@ -162,62 +162,73 @@ async fn fetch<T>(
     q.fetch_all(&mut *conn).await?.iter().map(map).collect()
 }
 
-/// Volume `id`.
-pub async fn find_vol(conn: &mut AnyConnection, id: &str) -> Result<Option<Vol>, sqlx::Error> {
-    let sql = "SELECT * FROM volumes WHERE id = ?".to_string();
-    Ok(fetch(conn, sql, &[id], vol_row).await?.pop())
+/// A row the service loads by id: a volume or a snapshot.
+pub trait Stored: Sized + Send {
+    /// What the API calls it.
+    const WHAT: &'static str;
+    /// Its table.
+    const TABLE: &'static str;
+    /// Map a row.
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error>;
+    /// Its project.
+    fn project_id(&self) -> &str;
+
+    /// The row of `id`.
+    fn find(
+        conn: &mut AnyConnection,
+        id: &str,
+    ) -> impl std::future::Future<Output = Result<Option<Self>, sqlx::Error>> + Send {
+        let sql = format!("SELECT * FROM {} WHERE id = ?", Self::TABLE);
+        async move { Ok(fetch(conn, sql, &[id], Self::from_row).await?.pop()) }
+    }
 }
 
-/// Snapshot `id`.
-pub async fn find_snap(conn: &mut AnyConnection, id: &str) -> Result<Option<Snap>, sqlx::Error> {
-    let sql = "SELECT * FROM snapshots WHERE id = ?".to_string();
-    Ok(fetch(conn, sql, &[id], snap_row).await?.pop())
+impl Stored for Vol {
+    const WHAT: &'static str = "volume";
+    const TABLE: &'static str = "volumes";
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        vol_row(r)
+    }
+    fn project_id(&self) -> &str {
+        &self.project_id
+    }
 }
 
-/// The volumes of a project, oldest first.
-pub async fn project_vols(
+impl Stored for Snap {
+    const WHAT: &'static str = "snapshot";
+    const TABLE: &'static str = "snapshots";
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        snap_row(r)
+    }
+    fn project_id(&self) -> &str {
+        &self.project_id
+    }
+}
+
+/// The volumes or snapshots of a project, oldest first.
+pub async fn of_project<T: Stored>(
     conn: &mut AnyConnection,
     project: &str,
-) -> Result<Vec<Vol>, sqlx::Error> {
-    let sql = "SELECT * FROM volumes WHERE project_id = ? ORDER BY created_at, id".to_string();
-    fetch(conn, sql, &[project], vol_row).await
+) -> Result<Vec<T>, sqlx::Error> {
+    let sql = format!(
+        "SELECT * FROM {} WHERE project_id = ? ORDER BY created_at, id",
+        T::TABLE
+    );
+    fetch(conn, sql, &[project], T::from_row).await
 }
 
-/// The snapshots of a project, oldest first.
-pub async fn project_snaps(
-    conn: &mut AnyConnection,
-    project: &str,
-) -> Result<Vec<Snap>, sqlx::Error> {
-    let sql = "SELECT * FROM snapshots WHERE project_id = ? ORDER BY created_at, id".to_string();
-    fetch(conn, sql, &[project], snap_row).await
-}
-
-/// `SELECT * FROM table WHERE node_id = ? AND status IN (statuses)`.
-fn by_node_sql<'a>(table: &str, statuses: impl Iterator<Item = &'a str>) -> String {
-    format!(
-        "SELECT * FROM {table} WHERE node_id = ? AND status IN ({})",
-        in_list(statuses)
-    )
-}
-
-/// Volumes of `node` in one of `statuses` (start-up reconciliation).
-pub async fn node_vols(
+/// The volumes or snapshots of `node` in one of `statuses` (start-up reconciliation).
+pub async fn of_node<T: Stored>(
     conn: &mut AnyConnection,
     node: &str,
     statuses: &[Status],
-) -> Result<Vec<Vol>, sqlx::Error> {
-    let sql = by_node_sql("volumes", statuses.iter().map(|s| s.as_str()));
-    fetch(conn, sql, &[node], vol_row).await
-}
-
-/// Snapshots of `node` in one of `statuses`.
-pub async fn node_snaps(
-    conn: &mut AnyConnection,
-    node: &str,
-    statuses: &[Status],
-) -> Result<Vec<Snap>, sqlx::Error> {
-    let sql = by_node_sql("snapshots", statuses.iter().map(|s| s.as_str()));
-    fetch(conn, sql, &[node], snap_row).await
+) -> Result<Vec<T>, sqlx::Error> {
+    let sql = format!(
+        "SELECT * FROM {} WHERE node_id = ? AND status IN ({})",
+        T::TABLE,
+        in_list(statuses.iter().map(|s| s.as_str()))
+    );
+    fetch(conn, sql, &[node], T::from_row).await
 }
 
 /// Every volume and snapshot object the database names.

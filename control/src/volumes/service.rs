@@ -27,7 +27,7 @@
 //!
 //! Every status move is an [`Event`] of [`super::status`].
 
-use super::rows::{self, Snap, Vol};
+use super::rows::{self, Snap, Stored, Vol};
 use super::status::{Event, SnapshotUse, Status, VolumeUse};
 use super::views::{self, GIB};
 use crate::auth::Ctx;
@@ -66,42 +66,18 @@ pub fn dp_error(what: &str, e: DataPlaneError) -> ApiError {
 // ---------------------------------------------------------------------------------------
 // Loading and viewing
 
-/// `found` if it belongs to the URL's project (admins see any); 404 naming `what`
-/// otherwise (other projects' objects stay hidden).
-fn visible<T>(
-    found: Option<T>,
-    project_of: fn(&T) -> &str,
+/// A volume or snapshot of the URL's project (admins see any); 404 otherwise (other
+/// projects' objects stay hidden).
+pub async fn load<T: Stored>(
+    conn: &mut AnyConnection,
     ctx: &Ctx,
     project_id: &str,
-    what: &str,
     id: &str,
 ) -> ApiResult<T> {
-    match found {
-        Some(o) if project_of(&o) == project_id || ctx.is_admin() => Ok(o),
-        _ => Err(ApiError::not_found(format!("{what} {id} not found"))),
+    match T::find(conn, id).await? {
+        Some(o) if o.project_id() == project_id || ctx.is_admin() => Ok(o),
+        _ => Err(ApiError::not_found(format!("{} {id} not found", T::WHAT))),
     }
-}
-
-/// A volume of the URL's project (admins see any); 404 otherwise.
-pub async fn load_vol(
-    conn: &mut AnyConnection,
-    ctx: &Ctx,
-    project_id: &str,
-    id: &str,
-) -> ApiResult<Vol> {
-    let v = rows::find_vol(conn, id).await?;
-    visible(v, |v| &v.project_id, ctx, project_id, "volume", id)
-}
-
-/// A snapshot of the URL's project (admins see any); 404 otherwise.
-pub async fn load_snap(
-    conn: &mut AnyConnection,
-    ctx: &Ctx,
-    project_id: &str,
-    id: &str,
-) -> ApiResult<Snap> {
-    let s = rows::find_snap(conn, id).await?;
-    visible(s, |s| &s.project_id, ctx, project_id, "snapshot", id)
 }
 
 /// A volume's JSON view (with its type's name and attachments).
@@ -264,7 +240,7 @@ async fn load_source(
 ) -> ApiResult<Src> {
     match source {
         Source::Volume(sid) => {
-            let v = load_vol(conn, ctx, project_id, sid)
+            let v = load::<Vol>(conn, ctx, project_id, sid)
                 .await
                 .map_err(|_| ApiError::not_found(format!("source volume {sid} not found")))?;
             v.status.allows(sid, VolumeUse::CloneSource)?;
@@ -278,9 +254,9 @@ async fn load_source(
             })
         }
         Source::Snapshot(sid) => {
-            let s = load_snap(conn, ctx, project_id, sid).await?;
+            let s = load::<Snap>(conn, ctx, project_id, sid).await?;
             s.status.snapshot_allows(sid, SnapshotUse::CloneSource)?;
-            let type_id = match rows::find_vol(conn, &s.volume_id).await? {
+            let type_id = match Vol::find(conn, &s.volume_id).await? {
                 Some(v) => v.type_id,
                 None => types::DEFAULT_TYPE.to_string(),
             };
@@ -299,11 +275,11 @@ async fn load_source(
 /// Is the source still usable (under its lock: a delete may have won the race)?
 async fn source_still_there(conn: &mut AnyConnection, s: &Src) -> ApiResult<bool> {
     Ok(if s.kind == "volume" {
-        rows::find_vol(conn, &s.id)
+        Vol::find(conn, &s.id)
             .await?
             .is_some_and(|v| v.status.allows(&s.id, VolumeUse::CloneSource).is_ok())
     } else {
-        rows::find_snap(conn, &s.id).await?.is_some_and(|x| {
+        Snap::find(conn, &s.id).await?.is_some_and(|x| {
             x.status
                 .snapshot_allows(&s.id, SnapshotUse::CloneSource)
                 .is_ok()
@@ -609,7 +585,7 @@ async fn remove(st: &AppState, object: ObjectRef, owned_key: Option<&str>) -> Ap
 /// Delete a volume: refused while attached or snapshotted; waits for clones of it.
 pub async fn delete_volume(st: &AppState, ctx: &Ctx, project_id: &str, id: &str) -> ApiResult<()> {
     let mut conn = st.db().pool.acquire().await?;
-    let v = load_vol(&mut conn, ctx, project_id, id).await?;
+    let v = load::<Vol>(&mut conn, ctx, project_id, id).await?;
     let attached = !rows::attachments_of(&mut conn, id).await?.is_empty();
     if attached {
         return Status::InUse.allows(id, VolumeUse::Delete);
@@ -846,7 +822,7 @@ pub async fn create_snapshot(
     req: NewSnapshot,
 ) -> ApiResult<Snap> {
     let mut conn = st.db().pool.acquire().await?;
-    let v = load_vol(&mut conn, ctx, project_id, &req.volume_id).await?;
+    let v = load::<Vol>(&mut conn, ctx, project_id, &req.volume_id).await?;
     let use_ = VolumeUse::Snapshot { force: req.force };
     v.status.allows(&v.id, use_)?;
     drop(conn);
@@ -886,7 +862,7 @@ async fn insert_snapshot(
     v: &Vol,
 ) -> ApiResult<Snap> {
     let mut tx = st.db().begin().await?;
-    let still = rows::find_vol(&mut tx, &v.id).await?;
+    let still = Vol::find(&mut tx, &v.id).await?;
     if still.is_none_or(|x| x.status.allows(&v.id, VolumeUse::CloneSource).is_err()) {
         return Err(ApiError::conflict(format!(
             "volume {} is being deleted",
@@ -943,7 +919,7 @@ pub async fn delete_snapshot(
     id: &str,
 ) -> ApiResult<()> {
     let mut conn = st.db().pool.acquire().await?;
-    let s = load_snap(&mut conn, ctx, project_id, id).await?;
+    let s = load::<Snap>(&mut conn, ctx, project_id, id).await?;
     s.status.snapshot_allows(id, SnapshotUse::Delete)?;
     drop(conn);
     delete_locked(st, &s.object(), finish_snapshot_delete(st, &s)).await

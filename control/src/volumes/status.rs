@@ -38,6 +38,16 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every status.
+    pub const ALL: [Status; 6] = [
+        Status::Creating,
+        Status::Available,
+        Status::InUse,
+        Status::Deleting,
+        Status::Error,
+        Status::ErrorDeleting,
+    ];
+
     /// The API and database spelling.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -52,16 +62,7 @@ impl Status {
 
     /// Parse the database spelling.
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            Status::Creating,
-            Status::Available,
-            Status::InUse,
-            Status::Deleting,
-            Status::Error,
-            Status::ErrorDeleting,
-        ]
-        .into_iter()
-        .find(|x| x.as_str() == s)
+        Status::ALL.into_iter().find(|x| x.as_str() == s)
     }
 }
 
@@ -221,14 +222,7 @@ mod tests {
     use super::*;
     use axum::http::StatusCode;
 
-    const ALL: [Status; 6] = [
-        Status::Creating,
-        Status::Available,
-        Status::InUse,
-        Status::Deleting,
-        Status::Error,
-        Status::ErrorDeleting,
-    ];
+    const ALL: [Status; 6] = Status::ALL;
 
     #[test]
     fn spellings_round_trip() {
