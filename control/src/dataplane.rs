@@ -29,7 +29,7 @@
 //!   instant; the data plane pauses the volume's writes (drains the in-flight ones and
 //!   holds new ones, for a bounded time) while it copies.
 //!
-//! [`mem::MemDataPlane`] (this crate's tests, or feature `test-utils`) implements it in
+//! `mem::MemDataPlane` (this crate's tests, or feature `test-utils`) implements it in
 //! memory, with failure injection and holds, for the volumes API's in-process tests.
 
 #[cfg(any(test, feature = "test-utils"))]

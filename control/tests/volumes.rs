@@ -822,6 +822,22 @@ async fn a_snapshot_delete_that_cannot_lock_gives_it_back() {
     f.h.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_delete_the_data_plane_refuses_ends_in_error_deleting() {
+    let f = fx().await;
+    let id = f.create_ok(json!({"size": 1})).await;
+    let (_, v) = f.snapshot(&id, false).await;
+    let sid = id_of(&v, "snapshot");
+    f.wait_snap(&sid).await;
+    f.dp.fail_next(Op::Delete, DataPlaneError::failed("delete", "EIO"));
+    let url = f.snaps(&format!("/{sid}"));
+    f.fault(DELETE, &url, None, 500, "delete the storage of snapshot")
+        .await;
+    assert_eq!(f.wait_snap(&sid).await["status"], "error_deleting");
+    f.fault(DELETE, &url, None, 400, "error_deleting").await;
+    f.h.finish().await;
+}
+
 /// Issue 11 (7): a snapshot keeps a copy of its volume's key; that copy is in use as
 /// long as the snapshot exists (before: deleting it answered 204 and the snapshot
 /// could never be restored).

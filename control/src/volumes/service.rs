@@ -31,6 +31,8 @@ use super::rows::{self, Snap, Stored, Vol};
 use super::status::{Event, SnapshotUse, Status, VolumeUse};
 use super::views::{self, GIB};
 use crate::auth::Ctx;
+#[cfg(doc)]
+use crate::dataplane::DataPlane;
 use crate::dataplane::{
     AttachVolume, CloneVolume, CreateVolume, DataPlaneError, Endpoint, LuksFormat, ObjectKind,
     ObjectRef, Passphrase, PoolStats, Protocol, Rekey, SnapshotVolume,
