@@ -43,31 +43,36 @@ impl DeviceDisk {
         self.dev.op(Op::Flush, 0, 0)
     }
 
-    /// `[offset, offset+len)` rounded out to whole blocks, inside the device.
-    fn aligned(&self, offset: u64, len: usize) -> io::Result<(u64, u64)> {
+    /// `[offset, offset+len)` rounded out to whole blocks, never past the device (a
+    /// last partial block is taken as it is): the aligned start, its length, and where
+    /// the range starts in it. Checked arithmetic: a range past the end is `EOF`.
+    fn aligned(&self, offset: u64, len: usize) -> io::Result<(u64, usize, usize)> {
+        let eof = || io::Error::from(io::ErrorKind::UnexpectedEof);
         let size = self.dev.device().info().size;
         let end = u64::try_from(len)
             .ok()
             .and_then(|l| offset.checked_add(l))
             .filter(|&e| e <= size)
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
+            .ok_or_else(eof)?;
         let start = offset - offset % self.lbs;
         let aligned_end = end
-            .div_ceil(self.lbs)
-            .checked_mul(self.lbs)
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        Ok((start, aligned_end))
+            .checked_next_multiple_of(self.lbs)
+            .map_or(size, |e| e.min(size));
+        let n = usize::try_from(aligned_end - start).map_err(|_| eof())?;
+        let skip = usize::try_from(offset - start).map_err(|_| eof())?;
+        Ok((start, n, skip))
     }
 }
 
 impl Disk for DeviceDisk {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let (start, end) = self.aligned(offset, buf.len())?;
-        let n = usize::try_from(end - start).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let (start, n, skip) = self.aligned(offset, buf.len())?;
         let data = self.dev.read_at(start, n).map_err(io::Error::other)?;
-        // `offset - start` < one block, and the read covers `buf` (checked above).
-        let skip = (offset - start) as usize;
-        buf.copy_from_slice(&data.as_slice()[skip..skip + buf.len()]);
+        let src = data
+            .as_slice()
+            .get(skip..skip + buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
         Ok(())
     }
 
@@ -75,14 +80,16 @@ impl Disk for DeviceDisk {
         if self.dev.device().info().read_only {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
         }
-        let (start, end) = self.aligned(offset, buf.len())?;
-        if start == offset && end - start == buf.len() as u64 {
+        let (start, n, skip) = self.aligned(offset, buf.len())?;
+        if skip == 0 && n == buf.len() {
             return self.dev.write_at(offset, buf).map_err(io::Error::other);
         }
-        let n = usize::try_from(end - start).map_err(|_| io::ErrorKind::InvalidInput)?;
         let mut block = self.dev.read_at(start, n).map_err(io::Error::other)?;
-        let skip = (offset - start) as usize;
-        block.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+        block
+            .as_mut_slice()
+            .get_mut(skip..skip + buf.len())
+            .ok_or(io::ErrorKind::UnexpectedEof)?
+            .copy_from_slice(buf);
         self.dev
             .write_at(start, block.as_slice())
             .map_err(io::Error::other)
