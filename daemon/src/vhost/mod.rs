@@ -35,6 +35,7 @@ pub mod config;
 pub mod handler;
 pub mod inflight;
 pub mod request;
+pub mod ring;
 pub mod worker;
 
 use anyhow::{anyhow, Context};
@@ -219,6 +220,7 @@ pub fn spawn(
         read_only: cfg.read_only,
         id: config::id_bytes(&cfg.id),
         writeback: AtomicBool::new(true),
+        timeouts: worker::Timeouts::default(),
     });
     let mut workers = Vec::new();
     for q in 0..cfg.num_queues {
@@ -286,11 +288,13 @@ fn listen(
             tracing::error!("vhost-user on {}: {e:#}", path.display());
         }
     }
-    // Every handler is gone, so the workers are ours alone: stop and join them.
+    // Every handler is gone, so the workers are ours alone: stop and join them, all
+    // against one deadline (a worker stuck on a hung device is left behind, logged).
     match Arc::try_unwrap(workers) {
         Ok(ws) => {
+            let deadline = Instant::now() + worker::DEFAULT_REPLY_TIMEOUT;
             for w in ws {
-                w.join();
+                w.join(deadline);
             }
         }
         Err(_) => tracing::error!("vhost-user workers still shared at stop"),
