@@ -5,6 +5,8 @@
 //! - [`handler`]: the vhost-user message handler (features, memory table, vrings, config
 //!   space, inflight area); our own because `vhost-user-backend` lacks inflight tracking;
 //! - [`worker`]: one thread per virtqueue with its own io_uring and device queue;
+//! - [`ring`]: reading the split ring the guest wrote (available heads, descriptor chains,
+//!   indirect tables), refusing impossible ring states;
 //! - [`request`]: decoding a chain into a block request with iovecs into guest memory
 //!   (zero copy), bad requests → `IOERR`/`UNSUPP`;
 //! - [`inflight`]: the shared inflight region that survives a daemon restart;
@@ -19,12 +21,19 @@
 //! [`VhostExport::stop`] (also run on drop) ends everything, bounded by a timeout: it sets
 //! the stop flag, wakes the listener, and shuts down (`SHUT_RDWR`) our duplicate of the
 //! live connection, so the blocked message read fails and the frontend sees EOF. The
-//! connection thread then stops every vring the way `GET_VRING_BASE` does: each worker
-//! finishes (completes into the used ring) what it already submitted, so an acknowledged
-//! write is on the device and nothing is in flight when the device is dropped; chains
-//! the guest queued but we never popped stay in the avail ring (and the inflight region,
-//! if any) for a later backend. Finally the workers are told to exit and every thread
-//! is joined; the socket file is removed.
+//! connection thread then stops every vring the way `GET_VRING_BASE` does, all in
+//! parallel: each worker finishes (completes into the used ring) what it already
+//! submitted, so an acknowledged write is on the device and nothing is in flight when
+//! the device is dropped; chains the guest queued but we never popped stay in the avail
+//! ring (and the inflight region, if any) for a later backend. Finally the workers are
+//! told to exit and every thread is joined against one deadline (a worker stuck on a
+//! hung device is left behind and logged); the socket file is removed.
+//!
+//! Hostile guests and frontends (see `docs/threat-model.md` §1): an impossible ring state
+//! breaks that queue ([`worker`]), a refused message ends that frontend's connection
+//! ([`handler`]), memory fds are checked before they are mapped, and every wait on a
+//! queue thread is bounded ([`worker::Timeouts`]); the listener then serves the next
+//! frontend. Nothing a frontend sends can stop the daemon or another export.
 //!
 //! [`VhostExport::notifier`] → [`ConfigNotifier::config_changed`] tells a connected
 //! frontend that the config space (the capacity, after a resize) changed, over the
