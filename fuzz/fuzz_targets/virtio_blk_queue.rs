@@ -28,7 +28,9 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
 const IMAGE: usize = 64 << 10;
 const DATA_AT: u64 = 1 << 20;

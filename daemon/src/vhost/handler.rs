@@ -273,13 +273,13 @@ impl BlkHandler {
         queue.set_size(v.size);
         queue
             .try_set_desc_table_address(GuestAddress(v.desc))
-            .map_err(|_| err("bad descriptor table address"))?;
+            .map_err(|_| refuse("bad descriptor table address"))?;
         queue
             .try_set_avail_ring_address(GuestAddress(v.avail))
-            .map_err(|_| err("bad avail ring address"))?;
+            .map_err(|_| refuse("bad avail ring address"))?;
         queue
             .try_set_used_ring_address(GuestAddress(v.used))
-            .map_err(|_| err("bad used ring address"))?;
+            .map_err(|_| refuse("bad used ring address"))?;
         queue.set_next_avail(v.base);
         queue.set_next_used(v.base);
         queue.set_event_idx(
@@ -290,7 +290,7 @@ impl BlkHandler {
             != 0;
         queue.set_ready(true);
         if !queue.is_valid(&*self.mem.memory()) {
-            return Err(err("vring does not fit in guest memory"));
+            return Err(refuse("vring does not fit in guest memory"));
         }
         let kick = dup_eventfd(v.kick.as_ref())?.ok_or_else(|| err("no kick fd"))?;
         let call = dup_eventfd(v.call.as_ref())?;
@@ -308,9 +308,14 @@ impl BlkHandler {
             mem: self.mem.clone(),
             inflight,
         };
-        self.workers[i]
-            .start(start)
-            .map_err(VuError::ReqHandlerError)?;
+        if let Err(e) = self.workers[i].start(start) {
+            if e.kind() == io::ErrorKind::TimedOut {
+                // The worker may still take the queue later: make it stop again then
+                // (best effort, nobody waits for the answer).
+                let _ = self.workers[i].begin_stop();
+            }
+            return Err(VuError::ReqHandlerError(e));
+        }
         self.vrings[i].running = true;
         Ok(())
     }

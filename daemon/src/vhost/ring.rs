@@ -10,7 +10,8 @@
 //!   table until the device puts it in the used ring, so a driver never has more than
 //!   *queue size* chains available and not yet used: `avail.idx − used.idx ≤ size`
 //!   (wrapping u16). A larger gap (e.g. an `avail.idx` bumped far ahead) is refused before
-//!   anything is popped. This also bounds the work and memory of one pass: at most
+//!   anything is popped, and so is an `avail.idx` moved back behind chains already
+//!   popped. This also bounds the work and memory of one pass: at most
 //!   *size* chains are in flight at once.
 //! - **Heads** index the descriptor table: `head < size`.
 //! - **Chain length** (§2.7.5.3.1, "A driver MUST NOT create a descriptor chain longer
@@ -57,6 +58,13 @@ pub enum RingError {
         used: u16,
         /// Queue size.
         size: u16,
+    },
+    /// `avail.idx` went back behind chains we already popped.
+    AvailBehind {
+        /// The guest's `avail.idx`.
+        avail: u16,
+        /// Our next avail index.
+        next_avail: u16,
     },
     /// An avail ring entry names a descriptor beyond the table.
     HeadOutOfRange {
@@ -112,6 +120,10 @@ impl fmt::Display for RingError {
                 f,
                 "avail.idx {avail} is more than the queue size {size} ahead of the used index {used}"
             ),
+            RingError::AvailBehind { avail, next_avail } => write!(
+                f,
+                "avail.idx {avail} went back behind chains already taken (next {next_avail})"
+            ),
             RingError::HeadOutOfRange { head, size } => {
                 write!(f, "avail ring names descriptor {head} of a {size}-entry table")
             }
@@ -155,15 +167,24 @@ pub fn pending<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<u16, RingError>
     let used = Wrapping(queue.next_used());
     let next = Wrapping(queue.next_avail());
     let size = queue.size();
-    if (avail - used).0 > size {
+    let ahead = (avail - used).0;
+    if ahead > size {
         return Err(RingError::AvailAhead {
             avail: avail.0,
             used: used.0,
             size,
         });
     }
-    // next_avail − used ≤ size is ours to keep; a guest cannot make it wrong.
-    Ok((avail - next).0)
+    // Chains popped and not yet used (≤ size: ours to keep). The guest may not take
+    // back what it made available: `avail.idx` never moves back behind them.
+    let popped = (next - used).0;
+    if ahead < popped {
+        return Err(RingError::AvailBehind {
+            avail: avail.0,
+            next_avail: next.0,
+        });
+    }
+    Ok(ahead - popped)
 }
 
 /// Pop the next available head (the caller checked with [`pending`] that there is one)
@@ -419,6 +440,16 @@ mod tests {
         assert_eq!(pending(&q, &m), Ok(3));
         m.write_obj(109u16, GuestAddress(AVAIL + 2)).unwrap();
         assert!(pending(&q, &m).is_err());
+        // Found by fuzzing: avail.idx moved back between the used index and the next
+        // avail index (it looked like 65,534 chains pending).
+        m.write_obj(103u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert_eq!(
+            pending(&q, &m),
+            Err(RingError::AvailBehind {
+                avail: 103,
+                next_avail: 105
+            })
+        );
         // Wrapping around u16 is fine.
         q.set_next_avail(65534);
         q.set_next_used(65534);
