@@ -62,8 +62,10 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 use vmm_sys_util::eventfd::EventFd;
 use worker::{Shared, WorkerHandle};
 
-/// How long [`VhostExport::stop`] (and drop) waits for the threads.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`VhostExport::stop`] (and drop) waits for the threads: the queues' stop
+/// at disconnect and the workers' exit are each bounded by the workers' reply timeout
+/// (30 s), so a stuck device still lets the export go in time.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(70);
 /// How long [`ConfigNotifier::config_changed`] waits for the frontend's ack.
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
 
