@@ -22,8 +22,12 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 pub const CONFIG_LEN: usize = 72;
 /// Offset of the `writeback` byte (CONFIG_WCE).
 pub const WRITEBACK_OFFSET: usize = 32;
-/// Data segments per request we accept (and advertise as `seg_max`).
-pub const SEG_MAX: u32 = 254;
+/// Data segments per request we accept (and advertise as `seg_max`). With the header
+/// and the status byte a request is `SEG_MAX + 2` descriptors, which must not exceed the
+/// queue size (virtio 1.2 §2.7.5.3.1; Linux builds indirect chains of up to
+/// `seg_max + 2` whatever the queue size): 126 fits QEMU's default vhost-user-blk queue
+/// of 128 entries, as QEMU's own virtio-blk does (`seg_max = queue_size - 2`).
+pub const SEG_MAX: u32 = 126;
 /// Discard / write-zeroes segments per request.
 pub const MAX_DISCARD_SEG: u32 = 1;
 /// Largest discard / write-zeroes range, in 512-byte sectors (4 GiB).

@@ -10,15 +10,40 @@
 //! We write this handler ourselves (rather than use `vhost-user-backend`'s) because that
 //! crate answers `GET_INFLIGHT_FD` with "not supported", and inflight tracking is what
 //! lets a guest survive an `emberd` restart.
+//!
+//! The frontend is not trusted. The `vhost` crate checks message framing (header flags
+//! and version, payload sizes against each request, at most 4 KiB of payload, fds only
+//! on the requests that take them, at most 32 memory regions, regions whose ranges do
+//! not wrap); every error ends the connection (with `REPLY_ACK`, after a nack), so a
+//! refused message costs the frontend its session and nothing else. On top of that:
+//! - **memory regions** (`SET_MEM_TABLE`, `ADD_MEM_REG`) and the **inflight area**
+//!   (`SET_INFLIGHT_FD`): the fd must be a regular file (a memfd, a tmpfs or hugetlbfs
+//!   file) that holds `mmap_offset + size` bytes (`fstat`), checked before mapping.
+//!   Touching a shared mapping past the end of its file raises SIGBUS, which would end
+//!   the whole daemon. Regions may not overlap in guest-physical space; at most
+//!   `MAX_MEM_SLOTS`. A frontend that *shrinks* its file after we mapped it can still
+//!   fault us: QEMU's `memory-backend-memfd` seals its memfd against shrinking
+//!   (`F_SEAL_SHRINK`, on by default); other backings are trusted not to shrink;
+//! - **vrings**: the index must exist; `SET_VRING_NUM` a power of two ≤ 1024,
+//!   `SET_VRING_BASE` ≤ 65535 (split rings), neither while the ring runs; ring addresses
+//!   must lie in a region and the whole ring must fit in guest memory when it starts;
+//! - **kick/call/err fds** must be eventfds (`/proc/self/fd` names them
+//!   `anon_inode:[eventfd]`); we set `O_NONBLOCK` on them (QEMU's already are) and watch
+//!   the kick edge-triggered, so a pipe that stays readable or an eventfd counter the
+//!   frontend filled cannot make a queue thread spin or block;
+//! - **features**: only bits we offered, virtio and protocol alike;
+//! - **waits**: starting or stopping a queue waits at most the worker's reply timeout
+//!   (see [`super::worker`]); queues stop in parallel at disconnect.
 
 use super::config;
 use super::inflight::InflightArea;
 use super::worker::{Cmd, GuestMem, Shared, Start, WorkerHandle};
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 use vhost::vhost_user::message::VhostUserLog;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -57,6 +82,7 @@ struct VringSetup {
     base: u16,
     kick: Option<File>,
     call: Option<File>,
+    err: Option<File>,
     enabled: bool,
     running: bool,
 }
@@ -77,8 +103,64 @@ pub struct BlkHandler {
     backend_req: bool,
 }
 
-fn err(msg: &str) -> VuError {
-    VuError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()))
+fn err(msg: impl Into<String>) -> VuError {
+    VuError::ReqHandlerError(io::Error::new(io::ErrorKind::InvalidInput, msg.into()))
+}
+
+/// Refuse a message: log why (the crate then ends the connection) and return the error.
+fn refuse(msg: impl Into<String>) -> VuError {
+    let msg = msg.into();
+    tracing::warn!("refused vhost-user message: {msg}");
+    err(msg)
+}
+
+/// Check that `file` holds `len` bytes at `offset` and is a regular file (memfd, tmpfs,
+/// hugetlbfs), before it is mapped: a shared mapping beyond the end of its file raises
+/// SIGBUS on access.
+fn check_backing(file: &File, offset: u64, len: u64, what: &str) -> VuResult<()> {
+    let meta = file
+        .metadata()
+        .map_err(|e| refuse(format!("{what}: fstat: {e}")))?;
+    if !meta.file_type().is_file() {
+        return Err(refuse(format!(
+            "{what}: the fd is not a regular file or memfd"
+        )));
+    }
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| refuse(format!("{what}: offset + size overflows")))?;
+    if end > meta.len() {
+        return Err(refuse(format!(
+            "{what}: declares {len} bytes at offset {offset} but its file holds {} bytes",
+            meta.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Check that `file` (a kick, call or error fd) is an eventfd and make it non-blocking.
+/// `O_NONBLOCK` lives on the open file description the frontend shares with us; QEMU's
+/// eventfds already have it.
+fn checked_eventfd(file: File, what: &str) -> VuResult<File> {
+    let fd = file.as_raw_fd();
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| refuse(format!("{what} fd: cannot tell its type: {e}")))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(refuse(format!(
+            "{what} fd is not an eventfd ({})",
+            link.display()
+        )));
+    }
+    // SAFETY: fcntl on an fd we own, with integer arguments only.
+    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+        return Err(refuse(format!(
+            "{what} fd: cannot make it non-blocking: {}",
+            io::Error::last_os_error()
+        )));
+    }
+    Ok(file)
 }
 
 impl BlkHandler {
@@ -102,10 +184,13 @@ impl BlkHandler {
         }
     }
 
-    /// Stop every running queue (the frontend went away).
+    /// Stop every running queue (the frontend went away), in parallel, each wait bounded.
     pub fn disconnect(&mut self) {
-        for i in 0..self.vrings.len() {
-            self.stop_vring(i);
+        let all: Vec<usize> = (0..self.vrings.len()).collect();
+        for (i, r) in self.stop_vrings(&all) {
+            if let Err(e) = r {
+                tracing::error!(queue = i, "stopping the queue at disconnect: {e}");
+            }
         }
     }
 
@@ -153,12 +238,20 @@ impl BlkHandler {
 
     fn map_region(region: &VhostUserMemoryRegion, file: File) -> VuResult<Region> {
         if region.memory_size == 0 {
-            return Err(err("empty memory region"));
+            return Err(refuse("empty memory region"));
         }
         region
             .guest_phys_addr
             .checked_add(region.memory_size)
-            .ok_or_else(|| err("memory region wraps around"))?;
+            .ok_or_else(|| refuse("memory region wraps around"))?;
+        usize::try_from(region.memory_size).map_err(|_| refuse("memory region too large"))?;
+        let gpa = region.guest_phys_addr;
+        check_backing(
+            &file,
+            region.mmap_offset,
+            region.memory_size,
+            &format!("memory region at guest address {gpa:#x}"),
+        )?;
         let mmap = region.mmap_region::<()>(file)?;
         let mmap = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
             .ok_or_else(|| err("memory region does not fit the guest address space"))?;
@@ -180,52 +273,90 @@ impl BlkHandler {
         queue.set_size(v.size);
         queue
             .try_set_desc_table_address(GuestAddress(v.desc))
-            .map_err(|_| err("bad descriptor table address"))?;
+            .map_err(|_| refuse("bad descriptor table address"))?;
         queue
             .try_set_avail_ring_address(GuestAddress(v.avail))
-            .map_err(|_| err("bad avail ring address"))?;
+            .map_err(|_| refuse("bad avail ring address"))?;
         queue
             .try_set_used_ring_address(GuestAddress(v.used))
-            .map_err(|_| err("bad used ring address"))?;
+            .map_err(|_| refuse("bad used ring address"))?;
         queue.set_next_avail(v.base);
         queue.set_next_used(v.base);
         queue.set_event_idx(
             self.acked_features & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX) != 0,
         );
+        let indirect = self.acked_features
+            & (1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC)
+            != 0;
         queue.set_ready(true);
         if !queue.is_valid(&*self.mem.memory()) {
-            return Err(err("vring does not fit in guest memory"));
+            return Err(refuse("vring does not fit in guest memory"));
         }
         let kick = dup_eventfd(v.kick.as_ref())?.ok_or_else(|| err("no kick fd"))?;
         let call = dup_eventfd(v.call.as_ref())?;
+        let errfd = dup_eventfd(v.err.as_ref())?;
         let inflight = match &self.inflight {
             Some(area) => area.queue(i as u16),
             None => None,
         };
         let start = Start {
             queue,
+            indirect,
             kick,
             call,
+            err: errfd,
             mem: self.mem.clone(),
             inflight,
         };
-        self.workers[i]
-            .start(start)
-            .map_err(VuError::ReqHandlerError)?;
+        if let Err(e) = self.workers[i].start(start) {
+            if e.kind() == io::ErrorKind::TimedOut {
+                // The worker may still take the queue later: make it stop again then
+                // (best effort, nobody waits for the answer).
+                let _ = self.workers[i].begin_stop();
+            }
+            return Err(VuError::ReqHandlerError(e));
+        }
         self.vrings[i].running = true;
         Ok(())
     }
 
-    /// Stop vring `i` (draining); returns its next avail index.
-    fn stop_vring(&mut self, i: usize) -> u16 {
-        let v = &mut self.vrings[i];
-        if !v.running {
-            return v.base;
+    /// Stop vring `i` (draining, bounded); returns its next avail index.
+    fn stop_vring(&mut self, i: usize) -> io::Result<u16> {
+        self.stop_vrings(&[i])
+            .pop()
+            .map_or(Ok(self.vrings[i].base), |(_, r)| r)
+    }
+
+    /// Stop the running vrings among `which` in parallel: every worker is asked first,
+    /// then the answers are collected against one deadline (the reply timeout). A
+    /// vring whose stop failed is no longer running for us; its base is left as it was.
+    fn stop_vrings(&mut self, which: &[usize]) -> Vec<(usize, io::Result<u16>)> {
+        let mut waits = Vec::new();
+        let mut out = Vec::new();
+        for &i in which {
+            let v = &mut self.vrings[i];
+            if !v.running {
+                continue;
+            }
+            v.running = false;
+            match self.workers[i].begin_stop() {
+                Ok(w) => waits.push((i, w)),
+                Err(e) => out.push((i, Err(e))),
+            }
         }
-        v.running = false;
-        let next = self.workers[i].stop().unwrap_or(v.base);
-        self.vrings[i].base = next;
-        next
+        let deadline = Instant::now()
+            + self
+                .workers
+                .first()
+                .map_or(std::time::Duration::ZERO, |w| w.reply_timeout());
+        for (i, w) in waits {
+            let r = w.wait(deadline);
+            if let Ok(next) = r {
+                self.vrings[i].base = next;
+            }
+            out.push((i, r));
+        }
+        out
     }
 }
 
@@ -297,7 +428,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         }
         let old = std::mem::replace(&mut self.regions, regions);
         if let Err(e) = self.rebuild_mem() {
-            tracing::warn!("refused memory table: {e}");
+            tracing::warn!("refused vhost-user message: memory table: {e}");
             self.regions = old;
             return Err(e);
         }
@@ -306,9 +437,15 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VuResult<()> {
         if num == 0 || num > u32::from(MAX_QUEUE_SIZE) || !num.is_power_of_two() {
-            return Err(VuError::InvalidParam);
+            return Err(refuse(format!(
+                "vring size {num} (a power of two up to {MAX_QUEUE_SIZE})"
+            )));
         }
-        self.vring(index)?.size = num as u16;
+        let v = self.vring(index)?;
+        if v.running {
+            return Err(refuse(format!("SET_VRING_NUM on running vring {index}")));
+        }
+        v.size = num as u16;
         Ok(())
     }
 
@@ -333,21 +470,37 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn set_vring_base(&mut self, index: u32, base: u32) -> VuResult<()> {
-        self.vring(index)?.base = base as u16;
+        // Split rings: the next avail index is 16 bits (packed rings are not offered).
+        let base = u16::try_from(base)
+            .map_err(|_| refuse(format!("vring base {base} of a split ring (at most 65535)")))?;
+        let v = self.vring(index)?;
+        if v.running {
+            return Err(refuse(format!("SET_VRING_BASE on running vring {index}")));
+        }
+        v.base = base;
         Ok(())
     }
 
     fn get_vring_base(&mut self, index: u32) -> VuResult<VhostUserVringState> {
         self.vring(index)?;
-        let next = self.stop_vring(index as usize);
+        let stopped = self.stop_vring(index as usize);
         let v = self.vring(index)?;
         v.kick = None;
         v.call = None;
-        Ok(VhostUserVringState::new(index, u32::from(next)))
+        v.err = None;
+        match stopped {
+            Ok(next) => Ok(VhostUserVringState::new(index, u32::from(next))),
+            Err(e) => {
+                tracing::error!(queue = index, "GET_VRING_BASE: {e}");
+                Err(VuError::ReqHandlerError(e))
+            }
+        }
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let i = u32::from(index);
+        self.vring(i)?;
+        let fd = fd.map(|f| checked_eventfd(f, "kick")).transpose()?;
         self.vring(i)?.kick = fd;
         self.maybe_start(index as usize)
     }
@@ -355,6 +508,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         let i = index as usize;
         let running = self.vring(u32::from(index))?.running;
+        let fd = fd.map(|f| checked_eventfd(f, "call")).transpose()?;
         if running {
             let call = dup_eventfd(fd.as_ref())?;
             self.workers[i]
@@ -365,8 +519,17 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         Ok(())
     }
 
-    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VuResult<()> {
-        self.vring(u32::from(index))?;
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
+        let i = index as usize;
+        let running = self.vring(u32::from(index))?.running;
+        let fd = fd.map(|f| checked_eventfd(f, "error")).transpose()?;
+        if running {
+            let errfd = dup_eventfd(fd.as_ref())?;
+            self.workers[i]
+                .send(Cmd::SetErr(errfd))
+                .map_err(VuError::ReqHandlerError)?;
+        }
+        self.vrings[i].err = fd;
         Ok(())
     }
 
@@ -380,6 +543,15 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VuResult<()> {
+        // The crate always offers REPLY_ACK (it implements it).
+        let offered =
+            self.get_protocol_features()?.bits() | VhostUserProtocolFeatures::REPLY_ACK.bits();
+        if features & !offered != 0 {
+            return Err(refuse(format!(
+                "protocol features {:#x} were not offered",
+                features & !offered
+            )));
+        }
         self.acked_protocol = features;
         Ok(())
     }
@@ -394,8 +566,9 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         if enable {
             self.maybe_start(index as usize)
         } else {
-            self.stop_vring(index as usize);
-            Ok(())
+            self.stop_vring(index as usize)
+                .map(|_| ())
+                .map_err(VuError::ReqHandlerError)
         }
     }
 
@@ -479,9 +652,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
         if nq == 0 || nq > self.num_queues || qs == 0 || qs > MAX_QUEUE_SIZE {
             return Err(VuError::InvalidParam);
         }
-        let len = usize::try_from(inflight.mmap_size).map_err(|_| VuError::InvalidParam)?;
-        let area = InflightArea::map(file, inflight.mmap_offset, len, nq, qs)
-            .map_err(VuError::ReqHandlerError)?;
+        let len = usize::try_from(inflight.mmap_size).unwrap_or(usize::MAX);
+        let area = InflightArea::map(file, inflight.mmap_offset, len, nq, qs).map_err(|e| {
+            tracing::warn!("refused vhost-user message: SET_INFLIGHT_FD: {e}");
+            VuError::ReqHandlerError(e)
+        })?;
         tracing::debug!(
             queues = nq,
             queue_size = qs,
@@ -505,7 +680,7 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             return Err(unsupported("postcopy"));
         }
         if self.regions.len() as u64 >= MAX_MEM_SLOTS {
-            return Err(err("too many memory regions"));
+            return Err(refuse("too many memory regions"));
         }
         let r = Self::map_region(region, fd)?;
         let gpa = r.gpa;

@@ -69,7 +69,11 @@ impl InflightArea {
         Self::map(file, 0, len, num_queues, queue_size)
     }
 
-    /// Map an area the frontend handed back.
+    /// Map an area the frontend handed back: `len` bytes (its `mmap_size`) at `offset`
+    /// of `file`. Only the bytes the layout needs are mapped, and only after checking
+    /// (`fstat`) that the file is a regular file (a memfd) that holds them: touching a
+    /// shared mapping beyond the end of its file raises SIGBUS, which would kill the
+    /// whole daemon, not just this frontend.
     pub fn map(
         file: File,
         offset: u64,
@@ -78,22 +82,35 @@ impl InflightArea {
         queue_size: u16,
     ) -> io::Result<Self> {
         let need = queue_region_size(queue_size) * usize::from(num_queues);
+        let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
         if num_queues == 0 || queue_size == 0 || len < need {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "inflight area of {len} bytes too small for {num_queues} queues of {queue_size}"
-                ),
+            return Err(invalid(format!(
+                "inflight area of {len} bytes too small for {num_queues} queues of {queue_size}"
+            )));
+        }
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(invalid(
+                "inflight fd is not a regular file or memfd".to_string(),
             ));
         }
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "inflight offset"))?;
-        // SAFETY: mapping a file we hold, shared, with a length we checked is non-zero; the
-        // result is checked for MAP_FAILED.
+        let end = offset
+            .checked_add(need as u64)
+            .ok_or_else(|| invalid("inflight offset overflows".to_string()))?;
+        if end > meta.len() {
+            return Err(invalid(format!(
+                "inflight area needs {need} bytes at offset {offset} but its file holds {}",
+                meta.len()
+            )));
+        }
+        let off =
+            libc::off_t::try_from(offset).map_err(|_| invalid("inflight offset".to_string()))?;
+        // SAFETY: mapping a file we hold, shared, with a non-zero length the file was
+        // just checked to hold; the result is checked for MAP_FAILED.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                need,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
@@ -105,7 +122,7 @@ impl InflightArea {
         }
         Ok(InflightArea {
             ptr: ptr.cast(),
-            len,
+            len: need,
             queue_size,
             num_queues,
             file,
@@ -135,7 +152,8 @@ impl InflightArea {
         let off = queue_region_size(self.queue_size) * usize::from(q);
         Some(QueueInflight {
             _area: self.clone(),
-            // SAFETY: off + region size ≤ len (checked in `map`).
+            // SAFETY: off + region size ≤ len (the mapped length is exactly what the
+            // layout needs, see `map`).
             base: unsafe { self.ptr.add(off) },
             capacity: self.queue_size,
         })
@@ -196,7 +214,9 @@ impl QueueInflight {
     }
 
     /// Start a queue of `size` entries whose guest-visible used index is `used_idx`.
-    /// A fresh region is initialised; a used one yields what to resubmit.
+    /// A fresh region is initialised; a used one yields what to resubmit: only heads
+    /// below `size` (the frontend can write the region, so `desc_num` is not trusted),
+    /// hence at most `size` of them.
     pub fn recover(&self, size: u16, used_idx: u16) -> Recovery {
         let version = self.u16_at(8);
         let desc_num = self.u16_at(10);
@@ -217,7 +237,10 @@ impl QueueInflight {
                 next_counter: 1,
             };
         }
-        let n = desc_num.load(Ordering::Acquire).min(self.capacity);
+        let n = desc_num
+            .load(Ordering::Acquire)
+            .min(self.capacity)
+            .min(size);
         if region_used.load(Ordering::Acquire) != used_idx {
             // Died after putting last_batch_head in the used ring, before clearing it.
             let h = last_batch_head.load(Ordering::Acquire);
@@ -307,5 +330,51 @@ mod tests {
         );
         assert!(again.queue(2).is_none());
         assert!(InflightArea::map(area.file().try_clone().unwrap(), 0, 64, 2, 8).is_err());
+    }
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd we own.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    /// Item 3 of issue 11: a memfd shorter than the area it is declared to hold was
+    /// mapped, and the first access raised SIGBUS in the whole daemon.
+    #[test]
+    fn a_file_shorter_than_the_area_is_refused() {
+        let need = queue_region_size(8) * 2;
+        for (len, offset) in [(0u64, 0u64), (need as u64 - 1, 0), (need as u64, 4096)] {
+            let e = InflightArea::map(memfd(len), offset, need, 2, 8).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "{e}");
+        }
+        let e = InflightArea::map(memfd(8192), u64::MAX - 10, need, 2, 8).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        // Not a regular file.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let f = File::from(std::os::fd::OwnedFd::from(a));
+        assert!(InflightArea::map(f, 0, need, 2, 8).is_err());
+        // A declared size far beyond the layout maps only what the layout needs.
+        let area = InflightArea::map(memfd(need as u64), 0, 1 << 40, 2, 8).unwrap();
+        assert_eq!(area.len(), need);
+        assert_eq!(Arc::new(area).queue(1).unwrap().recover(8, 0).next_avail, 0);
+    }
+
+    /// A region written by the frontend cannot make us resubmit heads beyond the queue.
+    #[test]
+    fn recovery_is_bounded_by_the_queue_size() {
+        let area = Arc::new(InflightArea::create(1, 64).unwrap());
+        let q = area.queue(0).unwrap();
+        q.recover(64, 0);
+        for h in 0..64 {
+            q.popped(h, u64::from(h) + 1);
+        }
+        // Restarted with a queue of 8: only heads 0..8 are candidates.
+        let r = q.recover(8, 0);
+        assert_eq!(r.resubmit, (0..8).collect::<Vec<u16>>());
+        assert_eq!(r.next_avail, 8);
     }
 }

@@ -5,6 +5,8 @@
 //! - [`handler`]: the vhost-user message handler (features, memory table, vrings, config
 //!   space, inflight area); our own because `vhost-user-backend` lacks inflight tracking;
 //! - [`worker`]: one thread per virtqueue with its own io_uring and device queue;
+//! - [`ring`]: reading the split ring the guest wrote (available heads, descriptor chains,
+//!   indirect tables), refusing impossible ring states;
 //! - [`request`]: decoding a chain into a block request with iovecs into guest memory
 //!   (zero copy), bad requests → `IOERR`/`UNSUPP`;
 //! - [`inflight`]: the shared inflight region that survives a daemon restart;
@@ -19,12 +21,19 @@
 //! [`VhostExport::stop`] (also run on drop) ends everything, bounded by a timeout: it sets
 //! the stop flag, wakes the listener, and shuts down (`SHUT_RDWR`) our duplicate of the
 //! live connection, so the blocked message read fails and the frontend sees EOF. The
-//! connection thread then stops every vring the way `GET_VRING_BASE` does: each worker
-//! finishes (completes into the used ring) what it already submitted, so an acknowledged
-//! write is on the device and nothing is in flight when the device is dropped; chains
-//! the guest queued but we never popped stay in the avail ring (and the inflight region,
-//! if any) for a later backend. Finally the workers are told to exit and every thread
-//! is joined; the socket file is removed.
+//! connection thread then stops every vring the way `GET_VRING_BASE` does, all in
+//! parallel: each worker finishes (completes into the used ring) what it already
+//! submitted, so an acknowledged write is on the device and nothing is in flight when
+//! the device is dropped; chains the guest queued but we never popped stay in the avail
+//! ring (and the inflight region, if any) for a later backend. Finally the workers are
+//! told to exit and every thread is joined against one deadline (a worker stuck on a
+//! hung device is left behind and logged); the socket file is removed.
+//!
+//! Hostile guests and frontends (see `docs/threat-model.md` §1): an impossible ring state
+//! breaks that queue ([`worker`]), a refused message ends that frontend's connection
+//! ([`handler`]), memory fds are checked before they are mapped, and every wait on a
+//! queue thread is bounded ([`worker::Timeouts`]); the listener then serves the next
+//! frontend. Nothing a frontend sends can stop the daemon or another export.
 //!
 //! [`VhostExport::notifier`] → [`ConfigNotifier::config_changed`] tells a connected
 //! frontend that the config space (the capacity, after a resize) changed, over the
@@ -35,6 +44,7 @@ pub mod config;
 pub mod handler;
 pub mod inflight;
 pub mod request;
+pub mod ring;
 pub mod worker;
 
 use anyhow::{anyhow, Context};
@@ -52,8 +62,10 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError, Listener};
 use vmm_sys_util::eventfd::EventFd;
 use worker::{Shared, WorkerHandle};
 
-/// How long [`VhostExport::stop`] (and drop) waits for the threads.
-pub const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long [`VhostExport::stop`] (and drop) waits for the threads: the queues' stop
+/// at disconnect and the workers' exit are each bounded by the workers' reply timeout
+/// (30 s), so a stuck device still lets the export go in time.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(70);
 /// How long [`ConfigNotifier::config_changed`] waits for the frontend's ack.
 pub const NOTIFY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -219,6 +231,7 @@ pub fn spawn(
         read_only: cfg.read_only,
         id: config::id_bytes(&cfg.id),
         writeback: AtomicBool::new(true),
+        timeouts: worker::Timeouts::default(),
     });
     let mut workers = Vec::new();
     for q in 0..cfg.num_queues {
@@ -286,11 +299,13 @@ fn listen(
             tracing::error!("vhost-user on {}: {e:#}", path.display());
         }
     }
-    // Every handler is gone, so the workers are ours alone: stop and join them.
+    // Every handler is gone, so the workers are ours alone: stop and join them, all
+    // against one deadline (a worker stuck on a hung device is left behind, logged).
     match Arc::try_unwrap(workers) {
         Ok(ws) => {
+            let deadline = Instant::now() + worker::DEFAULT_REPLY_TIMEOUT;
             for w in ws {
-                w.join();
+                w.join(deadline);
             }
         }
         Err(_) => tracing::error!("vhost-user workers still shared at stop"),
