@@ -182,13 +182,22 @@ fn subsets(n: usize, max: usize) -> (Vec<Vec<usize>>, bool) {
     (out.into_iter().collect(), true)
 }
 
-fn apply(image: &mut [u8], offset: u64, data: &[u8]) {
+/// Write `data` at `offset` into `image` (clipped to it), saving what it covered in `undo`.
+fn apply(image: &mut [u8], offset: u64, data: &[u8], undo: &mut Vec<(usize, Vec<u8>)>) {
     let Ok(start) = usize::try_from(offset) else {
         return;
     };
     let end = start.saturating_add(data.len()).min(image.len());
     if start < end {
+        undo.push((start, image[start..end].to_vec()));
         image[start..end].copy_from_slice(&data[..end - start]);
+    }
+}
+
+/// Put back what [`apply`] overwrote, newest first.
+fn revert(image: &mut [u8], undo: &mut Vec<(usize, Vec<u8>)>) {
+    while let Some((start, old)) = undo.pop() {
+        image[start..start + old.len()].copy_from_slice(&old);
     }
 }
 
@@ -217,15 +226,16 @@ pub fn for_each_crash_state<E>(
         flushes: gaps.len() - 1,
         ..CrashSummary::default()
     };
-    let mut base = initial.to_vec();
+    // One image, changed in place and put back after each state (images can be large).
+    let mut img = initial.to_vec();
+    let mut undo = Vec::new();
     for (flushes, gap) in gaps.iter().enumerate() {
         summary.largest_gap = summary.largest_gap.max(gap.len());
         let (sets, sampled) = subsets(gap.len(), opts.max_subsets);
         summary.sampled_gaps += usize::from(sampled);
         for landed in sets {
-            let mut img = base.clone();
             for &i in &landed {
-                apply(&mut img, gap[i].0, gap[i].1);
+                apply(&mut img, gap[i].0, gap[i].1, &mut undo);
             }
             summary.states += 1;
             let st = CrashState {
@@ -233,7 +243,9 @@ pub fn for_each_crash_state<E>(
                 landed,
                 torn: None,
             };
-            visit(&st, &img)?;
+            let r = visit(&st, &img);
+            revert(&mut img, &mut undo);
+            r?;
         }
         if opts.sector > 0 {
             for (i, &(offset, data)) in gap.iter().enumerate() {
@@ -247,32 +259,36 @@ pub fn for_each_crash_state<E>(
                     let cut = (k * opts.sector).min(data.len());
                     for part in [0..cut, cut..data.len()] {
                         for others in [false, true] {
-                            let mut img = base.clone();
                             let mut landed = Vec::new();
                             if others {
                                 for (j, &(o, d)) in gap.iter().enumerate() {
                                     if j != i {
-                                        apply(&mut img, o, d);
+                                        apply(&mut img, o, d, &mut undo);
                                         landed.push(j);
                                     }
                                 }
                             }
-                            apply(&mut img, offset + part.start as u64, &data[part.clone()]);
+                            let at = offset.saturating_add(part.start as u64);
+                            apply(&mut img, at, &data[part.clone()], &mut undo);
                             summary.states += 1;
                             let st = CrashState {
                                 flushes,
                                 landed,
                                 torn: Some((i, part.clone())),
                             };
-                            visit(&st, &img)?;
+                            let r = visit(&st, &img);
+                            revert(&mut img, &mut undo);
+                            r?;
                         }
                     }
                 }
             }
         }
+        // The gap is durable once its flush returned.
         for &(offset, data) in gap {
-            apply(&mut base, offset, data);
+            apply(&mut img, offset, data, &mut undo);
         }
+        undo.clear();
     }
     Ok(summary)
 }

@@ -44,7 +44,9 @@ pub enum Error {
     #[error("no keyslot matches the passphrase (wrong passphrase)")]
     WrongPassphrase,
     /// A header field is above its cost limit (see [`crate::limits`]).
-    #[error("{what}: {field} is {value}{unit}, above the limit of {limit}{unit} (raise it with {flag})")]
+    #[error(
+        "{what}: {field} is {value}{unit}, above the limit of {limit}{unit} (raise it with {flag})"
+    )]
     LimitExceeded {
         /// "keyslot 3", "digest 0", "header".
         what: String,

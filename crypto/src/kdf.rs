@@ -292,6 +292,47 @@ mod tests {
         }
     }
 
+    /// Property: merge(split(k)) == k for any key length, stripe count and hash; extra
+    /// trailing material is ignored; changing any byte of the material changes the key.
+    #[test]
+    fn af_split_merge_property() {
+        let mut rng = crate::testrng::Rng::new(1);
+        for case in 0..300 {
+            let n = rng.range(1, 128) as usize;
+            let stripes = if case % 50 == 0 {
+                4000
+            } else {
+                rng.range(1, 64) as u32
+            };
+            let h = rng.pick(&[Hash::Sha1, Hash::Sha256, Hash::Sha512]);
+            let key = rng.bytes(n);
+            let m = af_split(&key, stripes, h).unwrap();
+            assert_eq!(m.len(), n * stripes as usize);
+            assert_eq!(
+                &af_merge(&m, n, stripes, h).unwrap()[..],
+                &key[..],
+                "case {case}"
+            );
+            let mut longer = m.to_vec();
+            let extra = rng.range(0, 600) as usize;
+            longer.extend(rng.bytes(extra));
+            assert_eq!(&af_merge(&longer, n, stripes, h).unwrap()[..], &key[..]);
+            let at = rng.range(0, m.len() as u64 - 1) as usize;
+            let mut bad = m.to_vec();
+            bad[at] ^= 1 << rng.range(0, 7);
+            assert_ne!(
+                &af_merge(&bad, n, stripes, h).unwrap()[..],
+                &key[..],
+                "case {case}"
+            );
+            assert!(af_merge(&m[..m.len() - 1], n, stripes, h).is_err());
+        }
+        assert!(af_split(&[1, 2], 0, Hash::Sha1).is_err());
+        assert!(af_merge(&[0; 64], 0, 1, Hash::Sha1).is_err());
+        assert!(af_merge(&[0; 64], 64, 0, Hash::Sha1).is_err());
+        assert!(af_merge(&[0; 64], usize::MAX, u32::MAX, Hash::Sha1).is_err());
+    }
+
     #[test]
     fn hash_names() {
         assert_eq!(Hash::parse("SHA256").unwrap(), Hash::Sha256);

@@ -211,7 +211,13 @@ mod tests {
         };
         let t = std::time::Instant::now();
         let e = p
-            .derive(b"x", &[0; 32], &mut out, &UnlockLimits::default(), "keyslot 0")
+            .derive(
+                b"x",
+                &[0; 32],
+                &mut out,
+                &UnlockLimits::default(),
+                "keyslot 0",
+            )
             .unwrap_err();
         assert!(e.to_string().contains("--max-pbkdf2-iterations"), "{e}");
         assert!(t.elapsed().as_secs() < 5);
@@ -223,9 +229,21 @@ mod tests {
             lanes: 1,
         };
         let e = a
-            .derive(b"x", &[0; 32], &mut out, &UnlockLimits::default(), "keyslot 1")
+            .derive(
+                b"x",
+                &[0; 32],
+                &mut out,
+                &UnlockLimits::default(),
+                "keyslot 1",
+            )
             .unwrap_err();
-        assert!(matches!(e, Error::LimitExceeded { field: "kdf.time", .. }));
+        assert!(matches!(
+            e,
+            Error::LimitExceeded {
+                field: "kdf.time",
+                ..
+            }
+        ));
         let a = KdfParams::Argon2 {
             kind: Argon2Type::I,
             time: 1,
@@ -233,16 +251,34 @@ mod tests {
             lanes: 1 << 20,
         };
         let e = a
-            .derive(b"x", &[0; 32], &mut out, &UnlockLimits::default(), "keyslot 1")
+            .derive(
+                b"x",
+                &[0; 32],
+                &mut out,
+                &UnlockLimits::default(),
+                "keyslot 1",
+            )
             .unwrap_err();
-        assert!(matches!(e, Error::LimitExceeded { field: "kdf.cpus", .. }));
+        assert!(matches!(
+            e,
+            Error::LimitExceeded {
+                field: "kdf.cpus",
+                ..
+            }
+        ));
         // Zero costs are corrupt, not "free".
         let z = KdfParams::Pbkdf2 {
             hash: Hash::Sha1,
             iterations: 0,
         };
         assert!(matches!(
-            z.derive(b"x", &[0; 32], &mut out, &UnlockLimits::default(), "keyslot 0"),
+            z.derive(
+                b"x",
+                &[0; 32],
+                &mut out,
+                &UnlockLimits::default(),
+                "keyslot 0"
+            ),
             Err(Error::Corrupt(_))
         ));
     }

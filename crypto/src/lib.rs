@@ -27,6 +27,8 @@ pub mod keyslot;
 pub mod limits;
 pub mod luks1;
 pub mod luks2;
+#[cfg(test)]
+mod testrng;
 pub mod volume;
 pub mod xts;
 

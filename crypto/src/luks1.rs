@@ -456,6 +456,56 @@ mod tests {
         ));
     }
 
+    /// Property: any header we can build (random key size, hash, digest cost, UUID, slots
+    /// active with random costs and salts) serializes and parses back to itself.
+    #[test]
+    fn header_roundtrip_property() {
+        let mut rng = crate::testrng::Rng::new(2);
+        let l = UnlockLimits::default();
+        for case in 0..200 {
+            let kb = rng.pick(&[32usize, 64]);
+            let hash = rng.pick(&[Hash::Sha1, Hash::Sha256, Hash::Sha512]);
+            let uuid: String = (0..rng.range(0, 39))
+                .map(|_| rng.pick(&[b'a', b'0', b'-', b'f']) as char)
+                .collect();
+            let mut h =
+                Header::new(&rng.bytes(kb), hash, rng.range(1000, 3000) as u32, uuid).unwrap();
+            // Digest cost as read back (the KDF above is kept cheap).
+            h.mk_iter = rng.range(1, l.digest_iterations.into()) as u32;
+            for s in h.slots.iter_mut() {
+                if rng.next() % 2 == 0 {
+                    s.active = true;
+                    s.iterations = rng.range(1, l.pbkdf2_iterations.into()) as u32;
+                    s.salt.copy_from_slice(&rng.bytes(SALT_LEN));
+                }
+            }
+            let b = h.to_bytes().unwrap();
+            assert_eq!(b.len(), HEADER_LEN);
+            assert_eq!(Header::parse(&b, &l).unwrap(), h, "case {case}");
+        }
+    }
+
+    /// Property: flipping bytes of a valid header never panics the parser, and what it
+    /// accepts serializes back to the same bytes.
+    #[test]
+    fn mutated_headers_parse_or_fail_cleanly() {
+        let mut rng = crate::testrng::Rng::new(3);
+        let l = UnlockLimits::default();
+        let h = Header::new(&[7u8; 64], Hash::Sha256, 1000, "u".into()).unwrap();
+        let good = h.to_bytes().unwrap();
+        for _ in 0..5000 {
+            let mut b = good.clone();
+            for _ in 0..rng.range(1, 4) {
+                let at = rng.range(0, HEADER_LEN as u64 - 1) as usize;
+                b[at] = rng.next() as u8;
+            }
+            if let Ok(p) = Header::parse(&b, &l) {
+                let again = p.to_bytes().unwrap();
+                assert_eq!(Header::parse(&again, &l).unwrap(), p);
+            }
+        }
+    }
+
     #[test]
     fn rejects_garbage() {
         assert!(matches!(

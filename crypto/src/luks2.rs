@@ -157,9 +157,8 @@ fn get_str<'a>(v: &'a Value, k: &str, what: &str) -> Result<&'a str> {
 
 /// A canonical decimal number: digits only, no sign, no leading zero (except "0").
 fn decimal(s: &str) -> Option<u64> {
-    let canonical = !s.is_empty()
-        && s.bytes().all(|c| c.is_ascii_digit())
-        && (s == "0" || !s.starts_with('0'));
+    let canonical =
+        !s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
     canonical.then(|| s.parse().ok()).flatten()
 }
 
@@ -761,11 +760,13 @@ impl Header {
         }
         slots.sort_by_key(|k| std::cmp::Reverse(k.priority));
         let mut skipped = None;
+        let mut tried = 0usize;
         for k in slots {
             let what = format!("keyslot {}", k.id);
             let Some(digest) = self.data_digest_for(k.id)? else {
                 continue;
             };
+            tried += 1;
             let costs = k.kdf.check(limits, &what).and_then(|()| {
                 limits.check(Limit::AfStripes, &what, "af.stripes", k.stripes.into())
             });
@@ -790,7 +791,36 @@ impl Header {
                 return Ok((k.id, vk));
             }
         }
+        if tried == 0 {
+            // Nothing could even be tried: say why rather than "wrong passphrase".
+            return Err(Error::Unsupported(format!(
+                "no usable keyslot ({})",
+                self.unusable_keyslots().join("; ")
+            )));
+        }
         Err(skipped.unwrap_or(Error::WrongPassphrase))
+    }
+
+    /// Why each keyslot Ember cannot try is unusable.
+    fn unusable_keyslots(&self) -> Vec<String> {
+        let mut why = Vec::new();
+        for id in self.keyslot_ids() {
+            match self.keyslot(id) {
+                Err(e) => why.push(e.to_string()),
+                Ok(k) if k.priority == 0 => why.push(format!("keyslot {id}: priority 0")),
+                Ok(_) => {
+                    if !matches!(self.data_digest_for(id), Ok(Some(_))) {
+                        why.push(format!(
+                            "keyslot {id}: its digest does not cover the data segment"
+                        ));
+                    }
+                }
+            }
+        }
+        if why.is_empty() {
+            why.push("the header has no keyslot".into());
+        }
+        why
     }
 
     /// Serialize one copy (`second`: the copy at `hdr_size`).
@@ -1076,7 +1106,9 @@ mod tests {
         let seg = h.segment().unwrap();
         assert_eq!(seg.sector_size, 4096);
         assert_eq!(seg.offset, DEFAULT_DATA_OFFSET);
-        let (id, vk) = h.unlock(&mut disk, b"pw", &UnlockLimits::default()).unwrap();
+        let (id, vk) = h
+            .unlock(&mut disk, b"pw", &UnlockLimits::default())
+            .unwrap();
         assert_eq!((id, &vk[..]), (0, &[3u8; 64][..]));
         assert!(matches!(
             h.unlock(&mut disk, b"x", &UnlockLimits::default()),
@@ -1089,13 +1121,130 @@ mod tests {
         assert!(Header::read(&mut d2, &UnlockLimits::default()).is_ok());
         // Both damaged: checksum error.
         d2[16384 + 5000] ^= 1;
-        assert!(matches!(Header::read(&mut d2, &UnlockLimits::default()), Err(Error::BadChecksum(_))));
+        assert!(matches!(
+            Header::read(&mut d2, &UnlockLimits::default()),
+            Err(Error::BadChecksum(_))
+        ));
         // Truncated.
         let mut short = disk[..8000].to_vec();
         assert!(matches!(
             Header::read(&mut short, &UnlockLimits::default()),
             Err(Error::Truncated { .. })
         ));
+    }
+
+    /// Property: a header with random label, sector size, segment size and keyslots of
+    /// random KDFs writes and reads back the same (both copies; JSON equal; every keyslot
+    /// parses to what was written), and each keyslot's passphrase opens it.
+    #[test]
+    fn write_read_roundtrip_property() {
+        let mut rng = crate::testrng::Rng::new(4);
+        let l = UnlockLimits::default();
+        for case in 0..12 {
+            let kb = rng.pick(&[32usize, 64]);
+            let vk = rng.bytes(kb);
+            let label: String = (0..rng.range(0, 47))
+                .map(|_| rng.pick(&[b'a', b'Z', b' ', b'9']) as char)
+                .collect();
+            let ss = rng.pick(&[512u32, 1024, 2048, 4096]);
+            let size = if rng.next() % 2 == 0 {
+                None
+            } else {
+                Some(rng.range(1, 64) * 4096)
+            };
+            let mut h = Header::new(&vk, ss, "uuid-x".into(), label.clone(), size).unwrap();
+            let mut disk = vec![0u8; DEFAULT_DATA_OFFSET as usize + (256 << 10)];
+            let mut kdfs = Vec::new();
+            for _ in 0..rng.range(1, 3) {
+                let kdf = if rng.next() % 2 == 0 {
+                    KdfParams::Pbkdf2 {
+                        hash: rng.pick(&[Hash::Sha1, Hash::Sha256, Hash::Sha512]),
+                        iterations: rng.range(1000, 1500) as u32,
+                    }
+                } else {
+                    KdfParams::Argon2 {
+                        kind: rng.pick(&[Argon2Type::I, Argon2Type::Id]),
+                        time: rng.range(1, 2) as u32,
+                        memory_kib: rng.range(8, 64) as u32,
+                        lanes: 1,
+                    }
+                };
+                let id = h
+                    .add_slot(&mut disk, &vk, &[id_pass(kdfs.len())], kdf)
+                    .unwrap();
+                kdfs.push((id, kdf));
+            }
+            h.write(&mut disk).unwrap();
+            let (r, copies) = Header::read_copies(&mut disk, &l).unwrap();
+            assert_eq!(copies, Copies::InSync, "case {case}");
+            assert_eq!(r.json, h.json, "case {case}");
+            assert_eq!((r.label.as_str(), r.seqid), (label.as_str(), 1));
+            let seg = r.segment().unwrap();
+            assert_eq!((seg.sector_size, seg.size), (ss, size));
+            for (n, (id, kdf)) in kdfs.iter().enumerate() {
+                assert_eq!(r.keyslot(*id).unwrap().kdf, *kdf);
+                let (got, key) = r.unlock(&mut disk, &[id_pass(n)], &l).unwrap();
+                assert_eq!((got, &key[..]), (*id, &vk[..]));
+            }
+        }
+    }
+
+    #[test]
+    fn whole_header_and_keyslot_limits() {
+        let mut disk = vec![0u8; DEFAULT_DATA_OFFSET as usize];
+        fresh(&mut disk);
+        let lim = |f: fn(&mut UnlockLimits)| {
+            let mut l = UnlockLimits::default();
+            f(&mut l);
+            l
+        };
+        let field = |r: Result<Header>| match r {
+            Err(Error::LimitExceeded { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let l = lim(|l| l.metadata_bytes = 8192);
+        assert_eq!(field(Header::read(&mut disk, &l)), "hdr_size");
+        let l = lim(|l| l.keyslots_area_bytes = 1 << 20);
+        assert_eq!(field(Header::read(&mut disk, &l)), "keyslots_size");
+        let l = lim(|l| l.digest_iterations = 999);
+        assert_eq!(field(Header::read(&mut disk, &l)), "iterations");
+        let h = Header::read(&mut disk, &UnlockLimits::default()).unwrap();
+        for (l, f) in [
+            (lim(|l| l.af_stripes = 3999), "af.stripes"),
+            (lim(|l| l.pbkdf2_iterations = 999), "kdf.iterations"),
+        ] {
+            match h.unlock(&mut disk, b"pw", &l) {
+                Err(Error::LimitExceeded { field, .. }) => assert_eq!(field, f),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    fn id_pass(n: usize) -> u8 {
+        b'a' + n as u8
+    }
+
+    /// Property: random byte changes anywhere in both header copies never panic the
+    /// reader; a damaged copy falls back to the other one.
+    #[test]
+    fn mutated_headers_read_or_fail_cleanly() {
+        let mut rng = crate::testrng::Rng::new(5);
+        let mut disk = vec![0u8; DEFAULT_DATA_OFFSET as usize];
+        fresh(&mut disk);
+        let l = UnlockLimits::default();
+        let hdr: Vec<u8> = disk[..32768].to_vec();
+        for _ in 0..300 {
+            for _ in 0..rng.range(1, 8) {
+                let at = rng.range(0, 32767) as usize;
+                disk[at] = rng.next() as u8;
+            }
+            match Header::read_copies(&mut disk, &l) {
+                Ok((h, Copies::InSync)) => assert_eq!(h.seqid, 1),
+                Ok((h, _)) => assert!(h.unlock(&mut disk, b"pw", &l).is_ok()),
+                Err(_) => {}
+            }
+            disk[..32768].copy_from_slice(&hdr);
+        }
     }
 
     #[test]
@@ -1120,7 +1269,12 @@ mod tests {
         assert_eq!(h.keyslot(1).unwrap().area_offset, 32768 + 258048);
         h.write(&mut disk).unwrap();
         let h2 = Header::read(&mut disk, &UnlockLimits::default()).unwrap();
-        assert_eq!(h2.unlock(&mut disk, b"second", &UnlockLimits::default()).unwrap().0, 1);
+        assert_eq!(
+            h2.unlock(&mut disk, b"second", &UnlockLimits::default())
+                .unwrap()
+                .0,
+            1
+        );
         // The memory cap refuses the argon2 slot with a clear error.
         assert!(matches!(
             h2.unlock(
