@@ -13,6 +13,12 @@
 //!   range then reads as garbage). **Flush** passes down.
 //! - **Block status** reports everything as allocated data: a hole or zero range on the
 //!   inner device does not read as zeros through the cipher.
+//! - **Hostile headers**: opening goes through `ember_crypto::open` with the caller's
+//!   [`UnlockLimits`]; the layer then refuses a data segment that does not fit the device
+//!   (offset, fixed size, size alignment) and an IV offset (`iv_tweak` × 512) whose sum
+//!   with any device offset would overflow 64 bits. Request arithmetic (offset + data
+//!   offset, offset + IV offset, offset + length) is checked in release builds too: an
+//!   overflow fails that request with `EINVAL`.
 //!
 //! The sector cipher is shared by every queue (it is immutable); each queue has its own
 //! bounce pool and in-flight table, so the I/O path takes no lock. En/decryptions of
@@ -28,7 +34,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
 use crate::sync::SyncDevice;
 use crate::{BlockDevice, Queue};
-use ember_crypto::{Disk, OpenOptions, SectorCipher, Unlocked};
+use ember_crypto::{Disk, SectorCipher, UnlockLimits, Unlocked};
 use split::Splitter;
 use std::sync::Arc;
 
@@ -68,23 +74,39 @@ struct DeviceDisk {
 
 impl Disk for DeviceDisk {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let end = offset
-            .checked_add(buf.len() as u64)
+        let eof = || std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        let end = u64::try_from(buf.len())
+            .ok()
+            .and_then(|n| offset.checked_add(n))
             .filter(|&e| e <= self.size)
-            .ok_or(std::io::ErrorKind::UnexpectedEof)?;
+            .ok_or_else(eof)?;
         let start = offset - offset % self.lbs;
-        let aligned_end = end.div_ceil(self.lbs) * self.lbs;
+        // Rounded up to the block size, but never past the device (its size is a multiple
+        // of the block size; a last partial block is read as it is).
+        let aligned_end = end
+            .checked_next_multiple_of(self.lbs)
+            .map_or(self.size, |e| e.min(self.size));
+        let len = usize::try_from(aligned_end - start).map_err(|_| eof())?;
         let data = self
             .dev
-            .read_at(start, (aligned_end - start) as usize)
+            .read_at(start, len)
             .map_err(std::io::Error::other)?;
-        let skip = (offset - start) as usize;
-        buf.copy_from_slice(&data.as_slice()[skip..skip + buf.len()]);
+        let skip = usize::try_from(offset - start).map_err(|_| eof())?;
+        let src = data
+            .as_slice()
+            .get(skip..skip + buf.len())
+            .ok_or_else(eof)?;
+        buf.copy_from_slice(src);
         Ok(())
     }
 
     fn write_at(&mut self, _offset: u64, _buf: &[u8]) -> std::io::Result<()> {
         Err(std::io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Nothing is ever written through this view.
+        Ok(())
     }
 
     fn size(&mut self) -> std::io::Result<u64> {
@@ -96,20 +118,31 @@ impl CryptDevice {
     /// Wrap `inner` with an already unlocked volume.
     pub fn new(inner: Arc<dyn BlockDevice>, u: Unlocked) -> Result<Self> {
         let info = inner.info();
+        let bad = |m: String| Err(Error::new(ErrorKind::InvalidConfig, m));
         if info.size <= u.data_offset {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                format!(
-                    "LUKS data offset {} is beyond the device size {}",
-                    u.data_offset, info.size
-                ),
+            return bad(format!(
+                "LUKS data offset {} is beyond the device size {}",
+                u.data_offset, info.size
             ));
         }
         let ss = u.cipher.sector_size() as u64;
         if !u.data_offset.is_multiple_of(ss) || !u.iv_offset.is_multiple_of(512) {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "LUKS data offset not aligned to the encryption sector",
+            return bad("LUKS data offset not aligned to the encryption sector".into());
+        }
+        if let Some(n) = u.data_size {
+            let fits = u.data_offset.checked_add(n).is_some_and(|e| e <= info.size);
+            if !fits || n == 0 || !n.is_multiple_of(ss) {
+                return bad(format!(
+                    "LUKS data segment of {n} bytes at {} does not fit the {}-byte device \
+                     in whole {ss}-byte sectors",
+                    u.data_offset, info.size
+                ));
+            }
+        }
+        if u.iv_offset.checked_add(info.size).is_none() {
+            return bad(format!(
+                "LUKS IV offset {} plus the device size overflows 64 bits",
+                u.iv_offset
             ));
         }
         let cipher = Arc::new(u.cipher);
@@ -128,7 +161,7 @@ impl CryptDevice {
     pub fn open(
         inner: Arc<dyn BlockDevice>,
         passphrase: &[u8],
-        opts: &OpenOptions,
+        limits: &UnlockLimits,
     ) -> Result<Self> {
         let info = inner.info();
         let mut disk = DeviceDisk {
@@ -136,7 +169,7 @@ impl CryptDevice {
             lbs: u64::from(info.logical_block_size.max(1)),
             size: info.size,
         };
-        let u = ember_crypto::open(&mut disk, passphrase, opts)
+        let u = ember_crypto::open(&mut disk, passphrase, limits)
             .map_err(|e| Error::new(ErrorKind::InvalidConfig, "open LUKS volume").with_source(e))?;
         Self::new(inner, u)
     }
@@ -263,8 +296,9 @@ impl CryptQueue {
         idx as u64
     }
 
-    fn cipher_offset(&self, offset: u64) -> u64 {
-        offset + self.dev.iv_offset
+    /// The cipher's offset (plain64 IV × 512) of plaintext `offset`; `None` past 2^64.
+    fn cipher_offset(&self, offset: u64) -> Option<u64> {
+        offset.checked_add(self.dev.iv_offset)
     }
 
     /// Submit one request to the inner queue and handle any synchronous completions.
@@ -309,10 +343,23 @@ impl CryptQueue {
         let len = (end - next).min(ZERO_CHUNK as u64) as usize;
         let mut bounce = self.pool.get(len);
         bounce.as_mut_slice().fill(0);
+        let (Some(off), Some(inner_off)) = (
+            self.cipher_offset(next),
+            next.checked_add(self.dev.data_offset),
+        ) else {
+            self.pool.put(bounce);
+            self.in_flight -= 1;
+            done.push(Completion {
+                tag,
+                result: Err(libc::EINVAL),
+                buf: Buffer::None,
+            });
+            return;
+        };
         if self
             .dev
             .split
-            .run(None, bounce.as_mut_slice(), self.cipher_offset(next), true)
+            .run(None, bounce.as_mut_slice(), off, true)
             .is_err()
         {
             self.pool.put(bounce);
@@ -331,7 +378,7 @@ impl CryptQueue {
         });
         let req = Request {
             op: Op::Write { fua: false },
-            offset: next + self.dev.data_offset,
+            offset: inner_off,
             len: len as u64,
             buf: Buffer::Owned(bounce),
             tag: slot,
@@ -397,7 +444,7 @@ impl CryptQueue {
 
     fn decrypt(&self, buf: &mut Buffer, offset: u64) -> Result<(), i32> {
         let cipher = &self.dev.cipher;
-        let off = self.cipher_offset(offset);
+        let off = self.cipher_offset(offset).ok_or(libc::EINVAL)?;
         match buf {
             Buffer::Owned(b) => self
                 .dev
@@ -511,7 +558,11 @@ impl Queue for CryptQueue {
             done.push(Completion::of(req, Err(e)));
             return;
         }
-        let Some(inner_off) = req.offset.checked_add(self.dev.data_offset) else {
+        let (Some(inner_off), Some(off), Some(end)) = (
+            req.offset.checked_add(self.dev.data_offset),
+            self.cipher_offset(req.offset),
+            req.offset.checked_add(req.len),
+        ) else {
             done.push(Completion::of(req, Err(libc::EINVAL)));
             return;
         };
@@ -537,7 +588,6 @@ impl Queue for CryptQueue {
                 let len = req.len as usize;
                 let mut bounce: IoBuf = self.pool.get(len);
                 let cipher = &self.dev.cipher;
-                let off = self.cipher_offset(req.offset);
                 let res = match &req.buf {
                     // One pass: encrypt straight from the client's buffer into the bounce.
                     Buffer::Owned(b) => {
@@ -580,7 +630,6 @@ impl Queue for CryptQueue {
                 self.submit_inner(ring, r, done);
             }
             Op::WriteZeroes { .. } => {
-                let end = req.offset + req.len;
                 self.zero_chunk(ring, req.tag, req.offset, end, done);
             }
             Op::Flush => {}
