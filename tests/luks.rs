@@ -10,7 +10,7 @@ mod common;
 use common::{emberd_bin, require_tool, run_any, run_ok};
 use ember_blockdev::layer::crypt::CryptDevice;
 use ember_blockdev::{BackendSpec, OpenOptions as BackendOpts, SyncDevice};
-use ember_crypto::{passphrase_for, OpenOptions, SecretKind};
+use ember_crypto::{passphrase_for, SecretKind, UnlockLimits};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -30,7 +30,7 @@ fn ember_open(img: &Path, pass: &[u8]) -> SyncDevice {
         &BackendOpts::default(),
     )
     .unwrap();
-    let c = CryptDevice::open(inner, pass, &OpenOptions::default()).unwrap();
+    let c = CryptDevice::open(inner, pass, &UnlockLimits::default()).unwrap();
     SyncDevice::new(Arc::new(c)).unwrap()
 }
 

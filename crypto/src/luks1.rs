@@ -466,14 +466,14 @@ mod tests {
             let kb = rng.pick(&[32usize, 64]);
             let hash = rng.pick(&[Hash::Sha1, Hash::Sha256, Hash::Sha512]);
             let uuid: String = (0..rng.range(0, 39))
-                .map(|_| rng.pick(&[b'a', b'0', b'-', b'f']) as char)
+                .map(|_| rng.pick(b"a0-f") as char)
                 .collect();
             let mut h =
                 Header::new(&rng.bytes(kb), hash, rng.range(1000, 3000) as u32, uuid).unwrap();
             // Digest cost as read back (the KDF above is kept cheap).
             h.mk_iter = rng.range(1, l.digest_iterations.into()) as u32;
             for s in h.slots.iter_mut() {
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     s.active = true;
                     s.iterations = rng.range(1, l.pbkdf2_iterations.into()) as u32;
                     s.salt.copy_from_slice(&rng.bytes(SALT_LEN));

@@ -1144,10 +1144,10 @@ mod tests {
             let kb = rng.pick(&[32usize, 64]);
             let vk = rng.bytes(kb);
             let label: String = (0..rng.range(0, 47))
-                .map(|_| rng.pick(&[b'a', b'Z', b' ', b'9']) as char)
+                .map(|_| rng.pick(b"aZ 9") as char)
                 .collect();
             let ss = rng.pick(&[512u32, 1024, 2048, 4096]);
-            let size = if rng.next() % 2 == 0 {
+            let size = if rng.next().is_multiple_of(2) {
                 None
             } else {
                 Some(rng.range(1, 64) * 4096)
@@ -1156,7 +1156,7 @@ mod tests {
             let mut disk = vec![0u8; DEFAULT_DATA_OFFSET as usize + (256 << 10)];
             let mut kdfs = Vec::new();
             for _ in 0..rng.range(1, 3) {
-                let kdf = if rng.next() % 2 == 0 {
+                let kdf = if rng.next().is_multiple_of(2) {
                     KdfParams::Pbkdf2 {
                         hash: rng.pick(&[Hash::Sha1, Hash::Sha256, Hash::Sha512]),
                         iterations: rng.range(1000, 1500) as u32,

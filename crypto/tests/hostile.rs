@@ -105,7 +105,8 @@ fn assert_refused(what: &str, err: &str, needles: &[&str]) {
 #[test]
 fn luks2_unbounded_kdf_and_digest_costs_are_refused_quickly() {
     let base = image(2);
-    let cases: [(&str, fn(&mut Value), &[&str]); 4] = [
+    type Case = (&'static str, fn(&mut Value), &'static [&'static str]);
+    let cases: [Case; 4] = [
         (
             "pbkdf2 iterations u32::MAX",
             |j| {

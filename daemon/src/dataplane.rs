@@ -76,6 +76,8 @@ pub struct EmberDataPlane {
     nbd_endpoints: Vec<NbdEndpoint>,
     vhost_dir: PathBuf,
     volumes: Mutex<HashMap<String, Attached>>,
+    /// Cost limits for every LUKS header this data plane reads.
+    unlock_limits: ember_crypto::UnlockLimits,
 }
 
 impl EmberDataPlane {
@@ -120,9 +122,16 @@ impl EmberDataPlane {
                 nbd_endpoints: endpoints,
                 vhost_dir,
                 volumes: Mutex::new(HashMap::new()),
+                unlock_limits: ember_crypto::UnlockLimits::default(),
             },
             bound,
         ))
+    }
+
+    /// Use `limits` (`emberd serve --max-…`) for every LUKS header read from now on.
+    pub fn with_unlock_limits(mut self, limits: ember_crypto::UnlockLimits) -> Self {
+        self.unlock_limits = limits;
+        self
     }
 
     /// Stop every vhost-user export (their submitted requests complete first), stop
@@ -216,7 +225,7 @@ impl DataPlane for EmberDataPlane {
             .with_context(|| format!("open {}", spec.path.display()))?;
             if let Some(pass) = &spec.passphrase {
                 dev = Arc::new(
-                    CryptDevice::open(dev, pass, &ember_crypto::OpenOptions::default())
+                    CryptDevice::open(dev, pass, &self.unlock_limits)
                         .context("unlock the LUKS volume")?,
                 );
             }
@@ -268,14 +277,8 @@ impl DataPlane for EmberDataPlane {
 
     fn luks_change_key(&self, backend: &BackendSpec, old: &[u8], new: &[u8]) -> anyhow::Result<()> {
         let mut disk = file_disk(backend)?;
-        ember_crypto::change_key(
-            &mut disk,
-            old,
-            new,
-            kdf(),
-            &ember_crypto::OpenOptions::default(),
-        )
-        .context("give the copy its own keyslot")?;
+        ember_crypto::change_key(&mut disk, old, new, kdf(), &self.unlock_limits)
+            .context("give the copy its own keyslot")?;
         disk.sync().context("sync the LUKS header")?;
         Ok(())
     }
@@ -288,7 +291,7 @@ impl DataPlane for EmberDataPlane {
             let mut stack = base.clone();
             if let Some(pass) = &spec.passphrase {
                 stack = Arc::new(
-                    CryptDevice::open(stack, pass, &ember_crypto::OpenOptions::default())
+                    CryptDevice::open(stack, pass, &self.unlock_limits)
                         .context("unlock the LUKS volume")?,
                 );
             }
