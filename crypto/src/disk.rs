@@ -77,7 +77,10 @@ pub(crate) fn wipe(disk: &mut dyn Disk, offset: u64, len: u64) -> crate::Result<
     while done < len {
         let n = (len - done).min(CHUNK) as usize;
         crate::kdf::random(&mut junk[..n])?;
-        disk.write_at(offset + done, &junk[..n])?;
+        let at = offset
+            .checked_add(done)
+            .ok_or_else(|| crate::Error::Corrupt("wipe range overflows".into()))?;
+        disk.write_at(at, &junk[..n])?;
         done += n as u64;
     }
     disk.flush()?;

@@ -16,6 +16,7 @@
 //! `seqid` wins, as in cryptsetup; a damaged copy falls back to the other. The JSON is
 //! parsed strictly: a duplicate key anywhere is refused (two parsers could otherwise read
 //! two different headers from one text), and serde_json bounds nesting at 128 levels.
+//! Unknown keys are kept and never interpreted (tokens, flags, newer fields).
 //! Structure checked before anything is used: object ids are canonical decimal numbers
 //! below 32; `json_size` matches the header size; the keyslots area (a multiple of 4096)
 //! starts after both copies and ends at or before the data segment; every keyslot area
@@ -968,7 +969,10 @@ impl Header {
             if at.saturating_add(area_size) <= *s {
                 break;
             }
-            at = at.max(*e).next_multiple_of(AREA_ALIGN);
+            at = at
+                .max(*e)
+                .checked_next_multiple_of(AREA_ALIGN)
+                .ok_or(Error::NoFreeKeyslot)?;
         }
         if at.saturating_add(area_size) > self.keyslots_end()? {
             return Err(Error::NoFreeKeyslot);
