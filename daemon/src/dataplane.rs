@@ -120,8 +120,8 @@ struct Inner {
     vhost_dir: PathBuf,
     volumes: Mutex<Volumes>,
     stopping: AtomicBool,
-    /// Limits applied when unlocking volumes' LUKS headers.
-    unlock: ember_crypto::OpenOptions,
+    /// Cost limits for every LUKS header this data plane reads (`emberd serve --max-…`).
+    unlock: ember_crypto::UnlockLimits,
 }
 
 /// `emberd serve`'s data plane (cheap to clone).
@@ -204,11 +204,13 @@ fn qos(q: &ember_control::dataplane::QosLimits) -> QosLimits {
 
 impl EmberDataPlane {
     /// Open the pools (name → directory), start the NBD server listening on `listen`,
-    /// and put vhost-user sockets in `vhost_dir`. Returns the bound NBD addresses too.
+    /// and put vhost-user sockets in `vhost_dir`; every LUKS header is read within
+    /// `unlock` (`emberd serve --max-…`). Returns the bound NBD addresses too.
     pub fn start(
         pools: Vec<(String, PathBuf)>,
         listen: &[ListenAddr],
         vhost_dir: PathBuf,
+        unlock: ember_crypto::UnlockLimits,
     ) -> anyhow::Result<(Self, Vec<String>)> {
         let mut ps: Vec<Arc<dyn Pool>> = Vec::new();
         for (name, dir) in pools {
@@ -244,7 +246,7 @@ impl EmberDataPlane {
             vhost_dir,
             volumes: Mutex::default(),
             stopping: AtomicBool::new(false),
-            unlock: ember_crypto::OpenOptions::default(),
+            unlock,
         };
         Ok((
             EmberDataPlane {
@@ -517,7 +519,7 @@ impl Inner {
             open: OpenOptions::default(),
             luks: req.passphrase.as_ref().map(|pass| Unlock {
                 passphrase: pass.expose(),
-                options: self.unlock,
+                limits: self.unlock,
             }),
             qos: qos(&req.qos),
             gate: Some(gate),

@@ -45,9 +45,9 @@ pub struct ExportArgs {
     /// Open --file as a LUKS volume with the passphrase in this file.
     #[arg(long)]
     pub passphrase_file: Option<PathBuf>,
-    /// With --passphrase-file: refuse argon2 keyslots needing more memory than this (KiB).
-    #[arg(long, default_value_t = ember_crypto::keyslot::DEFAULT_MAX_ARGON2_KIB)]
-    pub max_argon2_memory: u64,
+    /// With --passphrase-file: cost limits for the LUKS header.
+    #[command(flatten)]
+    pub limits: crate::luks::LimitArgs,
 }
 
 /// Block SIGINT and SIGTERM in this thread (and every thread it starts later).
@@ -101,7 +101,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         },
         luks: passphrase.as_ref().map(|p| Unlock {
             passphrase: p,
-            options: crate::luks::open_opts(args.max_argon2_memory),
+            limits: args.limits.limits(),
         }),
         qos: QosLimits::default(),
         gate: None,

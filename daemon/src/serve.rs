@@ -19,10 +19,12 @@
 //! running (a copy, an unlock).
 
 use crate::dataplane::EmberDataPlane;
+use crate::luks::LimitArgs;
 use crate::nbd::ListenAddr;
 use anyhow::Context;
 use clap::Args;
 use ember_control::{Control, ControlConfig};
+use ember_crypto::UnlockLimits;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +62,8 @@ pub struct ServeArgs {
     /// of it, and a dead node's locks free up after it [default: 30].
     #[arg(long, env = "EMBER_LOCK_LEASE_SECS", value_name = "SECS")]
     pub lock_lease_secs: Option<u64>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 /// The `--config` file.
@@ -74,6 +78,14 @@ pub struct ConfigFile {
     pub node_name: Option<String>,
     pub master_key_file: Option<PathBuf>,
     pub pools: Option<BTreeMap<String, PoolConfig>>,
+    pub max_pbkdf2_iterations: Option<u32>,
+    pub max_argon2_time: Option<u32>,
+    pub max_argon2_memory: Option<u64>,
+    pub max_argon2_lanes: Option<u32>,
+    pub max_digest_iterations: Option<u32>,
+    pub max_af_stripes: Option<u32>,
+    pub max_luks2_metadata: Option<u64>,
+    pub max_keyslots_area: Option<u64>,
 }
 
 /// A storage pool (a directory holding volume files).
@@ -95,6 +107,8 @@ pub struct ServeConfig {
     pub master_key_file: Option<PathBuf>,
     pub pools: BTreeMap<String, PoolConfig>,
     pub lock_lease: Duration,
+    /// Cost limits for LUKS headers (the `--max-…` flags).
+    pub unlock_limits: UnlockLimits,
 }
 
 /// Default lease of this node's database locks.
@@ -167,6 +181,19 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         (1..=3600).contains(&lease_secs),
         "--lock-lease-secs must be 1..3600"
     );
+    let unlock_limits = args
+        .limits
+        .or(&LimitArgs {
+            max_pbkdf2_iterations: file.max_pbkdf2_iterations,
+            max_argon2_time: file.max_argon2_time,
+            max_argon2_memory: file.max_argon2_memory,
+            max_argon2_lanes: file.max_argon2_lanes,
+            max_digest_iterations: file.max_digest_iterations,
+            max_af_stripes: file.max_af_stripes,
+            max_luks2_metadata: file.max_luks2_metadata,
+            max_keyslots_area: file.max_keyslots_area,
+        })
+        .limits();
     let mut pools = file.pools.unwrap_or_default();
     if pools.is_empty() {
         pools.insert(
@@ -186,6 +213,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         master_key_file,
         pools,
         lock_lease: Duration::from_secs(lease_secs),
+        unlock_limits,
     })
 }
 
@@ -228,7 +256,8 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         pools.push((n.clone(), absolute(&p.path)?));
     }
     let vhost_dir = absolute(&cfg.vhost_dir)?;
-    let (dataplane, nbd_bound) = EmberDataPlane::start(pools, &cfg.nbd, vhost_dir)?;
+    let (dataplane, nbd_bound) =
+        EmberDataPlane::start(pools, &cfg.nbd, vhost_dir, cfg.unlock_limits)?;
     let dataplane = Arc::new(dataplane);
     let ccfg = ControlConfig {
         data_dir: cfg.data_dir.clone(),
@@ -351,6 +380,7 @@ mod tests {
             master_key_file: None,
             config: None,
             lock_lease_secs: None,
+            limits: LimitArgs::default(),
         }
     }
 
@@ -388,6 +418,22 @@ mod tests {
         assert_eq!(c.database, "mysql://u:p@db/ember");
         assert_eq!(c.vhost_dir, PathBuf::from("/srv/ember/vhost"));
         assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.unlock_limits, UnlockLimits::default());
+        // LUKS cost limits: flag over file over default.
+        std::fs::write(
+            &f,
+            "max-pbkdf2-iterations = 5000000\nmax-argon2-memory = 65536\nmax-af-stripes = 8000\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.limits.max_argon2_memory = Some(2 << 20);
+        let l = resolve(a).unwrap().unlock_limits;
+        assert_eq!(
+            (l.pbkdf2_iterations, l.argon2_memory_kib, l.af_stripes),
+            (5_000_000, 2 << 20, 8000)
+        );
+        assert_eq!(l.argon2_time, UnlockLimits::default().argon2_time);
         std::fs::write(&f, "colour = 1\n").unwrap();
         let mut a = args();
         a.config = Some(f);

@@ -23,6 +23,7 @@ fn start() -> Fx {
         vec![("default".into(), dir.path().join("pool"))],
         &[ListenAddr::Unix(sock.clone())],
         dir.path().join("vhost"),
+        ember_crypto::UnlockLimits::default(),
     )
     .unwrap();
     assert_eq!(bound, vec![format!("unix:{}", sock.display())]);
