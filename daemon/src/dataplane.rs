@@ -17,7 +17,7 @@
 //!   the guest); NBD clients see the new size on their next connection.
 
 use crate::luks::FileDisk;
-use crate::nbd::{ListenAddr, NbdServer};
+use crate::nbd::{ListenAddr, NbdLimits, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
 use anyhow::{bail, Context};
 use ember_blockdev::layer::crypt::CryptDevice;
@@ -79,11 +79,13 @@ pub struct EmberDataPlane {
 }
 
 impl EmberDataPlane {
-    /// Open the pools (name → directory), start the NBD server listening on `listen`,
-    /// and put vhost-user sockets in `vhost_dir`. Returns the bound NBD addresses too.
+    /// Open the pools (name → directory), start the NBD server listening on `listen`
+    /// under `nbd_limits`, and put vhost-user sockets in `vhost_dir`. Returns the bound
+    /// NBD addresses too.
     pub fn start(
         pools: Vec<(String, PathBuf)>,
         listen: &[ListenAddr],
+        nbd_limits: NbdLimits,
         vhost_dir: PathBuf,
     ) -> anyhow::Result<(Self, Vec<String>)> {
         let mut ps: Vec<Arc<dyn Pool>> = Vec::new();
@@ -95,7 +97,7 @@ impl EmberDataPlane {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let server = NbdServer::start(threads)?;
+        let server = NbdServer::start(threads, nbd_limits)?;
         let mut bound = Vec::new();
         let mut endpoints = Vec::new();
         for a in listen {
@@ -436,6 +438,7 @@ mod tests {
         let (dp, bound) = EmberDataPlane::start(
             vec![("default".into(), d.path().join("pool"))],
             &[ListenAddr::Unix(sock.clone())],
+            NbdLimits::default(),
             d.path().join("vhost"),
         )
         .unwrap();

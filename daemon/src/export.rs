@@ -9,7 +9,7 @@
 //! opened as a LUKS1/LUKS2 volume and its plaintext is served (the crypt layer of
 //! `ember-blockdev` over the file); the listeners appear once the keyslot is unlocked.
 
-use crate::nbd::{ListenAddr, NbdServer};
+use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits, NbdServer};
 use anyhow::Context;
 use clap::Args;
 use ember_blockdev::{BackendSpec, OpenOptions};
@@ -45,6 +45,9 @@ pub struct ExportArgs {
     /// With --passphrase-file: refuse argon2 keyslots needing more memory than this (KiB).
     #[arg(long, default_value_t = ember_crypto::keyslot::DEFAULT_MAX_ARGON2_KIB)]
     pub max_argon2_memory: u64,
+    /// NBD memory, connection and time limits.
+    #[command(flatten)]
+    pub nbd_limits: NbdLimitArgs,
 }
 
 /// Block SIGINT and SIGTERM in this thread (and every thread it starts later).
@@ -84,6 +87,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .iter()
         .map(|a| a.parse::<ListenAddr>())
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let limits = NbdLimits::try_from(&args.nbd_limits)?;
     let opts = OpenOptions {
         read_only: args.read_only,
         ..OpenOptions::default()
@@ -108,7 +112,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             .unwrap_or(1)
     });
     anyhow::ensure!(threads >= 1, "--threads must be at least 1");
-    let server = NbdServer::start(threads)?;
+    let server = NbdServer::start(threads, limits)?;
     server.add_export(&args.name, dev.clone(), args.read_only)?;
     let mut bound = Vec::new();
     for a in &addrs {

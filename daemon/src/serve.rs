@@ -16,7 +16,7 @@
 //! cleans up after a crash; lock leases are renewed every third of `--lock-lease-secs`.
 
 use crate::dataplane::EmberDataPlane;
-use crate::nbd::ListenAddr;
+use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits};
 use anyhow::Context;
 use clap::Args;
 use ember_control::{Control, ControlConfig};
@@ -57,6 +57,9 @@ pub struct ServeArgs {
     /// of it, and a dead node's locks free up after it [default: 30].
     #[arg(long, env = "EMBER_LOCK_LEASE_SECS", value_name = "SECS")]
     pub lock_lease_secs: Option<u64>,
+    /// NBD memory, connection and time limits.
+    #[command(flatten)]
+    pub nbd_limits: NbdLimitArgs,
 }
 
 /// The `--config` file.
@@ -86,6 +89,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub rest: std::net::SocketAddr,
     pub nbd: Vec<ListenAddr>,
+    pub nbd_limits: NbdLimits,
     pub vhost_dir: PathBuf,
     pub database: String,
     pub node_name: String,
@@ -138,6 +142,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
                 .with_context(|| format!("--nbd {s:?}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let nbd_limits = NbdLimits::try_from(&args.nbd_limits)?;
     let vhost_dir = args
         .vhost_dir
         .or(file.vhost_dir)
@@ -177,6 +182,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         data_dir,
         rest,
         nbd,
+        nbd_limits,
         vhost_dir,
         database,
         node_name,
@@ -219,7 +225,8 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         pools.push((n.clone(), absolute(&p.path)?));
     }
     let vhost_dir = absolute(&cfg.vhost_dir)?;
-    let (dataplane, nbd_bound) = EmberDataPlane::start(pools, &cfg.nbd, vhost_dir)?;
+    let (dataplane, nbd_bound) =
+        EmberDataPlane::start(pools, &cfg.nbd, cfg.nbd_limits.clone(), vhost_dir)?;
     let dataplane = Arc::new(dataplane);
     let ccfg = ControlConfig {
         data_dir: cfg.data_dir.clone(),
@@ -342,6 +349,7 @@ mod tests {
             master_key_file: None,
             config: None,
             lock_lease_secs: None,
+            nbd_limits: NbdLimitArgs::default(),
         }
     }
 

@@ -4,30 +4,104 @@
 //! `NBD_OPT_EXPORT_NAME` selects an export (→ transmission) or the client aborts. It reads
 //! exactly the bytes of each option, never more, so requests the client pipelines after
 //! `GO` stay in the socket for the I/O thread. Unknown options get `NBD_REP_ERR_UNSUP`;
-//! TLS is not offered (`NBD_REP_ERR_POLICY`). Option data is bounded
-//! ([`MAX_OPTION_BYTES`]); more is a protocol violation and ends the connection.
+//! TLS is not offered (`NBD_REP_ERR_POLICY`).
+//!
+//! Bounds: option data ([`MAX_OPTION_BYTES`]; more is answered `NBD_REP_ERR_TOO_BIG` and
+//! ends the connection), options per handshake ([`MAX_OPTIONS`], then the connection
+//! ends), and time: the caller wraps the socket in a [`Deadline`], one deadline for the
+//! whole handshake however the client spreads its bytes. At `NBD_OPT_GO` (or
+//! `EXPORT_NAME`) the caller's `admit` decides whether the connection may start (its
+//! connection and memory limits, [`super::gate`]); a refusal is answered
+//! `NBD_REP_ERR_POLICY` with the reason, and the client may try another option or leave.
+//!
+//! [`negotiate`] is generic over the stream: the fuzz target `nbd_handshake` runs it on
+//! bytes in memory.
 
+use super::gate::Refusal;
 use super::proto::{self, info, opt, rep};
 use super::{Export, Registry};
+use socket2::SockRef;
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Largest option payload accepted (names and queries are at most 4 KiB each).
 pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
-/// Options accepted before the client must pick an export.
-const MAX_OPTIONS: usize = 4096;
+/// Options accepted before the client must pick an export: real clients use a handful
+/// (`nbdinfo --list` about four per export listed).
+pub const MAX_OPTIONS: usize = 1024;
 /// Context id of `base:allocation` once selected.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Outcome of a successful handshake.
 #[derive(Debug)]
-pub struct Negotiated {
+pub struct Negotiated<A> {
     /// The selected export.
     pub export: Arc<Export>,
     /// Structured replies were negotiated.
     pub structured: bool,
     /// `base:allocation` was selected (its context id is [`BASE_ALLOCATION_ID`]).
     pub meta_context: bool,
+    /// What `admit` gave for it.
+    pub admission: A,
+}
+
+/// A socket whose every read and write must finish before one deadline: each call gets
+/// the time left as its socket timeout, and fails with `TimedOut` once none is left.
+#[derive(Debug)]
+pub struct Deadline<'a, S> {
+    s: &'a mut S,
+    at: Instant,
+}
+
+impl<'a, S: AsFd> Deadline<'a, S> {
+    /// `s` until `now + limit`.
+    pub fn new(s: &'a mut S, limit: Duration) -> Self {
+        Deadline {
+            s,
+            at: Instant::now() + limit,
+        }
+    }
+
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ));
+        }
+        // A zero timeout would mean "none": at least a millisecond.
+        Ok(left.max(Duration::from_millis(1)))
+    }
+}
+
+fn timed_out(e: io::Error) -> io::Error {
+    // A socket timeout reads as WouldBlock: say what it is.
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed")
+    } else {
+        e
+    }
+}
+
+impl<S: AsFd + Read> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        SockRef::from(&*self.s).set_read_timeout(Some(self.left()?))?;
+        self.s.read(buf).map_err(timed_out)
+    }
+}
+
+impl<S: AsFd + Write> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        SockRef::from(&*self.s).set_write_timeout(Some(self.left()?))?;
+        self.s.write(buf).map_err(timed_out)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -40,11 +114,13 @@ fn reply<S: Write>(s: &mut S, option: u32, ty: u32, data: &[u8]) -> io::Result<(
     s.write_all(&out)
 }
 
-/// Run the handshake. `Ok(None)`: the client ended it (abort, unknown `EXPORT_NAME`).
-pub fn negotiate<S: Read + Write>(
+/// Run the handshake; `admit` decides whether the chosen export's connection may start.
+/// `Ok(None)`: the client ended it (abort, unknown or refused `EXPORT_NAME`).
+pub fn negotiate<S: Read + Write, A>(
     s: &mut S,
     registry: &Registry,
-) -> io::Result<Option<Negotiated>> {
+    admit: &mut dyn FnMut(&Arc<Export>) -> Result<A, Refusal>,
+) -> io::Result<Option<Negotiated<A>>> {
     s.write_all(&proto::greeting())?;
     let mut fl = [0u8; 4];
     s.read_exact(&mut fl)?;
@@ -76,6 +152,13 @@ pub fn negotiate<S: Read + Write>(
                     tracing::info!(export = %name, "client asked for an unknown export");
                     return Ok(None);
                 };
+                let admission = match admit(&export) {
+                    Ok(a) => a,
+                    Err(why) => {
+                        tracing::info!(export = %name, "refusing the client: {why}");
+                        return Ok(None);
+                    }
+                };
                 let info = export.dev.info();
                 s.write_all(&proto::export_name_reply(
                     info.size,
@@ -87,6 +170,7 @@ pub fn negotiate<S: Read + Write>(
                     export,
                     structured,
                     meta_context,
+                    admission,
                 }));
             }
             opt::ABORT => {
@@ -115,6 +199,19 @@ pub fn negotiate<S: Read + Write>(
                     reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes())?;
                     continue;
                 };
+                // Admission comes before any reply of GO, so a refusal is its only reply.
+                let admission = if option == opt::GO {
+                    match admit(&export) {
+                        Ok(a) => Some(a),
+                        Err(why) => {
+                            tracing::info!(export = %name, "refusing the client: {why}");
+                            reply(s, option, rep::ERR_POLICY, why.to_string().as_bytes())?;
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let dinfo = export.dev.info();
                 let flags = export.transmission_flags(structured);
                 reply(s, option, rep::INFO, &proto::info_export(dinfo.size, flags))?;
@@ -142,12 +239,13 @@ pub fn negotiate<S: Read + Write>(
                     &proto::info_block_size(min, pref, export.max_block()),
                 )?;
                 reply(s, option, rep::ACK, &[])?;
-                if option == opt::GO {
+                if let Some(admission) = admission {
                     let meta_context = meta_for.as_deref() == Some(name.as_str());
                     return Ok(Some(Negotiated {
                         export,
                         structured,
                         meta_context,
+                        admission,
                     }));
                 }
             }
@@ -214,7 +312,7 @@ pub fn negotiate<S: Read + Write>(
             _ => reply(s, option, rep::ERR_UNSUP, b"option not supported")?,
         }
     }
-    Err(invalid("too many options"))
+    Err(invalid(format!("more than {MAX_OPTIONS} options")))
 }
 
 #[cfg(test)]
@@ -278,7 +376,7 @@ mod tests {
         let reg = registry();
         let (mut c, mut s) = UnixStream::pair().unwrap();
         let r2 = reg.clone();
-        let server = std::thread::spawn(move || negotiate(&mut s, &r2));
+        let server = std::thread::spawn(move || negotiate(&mut s, &r2, &mut |_| Ok(())));
         let mut g = [0u8; 18];
         c.read_exact(&mut g).unwrap();
         assert_eq!(g, proto::greeting());
@@ -342,7 +440,7 @@ mod tests {
         let reg = registry();
         let (mut c, mut s) = UnixStream::pair().unwrap();
         let r2 = reg.clone();
-        let server = std::thread::spawn(move || negotiate(&mut s, &r2));
+        let server = std::thread::spawn(move || negotiate(&mut s, &r2, &mut |_| Ok(())));
         let mut g = [0u8; 18];
         c.read_exact(&mut g).unwrap();
         c.write_all(&1u32.to_be_bytes()).unwrap();
@@ -351,7 +449,7 @@ mod tests {
         assert!(server.join().unwrap().unwrap().is_none());
 
         let (mut c, mut s) = UnixStream::pair().unwrap();
-        let server = std::thread::spawn(move || negotiate(&mut s, &reg));
+        let server = std::thread::spawn(move || negotiate(&mut s, &reg, &mut |_| Ok(())));
         c.read_exact(&mut g).unwrap();
         c.write_all(&1u32.to_be_bytes()).unwrap();
         c.write_all(b"GARBAGE!GARBAGE!GARBAGE!").unwrap();

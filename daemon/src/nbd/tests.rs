@@ -110,7 +110,7 @@ fn reply(s: &mut UnixStream, data: usize) -> (u32, u64) {
 fn exports_come_and_go_at_run_time() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sock");
-    let server = NbdServer::start(2).unwrap();
+    let server = NbdServer::start(2, NbdLimits::default()).unwrap();
     server.add_export("a", null(1 << 20), false).unwrap();
     server.add_export("b", null(1 << 20), true).unwrap();
     assert!(server.add_export("a", null(1), false).is_err());
@@ -152,7 +152,7 @@ fn exports_come_and_go_at_run_time() {
 fn far_more_requests_than_the_in_flight_bound_all_get_replies() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sock");
-    let server = NbdServer::start(1).unwrap();
+    let server = NbdServer::start(1, NbdLimits::default()).unwrap();
     server.add_export("", null(1 << 30), false).unwrap();
     server.listen(&ListenAddr::Unix(path.clone())).unwrap();
     let s = connect(&path, "").unwrap();
@@ -261,7 +261,7 @@ impl ember_blockdev::Queue for FailingQueue {
 fn disk_errors_reach_the_client_as_nbd_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sock");
-    let server = NbdServer::start(1).unwrap();
+    let server = NbdServer::start(1, NbdLimits::default()).unwrap();
     server.add_export("", Arc::new(Failing), false).unwrap();
     server.listen(&ListenAddr::Unix(path.clone())).unwrap();
 
