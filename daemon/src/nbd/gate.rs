@@ -1,21 +1,27 @@
 //! Admission and memory accounting, shared by a server's listeners and I/O threads.
 //!
 //! - [`Budget`]: the bytes all connections together may hold (`--nbd-memory-mib`), one
-//!   atomic counter. At start the server takes each I/O thread's idle-buffer [`Pool`]
-//!   out of it; the rest is for connections.
+//!   atomic counter, split when the server starts ([`Gate::new`]):
+//!
+//!   ```text
+//!   | idle-buffer pools | max_conns × connection floor | shared: charged request by request |
+//!   | threads × ≤ 8 MiB | (reserved: admission never   | (≥ one maximum-size request)       |
+//!   |                   |  waits for memory)           |                                    |
+//!   ```
 //! - [`Gate`]: counts handshakes and connections, in all and per [`Peer`] (a TCP client's
 //!   IP address, a Unix-socket client's uid from `SO_PEERCRED`). A handshake beyond its
 //!   bounds is closed before the greeting; a connection beyond its bounds is refused at
 //!   `NBD_OPT_GO` with a message ([`Refusal`]).
-//! - [`ConnSlot`]: what an admitted connection holds. Admission takes the connection's
-//!   floor from the budget: its fixed part (receive buffer, bookkeeping) and
-//!   [`FLOOR_IO_BYTES`](super::conn::FLOOR_IO_BYTES) of requests, so small requests always
-//!   make progress. Anything beyond the floor is charged request by request
-//!   ([`ConnSlot::try_charge`]) and taken from the budget in [`GRAIN_BYTES`] grains; a
-//!   connection that cannot get more stops reading until its own replies drain (or, when
-//!   it holds nothing, until its I/O thread's next tick). Admission also leaves one
-//!   maximum-size request of headroom in the budget, so any single request can always be
-//!   served once the others' memory drains. Dropping the slot gives everything back.
+//! - [`ConnSlot`]: what an admitted connection holds. Its floor (its fixed part: receive
+//!   buffer, bookkeeping; and [`FLOOR_IO_BYTES`](super::conn::FLOOR_IO_BYTES) of requests)
+//!   was reserved at start, so a new connection and its small requests always make
+//!   progress, however much the others hold. Anything beyond the floor is charged request
+//!   by request ([`ConnSlot::try_charge`]) and taken from the shared part in
+//!   [`GRAIN_BYTES`] grains; a connection that cannot get more stops reading until its own
+//!   replies drain (or, when it holds nothing, until its I/O thread's next tick). The
+//!   shared part holds at least one maximum-size request, so any single request is served
+//!   once the others' charges drain (they do: their clients read, or are dropped at their
+//!   stall deadline). Dropping the slot gives its grants back.
 //!
 //! So the daemon's NBD memory is at most the budget, whatever the clients do; one
 //! connection's at most `--nbd-conn-memory-mib`.
@@ -119,8 +125,6 @@ pub enum Refusal {
     Conns(usize),
     /// `--nbd-max-conns-per-peer` connections of this peer are open.
     PeerConns(usize),
-    /// The memory budget cannot hold another connection.
-    Memory,
 }
 
 impl std::fmt::Display for Refusal {
@@ -135,7 +139,6 @@ impl std::fmt::Display for Refusal {
                 f,
                 "server busy: too many NBD connections from this client (limit {n})"
             ),
-            Refusal::Memory => write!(f, "server busy: NBD memory budget exhausted"),
         }
     }
 }
@@ -161,14 +164,34 @@ pub struct Gate {
     state: Mutex<GateState>,
 }
 
+/// Bytes reserved per connection at start: its fixed part and its request floor.
+pub const CONN_FLOOR_BYTES: usize = super::conn::FIXED_BYTES + super::conn::FLOOR_IO_BYTES;
+
 impl Gate {
-    /// A gate for `limits`, over `budget`.
-    pub fn new(limits: NbdLimits, budget: Arc<Budget>) -> Gate {
-        Gate {
+    /// A gate for `limits`, whose budget first holds `pools` bytes of idle buffers and
+    /// every connection's floor; fails if what is left cannot hold one maximum-size
+    /// request.
+    pub fn new(limits: NbdLimits, pools: usize) -> anyhow::Result<Gate> {
+        let budget = Arc::new(Budget::new(limits.memory_bytes));
+        let floors = limits.max_conns.saturating_mul(CONN_FLOOR_BYTES);
+        let reserved = pools.saturating_add(floors);
+        let shared = super::MAX_BLOCK_BYTES as usize;
+        anyhow::ensure!(
+            budget.try_take(reserved, shared),
+            "--nbd-memory-mib {} cannot hold {} MiB of I/O thread buffers, {} connections \
+             (--nbd-max-conns) of {} KiB each and one {} MiB request: give at least {} MiB",
+            limits.memory_bytes >> 20,
+            pools >> 20,
+            limits.max_conns,
+            CONN_FLOOR_BYTES >> 10,
+            shared >> 20,
+            reserved.saturating_add(shared).div_ceil(1 << 20)
+        );
+        Ok(Gate {
             limits,
             budget,
             state: Mutex::new(GateState::default()),
-        }
+        })
     }
 
     /// The limits.
@@ -227,16 +250,11 @@ impl Gate {
         {
             return Err(Refusal::PeerConns(self.limits.max_conns_per_peer));
         }
-        let floor = super::conn::FIXED_BYTES + super::conn::FLOOR_IO_BYTES;
-        if !self.budget.try_take(floor, super::MAX_BLOCK_BYTES as usize) {
-            return Err(Refusal::Memory);
-        }
         st.conns += 1;
         st.peers.entry(peer.clone()).or_default().conns += 1;
         Ok(ConnSlot {
             gate: self.clone(),
             peer: peer.clone(),
-            floor,
             data_cap: self
                 .limits
                 .conn_memory_bytes
@@ -291,8 +309,6 @@ impl Drop for HandshakeSlot {
 pub struct ConnSlot {
     gate: Arc<Gate>,
     peer: Peer,
-    /// Taken from the budget at admission.
-    floor: usize,
     /// Most bytes `held` may reach (the connection's limit less its fixed part).
     data_cap: usize,
     /// Taken from the budget beyond the floor.
@@ -355,7 +371,8 @@ impl ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
-        self.gate.budget.give(self.floor + self.granted);
+        // The floor stays reserved for the next connection.
+        self.gate.budget.give(self.granted);
         self.gate.release(&self.peer, false);
     }
 }
@@ -479,7 +496,7 @@ mod tests {
             max_conns_per_peer: per_peer,
             ..NbdLimits::default()
         };
-        Arc::new(Gate::new(limits, Arc::new(Budget::new(memory))))
+        Arc::new(Gate::new(limits, 0).unwrap())
     }
 
     #[test]
@@ -511,8 +528,8 @@ mod tests {
         assert_eq!(g.conns(), 3);
         assert_eq!(
             g.budget().used(),
-            3 * (FIXED_BYTES + FLOOR_IO_BYTES),
-            "each connection holds its floor"
+            3 * CONN_FLOOR_BYTES,
+            "the floors are reserved at start, admission takes nothing more"
         );
     }
 
@@ -544,27 +561,40 @@ mod tests {
     }
 
     #[test]
-    fn memory_refuses_connections_and_requests_beyond_the_budget() {
-        // Room for two floors and the headroom of one maximum request, not three floors.
-        let floor = FIXED_BYTES + FLOOR_IO_BYTES;
+    fn the_budget_is_split_at_start_and_charges_share_the_rest() {
         let max = crate::nbd::MAX_BLOCK_BYTES as usize;
-        let g = gate(2 * floor + max + 1024, 100, 100);
+        let limits = |memory| NbdLimits {
+            memory_bytes: memory,
+            conn_memory_bytes: 40 << 20,
+            max_conns: 2,
+            max_conns_per_peer: 2,
+            ..NbdLimits::default()
+        };
+        // Two floors and less than one maximum request: refused at start.
+        let e = Gate::new(limits(2 * CONN_FLOOR_BYTES + max - 1), 0).unwrap_err();
+        assert!(e.to_string().contains("give at least"), "{e}");
+        assert!(Gate::new(limits(2 * CONN_FLOOR_BYTES + max), 1).is_err());
+        // Room for the floors and one maximum request and a half.
+        let g = Arc::new(Gate::new(limits(2 * CONN_FLOOR_BYTES + max + max / 2), 0).unwrap());
         let mut a = g.admit(&Peer::Uid(1)).unwrap();
-        let b = g.admit(&Peer::Uid(2)).unwrap();
-        assert_eq!(g.admit(&Peer::Uid(3)).unwrap_err(), Refusal::Memory);
+        let mut b = g.admit(&Peer::Uid(2)).unwrap();
         // Within the floor: no budget taken.
         let used = g.budget().used();
         assert!(a.try_charge(FLOOR_IO_BYTES));
         assert_eq!(g.budget().used(), used);
         a.uncharge(FLOOR_IO_BYTES);
-        // One maximum request fits in the headroom; a second does not.
+        // One maximum request fits in the shared part; a second, on another connection,
+        // does not until the first is given back.
         assert!(a.try_charge(max));
-        assert!(!a.try_charge(max));
-        assert_eq!(a.held(), max);
+        assert!(!b.try_charge(max));
+        assert_eq!(b.held(), 0);
+        // Small requests of the other connection still go through (its floor).
+        assert!(b.try_charge(64 << 10));
         a.uncharge(max);
         assert_eq!(g.budget().used(), used, "an idle connection keeps no grant");
+        assert!(b.try_charge(max));
         drop((a, b));
-        assert_eq!(g.budget().used(), 0);
+        assert_eq!(g.budget().used(), used, "the floors stay reserved");
     }
 
     #[test]

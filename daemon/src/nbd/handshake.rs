@@ -320,6 +320,7 @@ mod tests {
     use super::*;
     use ember_blockdev::{open, BackendSpec, OpenOptions};
     use std::os::unix::net::UnixStream;
+    use std::time::Duration;
 
     fn registry() -> Arc<Registry> {
         let r = Arc::new(Registry::default());
@@ -454,5 +455,279 @@ mod tests {
         c.write_all(&1u32.to_be_bytes()).unwrap();
         c.write_all(b"GARBAGE!GARBAGE!GARBAGE!").unwrap();
         assert!(server.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn one_deadline_for_the_whole_handshake_however_the_bytes_trickle() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let t = std::time::Instant::now();
+        let server = std::thread::spawn(move || {
+            negotiate(
+                &mut Deadline::new(&mut s, Duration::from_millis(1500)),
+                &reg,
+                &mut |_| Ok(()),
+            )
+        });
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        // A byte every 200 ms: each read is quick, the handshake never ends by itself.
+        let trickle = std::thread::spawn(move || {
+            let mut b = Vec::from(3u32.to_be_bytes());
+            for _ in 0..20 {
+                b.extend_from_slice(b"IHAVEOPT\0\0\0\x63\0\0\0\0");
+            }
+            for x in b {
+                if c.write_all(&[x]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let e = server.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        trickle.join().unwrap();
+    }
+
+    #[test]
+    fn options_are_bounded() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || negotiate(&mut s, &reg, &mut |_| Ok(())));
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+        let reader = {
+            let mut c = c.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                let mut h = [0u8; 20];
+                while c.read_exact(&mut h).is_ok() {
+                    let l = u32::from_be_bytes(h[16..20].try_into().unwrap());
+                    let mut d = vec![0u8; l as usize];
+                    c.read_exact(&mut d).unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        for _ in 0..MAX_OPTIONS + 10 {
+            let mut b = Vec::new();
+            b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&99u32.to_be_bytes());
+            b.extend_from_slice(&0u32.to_be_bytes());
+            if c.write_all(&b).is_err() {
+                break;
+            }
+        }
+        let e = server.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("options"), "{e}");
+        drop(c);
+        assert_eq!(reader.join().unwrap(), MAX_OPTIONS);
+    }
+
+    #[test]
+    fn a_refusal_at_go_is_err_policy_with_the_reason_and_the_client_may_go_on() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let mut n = 0;
+        let server = std::thread::spawn(move || {
+            negotiate(&mut s, &reg, &mut |_| {
+                n += 1;
+                if n == 1 {
+                    Err(Refusal::Conns(7))
+                } else {
+                    Ok(n)
+                }
+            })
+        });
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+        send_opt(&mut c, opt::GO, &go_data("vol"));
+        let (o, t, d) = read_reply(&mut c);
+        assert_eq!((o, t), (opt::GO, rep::ERR_POLICY));
+        assert_eq!(
+            String::from_utf8(d).unwrap(),
+            "server busy: too many NBD connections (limit 7)"
+        );
+        // INFO is not admission; a second GO is admitted.
+        send_opt(&mut c, opt::INFO, &go_data("vol"));
+        while read_reply(&mut c).1 != rep::ACK {}
+        send_opt(&mut c, opt::GO, &go_data("vol"));
+        while read_reply(&mut c).1 != rep::ACK {}
+        let got = server.join().unwrap().unwrap().unwrap();
+        assert_eq!(got.admission, 2);
+    }
+
+    #[test]
+    fn huge_option_lengths_are_refused_before_any_allocation() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || negotiate(&mut s, &reg, &mut |_| Ok(())));
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut b = Vec::new();
+        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&opt::GO.to_be_bytes());
+        b.extend_from_slice(&u32::MAX.to_be_bytes());
+        c.write_all(&b).unwrap();
+        assert_eq!(read_reply(&mut c).1, rep::ERR_TOO_BIG);
+        assert!(server.join().unwrap().is_err());
+    }
+
+    /// Bytes in, bytes out: a whole client conversation in memory.
+    struct Mem<'a> {
+        input: &'a [u8],
+        out: Vec<u8>,
+    }
+
+    impl Read for Mem<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Mem<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A random option: a known one with plausible or random data, or anything.
+    fn random_option(r: &mut crate::nbd::testgen::Rng, out: &mut Vec<u8>) {
+        let known = [
+            opt::EXPORT_NAME,
+            opt::ABORT,
+            opt::LIST,
+            opt::STARTTLS,
+            opt::INFO,
+            opt::GO,
+            opt::STRUCTURED_REPLY,
+            opt::LIST_META_CONTEXT,
+            opt::SET_META_CONTEXT,
+        ];
+        let option = if r.below(10) == 0 {
+            r.next() as u32
+        } else {
+            known[r.below(known.len() as u64) as usize]
+        };
+        let data = match r.below(4) {
+            0 => {
+                let mut d = vec![0u8; r.below(64) as usize];
+                r.fill(&mut d);
+                d
+            }
+            1 => go_data(if r.below(2) == 0 { "vol" } else { "nope" }),
+            2 => {
+                let mut d = Vec::new();
+                d.extend_from_slice(&3u32.to_be_bytes());
+                d.extend_from_slice(b"vol");
+                let n = r.below(3) as u32;
+                d.extend_from_slice(&n.to_be_bytes());
+                for _ in 0..n {
+                    let q = if r.below(2) == 0 {
+                        proto::BASE_ALLOCATION
+                    } else {
+                        "base:"
+                    };
+                    d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                    d.extend_from_slice(q.as_bytes());
+                }
+                d
+            }
+            _ => Vec::new(),
+        };
+        out.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&data);
+    }
+
+    #[test]
+    fn property_any_option_sequence_gets_well_formed_replies() {
+        let reg = registry();
+        let mut r = crate::nbd::testgen::Rng::new(0x5eed_0005);
+        for _ in 0..3000 {
+            let mut input = Vec::from(3u32.to_be_bytes());
+            for _ in 0..r.below(12) {
+                random_option(&mut r, &mut input);
+            }
+            // Sometimes cut the conversation short, or flip a byte.
+            if r.below(4) == 0 && !input.is_empty() {
+                let cut = r.below(input.len() as u64) as usize;
+                input.truncate(cut);
+            }
+            if r.below(4) == 0 && !input.is_empty() {
+                let at = r.below(input.len() as u64) as usize;
+                input[at] ^= 1 << r.below(8);
+            }
+            let mut m = Mem {
+                input: &input,
+                out: Vec::new(),
+            };
+            let res = negotiate(&mut m, &reg, &mut |_| Ok(()));
+            // The output: the greeting, then option replies; after EXPORT_NAME its reply.
+            let out = m.out;
+            assert_eq!(&out[..18], &proto::greeting());
+            let mut pos = 18;
+            while pos < out.len() {
+                if out.len() - pos >= 20
+                    && out[pos..pos + 8] == proto::OPT_REPLY_MAGIC.to_be_bytes()
+                {
+                    let l = u32::from_be_bytes(out[pos + 16..pos + 20].try_into().unwrap());
+                    assert!(l <= 64 * 1024);
+                    pos += 20 + l as usize;
+                } else {
+                    // Only the EXPORT_NAME reply has no magic; it ends the handshake.
+                    assert!(matches!(res, Ok(Some(_))), "stray bytes");
+                    assert!(matches!(out.len() - pos, 10 | 134));
+                    pos = out.len();
+                }
+            }
+            assert_eq!(pos, out.len(), "a reply cut short");
+        }
+    }
+
+    #[test]
+    fn property_option_data_decoders_reject_garbage_and_round_trip() {
+        let mut r = crate::nbd::testgen::Rng::new(0x5eed_0006);
+        for _ in 0..20000 {
+            let mut b = vec![0u8; r.below(40) as usize];
+            r.fill(&mut b);
+            if r.below(2) == 0 && b.len() >= 4 {
+                // A plausible length prefix.
+                let n = r.below(b.len() as u64) as u32;
+                b[..4].copy_from_slice(&n.to_be_bytes());
+            }
+            // Never panics; what decodes re-encodes to the same bytes.
+            if let Ok((name, infos)) = proto::decode_info_request(&b) {
+                let mut e = Vec::new();
+                e.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                e.extend_from_slice(name.as_bytes());
+                e.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+                for i in infos {
+                    e.extend_from_slice(&i.to_be_bytes());
+                }
+                assert_eq!(e, b);
+            }
+            if let Ok((name, queries)) = proto::decode_meta_request(&b) {
+                let mut e = Vec::new();
+                e.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                e.extend_from_slice(name.as_bytes());
+                e.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+                for q in queries {
+                    e.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                    e.extend_from_slice(q.as_bytes());
+                }
+                assert_eq!(e, b);
+            }
+        }
     }
 }

@@ -48,7 +48,7 @@ pub use limits::{NbdLimitArgs, NbdLimits};
 
 use anyhow::Context;
 use ember_blockdev::BlockDevice;
-use gate::{Budget, Gate, HandshakeSlot, LogLimiter, Peer};
+use gate::{Gate, HandshakeSlot, LogLimiter, Peer};
 use socket2::SockRef;
 use std::collections::HashMap;
 use std::io;
@@ -192,22 +192,14 @@ pub struct NbdServer {
 }
 
 impl NbdServer {
-    /// Start `threads` I/O threads (at least one) under `limits`. Each thread's idle
-    /// buffer pool is taken from the memory budget here; the rest must hold at least one
-    /// connection with one maximum-size request.
+    /// Start `threads` I/O threads (at least one) under `limits`. The memory budget is
+    /// split here (see [`gate`]): each thread's idle buffers, every connection's floor,
+    /// and a shared rest of at least one maximum-size request, or this fails.
     pub fn start(threads: usize, limits: NbdLimits) -> anyhow::Result<NbdServer> {
         let threads = threads.max(1);
-        let budget = Arc::new(Budget::new(limits.memory_bytes));
         let pool_bytes = (limits.memory_bytes / 8 / threads).min(POOL_MAX_BYTES);
-        let pools = pool_bytes * threads;
-        anyhow::ensure!(
-            budget.try_take(pools, limits::min_conn_bytes()),
-            "--nbd-memory-mib {} is too small for {threads} I/O threads: give at least {} MiB",
-            limits.memory_bytes >> 20,
-            (pools + limits::min_conn_bytes()).div_ceil(1 << 20)
-        );
         let stall = limits.stall_timeout;
-        let gate = Arc::new(Gate::new(limits, budget));
+        let gate = Arc::new(Gate::new(limits, pool_bytes * threads)?);
         let mut workers = Vec::new();
         let mut joins = Vec::new();
         for i in 0..threads {

@@ -248,7 +248,7 @@ impl Framer {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::nbd::testgen::Rng;
 
