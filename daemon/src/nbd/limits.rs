@@ -5,7 +5,7 @@
 //!
 //! | limit | default | flag |
 //! |---|---|---|
-//! | memory of all connections (buffers, replies, receive buffers, idle buffer pools) | 1024 MiB | `--nbd-memory-mib` |
+//! | memory of all connections (buffers, replies, receive buffers, idle buffer pools; split at start, see [`super::gate`]) | 1024 MiB | `--nbd-memory-mib` |
 //! | memory of one connection | 64 MiB | `--nbd-conn-memory-mib` |
 //! | connections after the handshake | 256 | `--nbd-max-conns` |
 //! | connections of one peer (TCP: its IP address; Unix socket: its uid) | 128 | `--nbd-max-conns-per-peer` |
@@ -49,12 +49,15 @@ const MIB: u64 = 1 << 20;
 #[derive(Debug, Clone, Args)]
 pub struct NbdLimitArgs {
     /// Memory all NBD connections together may hold (request and reply buffers, receive
-    /// buffers, idle buffer pools), in MiB. A connection over its share stops reading
-    /// until its replies drain; a new connection that cannot get its minimum is refused.
+    /// buffers, idle buffer pools), in MiB. Split at start: idle buffers, a floor of about
+    /// 1.5 MiB per --nbd-max-conns connection, and a shared rest of at least 32 MiB (else
+    /// emberd does not start). Connections that find the shared rest spent stop reading
+    /// until memory frees.
     #[arg(long, env = "EMBER_NBD_MEMORY_MIB", value_name = "MIB", default_value_t = DEFAULT_MEMORY_MIB)]
     pub nbd_memory_mib: u64,
-    /// Memory one NBD connection may hold, in MiB (at least 33: one 32 MiB request and the
-    /// receive buffer). Over it the connection stops reading until its replies drain.
+    /// Memory one NBD connection may hold, in MiB (at least 34: one 32 MiB request, the
+    /// receive buffer and bookkeeping). Over it the connection stops reading until its
+    /// replies drain.
     #[arg(long, env = "EMBER_NBD_CONN_MEMORY_MIB", value_name = "MIB", default_value_t = DEFAULT_CONN_MEMORY_MIB)]
     pub nbd_conn_memory_mib: u64,
     /// Most NBD connections at once; a client beyond it is refused at NBD_OPT_GO with
