@@ -638,10 +638,11 @@ fn handshakes_trickled_a_byte_at_a_time() {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => closed_at[i] = Some(started.elapsed()),
             }
-            if closed_at[i].is_none() && step < script.len() {
-                if s.write_all(&script[step..step + 1]).is_err() {
-                    closed_at[i] = Some(started.elapsed());
-                }
+            if closed_at[i].is_none()
+                && step < script.len()
+                && s.write_all(&script[step..step + 1]).is_err()
+            {
+                closed_at[i] = Some(started.elapsed());
             }
         }
         step += 1;
