@@ -32,7 +32,7 @@
 //!   config-change notice (QEMU then re-reads the capacity and interrupts the guest);
 //!   NBD clients see the new size on their next connection.
 
-use crate::nbd::{ListenAddr, NbdServer};
+use crate::nbd::{ListenAddr, NbdLimits, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
 use anyhow::Context;
 use ember_blockdev::layer::gate::Gate;
@@ -203,12 +203,14 @@ fn qos(q: &ember_control::dataplane::QosLimits) -> QosLimits {
 }
 
 impl EmberDataPlane {
-    /// Open the pools (name → directory), start the NBD server listening on `listen`,
-    /// and put vhost-user sockets in `vhost_dir`; every LUKS header is read within
-    /// `unlock` (`emberd serve --max-…`). Returns the bound NBD addresses too.
+    /// Open the pools (name → directory), start the NBD server listening on `listen`
+    /// under `nbd_limits`, and put vhost-user sockets in `vhost_dir`; every LUKS header
+    /// is read within `unlock` (`emberd serve --max-…`). Returns the bound NBD addresses
+    /// too.
     pub fn start(
         pools: Vec<(String, PathBuf)>,
         listen: &[ListenAddr],
+        nbd_limits: NbdLimits,
         vhost_dir: PathBuf,
         unlock: ember_crypto::UnlockLimits,
     ) -> anyhow::Result<(Self, Vec<String>)> {
@@ -221,7 +223,7 @@ impl EmberDataPlane {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let server = NbdServer::start(threads)?;
+        let server = NbdServer::start(threads, nbd_limits)?;
         let mut bound = Vec::new();
         let mut endpoints = Vec::new();
         for a in listen {

@@ -10,7 +10,7 @@
 //! opened as a LUKS1/LUKS2 volume and its plaintext is served (the crypt layer over the
 //! file); the listeners appear once the keyslot is unlocked.
 
-use crate::nbd::{ListenAddr, NbdServer};
+use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits, NbdServer};
 use anyhow::Context;
 use clap::Args;
 use ember_blockdev::layer::throttle::QosLimits;
@@ -48,6 +48,9 @@ pub struct ExportArgs {
     /// With --passphrase-file: cost limits for the LUKS header.
     #[command(flatten)]
     pub limits: crate::luks::LimitArgs,
+    /// NBD memory, connection and time limits.
+    #[command(flatten)]
+    pub nbd_limits: NbdLimitArgs,
 }
 
 /// Block SIGINT and SIGTERM in this thread (and every thread it starts later).
@@ -87,6 +90,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .iter()
         .map(|a| a.parse::<ListenAddr>())
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let limits = NbdLimits::try_from(&args.nbd_limits)?;
     let passphrase = match &args.passphrase_file {
         Some(p) => Some(crate::luks::read_passphrase(p)?),
         None => None,
@@ -123,7 +127,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             .unwrap_or(1)
     });
     anyhow::ensure!(threads >= 1, "--threads must be at least 1");
-    let server = NbdServer::start(threads)?;
+    let server = NbdServer::start(threads, limits)?;
     server.add_export(&args.name, dev.clone(), args.read_only)?;
     let mut bound = Vec::new();
     for a in &addrs {

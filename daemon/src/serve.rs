@@ -20,7 +20,7 @@
 
 use crate::dataplane::EmberDataPlane;
 use crate::luks::LimitArgs;
-use crate::nbd::ListenAddr;
+use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits};
 use anyhow::Context;
 use clap::Args;
 use ember_control::{Control, ControlConfig};
@@ -64,6 +64,9 @@ pub struct ServeArgs {
     pub lock_lease_secs: Option<u64>,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// NBD memory, connection and time limits.
+    #[command(flatten)]
+    pub nbd_limits: NbdLimitArgs,
 }
 
 /// The `--config` file.
@@ -86,6 +89,12 @@ pub struct ConfigFile {
     pub max_af_stripes: Option<u32>,
     pub max_luks2_metadata: Option<u64>,
     pub max_keyslots_area: Option<u64>,
+    pub nbd_memory_mib: Option<u64>,
+    pub nbd_conn_memory_mib: Option<u64>,
+    pub nbd_max_conns: Option<usize>,
+    pub nbd_max_conns_per_peer: Option<usize>,
+    pub nbd_handshake_timeout_secs: Option<u64>,
+    pub nbd_stall_timeout_secs: Option<u64>,
 }
 
 /// A storage pool (a directory holding volume files).
@@ -101,6 +110,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub rest: std::net::SocketAddr,
     pub nbd: Vec<ListenAddr>,
+    pub nbd_limits: NbdLimits,
     pub vhost_dir: PathBuf,
     pub database: String,
     pub node_name: String,
@@ -155,6 +165,14 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
                 .with_context(|| format!("--nbd {s:?}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let nbd_limits = NbdLimits::try_from(&args.nbd_limits.or(&NbdLimitArgs {
+        nbd_memory_mib: file.nbd_memory_mib,
+        nbd_conn_memory_mib: file.nbd_conn_memory_mib,
+        nbd_max_conns: file.nbd_max_conns,
+        nbd_max_conns_per_peer: file.nbd_max_conns_per_peer,
+        nbd_handshake_timeout_secs: file.nbd_handshake_timeout_secs,
+        nbd_stall_timeout_secs: file.nbd_stall_timeout_secs,
+    }))?;
     let vhost_dir = args
         .vhost_dir
         .or(file.vhost_dir)
@@ -207,6 +225,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         data_dir,
         rest,
         nbd,
+        nbd_limits,
         vhost_dir,
         database,
         node_name,
@@ -256,8 +275,13 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         pools.push((n.clone(), absolute(&p.path)?));
     }
     let vhost_dir = absolute(&cfg.vhost_dir)?;
-    let (dataplane, nbd_bound) =
-        EmberDataPlane::start(pools, &cfg.nbd, vhost_dir, cfg.unlock_limits)?;
+    let (dataplane, nbd_bound) = EmberDataPlane::start(
+        pools,
+        &cfg.nbd,
+        cfg.nbd_limits.clone(),
+        vhost_dir,
+        cfg.unlock_limits,
+    )?;
     let dataplane = Arc::new(dataplane);
     let ccfg = ControlConfig {
         data_dir: cfg.data_dir.clone(),
@@ -381,6 +405,7 @@ mod tests {
             config: None,
             lock_lease_secs: None,
             limits: LimitArgs::default(),
+            nbd_limits: NbdLimitArgs::default(),
         }
     }
 
@@ -434,6 +459,24 @@ mod tests {
             (5_000_000, 2 << 20, 8000)
         );
         assert_eq!(l.argon2_time, UnlockLimits::default().argon2_time);
+        // NBD limits: flag over file over default; the file's values are checked too.
+        std::fs::write(
+            &f,
+            "nbd-max-conns = 64\nnbd-max-conns-per-peer = 8\nnbd-stall-timeout-secs = 30\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.nbd_limits.nbd_max_conns_per_peer = Some(4);
+        let n = resolve(a).unwrap().nbd_limits;
+        assert_eq!((n.max_conns, n.max_conns_per_peer), (64, 4));
+        assert_eq!(n.stall_timeout, Duration::from_secs(30));
+        assert_eq!(n.memory_bytes, NbdLimits::default().memory_bytes);
+        std::fs::write(&f, "nbd-max-conns = 0\n").unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        let e = resolve(a).unwrap_err().to_string();
+        assert!(e.contains("--nbd-max-conns"), "{e}");
         std::fs::write(&f, "colour = 1\n").unwrap();
         let mut a = args();
         a.config = Some(f);
