@@ -1,11 +1,13 @@
 //! Backends: where the bytes live. [`open`] is the one way to open a device.
 //!
 //! Specs are URIs so that one parser rejects unknown parameters:
-//! - `file:///path/to/file?direct=auto|on|off&ro=0|1` (or just a path);
+//! - `file:///path/to/file?direct=auto|on|off&ro=0|1&wait=SECONDS` (or just a path);
+//!   host block devices (FC and kernel-iSCSI LUNs) are files too;
 //! - `null://?size=BYTES` (reads zeros, discards writes; for measuring overhead).
 
 pub mod file;
 pub mod null;
+pub mod scsi;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::BlockDevice;
@@ -31,6 +33,9 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Page cache policy.
     pub direct: Direct,
+    /// Wait up to this long for a device path that is not there yet (a LUN that an FC
+    /// rescan or a multipath map brings late). `None`: fail at once.
+    pub wait: Option<std::time::Duration>,
 }
 
 /// A parsed backend spec.
@@ -71,6 +76,12 @@ impl BackendSpec {
                     }
                 }
                 (_, "ro") => opts.read_only = matches!(v, "1" | "true" | "on" | ""),
+                ("file", "wait") => {
+                    let secs: u64 = v
+                        .parse()
+                        .map_err(|_| bad(format!("wait={v}: expected seconds")))?;
+                    opts.wait = Some(std::time::Duration::from_secs(secs));
+                }
                 ("null", "size") => {
                     size = Some(parse_size(v).ok_or_else(|| bad(format!("size={v}: not a size")))?)
                 }
