@@ -29,7 +29,8 @@
 //! - [`buf`]: aligned owned buffers, borrowed iovec lists, a per-thread pool.
 //! - [`request`]: [`Request`], [`Op`], [`Completion`], [`DeviceInfo`], [`Extent`].
 //! - [`engine`]: the io_uring [`Ring`] wrapper and `user_data` packing.
-//! - [`backend`]: `file` (regular files, block devices) and `null`; [`open`] is the factory.
+//! - [`backend`]: `file` (regular files, host block devices), `iscsi` (Ember's own
+//!   initiator) and `null`; [`open`] is the factory; `scsi` holds the SCSI they share.
 //! - [`sync`]: [`SyncDevice`], a blocking driver for tools, the control plane and tests.
 //! - [`layer`]: stacking layers (crypt, throttle) that wrap another device.
 //! - [`pool`]: storage pools (a directory of files) that allocate, clone and grow volumes.
@@ -69,6 +70,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 
     /// Grow (or shrink) the device. Front ends learn the new size through [`info`](Self::info).
     fn resize(&self, new_size: u64) -> Result<()>;
+
+    /// The identity of the LUN behind the device (VPD 0x83 designators, serial), for
+    /// devices that are LUNs: host block devices with SCSI pages, iSCSI LUNs.
+    fn identity(&self) -> Option<backend::scsi::LunIdentity> {
+        None
+    }
 }
 
 /// A per-thread handle on a [`BlockDevice`]. Not shared; lives on one I/O thread.

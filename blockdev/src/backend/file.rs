@@ -323,6 +323,10 @@ impl BlockDevice for FileDevice {
         Ok(out)
     }
 
+    fn identity(&self) -> Option<LunIdentity> {
+        self.identity.clone()
+    }
+
     fn resize(&self, new_size: u64) -> Result<()> {
         if self.block_device {
             return Err(Error::new(
