@@ -84,6 +84,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 /// [`Completion`] with the request's tag, either synchronously (pushed to `done` by
 /// `submit`) or later from [`complete`](Queue::complete). A full ring, an error from the
 /// kernel, a bad range: all are completions, never panics or lost requests.
+///
+/// A queue may be dropped once [`in_flight`](Queue::in_flight) is 0. It may then leave
+/// SQEs in the ring that point to no memory of its own (the iSCSI queue's socket polls,
+/// a timeout on a `static` timespec); their CQEs still carry its owner id, which the
+/// ring may have handed to a new queue, so a queue ignores CQEs whose slot it does not
+/// recognise, and an event loop ignores CQEs of owners it no longer knows.
 pub trait Queue {
     /// The ring owner id this queue's SQEs carry.
     fn owner(&self) -> OwnerId;

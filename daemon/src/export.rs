@@ -8,6 +8,9 @@
 //! frontends (QEMU) by [`crate::vhost::spawn`]. With `--passphrase-file` the file is
 //! opened as a LUKS1/LUKS2 volume and its plaintext is served (the crypt layer of
 //! `ember-blockdev` over the file); the listeners appear once the keyslot is unlocked.
+//! With `--iscsi URI` a LUN is served through Ember's own iSCSI initiator instead of a
+//! file (CHAP credentials from `--chap-file`, never from the URI or argv); a LUKS volume
+//! on the LUN works the same way.
 
 use crate::nbd::{ListenAddr, NbdServer};
 use anyhow::Context;
@@ -19,8 +22,16 @@ use std::path::PathBuf;
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// File or block device to serve (a LUKS volume with --passphrase-file).
+    #[arg(long, required_unless_present = "iscsi", conflicts_with = "iscsi")]
+    pub file: Option<PathBuf>,
+    /// iSCSI LUN to serve through Ember's initiator:
+    /// `iscsi://[user@]HOST[:PORT]/TARGET-IQN/LUN[?header_digest=crc32c&data_digest=crc32c&…]`.
     #[arg(long)]
-    pub file: PathBuf,
+    pub iscsi: Option<String>,
+    /// With --iscsi: CHAP credentials file (`user = …`, `secret = …`, optional
+    /// `target_user`/`target_secret` for mutual CHAP, `algorithms = md5,sha256`).
+    #[arg(long, requires = "iscsi")]
+    pub chap_file: Option<PathBuf>,
     /// NBD listener: `unix:SOCKET` or `HOST:PORT`. Repeatable.
     #[arg(long)]
     pub nbd: Vec<String>,
@@ -73,6 +84,21 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
+/// The backend spec of `--iscsi URI` with the CHAP credentials of `chap_file`.
+fn iscsi_spec(uri: &str, chap_file: Option<&std::path::Path>) -> anyhow::Result<BackendSpec> {
+    let mut cfg = ember_blockdev::backend::iscsi::IscsiConfig::parse_uri(uri)?;
+    if let Some(p) = chap_file {
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("read CHAP credentials {}", p.display()))?,
+        );
+        let creds = ember_blockdev::backend::iscsi::chap::ChapCredentials::parse_file(&text)
+            .map_err(|e| anyhow::anyhow!("CHAP credentials {}: {e}", p.display()))?;
+        cfg.chap = Some(creds);
+    }
+    Ok(BackendSpec::Iscsi(Box::new(cfg)))
+}
+
 /// Run the export.
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -88,13 +114,15 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         read_only: args.read_only,
         ..OpenOptions::default()
     };
-    let dev = ember_blockdev::open(
-        &BackendSpec::File {
-            path: args.file.clone(),
-        },
-        &opts,
-    )
-    .with_context(|| format!("open {}", args.file.display()))?;
+    let (spec, what) = match (&args.file, &args.iscsi) {
+        (Some(path), _) => (
+            BackendSpec::File { path: path.clone() },
+            path.display().to_string(),
+        ),
+        (None, Some(uri)) => (iscsi_spec(uri, args.chap_file.as_deref())?, uri.clone()),
+        (None, None) => anyhow::bail!("give --file or --iscsi"),
+    };
+    let dev = ember_blockdev::open(&spec, &opts).with_context(|| format!("open {what}"))?;
     let dev = match &args.passphrase_file {
         Some(p) => crate::luks::open_device(dev, p, args.max_argon2_memory)?,
         None => dev,
@@ -121,7 +149,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!(
-        file = %args.file.display(),
+        device = %what,
         size,
         name = %args.name,
         read_only = args.read_only,
@@ -133,7 +161,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         Some(sock) => {
             let id = if args.name.is_empty() {
                 args.file
-                    .file_name()
+                    .as_ref()
+                    .and_then(|f| f.file_name())
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default()
             } else {

@@ -234,6 +234,11 @@ impl Login {
                 let to = keys.get("TargetAddress").unwrap_or("(no TargetAddress)");
                 return Err(LoginError::Redirect(to.to_string()));
             }
+            if (r.status_class, r.status_detail) == (2, 1) && self.cfg.chap.is_none() {
+                return Err(LoginError::Auth(
+                    "the target requires authentication (CHAP); configure credentials".into(),
+                ));
+            }
             return Err(LoginError::Refused {
                 class: r.status_class,
                 detail: r.status_detail,
@@ -276,7 +281,7 @@ impl Login {
                         )))
                     }
                     (Some("CHAP"), None) => Err(LoginError::Auth(
-                        "the target requires CHAP; configure credentials".into(),
+                        "the target requires authentication (CHAP); configure credentials".into(),
                     )),
                     (Some("None"), None) if r.transit && r.nsg == stage::OPERATIONAL => {
                         Ok(Step::Send(self.operational(&Keys::new())))

@@ -1097,10 +1097,26 @@ impl IscsiQueue {
     fn record(&mut self, kind: Internal, b: &[u8]) -> Result<(), String> {
         let mut info = self.inner.info.lock().unwrap_or_else(|e| e.into_inner());
         match kind {
-            Internal::ReportLuns => self.acc.luns = scsi::parse_report_luns(b),
+            Internal::ReportLuns => {
+                let luns = scsi::parse_report_luns(b);
+                let lun = self.inner.cfg.lun;
+                if let Some(l) = luns.as_ref().filter(|l| !l.contains(&lun)) {
+                    return Err(format!(
+                        "LUN {lun} does not exist on target {} (it has LUNs {l:?})",
+                        self.inner.cfg.target
+                    ));
+                }
+                self.acc.luns = luns;
+            }
             Internal::StdInquiry => {
                 let inq = scsi::StdInquiry::parse(b);
                 if let Some(i) = &inq {
+                    if i.qualifier == 3 {
+                        return Err(format!(
+                            "LUN {} does not exist on target {} (INQUIRY: peripheral qualifier 3)",
+                            self.inner.cfg.lun, self.inner.cfg.target
+                        ));
+                    }
                     if i.qualifier != 0 || i.device_type != 0 {
                         return Err(format!(
                             "LUN {} is not a block device (peripheral qualifier {}, type {:#x})",
