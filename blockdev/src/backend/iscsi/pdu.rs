@@ -988,6 +988,9 @@ pub fn decode_frame(buf: &[u8], cfg: &FrameCfg) -> Result<Option<Frame>, PduErro
     };
     let mut bhs = [0u8; BHS_LEN];
     bhs.copy_from_slice(head);
+    if ahs_words(&bhs) != 0 {
+        return Err(PduError::UnexpectedAhs(ahs_words(&bhs)));
+    }
     let hlen = header_len(&bhs, cfg);
     if buf.len() < hlen {
         return Ok(None);
@@ -1000,9 +1003,6 @@ pub fn decode_frame(buf: &[u8], cfg: &FrameCfg) -> Result<Option<Frame>, PduErro
         }
     }
     let pdu = Pdu::parse(&bhs)?;
-    if ahs_words(&bhs) != 0 {
-        return Err(PduError::UnexpectedAhs(ahs_words(&bhs)));
-    }
     let dl = data_len(&bhs);
     if dl > cfg.max_data {
         return Err(PduError::BadLength {

@@ -334,8 +334,9 @@ mod tests {
 
     #[test]
     fn tgtd_answers_are_applied() {
-        // The operational answer tgtd 1.0.85 gave to Ember's offer (captured), with
-        // digests offered.
+        // The operational answer tgtd 1.0.85 gave to Ember's offer with digests (from
+        // testdata/ember-digest-probe-target.bin). tgtd does not declare its
+        // MaxRecvDataSegmentLength, so the RFC's default of 8192 stands.
         let offer = Offer {
             header_digest: true,
             data_digest: true,
@@ -344,9 +345,9 @@ mod tests {
         let ans = Keys::parse(
             b"HeaderDigest=CRC32C\0DataDigest=CRC32C\0ErrorRecoveryLevel=0\0InitialR2T=Yes\0\
               ImmediateData=Yes\0MaxBurstLength=262144\0FirstBurstLength=65536\0\
-              MaxRecvDataSegmentLength=8192\0MaxConnections=1\0MaxOutstandingR2T=1\0\
-              DataPDUInOrder=Yes\0DataSequenceInOrder=Yes\0DefaultTime2Wait=2\0\
-              DefaultTime2Retain=0\0IFMarker=No\0OFMarker=No\0",
+              MaxConnections=1\0MaxOutstandingR2T=1\0DataPDUInOrder=Yes\0\
+              DataSequenceInOrder=Yes\0DefaultTime2Wait=2\0DefaultTime2Retain=0\0IFMarker=No\0\
+              OFMarker=No\0",
         )
         .unwrap();
         let mut n = Negotiated::defaults(&offer);
