@@ -63,7 +63,7 @@ impl ChapAlg {
     }
 
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             ChapAlg::Md5 => 16,
             ChapAlg::Sha1 => 20,

@@ -116,6 +116,18 @@ pub struct LoginDone {
     pub chap: Option<ChapAlg>,
 }
 
+impl LoginDone {
+    /// The sequence numbers the session starts with.
+    pub fn start_sn(&self) -> super::session::StartSn {
+        super::session::StartSn {
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            exp_cmd_sn: self.exp_cmd_sn,
+            max_cmd_sn: self.max_cmd_sn,
+        }
+    }
+}
+
 /// The next thing to do.
 #[derive(Debug)]
 pub enum Step {
@@ -384,7 +396,7 @@ impl Login {
             .get("CHAP_C")
             .and_then(chap::decode_binary)
             .ok_or_else(|| auth("missing or bad CHAP_C".into()))?;
-        if ch.len() < chap::MIN_CHALLENGE_BYTES.min(alg.len())
+        if ch.len() < chap::MIN_CHALLENGE_BYTES.min(alg.digest_len())
             || ch.len() > chap::MAX_CHALLENGE_BYTES
         {
             return Err(auth(format!("challenge of {} bytes refused", ch.len())));

@@ -534,10 +534,7 @@ impl IscsiQueue {
             d.params,
             self.inner.cfg.timeouts,
             scsi::encode_lun(self.inner.cfg.lun),
-            d.cmd_sn,
-            d.exp_stat_sn,
-            d.exp_cmd_sn,
-            d.max_cmd_sn,
+            d.start_sn(),
             now,
         );
         tracing::debug!(

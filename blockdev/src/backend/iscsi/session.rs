@@ -159,6 +159,19 @@ impl Default for Timeouts {
     }
 }
 
+/// Sequence numbers a session starts with (from the last login response).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartSn {
+    /// CmdSN of the first command.
+    pub cmd_sn: u32,
+    /// ExpStatSN.
+    pub exp_stat_sn: u32,
+    /// ExpCmdSN.
+    pub exp_cmd_sn: u32,
+    /// MaxCmdSN.
+    pub max_cmd_sn: u32,
+}
+
 /// Slot bits of an ITT.
 const SLOT_BITS: u32 = 16;
 /// Most commands in flight on one session (slots).
@@ -299,24 +312,15 @@ fn buf_write(buf: &mut Buffer, off: usize, src: &[u8]) {
 
 impl Session {
     /// A session after a login with these parameters and sequence numbers.
-    pub fn new(
-        p: Negotiated,
-        t: Timeouts,
-        lun: [u8; 8],
-        cmd_sn: u32,
-        exp_stat_sn: u32,
-        exp_cmd_sn: u32,
-        max_cmd_sn: u32,
-        now: Instant,
-    ) -> Session {
+    pub fn new(p: Negotiated, t: Timeouts, lun: [u8; 8], sn: StartSn, now: Instant) -> Session {
         Session {
             p,
             t,
             lun,
-            cmd_sn,
-            exp_cmd_sn,
-            max_cmd_sn,
-            exp_stat_sn,
+            cmd_sn: sn.cmd_sn,
+            exp_cmd_sn: sn.exp_cmd_sn,
+            max_cmd_sn: sn.max_cmd_sn,
+            exp_stat_sn: sn.exp_stat_sn,
             tasks: Vec::new(),
             gens: Vec::new(),
             free: Vec::new(),

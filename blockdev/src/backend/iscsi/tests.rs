@@ -91,12 +91,6 @@ impl Stream {
         self.pos += f.len;
         (f, raw)
     }
-
-    fn peek_login(&self) -> bool {
-        self.b
-            .get(self.pos)
-            .is_some_and(|b| matches!(b & 0x3f, pdu::op::LOGIN_REQ | pdu::op::LOGIN_RESP))
-    }
 }
 
 const DIGESTS: pdu::FrameCfg = pdu::FrameCfg {
@@ -240,10 +234,7 @@ fn replay_io(name: &str, digests: bool) {
         d.params,
         t,
         crate::backend::scsi::encode_lun(1),
-        d.cmd_sn,
-        d.exp_stat_sn,
-        d.exp_cmd_sn,
-        d.max_cmd_sn,
+        d.start_sn(),
         now,
     );
     let cfg = if digests { DIGESTS } else { PLAIN };
