@@ -155,6 +155,20 @@ impl Tgtd {
 
     fn stop(&mut self) {
         if self.child.is_some() {
+            // tgtd only accepts `delete --mode system` once it has no targets.
+            let _ = Command::new("tgtadm")
+                .args([
+                    "-C",
+                    &self.ctl.to_string(),
+                    "--lld",
+                    "iscsi",
+                    "--op",
+                    "delete",
+                ])
+                .args(["--mode", "target", "--tid", "1", "--force"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
             let _ = Command::new("tgtadm")
                 .args([
                     "-C",
