@@ -806,6 +806,9 @@ impl IscsiQueue {
                     if !matches!(self.state, State::Setup { .. } | State::Ready { .. }) {
                         return false;
                     }
+                    // Retries due now and further parts of split requests go out with
+                    // this batch.
+                    self.release_held(now);
                     self.send(ring, now);
                     return self.fd.is_some();
                 }
