@@ -1613,3 +1613,195 @@ impl Drop for IscsiQueue {
         self.close_fd();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::iscsi::{Geometry, IscsiConfig, LunInfo};
+    use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64};
+    use std::sync::{Mutex, OnceLock};
+
+    fn req(op: Op, offset: u64, len: u64) -> Req {
+        Req {
+            tag: 1,
+            op,
+            offset,
+            len,
+            buf: Buffer::None,
+            parts: 0,
+            next: offset,
+            end: offset + len,
+            result: Ok(()),
+            started: Instant::now(),
+            retries: 0,
+            retry_at: None,
+            replay: Vec::new(),
+        }
+    }
+
+    fn inner(g: Geometry) -> Inner {
+        let cfg = IscsiConfig::parse_uri("iscsi://127.0.0.1/iqn.x:y/1").expect("uri");
+        let geometry = OnceLock::new();
+        let _ = geometry.set(g);
+        Inner {
+            cfg,
+            portal: "127.0.0.1:3260".parse().expect("addr"),
+            size: AtomicU64::new(1 << 30),
+            info: Mutex::new(LunInfo::default()),
+            geometry,
+            no_write_same: AtomicBool::new(false),
+            no_unmap: AtomicBool::new(false),
+            isid_base: [1, 2, 3],
+            next_qualifier: AtomicU16::new(1),
+        }
+    }
+
+    fn geo() -> Geometry {
+        Geometry {
+            lbs: 512,
+            pbs: 4096,
+            max_transfer: 1 << 20,
+            max_unmap_blocks: 2048,
+            max_unmap_descriptors: 2,
+            max_write_same_blocks: 4096,
+            write_same_unmap: true,
+            unmap: true,
+        }
+    }
+
+    fn status(status: u8, key: Option<(u8, u16)>) -> Outcome {
+        Outcome::Status {
+            response: 0,
+            status,
+            sense: key.map(|(key, code)| Sense {
+                key,
+                asc: (code >> 8) as u8,
+                ascq: code as u8,
+            }),
+            residual: 0,
+        }
+    }
+
+    #[test]
+    fn retry_policy() {
+        let cfg = IscsiConfig::parse_uri("iscsi://h/iqn.x:y/1").expect("uri");
+        let now = Instant::now();
+        let r = req(Op::Read, 0, 4096);
+        let v = |o: Outcome| classify(&o, &r, now, &cfg);
+        assert_eq!(v(status(status::GOOD, None)), Verdict::Done);
+        assert_eq!(
+            v(status(
+                status::CHECK_CONDITION,
+                Some((key::UNIT_ATTENTION, asc::CAPACITY_CHANGED))
+            )),
+            Verdict::Retry(Duration::ZERO)
+        );
+        assert_eq!(v(status(status::BUSY, None)), Verdict::Retry(FIRST_BACKOFF));
+        assert_eq!(
+            v(status(status::TASK_SET_FULL, None)),
+            Verdict::Retry(FIRST_BACKOFF)
+        );
+        assert_eq!(
+            v(status(
+                status::CHECK_CONDITION,
+                Some((key::NOT_READY, 0x0401))
+            )),
+            Verdict::Retry(FIRST_BACKOFF)
+        );
+        assert_eq!(v(Outcome::TimedOut), Verdict::Retry(Duration::ZERO));
+        assert_eq!(
+            v(status(
+                status::CHECK_CONDITION,
+                Some((key::ILLEGAL_REQUEST, asc::INVALID_OPCODE))
+            )),
+            Verdict::Unsupported
+        );
+        assert_eq!(
+            v(status(
+                status::CHECK_CONDITION,
+                Some((key::DATA_PROTECT, asc::SPACE_ALLOCATION_FAILED))
+            )),
+            Verdict::Fail(libc::ENOSPC)
+        );
+        assert_eq!(
+            v(status(
+                status::CHECK_CONDITION,
+                Some((key::MEDIUM_ERROR, 0x1100))
+            )),
+            Verdict::Fail(libc::EIO)
+        );
+        assert_eq!(
+            v(status(status::RESERVATION_CONFLICT, None)),
+            Verdict::Fail(libc::EBADE)
+        );
+        // A short read is an error, never stale bytes.
+        let short = Outcome::Status {
+            response: 0,
+            status: 0,
+            sense: None,
+            residual: 512,
+        };
+        assert_eq!(v(short), Verdict::Fail(libc::EIO));
+        // Back-off doubles up to its cap; retries end at the limit.
+        let mut r2 = req(Op::Read, 0, 4096);
+        r2.retries = 3;
+        assert_eq!(
+            classify(&status(status::BUSY, None), &r2, now, &cfg),
+            Verdict::Retry(FIRST_BACKOFF * 8)
+        );
+        r2.retries = MAX_RETRIES;
+        assert_eq!(
+            classify(&status(status::BUSY, None), &r2, now, &cfg),
+            Verdict::Fail(libc::EIO)
+        );
+        assert_eq!(backoff(30), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_are_split_by_the_lun_limits() {
+        let i = inner(geo());
+        // 3 MiB discard: UNMAP commands of at most 2 descriptors of 2048 blocks (1 MiB).
+        let mut r = req(Op::Discard, 1 << 20, 3 << 20);
+        let c = next_command(&mut r, 7, &i).expect("unmap");
+        assert_eq!(c.cdb.opcode(), scsi::opcode::UNMAP);
+        assert_eq!((c.dir, c.len, c.cookie), (Dir::Write, 8 + 32, 7));
+        assert_eq!(r.next, 3 << 20);
+        let c = next_command(&mut r, 7, &i).expect("unmap");
+        assert_eq!(c.len, 8 + 16);
+        assert_eq!(r.next, r.end);
+        // Write-zeroes: WRITE SAME(16) with UNMAP of at most 4096 blocks, one block of data.
+        let mut r = req(Op::WriteZeroes { unmap: true }, 0, 3 << 20);
+        let c = next_command(&mut r, 1, &i).expect("write same");
+        assert_eq!(c.cdb.0[1], 0x08);
+        assert_eq!(
+            u32::from_be_bytes(c.cdb.0[10..14].try_into().unwrap()),
+            4096
+        );
+        assert_eq!((c.len, r.next), (512, 2 << 20));
+        // Without WRITE SAME: written zeros, in chunks of at most 1 MiB.
+        i.no_write_same.store(true, Ordering::Relaxed);
+        let mut r = req(Op::WriteZeroes { unmap: false }, 0, (2 << 20) + 4096);
+        let c = next_command(&mut r, 1, &i).expect("write");
+        assert_eq!(c.cdb.opcode(), scsi::opcode::WRITE_16);
+        assert_eq!((c.len, r.next), (1 << 20, 1 << 20));
+        next_command(&mut r, 1, &i).expect("write");
+        let c = next_command(&mut r, 1, &i).expect("write");
+        assert_eq!(c.len, 4096);
+        assert_eq!(r.next, r.end);
+        // Reads and writes are one command each, with the request's buffer.
+        let mut r = req(Op::Write { fua: true }, 8192, 4096);
+        r.buf = Buffer::Owned(IoBuf::new(4096));
+        let c = next_command(&mut r, 3, &i).expect("write");
+        assert_eq!(c.cdb, Cdb::write16(16, 8, true));
+        assert!(matches!(r.buf, Buffer::None) && c.buf.len() == 4096);
+    }
+
+    #[test]
+    fn isids_are_distinct_per_queue() {
+        let i = inner(geo());
+        let a = i.next_isid();
+        let b = i.next_isid();
+        assert_ne!(a, b);
+        assert_eq!(a[0] & 0xc0, 0x80, "random-type ISID");
+    }
+}
