@@ -834,3 +834,48 @@ fn loop_device_luns_through_the_same_export() {
         );
     }
 }
+
+#[test]
+fn a_lun_that_disappears_fails_io_clearly_and_comes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("lun.img");
+    sparse_file(&backing, 8 << 20);
+    let tgt = Tgtd::start(dir.path());
+    tgt.target(&backing, 1, false);
+    let exp = Export::start(dir.path(), &["--iscsi", &tgt.uri(1, "")]);
+    require_tool("qemu-io");
+    let io = |cmd: &str| {
+        let out = run_any(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &exp.uri()]));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    assert!(io("write -P 0x11 0 64k").contains("wrote"));
+    tgt.adm(&[
+        "--op",
+        "delete",
+        "--mode",
+        "logicalunit",
+        "--tid",
+        "1",
+        "--lun",
+        "1",
+    ]);
+    let t = Instant::now();
+    let text = io("read 0 4k");
+    assert!(text.contains("Input/output error"), "{text}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+    let log = exp.daemon.log_text();
+    // A session that was open sees LOGICAL UNIT NOT SUPPORTED; a new one sees REPORT LUNS.
+    assert!(
+        log.contains("the LUN is gone from the target") || log.contains("LUN 1 does not exist"),
+        "{log}"
+    );
+    // The array brings the LUN back (same target, same LUN number, same identity).
+    tgt.add_lun(&backing, 1, false);
+    let text = io("read -P 0x11 0 64k");
+    assert!(text.contains("read 65536/65536"), "{text}");
+    exp.stop();
+}

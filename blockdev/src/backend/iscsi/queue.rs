@@ -1069,6 +1069,26 @@ impl IscsiQueue {
                 }
                 return;
             }
+            let gone = matches!(
+                f.outcome,
+                Outcome::Status {
+                    status: status::CHECK_CONDITION,
+                    sense: Some(Sense {
+                        key: key::ILLEGAL_REQUEST,
+                        asc: 0x25,
+                        ..
+                    }),
+                    ..
+                }
+            );
+            if gone {
+                let m = format!(
+                    "LUN {} does not exist on target {} (LOGICAL UNIT NOT SUPPORTED)",
+                    self.inner.cfg.lun, self.inner.cfg.target
+                );
+                self.conn_failed(ring, now, m, true);
+                return;
+            }
             let optional = matches!(kind, Internal::Vpd(_) | Internal::ReportLuns);
             if in_setup && !optional {
                 let m = format!("{kind:?} failed on the LUN: {:?}", f.outcome);

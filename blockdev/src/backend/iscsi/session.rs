@@ -466,13 +466,20 @@ impl Session {
             0
         };
         let unsolicited = write && !self.p.initial_r2t && imm < burst;
+        // REPORT LUNS goes to LUN 0, which SPC requires to answer it: the session's own
+        // LUN may be the one that is missing.
+        let lun = if cdb.opcode() == crate::backend::scsi::opcode::REPORT_LUNS {
+            [0; 8]
+        } else {
+            self.lun
+        };
         let pdu = Pdu::ScsiCmd(ScsiCmd {
             immediate: false,
             fin: !unsolicited,
             read: dir == Dir::Read,
             write,
             attr: 1,
-            lun: self.lun,
+            lun,
             itt,
             edtl,
             cmd_sn,
