@@ -517,4 +517,3 @@ fn stale_tags_are_not_taken_for_new_commands() {
     feed(&mut s, good(second, 3), &[], now).unwrap();
     assert_eq!(s.take_finished()[0].cmd.cookie, 2);
 }
-
