@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   top ─▶ throttle (QoS, if limited) ─▶ crypt (LUKS, if a passphrase) ─▶ gate (if
-//!          given) ─▶ base (backend: file | null)           [later: mirror under crypt]
+//!          given) ─▶ base (backend: file | null | iscsi)   [later: mirror under crypt]
 //! ```
 //!
 //! The gate sits right above the backend, so a pause stops exactly the writes that
