@@ -27,6 +27,8 @@
 //!   `vpd_pg80`, `wwid`; the whole disk's for a partition) and parsed with
 //!   [`scsi`](super::scsi): see [`FileDevice::identity`]. Devices without SCSI pages (loop,
 //!   device-mapper) have none.
+//! - A block device is grown by whoever owns it (the array, `losetup -c`); `resize`
+//!   re-reads its size (`BLKGETSIZE64`) and takes it when it is at least the size asked.
 //! - Paths that appear late (an FC rescan, a multipath map being built) are waited for
 //!   up to [`OpenOptions::wait`] (URI `?wait=SECONDS`), polling every 100 ms.
 //! - tmpfs cannot do non-blocking buffered I/O, so io_uring would hand every read and
@@ -327,12 +329,41 @@ impl BlockDevice for FileDevice {
         self.identity.clone()
     }
 
+    /// A file is grown (or shrunk) to `new_size`. A block device cannot be resized from
+    /// here: the array (or `losetup -c`, a multipath map reload) grows it; this re-reads
+    /// its size and takes it when it is at least `new_size`.
     fn resize(&self, new_size: u64) -> Result<()> {
         if self.block_device {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "cannot resize a block device",
-            ));
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 into the pointed-to variable.
+            let r = unsafe {
+                libc::ioctl(
+                    self.file.as_raw_fd(),
+                    BLKGETSIZE64,
+                    std::ptr::addr_of_mut!(size),
+                )
+            };
+            if r < 0 {
+                return Err(Error::io(
+                    format!("size of {}", self.path.display()),
+                    std::io::Error::last_os_error(),
+                ));
+            }
+            let size = size - size % u64::from(self.logical_block_size);
+            if size < new_size {
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "{} is {size} bytes; grow it to {new_size} bytes first",
+                        self.path.display()
+                    ),
+                ));
+            }
+            let old = self.size.swap(size, Ordering::AcqRel);
+            if old != size {
+                tracing::info!(path = %self.path.display(), old, new = size, "block device grew");
+            }
+            return Ok(());
         }
         self.file
             .set_len(new_size)

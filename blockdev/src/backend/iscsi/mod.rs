@@ -274,6 +274,8 @@ pub struct LunInfo {
     pub chap: Option<ChapAlg>,
     /// Parameters negotiated at open.
     pub params: Option<Negotiated>,
+    /// The target's LUNs (REPORT LUNS), when [`report_luns`] asked for them.
+    pub luns: Option<Vec<u16>>,
 }
 
 /// Limits derived once from [`LunInfo`], read on the I/O path.
@@ -382,48 +384,7 @@ pub struct IscsiDevice {
 impl IscsiDevice {
     /// Log in once, learn the LUN, log out; fail with a clear error if it cannot be used.
     pub fn open(cfg: IscsiConfig) -> Result<IscsiDevice> {
-        if let (Some(u), Some(c)) = (&cfg.uri_user, &cfg.chap) {
-            if *u != c.user {
-                return Err(Error::new(
-                    ErrorKind::InvalidConfig,
-                    format!(
-                        "the URI names CHAP user {u:?}, the credentials {:?}",
-                        c.user
-                    ),
-                ));
-            }
-        }
-        if cfg.uri_user.is_some() && cfg.chap.is_none() {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "the URI names a CHAP user but no CHAP credentials were given",
-            ));
-        }
-        let portal = cfg
-            .portal
-            .to_socket_addrs()
-            .map_err(|e| Error::io(format!("resolve {}", cfg.portal), e))?
-            .next()
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::InvalidConfig,
-                    format!("{}: no address", cfg.portal),
-                )
-            })?;
-        let mut r = [0u8; 3];
-        getrandom::fill(&mut r)
-            .map_err(|e| Error::new(ErrorKind::Io, format!("no randomness for the ISID: {e}")))?;
-        let inner = Arc::new(Inner {
-            cfg,
-            portal,
-            size: AtomicU64::new(0),
-            info: Mutex::new(LunInfo::default()),
-            geometry: OnceLock::new(),
-            no_write_same: AtomicBool::new(false),
-            no_unmap: AtomicBool::new(false),
-            isid_base: r,
-            next_qualifier: AtomicU16::new(1),
-        });
+        let inner = new_inner(cfg)?;
         let (chap, params) = run_until_ready(&inner, Mode::Probe)?;
         {
             let mut info = inner.info.lock().unwrap_or_else(|e| e.into_inner());
@@ -468,6 +429,76 @@ impl IscsiDevice {
     pub fn config(&self) -> &IscsiConfig {
         &self.inner.cfg
     }
+}
+
+/// The shared state of a device or a discovery session for `cfg` (CHAP user checked,
+/// portal resolved, a fresh ISID base).
+fn new_inner(cfg: IscsiConfig) -> Result<Arc<Inner>> {
+    if let (Some(u), Some(c)) = (&cfg.uri_user, &cfg.chap) {
+        if *u != c.user {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "the URI names CHAP user {u:?}, the credentials {:?}",
+                    c.user
+                ),
+            ));
+        }
+    }
+    if cfg.uri_user.is_some() && cfg.chap.is_none() {
+        return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            "the URI names a CHAP user but no CHAP credentials were given",
+        ));
+    }
+    let portal = cfg
+        .portal
+        .to_socket_addrs()
+        .map_err(|e| Error::io(format!("resolve {}", cfg.portal), e))?
+        .next()
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                format!("{}: no address", cfg.portal),
+            )
+        })?;
+    let mut r = [0u8; 3];
+    getrandom::fill(&mut r)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("no randomness for the ISID: {e}")))?;
+    Ok(Arc::new(Inner {
+        cfg,
+        portal,
+        size: AtomicU64::new(0),
+        info: Mutex::new(LunInfo::default()),
+        geometry: OnceLock::new(),
+        no_write_same: AtomicBool::new(false),
+        no_unmap: AtomicBool::new(false),
+        isid_base: r,
+        next_qualifier: AtomicU16::new(1),
+    }))
+}
+
+/// The LUNs of `cfg`'s target: one login, REPORT LUNS (addressed to `cfg.lun`; LUN 0
+/// answers it on every target, SPC-4 §6.33), log out. Bounded like an open: the login
+/// timeout plus one command timeout; a refused login or CHAP failure is a clear error.
+pub fn report_luns(cfg: IscsiConfig) -> Result<Vec<u16>> {
+    let inner = new_inner(cfg)?;
+    run_until_ready(&inner, Mode::Discover)?;
+    let luns = inner
+        .info
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .luns
+        .take();
+    luns.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "target {} at {} answered REPORT LUNS with nothing usable",
+                inner.cfg.target, inner.portal
+            ),
+        )
+    })
 }
 
 /// Drive one queue on a private ring until its session is ready (probe or refresh).

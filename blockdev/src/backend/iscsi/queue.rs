@@ -120,6 +120,9 @@ impl Internal {
 pub(super) enum Mode {
     /// One attempt; the full set-up; the first failure is final.
     Probe,
+    /// One attempt; REPORT LUNS only (the target's LUN list, for `report_luns`); the
+    /// first failure is final.
+    Discover,
     /// Serve requests, reconnecting as long as it lives.
     Serve,
 }
@@ -296,7 +299,7 @@ impl IscsiQueue {
     /// A final failure (the probe stops on this): permanent, or any in probe mode.
     pub(super) fn failure(&self) -> Option<String> {
         self.failed.clone().or_else(|| {
-            (self.mode == Mode::Probe && self.reconnects > 0)
+            (self.mode != Mode::Serve && self.reconnects > 0)
                 .then(|| self.last_error.clone())
                 .flatten()
         })
@@ -550,14 +553,20 @@ impl IscsiQueue {
         );
         let mut steps = VecDeque::new();
         steps.push_back(Internal::ReportLuns);
-        if self.mode == Mode::Probe {
-            steps.push_back(Internal::StdInquiry);
-            steps.push_back(Internal::Vpd(0x00));
-        } else {
-            steps.push_back(Internal::Vpd(0x80));
-            steps.push_back(Internal::Vpd(0x83));
+        match self.mode {
+            Mode::Probe => {
+                steps.push_back(Internal::StdInquiry);
+                steps.push_back(Internal::Vpd(0x00));
+            }
+            Mode::Serve => {
+                steps.push_back(Internal::Vpd(0x80));
+                steps.push_back(Internal::Vpd(0x83));
+            }
+            Mode::Discover => {}
         }
-        steps.push_back(Internal::ReadCapacity);
+        if self.mode != Mode::Discover {
+            steps.push_back(Internal::ReadCapacity);
+        }
         self.acc = SetupAcc::default();
         self.state = State::Setup {
             session: Box::new(session),
@@ -609,6 +618,11 @@ impl IscsiQueue {
     fn check_identity(&mut self) -> Result<(), String> {
         let acc = std::mem::take(&mut self.acc);
         let lun = self.inner.cfg.lun;
+        if self.mode == Mode::Discover {
+            let mut info = self.inner.info.lock().unwrap_or_else(|e| e.into_inner());
+            info.luns = acc.luns;
+            return Ok(());
+        }
         if let Some(luns) = &acc.luns {
             if !luns.contains(&lun) {
                 return Err(format!(
@@ -623,7 +637,7 @@ impl IscsiQueue {
         };
         let mut info = self.inner.info.lock().unwrap_or_else(|e| e.into_inner());
         match self.mode {
-            Mode::Probe => {
+            Mode::Probe | Mode::Discover => {
                 info.identity = now_id;
                 Ok(())
             }
@@ -1092,7 +1106,7 @@ impl IscsiQueue {
             let optional = matches!(kind, Internal::Vpd(_) | Internal::ReportLuns);
             if in_setup && !optional {
                 let m = format!("{kind:?} failed on the LUN: {:?}", f.outcome);
-                self.conn_failed(ring, now, m, self.mode == Mode::Probe);
+                self.conn_failed(ring, now, m, self.mode != Mode::Serve);
                 return;
             }
             tracing::debug!(?kind, outcome = ?f.outcome, "optional LUN query failed");
@@ -1120,7 +1134,8 @@ impl IscsiQueue {
             Internal::ReportLuns => {
                 let luns = scsi::parse_report_luns(b);
                 let lun = self.inner.cfg.lun;
-                if let Some(l) = luns.as_ref().filter(|l| !l.contains(&lun)) {
+                let wanted = self.mode != Mode::Discover;
+                if let Some(l) = luns.as_ref().filter(|l| wanted && !l.contains(&lun)) {
                     return Err(format!(
                         "LUN {lun} does not exist on target {} (it has LUNs {l:?})",
                         self.inner.cfg.target
