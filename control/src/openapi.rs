@@ -123,6 +123,11 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(volumes::handlers::volume_action))
         .routes(routes!(volumes::handlers::volume_encryption))
         .routes(routes!(
+            volumes::manageable::list_manageable,
+            volumes::manageable::manage
+        ))
+        .routes(routes!(volumes::manageable::list_manageable_detail))
+        .routes(routes!(
             volumes::handlers::list_snapshots,
             volumes::handlers::create_snapshot
         ))

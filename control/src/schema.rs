@@ -59,4 +59,7 @@ pub const MIGRATIONS: &[Migration] = &[(
 // Database read-write locks (issue 6).
 (3, crate::locks::SCHEMA),
 // Snapshots record the status a delete left (issue 13).
-(4, crate::volumes::SCHEMA_4)];
+(4, crate::volumes::SCHEMA_4),
+// Volumes on LUN pools (issue 15). Numbered after the OpenStack clients' migrations
+// (5–9, issue 14), which land first.
+(10, crate::volumes::manageable::SCHEMA)];

@@ -73,6 +73,15 @@ pub struct VolumeAction {
     /// Detach.
     #[serde(rename = "os-terminate_connection")]
     pub terminate: Option<ConnectionArgs>,
+    /// Forget a LUN volume, leave its bytes (admin; `null` or `{}`).
+    #[serde(rename = "os-unmanage", default, deserialize_with = "present")]
+    #[schema(value_type = Option<Object>)]
+    pub unmanage: Option<Value>,
+}
+
+/// A field that is present (even `null`) is `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Ok(Some(Value::deserialize(d)?))
 }
 
 /// `os-extend` arguments.
@@ -334,11 +343,16 @@ pub async fn volume_action(
     check_writer_project(&st, &ctx, &project_id).await?;
     let n = usize::from(a.extend.is_some())
         + usize::from(a.initialize.is_some())
-        + usize::from(a.terminate.is_some());
+        + usize::from(a.terminate.is_some())
+        + usize::from(a.unmanage.is_some());
     if n != 1 {
         return Err(ApiError::bad_request(
-            "give exactly one action: os-extend, os-initialize_connection or os-terminate_connection",
+            "give exactly one action: os-extend, os-initialize_connection, os-terminate_connection or os-unmanage",
         ));
+    }
+    if a.unmanage.is_some() {
+        super::manageable::unmanage(&st, &ctx, &project_id, &id).await?;
+        return Ok(StatusCode::ACCEPTED.into_response());
     }
     let mut conn = st.db().pool.acquire().await?;
     let v = service::load::<Vol>(&mut conn, &ctx, &project_id, &id).await?;

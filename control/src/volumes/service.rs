@@ -58,6 +58,7 @@ pub fn dp_error(what: &str, e: DataPlaneError) -> ApiError {
         DataPlaneError::NoPool(_) => ApiError::unavailable(e.to_string()),
         DataPlaneError::ShuttingDown => ApiError::unavailable("the node is shutting down; retry"),
         DataPlaneError::Busy(_) => ApiError::busy(e.to_string(), BUSY_RETRY_SECS),
+        DataPlaneError::LunUnavailable { .. } => ApiError::unavailable(e.to_string()),
         e => {
             tracing::error!(error = %e, "{what}");
             ApiError::internal(format!("{what} failed (see the daemon log)"))
@@ -86,7 +87,9 @@ pub async fn load<T: Stored>(
 pub async fn volume_view(conn: &mut AnyConnection, v: &Vol) -> ApiResult<Value> {
     let type_name = types::name_of(conn, &v.type_id).await?;
     let atts = rows::attachments_of(conn, &v.id).await?;
-    Ok(views::volume(v, type_name, &atts))
+    let mut view = views::volume(v, type_name, &atts);
+    super::manageable::decorate(conn, v, &mut view).await?;
+    Ok(view)
 }
 
 /// A volume's encryption (`GET …/volumes/{id}/encryption`).
@@ -642,6 +645,9 @@ pub(crate) async fn finish_delete(st: &AppState, v: &Vol) -> ApiResult<()> {
 
 /// Grow a volume (live attachments too) to `new_gib` GiB.
 pub async fn extend(st: &AppState, v: &Vol, new_gib: u64) -> ApiResult<()> {
+    if super::manageable::extend(st, v, new_gib).await? {
+        return Ok(());
+    }
     v.status.allows(&v.id, VolumeUse::Extend)?;
     let old_gib = v.size_bytes / GIB;
     if new_gib <= old_gib || new_gib > MAX_SIZE_GIB {
@@ -690,6 +696,7 @@ pub async fn attach(
     read_only: bool,
 ) -> ApiResult<Value> {
     v.status.allows(&v.id, VolumeUse::Attach)?;
+    super::manageable::before_attach(st, v).await?;
     let mut conn = st.db().pool.acquire().await?;
     let t = types::by_id(&mut conn, &v.type_id).await?;
     let pass = match &v.encryption_key_id {
