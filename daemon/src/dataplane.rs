@@ -31,19 +31,24 @@
 //!   layers above derive their size from it. Connected vhost-user frontends get a
 //!   config-change notice (QEMU then re-reads the capacity and interrupts the guest);
 //!   NBD clients see the new size on their next connection.
+//! - LUN pools ([`luns`]): volumes bound to LUNs an array made (every LUN of an iSCSI
+//!   target through Ember's initiator, or host block devices by glob). Their stacks are
+//!   built on the LUN (opened, identity checked, then [`stack::build_on`]); nothing is
+//!   allocated or erased on them; grow takes the size the array gave the LUN.
 
 use crate::nbd::{ListenAddr, NbdLimits, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
 use anyhow::Context;
+use ember_blockdev::layer::crypt::DeviceDisk;
 use ember_blockdev::layer::gate::Gate;
 use ember_blockdev::layer::throttle::QosLimits;
 use ember_blockdev::pool::{DirPool, Pool, PoolError};
 use ember_blockdev::stack::{self, Stack, StackSpec, Unlock};
 use ember_blockdev::{BackendSpec, OpenOptions};
 use ember_control::dataplane::{
-    AttachVolume, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture, DpResult,
-    Endpoint, LuksFormat, LuksVersion, ObjectKind, ObjectRef, PoolStats, Protocol, Rekey,
-    SnapshotVolume, StoredObject,
+    AttachVolume, ChapSecret, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture,
+    DpResult, Endpoint, LuksFormat, LuksVersion, LunPoolInfo, ManageLun, ManageableLun, ManagedLun,
+    ObjectKind, ObjectRef, PoolStats, Protocol, Rekey, SnapshotVolume, StoredObject,
 };
 use ember_crypto::kdf::Hash;
 use ember_crypto::{FormatParams, KdfParams};
@@ -114,6 +119,10 @@ enum NbdEndpoint {
 
 struct Inner {
     pools: Vec<Arc<dyn Pool>>,
+    /// LUN pools (see [`luns`]).
+    lun_pools: Vec<luns::LunEntry>,
+    /// Volume id → the LUN it is bound to.
+    bindings: Mutex<HashMap<String, luns::Binding>>,
     /// `None` once shut down.
     nbd: Mutex<Option<NbdServer>>,
     nbd_endpoints: Vec<NbdEndpoint>,
@@ -203,12 +212,13 @@ fn qos(q: &ember_control::dataplane::QosLimits) -> QosLimits {
 }
 
 impl EmberDataPlane {
-    /// Open the pools (name → directory), start the NBD server listening on `listen`
-    /// under `nbd_limits`, and put vhost-user sockets in `vhost_dir`; every LUKS header
-    /// is read within `unlock` (`emberd serve --max-…`). Returns the bound NBD addresses
-    /// too.
+    /// Open the pools (name → directory) and take the LUN pools, start the NBD server
+    /// listening on `listen` under `nbd_limits`, and put vhost-user sockets in
+    /// `vhost_dir`; every LUKS header is read within `unlock` (`emberd serve --max-…`).
+    /// Returns the bound NBD addresses too.
     pub fn start(
         pools: Vec<(String, PathBuf)>,
+        lun_pools: Vec<luns::LunPoolSetup>,
         listen: &[ListenAddr],
         nbd_limits: NbdLimits,
         vhost_dir: PathBuf,
@@ -243,6 +253,8 @@ impl EmberDataPlane {
         }
         let inner = Inner {
             pools: ps,
+            lun_pools: lun_pools.into_iter().map(Into::into).collect(),
+            bindings: Mutex::default(),
             nbd: Mutex::new(Some(server)),
             nbd_endpoints: endpoints,
             vhost_dir,
@@ -281,6 +293,11 @@ impl EmberDataPlane {
 
 impl Inner {
     fn pool(&self, name: &str) -> DpResult<&Arc<dyn Pool>> {
+        if self.is_lun_pool(name) {
+            return Err(DataPlaneError::Invalid(format!(
+                "storage pool {name} holds an array's LUNs: nothing is allocated in it (manage a LUN instead)"
+            )));
+        }
         self.pools
             .iter()
             .find(|p| p.name() == name)
@@ -313,7 +330,8 @@ impl Inner {
     }
 
     fn stats(&self) -> DpResult<Vec<PoolStats>> {
-        self.pools
+        let mut out = self
+            .pools
             .iter()
             .map(|p| {
                 let s = p
@@ -326,10 +344,15 @@ impl Inner {
                     provisioned_bytes: s.provisioned_bytes,
                 })
             })
-            .collect()
+            .collect::<DpResult<Vec<_>>>()?;
+        out.extend(self.lun_stats());
+        Ok(out)
     }
 
     fn inventory(&self, pool: &str) -> DpResult<Vec<StoredObject>> {
+        if self.is_lun_pool(pool) {
+            return Ok(self.lun_inventory(pool));
+        }
         let p = self.pool(pool)?;
         let objects = p.list().map_err(|e| pool_error(pool, "list the pool", e))?;
         Ok(objects
@@ -350,8 +373,19 @@ impl Inner {
 
     /// Write a LUKS header with one keyslot on a new volume.
     fn luks_format(&self, backend: &BackendSpec, f: &LuksFormat) -> DpResult<()> {
-        let mut disk = stack::header_disk(backend, false)
+        let disk = stack::header_disk(backend, false)
             .map_err(|e| failed("open the volume for its LUKS header", &e))?;
+        self.luks_format_disk(disk, f)
+    }
+
+    /// Write a LUKS header with one keyslot on an opened device.
+    fn luks_format_disk(&self, mut disk: DeviceDisk, f: &LuksFormat) -> DpResult<()> {
+        if f.key_bits != 256 && f.key_bits != 512 {
+            return Err(DataPlaneError::Invalid(format!(
+                "LUKS key size {} bits: use 256 or 512",
+                f.key_bits
+            )));
+        }
         let p = FormatParams {
             version: match f.version {
                 LuksVersion::Luks1 => 1,
@@ -464,15 +498,24 @@ impl Inner {
     }
 
     fn grow(&self, volume: &ObjectRef, new_size: u64) -> DpResult<()> {
-        let p = self.pool(&volume.pool)?;
-        p.resize(&object_name(volume), new_size)
-            .map_err(|e| pool_error(p.name(), "grow the volume", e))?;
+        let lun = self.is_lun_pool(&volume.pool);
+        if lun {
+            let b = self
+                .binding(volume)
+                .ok_or_else(|| DataPlaneError::NotFound(format!("the LUN of {volume}")))?;
+            self.grow_lun(volume, &b, new_size)?;
+        } else {
+            let p = self.pool(&volume.pool)?;
+            p.resize(&object_name(volume), new_size)
+                .map_err(|e| pool_error(p.name(), "grow the volume", e))?;
+        }
         let notifiers: Vec<(String, vhost::ConfigNotifier)> = {
             let vols = lock(&self.volumes);
             let Some(a) = vols.attached.get(&volume.id) else {
                 return Ok(());
             };
-            if let Err(e) = a.stack.base.resize(new_size) {
+            // A LUN's live device took the new size in `grow_lun`.
+            if let Err(e) = (!lun).then(|| a.stack.base.resize(new_size)).transpose() {
                 // The file grew: the next stack of this volume sees it.
                 tracing::warn!(volume = %volume.id, error = %e, "the live device did not learn the new size");
             }
@@ -497,6 +540,11 @@ impl Inner {
     }
 
     fn delete(&self, object: &ObjectRef) -> DpResult<()> {
+        if self.is_lun_pool(&object.pool) {
+            // Ember never erases an array's LUN: the volume lets it go.
+            self.unbind(object);
+            return Ok(());
+        }
         let p = self.pool(&object.pool)?;
         p.delete(&object_name(object))
             .map_err(|e| pool_error(p.name(), "delete", e))
@@ -512,10 +560,21 @@ impl Inner {
     /// Open the volume's device stack: LUKS unlock (key derivation) included. Called
     /// without the volumes lock.
     fn build_stack(&self, req: &AttachVolume, gate: Arc<Gate>) -> DpResult<Stack> {
-        let p = self.pool(&req.volume.pool)?;
-        let backend = p
-            .spec(&object_name(&req.volume))
-            .map_err(|e| pool_error(p.name(), "find the volume", e))?;
+        let lun = match self.is_lun_pool(&req.volume.pool) {
+            true => Some(self.binding(&req.volume).ok_or_else(|| {
+                DataPlaneError::NotFound(format!("the LUN of {} (manage it again)", req.volume))
+            })?),
+            false => None,
+        };
+        let backend = match &lun {
+            // Opened below, with its identity checked; `build_on` ignores the spec.
+            Some(_) => BackendSpec::Null { size: 0 },
+            None => {
+                let p = self.pool(&req.volume.pool)?;
+                p.spec(&object_name(&req.volume))
+                    .map_err(|e| pool_error(p.name(), "find the volume", e))?
+            }
+        };
         let spec = StackSpec {
             backend,
             open: OpenOptions::default(),
@@ -526,7 +585,11 @@ impl Inner {
             qos: qos(&req.qos),
             gate: Some(gate),
         };
-        stack::build(&spec).map_err(|e| {
+        let built = match &lun {
+            Some(b) => stack::build_on(self.open_bound(&req.volume, b)?, &spec),
+            None => stack::build(&spec),
+        };
+        built.map_err(|e| {
             if req.passphrase.is_some() {
                 DataPlaneError::Unlock {
                     what: req.volume.to_string(),
@@ -718,7 +781,30 @@ impl DataPlane for EmberDataPlane {
             Ok(())
         })
     }
+
+    fn lun_pools(&self) -> DpFuture<'_, Vec<LunPoolInfo>> {
+        let info = self.inner.lun_pools_info();
+        Box::pin(async move { Ok(info) })
+    }
+
+    fn set_chap(&self, pool: String, chap: Option<ChapSecret>) -> DpFuture<'_, ()> {
+        let r = self.inner.set_chap(&pool, chap);
+        Box::pin(async move { r })
+    }
+
+    fn list_luns(&self, pool: String) -> DpFuture<'_, Vec<ManageableLun>> {
+        self.run(move |i| i.list_luns(&pool))
+    }
+
+    fn manage(&self, req: ManageLun) -> DpFuture<'_, ManagedLun> {
+        self.run(move |i| i.manage(&req))
+    }
+
+    fn unmanage(&self, volume: ObjectRef) -> DpFuture<'_, ()> {
+        self.run(move |i| i.unmanage(&volume))
+    }
 }
 
+pub mod luns;
 #[cfg(test)]
 mod tests;

@@ -394,7 +394,7 @@ fn substitute_identity(rdev: u64) -> Option<LunIdentity> {
 }
 
 /// Is the device held by a mount or another driver (`open(O_EXCL)` answers `EBUSY`)?
-fn held_by_host(path: &Path) -> bool {
+pub fn held_by_host(path: &Path) -> bool {
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL)

@@ -75,7 +75,7 @@ pub struct ManageLun {
     /// one is refused ([`super::DataPlaneError::LunUnavailable`]).
     pub identity: Option<String>,
     /// Write a LUKS header with one keyslot (first manage of an encrypted volume; the
-    /// LUN must be blank: its first MiB all zeros).
+    /// LUN must be blank: its first 16 MiB, where the header goes, all zeros).
     pub luks: Option<LuksFormat>,
 }
 

@@ -63,7 +63,7 @@ pub enum Op {
 struct MemLun {
     size: u64,
     identity: Option<String>,
-    /// Its first MiB is zeros (a LUKS format is allowed).
+    /// Its first 16 MiB are zeros (a LUKS format is allowed).
     blank: bool,
 }
 
@@ -190,7 +190,7 @@ impl MemDataPlane {
         self
     }
 
-    /// Put (or replace: grow, re-identify) LUN `lun` of `pool`; `blank`: its first MiB
+    /// Put (or replace: grow, re-identify) LUN `lun` of `pool`; `blank`: its first 16 MiB
     /// is zeros.
     pub fn put_lun(&self, pool: &str, lun: &str, size: u64, identity: Option<&str>, blank: bool) {
         if let Some(p) = self.lock().lun_pools.get_mut(pool) {

@@ -33,7 +33,7 @@
 //!   are read from the key store (any project's secret: the operator configured the
 //!   id) and handed to the data plane ([`DataPlane::set_chap`]) before each login.
 //! - **Encryption**: managing with an encrypted volume type orders a key, and the data
-//!   plane formats the LUN as LUKS, only when the LUN is blank (its first MiB zeros):
+//!   plane formats the LUN as LUKS, only when the LUN is blank (its first 16 MiB, where its header goes, all zeros):
 //!   data on a LUN is never destroyed by a manage. Unmanage keeps the key (the secret
 //!   stays in the project), so the LUN can still be opened with it.
 //! - Extend of a LUN volume takes the size the array gave the LUN: refused (400) while
