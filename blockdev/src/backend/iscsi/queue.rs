@@ -6,7 +6,8 @@
 //! the bytes move with non-blocking `recv`/`sendmsg` from the completion handler. None of
 //! these SQEs points into the queue's memory (the timeouts point to statics), so the
 //! queue can be dropped while they are in flight: a late CQE carries this queue's random
-//! epoch in its slot and is ignored by whoever owns the id next. A batch of requests
+//! epoch as the generation of its [`Tag`]'s key and is ignored by whoever owns the id
+//! next. A batch of requests
 //! submitted in one event-loop turn leaves in one `sendmsg` (the NOP's completion comes
 //! after the turn), sent straight from the requests' buffers.
 //!
@@ -26,8 +27,10 @@ use super::session::{Command, Dir, Event, Finished, Outcome, Session};
 use super::Inner;
 use crate::backend::scsi::{self, asc, key, status, Capacity, Cdb, Sense};
 use crate::buf::{Buffer, IoBuf};
-use crate::engine::{user_data, Cqe, OwnerId, Ring};
+use crate::engine::{Cqe, OwnerId, Ring};
 use crate::request::{Completion, Op, Request};
+use crate::slots::Key;
+use crate::tag::{Kind, Tag};
 use crate::Queue;
 use io_uring::{opcode, types};
 use std::collections::VecDeque;
@@ -61,12 +64,11 @@ const RECONNECT_FAILED: Duration = Duration::from_secs(30);
 static TICK_FAST: types::Timespec = types::Timespec::new().nsec(50_000_000);
 static TICK_SLOW: types::Timespec = types::Timespec::new().sec(1);
 
-/// Slot kinds (low bits of the slot; the epoch sits above).
-const K_POLL_IN: u64 = 1;
-const K_POLL_OUT: u64 = 2;
-const K_FLUSH: u64 = 3;
-const K_TIMER: u64 = 4;
-const EPOCH_SHIFT: u32 = 8;
+/// Tag kinds of the queue's SQEs (their key is the queue's epoch).
+const K_POLL_IN: Kind = Kind::new(1);
+const K_POLL_OUT: Kind = Kind::new(2);
+const K_FLUSH: Kind = Kind::new(3);
+const K_TIMER: Kind = Kind::new(4);
 
 /// Command cookies: request id, or an internal command.
 const INTERNAL: u64 = 1 << 63;
@@ -184,7 +186,8 @@ pub struct IscsiQueue {
     inner: Arc<Inner>,
     mode: Mode,
     owner: OwnerId,
-    epoch: u64,
+    /// Random key of every SQE of this queue (slot 0, a 15-bit generation).
+    epoch: Key,
     isid: [u8; 6],
     state: State,
     fd: Option<OwnedFd>,
@@ -239,7 +242,7 @@ impl IscsiQueue {
         let owner = ring.new_owner();
         let mut r = [0u8; 2];
         let _ = getrandom::fill(&mut r);
-        let epoch = u64::from(u16::from_le_bytes(r) & 0x7fff);
+        let epoch = Key::masked(0, u32::from(u16::from_le_bytes(r) & 0x7fff));
         let isid = inner.next_isid();
         let now = Instant::now();
         let mut q = IscsiQueue {
@@ -315,8 +318,8 @@ impl IscsiQueue {
         }
     }
 
-    fn ud(&self, kind: u64) -> u64 {
-        user_data(self.owner, (self.epoch << EPOCH_SHIFT) | kind)
+    fn ud(&self, kind: Kind) -> u64 {
+        Tag::new(self.owner, kind, self.epoch).raw()
     }
 
     fn push(&mut self, ring: &mut Ring, e: io_uring::squeue::Entry) -> bool {
@@ -1567,12 +1570,12 @@ impl Queue for IscsiQueue {
     }
 
     fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
-        let slot = cqe.slot();
-        if slot >> EPOCH_SHIFT != self.epoch {
+        let tag = cqe.tag();
+        if tag.key() != self.epoch {
             return;
         }
         let now = Instant::now();
-        match slot & ((1 << EPOCH_SHIFT) - 1) {
+        match tag.kind() {
             K_POLL_IN => {
                 self.poll_in = false;
                 if self.fd.is_some() && cqe.result >= 0 {
