@@ -22,21 +22,6 @@ pub type OwnerId = u16;
 /// Default number of SQ entries per ring.
 pub const DEFAULT_RING_ENTRIES: u32 = 1024;
 
-/// Pack an owner and a slot into a `user_data` (old packing, until every owner uses [`Tag`]).
-pub fn user_data(owner: OwnerId, slot: u64) -> u64 {
-    (u64::from(owner) << 48) | (slot & ((1 << 48) - 1))
-}
-
-/// The owner of a `user_data`.
-pub fn owner_of(user_data: u64) -> OwnerId {
-    (user_data >> 48) as OwnerId
-}
-
-/// The slot of a `user_data`.
-pub fn slot_of(user_data: u64) -> u64 {
-    user_data & ((1 << 48) - 1)
-}
-
 /// A reaped completion-queue entry.
 #[derive(Debug, Clone, Copy)]
 pub struct Cqe {
@@ -49,11 +34,6 @@ pub struct Cqe {
 }
 
 impl Cqe {
-    /// The slot part of the user data (old packing).
-    pub fn slot(&self) -> u64 {
-        slot_of(self.user_data)
-    }
-
     /// The decoded `user_data`.
     pub fn tag(&self) -> Tag {
         Tag::from_raw(self.user_data)
