@@ -27,8 +27,14 @@
 //! or the tag of a [`Request`]). A completion for a freed or reused slot finds nothing.
 //!
 //! ## Unsafe
-//! Unsafe code lives in [`engine`] (pushing SQEs) and [`buf`] (aligned allocations). The rule
-//! is CH's: every buffer or iovec an SQE points to is owned by the in-flight slot of the
+//! Plain syscalls and ioctls go through the safe wrappers of [`sys`]. The `unsafe` left
+//! elsewhere is what depends on memory outliving a call: [`engine`] (pushing SQEs; its
+//! callers are the ring owners, the backends' queues and the layers' timers), [`buf`]
+//! (aligned allocations, borrowed iovecs), the crypt layer's helper thread
+//! (`layer/crypt/split.rs`), inline reads and writes into borrowed iovecs
+//! (`backend/file.rs`) and the CRC32C kernel; and plain syscalls not moved to [`sys`] yet
+//! (the iSCSI queue's socket calls, the pool's `statvfs` and `FICLONE`). The rule is
+//! CH's: every buffer or iovec an SQE points to is owned by the in-flight slot of the
 //! queue that pushed it, from before the push until its CQE is reaped.
 //!
 //! ## Modules
