@@ -26,7 +26,8 @@
 //! Microversions: `OpenStack-API-Version: volume 3.N` (or the legacy
 //! `X-OpenStack-Volume-API-Version: 3.N`; `latest` is the maximum; none is 3.0) must lie
 //! in [`CINDER_MIN`]..=[`CINDER_MAX`], else 406 as Cinder answers; a malformed version
-//! is 400. The answer carries `OpenStack-API-Version: volume 3.N` (and the legacy header
+//! is 400. Errors of Barbican routes also carry Barbican's `code`, `title` and
+//! `description` beside the Cinder fault. The answer carries `OpenStack-API-Version: volume 3.N` (and the legacy header
 //! when the request used it) and `Vary`. Barbican's `key-manager 1.N` likewise
 //! ([`BARBICAN_MIN`]..=[`BARBICAN_MAX`]). Handlers read the negotiated version with the
 //! [`Microversion`] extractor; routes that need one answer 404 below it, as Cinder does.
@@ -346,8 +347,10 @@ pub async fn route_request(mut req: Request, next: Next) -> Response {
     } else {
         None
     };
+    let barbican = under("/v1");
     let echo = match negotiated {
         None => None,
+        Some((_, Err(e))) if barbican => return barbican_error(e.into_response()).await,
         Some((_, Err(e))) => return e.into_response(),
         Some((svc, Ok(n))) => {
             if svc == "volume" {
@@ -357,6 +360,9 @@ pub async fn route_request(mut req: Request, next: Next) -> Response {
         }
     };
     let mut resp = next.run(req).await;
+    if barbican && (resp.status().is_client_error() || resp.status().is_server_error()) {
+        resp = barbican_error(resp).await;
+    }
     if let Some((svc, n)) = echo {
         let h = resp.headers_mut();
         if let Ok(v) = HeaderValue::from_str(&format!("{svc} {}", n.version)) {
@@ -373,6 +379,38 @@ pub async fn route_request(mut req: Request, next: Next) -> Response {
         );
     }
     resp
+}
+
+/// A Cinder error body of a Barbican route, with Barbican's fields added
+/// (`{"code", "title", "description"}`, which barbicanclient reads) beside the Cinder
+/// fault, so that both kinds of client find theirs.
+async fn barbican_error(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, crate::api::MAX_BODY)
+        .await
+        .unwrap_or_default();
+    let mut v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({}));
+    let status = parts.status;
+    let fault = crate::error::fault_name(status);
+    let message = v[fault]["message"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+    if let Some(o) = v.as_object_mut() {
+        o.insert("code".into(), json!(status.as_u16()));
+        o.insert(
+            "title".into(),
+            json!(status.canonical_reason().unwrap_or("Error")),
+        );
+        o.insert("description".into(), json!(message));
+    }
+    let out = serde_json::to_vec(&v).unwrap_or_default();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(out))
 }
 
 /// The router served under its prefixes too (see the module doc). Routing happens after

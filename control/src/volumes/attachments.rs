@@ -162,6 +162,7 @@ pub async fn create_attachment(
     let ro = read_only(mv, b.mode.as_deref())?;
     let mut conn = st.db().pool.acquire().await?;
     let v = service::load::<Vol>(&mut conn, &ctx, &project_id, &b.volume_uuid).await?;
+    drop(conn);
     let id = match &b.connector {
         Some(c) => {
             let req = AttachRequest {

@@ -691,7 +691,9 @@ pub async fn update_volume(
     let u = body.volume.validate("volume")?;
     let mut conn = st.db().pool.acquire().await?;
     let v = service::load::<Vol>(&mut conn, &ctx, &project_id, &id).await?;
+    drop(conn);
     service::update(&st, &v, u).await?;
+    let mut conn = st.db().pool.acquire().await?;
     let v = service::load::<Vol>(&mut conn, &ctx, &project_id, &id).await?;
     Ok(Json(
         json!({ "volume": service::volume_view(&mut conn, &v).await? }),
@@ -1188,7 +1190,9 @@ pub async fn update_snapshot(
     let u = body.volume.validate("snapshot")?;
     let mut conn = st.db().pool.acquire().await?;
     let s = service::load::<Snap>(&mut conn, &ctx, &project_id, &id).await?;
+    drop(conn);
     service::update(&st, &s, u).await?;
+    let mut conn = st.db().pool.acquire().await?;
     let s = service::load::<Snap>(&mut conn, &ctx, &project_id, &id).await?;
     Ok(Json(
         json!({ "snapshot": service::snapshot_view(&mut conn, &s).await? }),

@@ -132,6 +132,11 @@ impl ListQuery {
         };
         for item in spec.split(',').map(str::trim).filter(|i| !i.is_empty()) {
             let (key, dir) = item.split_once(':').unwrap_or((item, "desc"));
+            // cinderclient sends Cinder's database names of some keys.
+            let key = match key {
+                "display_name" => "name",
+                k => k,
+            };
             if !SORT_KEYS.contains(&key) {
                 return Err(ApiError::bad_request(format!(
                     "`sort` key {key:?} is not one of {}",

@@ -1132,7 +1132,7 @@ pub async fn reset_status<T: Stored>(
             .any(Attachment::is_live);
         if live != (to == Status::InUse) && matches!(to, Status::InUse | Status::Available) {
             return Err(ApiError::bad_request(format!(
-                "volume {} {} attachments: it cannot be reset to {to} (end them with                  os-terminate_connection or DELETE /attachments/{{id}})",
+                "volume {} {} attachments: it cannot be reset to {to} (end them with os-terminate_connection or DELETE /attachments/{{id}})",
                 object.id,
                 if live { "has" } else { "has no" }
             )));
@@ -1170,14 +1170,14 @@ pub async fn retype(st: &AppState, ctx: &Ctx, v: &Vol, new_type: &str) -> ApiRes
     };
     if !same_enc {
         return Err(ApiError::bad_request(format!(
-            "`os-retype.new_type` {}: its encryption differs from type {}'s; Ember cannot              migrate a volume's bytes (retype to a type with the same encryption spec)",
+            "`os-retype.new_type` {}: its encryption differs from type {}'s; Ember cannot migrate a volume's bytes (retype to a type with the same encryption spec)",
             new.name, old.name
         )));
     }
     if let Some(pool) = new.backend_name() {
         if pool != v.pool {
             return Err(ApiError::bad_request(format!(
-                "`os-retype.new_type` {}: its volume_backend_name {pool:?} is another pool than                  the volume's ({}); Ember cannot migrate a volume",
+                "`os-retype.new_type` {}: its volume_backend_name {pool:?} is another pool than the volume's ({}); Ember cannot migrate a volume",
                 new.name, v.pool
             )));
         }
