@@ -491,16 +491,12 @@ pub async fn secret_payload(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("*/*");
-    if !(accept.contains("*/*")
-        || accept.contains(ct.as_str())
-        || accept.contains("application/*") && ct.starts_with("application/")
-        || accept.contains("text/*") && ct.starts_with("text/"))
-    {
-        return Err(ApiError::new(
+    let ct = payload_type(accept, &ct, &bytes).ok_or_else(|| {
+        ApiError::new(
             StatusCode::NOT_ACCEPTABLE,
-            format!("this secret's payload is {ct}"),
-        ));
-    }
+            format!("this secret's payload is {ct} (not valid UTF-8 text)"),
+        )
+    })?;
     if is_expired(&opt_str(&row, "expiration")?) {
         return Err(ApiError::not_found(format!("secret {id} has expired")));
     }
@@ -510,6 +506,27 @@ pub async fn secret_payload(
         HeaderValue::from_str(&ct).map_err(|_| ApiError::internal("content type"))?,
     );
     Ok(resp)
+}
+
+/// The content type to answer a payload with for `accept`: the stored one when
+/// accepted; bytes of a text secret as `application/octet-stream`; bytes stored as
+/// `application/octet-stream` as `text/plain` when they are UTF-8 text (the `openstack`
+/// CLI stores a passphrase base64-encoded and reads it back as text). `None`: 406.
+fn payload_type(accept: &str, stored: &str, bytes: &[u8]) -> Option<String> {
+    let wants = |t: &str| {
+        let (family, _) = t.split_once('/').unwrap_or((t, ""));
+        accept.contains("*/*") || accept.contains(t) || accept.contains(&format!("{family}/*"))
+    };
+    if wants(stored) {
+        return Some(stored.to_string());
+    }
+    if wants("application/octet-stream") {
+        return Some("application/octet-stream".to_string());
+    }
+    if wants("text/plain") && std::str::from_utf8(bytes).is_ok() {
+        return Some("text/plain".to_string());
+    }
+    None
 }
 
 async fn open_row(st: &AppState, id: &str) -> ApiResult<(String, Zeroizing<Vec<u8>>)> {
@@ -928,6 +945,19 @@ pub async fn delete_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_negotiation() {
+        let bin = "application/octet-stream";
+        assert_eq!(payload_type("*/*", bin, b"x").as_deref(), Some(bin));
+        assert_eq!(
+            payload_type("text/plain", bin, b"words").as_deref(),
+            Some("text/plain")
+        );
+        assert_eq!(payload_type("text/plain", bin, &[0xff, 0xfe]), None);
+        assert_eq!(payload_type(bin, "text/plain", b"w").as_deref(), Some(bin));
+        assert_eq!(payload_type("image/png", bin, b"w"), None);
+    }
 
     #[test]
     fn passphrase_rule() {

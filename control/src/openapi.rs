@@ -55,6 +55,7 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(versions::cinder_v3))
         .routes(routes!(versions::barbican_v1))
         .routes(routes!(versions::glance))
+        .routes(routes!(versions::glance_v2))
         .routes(routes!(projects::create_project, projects::list_projects))
         .routes(routes!(projects::show_project))
         .routes(routes!(projects::create_token, projects::list_tokens))

@@ -20,8 +20,9 @@
 //! it lists Barbican's v1 **first** and Cinder's v3 second, because barbicanclient reads
 //! only the first entry of the list and cinderclient searches the list for a `3.x`
 //! version (so both clients can also be given the bare `http://HOST:8776`). Glance's
-//! list is at `GET /versions`. Cinder's `GET /v3` and Barbican's `GET /v1` describe the
-//! one version.
+//! list is at `GET /versions` (and `GET /v2`). Cinder's `GET /v3` and Barbican's
+//! `GET /v1` describe the one version. Version documents answer whatever version a
+//! request names (barbicanclient reads Barbican's while asking for 1.1).
 //!
 //! Microversions: `OpenStack-API-Version: volume 3.N` (or the legacy
 //! `X-OpenStack-Volume-API-Version: 3.N`; `latest` is the maximum; none is 3.0) must lie
@@ -322,7 +323,12 @@ pub async fn route_request(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(Origin { service, base });
 
     let under = |p: &str| trimmed == p || trimmed.starts_with(&format!("{p}/"));
-    let negotiated = if under("/v3") {
+    // Version documents describe the range; they are not held to it (barbicanclient
+    // asks for key-manager 1.1 while it reads them).
+    let document = matches!(trimmed.as_str(), "/" | "/v1" | "/v2" | "/v3" | "/versions");
+    let negotiated = if document {
+        None
+    } else if under("/v3") {
         Some((
             "volume",
             negotiate(
@@ -494,6 +500,12 @@ pub async fn barbican_v1(o: Origin) -> Json<Value> {
 #[utoipa::path(get, path = "/versions", tag = "versions", security(()),
     responses((status = 200, description = "Glance's version list (v2: metadefs)")))]
 pub async fn glance(o: Origin) -> Json<Value> {
+    Json(glance_versions(&o))
+}
+
+#[utoipa::path(get, path = "/v2", tag = "versions", security(()),
+    responses((status = 200, description = "Glance's version list, for clients given the `/v2` endpoint")))]
+pub async fn glance_v2(o: Origin) -> Json<Value> {
     Json(glance_versions(&o))
 }
 
