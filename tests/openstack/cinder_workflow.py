@@ -6,13 +6,18 @@ reset and deleted. Data is written and read back through the returned connection
 with qemu-io and nbdinfo.
 """
 
+import os
+import tempfile
 import uuid
 
 from cinderclient import api_versions
 from cinderclient import client as cinder_client
 from cinderclient import exceptions as cexc
 
+from barbicanclient import client as barbican_client
+
 from common import (
+    KEY_MANAGER_ENDPOINT,
     VOLUME_ENDPOINT,
     check,
     expect_error,
@@ -21,6 +26,7 @@ from common import (
     nbd_uri,
     qemu_read_ok,
     qemu_write,
+    run,
     session,
     summary,
     wait_for,
@@ -28,7 +34,29 @@ from common import (
 )
 
 GIB = 1 << 30
+# The node's default storage pool (a directory of `<volume id>.img` files).
+POOL_DIR = os.path.join(os.environ["EMBER_DATA_DIR"], "pools", "default")
 CONNECTOR = {"protocol": "nbd", "host": "test-host", "initiator": "iqn.2026-01.test:host", "multipath": False}
+
+
+def luks_check(uri, volume_id, passphrase):
+    """Ember serves an encrypted volume decrypted (its data plane runs LUKS): write
+    plaintext through the NBD export, then open the volume's backing file in QEMU's LUKS
+    driver with the key Barbican gives (Cinder's rule: the passphrase is the hex of the
+    symmetric key) and find it there; the file itself holds only ciphertext."""
+    qemu_write(uri, "0x42", 0, "64k")
+    qemu_read_ok(uri, "0x42", 0, "64k", "plaintext through the export")
+    img = os.path.join(POOL_DIR, f"{volume_id}.img")
+    with tempfile.NamedTemporaryFile("w", suffix=".pass") as f:
+        f.write(passphrase)
+        f.flush()
+        opts = f"driver=luks,key-secret=k,file.driver=file,file.filename={img}"
+        out = run(["qemu-io", "-r", "--object", f"secret,id=k,file={f.name}", "--image-opts", opts,
+                   "-c", "read -P 0x42 0 64k"])
+        check("Pattern verification failed" not in out, "QEMU opens the backing file with the volume's key")
+    with open(img, "rb") as raw:
+        data = raw.read(16 << 20)
+    check(b"\x42" * 4096 not in data, "the backing file holds no plaintext")
 
 
 def main():
@@ -182,6 +210,10 @@ def main():
     check(ev.encrypted, "encrypted")
     einfo = c.volumes.initialize_connection(ev, CONNECTOR)
     check(einfo["data"]["encrypted"] is True, "connection_info says encrypted")
+    keys = barbican_client.Client(session=session(KEY_MANAGER_ENDPOINT), endpoint=KEY_MANAGER_ENDPOINT)
+    secret = keys.secrets.get(f"{KEY_MANAGER_ENDPOINT}/v1/secrets/{ev.encryption_key_id}")
+    check(secret.secret_type == "symmetric" and len(secret.payload) == 32, "the volume's key is a 256-bit symmetric secret")
+    luks_check(nbd_uri(einfo), ev.id, secret.payload.hex())
     c.volumes.terminate_connection(ev, CONNECTOR)
     wait_for(lambda: c.volumes.get(ev.id), "available", "encrypted volume detached")
     c.volumes.retype(ev, "os-gold2", "never")

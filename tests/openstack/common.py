@@ -4,6 +4,7 @@ Environment (set by the Rust test):
   EMBER_URL          http://127.0.0.1:PORT of `emberd serve`
   EMBER_TOKEN        an admin token
   EMBER_PROJECT      the admin token's project id
+  EMBER_DATA_DIR     the node's data directory (its default pool is DATA/pools/default)
   EMBER_OTHER_TOKEN  a member token of another project (ACL checks)
   EMBER_OTHER_TOKEN_ID  its token id
 
