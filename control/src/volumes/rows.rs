@@ -622,7 +622,8 @@ pub async fn usage(conn: &mut AnyConnection, project: &str) -> Result<Usage, sql
     let mut u = Usage::default();
     for (table, n) in [("volumes", &mut u.volumes), ("snapshots", &mut u.snapshots)] {
         let sql = format!(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(size_bytes), 0) AS b FROM {table} WHERE project_id = ?"
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size_bytes), 0) AS SIGNED) AS b FROM {table} \
+             WHERE project_id = ?"
         );
         let r = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(project.to_string())
