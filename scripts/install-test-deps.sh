@@ -78,6 +78,8 @@ PKGS=(
     shellcheck git python3 python3-pip python3-venv
     # build and misc
     pkg-config gcc g++ make iproute2 procps util-linux e2fsprogs openssl curl ca-certificates
+    # losetup (loop devices as host block LUNs in the block-device tests)
+    mount
 )
 # QEMU packages must share one version (Debian's qemu-system-x86 conflicts with a newer
 # qemu-utils from backports, which some images preinstall).

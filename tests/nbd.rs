@@ -522,6 +522,15 @@ fn bad_flags_fail_clearly() {
             "unix:/tmp/y.sock",
         ],
         vec![],
+        vec!["--nbd", "unix:/tmp/y.sock", "--nbd-conn-memory-mib", "8"],
+        vec!["--nbd", "unix:/tmp/y.sock", "--nbd-memory-mib", "100"],
+        vec![
+            "--nbd",
+            "unix:/tmp/y.sock",
+            "--nbd-handshake-timeout-secs",
+            "0",
+        ],
+        vec!["--nbd", "unix:/tmp/y.sock", "--nbd-max-conns", "0"],
     ] {
         let mut c = Command::new(emberd_bin());
         c.args(["export", "--file", file.to_str().unwrap()])

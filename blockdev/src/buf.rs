@@ -170,6 +170,54 @@ impl IoVecs {
         }
     }
 
+    /// The iovecs covering `[offset, offset+len)` of the memory (clamped to its end),
+    /// appended to `out`: for a vectored send of part of a buffer.
+    pub fn sub_iovecs(&self, offset: usize, len: usize, out: &mut Vec<libc::iovec>) {
+        let mut skip = offset;
+        let mut left = len;
+        for v in &self.iovs {
+            if left == 0 {
+                break;
+            }
+            if skip >= v.iov_len {
+                skip -= v.iov_len;
+                continue;
+            }
+            let n = (v.iov_len - skip).min(left);
+            out.push(libc::iovec {
+                iov_base: v.iov_base.cast::<u8>().wrapping_add(skip).cast(),
+                iov_len: n,
+            });
+            left -= n;
+            skip = 0;
+        }
+    }
+
+    /// Apply `f` to the contiguous pieces of `[offset, offset+len)` (clamped to the end).
+    pub fn for_each_in(&self, offset: usize, len: usize, mut f: impl FnMut(&[u8])) {
+        let mut iovs = Vec::new();
+        self.sub_iovecs(offset, len, &mut iovs);
+        for v in iovs {
+            // SAFETY: `v` lies inside one of this IoVecs' iovecs, which the constructor's
+            // contract makes valid for reads while `self` lives.
+            f(unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) });
+        }
+    }
+
+    /// Copy `src` into the memory starting at `offset` (clamped to the end).
+    pub fn copy_from_at(&mut self, offset: usize, src: &[u8]) {
+        let mut iovs = Vec::new();
+        self.sub_iovecs(offset, src.len(), &mut iovs);
+        let mut done = 0;
+        for v in iovs {
+            // SAFETY: `v` lies inside one of this IoVecs' iovecs, valid for writes by the
+            // constructor's contract; &mut self means no other Rust reference into it.
+            let dst = unsafe { std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len) };
+            dst.copy_from_slice(&src[done..done + v.iov_len]);
+            done += v.iov_len;
+        }
+    }
+
     /// Apply `f` to each contiguous piece of the memory, in order.
     pub fn for_each_mut(&mut self, mut f: impl FnMut(&mut [u8])) {
         for v in &self.iovs {
@@ -310,8 +358,17 @@ mod tests {
         v.copy_from(&[1, 2, 3, 4, 5, 6, 7, 8]);
         let mut out = [0u8; 8];
         v.copy_to(&mut out);
+        let mut mid = Vec::new();
+        v.for_each_in(2, 3, |p| mid.extend_from_slice(p));
+        assert_eq!(mid, [3, 4, 5]);
+        v.copy_from_at(2, &[9, 9, 9]);
+        let mut sub = Vec::new();
+        v.sub_iovecs(7, 100, &mut sub);
+        assert_eq!(sub.len(), 1);
+        assert_eq!(sub[0].iov_len, 1);
         drop(v);
         assert_eq!(out, [1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(a, [1, 2, 3]);
+        assert_eq!(a, [1, 2, 9]);
+        assert_eq!(b, [9, 9, 6, 7, 8]);
     }
 }

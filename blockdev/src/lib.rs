@@ -29,7 +29,8 @@
 //! - [`buf`]: aligned owned buffers, borrowed iovec lists, a per-thread pool.
 //! - [`request`]: [`Request`], [`Op`], [`Completion`], [`DeviceInfo`], [`Extent`].
 //! - [`engine`]: the io_uring [`Ring`] wrapper and `user_data` packing.
-//! - [`backend`]: `file` (regular files, block devices) and `null`; [`open`] is the factory.
+//! - [`backend`]: `file` (regular files, host block devices), `iscsi` (Ember's own
+//!   initiator) and `null`; [`open`] is the factory; `scsi` holds the SCSI they share.
 //! - [`sync`]: [`SyncDevice`], a blocking driver for tools, the control plane and tests.
 //! - [`layer`]: stacking layers (crypt, throttle, gate) that wrap another device.
 //! - [`stack`]: the one builder of a volume's stack (backend → gate → crypt → throttle)
@@ -72,6 +73,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 
     /// Grow (or shrink) the device. Front ends learn the new size through [`info`](Self::info).
     fn resize(&self, new_size: u64) -> Result<()>;
+
+    /// The identity of the LUN behind the device (VPD 0x83 designators, serial), for
+    /// devices that are LUNs: host block devices with SCSI pages, iSCSI LUNs.
+    fn identity(&self) -> Option<backend::scsi::LunIdentity> {
+        None
+    }
 }
 
 /// A per-thread handle on a [`BlockDevice`]. Not shared; lives on one I/O thread.
@@ -80,6 +87,12 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
 /// [`Completion`] with the request's tag, either synchronously (pushed to `done` by
 /// `submit`) or later from [`complete`](Queue::complete). A full ring, an error from the
 /// kernel, a bad range: all are completions, never panics or lost requests.
+///
+/// A queue may be dropped once [`in_flight`](Queue::in_flight) is 0. It may then leave
+/// SQEs in the ring that point to no memory of its own (the iSCSI queue's socket polls,
+/// a timeout on a `static` timespec); their CQEs still carry its owner id, which the
+/// ring may have handed to a new queue, so a queue ignores CQEs whose slot it does not
+/// recognise, and an event loop ignores CQEs of owners it no longer knows.
 pub trait Queue {
     /// The ring owner id this queue's SQEs carry.
     fn owner(&self) -> OwnerId;

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   top ─▶ throttle (QoS, if limited) ─▶ crypt (LUKS, if a passphrase) ─▶ gate (if
-//!          given) ─▶ base (backend: file | null)           [later: mirror under crypt]
+//!          given) ─▶ base (backend: file | null | iscsi)   [later: mirror under crypt]
 //! ```
 //!
 //! The gate sits right above the backend, so a pause stops exactly the writes that
@@ -24,14 +24,15 @@ use std::sync::Arc;
 pub struct Unlock<'a> {
     /// The passphrase, byte for byte.
     pub passphrase: &'a [u8],
-    /// Cost limits applied to the header's keyslots.
-    pub options: ember_crypto::OpenOptions,
+    /// Cost limits the header is read within (a hostile header is refused before any
+    /// large allocation or key derivation).
+    pub limits: ember_crypto::UnlockLimits,
 }
 
 impl std::fmt::Debug for Unlock<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Unlock")
-            .field("options", &self.options)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -69,7 +70,7 @@ pub fn build(spec: &StackSpec<'_>) -> Result<Stack> {
         top = Arc::new(GateDevice::new(top, g.clone()));
     }
     if let Some(u) = &spec.luks {
-        top = Arc::new(CryptDevice::open(top, u.passphrase, &u.options)?);
+        top = Arc::new(CryptDevice::open(top, u.passphrase, &u.limits)?);
     }
     if !spec.qos.is_unlimited() {
         top = Arc::new(ThrottleDevice::new(top, &spec.qos));

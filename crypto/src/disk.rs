@@ -1,5 +1,11 @@
 //! Storage access for header work: the caller supplies a [`Disk`]; this crate does no I/O
-//! of its own (the daemon implements it over files, the block layer over a device).
+//! of its own (`ember_blockdev::layer::crypt::DeviceDisk` implements it over any block
+//! device, for the crypt layer, `emberd luks` and the data plane alike).
+//!
+//! Header updates are ordered with [`Disk::flush`]: a write is only known to be on stable
+//! storage once a later flush returned, and writes between two flushes may land in any
+//! order, or some not at all, if the power fails (see `volume` for the ordering and
+//! `crash` for the test that replays every such outcome).
 
 use std::io;
 
@@ -7,8 +13,10 @@ use std::io;
 pub trait Disk {
     /// Read exactly `buf.len()` bytes at `offset`.
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Write all of `buf` at `offset`.
+    /// Write all of `buf` at `offset` (not necessarily durable before [`flush`](Self::flush)).
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Make every write issued so far durable (a write barrier: `fdatasync`).
+    fn flush(&mut self) -> io::Result<()>;
     /// Size in bytes.
     fn size(&mut self) -> io::Result<u64>;
 }
@@ -27,7 +35,9 @@ impl Disk for Vec<u8> {
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let end = start + buf.len();
+        let end = start
+            .checked_add(buf.len())
+            .ok_or(io::ErrorKind::InvalidInput)?;
         if self.len() < end {
             self.resize(end, 0);
         }
@@ -35,19 +45,45 @@ impl Disk for Vec<u8> {
         Ok(())
     }
 
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     fn size(&mut self) -> io::Result<u64> {
-        Ok(self.len() as u64)
+        u64::try_from(self.len()).map_err(|_| io::ErrorKind::InvalidData.into())
     }
 }
 
 /// Read `len` bytes at `offset`, reporting a short device as a truncated header.
 pub(crate) fn read_vec(disk: &mut dyn Disk, offset: u64, len: usize) -> crate::Result<Vec<u8>> {
     let have = disk.size()?;
-    let need = offset.saturating_add(len as u64);
+    let need = u64::try_from(len)
+        .ok()
+        .and_then(|l| offset.checked_add(l))
+        .unwrap_or(u64::MAX);
     if need > have {
         return Err(crate::Error::Truncated { need, have });
     }
     let mut v = vec![0u8; len];
     disk.read_at(offset, &mut v)?;
     Ok(v)
+}
+
+/// Overwrite `[offset, offset + len)` with random bytes, 64 KiB at a time (bounded memory
+/// whatever the area size), then flush.
+pub(crate) fn wipe(disk: &mut dyn Disk, offset: u64, len: u64) -> crate::Result<()> {
+    const CHUNK: u64 = 64 << 10;
+    let mut junk = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(CHUNK) as usize;
+        crate::kdf::random(&mut junk[..n])?;
+        let at = offset
+            .checked_add(done)
+            .ok_or_else(|| crate::Error::Corrupt("wipe range overflows".into()))?;
+        disk.write_at(at, &junk[..n])?;
+        done += n as u64;
+    }
+    disk.flush()?;
+    Ok(())
 }

@@ -43,17 +43,23 @@ pub enum Error {
     /// The passphrase opens no keyslot.
     #[error("no keyslot matches the passphrase (wrong passphrase)")]
     WrongPassphrase,
-    /// An argon2 keyslot asks for more memory than allowed.
+    /// A header field is above its cost limit (see [`crate::limits`]).
     #[error(
-        "keyslot {slot} needs {need_kib} KiB of argon2 memory, above the limit of {limit_kib} KiB"
+        "{what}: {field} is {value}{unit}, above the limit of {limit}{unit} (raise it with {flag})"
     )]
-    KdfMemoryTooHigh {
-        /// Keyslot number.
-        slot: usize,
-        /// Memory the keyslot's KDF asks for.
-        need_kib: u64,
+    LimitExceeded {
+        /// "keyslot 3", "digest 0", "header".
+        what: String,
+        /// The header field, as named in the LUKS specification.
+        field: &'static str,
+        /// Its value.
+        value: u64,
         /// The configured cap.
-        limit_kib: u64,
+        limit: u64,
+        /// " KiB", " bytes" or "".
+        unit: &'static str,
+        /// The `emberd` flag that sets the cap.
+        flag: &'static str,
     },
     /// The KDF rejected its parameters.
     #[error("key derivation failed: {0}")]

@@ -124,53 +124,68 @@ fn diffuse(hash: Hash, buf: &mut [u8]) {
     let ds = hash.size();
     let mut tmp = Zeroizing::new([0u8; 64]);
     for (i, block) in buf.chunks_mut(ds).enumerate() {
-        let idx = (i as u32).to_be_bytes();
+        // Keys are at most a few hundred bytes: the block index always fits (saturating
+        // only to keep this function total).
+        let idx = u32::try_from(i).unwrap_or(u32::MAX).to_be_bytes();
         hash.digest_into(&[&idx, block], &mut tmp[..ds]);
         let n = block.len();
         block.copy_from_slice(&tmp[..n]);
     }
 }
 
+/// `key_len * stripes` in bytes, or an error if it does not fit memory arithmetic.
+pub fn af_len(key_len: usize, stripes: u32) -> Result<usize> {
+    usize::try_from(stripes)
+        .ok()
+        .and_then(|s| key_len.checked_mul(s))
+        .ok_or_else(|| Error::Corrupt(format!("{key_len}-byte key × {stripes} stripes overflows")))
+}
+
 /// Split `key` into `key.len() * stripes` bytes of anti-forensic material.
 pub fn af_split(key: &[u8], stripes: u32, hash: Hash) -> Result<Zeroizing<Vec<u8>>> {
     let n = key.len();
-    let stripes = stripes as usize;
-    if stripes == 0 {
-        return Err(Error::InvalidParam("AF stripes must be at least 1".into()));
+    if stripes == 0 || n == 0 {
+        return Err(Error::InvalidParam(
+            "AF split needs a key and at least one stripe".into(),
+        ));
     }
-    let mut out = Zeroizing::new(vec![0u8; n * stripes]);
-    random(&mut out[..n * (stripes - 1)])?;
+    let total = af_len(n, stripes)?;
+    let random_len = total - n; // stripes >= 1
+    let mut out = Zeroizing::new(vec![0u8; total]);
+    random(&mut out[..random_len])?;
     let mut acc = Zeroizing::new(vec![0u8; n]);
-    for s in out.chunks(n).take(stripes - 1) {
+    for s in out[..random_len].chunks(n) {
         acc.iter_mut().zip(s).for_each(|(a, b)| *a ^= b);
         diffuse(hash, &mut acc);
     }
-    let last = &mut out[n * (stripes - 1)..];
+    let last = &mut out[random_len..];
     for ((o, a), k) in last.iter_mut().zip(acc.iter()).zip(key) {
         *o = a ^ k;
     }
     Ok(out)
 }
 
-/// Merge anti-forensic material back into a key of `key_len` bytes.
+/// Merge anti-forensic material back into a key of `key_len` bytes. `material` may be
+/// longer than `key_len * stripes` (a keyslot area); the rest is ignored.
 pub fn af_merge(
     material: &[u8],
     key_len: usize,
     stripes: u32,
     hash: Hash,
 ) -> Result<Zeroizing<Vec<u8>>> {
-    let stripes = stripes as usize;
-    if stripes == 0 || key_len == 0 || material.len() < key_len * stripes {
+    let total = af_len(key_len, stripes)?;
+    if stripes == 0 || key_len == 0 || material.len() < total {
         return Err(Error::Corrupt(
             "key material shorter than key size × stripes".into(),
         ));
     }
+    let random_len = total - key_len;
     let mut acc = Zeroizing::new(vec![0u8; key_len]);
-    for s in material.chunks(key_len).take(stripes - 1) {
+    for s in material[..random_len].chunks(key_len) {
         acc.iter_mut().zip(s).for_each(|(a, b)| *a ^= b);
         diffuse(hash, &mut acc);
     }
-    let last = &material[key_len * (stripes - 1)..key_len * stripes];
+    let last = &material[random_len..total];
     acc.iter_mut().zip(last).for_each(|(a, b)| *a ^= b);
     Ok(acc)
 }
@@ -275,6 +290,47 @@ mod tests {
                 assert_ne!(&af_merge(&bad, n, 4000, h).unwrap()[..], &key[..n]);
             }
         }
+    }
+
+    /// Property: merge(split(k)) == k for any key length, stripe count and hash; extra
+    /// trailing material is ignored; changing any byte of the material changes the key.
+    #[test]
+    fn af_split_merge_property() {
+        let mut rng = crate::testrng::Rng::new(1);
+        for case in 0..300 {
+            let n = rng.range(1, 128) as usize;
+            let stripes = if case % 50 == 0 {
+                4000
+            } else {
+                rng.range(1, 64) as u32
+            };
+            let h = rng.pick(&[Hash::Sha1, Hash::Sha256, Hash::Sha512]);
+            let key = rng.bytes(n);
+            let m = af_split(&key, stripes, h).unwrap();
+            assert_eq!(m.len(), n * stripes as usize);
+            assert_eq!(
+                &af_merge(&m, n, stripes, h).unwrap()[..],
+                &key[..],
+                "case {case}"
+            );
+            let mut longer = m.to_vec();
+            let extra = rng.range(0, 600) as usize;
+            longer.extend(rng.bytes(extra));
+            assert_eq!(&af_merge(&longer, n, stripes, h).unwrap()[..], &key[..]);
+            let at = rng.range(0, m.len() as u64 - 1) as usize;
+            let mut bad = m.to_vec();
+            bad[at] ^= 1 << rng.range(0, 7);
+            assert_ne!(
+                &af_merge(&bad, n, stripes, h).unwrap()[..],
+                &key[..],
+                "case {case}"
+            );
+            assert!(af_merge(&m[..m.len() - 1], n, stripes, h).is_err());
+        }
+        assert!(af_split(&[1, 2], 0, Hash::Sha1).is_err());
+        assert!(af_merge(&[0; 64], 0, 1, Hash::Sha1).is_err());
+        assert!(af_merge(&[0; 64], 64, 0, Hash::Sha1).is_err());
+        assert!(af_merge(&[0; 64], usize::MAX, u32::MAX, Hash::Sha1).is_err());
     }
 
     #[test]

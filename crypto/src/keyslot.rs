@@ -3,16 +3,16 @@
 //! the start of the keyslot area) or unsealing the volume key.
 
 use crate::error::{Error, Result};
-use crate::kdf::{af_merge, af_split, argon2, Argon2Type, Hash};
+use crate::kdf::{af_len, af_merge, af_split, argon2, Argon2Type, Hash};
+use crate::limits::{Limit, UnlockLimits};
 use crate::xts::SectorCipher;
 use zeroize::Zeroizing;
 
 /// Stripes of the anti-forensic splitter, as cryptsetup and QEMU use.
 pub const AF_STRIPES: u32 = 4000;
 
-/// Default cap on argon2 memory when opening a volume (KiB): 1 GiB, what cryptsetup
-/// allows by default.
-pub const DEFAULT_MAX_ARGON2_KIB: u64 = 1 << 20;
+/// Default cap on argon2 memory when opening a volume (KiB); see [`crate::limits`].
+pub const DEFAULT_MAX_ARGON2_KIB: u64 = crate::limits::DEFAULT_MAX_ARGON2_KIB;
 
 /// How a keyslot derives its key from the passphrase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,22 +38,52 @@ pub enum KdfParams {
 }
 
 impl KdfParams {
-    /// Derive `out.len()` bytes from `passphrase`. `limit_kib` caps argon2 memory.
+    /// Refuse parameters above `limits` (or impossible ones) before any work is done.
+    /// `what` names the keyslot in errors ("keyslot 3").
+    pub fn check(&self, limits: &UnlockLimits, what: &str) -> Result<()> {
+        match *self {
+            KdfParams::Pbkdf2 { iterations, .. } => {
+                if iterations == 0 {
+                    return Err(Error::Corrupt(format!("{what}: zero PBKDF2 iterations")));
+                }
+                limits.check(
+                    Limit::Pbkdf2Iterations,
+                    what,
+                    "kdf.iterations",
+                    iterations.into(),
+                )
+            }
+            KdfParams::Argon2 {
+                time,
+                memory_kib,
+                lanes,
+                ..
+            } => {
+                if time == 0 || lanes == 0 || memory_kib == 0 {
+                    return Err(Error::Corrupt(format!(
+                        "{what}: argon2 time, memory and cpus must be at least 1"
+                    )));
+                }
+                limits.check(Limit::Argon2Memory, what, "kdf.memory", memory_kib.into())?;
+                limits.check(Limit::Argon2Time, what, "kdf.time", time.into())?;
+                limits.check(Limit::Argon2Lanes, what, "kdf.cpus", lanes.into())
+            }
+        }
+    }
+
+    /// Derive `out.len()` bytes from `passphrase`, after [`check`](Self::check)ing the
+    /// parameters against `limits`.
     pub fn derive(
         &self,
         passphrase: &[u8],
         salt: &[u8],
         out: &mut [u8],
-        limit_kib: u64,
-        slot: usize,
+        limits: &UnlockLimits,
+        what: &str,
     ) -> Result<()> {
+        self.check(limits, what)?;
         match *self {
             KdfParams::Pbkdf2 { hash, iterations } => {
-                if iterations == 0 {
-                    return Err(Error::Corrupt(format!(
-                        "keyslot {slot}: zero PBKDF2 iterations"
-                    )));
-                }
                 hash.pbkdf2(passphrase, salt, iterations, out);
                 Ok(())
             }
@@ -62,23 +92,16 @@ impl KdfParams {
                 time,
                 memory_kib,
                 lanes,
-            } => {
-                if u64::from(memory_kib) > limit_kib {
-                    return Err(Error::KdfMemoryTooHigh {
-                        slot,
-                        need_kib: memory_kib.into(),
-                        limit_kib,
-                    });
-                }
-                argon2(kind, passphrase, salt, time, memory_kib, lanes, out)
-            }
+            } => argon2(kind, passphrase, salt, time, memory_kib, lanes, out),
         }
     }
 }
 
 /// Bytes of keyslot material for a key of `key_len` bytes, rounded up to 512.
-pub fn material_len(key_len: usize, stripes: u32) -> usize {
-    (key_len * stripes as usize).div_ceil(512) * 512
+pub fn material_len(key_len: usize, stripes: u32) -> Result<usize> {
+    af_len(key_len, stripes)?
+        .checked_next_multiple_of(512)
+        .ok_or_else(|| Error::Corrupt("keyslot material size overflows".into()))
 }
 
 /// AF-split `volume_key` and encrypt it with `slot_key`: the bytes to store.
@@ -89,7 +112,7 @@ pub fn seal(
     af_hash: Hash,
 ) -> Result<Zeroizing<Vec<u8>>> {
     let split = af_split(volume_key, stripes, af_hash)?;
-    let mut out = Zeroizing::new(vec![0u8; material_len(volume_key.len(), stripes)]);
+    let mut out = Zeroizing::new(vec![0u8; material_len(volume_key.len(), stripes)?]);
     out[..split.len()].copy_from_slice(&split);
     SectorCipher::new(slot_key, 512)?.encrypt(&mut out, 0)?;
     Ok(out)
@@ -103,7 +126,7 @@ pub fn unseal(
     stripes: u32,
     af_hash: Hash,
 ) -> Result<Zeroizing<Vec<u8>>> {
-    let len = material_len(key_len, stripes);
+    let len = material_len(key_len, stripes)?;
     if material.len() < len {
         return Err(Error::Corrupt("keyslot area too small".into()));
     }
@@ -155,7 +178,7 @@ mod tests {
     }
 
     #[test]
-    fn argon2_memory_cap() {
+    fn kdf_caps_refuse_before_any_work() {
         let k = KdfParams::Argon2 {
             kind: Argon2Type::Id,
             time: 1,
@@ -163,16 +186,110 @@ mod tests {
             lanes: 1,
         };
         let mut out = [0u8; 32];
-        let e = k.derive(b"x", &[0; 32], &mut out, 1024, 3).unwrap_err();
+        let limits = UnlockLimits {
+            argon2_memory_kib: 1024,
+            ..UnlockLimits::default()
+        };
+        let e = k
+            .derive(b"x", &[0; 32], &mut out, &limits, "keyslot 3")
+            .unwrap_err();
         assert!(matches!(
             e,
-            Error::KdfMemoryTooHigh {
-                slot: 3,
-                need_kib: 65536,
-                limit_kib: 1024
+            Error::LimitExceeded {
+                field: "kdf.memory",
+                value: 65536,
+                limit: 1024,
+                ..
             }
         ));
-        assert!(e.to_string().contains("65536"));
+        let m = e.to_string();
+        assert!(m.contains("keyslot 3") && m.contains("65536 KiB"), "{m}");
+        // A PBKDF2 count of u32::MAX would run for half an hour: refused at once.
+        let p = KdfParams::Pbkdf2 {
+            hash: Hash::Sha256,
+            iterations: u32::MAX,
+        };
+        let t = std::time::Instant::now();
+        let e = p
+            .derive(
+                b"x",
+                &[0; 32],
+                &mut out,
+                &UnlockLimits::default(),
+                "keyslot 0",
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("--max-pbkdf2-iterations"), "{e}");
+        assert!(t.elapsed().as_secs() < 5);
+        // Argon2 passes and lanes.
+        let a = KdfParams::Argon2 {
+            kind: Argon2Type::I,
+            time: u32::MAX,
+            memory_kib: 64,
+            lanes: 1,
+        };
+        let e = a
+            .derive(
+                b"x",
+                &[0; 32],
+                &mut out,
+                &UnlockLimits::default(),
+                "keyslot 1",
+            )
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::LimitExceeded {
+                field: "kdf.time",
+                ..
+            }
+        ));
+        let a = KdfParams::Argon2 {
+            kind: Argon2Type::I,
+            time: 1,
+            memory_kib: 1 << 20,
+            lanes: 1 << 20,
+        };
+        let e = a
+            .derive(
+                b"x",
+                &[0; 32],
+                &mut out,
+                &UnlockLimits::default(),
+                "keyslot 1",
+            )
+            .unwrap_err();
+        assert!(matches!(
+            e,
+            Error::LimitExceeded {
+                field: "kdf.cpus",
+                ..
+            }
+        ));
+        // Zero costs are corrupt, not "free".
+        let z = KdfParams::Pbkdf2 {
+            hash: Hash::Sha1,
+            iterations: 0,
+        };
+        assert!(matches!(
+            z.derive(
+                b"x",
+                &[0; 32],
+                &mut out,
+                &UnlockLimits::default(),
+                "keyslot 0"
+            ),
+            Err(Error::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn material_len_is_checked() {
+        assert_eq!(material_len(64, 4000).unwrap(), 256000);
+        assert_eq!(material_len(32, 4000).unwrap(), 128000);
+        assert_eq!(material_len(20, 1).unwrap(), 512);
+        assert!(material_len(usize::MAX, 2).is_err());
+        assert!(material_len(usize::MAX - 10, 1).is_err()); // rounding up to 512 overflows
     }
 
     #[test]

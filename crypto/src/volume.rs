@@ -1,14 +1,33 @@
 //! Volume-level operations over either header version: open (unlock), format, add,
-//! remove and change keys, dump. Everything goes through a caller-supplied [`Disk`].
+//! remove and change keys, dump. Everything goes through a caller-supplied [`Disk`], and
+//! every header read is bounded by an [`UnlockLimits`] (see [`crate::limits`]).
 //!
-//! Header updates never touch the data area: adding a key writes the new keyslot's
-//! material first and the header last; removing one rewrites the header first and then
-//! overwrites the old material, so a crash leaves either the old or the new state usable.
+//! Header updates never touch the data area, and are ordered so that a power cut at any
+//! point leaves a volume that the old or the new passphrase opens (writes between two
+//! flushes may land in any order, or not at all):
+//!
+//! 1. LUKS2: if the two header copies disagree (a damaged or older copy), rewrite the
+//!    stale one from the newest first, and flush; a later torn primary then falls back to
+//!    the current state, never an older one.
+//! 2. Adding a key writes the new keyslot's material into an area no keyslot uses, and
+//!    flushes, before any header refers to it.
+//! 3. A header update writes (LUKS2) the primary copy, flushes, then the secondary, and
+//!    flushes: one copy is always whole. LUKS1 has one copy; each update changes one
+//!    keyslot's bytes only, so a torn write cannot damage the keyslot that must open.
+//! 4. Removing a key writes the header without it (and flushes) before wiping its
+//!    material (then flushes). Changing a key is an add followed by a remove: the header
+//!    holds both keyslots in between.
+//!
+//! cryptsetup orders its own writes the same way for the header copies (primary, sync,
+//! secondary, sync) but wipes a keyslot before dropping it from the header; both are safe
+//! for the passphrase that remains. `crash` (and `crypto/tests/crash.rs`) replays every
+//! state a power cut can leave.
 
 use crate::disk::{read_vec, Disk};
 use crate::error::{Error, Result};
-use crate::kdf::{random, Hash};
-use crate::keyslot::{random_uuid, KdfParams, DEFAULT_MAX_ARGON2_KIB};
+use crate::kdf::random;
+use crate::keyslot::{random_uuid, KdfParams};
+use crate::limits::UnlockLimits;
 use crate::xts::SectorCipher;
 use crate::{luks1, luks2};
 use std::fmt::Write as _;
@@ -21,21 +40,6 @@ pub enum Header {
     Luks1(Box<luks1::Header>),
     /// LUKS2.
     Luks2(luks2::Header),
-}
-
-/// Options for unlocking.
-#[derive(Debug, Clone, Copy)]
-pub struct OpenOptions {
-    /// Refuse argon2 keyslots that need more memory than this (KiB).
-    pub max_argon2_kib: u64,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        OpenOptions {
-            max_argon2_kib: DEFAULT_MAX_ARGON2_KIB,
-        }
-    }
 }
 
 /// An unlocked volume: what the data path needs. Holds key schedules, never printed.
@@ -76,19 +80,26 @@ pub struct FormatParams {
 
 impl Header {
     /// Read whichever LUKS version is on `disk`.
-    pub fn read(disk: &mut dyn Disk) -> Result<Self> {
+    pub fn read(disk: &mut dyn Disk, limits: &UnlockLimits) -> Result<Self> {
+        Self::read_copies(disk, limits).map(|(h, _)| h)
+    }
+
+    /// [`read`](Self::read), and whether LUKS2's two copies agree (LUKS1: always).
+    fn read_copies(disk: &mut dyn Disk, limits: &UnlockLimits) -> Result<(Self, luks2::Copies)> {
         let first = read_vec(disk, 0, 8)?;
         if first[..6] == luks1::MAGIC {
             match u16::from_be_bytes([first[6], first[7]]) {
                 1 => {
                     let raw = read_vec(disk, 0, luks1::HEADER_LEN)?;
-                    return Ok(Header::Luks1(Box::new(luks1::Header::parse(&raw)?)));
+                    let h = luks1::Header::parse(&raw, limits)?;
+                    return Ok((Header::Luks1(Box::new(h)), luks2::Copies::InSync));
                 }
                 2 => {}
                 v => return Err(Error::UnsupportedVersion(v)),
             }
         }
-        Ok(Header::Luks2(luks2::Header::read(disk)?))
+        let (h, copies) = luks2::Header::read_copies(disk, limits)?;
+        Ok((Header::Luks2(h), copies))
     }
 
     /// 1 or 2.
@@ -112,11 +123,11 @@ impl Header {
         &self,
         disk: &mut dyn Disk,
         passphrase: &[u8],
-        opts: &OpenOptions,
+        limits: &UnlockLimits,
     ) -> Result<(usize, Zeroizing<Vec<u8>>)> {
         match self {
-            Header::Luks1(h) => h.unlock(disk, passphrase),
-            Header::Luks2(h) => h.unlock(disk, passphrase, opts.max_argon2_kib),
+            Header::Luks1(h) => h.unlock(disk, passphrase, limits),
+            Header::Luks2(h) => h.unlock(disk, passphrase, limits),
         }
     }
 
@@ -149,6 +160,7 @@ impl Header {
         }
     }
 
+    /// Write the header (LUKS2: both copies), flushing after each copy.
     fn write(&mut self, disk: &mut dyn Disk) -> Result<()> {
         match self {
             Header::Luks1(h) => h.write(disk),
@@ -156,6 +168,7 @@ impl Header {
         }
     }
 
+    /// Write a new keyslot's material (not flushed, not yet in any header on disk).
     fn add_slot(
         &mut self,
         disk: &mut dyn Disk,
@@ -183,11 +196,35 @@ impl Header {
         }
     }
 
-    fn kill_slot(&mut self, disk: &mut dyn Disk, id: usize) -> Result<()> {
+    /// Drop keyslot `id`: header first (flushed), then its material is wiped (flushed).
+    fn remove_slot(&mut self, disk: &mut dyn Disk, id: usize) -> Result<()> {
         match self {
-            Header::Luks1(h) => h.kill_slot(disk, id),
-            Header::Luks2(h) => h.kill_slot(disk, id),
+            Header::Luks1(h) => {
+                h.disable_slot(id)?;
+                h.write(disk)?;
+                h.wipe_slot(disk, id)
+            }
+            Header::Luks2(h) => {
+                let (start, end) = h.slot_area(id)?;
+                h.remove_slot(id)?;
+                h.write(disk)?;
+                crate::disk::wipe(disk, start, end - start)
+            }
         }
+    }
+
+    /// Add a keyslot: its material first (flushed), then the header.
+    fn add_key(
+        &mut self,
+        disk: &mut dyn Disk,
+        vk: &[u8],
+        pass: &[u8],
+        kdf: KdfParams,
+    ) -> Result<usize> {
+        let id = self.add_slot(disk, vk, pass, kdf)?;
+        disk.flush()?;
+        self.write(disk)?;
+        Ok(id)
     }
 }
 
@@ -201,11 +238,25 @@ pub fn default_data_offset(version: u8) -> u64 {
     }
 }
 
-/// Unlock the volume on `disk`.
-pub fn open(disk: &mut dyn Disk, passphrase: &[u8], opts: &OpenOptions) -> Result<Unlocked> {
-    let h = Header::read(disk)?;
-    let (slot, vk) = h.unlock(disk, passphrase, opts)?;
-    h.unlocked(slot, &vk)
+/// Unlock the volume on `disk`. Also checks that the data segment lies on the device.
+pub fn open(disk: &mut dyn Disk, passphrase: &[u8], limits: &UnlockLimits) -> Result<Unlocked> {
+    let h = Header::read(disk, limits)?;
+    let (slot, vk) = h.unlock(disk, passphrase, limits)?;
+    let u = h.unlocked(slot, &vk)?;
+    let dev = disk.size()?;
+    let end = match u.data_size {
+        Some(n) => u.data_offset.checked_add(n),
+        None => Some(u.data_offset),
+    };
+    if end.is_none_or(|e| e > dev) || u.data_offset >= dev {
+        return Err(Error::Corrupt(format!(
+            "the data segment (offset {}, size {}) does not fit the {dev}-byte device",
+            u.data_offset,
+            u.data_size
+                .map_or_else(|| "dynamic".to_string(), |n| n.to_string())
+        )));
+    }
+    Ok(u)
 }
 
 /// Write a new LUKS header with one keyslot for `passphrase` and a random volume key.
@@ -225,15 +276,11 @@ pub fn format(disk: &mut dyn Disk, passphrase: &[u8], p: &FormatParams) -> Resul
                     "LUKS1 only supports 512-byte sectors".into(),
                 ));
             }
-            let digest_iter = match p.kdf {
-                KdfParams::Pbkdf2 { iterations, .. } => iterations / 8,
+            let (hash, digest_iter) = match p.kdf {
+                KdfParams::Pbkdf2 { hash, iterations } => (hash, iterations / 8),
                 KdfParams::Argon2 { .. } => {
                     return Err(Error::InvalidParam("LUKS1 only supports pbkdf2".into()))
                 }
-            };
-            let hash = match p.kdf {
-                KdfParams::Pbkdf2 { hash, .. } => hash,
-                KdfParams::Argon2 { .. } => Hash::Sha256,
             };
             Header::Luks1(Box::new(luks1::Header::new(&vk, hash, digest_iter, uuid)?))
         }
@@ -253,9 +300,34 @@ pub fn format(disk: &mut dyn Disk, passphrase: &[u8], p: &FormatParams) -> Resul
             "device of {size} bytes is too small: the data starts at {data_offset}"
         )));
     }
-    let slot = h.add_slot(disk, &vk, passphrase, p.kdf)?;
-    h.write(disk)?;
+    let slot = h.add_key(disk, &vk, passphrase, p.kdf)?;
     h.unlocked(slot, &vk)
+}
+
+/// An unlocked header about to be changed: the header, the keyslot that opened, the
+/// volume key, and the state of LUKS2's copies.
+struct ForUpdate {
+    h: Header,
+    id: usize,
+    vk: Zeroizing<Vec<u8>>,
+    copies: luks2::Copies,
+}
+
+impl ForUpdate {
+    /// Read the header and unlock it with `passphrase` (the authorisation). Writes nothing.
+    fn open(disk: &mut dyn Disk, passphrase: &[u8], limits: &UnlockLimits) -> Result<Self> {
+        let (h, copies) = Header::read_copies(disk, limits)?;
+        let (id, vk) = h.unlock(disk, passphrase, limits)?;
+        Ok(ForUpdate { h, id, vk, copies })
+    }
+
+    /// Bring LUKS2's copies in step before the first write (step 1 of the module doc).
+    fn repair(&self, disk: &mut dyn Disk) -> Result<()> {
+        match &self.h {
+            Header::Luks2(h) => h.repair(disk, self.copies),
+            Header::Luks1(_) => Ok(()),
+        }
+    }
 }
 
 /// Add a keyslot for `new_passphrase`, authorised by `passphrase`. Returns its id.
@@ -264,29 +336,22 @@ pub fn add_key(
     passphrase: &[u8],
     new_passphrase: &[u8],
     kdf: KdfParams,
-    opts: &OpenOptions,
+    limits: &UnlockLimits,
 ) -> Result<usize> {
-    let mut h = Header::read(disk)?;
-    let (_, vk) = h.unlock(disk, passphrase, opts)?;
-    let id = h.add_slot(disk, &vk, new_passphrase, kdf)?;
-    h.write(disk)?;
-    Ok(id)
+    let mut u = ForUpdate::open(disk, passphrase, limits)?;
+    u.repair(disk)?;
+    u.h.add_key(disk, &u.vk, new_passphrase, kdf)
 }
 
 /// Remove the keyslot `passphrase` opens. Refuses to remove the last one.
-pub fn remove_key(disk: &mut dyn Disk, passphrase: &[u8], opts: &OpenOptions) -> Result<usize> {
-    let mut h = Header::read(disk)?;
-    let (id, _) = h.unlock(disk, passphrase, opts)?;
-    if h.active_slots().len() <= 1 {
+pub fn remove_key(disk: &mut dyn Disk, passphrase: &[u8], limits: &UnlockLimits) -> Result<usize> {
+    let mut u = ForUpdate::open(disk, passphrase, limits)?;
+    if u.h.active_slots().len() <= 1 {
         return Err(Error::LastKeyslot);
     }
-    let mut staged = h.clone();
-    // Header first (without the slot), then wipe the material.
-    let mut scratch: Vec<u8> = Vec::new();
-    staged.kill_slot(&mut scratch, id)?;
-    staged.write(disk)?;
-    h.kill_slot(disk, id)?;
-    Ok(id)
+    u.repair(disk)?;
+    u.h.remove_slot(disk, u.id)?;
+    Ok(u.id)
 }
 
 /// Replace the passphrase of the keyslot `old` opens with `new` (a new keyslot is
@@ -296,24 +361,18 @@ pub fn change_key(
     old: &[u8],
     new: &[u8],
     kdf: KdfParams,
-    opts: &OpenOptions,
+    limits: &UnlockLimits,
 ) -> Result<usize> {
-    let mut h = Header::read(disk)?;
-    let (old_id, vk) = h.unlock(disk, old, opts)?;
-    let new_id = h.add_slot(disk, &vk, new, kdf)?;
-    h.write(disk)?;
-    let mut h = Header::read(disk)?;
-    let mut staged = h.clone();
-    let mut scratch: Vec<u8> = Vec::new();
-    staged.kill_slot(&mut scratch, old_id)?;
-    staged.write(disk)?;
-    h.kill_slot(disk, old_id)?;
+    let mut u = ForUpdate::open(disk, old, limits)?;
+    u.repair(disk)?;
+    let new_id = u.h.add_key(disk, &u.vk, new, kdf)?;
+    u.h.remove_slot(disk, u.id)?;
     Ok(new_id)
 }
 
 /// A human-readable description of the header (no key material).
-pub fn dump(disk: &mut dyn Disk) -> Result<String> {
-    let h = Header::read(disk)?;
+pub fn dump(disk: &mut dyn Disk, limits: &UnlockLimits) -> Result<String> {
+    let h = Header::read(disk, limits)?;
     let mut s = String::new();
     let w = &mut s;
     match &h {
@@ -423,6 +482,7 @@ pub fn passphrase_for(kind: SecretKind, secret: &[u8]) -> Zeroizing<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kdf::Hash;
 
     fn pb() -> KdfParams {
         KdfParams::Pbkdf2 {
@@ -463,7 +523,7 @@ mod tests {
             assert_eq!(u.version, v);
             assert_eq!(u.cipher.sector_size(), ss as usize);
             let before_data = disk[u.data_offset as usize..].to_vec();
-            let o = OpenOptions::default();
+            let o = UnlockLimits::default();
             assert_eq!(add_key(&mut disk, b"one", b"two", pb(), &o).unwrap(), 1);
             assert!(matches!(
                 add_key(&mut disk, b"bad", b"x", pb(), &o),
@@ -486,7 +546,7 @@ mod tests {
                 before_data[..],
                 "data untouched"
             );
-            let d = dump(&mut disk).unwrap();
+            let d = dump(&mut disk, &o).unwrap();
             assert!(d.contains(&u.uuid));
         }
     }
@@ -501,11 +561,11 @@ mod tests {
         let mut disk = vec![0u8; 4 << 20];
         assert!(format(&mut disk, b"x", &params(1, 4096)).is_err());
         assert!(matches!(
-            Header::read(&mut vec![0u8; 100]),
+            Header::read(&mut vec![0u8; 100], &UnlockLimits::default()),
             Err(Error::Truncated { .. }) | Err(Error::NotLuks)
         ));
         assert!(matches!(
-            Header::read(&mut vec![0u8; 1 << 20]),
+            Header::read(&mut vec![0u8; 1 << 20], &UnlockLimits::default()),
             Err(Error::NotLuks)
         ));
     }

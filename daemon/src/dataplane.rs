@@ -32,7 +32,7 @@
 //!   config-change notice (QEMU then re-reads the capacity and interrupts the guest);
 //!   NBD clients see the new size on their next connection.
 
-use crate::nbd::{ListenAddr, NbdServer};
+use crate::nbd::{ListenAddr, NbdLimits, NbdServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
 use anyhow::Context;
 use ember_blockdev::layer::gate::Gate;
@@ -120,8 +120,8 @@ struct Inner {
     vhost_dir: PathBuf,
     volumes: Mutex<Volumes>,
     stopping: AtomicBool,
-    /// Limits applied when unlocking volumes' LUKS headers.
-    unlock: ember_crypto::OpenOptions,
+    /// Cost limits for every LUKS header this data plane reads (`emberd serve --max-…`).
+    unlock: ember_crypto::UnlockLimits,
 }
 
 /// `emberd serve`'s data plane (cheap to clone).
@@ -203,12 +203,16 @@ fn qos(q: &ember_control::dataplane::QosLimits) -> QosLimits {
 }
 
 impl EmberDataPlane {
-    /// Open the pools (name → directory), start the NBD server listening on `listen`,
-    /// and put vhost-user sockets in `vhost_dir`. Returns the bound NBD addresses too.
+    /// Open the pools (name → directory), start the NBD server listening on `listen`
+    /// under `nbd_limits`, and put vhost-user sockets in `vhost_dir`; every LUKS header
+    /// is read within `unlock` (`emberd serve --max-…`). Returns the bound NBD addresses
+    /// too.
     pub fn start(
         pools: Vec<(String, PathBuf)>,
         listen: &[ListenAddr],
+        nbd_limits: NbdLimits,
         vhost_dir: PathBuf,
+        unlock: ember_crypto::UnlockLimits,
     ) -> anyhow::Result<(Self, Vec<String>)> {
         let mut ps: Vec<Arc<dyn Pool>> = Vec::new();
         for (name, dir) in pools {
@@ -219,7 +223,7 @@ impl EmberDataPlane {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
-        let server = NbdServer::start(threads)?;
+        let server = NbdServer::start(threads, nbd_limits)?;
         let mut bound = Vec::new();
         let mut endpoints = Vec::new();
         for a in listen {
@@ -244,7 +248,7 @@ impl EmberDataPlane {
             vhost_dir,
             volumes: Mutex::default(),
             stopping: AtomicBool::new(false),
-            unlock: ember_crypto::OpenOptions::default(),
+            unlock,
         };
         Ok((
             EmberDataPlane {
@@ -517,7 +521,7 @@ impl Inner {
             open: OpenOptions::default(),
             luks: req.passphrase.as_ref().map(|pass| Unlock {
                 passphrase: pass.expose(),
-                options: self.unlock,
+                limits: self.unlock,
             }),
             qos: qos(&req.qos),
             gate: Some(gate),

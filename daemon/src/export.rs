@@ -6,11 +6,14 @@
 //! runs in the middle of I/O), shuts the server down, removes its Unix sockets and
 //! exits 0. With `--vhost-user SOCKET` the same device is also served to vhost-user-blk
 //! frontends (QEMU) by [`crate::vhost::spawn`]. The device stack comes from the one
-//! builder, [`ember_blockdev::stack::build`]: with `--passphrase-file` the file is
-//! opened as a LUKS1/LUKS2 volume and its plaintext is served (the crypt layer over the
-//! file); the listeners appear once the keyslot is unlocked.
+//! builder, [`ember_blockdev::stack::build`], whatever the backend: `--file` (a file or a
+//! host block device) or `--iscsi URI`, a LUN served through Ember's own iSCSI initiator
+//! (CHAP credentials from `--chap-file`, never from the URI or argv). With
+//! `--passphrase-file` the device is opened as a LUKS1/LUKS2 volume and its plaintext is
+//! served (the crypt layer over the backend, within the `--max-…` cost limits); the
+//! listeners appear once the keyslot is unlocked.
 
-use crate::nbd::{ListenAddr, NbdServer};
+use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits, NbdServer};
 use anyhow::Context;
 use clap::Args;
 use ember_blockdev::layer::throttle::QosLimits;
@@ -22,8 +25,16 @@ use std::path::PathBuf;
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// File or block device to serve (a LUKS volume with --passphrase-file).
+    #[arg(long, required_unless_present = "iscsi", conflicts_with = "iscsi")]
+    pub file: Option<PathBuf>,
+    /// iSCSI LUN to serve through Ember's initiator:
+    /// `iscsi://[user@]HOST[:PORT]/TARGET-IQN/LUN[?header_digest=crc32c&data_digest=crc32c&…]`.
     #[arg(long)]
-    pub file: PathBuf,
+    pub iscsi: Option<String>,
+    /// With --iscsi: CHAP credentials file (`user = …`, `secret = …`, optional
+    /// `target_user`/`target_secret` for mutual CHAP, `algorithms = md5,sha256`).
+    #[arg(long, requires = "iscsi")]
+    pub chap_file: Option<PathBuf>,
     /// NBD listener: `unix:SOCKET` or `HOST:PORT`. Repeatable.
     #[arg(long)]
     pub nbd: Vec<String>,
@@ -42,12 +53,15 @@ pub struct ExportArgs {
     /// Number of I/O threads (default: number of CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Open --file as a LUKS volume with the passphrase in this file.
+    /// Open the device (--file or --iscsi) as a LUKS volume with the passphrase in this file.
     #[arg(long)]
     pub passphrase_file: Option<PathBuf>,
-    /// With --passphrase-file: refuse argon2 keyslots needing more memory than this (KiB).
-    #[arg(long, default_value_t = ember_crypto::keyslot::DEFAULT_MAX_ARGON2_KIB)]
-    pub max_argon2_memory: u64,
+    /// With --passphrase-file: cost limits for the LUKS header.
+    #[command(flatten)]
+    pub limits: crate::luks::LimitArgs,
+    /// NBD memory, connection and time limits.
+    #[command(flatten)]
+    pub nbd_limits: NbdLimitArgs,
 }
 
 /// Block SIGINT and SIGTERM in this thread (and every thread it starts later).
@@ -76,6 +90,21 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
+/// The backend spec of `--iscsi URI` with the CHAP credentials of `chap_file`.
+fn iscsi_spec(uri: &str, chap_file: Option<&std::path::Path>) -> anyhow::Result<BackendSpec> {
+    let mut cfg = ember_blockdev::backend::iscsi::IscsiConfig::parse_uri(uri)?;
+    if let Some(p) = chap_file {
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("read CHAP credentials {}", p.display()))?,
+        );
+        let creds = ember_blockdev::backend::iscsi::chap::ChapCredentials::parse_file(&text)
+            .map_err(|e| anyhow::anyhow!("CHAP credentials {}: {e}", p.display()))?;
+        cfg.chap = Some(creds);
+    }
+    Ok(BackendSpec::Iscsi(Box::new(cfg)))
+}
+
 /// Run the export.
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -87,21 +116,28 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .iter()
         .map(|a| a.parse::<ListenAddr>())
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let limits = NbdLimits::try_from(&args.nbd_limits)?;
     let passphrase = match &args.passphrase_file {
         Some(p) => Some(crate::luks::read_passphrase(p)?),
         None => None,
     };
+    let (backend, what) = match (&args.file, &args.iscsi) {
+        (Some(path), _) => (
+            BackendSpec::File { path: path.clone() },
+            path.display().to_string(),
+        ),
+        (None, Some(uri)) => (iscsi_spec(uri, args.chap_file.as_deref())?, uri.clone()),
+        (None, None) => anyhow::bail!("give --file or --iscsi"),
+    };
     let spec = StackSpec {
-        backend: BackendSpec::File {
-            path: args.file.clone(),
-        },
+        backend,
         open: OpenOptions {
             read_only: args.read_only,
             ..OpenOptions::default()
         },
         luks: passphrase.as_ref().map(|p| Unlock {
             passphrase: p,
-            options: crate::luks::open_opts(args.max_argon2_memory),
+            limits: args.limits.limits(),
         }),
         qos: QosLimits::default(),
         gate: None,
@@ -112,7 +148,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         ""
     };
     let dev = stack::build(&spec)
-        .with_context(|| format!("open {}{as_luks}", args.file.display()))?
+        .with_context(|| format!("open {what}{as_luks}"))?
         .top;
     let size = dev.info().size;
 
@@ -123,7 +159,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             .unwrap_or(1)
     });
     anyhow::ensure!(threads >= 1, "--threads must be at least 1");
-    let server = NbdServer::start(threads)?;
+    let server = NbdServer::start(threads, limits)?;
     server.add_export(&args.name, dev.clone(), args.read_only)?;
     let mut bound = Vec::new();
     for a in &addrs {
@@ -136,7 +172,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!(
-        file = %args.file.display(),
+        device = %what,
         size,
         name = %args.name,
         read_only = args.read_only,
@@ -148,7 +184,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         Some(sock) => {
             let id = if args.name.is_empty() {
                 args.file
-                    .file_name()
+                    .as_ref()
+                    .and_then(|f| f.file_name())
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default()
             } else {

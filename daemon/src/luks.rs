@@ -6,13 +6,18 @@
 //! --passphrase-file`). All header work goes through `ember-crypto`, on the device
 //! through the one LUKS header adapter ([`ember_blockdev::stack::header_disk`], the same
 //! the crypt layer and the data plane use); this module only maps flags.
+//!
+//! Every command that reads a header takes the cost limits of [`LimitArgs`] (the same
+//! flags on `emberd export` and `emberd serve`), mapped to `ember_crypto::UnlockLimits`;
+//! their defaults and what cryptsetup writes are in `ember_crypto::limits`.
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use ember_blockdev::layer::crypt::DeviceDisk;
 use ember_blockdev::BackendSpec;
 use ember_crypto::kdf::{Argon2Type, Hash};
-use ember_crypto::{Disk, FormatParams, KdfParams, OpenOptions, Zeroizing};
+use ember_crypto::limits as lim;
+use ember_crypto::{Disk, FormatParams, KdfParams, UnlockLimits, Zeroizing};
 use std::fs::OpenOptions as FsOpenOptions;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,6 +37,8 @@ enum LuksCmd {
     Dump {
         /// The volume.
         path: PathBuf,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Add a keyslot for a new passphrase.
     AddKey(AddKeyArgs),
@@ -120,9 +127,8 @@ struct AddKeyArgs {
     /// File holding the new passphrase.
     #[arg(long)]
     new_passphrase_file: PathBuf,
-    /// Refuse argon2 keyslots needing more memory than this (KiB).
-    #[arg(long, default_value_t = ember_crypto::keyslot::DEFAULT_MAX_ARGON2_KIB)]
-    max_argon2_memory: u64,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[command(flatten)]
     kdf: KdfArgs,
 }
@@ -134,9 +140,88 @@ struct RemoveKeyArgs {
     /// File holding the passphrase of the keyslot to remove.
     #[arg(long)]
     passphrase_file: PathBuf,
-    /// Refuse argon2 keyslots needing more memory than this (KiB).
-    #[arg(long, default_value_t = ember_crypto::keyslot::DEFAULT_MAX_ARGON2_KIB)]
-    max_argon2_memory: u64,
+    #[command(flatten)]
+    limits: LimitArgs,
+}
+
+/// Cost limits for reading a LUKS header someone else wrote: a keyslot above a KDF limit
+/// is skipped (another may open), a header above a size or digest limit is refused, each
+/// with an error naming the field and the flag. The defaults are far above what
+/// cryptsetup and QEMU write (table in `ember_crypto::limits`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct LimitArgs {
+    /// Refuse LUKS keyslots with more PBKDF2 iterations than this [default: 100000000].
+    #[arg(long, env = "EMBER_MAX_PBKDF2_ITERATIONS", value_name = "N")]
+    pub max_pbkdf2_iterations: Option<u32>,
+    /// Refuse LUKS2 argon2 keyslots with more passes (time cost) than this [default: 1000].
+    #[arg(long, env = "EMBER_MAX_ARGON2_TIME", value_name = "N")]
+    pub max_argon2_time: Option<u32>,
+    /// Refuse LUKS2 argon2 keyslots needing more memory than this, KiB [default: 1048576].
+    #[arg(long, env = "EMBER_MAX_ARGON2_MEMORY", value_name = "KIB")]
+    pub max_argon2_memory: Option<u64>,
+    /// Refuse LUKS2 argon2 keyslots with more lanes (cpus) than this [default: 16].
+    #[arg(long, env = "EMBER_MAX_ARGON2_LANES", value_name = "N")]
+    pub max_argon2_lanes: Option<u32>,
+    /// Refuse LUKS headers whose volume-key digest has more PBKDF2 iterations than this
+    /// [default: 10000000].
+    #[arg(long, env = "EMBER_MAX_DIGEST_ITERATIONS", value_name = "N")]
+    pub max_digest_iterations: Option<u32>,
+    /// Refuse LUKS2 keyslots with more anti-forensic stripes than this [default: 65536].
+    #[arg(long, env = "EMBER_MAX_AF_STRIPES", value_name = "N")]
+    pub max_af_stripes: Option<u32>,
+    /// Refuse LUKS2 headers with a larger metadata area (binary header + JSON), bytes
+    /// [default: 4194304].
+    #[arg(long, env = "EMBER_MAX_LUKS2_METADATA", value_name = "BYTES")]
+    pub max_luks2_metadata: Option<u64>,
+    /// Refuse LUKS2 headers with a larger keyslots area, bytes [default: 134217728].
+    #[arg(long, env = "EMBER_MAX_KEYSLOTS_AREA", value_name = "BYTES")]
+    pub max_keyslots_area: Option<u64>,
+}
+
+impl LimitArgs {
+    /// Each limit given here, else the one in `fallback` (a config file), else the default.
+    pub fn or(&self, fallback: &LimitArgs) -> LimitArgs {
+        LimitArgs {
+            max_pbkdf2_iterations: self
+                .max_pbkdf2_iterations
+                .or(fallback.max_pbkdf2_iterations),
+            max_argon2_time: self.max_argon2_time.or(fallback.max_argon2_time),
+            max_argon2_memory: self.max_argon2_memory.or(fallback.max_argon2_memory),
+            max_argon2_lanes: self.max_argon2_lanes.or(fallback.max_argon2_lanes),
+            max_digest_iterations: self
+                .max_digest_iterations
+                .or(fallback.max_digest_iterations),
+            max_af_stripes: self.max_af_stripes.or(fallback.max_af_stripes),
+            max_luks2_metadata: self.max_luks2_metadata.or(fallback.max_luks2_metadata),
+            max_keyslots_area: self.max_keyslots_area.or(fallback.max_keyslots_area),
+        }
+    }
+
+    /// The limits, defaults filled in.
+    pub fn limits(&self) -> UnlockLimits {
+        UnlockLimits {
+            pbkdf2_iterations: self
+                .max_pbkdf2_iterations
+                .unwrap_or(lim::DEFAULT_MAX_PBKDF2_ITERATIONS),
+            argon2_time: self.max_argon2_time.unwrap_or(lim::DEFAULT_MAX_ARGON2_TIME),
+            argon2_memory_kib: self
+                .max_argon2_memory
+                .unwrap_or(lim::DEFAULT_MAX_ARGON2_KIB),
+            argon2_lanes: self
+                .max_argon2_lanes
+                .unwrap_or(lim::DEFAULT_MAX_ARGON2_LANES),
+            digest_iterations: self
+                .max_digest_iterations
+                .unwrap_or(lim::DEFAULT_MAX_DIGEST_ITERATIONS),
+            af_stripes: self.max_af_stripes.unwrap_or(lim::DEFAULT_MAX_AF_STRIPES),
+            metadata_bytes: self
+                .max_luks2_metadata
+                .unwrap_or(lim::DEFAULT_MAX_METADATA_BYTES),
+            keyslots_area_bytes: self
+                .max_keyslots_area
+                .unwrap_or(lim::DEFAULT_MAX_KEYSLOTS_AREA_BYTES),
+        }
+    }
 }
 
 /// `path` (a file or block device) for header work.
@@ -295,26 +380,20 @@ fn has_luks_magic(disk: &mut DeviceDisk) -> bool {
     disk.read_at(0, &mut m).is_ok() && (&m == b"LUKS\xba\xbe" || &m == b"SKUL\xba\xbe")
 }
 
-/// Unlock limits from the flags.
-pub(crate) fn open_opts(max_kib: u64) -> OpenOptions {
-    OpenOptions {
-        max_argon2_kib: max_kib,
-    }
-}
-
-fn is_luks2(disk: &mut DeviceDisk) -> anyhow::Result<bool> {
-    Ok(ember_crypto::Header::read(disk)?.version() == 2)
+fn is_luks2(disk: &mut DeviceDisk, limits: &UnlockLimits) -> anyhow::Result<bool> {
+    Ok(ember_crypto::Header::read(disk, limits)?.version() == 2)
 }
 
 /// Run a LUKS subcommand.
 pub fn run(args: LuksArgs) -> anyhow::Result<()> {
     match args.cmd {
         LuksCmd::Format(a) => format(a),
-        LuksCmd::Dump { path } => {
+        LuksCmd::Dump { path, limits } => {
             let mut disk = header_disk(&path, false)?;
             print!(
                 "{}",
-                ember_crypto::dump(&mut disk).with_context(|| format!("{}", path.display()))?
+                ember_crypto::dump(&mut disk, &limits.limits())
+                    .with_context(|| format!("{}", path.display()))?
             );
             Ok(())
         }
@@ -322,10 +401,10 @@ pub fn run(args: LuksArgs) -> anyhow::Result<()> {
             let pass = read_passphrase(&a.passphrase_file)?;
             let new = read_passphrase(&a.new_passphrase_file)?;
             let mut disk = header_disk(&a.path, true)?;
-            let kdf = a.kdf.params(is_luks2(&mut disk)?)?;
-            let id =
-                ember_crypto::add_key(&mut disk, &pass, &new, kdf, &open_opts(a.max_argon2_memory))
-                    .with_context(|| format!("add a key to {}", a.path.display()))?;
+            let limits = a.limits.limits();
+            let kdf = a.kdf.params(is_luks2(&mut disk, &limits)?)?;
+            let id = ember_crypto::add_key(&mut disk, &pass, &new, kdf, &limits)
+                .with_context(|| format!("add a key to {}", a.path.display()))?;
             sync(&mut disk)?;
             println!("added keyslot {id}");
             Ok(())
@@ -334,15 +413,10 @@ pub fn run(args: LuksArgs) -> anyhow::Result<()> {
             let pass = read_passphrase(&a.passphrase_file)?;
             let new = read_passphrase(&a.new_passphrase_file)?;
             let mut disk = header_disk(&a.path, true)?;
-            let kdf = a.kdf.params(is_luks2(&mut disk)?)?;
-            let id = ember_crypto::change_key(
-                &mut disk,
-                &pass,
-                &new,
-                kdf,
-                &open_opts(a.max_argon2_memory),
-            )
-            .with_context(|| format!("change a key of {}", a.path.display()))?;
+            let limits = a.limits.limits();
+            let kdf = a.kdf.params(is_luks2(&mut disk, &limits)?)?;
+            let id = ember_crypto::change_key(&mut disk, &pass, &new, kdf, &limits)
+                .with_context(|| format!("change a key of {}", a.path.display()))?;
             sync(&mut disk)?;
             println!("passphrase changed, now in keyslot {id}");
             Ok(())
@@ -350,7 +424,7 @@ pub fn run(args: LuksArgs) -> anyhow::Result<()> {
         LuksCmd::RemoveKey(a) => {
             let pass = read_passphrase(&a.passphrase_file)?;
             let mut disk = header_disk(&a.path, true)?;
-            let id = ember_crypto::remove_key(&mut disk, &pass, &open_opts(a.max_argon2_memory))
+            let id = ember_crypto::remove_key(&mut disk, &pass, &a.limits.limits())
                 .with_context(|| format!("remove a key from {}", a.path.display()))?;
             sync(&mut disk)?;
             println!("removed keyslot {id}");

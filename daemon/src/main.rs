@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve one file or block device over NBD and/or vhost-user-blk until SIGINT/SIGTERM.
+    /// Serve one file, block device or iSCSI LUN over NBD and/or vhost-user-blk until
+    /// SIGINT/SIGTERM.
     Export(export::ExportArgs),
     /// Run the full daemon: data plane and REST control plane.
     Serve(serve::ServeArgs),

@@ -19,10 +19,12 @@
 //! running (a copy, an unlock).
 
 use crate::dataplane::EmberDataPlane;
-use crate::nbd::ListenAddr;
+use crate::luks::LimitArgs;
+use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits};
 use anyhow::Context;
 use clap::Args;
 use ember_control::{Control, ControlConfig};
+use ember_crypto::UnlockLimits;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +62,11 @@ pub struct ServeArgs {
     /// of it, and a dead node's locks free up after it [default: 30].
     #[arg(long, env = "EMBER_LOCK_LEASE_SECS", value_name = "SECS")]
     pub lock_lease_secs: Option<u64>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+    /// NBD memory, connection and time limits.
+    #[command(flatten)]
+    pub nbd_limits: NbdLimitArgs,
 }
 
 /// The `--config` file.
@@ -74,6 +81,20 @@ pub struct ConfigFile {
     pub node_name: Option<String>,
     pub master_key_file: Option<PathBuf>,
     pub pools: Option<BTreeMap<String, PoolConfig>>,
+    pub max_pbkdf2_iterations: Option<u32>,
+    pub max_argon2_time: Option<u32>,
+    pub max_argon2_memory: Option<u64>,
+    pub max_argon2_lanes: Option<u32>,
+    pub max_digest_iterations: Option<u32>,
+    pub max_af_stripes: Option<u32>,
+    pub max_luks2_metadata: Option<u64>,
+    pub max_keyslots_area: Option<u64>,
+    pub nbd_memory_mib: Option<u64>,
+    pub nbd_conn_memory_mib: Option<u64>,
+    pub nbd_max_conns: Option<usize>,
+    pub nbd_max_conns_per_peer: Option<usize>,
+    pub nbd_handshake_timeout_secs: Option<u64>,
+    pub nbd_stall_timeout_secs: Option<u64>,
 }
 
 /// A storage pool (a directory holding volume files).
@@ -89,12 +110,15 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub rest: std::net::SocketAddr,
     pub nbd: Vec<ListenAddr>,
+    pub nbd_limits: NbdLimits,
     pub vhost_dir: PathBuf,
     pub database: String,
     pub node_name: String,
     pub master_key_file: Option<PathBuf>,
     pub pools: BTreeMap<String, PoolConfig>,
     pub lock_lease: Duration,
+    /// Cost limits for LUKS headers (the `--max-…` flags).
+    pub unlock_limits: UnlockLimits,
 }
 
 /// Default lease of this node's database locks.
@@ -141,6 +165,14 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
                 .with_context(|| format!("--nbd {s:?}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let nbd_limits = NbdLimits::try_from(&args.nbd_limits.or(&NbdLimitArgs {
+        nbd_memory_mib: file.nbd_memory_mib,
+        nbd_conn_memory_mib: file.nbd_conn_memory_mib,
+        nbd_max_conns: file.nbd_max_conns,
+        nbd_max_conns_per_peer: file.nbd_max_conns_per_peer,
+        nbd_handshake_timeout_secs: file.nbd_handshake_timeout_secs,
+        nbd_stall_timeout_secs: file.nbd_stall_timeout_secs,
+    }))?;
     let vhost_dir = args
         .vhost_dir
         .or(file.vhost_dir)
@@ -167,6 +199,19 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         (1..=3600).contains(&lease_secs),
         "--lock-lease-secs must be 1..3600"
     );
+    let unlock_limits = args
+        .limits
+        .or(&LimitArgs {
+            max_pbkdf2_iterations: file.max_pbkdf2_iterations,
+            max_argon2_time: file.max_argon2_time,
+            max_argon2_memory: file.max_argon2_memory,
+            max_argon2_lanes: file.max_argon2_lanes,
+            max_digest_iterations: file.max_digest_iterations,
+            max_af_stripes: file.max_af_stripes,
+            max_luks2_metadata: file.max_luks2_metadata,
+            max_keyslots_area: file.max_keyslots_area,
+        })
+        .limits();
     let mut pools = file.pools.unwrap_or_default();
     if pools.is_empty() {
         pools.insert(
@@ -180,12 +225,14 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         data_dir,
         rest,
         nbd,
+        nbd_limits,
         vhost_dir,
         database,
         node_name,
         master_key_file,
         pools,
         lock_lease: Duration::from_secs(lease_secs),
+        unlock_limits,
     })
 }
 
@@ -228,7 +275,13 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         pools.push((n.clone(), absolute(&p.path)?));
     }
     let vhost_dir = absolute(&cfg.vhost_dir)?;
-    let (dataplane, nbd_bound) = EmberDataPlane::start(pools, &cfg.nbd, vhost_dir)?;
+    let (dataplane, nbd_bound) = EmberDataPlane::start(
+        pools,
+        &cfg.nbd,
+        cfg.nbd_limits.clone(),
+        vhost_dir,
+        cfg.unlock_limits,
+    )?;
     let dataplane = Arc::new(dataplane);
     let ccfg = ControlConfig {
         data_dir: cfg.data_dir.clone(),
@@ -351,6 +404,8 @@ mod tests {
             master_key_file: None,
             config: None,
             lock_lease_secs: None,
+            limits: LimitArgs::default(),
+            nbd_limits: NbdLimitArgs::default(),
         }
     }
 
@@ -388,6 +443,40 @@ mod tests {
         assert_eq!(c.database, "mysql://u:p@db/ember");
         assert_eq!(c.vhost_dir, PathBuf::from("/srv/ember/vhost"));
         assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.unlock_limits, UnlockLimits::default());
+        // LUKS cost limits: flag over file over default.
+        std::fs::write(
+            &f,
+            "max-pbkdf2-iterations = 5000000\nmax-argon2-memory = 65536\nmax-af-stripes = 8000\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.limits.max_argon2_memory = Some(2 << 20);
+        let l = resolve(a).unwrap().unlock_limits;
+        assert_eq!(
+            (l.pbkdf2_iterations, l.argon2_memory_kib, l.af_stripes),
+            (5_000_000, 2 << 20, 8000)
+        );
+        assert_eq!(l.argon2_time, UnlockLimits::default().argon2_time);
+        // NBD limits: flag over file over default; the file's values are checked too.
+        std::fs::write(
+            &f,
+            "nbd-max-conns = 64\nnbd-max-conns-per-peer = 8\nnbd-stall-timeout-secs = 30\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.nbd_limits.nbd_max_conns_per_peer = Some(4);
+        let n = resolve(a).unwrap().nbd_limits;
+        assert_eq!((n.max_conns, n.max_conns_per_peer), (64, 4));
+        assert_eq!(n.stall_timeout, Duration::from_secs(30));
+        assert_eq!(n.memory_bytes, NbdLimits::default().memory_bytes);
+        std::fs::write(&f, "nbd-max-conns = 0\n").unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        let e = resolve(a).unwrap_err().to_string();
+        assert!(e.contains("--nbd-max-conns"), "{e}");
         std::fs::write(&f, "colour = 1\n").unwrap();
         let mut a = args();
         a.config = Some(f);

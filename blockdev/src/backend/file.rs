@@ -9,6 +9,26 @@
 //!   `BLKDISCARD` on devices. Write-zeroes = punch hole when unmapping is allowed, else
 //!   `fallocate(ZERO_RANGE)`; where the file system lacks it (tmpfs), zeros are written.
 //! - Block status = `SEEK_DATA`/`SEEK_HOLE`.
+//!
+//! ## Host block devices (FC and kernel-iSCSI LUNs, `/dev/mapper/…`, loop devices)
+//! - Size, logical and physical block size come from `BLKGETSIZE64`, `BLKSSZGET` and
+//!   `BLKPBSZGET`. Offsets and lengths must be multiples of the logical block size (the
+//!   request gets `EINVAL` otherwise, [`DeviceInfo::check_range`]); with O_DIRECT,
+//!   borrowed memory that is not aligned to it goes through a bounce buffer.
+//! - Discard is the block layer's discard: `BLOCK_URING_CMD_DISCARD` through the ring
+//!   (Linux ≥ 6.12, asynchronous), else the `BLKDISCARD` ioctl on the I/O thread. A
+//!   device whose queue reports `discard_max_bytes` 0 does not offer discard.
+//! - Write-zeroes is `fallocate` on the device node, which the kernel turns into the same
+//!   call as `BLKZEROOUT` (`blkdev_issue_zeroout`), asynchronously through the ring:
+//!   `PUNCH_HOLE` (zeroing that may unmap) when unmapping is allowed, `ZERO_RANGE`
+//!   otherwise, falling back from the first to the second and then to writing zeros
+//!   when the device cannot offload it.
+//! - The LUN's identity is read from sysfs (`/sys/dev/block/M:m/device/vpd_pg83`,
+//!   `vpd_pg80`, `wwid`; the whole disk's for a partition) and parsed with
+//!   [`scsi`](super::scsi): see [`FileDevice::identity`]. Devices without SCSI pages (loop,
+//!   device-mapper) have none.
+//! - Paths that appear late (an FC rescan, a multipath map being built) are waited for
+//!   up to [`OpenOptions::wait`] (URI `?wait=SECONDS`), polling every 100 ms.
 //! - tmpfs cannot do non-blocking buffered I/O, so io_uring would hand every read and
 //!   write to an io-wq kernel thread (a wake-up and a context switch per request). Its
 //!   data is in memory, so on tmpfs reads and writes are done inline with
@@ -24,6 +44,7 @@
 //!   than 2. Writes stay as they were: io-wq serialises buffered writes per inode and
 //!   tmpfs holds the inode lock for the copy, so no submission trick parallelises them.
 
+use crate::backend::scsi::{self, LunIdentity};
 use crate::backend::{Direct, OpenOptions};
 use crate::buf::{Buffer, IoBuf};
 use crate::engine::{user_data, Cqe, OwnerId, Ring};
@@ -45,7 +66,12 @@ const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
 const BLKDISCARD: libc::c_ulong = 0x1277;
+/// `BLOCK_URING_CMD_DISCARD` (`_IO(0x12, 0)`, Linux ≥ 6.12).
+const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
+/// How often a missing path is looked for while waiting for it.
+const PATH_POLL_MS: u64 = 100;
 /// Largest request done inline on tmpfs. Bigger ones go through io_uring (io-wq), so the
 /// copy runs on another core while the submitting thread moves on: a large copy is worth
 /// the hand-off, and it overlaps with the front end's socket I/O.
@@ -63,6 +89,13 @@ pub struct FileDevice {
     read_only: bool,
     block_device: bool,
     logical_block_size: u32,
+    physical_block_size: u32,
+    /// Discard is offered (files always; devices whose queue has `discard_max_bytes` > 0).
+    discard: bool,
+    /// The kernel rejected `BLOCK_URING_CMD_DISCARD`: use the ioctl.
+    no_uring_discard: std::sync::atomic::AtomicBool,
+    /// Identity of the LUN behind a block device (sysfs VPD pages).
+    identity: Option<LunIdentity>,
     /// Reads and writes are done inline (tmpfs, see the module doc).
     inline_io: bool,
 }
@@ -71,7 +104,7 @@ impl FileDevice {
     /// Open `path` with `opts`.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self> {
         let ctx = || format!("open {}", path.display());
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(ctx(), e))?;
+        let meta = wait_for_path(path, opts.wait).map_err(|e| Error::io(ctx(), e))?;
         let block_device = meta.file_type().is_block_device();
         if !block_device && !meta.is_file() {
             return Err(Error::new(
@@ -106,22 +139,57 @@ impl FileDevice {
             },
         };
         let fd = file.as_raw_fd();
-        let (size, lbs) = if block_device {
+        let (size, lbs, pbs) = if block_device {
             let mut size: u64 = 0;
             // SAFETY: BLKGETSIZE64 writes one u64 into the pointed-to variable.
             let r = unsafe { libc::ioctl(fd, BLKGETSIZE64, std::ptr::addr_of_mut!(size)) };
             if r < 0 {
                 return Err(Error::io(ctx(), std::io::Error::last_os_error()));
             }
-            let mut lbs: libc::c_int = 512;
+            let mut lbs: libc::c_int = 0;
             // SAFETY: BLKSSZGET writes one int into the pointed-to variable.
             if unsafe { libc::ioctl(fd, BLKSSZGET, std::ptr::addr_of_mut!(lbs)) } < 0 {
-                lbs = 512;
+                return Err(Error::io(
+                    format!("{}: logical block size (BLKSSZGET)", ctx()),
+                    std::io::Error::last_os_error(),
+                ));
             }
-            (size, u32::try_from(lbs).unwrap_or(512).max(512))
+            let mut pbs: libc::c_uint = 0;
+            // SAFETY: BLKPBSZGET writes one unsigned int into the pointed-to variable.
+            if unsafe { libc::ioctl(fd, BLKPBSZGET, std::ptr::addr_of_mut!(pbs)) } < 0 {
+                pbs = 0;
+            }
+            let lbs = u32::try_from(lbs).unwrap_or(0);
+            if !lbs.is_power_of_two() || !(512..=65536).contains(&lbs) {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!("{}: logical block size {lbs} is not supported", ctx()),
+                ));
+            }
+            if !size.is_multiple_of(u64::from(lbs)) {
+                tracing::warn!(path = %path.display(), size, lbs, "device size is not a multiple of its block size; the tail is not served");
+            }
+            (size - size % u64::from(lbs), lbs, pbs.max(lbs))
         } else {
-            (meta.len(), 512)
+            (meta.len(), 512, 4096)
         };
+        let sys = block_device.then(|| sysfs_dir(&meta)).flatten();
+        let discard = match &sys {
+            Some(d) => read_sys_u64(&d.join("queue/discard_max_bytes")).is_none_or(|n| n > 0),
+            None => true,
+        };
+        let identity = sys.as_deref().and_then(read_identity);
+        if block_device {
+            tracing::info!(
+                path = %path.display(),
+                size,
+                logical_block_size = lbs,
+                physical_block_size = pbs,
+                discard,
+                identity = %identity.as_ref().map_or_else(|| "none".to_string(), ToString::to_string),
+                "opened block device"
+            );
+        }
         let inline_io = !direct && !block_device && is_tmpfs(&file);
         Ok(FileDevice {
             inline_io,
@@ -132,7 +200,22 @@ impl FileDevice {
             read_only: opts.read_only,
             block_device,
             logical_block_size: lbs,
+            physical_block_size: pbs,
+            discard,
+            no_uring_discard: std::sync::atomic::AtomicBool::new(false),
+            identity,
         })
+    }
+
+    /// The identity of the LUN behind a block device (VPD 0x83 designators and serial
+    /// from sysfs); `None` for files and for devices without SCSI pages.
+    pub fn identity(&self) -> Option<&LunIdentity> {
+        self.identity.as_ref()
+    }
+
+    /// Whether this is a block device.
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
     }
 
     /// The path this device was opened from.
@@ -166,10 +249,10 @@ impl BlockDevice for FileDevice {
         DeviceInfo {
             size: self.size.load(Ordering::Acquire),
             logical_block_size: self.logical_block_size,
-            physical_block_size: self.logical_block_size.max(4096),
+            physical_block_size: self.physical_block_size,
             max_transfer: MAX_TRANSFER_BYTES,
             read_only: self.read_only,
-            discard: true,
+            discard: self.discard,
             write_zeroes: true,
             block_status: !self.block_device,
         }
@@ -240,6 +323,10 @@ impl BlockDevice for FileDevice {
         Ok(out)
     }
 
+    fn identity(&self) -> Option<LunIdentity> {
+        self.identity.clone()
+    }
+
     fn resize(&self, new_size: u64) -> Result<()> {
         if self.block_device {
             return Err(Error::new(
@@ -270,6 +357,8 @@ struct Slot {
     iov_rest: Vec<libc::iovec>,
     /// Zeros written when the file system cannot zero a range itself.
     zeros: Option<IoBuf>,
+    /// Write-zeroes with unmapping allowed fell back to `ZERO_RANGE`.
+    no_punch: bool,
 }
 
 struct FileQueue {
@@ -387,11 +476,24 @@ impl FileQueue {
             Op::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            Op::Discard | Op::WriteZeroes { unmap: true } => opcode::Fallocate::new(fd, rest)
+            Op::Discard if self.dev.block_device => {
+                // The command's 16 bytes overlay the SQE's addr3: the length.
+                let mut cmd = [0u8; 16];
+                cmd[..8].copy_from_slice(&rest.to_le_bytes());
+                opcode::UringCmd16::new(fd, BLOCK_URING_CMD_DISCARD)
+                    .addr(Some(off))
+                    .cmd(cmd)
+                    .build()
+            }
+            Op::Discard => opcode::Fallocate::new(fd, rest)
                 .offset(off)
                 .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
                 .build(),
-            Op::WriteZeroes { unmap: false } => {
+            Op::WriteZeroes { unmap: true } if !s.no_punch => opcode::Fallocate::new(fd, rest)
+                .offset(off)
+                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                .build(),
+            Op::WriteZeroes { .. } => {
                 if let Some(z) = &mut s.zeros {
                     let n = u32::try_from(rest.min(z.len() as u64)).map_err(|_| libc::EINVAL)?;
                     opcode::Write::new(fd, z.as_mut_ptr(), n)
@@ -615,7 +717,14 @@ impl Queue for FileQueue {
             done.push(Completion::of(req, Ok(())));
             return;
         }
-        if req.op == Op::Discard && self.dev.block_device {
+        if req.op == Op::Discard && !self.dev.discard {
+            done.push(Completion::of(req, Err(libc::EOPNOTSUPP)));
+            return;
+        }
+        if req.op == Op::Discard
+            && self.dev.block_device
+            && self.dev.no_uring_discard.load(Ordering::Relaxed)
+        {
             let r = self.discard_block_device(req.offset, req.len);
             done.push(Completion::of(req, r));
             return;
@@ -656,6 +765,7 @@ impl Queue for FileQueue {
             bounce,
             iov_rest: Vec::new(),
             zeros: None,
+            no_punch: false,
         });
         if let Err(e) = self.issue(ring, idx) {
             self.finish(idx, Err(e), done);
@@ -672,8 +782,26 @@ impl Queue for FileQueue {
         };
         if cqe.result < 0 {
             let errno = -cqe.result;
-            let zero_range = matches!(s.op, Op::WriteZeroes { unmap: false }) && s.zeros.is_none();
-            if zero_range && matches!(errno, libc::EOPNOTSUPP | libc::EINVAL) {
+            let unsupported = matches!(errno, libc::EOPNOTSUPP | libc::EINVAL);
+            if s.op == Op::Discard && self.dev.block_device && unsupported {
+                // A kernel without BLOCK_URING_CMD_DISCARD (< 6.12): use the ioctl from
+                // now on. (A device without discard fails the same way there.)
+                self.dev.no_uring_discard.store(true, Ordering::Relaxed);
+                let (offset, len) = (s.offset, s.len);
+                let r = self.discard_block_device(offset, len);
+                self.finish(idx, r, done);
+                return;
+            }
+            if s.op == (Op::WriteZeroes { unmap: true }) && !s.no_punch && unsupported {
+                // The device cannot zero by unmapping: zero without it.
+                s.no_punch = true;
+                if let Err(e) = self.issue(ring, idx) {
+                    self.finish(idx, Err(e), done);
+                }
+                return;
+            }
+            let zero_range = matches!(s.op, Op::WriteZeroes { .. }) && s.zeros.is_none();
+            if zero_range && unsupported {
                 // The file system cannot zero a range (tmpfs): write zeros instead.
                 let chunk = usize::try_from(s.len)
                     .unwrap_or(ZERO_CHUNK_BYTES)
@@ -726,6 +854,80 @@ impl Queue for FileQueue {
     fn in_flight(&self) -> usize {
         self.in_flight
     }
+}
+
+/// Wait up to `wait` for `path` to exist (a LUN path that appears late), then stat it.
+fn wait_for_path(
+    path: &Path,
+    wait: Option<std::time::Duration>,
+) -> std::io::Result<std::fs::Metadata> {
+    let deadline = wait.map(|w| std::time::Instant::now() + w);
+    let mut logged = false;
+    loop {
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let Some(d) = deadline.filter(|d| std::time::Instant::now() < *d) else {
+                    if let Some(w) = wait {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("path did not appear within {} s", w.as_secs_f32()),
+                        ));
+                    }
+                    return Err(e);
+                };
+                if !logged {
+                    tracing::info!(path = %path.display(), wait_s = wait.map_or(0.0, |w| w.as_secs_f32()), "waiting for the device path to appear");
+                    logged = true;
+                }
+                let left = d.saturating_duration_since(std::time::Instant::now());
+                std::thread::sleep(left.min(std::time::Duration::from_millis(PATH_POLL_MS)));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// `/sys/dev/block/MAJ:MIN` of a block device, the whole disk's for a partition.
+fn sysfs_dir(meta: &std::fs::Metadata) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let rdev = meta.rdev();
+    let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+    let dir = std::fs::canonicalize(format!("/sys/dev/block/{maj}:{min}")).ok()?;
+    if dir.join("partition").exists() {
+        return dir.parent().map(Path::to_path_buf);
+    }
+    Some(dir)
+}
+
+fn read_sys_u64(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// The LUN identity from the VPD pages the kernel keeps in sysfs (SCSI disks), or from
+/// the `wwid` attribute (NVMe, and SCSI disks on kernels without the page copies).
+fn read_identity(sys: &Path) -> Option<LunIdentity> {
+    let dev = sys.join("device");
+    let mut id = LunIdentity::default();
+    if let Ok(p) = std::fs::read(dev.join("vpd_pg83")) {
+        id.designators = scsi::parse_designators(&p).unwrap_or_default();
+    }
+    if let Ok(p) = std::fs::read(dev.join("vpd_pg80")) {
+        id.serial = scsi::parse_serial(&p).filter(|s| !s.is_empty());
+    }
+    if id.designators.is_empty() {
+        let wwid = std::fs::read_to_string(dev.join("wwid"))
+            .or_else(|_| std::fs::read_to_string(sys.join("wwid")))
+            .ok()
+            .map(|w| w.trim().to_string())
+            .filter(|w| !w.is_empty());
+        if let Some(w) = wwid {
+            id.designators.push(scsi::Designator {
+                kind: scsi::DesignatorKind::ScsiName,
+                value: w.into_bytes(),
+            });
+        }
+    }
+    (!id.is_empty()).then_some(id)
 }
 
 #[cfg(test)]

@@ -1,11 +1,17 @@
 //! Backends: where the bytes live. [`open`] is the one way to open a device.
 //!
 //! Specs are URIs so that one parser rejects unknown parameters:
-//! - `file:///path/to/file?direct=auto|on|off&ro=0|1` (or just a path);
+//! - `file:///path/to/file?direct=auto|on|off&ro=0|1&wait=SECONDS` (or just a path);
+//!   host block devices (FC and kernel-iSCSI LUNs) are files too;
+//! - `iscsi://[user@]host[:port]/target-iqn/lun?…` (a LUN through Ember's initiator; see
+//!   [`iscsi::IscsiConfig::parse_uri`]; CHAP secrets are set on the parsed config, never
+//!   taken from the URI);
 //! - `null://?size=BYTES` (reads zeros, discards writes; for measuring overhead).
 
 pub mod file;
+pub mod iscsi;
 pub mod null;
+pub mod scsi;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::BlockDevice;
@@ -31,6 +37,9 @@ pub struct OpenOptions {
     pub read_only: bool,
     /// Page cache policy.
     pub direct: Direct,
+    /// Wait up to this long for a device path that is not there yet (a LUN that an FC
+    /// rescan or a multipath map brings late). `None`: fail at once.
+    pub wait: Option<std::time::Duration>,
 }
 
 /// A parsed backend spec.
@@ -46,6 +55,8 @@ pub enum BackendSpec {
         /// Size in bytes.
         size: u64,
     },
+    /// A LUN through Ember's iSCSI initiator.
+    Iscsi(Box<iscsi::IscsiConfig>),
 }
 
 impl BackendSpec {
@@ -53,6 +64,11 @@ impl BackendSpec {
     /// query string are applied to `opts`; unknown parameters are an error.
     pub fn parse(spec: &str, opts: &mut OpenOptions) -> Result<Self> {
         let bad = |m: String| Error::new(ErrorKind::InvalidConfig, m);
+        if spec.starts_with("iscsi://") {
+            let c = iscsi::IscsiConfig::parse_uri(spec)?;
+            opts.read_only |= c.read_only;
+            return Ok(BackendSpec::Iscsi(Box::new(c)));
+        }
         let (scheme, rest) = match spec.split_once("://") {
             Some((s, r)) => (s, r),
             None => ("file", spec),
@@ -71,6 +87,12 @@ impl BackendSpec {
                     }
                 }
                 (_, "ro") => opts.read_only = matches!(v, "1" | "true" | "on" | ""),
+                ("file", "wait") => {
+                    let secs: u64 = v
+                        .parse()
+                        .map_err(|_| bad(format!("wait={v}: expected seconds")))?;
+                    opts.wait = Some(std::time::Duration::from_secs(secs));
+                }
                 ("null", "size") => {
                     size = Some(parse_size(v).ok_or_else(|| bad(format!("size={v}: not a size")))?)
                 }
@@ -114,6 +136,11 @@ pub fn open(spec: &BackendSpec, opts: &OpenOptions) -> Result<Arc<dyn BlockDevic
     match spec {
         BackendSpec::File { path } => Ok(Arc::new(file::FileDevice::open(path, opts)?)),
         BackendSpec::Null { size } => Ok(Arc::new(null::NullDevice::new(*size, opts.read_only))),
+        BackendSpec::Iscsi(c) => {
+            let mut c = (**c).clone();
+            c.read_only |= opts.read_only;
+            Ok(Arc::new(iscsi::IscsiDevice::open(c)?))
+        }
     }
 }
 

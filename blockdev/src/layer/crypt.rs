@@ -13,6 +13,12 @@
 //!   range then reads as garbage). **Flush** passes down.
 //! - **Block status** reports everything as allocated data: a hole or zero range on the
 //!   inner device does not read as zeros through the cipher.
+//! - **Hostile headers**: opening goes through `ember_crypto::open` with the caller's
+//!   [`UnlockLimits`]; the layer then refuses a data segment that does not fit the device
+//!   (offset, fixed size, size alignment) and an IV offset (`iv_tweak` × 512) whose sum
+//!   with any device offset would overflow 64 bits. Request arithmetic (offset + data
+//!   offset, offset + IV offset, offset + length) is checked in release builds too: an
+//!   overflow fails that request with `EINVAL`.
 //!
 //! The sector cipher is shared by every queue (it is immutable); each queue has its own
 //! bounce pool and in-flight table, so the I/O path takes no lock. En/decryptions of
@@ -27,7 +33,7 @@ use crate::engine::{Cqe, OwnerId, Ring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
 use crate::{BlockDevice, Queue};
-use ember_crypto::{OpenOptions, SectorCipher, Unlocked};
+use ember_crypto::{SectorCipher, UnlockLimits, Unlocked};
 use split::Splitter;
 use std::sync::Arc;
 
@@ -65,20 +71,31 @@ impl CryptDevice {
     /// Wrap `inner` with an already unlocked volume.
     pub fn new(inner: Arc<dyn BlockDevice>, u: Unlocked) -> Result<Self> {
         let info = inner.info();
+        let bad = |m: String| Err(Error::new(ErrorKind::InvalidConfig, m));
         if info.size <= u.data_offset {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                format!(
-                    "LUKS data offset {} is beyond the device size {}",
-                    u.data_offset, info.size
-                ),
+            return bad(format!(
+                "LUKS data offset {} is beyond the device size {}",
+                u.data_offset, info.size
             ));
         }
         let ss = u.cipher.sector_size() as u64;
         if !u.data_offset.is_multiple_of(ss) || !u.iv_offset.is_multiple_of(512) {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "LUKS data offset not aligned to the encryption sector",
+            return bad("LUKS data offset not aligned to the encryption sector".into());
+        }
+        if let Some(n) = u.data_size {
+            let fits = u.data_offset.checked_add(n).is_some_and(|e| e <= info.size);
+            if !fits || n == 0 || !n.is_multiple_of(ss) {
+                return bad(format!(
+                    "LUKS data segment of {n} bytes at {} does not fit the {}-byte device \
+                     in whole {ss}-byte sectors",
+                    u.data_offset, info.size
+                ));
+            }
+        }
+        if u.iv_offset.checked_add(info.size).is_none() {
+            return bad(format!(
+                "LUKS IV offset {} plus the device size overflows 64 bits",
+                u.iv_offset
             ));
         }
         let cipher = Arc::new(u.cipher);
@@ -97,10 +114,10 @@ impl CryptDevice {
     pub fn open(
         inner: Arc<dyn BlockDevice>,
         passphrase: &[u8],
-        opts: &OpenOptions,
+        limits: &UnlockLimits,
     ) -> Result<Self> {
         let mut disk = DeviceDisk::new(inner.clone())?;
-        let u = ember_crypto::open(&mut disk, passphrase, opts)
+        let u = ember_crypto::open(&mut disk, passphrase, limits)
             .map_err(|e| Error::new(ErrorKind::InvalidConfig, "open LUKS volume").with_source(e))?;
         Self::new(inner, u)
     }
@@ -227,8 +244,9 @@ impl CryptQueue {
         idx as u64
     }
 
-    fn cipher_offset(&self, offset: u64) -> u64 {
-        offset + self.dev.iv_offset
+    /// The cipher's offset (plain64 IV × 512) of plaintext `offset`; `None` past 2^64.
+    fn cipher_offset(&self, offset: u64) -> Option<u64> {
+        offset.checked_add(self.dev.iv_offset)
     }
 
     /// Submit one request to the inner queue and handle any synchronous completions.
@@ -273,10 +291,23 @@ impl CryptQueue {
         let len = (end - next).min(ZERO_CHUNK as u64) as usize;
         let mut bounce = self.pool.get(len);
         bounce.as_mut_slice().fill(0);
+        let (Some(off), Some(inner_off)) = (
+            self.cipher_offset(next),
+            next.checked_add(self.dev.data_offset),
+        ) else {
+            self.pool.put(bounce);
+            self.in_flight -= 1;
+            done.push(Completion {
+                tag,
+                result: Err(libc::EINVAL),
+                buf: Buffer::None,
+            });
+            return;
+        };
         if self
             .dev
             .split
-            .run(None, bounce.as_mut_slice(), self.cipher_offset(next), true)
+            .run(None, bounce.as_mut_slice(), off, true)
             .is_err()
         {
             self.pool.put(bounce);
@@ -295,7 +326,7 @@ impl CryptQueue {
         });
         let req = Request {
             op: Op::Write { fua: false },
-            offset: next + self.dev.data_offset,
+            offset: inner_off,
             len: len as u64,
             buf: Buffer::Owned(bounce),
             tag: slot,
@@ -361,7 +392,7 @@ impl CryptQueue {
 
     fn decrypt(&self, buf: &mut Buffer, offset: u64) -> Result<(), i32> {
         let cipher = &self.dev.cipher;
-        let off = self.cipher_offset(offset);
+        let off = self.cipher_offset(offset).ok_or(libc::EINVAL)?;
         match buf {
             Buffer::Owned(b) => self
                 .dev
@@ -475,7 +506,11 @@ impl Queue for CryptQueue {
             done.push(Completion::of(req, Err(e)));
             return;
         }
-        let Some(inner_off) = req.offset.checked_add(self.dev.data_offset) else {
+        let (Some(inner_off), Some(off), Some(end)) = (
+            req.offset.checked_add(self.dev.data_offset),
+            self.cipher_offset(req.offset),
+            req.offset.checked_add(req.len),
+        ) else {
             done.push(Completion::of(req, Err(libc::EINVAL)));
             return;
         };
@@ -501,7 +536,6 @@ impl Queue for CryptQueue {
                 let len = req.len as usize;
                 let mut bounce: IoBuf = self.pool.get(len);
                 let cipher = &self.dev.cipher;
-                let off = self.cipher_offset(req.offset);
                 let res = match &req.buf {
                     // One pass: encrypt straight from the client's buffer into the bounce.
                     Buffer::Owned(b) => {
@@ -544,7 +578,6 @@ impl Queue for CryptQueue {
                 self.submit_inner(ring, r, done);
             }
             Op::WriteZeroes { .. } => {
-                let end = req.offset + req.len;
                 self.zero_chunk(ring, req.tag, req.offset, end, done);
             }
             Op::Flush => {}

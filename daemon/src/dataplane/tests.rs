@@ -22,7 +22,9 @@ fn start() -> Fx {
     let (dp, bound) = EmberDataPlane::start(
         vec![("default".into(), dir.path().join("pool"))],
         &[ListenAddr::Unix(sock.clone())],
+        crate::nbd::NbdLimits::default(),
         dir.path().join("vhost"),
+        ember_crypto::UnlockLimits::default(),
     )
     .unwrap();
     assert_eq!(bound, vec![format!("unix:{}", sock.display())]);

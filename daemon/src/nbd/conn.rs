@@ -1,13 +1,15 @@
 //! One NBD connection in the transmission phase, driven by its I/O thread's ring.
 //!
 //! Receive: one `IORING_OP_RECV` at a time into a large per-connection buffer; every
-//! complete request in it is parsed and submitted to the device queue at once. A small
-//! write whose payload is already there is written from the receive buffer itself (the
-//! buffer is then pinned: not compacted or reset until that write completes); a payload
-//! that is not yet complete is received straight into its own pooled buffer (only the
-//! head that had already arrived is copied). A request that must be refused after its header
-//! (oversized, read-only, out of range) has its payload skipped, then gets its error:
-//! the stream stays in sync and nothing of the announced size is allocated.
+//! complete request in it is decided ([`request::decide`]: flags, read-only, size and range
+//! checked before anything is allocated), charged (below) and submitted to the device
+//! queue at once. A small write whose payload is already there is written from the receive
+//! buffer itself (the buffer is then pinned: not compacted or reset until that write
+//! completes); a payload that is not yet complete is received straight into its own pooled
+//! buffer (only the head that had already arrived is copied). A request that must be
+//! refused after its header (oversized, read-only, out of range) has its payload skipped,
+//! then gets its error: the stream stays in sync and nothing of the announced size is
+//! allocated.
 //!
 //! Send: replies accumulate in a batch (headers in one byte arena, data buffers as they
 //! came back from the disk); one `IORING_OP_SENDMSG` sends a whole batch with a vectored
@@ -20,33 +22,62 @@
 //! Measured against the same build without it (benches/README.md, 1M seq read QD8):
 //! plain and LUKS reads gain 10-20%.
 //!
-//! Memory bound: at most [`MAX_REQUESTS`] requests and about [`MAX_INFLIGHT_BYTES`] of
-//! buffers (plus one maximum-size request) per connection; over the bound the connection
-//! stops parsing and receiving until replies drain.
+//! Memory bound: every request is charged, from its header until its reply has left the
+//! socket, [`REQ_BYTES`] for its bookkeeping and reply header plus its data buffer (a
+//! read's buffer, a write's payload buffer, a block-status reply's descriptors). The
+//! charge goes to the connection's [`ConnSlot`]: at most `--nbd-conn-memory-mib` per
+//! connection, and the server's budget over all of them (see [`super::gate`]). At most
+//! [`MAX_REQUESTS`] requests may be unanswered, queued replies included. A request that
+//! does not fit is left in the receive buffer and the connection stops receiving
+//! (back-pressure): a client that never reads its replies fills its own bound and
+//! then its socket, never the daemon's memory. Its connection retries when its own
+//! replies drain, or on its I/O thread's tick if it holds nothing.
+//!
+//! Deadlines (`--nbd-stall-timeout-secs`, checked on the I/O thread's tick): a send that
+//! makes no progress for that long (the client does not read), or a request whose bytes
+//! stop arriving halfway for that long (counted from the last complete request, so a
+//! trickle does not reset it), drops the client. An idle client between requests is
+//! never dropped.
 //!
 //! Ownership rule for io_uring: every pointer an SQE or a device request holds (`rbuf`, a payload buffer in
 //! `reqs`, `iovs`/`msg` and the `sending` batch) belongs to this `Conn`, which sits in a
 //! `Box` (stable address) and is only freed once no SQE of it is in flight
 //! ([`Conn::finished`]).
 
+use super::gate::{buf_bytes, ConnSlot, Pool};
 use super::handshake::BASE_ALLOCATION_ID;
 use super::proto::{self, cmd, cmd_flag, err, RequestHeader};
+use super::request::{self, Action, Session};
 use super::Export;
-use ember_blockdev::buf::BufPool;
 use ember_blockdev::engine::user_data;
-use ember_blockdev::{Buffer, Completion, DeviceInfo, IoBuf, IoVecs, Op, Queue, Request, Ring};
+use ember_blockdev::{Buffer, Completion, IoBuf, IoVecs, Op, Queue, Request, Ring};
 use io_uring::{opcode, types};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Receive buffer size.
 const RBUF_BYTES: usize = 256 * 1024;
 /// Compact the receive buffer when less than this is free at its end.
 const RECV_MIN_BYTES: usize = 64 * 1024;
-/// Most requests in flight per connection.
+/// Most requests per connection between header and sent reply (queued replies included).
 pub const MAX_REQUESTS: usize = 512;
-/// Buffered bytes per connection above which it stops reading.
-pub const MAX_INFLIGHT_BYTES: usize = 64 << 20;
+/// Charged per request for its bookkeeping (in-flight slot, reply item, reply header,
+/// iovecs), on top of its data buffer.
+pub const REQ_BYTES: usize = 256;
+/// Most descriptors in one `BLOCK_STATUS` reply: the protocol lets a server describe less
+/// than the whole range asked for, and the client asks again for the rest.
+pub const MAX_STATUS_EXTENTS: usize = 512;
+/// Charged for a block-status request: its descriptors at most.
+const STATUS_BYTES: usize = REQ_BYTES + 8 * MAX_STATUS_EXTENTS;
+/// A connection's fixed memory: its receive buffer, and its bookkeeping vectors at
+/// [`MAX_REQUESTS`] (taken from the budget at admission).
+pub const FIXED_BYTES: usize = RBUF_BYTES + 256 * 1024;
+/// Requests a connection can always hold without asking the shared budget (taken at
+/// admission): small requests make progress even when the budget is spent.
+pub const FLOOR_IO_BYTES: usize = 1 << 20;
+/// Reply header arenas bigger than this are shrunk once sent (block-status bursts).
+const ARENA_KEEP_BYTES: usize = 64 * 1024;
 /// Most iovecs in one sendmsg (`IOV_MAX`).
 const MAX_IOVS: usize = 1024;
 
@@ -60,15 +91,6 @@ const UNIX_SNDBUF_BYTES: libc::c_int = 4 << 20;
 /// from it directly (zero copy); bigger ones get their own buffer so the receive buffer
 /// is not pinned for long.
 const BORROW_MAX_BYTES: usize = 64 * 1024;
-/// Buffers up to this size go back to the thread's pool; bigger ones are freed, so a
-/// burst of huge requests does not pin their memory for good.
-const POOL_MAX_BUF_BYTES: usize = 1 << 20;
-
-fn recycle(pool: &mut BufPool, b: IoBuf) {
-    if b.capacity() <= POOL_MAX_BUF_BYTES {
-        pool.put(b);
-    }
-}
 
 /// `user_data` slot kinds of the socket SQEs (owner 0 is the event loop).
 pub const KIND_RECV: u64 = 0;
@@ -82,9 +104,11 @@ pub struct Cx<'a> {
     /// The export's queue on this thread.
     pub queue: &'a mut dyn Queue,
     /// The thread's buffer pool.
-    pub pool: &'a mut BufPool,
+    pub pool: &'a mut Pool,
     /// Synchronous device completions land here.
     pub done: &'a mut Vec<Completion>,
+    /// The time of this loop iteration.
+    pub now: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +128,8 @@ struct Pending {
     flags: u16,
     offset: u64,
     len: u32,
+    /// Bytes charged to the connection for it (its reply carries them on).
+    charge: usize,
     /// Write payload being received (before submission).
     buf: Option<IoBuf>,
     /// The FUA flush after a trim/write-zeroes is in flight.
@@ -119,6 +145,8 @@ struct Item {
     hdr_off: usize,
     hdr_len: usize,
     data: Option<IoBuf>,
+    /// Bytes charged for the request; given back once the reply is sent.
+    charge: usize,
 }
 
 #[derive(Default)]
@@ -133,6 +161,22 @@ struct Payload {
     filled: usize,
 }
 
+/// What a worker hands a connection at its start.
+pub struct ConnSetup {
+    /// The socket, after the handshake.
+    pub fd: OwnedFd,
+    /// Peer address, for logs.
+    pub peer: String,
+    /// The export served.
+    pub export: Arc<Export>,
+    /// Structured replies negotiated.
+    pub structured: bool,
+    /// `base:allocation` selected.
+    pub meta: bool,
+    /// Its admission: place and memory.
+    pub slot: ConnSlot,
+}
+
 /// One connection.
 pub struct Conn {
     idx: usize,
@@ -143,13 +187,16 @@ pub struct Conn {
     pub export: Arc<Export>,
     /// Index of the export's queue in the worker.
     pub qidx: usize,
-    structured: bool,
-    meta: bool,
-    max_block: u32,
-    read_only: bool,
+    session: Session,
     state: State,
     /// Queued for service by the worker.
     pub dirty: bool,
+    /// Memory charged to this connection (given back when it is freed).
+    slot: ConnSlot,
+    /// Requests parsed whose reply has not left yet.
+    unreplied: usize,
+    /// The next request did not fit in memory: not reading until memory frees.
+    wait_mem: bool,
 
     rbuf: Box<[u8]>,
     rstart: usize,
@@ -160,13 +207,15 @@ pub struct Conn {
     rx_into_payload: bool,
     payload: Option<Payload>,
     skip: u64,
-    skip_reply: Option<(u64, u16, u32)>,
+    /// The reply of a refused write, once its payload is skipped: handle, command,
+    /// error, charge.
+    skip_reply: Option<(u64, u16, u32, usize)>,
+    /// Since when a request has been half received (see the module doc).
+    mid_since: Option<Instant>,
 
     reqs: Vec<Option<Pending>>,
     free: Vec<usize>,
-    live_reqs: usize,
     dev_inflight: usize,
-    inflight_bytes: usize,
 
     /// Reused vector for synchronous completions.
     scratch: Vec<Completion>,
@@ -176,34 +225,32 @@ pub struct Conn {
     iov_pos: usize,
     msg: libc::msghdr,
     tx_armed: bool,
+    /// Last progress of the send in flight.
+    tx_since: Instant,
 }
 
 impl Conn {
     /// A connection at slot `idx` of its worker.
-    pub fn new(
-        idx: usize,
-        fd: OwnedFd,
-        peer: String,
-        export: Arc<Export>,
-        qidx: usize,
-        structured: bool,
-        meta: bool,
-    ) -> Box<Conn> {
-        let max_block = export.max_block();
-        let read_only = export.is_read_only();
-        Self::tune_socket(&fd);
+    pub fn new(idx: usize, qidx: usize, c: ConnSetup, now: Instant) -> Box<Conn> {
+        let session = Session {
+            max_block: c.export.max_block(),
+            read_only: c.export.is_read_only(),
+            structured: c.structured,
+            meta: c.meta,
+        };
+        Self::tune_socket(&c.fd);
         Box::new(Conn {
             idx,
-            fd,
-            peer,
-            export,
+            fd: c.fd,
+            peer: c.peer,
+            export: c.export,
             qidx,
-            structured,
-            meta,
-            max_block,
-            read_only,
+            session,
             state: State::Open,
             dirty: false,
+            slot: c.slot,
+            unreplied: 0,
+            wait_mem: false,
             rbuf: vec![0u8; RBUF_BYTES].into_boxed_slice(),
             rstart: 0,
             rend: 0,
@@ -213,11 +260,10 @@ impl Conn {
             payload: None,
             skip: 0,
             skip_reply: None,
+            mid_since: None,
             reqs: Vec::new(),
             free: Vec::new(),
-            live_reqs: 0,
             dev_inflight: 0,
-            inflight_bytes: 0,
             scratch: Vec::new(),
             out: Batch::default(),
             sending: Batch::default(),
@@ -226,6 +272,7 @@ impl Conn {
             // SAFETY: msghdr is a plain C struct for which all-zero is a valid value.
             msg: unsafe { std::mem::zeroed() },
             tx_armed: false,
+            tx_since: now,
         })
     }
 
@@ -272,7 +319,7 @@ impl Conn {
     }
 
     /// Start closing (idempotent). `why` is logged once, at info level when abnormal.
-    pub fn close(&mut self, why: &str, abnormal: bool, pool: &mut BufPool) {
+    pub fn close(&mut self, why: &str, abnormal: bool, pool: &mut Pool) {
         if self.state == State::Closing {
             return;
         }
@@ -285,13 +332,47 @@ impl Conn {
         // Wakes any receive or send of ours still in the ring; their CQEs then arrive.
         // SAFETY: shutdown(2) on a socket we own has no memory effects.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        // The charges need no settling: the slot gives everything back with the Conn.
         for it in self.out.items.drain(..) {
             if let Some(b) = it.data {
-                self.inflight_bytes = self.inflight_bytes.saturating_sub(b.len());
-                recycle(pool, b);
+                pool.put(b);
             }
         }
         self.out.hdr.clear();
+    }
+
+    /// Drop the client if a deadline passed (see the module doc); true if it was.
+    pub fn check_deadlines(&mut self, now: Instant, stall: Duration, pool: &mut Pool) -> bool {
+        if self.state == State::Closing {
+            return false;
+        }
+        let secs = stall.as_secs();
+        if self.tx_armed && now.saturating_duration_since(self.tx_since) > stall {
+            let why = format!("it has not read its replies for {secs} s");
+            self.close(&why, true, pool);
+            return true;
+        }
+        if self.rx_armed
+            && self
+                .mid_since
+                .is_some_and(|t| now.saturating_duration_since(t) > stall)
+        {
+            let why = format!("it left a request half sent for {secs} s");
+            self.close(&why, true, pool);
+            return true;
+        }
+        false
+    }
+
+    /// The next request waits for memory and nothing of this connection will complete
+    /// to retry it: the worker retries on its tick.
+    pub fn waits_for_memory(&self) -> bool {
+        self.wait_mem && self.state == State::Open
+    }
+
+    /// Bytes charged to this connection now.
+    pub fn held(&self) -> usize {
+        self.slot.held()
     }
 
     /// Parse what was received, keep a receive armed and send what is ready.
@@ -336,8 +417,14 @@ impl Conn {
         }
     }
 
+    /// At a bound: no more requests are parsed (nor received) until replies drain.
     fn blocked(&self) -> bool {
-        self.live_reqs >= MAX_REQUESTS || self.inflight_bytes >= MAX_INFLIGHT_BYTES
+        self.unreplied >= MAX_REQUESTS || self.wait_mem
+    }
+
+    /// Bytes of a request are here but not all of them.
+    fn mid_request(&self) -> bool {
+        self.payload.is_some() || self.skip > 0 || self.rend > self.rstart
     }
 
     // ---------------------------------------------------------------- receive
@@ -362,6 +449,8 @@ impl Conn {
             (unsafe { buf.as_mut_ptr().add(p.filled) }, len, true)
         } else {
             if self.blocked() && self.skip == 0 {
+                // Back-pressure: the client waits for us, so its clock stops.
+                self.mid_since = None;
                 return;
             }
             // Writes in flight may borrow bytes before `rstart`: while any does, the
@@ -457,6 +546,7 @@ impl Conn {
                 .is_some_and(|b| p.filled >= b.len());
             if complete {
                 self.payload = None;
+                self.mid_since = None;
                 self.submit_write(slot, cx);
             }
         } else {
@@ -470,6 +560,7 @@ impl Conn {
         if self.state != State::Open {
             return;
         }
+        self.wait_mem = false;
         let info = self.export.dev.info();
         loop {
             if self.skip > 0 {
@@ -480,12 +571,13 @@ impl Conn {
                 if self.skip > 0 {
                     break;
                 }
-                if let Some((h, c, e)) = self.skip_reply.take() {
-                    self.reply_error(h, c, e);
+                if let Some((h, c, e, charge)) = self.skip_reply.take() {
+                    self.reply(h, c, e, charge);
                 }
+                self.mid_since = None;
                 continue;
             }
-            if self.payload.is_some() || self.blocked() {
+            if self.payload.is_some() || self.unreplied >= MAX_REQUESTS {
                 break;
             }
             if self.rend - self.rstart < proto::REQUEST_HEADER_BYTES {
@@ -499,169 +591,133 @@ impl Conn {
                     return;
                 }
             };
+            let action = request::decide(&h, &self.session, &info);
+            let after = self.rend - self.rstart - proto::REQUEST_HEADER_BYTES;
+            let len = h.len as usize;
+            let borrow =
+                matches!(action, Action::Write { .. }) && after >= len && len <= BORROW_MAX_BYTES;
+            let charge = match action {
+                Action::Disconnect => 0,
+                Action::Read => REQ_BYTES + buf_bytes(len),
+                Action::Write { .. } if !borrow => REQ_BYTES + buf_bytes(len),
+                Action::BlockStatus => STATUS_BYTES,
+                _ => REQ_BYTES,
+            };
+            if !self.slot.try_charge(charge) {
+                // Leave the header where it is; retried when memory frees.
+                self.wait_mem = true;
+                break;
+            }
             self.rstart += proto::REQUEST_HEADER_BYTES;
-            self.request(h, &info, cx);
+            if action.replies() {
+                self.unreplied += 1;
+            }
+            self.mid_since = None;
+            self.request(h, action, charge, borrow, cx);
             if self.state != State::Open {
                 break;
             }
         }
+        // The clock of a request left half sent starts when its bytes stop coming.
+        if !self.mid_request() {
+            self.mid_since = None;
+        } else if self.mid_since.is_none() {
+            self.mid_since = Some(cx.now);
+        }
     }
 
-    /// Range/limit checks shared by the data commands.
-    fn check(&self, h: &RequestHeader, info: &DeviceInfo, write: bool) -> Result<(), u32> {
-        if h.flags & !cmd_flag::KNOWN != 0 {
-            return Err(err::EINVAL);
-        }
-        if write && self.read_only {
-            return Err(err::EPERM);
-        }
-        if matches!(h.cmd, cmd::READ | cmd::WRITE) && h.len > self.max_block {
-            return Err(err::EOVERFLOW);
-        }
-        info.check_range(h.offset, u64::from(h.len))
-            .map_err(proto::nbd_error)
-    }
-
-    fn request(&mut self, h: RequestHeader, info: &DeviceInfo, cx: &mut Cx<'_>) {
-        match h.cmd {
-            cmd::READ => {
-                if let Err(e) = self.check(&h, info, false) {
-                    return self.reply_error(h.handle, h.cmd, e);
-                }
-                if h.len == 0 {
-                    return self.reply_ok(h.handle, h.cmd);
-                }
-                let len = h.len as usize;
-                let buf = cx.pool.get(len);
-                self.inflight_bytes += len;
-                let slot = self.alloc(&h, None);
-                self.submit(
-                    slot,
-                    Op::Read,
-                    h.offset,
-                    u64::from(h.len),
-                    Buffer::Owned(buf),
-                    cx,
-                );
+    fn request(
+        &mut self,
+        h: RequestHeader,
+        action: Action,
+        charge: usize,
+        borrow: bool,
+        cx: &mut Cx<'_>,
+    ) {
+        let (off, len) = (h.offset, u64::from(h.len));
+        match action {
+            Action::Reply { error, skip: 0 } => self.reply(h.handle, h.cmd, error, charge),
+            Action::Reply { error, skip } => {
+                // Skip the payload to stay in sync, then answer.
+                self.skip = u64::from(skip);
+                self.skip_reply = Some((h.handle, h.cmd, error, charge));
             }
-            cmd::WRITE => {
-                if let Err(e) = self.check(&h, info, true) {
-                    // Skip the payload to stay in sync, then answer.
-                    self.skip = u64::from(h.len);
-                    self.skip_reply = Some((h.handle, h.cmd, e));
-                    return;
+            Action::Read => {
+                let buf = cx.pool.get(h.len as usize);
+                let slot = self.alloc(&h, None, charge);
+                self.submit(slot, Op::Read, off, len, Buffer::Owned(buf), cx);
+            }
+            Action::Write { fua } if borrow => {
+                let n = h.len as usize;
+                // Zero copy: the device writes straight from the receive buffer.
+                let iov = libc::iovec {
+                    // SAFETY: rstart + n ≤ rend ≤ rbuf.len() (checked by the caller).
+                    iov_base: unsafe { self.rbuf.as_mut_ptr().add(self.rstart) }.cast(),
+                    iov_len: n,
+                };
+                // SAFETY: the bytes lie in `rbuf`, owned by this boxed Conn, which is not
+                // freed while a device request is in flight (`finished`). While
+                // `rbuf_pins` > 0 the buffer is never compacted or reset, and receives only
+                // fill it past `rend`, so nothing writes these bytes until the completion
+                // (`on_done`) unpins them.
+                let v = unsafe { IoVecs::new(vec![iov]) };
+                self.rstart += n;
+                self.rbuf_pins += 1;
+                let slot = self.alloc(&h, None, charge);
+                if let Some(p) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) {
+                    p.borrowed = true;
                 }
-                let len = h.len as usize;
-                let have = (self.rend - self.rstart).min(len);
-                if have == len && len > 0 && len <= BORROW_MAX_BYTES {
-                    // Zero copy: the device writes straight from the receive buffer.
-                    let iov = libc::iovec {
-                        // SAFETY: rstart + len ≤ rend ≤ rbuf.len().
-                        iov_base: unsafe { self.rbuf.as_mut_ptr().add(self.rstart) }.cast(),
-                        iov_len: len,
-                    };
-                    // SAFETY: the bytes lie in `rbuf`, owned by this boxed Conn, which is
-                    // not freed while a device request is in flight (`finished`). While
-                    // `rbuf_pins` > 0 the buffer is never compacted or reset, and receives
-                    // only fill it past `rend`, so nothing writes these bytes until the
-                    // completion (`on_done`) unpins them.
-                    let v = unsafe { IoVecs::new(vec![iov]) };
-                    self.rstart += len;
-                    self.rbuf_pins += 1;
-                    let slot = self.alloc(&h, None);
-                    if let Some(p) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) {
-                        p.borrowed = true;
-                    }
-                    let op = Op::Write {
-                        fua: h.flags & cmd_flag::FUA != 0,
-                    };
-                    let (off, l) = (h.offset, u64::from(h.len));
-                    self.submit(slot, op, off, l, Buffer::Borrowed(v), cx);
-                    return;
-                }
-                let mut buf = cx.pool.get(len);
+                self.submit(slot, Op::Write { fua }, off, len, Buffer::Borrowed(v), cx);
+            }
+            Action::Write { .. } => {
+                let n = h.len as usize;
+                let have = (self.rend - self.rstart).min(n);
+                let mut buf = cx.pool.get(n);
                 buf.as_mut_slice()[..have]
                     .copy_from_slice(&self.rbuf[self.rstart..self.rstart + have]);
                 self.rstart += have;
-                self.inflight_bytes += len;
-                let slot = self.alloc(&h, Some(buf));
-                if have == len {
+                let slot = self.alloc(&h, Some(buf), charge);
+                if have == n {
                     self.submit_write(slot, cx);
                 } else {
                     self.payload = Some(Payload { slot, filled: have });
                 }
             }
-            cmd::DISC => self.state = State::Draining,
-            cmd::FLUSH => {
-                if h.flags & !cmd_flag::KNOWN != 0 {
-                    return self.reply_error(h.handle, h.cmd, err::EINVAL);
-                }
-                let slot = self.alloc(&h, None);
+            Action::Disconnect => self.state = State::Draining,
+            Action::Flush => {
+                let slot = self.alloc(&h, None, charge);
                 self.submit(slot, Op::Flush, 0, 0, Buffer::None, cx);
             }
-            cmd::TRIM => {
-                if let Err(e) = self.check(&h, info, true) {
-                    return self.reply_error(h.handle, h.cmd, e);
-                }
-                if !info.discard {
-                    return self.reply_error(h.handle, h.cmd, err::ENOTSUP);
-                }
-                let slot = self.alloc(&h, None);
-                self.submit(
-                    slot,
-                    Op::Discard,
-                    h.offset,
-                    u64::from(h.len),
-                    Buffer::None,
-                    cx,
-                );
+            Action::Trim => {
+                let slot = self.alloc(&h, None, charge);
+                self.submit(slot, Op::Discard, off, len, Buffer::None, cx);
             }
-            cmd::WRITE_ZEROES => {
-                if let Err(e) = self.check(&h, info, true) {
-                    return self.reply_error(h.handle, h.cmd, e);
-                }
-                let may_unmap = h.flags & cmd_flag::NO_HOLE == 0;
-                // Fast only if it needs no data writes: punching a hole does not; zeroing
-                // a range may fall back to writing zeros (tmpfs), so refuse that.
-                if h.flags & cmd_flag::FAST_ZERO != 0 && !(may_unmap && info.discard) {
-                    return self.reply_error(h.handle, h.cmd, err::ENOTSUP);
-                }
-                let slot = self.alloc(&h, None);
-                let op = Op::WriteZeroes {
-                    unmap: may_unmap && info.discard,
-                };
-                self.submit(slot, op, h.offset, u64::from(h.len), Buffer::None, cx);
+            Action::WriteZeroes { unmap } => {
+                let slot = self.alloc(&h, None, charge);
+                self.submit(slot, Op::WriteZeroes { unmap }, off, len, Buffer::None, cx);
             }
-            cmd::CACHE => match self.check(&h, info, false) {
-                Ok(()) => self.reply_ok(h.handle, h.cmd),
-                Err(e) => self.reply_error(h.handle, h.cmd, e),
-            },
-            cmd::BLOCK_STATUS => self.block_status(&h, info),
-            _ => self.reply_error(h.handle, h.cmd, err::EINVAL),
+            Action::BlockStatus => self.block_status(&h, charge),
         }
     }
 
-    fn block_status(&mut self, h: &RequestHeader, info: &DeviceInfo) {
-        let end = h.offset.checked_add(u64::from(h.len));
-        if !self.structured
-            || !self.meta
-            || h.flags & !cmd_flag::KNOWN != 0
-            || h.len == 0
-            || end.is_none_or(|e| e > info.size)
-        {
-            return self.reply_error(h.handle, h.cmd, err::EINVAL);
-        }
+    fn block_status(&mut self, h: &RequestHeader, charge: usize) {
         let extents = match self.export.dev.block_status(h.offset, u64::from(h.len)) {
             Ok(x) => x,
-            Err(e) => return self.reply_error(h.handle, h.cmd, proto::nbd_error(e.kind().errno())),
+            Err(e) => {
+                let errno = proto::nbd_error(e.kind().errno());
+                return self.reply(h.handle, h.cmd, errno, charge);
+            }
         };
-        let mut descs = Vec::with_capacity(extents.len());
+        let mut descs = Vec::with_capacity(extents.len().min(MAX_STATUS_EXTENTS));
         let mut left = u64::from(h.len);
         for x in extents {
-            if left == 0 {
+            if left == 0 || descs.len() >= MAX_STATUS_EXTENTS {
                 break;
             }
             let len = x.len.min(left);
+            if len == 0 {
+                continue;
+            }
             left -= len;
             let mut flags = 0;
             if x.hole {
@@ -677,28 +733,28 @@ impl Conn {
             }
         }
         if descs.is_empty() {
-            return self.reply_error(h.handle, h.cmd, err::EIO);
+            return self.reply(h.handle, h.cmd, err::EIO, charge);
         }
         let off = self.out.hdr.len();
         proto::encode_block_status(h.handle, BASE_ALLOCATION_ID, &descs, &mut self.out.hdr);
-        self.push_item(off, None);
+        self.push_item(off, None, charge);
     }
 
     // ---------------------------------------------------------------- in-flight table
 
-    fn alloc(&mut self, h: &RequestHeader, buf: Option<IoBuf>) -> usize {
+    fn alloc(&mut self, h: &RequestHeader, buf: Option<IoBuf>, charge: usize) -> usize {
         let p = Pending {
             handle: h.handle,
             cmd: h.cmd,
             flags: h.flags,
             offset: h.offset,
             len: h.len,
+            charge,
             buf,
             flushing: false,
             borrowed: false,
             zero_retry: false,
         };
-        self.live_reqs += 1;
         if let Some(i) = self.free.pop() {
             self.reqs[i] = Some(p);
             i
@@ -711,7 +767,6 @@ impl Conn {
     fn release(&mut self, slot: usize) -> Option<Pending> {
         let p = self.reqs.get_mut(slot)?.take()?;
         self.free.push(slot);
-        self.live_reqs -= 1;
         Some(p)
     }
 
@@ -788,7 +843,7 @@ impl Conn {
             self.submit(slot, Op::Flush, 0, 0, Buffer::None, cx);
             return;
         }
-        let Some(p) = self.release(slot) else {
+        let Some(mut p) = self.release(slot) else {
             tracing::warn!(slot, "completion for an unknown NBD request");
             return;
         };
@@ -799,8 +854,11 @@ impl Conn {
             (false, cmd::READ, Ok(()), Some(b)) => Some(b),
             (_, _, _, b) => {
                 if let Some(b) = b {
-                    self.inflight_bytes = self.inflight_bytes.saturating_sub(b.len());
-                    recycle(cx.pool, b);
+                    // A write's payload (or a failed read's buffer) is done with.
+                    let cap = b.capacity();
+                    p.charge = p.charge.saturating_sub(cap);
+                    self.slot.uncharge(cap);
+                    cx.pool.put(b);
                 }
                 None
             }
@@ -809,52 +867,53 @@ impl Conn {
             return;
         }
         match (result, keep) {
-            (Ok(()), Some(b)) => self.reply_read(p.handle, p.offset, b),
-            (Ok(()), None) => self.reply_ok(p.handle, p.cmd),
-            (Err(e), _) => self.reply_error(p.handle, p.cmd, proto::nbd_error(e)),
+            (Ok(()), Some(b)) => self.reply_read(p.handle, p.offset, b, p.charge),
+            (Ok(()), None) => self.reply(p.handle, p.cmd, 0, p.charge),
+            (Err(e), _) => self.reply(p.handle, p.cmd, proto::nbd_error(e), p.charge),
         }
     }
 
     // ---------------------------------------------------------------- replies
 
-    fn push_item(&mut self, hdr_off: usize, data: Option<IoBuf>) {
+    fn push_item(&mut self, hdr_off: usize, data: Option<IoBuf>, charge: usize) {
         let hdr_len = self.out.hdr.len() - hdr_off;
         self.out.items.push(Item {
             hdr_off,
             hdr_len,
             data,
+            charge,
         });
     }
 
-    fn reply_ok(&mut self, handle: u64, command: u16) {
+    /// A reply without data: success (`error` 0) or an error.
+    fn reply(&mut self, handle: u64, command: u16, error: u32, charge: usize) {
         let off = self.out.hdr.len();
-        if self.structured && command == cmd::READ {
-            proto::encode_none_chunk(handle, &mut self.out.hdr);
-        } else {
-            proto::encode_simple_reply(handle, 0, &mut self.out.hdr);
-        }
-        self.push_item(off, None);
-    }
-
-    fn reply_error(&mut self, handle: u64, command: u16, error: u32) {
-        let off = self.out.hdr.len();
-        if self.structured && matches!(command, cmd::READ | cmd::BLOCK_STATUS) {
+        let structured = self.session.structured;
+        if error == 0 {
+            if structured && command == cmd::READ {
+                proto::encode_none_chunk(handle, &mut self.out.hdr);
+            } else {
+                proto::encode_simple_reply(handle, 0, &mut self.out.hdr);
+            }
+        } else if structured && matches!(command, cmd::READ | cmd::BLOCK_STATUS) {
             proto::encode_error_chunk(handle, error, &mut self.out.hdr);
         } else {
             proto::encode_simple_reply(handle, error, &mut self.out.hdr);
         }
-        self.push_item(off, None);
+        self.push_item(off, None, charge);
     }
 
-    fn reply_read(&mut self, handle: u64, offset: u64, data: IoBuf) {
+    fn reply_read(&mut self, handle: u64, offset: u64, data: IoBuf, charge: usize) {
         let off = self.out.hdr.len();
-        if self.structured {
-            // One chunk for the whole read, so NBD_CMD_FLAG_DF is always honoured.
-            proto::encode_read_chunk_header(handle, offset, data.len() as u32, &mut self.out.hdr);
+        if self.session.structured {
+            // One chunk for the whole read, so NBD_CMD_FLAG_DF is always honoured. The
+            // length is at most the maximum block size, far below u32::MAX.
+            let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            proto::encode_read_chunk_header(handle, offset, len, &mut self.out.hdr);
         } else {
             proto::encode_simple_reply(handle, 0, &mut self.out.hdr);
         }
-        self.push_item(off, Some(data));
+        self.push_item(off, Some(data), charge);
     }
 
     // ---------------------------------------------------------------- send
@@ -870,6 +929,7 @@ impl Conn {
             std::mem::swap(&mut self.out, &mut self.sending);
             self.iovs.clear();
             self.iov_pos = 0;
+            self.tx_since = cx.now;
             let base = self.sending.hdr.as_mut_ptr();
             for it in &mut self.sending.items {
                 self.iovs.push(libc::iovec {
@@ -905,7 +965,7 @@ impl Conn {
     }
 
     /// The send CQE.
-    pub fn on_send(&mut self, res: i32, pool: &mut BufPool) {
+    pub fn on_send(&mut self, res: i32, pool: &mut Pool, now: Instant) {
         self.tx_armed = false;
         if res <= 0 {
             if self.state != State::Closing && !matches!(-res, libc::EINTR | libc::EAGAIN) {
@@ -920,6 +980,7 @@ impl Conn {
                 return;
             }
         } else {
+            self.tx_since = now;
             let mut n = res.unsigned_abs() as usize;
             while self.iov_pos < self.iovs.len() {
                 let v = &mut self.iovs[self.iov_pos];
@@ -937,14 +998,19 @@ impl Conn {
                 return;
             }
         }
-        // The batch is sent (or the connection is closing): recycle its buffers.
+        // The batch is sent (or the connection is closing): give back its charges and
+        // recycle its buffers.
         for it in self.sending.items.drain(..) {
+            self.slot.uncharge(it.charge);
+            self.unreplied = self.unreplied.saturating_sub(1);
             if let Some(b) = it.data {
-                self.inflight_bytes = self.inflight_bytes.saturating_sub(b.len());
-                recycle(pool, b);
+                pool.put(b);
             }
         }
         self.sending.hdr.clear();
+        if self.sending.hdr.capacity() > ARENA_KEEP_BYTES {
+            self.sending.hdr.shrink_to(ARENA_KEEP_BYTES);
+        }
         self.iovs.clear();
         self.iov_pos = 0;
     }

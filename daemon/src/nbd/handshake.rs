@@ -4,30 +4,104 @@
 //! `NBD_OPT_EXPORT_NAME` selects an export (→ transmission) or the client aborts. It reads
 //! exactly the bytes of each option, never more, so requests the client pipelines after
 //! `GO` stay in the socket for the I/O thread. Unknown options get `NBD_REP_ERR_UNSUP`;
-//! TLS is not offered (`NBD_REP_ERR_POLICY`). Option data is bounded
-//! ([`MAX_OPTION_BYTES`]); more is a protocol violation and ends the connection.
+//! TLS is not offered (`NBD_REP_ERR_POLICY`).
+//!
+//! Bounds: option data ([`MAX_OPTION_BYTES`]; more is answered `NBD_REP_ERR_TOO_BIG` and
+//! ends the connection), options per handshake ([`MAX_OPTIONS`], then the connection
+//! ends), and time: the caller wraps the socket in a [`Deadline`], one deadline for the
+//! whole handshake however the client spreads its bytes. At `NBD_OPT_GO` (or
+//! `EXPORT_NAME`) the caller's `admit` decides whether the connection may start (its
+//! connection and memory limits, [`super::gate`]); a refusal is answered
+//! `NBD_REP_ERR_POLICY` with the reason, and the client may try another option or leave.
+//!
+//! [`negotiate`] is generic over the stream: the fuzz target `nbd_handshake` runs it on
+//! bytes in memory.
 
+use super::gate::Refusal;
 use super::proto::{self, info, opt, rep};
 use super::{Export, Registry};
+use socket2::SockRef;
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Largest option payload accepted (names and queries are at most 4 KiB each).
 pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
-/// Options accepted before the client must pick an export.
-const MAX_OPTIONS: usize = 4096;
+/// Options accepted before the client must pick an export: real clients use a handful
+/// (`nbdinfo --list` about four per export listed).
+pub const MAX_OPTIONS: usize = 1024;
 /// Context id of `base:allocation` once selected.
 pub const BASE_ALLOCATION_ID: u32 = 1;
 
 /// Outcome of a successful handshake.
 #[derive(Debug)]
-pub struct Negotiated {
+pub struct Negotiated<A> {
     /// The selected export.
     pub export: Arc<Export>,
     /// Structured replies were negotiated.
     pub structured: bool,
     /// `base:allocation` was selected (its context id is [`BASE_ALLOCATION_ID`]).
     pub meta_context: bool,
+    /// What `admit` gave for it.
+    pub admission: A,
+}
+
+/// A socket whose every read and write must finish before one deadline: each call gets
+/// the time left as its socket timeout, and fails with `TimedOut` once none is left.
+#[derive(Debug)]
+pub struct Deadline<'a, S> {
+    s: &'a mut S,
+    at: Instant,
+}
+
+impl<'a, S: AsFd> Deadline<'a, S> {
+    /// `s` until `now + limit`.
+    pub fn new(s: &'a mut S, limit: Duration) -> Self {
+        Deadline {
+            s,
+            at: Instant::now() + limit,
+        }
+    }
+
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.at.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake deadline passed",
+            ));
+        }
+        // A zero timeout would mean "none": at least a millisecond.
+        Ok(left.max(Duration::from_millis(1)))
+    }
+}
+
+fn timed_out(e: io::Error) -> io::Error {
+    // A socket timeout reads as WouldBlock: say what it is.
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(io::ErrorKind::TimedOut, "handshake deadline passed")
+    } else {
+        e
+    }
+}
+
+impl<S: AsFd + Read> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        SockRef::from(&*self.s).set_read_timeout(Some(self.left()?))?;
+        self.s.read(buf).map_err(timed_out)
+    }
+}
+
+impl<S: AsFd + Write> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        SockRef::from(&*self.s).set_write_timeout(Some(self.left()?))?;
+        self.s.write(buf).map_err(timed_out)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.s.flush()
+    }
 }
 
 fn invalid(msg: impl Into<String>) -> io::Error {
@@ -40,11 +114,13 @@ fn reply<S: Write>(s: &mut S, option: u32, ty: u32, data: &[u8]) -> io::Result<(
     s.write_all(&out)
 }
 
-/// Run the handshake. `Ok(None)`: the client ended it (abort, unknown `EXPORT_NAME`).
-pub fn negotiate<S: Read + Write>(
+/// Run the handshake; `admit` decides whether the chosen export's connection may start.
+/// `Ok(None)`: the client ended it (abort, unknown or refused `EXPORT_NAME`).
+pub fn negotiate<S: Read + Write, A>(
     s: &mut S,
     registry: &Registry,
-) -> io::Result<Option<Negotiated>> {
+    admit: &mut dyn FnMut(&Arc<Export>) -> Result<A, Refusal>,
+) -> io::Result<Option<Negotiated<A>>> {
     s.write_all(&proto::greeting())?;
     let mut fl = [0u8; 4];
     s.read_exact(&mut fl)?;
@@ -76,6 +152,13 @@ pub fn negotiate<S: Read + Write>(
                     tracing::info!(export = %name, "client asked for an unknown export");
                     return Ok(None);
                 };
+                let admission = match admit(&export) {
+                    Ok(a) => a,
+                    Err(why) => {
+                        tracing::info!(export = %name, "refusing the client: {why}");
+                        return Ok(None);
+                    }
+                };
                 let info = export.dev.info();
                 s.write_all(&proto::export_name_reply(
                     info.size,
@@ -87,6 +170,7 @@ pub fn negotiate<S: Read + Write>(
                     export,
                     structured,
                     meta_context,
+                    admission,
                 }));
             }
             opt::ABORT => {
@@ -115,6 +199,19 @@ pub fn negotiate<S: Read + Write>(
                     reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes())?;
                     continue;
                 };
+                // Admission comes before any reply of GO, so a refusal is its only reply.
+                let admission = if option == opt::GO {
+                    match admit(&export) {
+                        Ok(a) => Some(a),
+                        Err(why) => {
+                            tracing::info!(export = %name, "refusing the client: {why}");
+                            reply(s, option, rep::ERR_POLICY, why.to_string().as_bytes())?;
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
                 let dinfo = export.dev.info();
                 let flags = export.transmission_flags(structured);
                 reply(s, option, rep::INFO, &proto::info_export(dinfo.size, flags))?;
@@ -142,12 +239,13 @@ pub fn negotiate<S: Read + Write>(
                     &proto::info_block_size(min, pref, export.max_block()),
                 )?;
                 reply(s, option, rep::ACK, &[])?;
-                if option == opt::GO {
+                if let Some(admission) = admission {
                     let meta_context = meta_for.as_deref() == Some(name.as_str());
                     return Ok(Some(Negotiated {
                         export,
                         structured,
                         meta_context,
+                        admission,
                     }));
                 }
             }
@@ -214,7 +312,7 @@ pub fn negotiate<S: Read + Write>(
             _ => reply(s, option, rep::ERR_UNSUP, b"option not supported")?,
         }
     }
-    Err(invalid("too many options"))
+    Err(invalid(format!("more than {MAX_OPTIONS} options")))
 }
 
 #[cfg(test)]
@@ -222,6 +320,7 @@ mod tests {
     use super::*;
     use ember_blockdev::{open, BackendSpec, OpenOptions};
     use std::os::unix::net::UnixStream;
+    use std::time::Duration;
 
     fn registry() -> Arc<Registry> {
         let r = Arc::new(Registry::default());
@@ -278,7 +377,7 @@ mod tests {
         let reg = registry();
         let (mut c, mut s) = UnixStream::pair().unwrap();
         let r2 = reg.clone();
-        let server = std::thread::spawn(move || negotiate(&mut s, &r2));
+        let server = std::thread::spawn(move || negotiate(&mut s, &r2, &mut |_| Ok(())));
         let mut g = [0u8; 18];
         c.read_exact(&mut g).unwrap();
         assert_eq!(g, proto::greeting());
@@ -342,7 +441,7 @@ mod tests {
         let reg = registry();
         let (mut c, mut s) = UnixStream::pair().unwrap();
         let r2 = reg.clone();
-        let server = std::thread::spawn(move || negotiate(&mut s, &r2));
+        let server = std::thread::spawn(move || negotiate(&mut s, &r2, &mut |_| Ok(())));
         let mut g = [0u8; 18];
         c.read_exact(&mut g).unwrap();
         c.write_all(&1u32.to_be_bytes()).unwrap();
@@ -351,10 +450,284 @@ mod tests {
         assert!(server.join().unwrap().unwrap().is_none());
 
         let (mut c, mut s) = UnixStream::pair().unwrap();
-        let server = std::thread::spawn(move || negotiate(&mut s, &reg));
+        let server = std::thread::spawn(move || negotiate(&mut s, &reg, &mut |_| Ok(())));
         c.read_exact(&mut g).unwrap();
         c.write_all(&1u32.to_be_bytes()).unwrap();
         c.write_all(b"GARBAGE!GARBAGE!GARBAGE!").unwrap();
         assert!(server.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn one_deadline_for_the_whole_handshake_however_the_bytes_trickle() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let t = std::time::Instant::now();
+        let server = std::thread::spawn(move || {
+            negotiate(
+                &mut Deadline::new(&mut s, Duration::from_millis(1500)),
+                &reg,
+                &mut |_| Ok(()),
+            )
+        });
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        // A byte every 200 ms: each read is quick, the handshake never ends by itself.
+        let trickle = std::thread::spawn(move || {
+            let mut b = Vec::from(3u32.to_be_bytes());
+            for _ in 0..20 {
+                b.extend_from_slice(b"IHAVEOPT\0\0\0\x63\0\0\0\0");
+            }
+            for x in b {
+                if c.write_all(&[x]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let e = server.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        trickle.join().unwrap();
+    }
+
+    #[test]
+    fn options_are_bounded() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || negotiate(&mut s, &reg, &mut |_| Ok(())));
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+        let reader = {
+            let mut c = c.try_clone().unwrap();
+            std::thread::spawn(move || {
+                let mut n = 0;
+                let mut h = [0u8; 20];
+                while c.read_exact(&mut h).is_ok() {
+                    let l = u32::from_be_bytes(h[16..20].try_into().unwrap());
+                    let mut d = vec![0u8; l as usize];
+                    c.read_exact(&mut d).unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        for _ in 0..MAX_OPTIONS + 10 {
+            let mut b = Vec::new();
+            b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+            b.extend_from_slice(&99u32.to_be_bytes());
+            b.extend_from_slice(&0u32.to_be_bytes());
+            if c.write_all(&b).is_err() {
+                break;
+            }
+        }
+        let e = server.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains("options"), "{e}");
+        drop(c);
+        assert_eq!(reader.join().unwrap(), MAX_OPTIONS);
+    }
+
+    #[test]
+    fn a_refusal_at_go_is_err_policy_with_the_reason_and_the_client_may_go_on() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let mut n = 0;
+        let server = std::thread::spawn(move || {
+            negotiate(&mut s, &reg, &mut |_| {
+                n += 1;
+                if n == 1 {
+                    Err(Refusal::Conns(7))
+                } else {
+                    Ok(n)
+                }
+            })
+        });
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+        send_opt(&mut c, opt::GO, &go_data("vol"));
+        let (o, t, d) = read_reply(&mut c);
+        assert_eq!((o, t), (opt::GO, rep::ERR_POLICY));
+        assert_eq!(
+            String::from_utf8(d).unwrap(),
+            "server busy: too many NBD connections (limit 7)"
+        );
+        // INFO is not admission; a second GO is admitted.
+        send_opt(&mut c, opt::INFO, &go_data("vol"));
+        while read_reply(&mut c).1 != rep::ACK {}
+        send_opt(&mut c, opt::GO, &go_data("vol"));
+        while read_reply(&mut c).1 != rep::ACK {}
+        let got = server.join().unwrap().unwrap().unwrap();
+        assert_eq!(got.admission, 2);
+    }
+
+    #[test]
+    fn huge_option_lengths_are_refused_before_any_allocation() {
+        let reg = registry();
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || negotiate(&mut s, &reg, &mut |_| Ok(())));
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).unwrap();
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut b = Vec::new();
+        b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        b.extend_from_slice(&opt::GO.to_be_bytes());
+        b.extend_from_slice(&u32::MAX.to_be_bytes());
+        c.write_all(&b).unwrap();
+        assert_eq!(read_reply(&mut c).1, rep::ERR_TOO_BIG);
+        assert!(server.join().unwrap().is_err());
+    }
+
+    /// Bytes in, bytes out: a whole client conversation in memory.
+    struct Mem<'a> {
+        input: &'a [u8],
+        out: Vec<u8>,
+    }
+
+    impl Read for Mem<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.input.read(buf)
+        }
+    }
+
+    impl Write for Mem<'_> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.out.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A random option: a known one with plausible or random data, or anything.
+    fn random_option(r: &mut crate::nbd::testgen::Rng, out: &mut Vec<u8>) {
+        let known = [
+            opt::EXPORT_NAME,
+            opt::ABORT,
+            opt::LIST,
+            opt::STARTTLS,
+            opt::INFO,
+            opt::GO,
+            opt::STRUCTURED_REPLY,
+            opt::LIST_META_CONTEXT,
+            opt::SET_META_CONTEXT,
+        ];
+        let option = if r.below(10) == 0 {
+            r.next() as u32
+        } else {
+            known[r.below(known.len() as u64) as usize]
+        };
+        let data = match r.below(4) {
+            0 => {
+                let mut d = vec![0u8; r.below(64) as usize];
+                r.fill(&mut d);
+                d
+            }
+            1 => go_data(if r.below(2) == 0 { "vol" } else { "nope" }),
+            2 => {
+                let mut d = Vec::new();
+                d.extend_from_slice(&3u32.to_be_bytes());
+                d.extend_from_slice(b"vol");
+                let n = r.below(3) as u32;
+                d.extend_from_slice(&n.to_be_bytes());
+                for _ in 0..n {
+                    let q = if r.below(2) == 0 {
+                        proto::BASE_ALLOCATION
+                    } else {
+                        "base:"
+                    };
+                    d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                    d.extend_from_slice(q.as_bytes());
+                }
+                d
+            }
+            _ => Vec::new(),
+        };
+        out.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&data);
+    }
+
+    #[test]
+    fn property_any_option_sequence_gets_well_formed_replies() {
+        let reg = registry();
+        let mut r = crate::nbd::testgen::Rng::new(0x5eed_0005);
+        for _ in 0..3000 {
+            let mut input = Vec::from(3u32.to_be_bytes());
+            for _ in 0..r.below(12) {
+                random_option(&mut r, &mut input);
+            }
+            // Sometimes cut the conversation short, or flip a byte.
+            if r.below(4) == 0 && !input.is_empty() {
+                let cut = r.below(input.len() as u64) as usize;
+                input.truncate(cut);
+            }
+            if r.below(4) == 0 && !input.is_empty() {
+                let at = r.below(input.len() as u64) as usize;
+                input[at] ^= 1 << r.below(8);
+            }
+            let mut m = Mem {
+                input: &input,
+                out: Vec::new(),
+            };
+            let res = negotiate(&mut m, &reg, &mut |_| Ok(()));
+            // The output: the greeting, then option replies; after EXPORT_NAME its reply.
+            let out = m.out;
+            assert_eq!(&out[..18], &proto::greeting());
+            let mut pos = 18;
+            while pos < out.len() {
+                if out.len() - pos >= 20
+                    && out[pos..pos + 8] == proto::OPT_REPLY_MAGIC.to_be_bytes()
+                {
+                    let l = u32::from_be_bytes(out[pos + 16..pos + 20].try_into().unwrap());
+                    assert!(l <= 64 * 1024);
+                    pos += 20 + l as usize;
+                } else {
+                    // Only the EXPORT_NAME reply has no magic; it ends the handshake.
+                    assert!(matches!(res, Ok(Some(_))), "stray bytes");
+                    assert!(matches!(out.len() - pos, 10 | 134));
+                    pos = out.len();
+                }
+            }
+            assert_eq!(pos, out.len(), "a reply cut short");
+        }
+    }
+
+    #[test]
+    fn property_option_data_decoders_reject_garbage_and_round_trip() {
+        let mut r = crate::nbd::testgen::Rng::new(0x5eed_0006);
+        for _ in 0..20000 {
+            let mut b = vec![0u8; r.below(40) as usize];
+            r.fill(&mut b);
+            if r.below(2) == 0 && b.len() >= 4 {
+                // A plausible length prefix.
+                let n = r.below(b.len() as u64) as u32;
+                b[..4].copy_from_slice(&n.to_be_bytes());
+            }
+            // Never panics; what decodes re-encodes to the same bytes.
+            if let Ok((name, infos)) = proto::decode_info_request(&b) {
+                let mut e = Vec::new();
+                e.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                e.extend_from_slice(name.as_bytes());
+                e.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+                for i in infos {
+                    e.extend_from_slice(&i.to_be_bytes());
+                }
+                assert_eq!(e, b);
+            }
+            if let Ok((name, queries)) = proto::decode_meta_request(&b) {
+                let mut e = Vec::new();
+                e.extend_from_slice(&(name.len() as u32).to_be_bytes());
+                e.extend_from_slice(name.as_bytes());
+                e.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+                for q in queries {
+                    e.extend_from_slice(&(q.len() as u32).to_be_bytes());
+                    e.extend_from_slice(q.as_bytes());
+                }
+                assert_eq!(e, b);
+            }
+        }
     }
 }

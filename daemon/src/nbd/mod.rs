@@ -2,31 +2,53 @@
 //!
 //! ```text
 //!  listener thread (per socket) ──accept──▶ handshake thread (blocking, per connection)
-//!                                              │ NBD_OPT_GO / EXPORT_NAME done
-//!                                              ▼ round-robin, channel + eventfd wake-up
+//!        │ gate: handshakes in all / per peer        │ one deadline; NBD_OPT_GO → gate:
+//!        │ (over: closed before the greeting)         │ connections, memory (over: ERR_POLICY)
+//!                                                     ▼ round-robin, channel + eventfd wake-up
 //!  I/O thread 0..N: one io_uring each ── recv ▶ parse ▶ device queue ▶ sendmsg replies
+//!                                        (charged to the connection's memory; tick: deadlines)
 //! ```
 //!
 //! - [`proto`]: the wire format, pure encode/decode.
+//! - [`request`]: what to do with a request, from its header alone; the stream's framing.
+//!   Pure.
 //! - [`handshake`]: option haggling on a blocking socket; it runs once per connection and
 //!   is not on the I/O path, so plain blocking I/O keeps it simple.
 //! - [`worker`]: the I/O threads. Each owns a [`Ring`](ember_blockdev::Ring), a per-export
 //!   device [`Queue`](ember_blockdev::Queue) and its connections; nothing on the I/O path is
-//!   shared or locked. Socket I/O goes through the same ring as the disk I/O, so one
-//!   `io_uring_enter` per loop iteration submits receives, disk requests and replies.
+//!   shared or locked but the memory budget's counter. Socket I/O goes through the same
+//!   ring as the disk I/O, so one `io_uring_enter` per loop iteration submits receives,
+//!   disk requests and replies.
 //! - [`conn`]: one connection's transmission phase: receive buffer, request parsing,
-//!   in-flight table, reply batching.
+//!   in-flight table, reply batching, its memory charge and deadlines.
+//! - [`gate`]: admission (handshakes and connections, in all and per peer) and the memory
+//!   budget; [`limits`]: the flags that set them and their defaults.
+//!
+//! Hostile clients (docs/threat-model.md §2): everything a client can make the server
+//! hold is bounded — handshakes (count, per-peer count, one deadline, options), connections
+//! (count, per-peer count), memory (per connection and in all, back-pressure beyond), and
+//! time (a client that stops reading its replies or stops halfway through a request is
+//! dropped). The [`limits`] module lists every bound and its default. A client beyond a
+//! bound loses its own connection (logged with the reason), never anyone else's.
 //!
 //! The export registry (name → device) is read only at handshake time; [`NbdServer`] can
 //! add and remove exports while it runs. Removing an export closes its connections.
 
 pub mod conn;
+pub mod gate;
 pub mod handshake;
+pub mod limits;
 pub mod proto;
+pub mod request;
+#[cfg(test)]
+pub(crate) mod testgen;
 pub mod worker;
+
+pub use limits::{NbdLimitArgs, NbdLimits};
 
 use anyhow::Context;
 use ember_blockdev::BlockDevice;
+use gate::{Gate, HandshakeSlot, LogLimiter, Peer};
 use socket2::SockRef;
 use std::collections::HashMap;
 use std::io;
@@ -41,13 +63,12 @@ use std::time::Duration;
 
 /// Largest request the server accepts (and advertises as maximum block size).
 pub const MAX_BLOCK_BYTES: u32 = 32 << 20;
-/// How long a client may take for each step of the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Handshakes in progress at once; more clients are turned away (each holds a thread
-/// for up to [`HANDSHAKE_TIMEOUT`] per step).
-const MAX_HANDSHAKES: usize = 256;
 /// How often blocked accept loops look at the stop flag.
 const ACCEPT_POLL_MS: i32 = 200;
+/// Idle buffers an I/O thread keeps at most (less when the budget is small).
+const POOL_MAX_BYTES: usize = 8 << 20;
+/// Clients turned away before their handshake are logged at most this often.
+static REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
 
 /// One export: a named device.
 #[derive(Debug)]
@@ -100,6 +121,18 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Add an export; false if its name is taken.
+    pub fn insert(&self, e: Export) -> bool {
+        let Ok(mut m) = self.exports.write() else {
+            return false;
+        };
+        if m.contains_key(&e.name) {
+            return false;
+        }
+        m.insert(e.name.clone(), Arc::new(e));
+        true
+    }
+
     /// Look an export up.
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {
         self.exports.read().ok()?.get(name).cloned()
@@ -152,18 +185,26 @@ pub struct NbdServer {
     workers: Arc<Vec<worker::WorkerHandle>>,
     next_worker: Arc<AtomicUsize>,
     next_export_id: AtomicU64,
+    gate: Arc<Gate>,
     stop: Arc<AtomicBool>,
     listeners: Mutex<Vec<(JoinHandle<()>, Option<PathBuf>)>>,
     joins: Vec<JoinHandle<()>>,
 }
 
 impl NbdServer {
-    /// Start `threads` I/O threads (at least one).
-    pub fn start(threads: usize) -> anyhow::Result<NbdServer> {
+    /// Start `threads` I/O threads (at least one) under `limits`. The memory budget is
+    /// split here (see [`gate`]): each thread's idle buffers, every connection's floor,
+    /// and a shared rest of at least one maximum-size request, or this fails.
+    pub fn start(threads: usize, limits: NbdLimits) -> anyhow::Result<NbdServer> {
+        let threads = threads.max(1);
+        let pool_bytes = (limits.memory_bytes / 8 / threads).min(POOL_MAX_BYTES);
+        let stall = limits.stall_timeout;
+        let gate = Arc::new(Gate::new(limits, pool_bytes * threads)?);
         let mut workers = Vec::new();
         let mut joins = Vec::new();
-        for i in 0..threads.max(1) {
-            let (h, j) = worker::spawn(i).with_context(|| format!("start NBD I/O thread {i}"))?;
+        for i in 0..threads {
+            let (h, j) = worker::spawn(i, pool_bytes, stall)
+                .with_context(|| format!("start NBD I/O thread {i}"))?;
             workers.push(h);
             joins.push(j);
         }
@@ -172,10 +213,60 @@ impl NbdServer {
             workers: Arc::new(workers),
             next_worker: Arc::new(AtomicUsize::new(0)),
             next_export_id: AtomicU64::new(1),
+            gate,
             stop: Arc::new(AtomicBool::new(false)),
             listeners: Mutex::new(Vec::new()),
             joins,
         })
+    }
+
+    /// The limits the server runs under.
+    pub fn limits(&self) -> &NbdLimits {
+        self.gate.limits()
+    }
+
+    /// Bytes of the memory budget taken now (idle pools, connection floors and charges).
+    pub fn memory_used(&self) -> usize {
+        self.gate.budget().used()
+    }
+
+    /// Connections open (after their handshake).
+    pub fn connections(&self) -> usize {
+        self.gate.conns()
+    }
+
+    /// Handshakes in progress.
+    pub fn handshakes(&self) -> usize {
+        self.gate.handshakes()
+    }
+
+    /// Serve an already negotiated connection on export `name`, as if its handshake had
+    /// just chosen it (for in-process tests and the fuzz targets): the same admission and
+    /// memory limits apply, with `peer` as its peer.
+    pub fn adopt(
+        &self,
+        fd: OwnedFd,
+        name: &str,
+        structured: bool,
+        meta: bool,
+        peer: Peer,
+    ) -> anyhow::Result<()> {
+        let export = self
+            .registry
+            .get(name)
+            .with_context(|| format!("no export named {name:?}"))?;
+        let slot = self.gate.admit(&peer).map_err(|r| anyhow::anyhow!("{r}"))?;
+        let i = self.next_worker.fetch_add(1, Ordering::Relaxed) % self.workers.len().max(1);
+        let w = self.workers.get(i).context("no I/O thread")?;
+        w.send(worker::Ctl::NewConn(conn::ConnSetup {
+            fd,
+            peer: peer.to_string(),
+            export,
+            structured,
+            meta,
+            slot,
+        }));
+        Ok(())
     }
 
     /// Add an export. Fails if the name is taken.
@@ -185,21 +276,15 @@ impl NbdServer {
         dev: Arc<dyn BlockDevice>,
         read_only: bool,
     ) -> anyhow::Result<()> {
-        let mut m = self
-            .registry
-            .exports
-            .write()
-            .map_err(|_| anyhow::anyhow!("export registry poisoned"))?;
-        anyhow::ensure!(!m.contains_key(name), "export {name:?} already exists");
         let id = self.next_export_id.fetch_add(1, Ordering::Relaxed);
-        m.insert(
-            name.to_string(),
-            Arc::new(Export {
+        anyhow::ensure!(
+            self.registry.insert(Export {
                 id,
                 name: name.to_string(),
                 dev,
                 read_only,
             }),
+            "export {name:?} already exists"
         );
         Ok(())
     }
@@ -238,7 +323,7 @@ impl NbdServer {
             workers: self.workers.clone(),
             next_worker: self.next_worker.clone(),
             stop: self.stop.clone(),
-            handshakes: Arc::new(AtomicUsize::new(0)),
+            gate: self.gate.clone(),
         };
         let (join, path, bound) = match addr {
             ListenAddr::Unix(path) => {
@@ -311,7 +396,7 @@ struct Acceptor {
     workers: Arc<Vec<worker::WorkerHandle>>,
     next_worker: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-    handshakes: Arc<AtomicUsize>,
+    gate: Arc<Gate>,
 }
 
 /// What a bounded wait on a listening socket saw.
@@ -358,11 +443,20 @@ impl Acceptor {
                 }
             }
             match l.accept_client() {
-                Ok((s, peer)) => {
-                    if s.prepare_handshake().is_ok() {
-                        self.handshake(s, peer);
+                Ok((s, peer, name)) => match self.gate.begin_handshake(peer) {
+                    Ok(slot) => {
+                        if s.prepare_handshake().is_ok() {
+                            self.handshake(s, slot, name);
+                        }
                     }
-                }
+                    Err(why) => {
+                        // Closed before the greeting: the client sees EOF at once. Logged
+                        // at most every few seconds (a flood must not flood the log).
+                        if let Some(more) = REFUSED_LOG.check() {
+                            tracing::warn!(peer = %name, suppressed = more, "dropping NBD client: {why}");
+                        }
+                    }
+                },
                 Err(e) => self.accept_error(e),
             }
         }
@@ -376,72 +470,71 @@ impl Acceptor {
         }
     }
 
-    /// Run the handshake on its own thread, then hand the socket to an I/O thread.
-    fn handshake<S>(&self, mut s: S, peer: String)
+    /// Run the handshake on its own thread (holding `slot`), then hand the socket to an
+    /// I/O thread.
+    fn handshake<S>(&self, mut s: S, slot: HandshakeSlot, peer: String)
     where
         S: io::Read + io::Write + Into<OwnedFd> + Send + 'static,
         S: SetTimeouts,
     {
-        if self.handshakes.fetch_add(1, Ordering::SeqCst) >= MAX_HANDSHAKES {
-            self.handshakes.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(%peer, "too many handshakes in progress; dropping client");
-            return;
-        }
         let registry = self.registry.clone();
         let workers = self.workers.clone();
         let next = self.next_worker.clone();
-        let count = self.handshakes.clone();
+        let gate = self.gate.clone();
         let spawned = std::thread::Builder::new()
             .name("nbd-handshake".into())
             .spawn(move || {
-                let r = handshake::negotiate(&mut s, &registry);
-                count.fetch_sub(1, Ordering::SeqCst);
-                match r {
-                Ok(Some(n)) => {
-                    s.clear_timeouts();
-                    let i = next.fetch_add(1, Ordering::Relaxed) % workers.len().max(1);
-                    tracing::debug!(%peer, export = %n.export.name, thread = i, "client connected");
-                    // Hand over under the registry's read lock: an export removed
-                    // meanwhile is seen here, and one removed later sends its
-                    // RemoveExport after this NewConn, on the same channel.
-                    let Ok(exports) = registry.exports.read() else {
-                        return;
-                    };
-                    if exports.get(&n.export.name).map(|e| e.id) != Some(n.export.id) {
-                        tracing::info!(%peer, export = %n.export.name, "export removed during the handshake; dropping client");
-                        return;
+                let limit = gate.limits().handshake_timeout;
+                let who = slot.peer().clone();
+                let r = handshake::negotiate(
+                    &mut handshake::Deadline::new(&mut s, limit),
+                    &registry,
+                    &mut |_| gate.admit(&who),
+                );
+                drop(slot);
+                let n = match r {
+                    Ok(Some(n)) => n,
+                    Ok(None) => return tracing::debug!(%peer, "client ended the handshake"),
+                    Err(e) => {
+                        return tracing::info!(%peer, error = %e, "dropping NBD client: handshake failed");
                     }
-                    if let Some(w) = workers.get(i) {
-                        w.send(worker::Ctl::NewConn(worker::NewConn {
-                            fd: s.into(),
-                            peer,
-                            export: n.export,
-                            structured: n.structured,
-                            meta_context: n.meta_context,
-                        }));
-                    }
-                    drop(exports);
+                };
+                s.clear_timeouts();
+                let i = next.fetch_add(1, Ordering::Relaxed) % workers.len().max(1);
+                tracing::debug!(%peer, export = %n.export.name, thread = i, "client connected");
+                // Hand over under the registry's read lock: an export removed meanwhile is
+                // seen here, and one removed later sends its RemoveExport after this
+                // NewConn, on the same channel.
+                let Ok(exports) = registry.exports.read() else {
+                    return;
+                };
+                if exports.get(&n.export.name).map(|e| e.id) != Some(n.export.id) {
+                    tracing::info!(%peer, export = %n.export.name, "export removed during the handshake; dropping client");
+                    return;
                 }
-                Ok(None) => tracing::debug!(%peer, "client ended the handshake"),
-                Err(e) => tracing::info!(%peer, error = %e, "handshake failed; dropping client"),
-            }
+                if let Some(w) = workers.get(i) {
+                    w.send(worker::Ctl::NewConn(conn::ConnSetup {
+                        fd: s.into(),
+                        peer,
+                        export: n.export,
+                        structured: n.structured,
+                        meta: n.meta_context,
+                        slot: n.admission,
+                    }));
+                }
+                drop(exports);
             });
         if let Err(e) = spawned {
-            self.handshakes.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(error = %e, "could not start a handshake thread; dropping client");
         }
     }
 }
 
-/// Sockets whose handshake timeouts can be cleared for the transmission phase.
 /// A client socket during and after the handshake.
 trait SetTimeouts: AsFd + Sized {
-    /// Blocking, with [`HANDSHAKE_TIMEOUT`] on reads and writes.
+    /// Blocking (the handshake's [`handshake::Deadline`] sets the timeouts).
     fn prepare_handshake(&self) -> io::Result<()> {
-        let s = SockRef::from(self);
-        s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-        s.set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        SockRef::from(self).set_nonblocking(false)
     }
     /// No timeouts (the I/O thread takes the socket over).
     fn clear_timeouts(&self) {
@@ -454,12 +547,33 @@ trait SetTimeouts: AsFd + Sized {
 impl SetTimeouts for UnixStream {}
 impl SetTimeouts for TcpStream {}
 
+/// The uid and pid of a Unix-socket peer (`SO_PEERCRED`).
+fn peer_cred(s: &UnixStream) -> Option<(u32, i32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid out-pointers of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    (r == 0).then_some((cred.uid, cred.pid))
+}
+
 /// What the accept loop needs of a listening socket.
 trait Listening: AsRawFd {
     type Stream: io::Read + io::Write + Into<OwnedFd> + Send + 'static + SetTimeouts;
     fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()>;
-    /// Accept one client; returns it and a peer name for the logs.
-    fn accept_client(&self) -> io::Result<(Self::Stream, String)>;
+    /// Accept one client; returns it, its peer for the limits and a name for the logs.
+    fn accept_client(&self) -> io::Result<(Self::Stream, Peer, String)>;
 }
 
 impl Listening for UnixListener {
@@ -467,8 +581,12 @@ impl Listening for UnixListener {
     fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
         UnixListener::set_nonblocking(self, nonblocking)
     }
-    fn accept_client(&self) -> io::Result<(UnixStream, String)> {
-        self.accept().map(|(s, _)| (s, "unix".to_string()))
+    fn accept_client(&self) -> io::Result<(UnixStream, Peer, String)> {
+        let (s, _) = self.accept()?;
+        Ok(match peer_cred(&s) {
+            Some((uid, pid)) => (s, Peer::Uid(uid), format!("unix uid {uid} pid {pid}")),
+            None => (s, Peer::Unknown, "unix".to_string()),
+        })
     }
 }
 
@@ -477,10 +595,10 @@ impl Listening for TcpListener {
     fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
         TcpListener::set_nonblocking(self, nonblocking)
     }
-    fn accept_client(&self) -> io::Result<(TcpStream, String)> {
+    fn accept_client(&self) -> io::Result<(TcpStream, Peer, String)> {
         let (s, peer) = self.accept()?;
         let _ = s.set_nodelay(true);
-        Ok((s, peer.to_string()))
+        Ok((s, Peer::Ip(peer.ip()), peer.to_string()))
     }
 }
 

@@ -8,11 +8,17 @@
 //!
 //! Control messages (a new connection, an export removed, shutdown) arrive over an
 //! mpsc channel; the sender then bumps the thread's eventfd, on which a read is always
-//! armed in the ring, so the loop wakes without polling. Nothing else is shared.
+//! armed in the ring, so the loop wakes without polling. Nothing else is shared but the
+//! server's memory budget (an atomic counter, see [`super::gate`]).
+//!
+//! While it has connections the thread also keeps a tick armed (an `IORING_OP_TIMEOUT`
+//! every [`TICK`]): it drops clients whose deadlines passed
+//! ([`Conn::check_deadlines`]) and retries connections that wait for memory with nothing
+//! of their own in flight ([`Conn::waits_for_memory`]).
 
-use super::conn::{Conn, Cx, KIND_RECV, KIND_SEND};
+use super::conn::{Conn, ConnSetup, Cx, KIND_RECV, KIND_SEND};
+use super::gate::Pool;
 use super::Export;
-use ember_blockdev::buf::BufPool;
 use ember_blockdev::engine::{owner_of, slot_of, user_data, DEFAULT_RING_ENTRIES};
 use ember_blockdev::{Completion, Cqe, OwnerId, Queue, Ring};
 use io_uring::{opcode, types};
@@ -22,28 +28,19 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// The `user_data` slot of the eventfd read.
 const EVENTFD_SLOT: u64 = (1 << 48) - 1;
-
-/// A connection that finished its handshake.
-pub struct NewConn {
-    /// The socket.
-    pub fd: OwnedFd,
-    /// Peer address, for logs.
-    pub peer: String,
-    /// The export selected.
-    pub export: Arc<Export>,
-    /// Structured replies negotiated.
-    pub structured: bool,
-    /// `base:allocation` selected.
-    pub meta_context: bool,
-}
+/// The `user_data` slot of the tick.
+const TICK_SLOT: u64 = (1 << 48) - 2;
+/// How often a thread with connections looks at their deadlines and memory waits.
+pub const TICK: Duration = Duration::from_millis(200);
 
 /// A control message to an I/O thread.
 pub enum Ctl {
     /// Serve this connection.
-    NewConn(NewConn),
+    NewConn(ConnSetup),
     /// Close every connection of this export id.
     #[allow(dead_code)] // sent by `NbdServer::remove_export`, used by `emberd serve`
     RemoveExport(u64),
@@ -71,8 +68,13 @@ impl WorkerHandle {
     }
 }
 
-/// Start I/O thread number `i`.
-pub fn spawn(i: usize) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
+/// Start I/O thread number `i`, keeping at most `pool_bytes` of idle buffers and dropping
+/// clients that stall for `stall`.
+pub fn spawn(
+    i: usize,
+    pool_bytes: usize,
+    stall: Duration,
+) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
     // SAFETY: eventfd(2) with constant flags; the result is checked below.
     let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if raw < 0 {
@@ -103,12 +105,20 @@ pub fn spawn(i: usize) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
                 efd: efd2,
                 efd_buf: Box::new(0),
                 efd_armed: false,
+                tick_ts: Box::new(
+                    types::Timespec::new()
+                        .sec(TICK.as_secs())
+                        .nsec(TICK.subsec_nanos()),
+                ),
+                tick_armed: false,
+                stall,
+                now: Instant::now(),
                 conns: Vec::new(),
                 free_conns: Vec::new(),
                 live: 0,
                 queues: Vec::new(),
                 owners: HashMap::new(),
-                pool: BufPool::new(),
+                pool: Pool::new(pool_bytes),
                 done: Vec::new(),
                 cqes: Vec::new(),
                 dirty: Vec::new(),
@@ -135,12 +145,18 @@ struct Worker {
     /// Target of the armed eventfd read; owned here until its CQE.
     efd_buf: Box<u64>,
     efd_armed: bool,
+    /// The tick's interval; owned here until its CQE.
+    tick_ts: Box<types::Timespec>,
+    tick_armed: bool,
+    stall: Duration,
+    /// The time of this loop iteration.
+    now: Instant,
     conns: Vec<Option<Box<Conn>>>,
     free_conns: Vec<usize>,
     live: usize,
     queues: Vec<Option<QueueSlot>>,
     owners: HashMap<OwnerId, usize>,
-    pool: BufPool,
+    pool: Pool,
     done: Vec<Completion>,
     cqes: Vec<Cqe>,
     dirty: Vec<usize>,
@@ -152,7 +168,7 @@ impl Worker {
         self.arm_eventfd();
         let mut errors = 0u32;
         loop {
-            if self.stopping && self.live == 0 && !self.efd_armed {
+            if self.stopping && self.live == 0 && !self.efd_armed && !self.tick_armed {
                 break;
             }
             if let Err(e) = self.ring.submit_and_wait(1) {
@@ -168,6 +184,7 @@ impl Worker {
                 continue;
             }
             errors = 0;
+            self.now = Instant::now();
             self.cqes.clear();
             self.ring.reap(&mut self.cqes);
             let cqes = std::mem::take(&mut self.cqes);
@@ -195,11 +212,44 @@ impl Worker {
         }
     }
 
+    /// Keep the tick armed while there are connections.
+    fn arm_tick(&mut self) {
+        if self.tick_armed || self.live == 0 {
+            return;
+        }
+        let ts: *const types::Timespec = &raw const *self.tick_ts;
+        let e = opcode::Timeout::new(ts)
+            .build()
+            .user_data(user_data(0, TICK_SLOT));
+        // SAFETY: `tick_ts` is a Box owned by the worker, which exits only after this
+        // timeout's CQE was reaped (`tick_armed` false); the kernel reads it at submission.
+        match unsafe { self.ring.push(&e) } {
+            Ok(()) => self.tick_armed = true,
+            Err(e) => tracing::warn!(error = %e, "could not arm the NBD tick; will retry"),
+        }
+    }
+
+    /// Deadlines and memory waits of every connection.
+    fn tick(&mut self) {
+        for ci in 0..self.conns.len() {
+            let Some(Some(c)) = self.conns.get_mut(ci) else {
+                continue;
+            };
+            let dropped = c.check_deadlines(self.now, self.stall, &mut self.pool);
+            if (dropped || c.waits_for_memory()) && !c.dirty {
+                c.dirty = true;
+                self.dirty.push(ci);
+            }
+        }
+    }
+
     fn dispatch(&mut self, c: Cqe) {
         let owner = owner_of(c.user_data);
         if owner != 0 {
             let Some(qi) = self.owners.get(&owner).copied() else {
-                tracing::warn!(owner, "completion for an unknown queue");
+                // A dropped queue may leave SQEs that point to no memory (an iSCSI
+                // queue's socket polls and timer); their completions end here.
+                tracing::debug!(owner, "completion for an unknown queue");
                 return;
             };
             if let Some(q) = self.queues.get_mut(qi).and_then(|q| q.as_mut()) {
@@ -212,6 +262,13 @@ impl Worker {
             self.efd_armed = false;
             self.control();
             self.arm_eventfd();
+            self.arm_tick();
+            return;
+        }
+        if slot == TICK_SLOT {
+            self.tick_armed = false;
+            self.tick();
+            self.arm_tick();
             return;
         }
         let ci = (slot >> 2) as usize;
@@ -228,10 +285,11 @@ impl Worker {
                     queue: q.queue.as_mut(),
                     pool: &mut self.pool,
                     done: &mut self.done,
+                    now: self.now,
                 };
                 conn.on_recv(c.result, &mut cx);
             }
-            KIND_SEND => conn.on_send(c.result, &mut self.pool),
+            KIND_SEND => conn.on_send(c.result, &mut self.pool, self.now),
             _ => {}
         }
         if !conn.dirty {
@@ -258,6 +316,7 @@ impl Worker {
                     queue: q.queue.as_mut(),
                     pool: &mut self.pool,
                     done: &mut self.done,
+                    now: self.now,
                 };
                 conn.on_done(c, &mut cx);
                 if !conn.dirty {
@@ -288,6 +347,7 @@ impl Worker {
             queue: q.queue.as_mut(),
             pool: &mut self.pool,
             done: &mut self.done,
+            now: self.now,
         };
         conn.service(&mut cx);
         if conn.finished() {
@@ -390,7 +450,7 @@ impl Worker {
         Some(i)
     }
 
-    fn add_conn(&mut self, n: NewConn) {
+    fn add_conn(&mut self, n: ConnSetup) {
         if self.stopping {
             return;
         }
@@ -405,15 +465,7 @@ impl Worker {
             self.conns.push(None);
         }
         tracing::info!(peer = %n.peer, export = %n.export.name, "NBD client connected");
-        let mut conn = Conn::new(
-            ci,
-            n.fd,
-            n.peer,
-            n.export,
-            qidx,
-            n.structured,
-            n.meta_context,
-        );
+        let mut conn = Conn::new(ci, qidx, n, self.now);
         conn.dirty = true;
         self.conns[ci] = Some(conn);
         self.live += 1;

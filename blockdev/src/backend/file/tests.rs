@@ -8,6 +8,7 @@ fn dev(size: u64, direct: Direct) -> (tempfile::NamedTempFile, Arc<dyn BlockDevi
     let opts = OpenOptions {
         read_only: false,
         direct,
+        ..OpenOptions::default()
     };
     let d = open(
         &BackendSpec::File {
@@ -127,6 +128,7 @@ fn read_only_refuses_writes() {
     let opts = OpenOptions {
         read_only: true,
         direct: Direct::Auto,
+        ..OpenOptions::default()
     };
     let d = open(
         &BackendSpec::File {
@@ -195,4 +197,187 @@ fn tmpfs_small_io_is_inline_and_large_io_goes_through_the_ring() {
     drop(c);
     assert_eq!(a[999], (999 % 253) as u8);
     assert_eq!(b[0], (1000 % 253) as u8);
+}
+
+/// A loop device over a sparse temp file, detached on drop. Loop devices behave like
+/// the LUNs a host sees (a block device with its own block sizes, discard, zeroout).
+struct LoopDev {
+    dev: std::path::PathBuf,
+    backing: tempfile::NamedTempFile,
+}
+
+impl LoopDev {
+    fn new(size: u64, sector_size: u32) -> LoopDev {
+        let backing = tempfile::NamedTempFile::new().expect("tempfile");
+        backing.as_file().set_len(size).expect("set_len");
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show", "--sector-size"])
+            .arg(sector_size.to_string())
+            .arg(backing.path())
+            .output()
+            .expect("losetup is needed (util-linux)");
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        LoopDev { dev, backing }
+    }
+
+    fn open(&self, direct: Direct) -> Arc<FileDevice> {
+        let opts = OpenOptions {
+            direct,
+            ..OpenOptions::default()
+        };
+        Arc::new(FileDevice::open(&self.dev, &opts).expect("open the loop device"))
+    }
+
+    /// Allocated bytes of the backing file.
+    fn backing_allocated(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.backing.as_file().metadata().expect("stat").blocks() * 512
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.dev)
+            .status();
+    }
+}
+
+#[test]
+fn loop_device_geometry_and_direct_io() {
+    let l = LoopDev::new(8 << 20, 512);
+    let d = l.open(Direct::On);
+    assert!(d.is_direct() && d.is_block_device());
+    let info = d.info();
+    assert_eq!(info.size, 8 << 20);
+    assert_eq!(info.logical_block_size, 512);
+    assert!(info.physical_block_size >= 512);
+    assert!(!info.block_status, "block devices report no allocation map");
+    // A loop device has no SCSI VPD pages: no identity, and no error for it.
+    assert_eq!(d.identity(), None);
+    let mut s = SyncDevice::new(d).expect("ring");
+    let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+    s.write_at(512, &data)
+        .expect("write at a 512-byte boundary");
+    s.op(Op::Flush, 0, 0).expect("flush");
+    assert_eq!(
+        s.read_at(512, data.len()).expect("read").as_slice(),
+        &data[..]
+    );
+    // What reached the device is in the backing file.
+    let mut back = vec![0u8; data.len()];
+    std::os::unix::fs::FileExt::read_exact_at(l.backing.as_file(), &mut back, 512)
+        .expect("read backing");
+    assert_eq!(back, data);
+}
+
+#[test]
+fn loop_device_4k_sectors_refuse_misaligned_requests() {
+    let l = LoopDev::new(8 << 20, 4096);
+    let d = l.open(Direct::On);
+    assert_eq!(d.info().logical_block_size, 4096);
+    assert!(d.info().physical_block_size >= 4096);
+    let mut s = SyncDevice::new(d).expect("ring");
+    let c = s
+        .run(vec![
+            Request {
+                op: Op::Read,
+                offset: 512,
+                len: 4096,
+                buf: Buffer::Owned(IoBuf::new(4096)),
+                tag: 1,
+            },
+            Request {
+                op: Op::Write { fua: false },
+                offset: 4096,
+                len: 512,
+                buf: Buffer::Owned(IoBuf::new(512)),
+                tag: 2,
+            },
+            Request {
+                op: Op::Discard,
+                offset: 0,
+                len: 1024,
+                buf: Buffer::None,
+                tag: 3,
+            },
+        ])
+        .expect("run");
+    assert_eq!(c.len(), 3);
+    assert!(c.iter().all(|c| c.result == Err(libc::EINVAL)), "{c:?}");
+    s.write_at(4096, &[0x5a; 8192]).expect("aligned write");
+    assert!(s
+        .read_at(4096, 8192)
+        .expect("read")
+        .as_slice()
+        .iter()
+        .all(|&b| b == 0x5a));
+}
+
+#[test]
+fn loop_device_discard_and_write_zeroes_reach_the_backing_file() {
+    let l = LoopDev::new(16 << 20, 512);
+    let d = l.open(Direct::On);
+    assert!(d.info().discard, "loop devices offer discard");
+    let mut s = SyncDevice::new(d).expect("ring");
+    s.write_at(0, &vec![0xa5; 16 << 20]).expect("fill");
+    s.op(Op::Flush, 0, 0).expect("flush");
+    let full = l.backing_allocated();
+    assert!(full >= 16 << 20, "filled backing file allocates: {full}");
+    // Discard punches a hole in the loop device's backing file.
+    s.op(Op::Discard, 4 << 20, 4 << 20).expect("discard");
+    // Write-zeroes with unmapping allowed may deallocate too; without, it must not.
+    s.op(Op::WriteZeroes { unmap: true }, 8 << 20, 2 << 20)
+        .expect("write zeroes, unmap");
+    s.op(Op::WriteZeroes { unmap: false }, 12 << 20, 1 << 20)
+        .expect("write zeroes");
+    s.op(Op::Flush, 0, 0).expect("flush");
+    let after = l.backing_allocated();
+    assert!(
+        after <= full - (4 << 20),
+        "discard left the backing file allocated: {full} -> {after}"
+    );
+    let back = s.read_at(0, 16 << 20).expect("read");
+    let b = back.as_slice();
+    assert!(b[..4 << 20].iter().all(|&x| x == 0xa5));
+    assert!(b[4 << 20..10 << 20].iter().all(|&x| x == 0));
+    assert!(b[10 << 20..12 << 20].iter().all(|&x| x == 0xa5));
+    assert!(b[12 << 20..13 << 20].iter().all(|&x| x == 0));
+    assert!(b[13 << 20..].iter().all(|&x| x == 0xa5));
+}
+
+#[test]
+fn a_late_device_path_is_waited_for_and_a_missing_one_fails_in_time() {
+    let l = LoopDev::new(1 << 20, 512);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = dir.path().join("wwn-late");
+    let (target, link2) = (l.dev.clone(), link.clone());
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        std::os::unix::fs::symlink(target, link2).expect("symlink");
+    });
+    let mut opts = OpenOptions::default();
+    let spec =
+        BackendSpec::parse(&format!("file://{}?wait=20", link.display()), &mut opts).expect("spec");
+    assert_eq!(opts.wait, Some(std::time::Duration::from_secs(20)));
+    let d = open(&spec, &opts).expect("the path appears while we wait");
+    assert_eq!(d.info().size, 1 << 20);
+    t.join().expect("thread");
+
+    let missing = dir.path().join("never");
+    let opts = OpenOptions {
+        wait: Some(std::time::Duration::from_millis(300)),
+        ..OpenOptions::default()
+    };
+    let t0 = std::time::Instant::now();
+    let e = FileDevice::open(&missing, &opts).expect_err("never appears");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(5));
+    let msg = format!("{e}: {:?}", std::error::Error::source(&e));
+    assert!(msg.contains("did not appear"), "{msg}");
 }

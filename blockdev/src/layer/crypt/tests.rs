@@ -5,7 +5,7 @@ use crate::backend::{BackendSpec, OpenOptions as BackendOpts};
 use crate::buf::IoVecs;
 use crate::sync::SyncDevice;
 use ember_crypto::kdf::Hash;
-use ember_crypto::{FormatParams, KdfParams};
+use ember_crypto::{Disk, FormatParams, KdfParams};
 use std::io::Write as _;
 
 const PLAIN: u64 = 4 << 20;
@@ -53,7 +53,7 @@ fn open(v: &Vol) -> SyncDevice {
         &BackendOpts::default(),
     )
     .unwrap();
-    let c = CryptDevice::open(inner, b"pw", &OpenOptions::default()).unwrap();
+    let c = CryptDevice::open(inner, b"pw", &UnlockLimits::default()).unwrap();
     SyncDevice::new(Arc::new(c)).unwrap()
 }
 
@@ -228,7 +228,7 @@ fn bad_requests_and_wrong_passphrase() {
         &BackendOpts::default(),
     )
     .unwrap();
-    let e = CryptDevice::open(inner, b"wrong", &OpenOptions::default()).unwrap_err();
+    let e = CryptDevice::open(inner, b"wrong", &UnlockLimits::default()).unwrap_err();
     let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
     assert!(msg.contains("wrong passphrase"), "{msg}");
 }
@@ -255,4 +255,83 @@ fn many_requests_in_one_batch() {
             &pattern(8192, i as u8)[..]
         );
     }
+}
+
+/// Replace `from` by `to` in the JSON of both LUKS2 header copies (16 KiB each) of the
+/// volume file and fix their checksums: a crafted header, as a guest could write one.
+fn craft_luks2(v: &Vol, from: &str, to: &str) {
+    let mut raw = std::fs::read(&v.path).unwrap();
+    for at in [0usize, 16384] {
+        let copy = &mut raw[at..at + 16384];
+        let end = 4096 + copy[4096..].iter().position(|&c| c == 0).unwrap();
+        let text = std::str::from_utf8(&copy[4096..end]).unwrap().to_string();
+        assert!(text.contains(from), "{text}");
+        let text = text.replacen(from, to, 1);
+        copy[4096..].fill(0);
+        copy[4096..4096 + text.len()].copy_from_slice(text.as_bytes());
+        copy[448..512].fill(0);
+        let sum = ember_crypto::kdf::sha256(&[copy]);
+        copy[448..480].copy_from_slice(&sum);
+    }
+    std::fs::write(&v.path, &raw).unwrap();
+}
+
+fn open_err(v: &Vol) -> String {
+    let inner = crate::open(
+        &BackendSpec::File {
+            path: v.path.clone(),
+        },
+        &BackendOpts::default(),
+    )
+    .unwrap();
+    match CryptDevice::open(inner, b"pw", &UnlockLimits::default()) {
+        Ok(c) => {
+            // Would it have served? Read a sector past the first one.
+            let mut d = SyncDevice::new(Arc::new(c)).unwrap();
+            format!("opened (read: {:?})", d.read_at(4096, 4096).map(|_| ()))
+        }
+        Err(e) => match std::error::Error::source(&e) {
+            Some(s) => format!("{e}: {s}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+#[test]
+fn crafted_iv_tweak_and_segment_size_are_refused() {
+    // iv_tweak × 512 = 2^64 - 512: any offset past the first sector would overflow.
+    let v = volume(2, 512, 64);
+    craft_luks2(
+        &v,
+        "\"iv_tweak\":\"0\"",
+        "\"iv_tweak\":\"36028797018963967\"",
+    );
+    let e = open_err(&v);
+    assert!(e.contains("IV offset") && e.contains("overflows"), "{e}");
+
+    // A fixed segment larger than the device.
+    let v = volume(2, 512, 64);
+    craft_luks2(&v, "\"size\":\"dynamic\"", "\"size\":\"1099511627776\"");
+    let e = open_err(&v);
+    assert!(e.contains("does not fit"), "{e}");
+
+    // A fixed segment that fits is served at that size.
+    let v = volume(2, 512, 64);
+    craft_luks2(&v, "\"size\":\"dynamic\"", "\"size\":\"1048576\"");
+    assert_eq!(open(&v).device().info().size, 1 << 20);
+}
+
+#[test]
+fn header_reads_near_the_end_of_a_huge_device_do_not_overflow() {
+    let dev = crate::open(
+        &BackendSpec::Null { size: u64::MAX },
+        &BackendOpts::default(),
+    )
+    .unwrap();
+    let mut disk = DeviceDisk::new(dev).unwrap();
+    let mut buf = [0u8; 10];
+    // The result may be an error (the range is not a whole block); it must not panic.
+    let _ = disk.read_at(u64::MAX - 100, &mut buf);
+    assert!(disk.read_at(u64::MAX - 5, &mut buf).is_err());
+    assert!(disk.read_at(0, &mut buf).is_ok());
 }
