@@ -18,6 +18,8 @@ from barbicanclient import client as barbican_client
 
 from common import (
     KEY_MANAGER_ENDPOINT,
+    PROJECT,
+    URL,
     VOLUME_ENDPOINT,
     check,
     expect_error,
@@ -36,6 +38,7 @@ from common import (
 GIB = 1 << 30
 # The node's default storage pool (a directory of `<volume id>.img` files).
 POOL_DIR = os.path.join(os.environ["EMBER_DATA_DIR"], "pools", "default")
+OTHER_TOKEN = os.environ["EMBER_OTHER_TOKEN"]
 CONNECTOR = {"protocol": "nbd", "host": "test-host", "initiator": "iqn.2026-01.test:host", "multipath": False}
 
 
@@ -87,9 +90,12 @@ def main():
         gold2, {"provider": "luks", "cipher": "aes-xts-plain64", "key_size": 256, "control_location": "front-end"}
     )
     private = c.volume_types.create("os-private", is_public=False)
-    c.volume_type_access.add_project_access(private, c.client.get_project_id() or VOLUME_ENDPOINT.rsplit("/", 1)[1])
+    c.volume_type_access.add_project_access(private, PROJECT)
     access = c.volume_type_access.list(private)
-    check(len(access) == 1, "type access list of the private type")
+    check([a.project_id for a in access] == [PROJECT], "type access list of the private type")
+    c.volume_type_access.remove_project_access(private, PROJECT)
+    check(c.volume_type_access.list(private) == [], "type access removed")
+    c.volume_type_access.add_project_access(private, PROJECT)
 
     qos = c.qos_specs.create("os-qos", {"consumer": "front-end", "read_iops_sec": "2000"})
     c.qos_specs.set_keys(qos.id, {"write_iops_sec": "1000", "total_bytes_sec": "104857600"})
@@ -143,6 +149,24 @@ def main():
     rest = c.volumes.list(marker=first[-1].id, sort="name:asc")
     got_names = [x.name for x in first] + [x.name for x in rest]
     check(got_names == sorted(got_names) and len(got_names) == 4, f"marker paging covers all ({got_names})")
+    # Filters: status; all_tenants (the admin sees every project's volumes, each naming
+    # its project).
+    avail = {x.name for x in c.volumes.list(search_opts={"status": "available"})}
+    check(avail == {"os-v1-renamed", "os-page-0", "os-page-1", "os-page-2"}, f"list filtered by status ({avail})")
+    check(c.volumes.list(search_opts={"status": "error"}) == [], "no volume in error")
+    other_sess = session(URL, token=OTHER_TOKEN)
+    other_project = other_sess.get(URL + "/v3/auth/tokens").json()["token"]["project_id"]
+    oc = cinder_client.Client("3.71", session=session(f"{URL}/volume/v3/{other_project}", token=OTHER_TOKEN))
+    theirs = oc.volumes.create(1, name="os-theirs")
+    wait_for(lambda: oc.volumes.get(theirs.id), "available", "the other project's volume")
+    check("os-theirs" not in {x.name for x in c.volumes.list()}, "another project's volume is not listed")
+    every = {x.name: getattr(x, "os-vol-tenant-attr:tenant_id") for x in c.volumes.list(search_opts={"all_tenants": 1})}
+    check(
+        len(every) == 5 and every["os-theirs"] == other_project and every["os-v1-renamed"] == PROJECT,
+        f"all_tenants lists every project's volumes with their project ({every})",
+    )
+    oc.volumes.delete(theirs)
+    wait_gone(lambda: oc.volumes.get(theirs.id), cexc.NotFound, "the other project's volume")
     for e in extra:
         c.volumes.delete(e)
 

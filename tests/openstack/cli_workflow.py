@@ -13,7 +13,25 @@ import os
 import sys
 import time
 
-from common import IMAGE_ENDPOINT, KEY_MANAGER_ENDPOINT, PROJECT, TOKEN, TIMEOUT, URL, VOLUME_ENDPOINT, check, fail_on_exception, run, summary
+from cinderclient import client as cinder_client
+
+from common import (
+    IMAGE_ENDPOINT,
+    KEY_MANAGER_ENDPOINT,
+    PROJECT,
+    TIMEOUT,
+    TOKEN,
+    URL,
+    VOLUME_ENDPOINT,
+    check,
+    fail_on_exception,
+    nbd_uri,
+    qemu_read_ok,
+    qemu_write,
+    run,
+    session,
+    summary,
+)
 
 # The venv's own `openstack` (beside its python; not resolved through the symlink).
 OPENSTACK = os.path.join(os.path.dirname(sys.executable), "openstack")
@@ -21,6 +39,7 @@ BASE = [OPENSTACK, "--os-auth-type", "admin_token", "--os-token", TOKEN]
 VOLUME = BASE + ["--os-endpoint", VOLUME_ENDPOINT]
 SECRET = BASE + ["--os-endpoint", f"{KEY_MANAGER_ENDPOINT}/v1"]
 IMAGE = BASE + ["--os-endpoint", f"{IMAGE_ENDPOINT}/v2"]
+CONNECTOR = {"protocol": "nbd", "host": "cli-host"}
 
 
 def osc(prefix, *args, fmt=True):
@@ -65,6 +84,16 @@ def main():
     check(shown["properties"] == {"tier": "gold"}, "volume set --name --property")
     check("cli-v1b" in [x["Name"] for x in osc(VOLUME, "volume", "list")], "volume list")
 
+    # Data before the snapshot, through a connection (the CLI has no host-attach
+    # command; cinderclient makes the same call Nova's os-brick does).
+    cinder = cinder_client.Client("3.71", session=session(VOLUME_ENDPOINT))
+    v1 = cinder.volumes.get(shown["id"])
+    info = cinder.volumes.initialize_connection(v1, CONNECTOR)
+    qemu_write(nbd_uri(info), "0x3c", 0, "1M")
+    qemu_read_ok(nbd_uri(info), "0x3c", 0, "1M", "written through cli-v1b's connection")
+    cinder.volumes.terminate_connection(v1, CONNECTOR)
+    wait_status("volume", "cli-v1b", "available")
+
     osc(VOLUME, "volume", "snapshot", "create", "--volume", "cli-v1b", "cli-s1")
     t0 = time.monotonic()
     while osc(VOLUME, "volume", "snapshot", "show", "cli-s1")["status"] != "available":
@@ -72,6 +101,12 @@ def main():
         time.sleep(0.3)
     check("cli-s1" in [x["Name"] for x in osc(VOLUME, "volume", "snapshot", "list")], "volume snapshot create, list")
     osc(VOLUME, "volume", "create", "--snapshot", "cli-s1", "cli-v2")
+    wait_status("volume", "cli-v2", "available")
+    v2 = osc(VOLUME, "volume", "show", "cli-v2")
+    check(v2["encrypted"] and v2["type"] == "cli-gold", "the restored volume keeps the encrypted type")
+    info = cinder.volumes.initialize_connection(cinder.volumes.get(v2["id"]), CONNECTOR)
+    qemu_read_ok(nbd_uri(info), "0x3c", 0, "1M", "cli-v2 (restored from cli-s1) holds cli-v1b's data")
+    cinder.volumes.terminate_connection(cinder.volumes.get(v2["id"]), CONNECTOR)
     wait_status("volume", "cli-v2", "available")
     services = osc(VOLUME, "volume", "service", "list")
     check([s["Binary"] for s in services] == ["cinder-volume"], "volume service list")
