@@ -302,7 +302,11 @@ async fn refused_creates_allocate_nothing() {
         (json!({}), 400, "`volume.size` is required"),
         (json!({"size": 1, "colour": "red"}), 400, "colour"),
         (json!({"size": 1, "metadata": {"a": 1}}), 400, "metadata"),
-        (json!({"size": 1, "multiattach": "maybe"}), 400, "multiattach"),
+        (
+            json!({"size": 1, "multiattach": "maybe"}),
+            400,
+            "multiattach",
+        ),
         (json!({"size": 1, "imageRef": "img"}), 400, "imageRef"),
         (
             json!({"size": 1, "source_volid": "x", "snapshot_id": "y"}),
