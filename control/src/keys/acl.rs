@@ -126,7 +126,7 @@ pub async fn access(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<(AnyRow, Ac
         .await?
         .ok_or_else(|| ApiError::not_found(format!("secret {id} not found")))?;
     let acl = acl_of(&mut conn, id).await?;
-    let listed = acl.users.iter().any(|u| *u == ctx.token_id);
+    let listed = acl.users.contains(&ctx.token_id);
     if get_str(&row, "project_id")? == ctx.project_id {
         let creator = get_str(&row, "creator_id")? == ctx.token_id;
         if !acl.project_access && !creator && !listed && !ctx.is_admin() {

@@ -186,17 +186,16 @@ pub async fn create_attachment(
     ))
 }
 
+/// The listing of `project_id` (after [`check`]), `full` for `/detail`.
 async fn list_any(
     st: AppState,
     ctx: Ctx,
-    mv: Microversion,
     project_id: String,
     q: ListQuery,
     origin: Origin,
     query: Option<String>,
     full: bool,
 ) -> ApiResult<Json<Value>> {
-    check(&st, &ctx, mv, &project_id, false).await?;
     let l = q.parse(&ctx)?;
     let mut conn = st.db().pool.acquire().await?;
     let project = match (l.all_projects, l.project_filter()) {
@@ -261,7 +260,8 @@ pub async fn list_attachments(
     origin: Origin,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Json<Value>> {
-    list_any(st, ctx, mv, project_id, q, origin, query, false).await
+    check(&st, &ctx, mv, &project_id, false).await?;
+    list_any(st, ctx, project_id, q, origin, query, false).await
 }
 
 #[utoipa::path(get, path = "/v3/{project_id}/attachments/detail", tag = "attachments",
@@ -278,7 +278,8 @@ pub async fn list_attachments_detail(
     origin: Origin,
     RawQuery(query): RawQuery,
 ) -> ApiResult<Json<Value>> {
-    list_any(st, ctx, mv, project_id, q, origin, query, true).await
+    check(&st, &ctx, mv, &project_id, false).await?;
+    list_any(st, ctx, project_id, q, origin, query, true).await
 }
 
 #[utoipa::path(get, path = "/v3/{project_id}/attachments/{attachment_id}", tag = "attachments",
