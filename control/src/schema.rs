@@ -60,6 +60,12 @@ pub const MIGRATIONS: &[Migration] = &[(
 (3, crate::locks::SCHEMA),
 // Snapshots record the status a delete left (issue 13).
 (4, crate::volumes::SCHEMA_4),
-// Volumes on LUN pools (issue 15). Numbered after the OpenStack clients' migrations
-// (5–9, issue 14), which land first.
+// The OpenStack clients (issue 14): volume flags, metadata, attachments API; QoS specs;
+// a type's QoS spec.
+(5, crate::volumes::SCHEMA_5),
+(6, crate::qos::SCHEMA),
+(7, crate::types::SCHEMA_7),
+(8, crate::keys::acl::SCHEMA),
+(9, crate::metadefs::objects::SCHEMA),
+// Volumes on LUN pools (issue 15).
 (10, crate::volumes::manageable::SCHEMA)];

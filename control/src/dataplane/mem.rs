@@ -22,7 +22,8 @@
 use super::{
     AttachVolume, ChapRef, ChapSecret, CloneVolume, CreateVolume, DataPlane, DataPlaneError,
     DpFuture, DpResult, Endpoint, LuksVersion, LunPoolInfo, ManageLun, ManageableLun, ManagedLun,
-    ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, SnapshotVolume, StoredObject,
+    ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, QosLimits, SnapshotVolume,
+    StoredObject,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -144,6 +145,8 @@ struct State {
     pools: BTreeMap<String, Pool>,
     /// (volume id, attachment id) → protocol, read-only.
     attachments: BTreeMap<(String, String), (Protocol, bool)>,
+    /// Attachment id → the QoS limits it was attached with.
+    qos: BTreeMap<String, QosLimits>,
     lun_pools: BTreeMap<String, LunPool>,
     failures: Vec<(Op, DataPlaneError)>,
     holds: Vec<(Op, Arc<HoldInner>)>,
@@ -385,6 +388,11 @@ impl MemDataPlane {
             .collect()
     }
 
+    /// The QoS limits attachment `attachment_id` was made with.
+    pub fn qos_of(&self, attachment_id: &str) -> Option<QosLimits> {
+        self.lock().qos.get(attachment_id).copied()
+    }
+
     /// Put an object in a pool without the control plane (a leftover, or another
     /// node's object on a shared pool).
     pub fn put_object(&self, o: &StoredObject) {
@@ -573,6 +581,7 @@ impl MemDataPlane {
             )));
         }
         s.attachments.insert(key, (req.protocol, req.read_only));
+        s.qos.insert(req.attachment_id.clone(), req.qos);
         let name = format!("{}-{}", req.volume.id, req.attachment_id);
         Ok(match req.protocol {
             Protocol::Nbd => Endpoint::Nbd {

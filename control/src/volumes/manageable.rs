@@ -524,7 +524,7 @@ pub struct ManageVolume {
     pub availability_zone: Option<String>,
     /// Must be empty or absent.
     pub metadata: Option<BTreeMap<String, String>>,
-    /// Accepted, ignored.
+    /// The volume's bootable flag.
     pub bootable: Option<bool>,
 }
 
@@ -660,6 +660,8 @@ pub async fn manage(
         status: Status::Creating,
         source_volid: None,
         snapshot_id: None,
+        bootable: req.bootable.unwrap_or(false),
+        readonly: false,
         created_at: t_now.clone(),
         updated_at: t_now.clone(),
     };
