@@ -202,6 +202,12 @@ impl MemDataPlane {
             .collect()
     }
 
+    /// What a process restart does to the front ends: every attachment is gone (the
+    /// objects stay).
+    pub fn forget_attachments(&self) {
+        self.lock().attachments.clear();
+    }
+
     /// Put an object in a pool without the control plane (a leftover, or another
     /// node's object on a shared pool).
     pub fn put_object(&self, o: &StoredObject) {

@@ -439,18 +439,54 @@ pub async fn delete_attachment(conn: &mut AnyConnection, id: &str) -> Result<(),
     Ok(())
 }
 
-/// Drop every attachment of `node` (they died with it); returns how many. Volumes
-/// left without one go back to `available`.
-pub async fn drop_node_attachments(
+/// An attachment as start-up reconciliation needs it: enough to serve it again.
+#[derive(Debug, Clone)]
+pub struct NodeAttachment {
+    pub id: String,
+    pub volume_id: String,
+    /// `nbd` or `vhost-user` (anything else has no front end to bring back).
+    pub protocol: String,
+    /// The rendered `connection_info` (JSON text, without credentials).
+    pub connection_info: String,
+}
+
+/// Every attachment `node` recorded, oldest first.
+pub async fn node_attachments(
     conn: &mut AnyConnection,
     node: &str,
-) -> Result<u64, sqlx::Error> {
-    let n = execute_args(
+) -> Result<Vec<NodeAttachment>, sqlx::Error> {
+    let sql = "SELECT id, volume_id, protocol, connection_info FROM volume_attachments \
+               WHERE node_id = ? ORDER BY attached_at, id"
+        .into();
+    fetch(conn, sql, &[node], |r| {
+        Ok(NodeAttachment {
+            id: get_str(r, "id")?,
+            volume_id: get_str(r, "volume_id")?,
+            protocol: get_str(r, "protocol")?,
+            connection_info: get_str(r, "connection_info")?,
+        })
+    })
+    .await
+}
+
+/// Replace the recorded `connection_info` of attachment `id`.
+pub async fn set_connection_info(
+    conn: &mut AnyConnection,
+    id: &str,
+    connection_info: &str,
+) -> Result<(), sqlx::Error> {
+    execute_args(
         conn,
-        "DELETE FROM volume_attachments WHERE node_id = ?",
-        &[node],
+        "UPDATE volume_attachments SET connection_info = ? WHERE id = ?",
+        &[connection_info, id],
     )
     .await?;
+    Ok(())
+}
+
+/// Volumes `in-use` without any attachment left go back to `available`; returns how
+/// many moved.
+pub async fn settle_unattached(conn: &mut AnyConnection) -> Result<u64, sqlx::Error> {
     let (from, _) = Event::LastDetached.transition();
     let sql = format!(
         "UPDATE volumes SET status = '{}', updated_at = ? WHERE status IN ({}) \
@@ -458,8 +494,7 @@ pub async fn drop_node_attachments(
         Status::Available,
         in_list(from.iter().map(|s| s.as_str()))
     );
-    exec_built(conn, sql, &[&now()]).await?;
-    Ok(n)
+    exec_built(conn, sql, &[&now()]).await
 }
 
 /// Number of volumes of a volume type.

@@ -690,24 +690,11 @@ pub async fn attach(
     read_only: bool,
 ) -> ApiResult<Value> {
     v.status.allows(&v.id, VolumeUse::Attach)?;
-    let mut conn = st.db().pool.acquire().await?;
-    let t = types::by_id(&mut conn, &v.type_id).await?;
-    let pass = match &v.encryption_key_id {
-        Some(k) => Some(passphrase(&mut conn, st, k).await?),
-        None => None,
-    };
-    drop(conn);
     let attachment_id = new_id();
+    let req = attach_request(st, v, &attachment_id, protocol, read_only).await?;
     let endpoint = st
         .dataplane()
-        .attach(AttachVolume {
-            volume: v.object(),
-            attachment_id: attachment_id.clone(),
-            protocol,
-            read_only,
-            passphrase: pass,
-            qos: t.qos(),
-        })
+        .attach(req)
         .await
         .map_err(|e| dp_error("attach the volume", e))?;
     let info = views::connection_info(&endpoint, v, &attachment_id, read_only);
@@ -724,17 +711,57 @@ pub async fn attach(
     }
 }
 
-/// Record an attachment and the move to `in-use` in one transaction.
-async fn record_attachment(
+/// What the data plane needs to serve `v` through attachment `attachment_id`: its type's
+/// QoS and, for an encrypted volume, its passphrase.
+async fn attach_request(
     st: &AppState,
     v: &Vol,
     attachment_id: &str,
     protocol: Protocol,
-    endpoint: &Endpoint,
-    info: &Value,
-) -> ApiResult<()> {
-    // Credentials are for the caller only; the row keeps where, not how to get in.
-    let stored = match endpoint {
+    read_only: bool,
+) -> ApiResult<AttachVolume> {
+    let mut conn = st.db().pool.acquire().await?;
+    let t = types::by_id(&mut conn, &v.type_id).await?;
+    let pass = match &v.encryption_key_id {
+        Some(k) => Some(passphrase(&mut conn, st, k).await?),
+        None => None,
+    };
+    Ok(AttachVolume {
+        volume: v.object(),
+        attachment_id: attachment_id.to_string(),
+        protocol,
+        read_only,
+        passphrase: pass,
+        qos: t.qos(),
+    })
+}
+
+/// Serve again an attachment this node recorded before it stopped (start-up
+/// reconciliation): the same attachment id, protocol and access mode, so the data plane
+/// serves it at the same endpoint (NBD export name, vhost-user socket path) and its
+/// clients reconnect to what they knew. Returns the `connection_info` it has now, as the
+/// attachment row keeps it (without credentials).
+pub async fn restore_attachment(
+    st: &AppState,
+    v: &Vol,
+    attachment_id: &str,
+    protocol: Protocol,
+    read_only: bool,
+) -> ApiResult<Value> {
+    let req = attach_request(st, v, attachment_id, protocol, read_only).await?;
+    let endpoint = st
+        .dataplane()
+        .attach(req)
+        .await
+        .map_err(|e| dp_error("serve the attachment again", e))?;
+    let info = views::connection_info(&endpoint, v, attachment_id, read_only);
+    Ok(stored_info(&endpoint, &info))
+}
+
+/// The `connection_info` an attachment row keeps: credentials are for the caller only;
+/// the row keeps where, not how to get in.
+fn stored_info(endpoint: &Endpoint, info: &Value) -> Value {
+    match endpoint {
         Endpoint::Nbd {
             credentials: Some(_),
             ..
@@ -746,7 +773,19 @@ async fn record_attachment(
             i
         }
         _ => info.clone(),
-    };
+    }
+}
+
+/// Record an attachment and the move to `in-use` in one transaction.
+async fn record_attachment(
+    st: &AppState,
+    v: &Vol,
+    attachment_id: &str,
+    protocol: Protocol,
+    endpoint: &Endpoint,
+    info: &Value,
+) -> ApiResult<()> {
+    let stored = stored_info(endpoint, info);
     let mut tx = st.db().begin().await?;
     if !rows::apply(&mut tx, &v.object(), Event::Attached).await? {
         return Err(ApiError::conflict(format!(
