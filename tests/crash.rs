@@ -352,16 +352,28 @@ fn sigkill_restart_cycles_lose_no_acknowledged_write() {
         // A run that ends before the kill: all its writes are acknowledged.
         let (ok, text) = fio_run(&cdir, &nbd_uri, cycle, Fio::Done);
         assert!(ok, "cycle {cycle}: fio failed before the kill:\n{text}");
+        let flog = cdir.join("killed.log");
+        let fout = std::fs::File::create(&flog).expect("fio log");
         let mut f = fio(&cdir, &nbd_uri, cycle, Fio::Killed)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(fout.try_clone().expect("dup"))
+            .stderr(fout)
             .spawn()
             .expect("spawn fio");
-        // Every client made progress since the restart: the kill hits running I/O.
+        // Every client made progress since the restart (fio has been writing for a
+        // while): the kill hits running I/O.
         let t = Instant::now();
+        let mut fio_since = None;
         loop {
             let round = last_round(&q.console_text()).unwrap_or(0);
-            if round > round0 && acked(&wlog).len() > acks0 + 10 && t.elapsed().as_millis() > 1500 {
+            if fio_since.is_none()
+                && std::fs::read_to_string(&flog)
+                    .unwrap_or_default()
+                    .contains("connected to NBD server")
+            {
+                fio_since = Some(Instant::now());
+            }
+            let fio_busy = fio_since.is_some_and(|s| s.elapsed() > Duration::from_millis(700));
+            if round > round0 && acked(&wlog).len() > acks0 + 10 && fio_busy {
                 break;
             }
             if let Ok(Some(st)) = q.child.try_wait() {
@@ -392,12 +404,8 @@ fn sigkill_restart_cycles_lose_no_acknowledged_write() {
         if fst.is_none() {
             let _ = f.kill();
         }
-        let out = f.wait_with_output().expect("fio output");
-        let wtext = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let _ = f.wait();
+        let wtext = std::fs::read_to_string(&flog).unwrap_or_default();
         let failed = offsets(&wtext, "io_u error");
         let restart = Instant::now();
         node.start_again();
