@@ -512,6 +512,28 @@ mod tests {
             (5_000_000, 2 << 20, 8000)
         );
         assert_eq!(l.argon2_time, UnlockLimits::default().argon2_time);
+        // REST connection bounds: flag over file over default, checked.
+        assert_eq!(resolve(args()).unwrap().rest_limits, RestLimits::default());
+        std::fs::write(
+            &f,
+            "rest-max-conns = 100\nrest-max-conns-per-peer = 10\nrest-idle-timeout-secs = 5\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.rest_max_conns_per_peer = Some(20);
+        let r = resolve(a).unwrap().rest_limits;
+        assert_eq!(
+            (r.max_conns, r.max_conns_per_peer, r.idle_timeout),
+            (100, 20, Duration::from_secs(5))
+        );
+        let mut a = args();
+        a.rest_max_conns = Some(10);
+        a.rest_max_conns_per_peer = Some(11);
+        assert!(resolve(a).is_err(), "more per peer than in all");
+        let mut a = args();
+        a.rest_idle_timeout_secs = Some(0);
+        assert!(resolve(a).is_err());
         // NBD limits: flag over file over default; the file's values are checked too.
         std::fs::write(
             &f,
