@@ -16,7 +16,8 @@
 //!    `--vhost-dir` flags) is recorded and logged. An attachment that cannot be served
 //!    again (its volume is gone or not `in-use`, the unlock fails, the key is missing)
 //!    is dropped and logged at `error`; volumes left without an attachment go back to
-//!    `available`. Rows whose protocol has no front end are left alone.
+//!    `available`. Reservations (attachments API rows without a connector) have no
+//!    front end and are left as they are.
 //! 4. Pool objects no volume or snapshot row names (orphans, and partial leftovers of
 //!    an interrupted create) are deleted.
 //!
@@ -151,19 +152,23 @@ async fn restore_attachments(st: &AppState, node: &str, rep: &mut Report) -> any
             _ => continue,
         };
         let stored: Value = serde_json::from_str(&a.connection_info).unwrap_or(Value::Null);
-        let read_only = stored["data"]["access_mode"] == "ro";
         let vol = rows::Vol::find(&mut *pool.acquire().await?, &a.volume_id).await?;
         let res = match vol {
             Some(v) if v.status == Status::InUse => {
+                let read_only = a.attach_mode == "ro" || v.readonly;
                 restore_attachment(st, &v, &a.id, protocol, read_only)
                     .await
                     .map_err(|e| e.to_string())
+                    .map(|text| {
+                        let info: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                        (info, read_only)
+                    })
             }
             Some(v) => Err(format!("the volume is {}", v.status)),
             None => Err("the volume is gone".to_string()),
         };
         match res {
-            Ok(info) => {
+            Ok((info, read_only)) => {
                 if info != stored {
                     // Restarted with other listeners or another vhost dir: the row says
                     // where clients find it now.
