@@ -179,7 +179,7 @@ fn hostile_rest_bodies_get_4xx_and_bounded_memory() {
     });
     s.attack("REST: wrong types and sizes", 0x24, |_| {
         for body in [
-            json!({"volume": {"size": "1"}}),
+            json!({"volume": {"size": "one"}}),
             json!({"volume": {"size": -1}}),
             json!({"volume": {"size": u64::MAX}}),
             json!({"volume": {"size": 1e300}}),
