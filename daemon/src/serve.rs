@@ -4,7 +4,9 @@
 //! then the TOML file given by `--config` (same keys as the flags, kebab-case), then the
 //! defaults. The REST shim runs on a small tokio runtime; SIGTERM/SIGINT stop accepting
 //! requests, let in-flight ones finish and exit 0. Every minute the node's heartbeat row
-//! is refreshed so other cluster members can tell it is alive.
+//! is refreshed so other cluster members can tell it is alive. REST connections are
+//! bounded in number (in all and per peer address) and closed when idle
+//! ([`crate::rest_listener`]): a peer that sends half a request holds nothing for long.
 //!
 //! Storage pools come from the config (`[pools.NAME] path = "…"`); the default is one
 //! directory pool `default` at `DATA/pools/default`. A pool with `kind = "lun"` is a LUN
@@ -27,6 +29,7 @@ use crate::dataplane::luns::LunPoolSetup;
 use crate::dataplane::EmberDataPlane;
 use crate::luks::LimitArgs;
 use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits};
+use crate::rest_listener::{BoundedListener, RestLimits};
 use anyhow::Context;
 use clap::Args;
 use ember_blockdev::backend::iscsi::chap::ChapAlg;
@@ -72,6 +75,19 @@ pub struct ServeArgs {
     /// of it, and a dead node's locks free up after it [default: 30].
     #[arg(long, env = "EMBER_LOCK_LEASE_SECS", value_name = "SECS")]
     pub lock_lease_secs: Option<u64>,
+    /// Most REST connections open at a time; past it, new ones wait until one closes
+    /// [default: 512].
+    #[arg(long, env = "EMBER_REST_MAX_CONNS", value_name = "N")]
+    pub rest_max_conns: Option<usize>,
+    /// Most REST connections open from one IP address; more are closed at once
+    /// [default: 64].
+    #[arg(long, env = "EMBER_REST_MAX_CONNS_PER_PEER", value_name = "N")]
+    pub rest_max_conns_per_peer: Option<usize>,
+    /// Seconds a REST connection may wait with no byte moving (a half-sent request, a
+    /// response the peer does not read, an idle keep-alive) before it is closed; keep it
+    /// above the slowest request (an unlock at the LUKS cost limits) [default: 120].
+    #[arg(long, env = "EMBER_REST_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    pub rest_idle_timeout_secs: Option<u64>,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// NBD memory, connection and time limits.
@@ -105,6 +121,9 @@ pub struct ConfigFile {
     pub nbd_max_conns_per_peer: Option<usize>,
     pub nbd_handshake_timeout_secs: Option<u64>,
     pub nbd_stall_timeout_secs: Option<u64>,
+    pub rest_max_conns: Option<usize>,
+    pub rest_max_conns_per_peer: Option<usize>,
+    pub rest_idle_timeout_secs: Option<u64>,
 }
 
 /// A storage pool (a directory holding volume files).
@@ -284,6 +303,8 @@ pub struct ServeConfig {
     /// LUN pools (`kind = "lun"`).
     pub lun_pools: BTreeMap<String, LunPoolConfig>,
     pub lock_lease: Duration,
+    /// Bounds on REST connections (the `--rest-…` flags).
+    pub rest_limits: RestLimits,
     /// Cost limits for LUKS headers (the `--max-…` flags).
     pub unlock_limits: UnlockLimits,
 }
@@ -361,6 +382,33 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         "--node-name must be 1..255 characters"
     );
     let master_key_file = args.master_key_file.or(file.master_key_file);
+    let rest_limits = RestLimits {
+        max_conns: args
+            .rest_max_conns
+            .or(file.rest_max_conns)
+            .unwrap_or(crate::rest_listener::DEFAULT_MAX_CONNS),
+        max_conns_per_peer: args
+            .rest_max_conns_per_peer
+            .or(file.rest_max_conns_per_peer)
+            .unwrap_or(crate::rest_listener::DEFAULT_MAX_CONNS_PER_PEER),
+        idle_timeout: Duration::from_secs(
+            args.rest_idle_timeout_secs
+                .or(file.rest_idle_timeout_secs)
+                .unwrap_or(crate::rest_listener::DEFAULT_IDLE_TIMEOUT_SECS),
+        ),
+    };
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&rest_limits.max_conns),
+        "--rest-max-conns must be 1..1000000"
+    );
+    anyhow::ensure!(
+        (1..=rest_limits.max_conns).contains(&rest_limits.max_conns_per_peer),
+        "--rest-max-conns-per-peer must be 1..--rest-max-conns"
+    );
+    anyhow::ensure!(
+        (1..=86_400).contains(&rest_limits.idle_timeout.as_secs()),
+        "--rest-idle-timeout-secs must be 1..86400"
+    );
     let lease_secs = args.lock_lease_secs.unwrap_or(DEFAULT_LOCK_LEASE_SECS);
     anyhow::ensure!(
         (1..=3600).contains(&lease_secs),
@@ -400,6 +448,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         pools,
         lun_pools,
         lock_lease: Duration::from_secs(lease_secs),
+        rest_limits,
         unlock_limits,
     })
 }
@@ -524,6 +573,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     });
+    let listener = BoundedListener::new(listener, cfg.rest_limits);
     let served = axum_serve(listener, control.router(), signals).await;
     heartbeat.abort();
     leases.abort();
@@ -534,7 +584,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 }
 
 async fn axum_serve(
-    listener: tokio::net::TcpListener,
+    listener: BoundedListener,
     router: axum_router::Router,
     signals: Signals,
 ) -> anyhow::Result<()> {
@@ -584,6 +634,9 @@ mod tests {
             master_key_file: None,
             config: None,
             lock_lease_secs: None,
+            rest_max_conns: None,
+            rest_max_conns_per_peer: None,
+            rest_idle_timeout_secs: None,
             limits: LimitArgs::default(),
             nbd_limits: NbdLimitArgs::default(),
         }
@@ -696,6 +749,28 @@ mod tests {
             (5_000_000, 2 << 20, 8000)
         );
         assert_eq!(l.argon2_time, UnlockLimits::default().argon2_time);
+        // REST connection bounds: flag over file over default, checked.
+        assert_eq!(resolve(args()).unwrap().rest_limits, RestLimits::default());
+        std::fs::write(
+            &f,
+            "rest-max-conns = 100\nrest-max-conns-per-peer = 10\nrest-idle-timeout-secs = 5\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.rest_max_conns_per_peer = Some(20);
+        let r = resolve(a).unwrap().rest_limits;
+        assert_eq!(
+            (r.max_conns, r.max_conns_per_peer, r.idle_timeout),
+            (100, 20, Duration::from_secs(5))
+        );
+        let mut a = args();
+        a.rest_max_conns = Some(10);
+        a.rest_max_conns_per_peer = Some(11);
+        assert!(resolve(a).is_err(), "more per peer than in all");
+        let mut a = args();
+        a.rest_idle_timeout_secs = Some(0);
+        assert!(resolve(a).is_err());
         // NBD limits: flag over file over default; the file's values are checked too.
         std::fs::write(
             &f,

@@ -388,6 +388,14 @@ impl MemDataPlane {
             .collect()
     }
 
+    /// What a process restart does to the front ends: every attachment is gone (the
+    /// objects stay).
+    pub fn forget_attachments(&self) {
+        let mut s = self.lock();
+        s.attachments.clear();
+        s.qos.clear();
+    }
+
     /// The QoS limits attachment `attachment_id` was made with.
     pub fn qos_of(&self, attachment_id: &str) -> Option<QosLimits> {
         self.lock().qos.get(attachment_id).copied()

@@ -784,6 +784,23 @@ async fn undo_attach(st: &AppState, v: &Vol, attachment_id: &str) {
     }
 }
 
+/// Serve again an attachment this node recorded before it stopped (start-up
+/// reconciliation): the same attachment id, protocol and access mode, so the data plane
+/// serves it at the same endpoint (NBD export name, vhost-user socket path) and its
+/// clients reconnect to what they knew. Returns the `connection_info` it has now, as the
+/// attachment row keeps it (JSON text, without credentials).
+pub async fn restore_attachment(
+    st: &AppState,
+    v: &Vol,
+    attachment_id: &str,
+    protocol: Protocol,
+    read_only: bool,
+) -> ApiResult<String> {
+    let endpoint = attach_volume(st, v, attachment_id, protocol, read_only).await?;
+    let info = views::connection_info(&endpoint, v, attachment_id, read_only);
+    Ok(stored_info(&endpoint, &info))
+}
+
 /// `connection_info` as the database keeps it: credentials are for the caller only; the
 /// row keeps where, not how to get in.
 fn stored_info(endpoint: &Endpoint, info: &Value) -> String {
