@@ -557,3 +557,316 @@ fn x509_without_client_verification() {
     assert_eq!(opt_reply(&mut s).0, ERR_TLS_REQD, "LIST before STARTTLS");
     srv.stop();
 }
+
+// ------------------------------------------------------------------ emberd serve
+
+/// A running `emberd serve` (default `--nbd-tls require`) with an NBD Unix socket and TCP
+/// port, and a project token.
+struct Node {
+    _dir: tempfile::TempDir,
+    url: String,
+    token: String,
+    project: String,
+    sock: PathBuf,
+    tcp: String,
+    daemon: Daemon,
+}
+
+fn http(
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let c = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap();
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut r = c.request(m, url).header("X-Auth-Token", token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    let status = resp.status().as_u16();
+    let text = resp.text().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+impl Node {
+    fn start() -> Node {
+        use serde_json::json;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let rest = format!("127.0.0.1:{}", free_port());
+        let tcp = format!("127.0.0.1:{}", free_port());
+        let sock = dir.path().join("nbd.sock");
+        let daemon = Daemon::spawn(
+            dir.path(),
+            &[
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--rest",
+                &rest,
+                "--nbd",
+                &format!("unix:{}", sock.display()),
+                "--nbd",
+                &tcp,
+                "--node-name",
+                "tls",
+            ],
+        );
+        wait_for_tcp(&rest, Duration::from_secs(120));
+        let url = format!("http://{rest}");
+        let admin = std::fs::read_to_string(data.join("admin-token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        let (st, p) = http(
+            "POST",
+            &format!("{url}/v3/projects"),
+            &admin,
+            Some(json!({"project": {"name": "tls"}})),
+        );
+        assert_eq!(st, 201, "{p}");
+        let project = p["project"]["id"].as_str().unwrap().to_string();
+        let (st, t) = http(
+            "POST",
+            &format!("{url}/v3/projects/{project}/tokens"),
+            &admin,
+            Some(json!({"token": {"role": "member"}})),
+        );
+        assert_eq!(st, 201, "{t}");
+        Node {
+            _dir: dir,
+            url,
+            token: t["token"]["token"].as_str().unwrap().to_string(),
+            project,
+            sock,
+            tcp,
+            daemon,
+        }
+    }
+
+    fn vols(&self) -> String {
+        format!("{}/v3/{}/volumes", self.url, self.project)
+    }
+
+    /// Create a 1 GiB volume and wait for it.
+    fn volume(&self) -> String {
+        use serde_json::json;
+        let (st, v) = http(
+            "POST",
+            &self.vols(),
+            &self.token,
+            Some(json!({"volume": {"size": 1}})),
+        );
+        assert_eq!(st, 202, "{v}");
+        let id = v["volume"]["id"].as_str().unwrap().to_string();
+        let t = std::time::Instant::now();
+        loop {
+            let (_, v) = http("GET", &format!("{}/{id}", self.vols()), &self.token, None);
+            if v["volume"]["status"] == "available" {
+                return id;
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "{v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn action(&self, id: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        http(
+            "POST",
+            &format!("{}/{id}/action", self.vols()),
+            &self.token,
+            Some(body),
+        )
+    }
+
+    /// Attach over NBD: the connection_info's data.
+    fn attach(&self, id: &str) -> serde_json::Value {
+        let (st, r) = self.action(
+            id,
+            serde_json::json!({"os-initialize_connection": {"connector": {"protocol": "nbd"}}}),
+        );
+        assert_eq!(st, 200, "{r}");
+        assert_eq!(r["connection_info"]["driver_volume_type"], "nbd");
+        r["connection_info"]["data"].clone()
+    }
+
+    fn detach(&self, id: &str, attachment: &str) {
+        let (st, r) = self.action(
+            id,
+            serde_json::json!({"os-terminate_connection": {"connector": {"attachment_id": attachment}}}),
+        );
+        assert_eq!(st, 202, "{r}");
+    }
+}
+
+/// The PSK of an attachment's connection_info as a psktool file `dir/keys.psk`;
+/// returns (identity, file).
+fn attachment_psk(data: &serde_json::Value, dir: &Path) -> (String, PathBuf) {
+    let id = data["tls"]["psk_identity"]
+        .as_str()
+        .expect("psk_identity")
+        .to_string();
+    let key = data["tls"]["psk"].as_str().expect("psk");
+    assert_eq!(key.len(), 64, "a 32-byte key in hex");
+    std::fs::create_dir_all(dir).unwrap();
+    let f = dir.join("keys.psk");
+    std::fs::write(&f, format!("{id}:{key}\n")).unwrap();
+    (id, f)
+}
+
+#[test]
+fn serve_gives_each_nbd_attachment_its_own_key() {
+    let n = Node::start();
+    let keys = tempfile::tempdir().unwrap();
+    let (va, vb) = (n.volume(), n.volume());
+    let a = n.attach(&va);
+    let b = n.attach(&vb);
+    let (ida, pska) = attachment_psk(&a, &keys.path().join("a"));
+    let (idb, pskb) = attachment_psk(&b, &keys.path().join("b"));
+    assert_ne!(ida, idb);
+    let (ea, eb) = (
+        a["export_name"].as_str().unwrap().to_string(),
+        b["export_name"].as_str().unwrap().to_string(),
+    );
+    let uris: Vec<String> = a["uris"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap().to_string())
+        .collect();
+    assert!(uris.iter().all(|u| u.starts_with("nbds")), "{uris:?}");
+    let with_psk = |uri: &str, f: &Path| {
+        format!(
+            "{uri}{}tls-psk-file={}",
+            if uri.contains('?') { "&" } else { "?" },
+            f.display()
+        )
+    };
+
+    // A's key opens A (both listeners): write and read back with qemu-io and nbdcopy.
+    let obj = |dir: &Path, id: &str| {
+        format!(
+            "tls-creds-psk,id=t0,endpoint=client,dir={},username={id}",
+            dir.display()
+        )
+    };
+    require_tool("qemu-io");
+    let out = run_any(
+        Command::new("qemu-io")
+            .args(["--object", &obj(pska.parent().unwrap(), &ida), "--image-opts"])
+            .arg(format!(
+                "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},file.export={ea},file.tls-creds=t0",
+                n.sock.display()
+            ))
+            .args(["-c", "write -P 0x61 0 1M", "-c", "read -P 0x61 0 1M"]),
+    );
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("fail"),
+        "{out:?}"
+    );
+    let tcp_uri = uris.iter().find(|u| u.starts_with("nbds://")).unwrap();
+    let copy = keys.path().join("copy.img");
+    run_ok(
+        libnbd("nbdcopy", &ida)
+            .arg(with_psk(tcp_uri, &pska))
+            .arg(&copy),
+    );
+    let bytes = std::fs::read(&copy).unwrap();
+    assert!(bytes[..1 << 20].iter().all(|&x| x == 0x61));
+
+    // LIST with A's key names A only; with no TLS the listener says TLS is required.
+    let list = run_ok(libnbd("nbdinfo", &ida).arg("--list").arg(format!(
+        "nbds+unix:///?socket={}&tls-psk-file={}",
+        n.sock.display(),
+        pska.display()
+    )));
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains(&ea), "{text}");
+    assert!(!text.contains(&eb), "B listed to A's client: {text}");
+    let mut s = greet(&n.sock);
+    opt(&mut s, 3, b"");
+    assert_eq!(opt_reply(&mut s).0, ERR_TLS_REQD);
+    let plain = run_any(
+        libnbd("nbdinfo", "x").arg(format!("nbd+unix:///{eb}?socket={}", n.sock.display())),
+    );
+    assert!(!plain.status.success(), "plaintext client opened B");
+
+    // A's key does not open B; B's key does.
+    let cross = run_any(libnbd("nbdinfo", &ida).arg(format!(
+        "nbds+unix:///{eb}?socket={}&tls-psk-file={}",
+        n.sock.display(),
+        pska.display()
+    )));
+    assert!(!cross.status.success(), "A's key opened B: {cross:?}");
+    let own = run_ok(libnbd("nbdinfo", &idb).arg(format!(
+        "nbds+unix:///{eb}?socket={}&tls-psk-file={}",
+        n.sock.display(),
+        pskb.display()
+    )));
+    assert!(String::from_utf8_lossy(&own.stdout).contains("with TLS"));
+
+    // A live connection with A's key, then detach A: the connection is closed and the
+    // key no longer works.
+    require_tool("nbdsh");
+    let script = format!(
+        r#"
+import nbd, sys
+h = nbd.NBD()
+h.set_uri_allow_local_file(True)
+h.connect_uri("nbds+unix:///{ea}?socket={sock}&tls-psk-file={psk}")
+assert h.pread(512, 0) == b"a" * 512
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    h.pread(512, 0)
+    print("still-open", flush=True)
+except Exception as e:
+    print("closed", flush=True)
+"#,
+        sock = n.sock.display(),
+        psk = pska.display()
+    );
+    // nbdsh runs `python3 -m nbd` from Debian's python3-libnbd: /usr/bin's python3 first.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let mut child = Command::new("nbdsh")
+        .env("PATH", path)
+        .args(["-c", &script])
+        .env("LOGNAME", &ida)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    n.detach(&va, a["attachment_id"].as_str().unwrap());
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "closed",
+        "the detached attachment's connection lives"
+    );
+    let _ = child.wait();
+    let revoked = run_any(libnbd("nbdinfo", &ida).arg(with_psk(tcp_uri, &pska)));
+    assert!(!revoked.status.success(), "revoked key still works");
+    // B is untouched.
+    run_ok(libnbd("nbdinfo", &idb).arg(format!(
+        "nbds+unix:///{eb}?socket={}&tls-psk-file={}",
+        n.sock.display(),
+        pskb.display()
+    )));
+    let _ = &n.tcp;
+    let mut n = n;
+    n.daemon.terminate(START);
+}

@@ -23,6 +23,7 @@ fn start() -> Fx {
         vec![("default".into(), dir.path().join("pool"))],
         &[ListenAddr::Unix(sock.clone())],
         crate::nbd::NbdLimits::default(),
+        crate::nbd::TlsMode::Off,
         dir.path().join("vhost"),
         ember_crypto::UnlockLimits::default(),
     )

@@ -104,8 +104,8 @@ pub enum Access {
     /// Every client the listener let through (its TLS mode decides): `emberd export`.
     Any,
     /// One attachment's clients (`emberd serve`): whoever authenticated with its PSK
-    /// identity, a Unix-socket peer with its uid and gid (each when given; at least one
-    /// must be), or, with `open_tcp`, any TCP client (`--nbd-tls off`).
+    /// identity, or a Unix-socket peer with its uid and gid (each when given; at least
+    /// one must be). Nobody else.
     Attachment {
         /// The attachment's PSK identity.
         psk_identity: Option<String>,
@@ -113,8 +113,6 @@ pub enum Access {
         uid: Option<u32>,
         /// …and this gid.
         gid: Option<u32>,
-        /// TCP clients need no credentials (TLS turned off).
-        open_tcp: bool,
     },
 }
 
@@ -127,7 +125,6 @@ impl Access {
                 psk_identity,
                 uid,
                 gid,
-                open_tcp,
             } => {
                 if c.tls && psk_identity.is_some() && c.psk_identity == *psk_identity {
                     return true;
@@ -138,7 +135,7 @@ impl Access {
                             && uid.is_none_or(|u| u == cu)
                             && gid.is_none_or(|g| g == cg)
                     }
-                    None => *open_tcp,
+                    None => false,
                 }
             }
         }
