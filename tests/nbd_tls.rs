@@ -728,9 +728,32 @@ fn serve_gives_each_nbd_attachment_its_own_key() {
     let keys = tempfile::tempdir().unwrap();
     let (va, vb) = (n.volume(), n.volume());
     let a = n.attach(&va);
-    let b = n.attach(&vb);
     let (ida, pska) = attachment_psk(&a, &keys.path().join("a"));
-    let (idb, pskb) = attachment_psk(&b, &keys.path().join("b"));
+    // B through emberctl, which writes the key file itself and does not print the key.
+    std::fs::create_dir_all(keys.path().join("b")).unwrap();
+    let pskb = keys.path().join("b").join("keys.psk");
+    let out = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_emberctl"))
+            .args([
+                "--url", &n.url, "--token", &n.token, "--json", "volume", "attach", &vb,
+            ])
+            .arg("--psk-file")
+            .arg(&pskb),
+    );
+    let ci: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let b = ci["connection_info"]["data"].clone();
+    assert!(b["tls"]["psk"].is_null(), "emberctl printed the key: {b}");
+    let idb = b["tls"]["psk_identity"].as_str().unwrap().to_string();
+    let text = std::fs::read_to_string(&pskb).unwrap();
+    assert!(
+        text.starts_with(&format!("{idb}:")) && text.trim_end().len() == idb.len() + 65,
+        "{text}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&pskb).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     assert_ne!(ida, idb);
     let (ea, eb) = (
         a["export_name"].as_str().unwrap().to_string(),
