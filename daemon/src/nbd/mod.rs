@@ -7,6 +7,7 @@
 //!                                                     ▼ round-robin, channel + eventfd wake-up
 //!  I/O thread 0..N: one io_uring each ── recv ▶ parse ▶ device queue ▶ sendmsg replies
 //!                                        (charged to the connection's memory; tick: deadlines)
+//!  TLS: client ══ciphertext══ relay (the handshake thread) ══plaintext══ socket pair ─▶ I/O
 //! ```
 //!
 //! - [`proto`]: the wire format, pure encode/decode.
@@ -23,6 +24,9 @@
 //!   in-flight table, reply batching, its memory charge and deadlines.
 //! - [`gate`]: admission (handshakes and connections, in all and per peer) and the memory
 //!   budget; [`limits`]: the flags that set them and their defaults.
+//! - [`tls`]: `NBD_OPT_STARTTLS` (PSK and x509 on OpenSSL) and the relay a TLS
+//!   connection runs through; [`Access`] says which clients (PSK identity, Unix uid/gid)
+//!   may see and open an export, checked at every handshake option that names one.
 //!
 //! Hostile clients (docs/threat-model.md §2): everything a client can make the server
 //! hold is bounded — handshakes (count, per-peer count, one deadline, options), connections
@@ -32,7 +36,8 @@
 //! bound loses its own connection (logged with the reason), never anyone else's.
 //!
 //! The export registry (name → device) is read only at handshake time; [`NbdServer`] can
-//! add and remove exports while it runs. Removing an export closes its connections.
+//! add and remove exports while it runs. Removing an export closes its connections (and
+//! so, with TLS, their relays and client sockets).
 
 pub mod conn;
 pub mod gate;
