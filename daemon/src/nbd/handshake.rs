@@ -577,6 +577,101 @@ mod tests {
         assert_eq!(n.export.name, "vol");
     }
 
+    /// Exports a client may not use are absent for it; `require` refuses everything but
+    /// `STARTTLS`/`ABORT` before TLS; `EXPORT_NAME` then closes.
+    #[test]
+    fn access_filters_exports_and_require_refuses_plaintext() {
+        let reg = registry();
+        let dev = open(
+            &BackendSpec::Null { size: 1 << 20 },
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        reg.exports.write().unwrap().insert(
+            "att".into(),
+            Arc::new(Export {
+                id: 2,
+                name: "att".into(),
+                dev,
+                read_only: false,
+                access: crate::nbd::Access::Attachment {
+                    psk_identity: Some("alice".into()),
+                    uid: Some(1000),
+                    gid: None,
+                },
+            }),
+        );
+        let keys = crate::nbd::PskTable::parse("t", "alice:00112233").unwrap();
+        let tls = TlsServer::new(Some(Arc::new(keys)), None).unwrap();
+        let tls = Arc::new(tls);
+        let run = |mode: TlsMode, unix: Option<(u32, u32)>| {
+            let (mut c, mut s) = UnixStream::pair().unwrap();
+            let (r2, t2) = (reg.clone(), tls.clone());
+            let server = std::thread::spawn(move || {
+                let policy = Policy {
+                    mode,
+                    tls: Some(&t2),
+                    client: ClientAuth {
+                        unix,
+                        ..ClientAuth::default()
+                    },
+                };
+                negotiate_with(&mut s, &r2, &policy, &mut |_| Ok(())).map(|n| n.is_some())
+            });
+            let mut g = [0u8; 18];
+            c.read_exact(&mut g).unwrap();
+            c.write_all(&3u32.to_be_bytes()).unwrap();
+            (c, server)
+        };
+        let list = |c: &mut UnixStream| {
+            send_opt(c, opt::LIST, &[]);
+            let mut names = Vec::new();
+            loop {
+                let (_, t, d) = read_reply(c);
+                if t == rep::ACK {
+                    return names;
+                }
+                assert_eq!(t, rep::SERVER);
+                names.push(String::from_utf8_lossy(&d[4..]).into_owned());
+            }
+        };
+        // The attachment's uid sees and opens it; another uid, or TCP, does not.
+        let (mut c, server) = run(TlsMode::On, Some((1000, 1000)));
+        assert_eq!(list(&mut c), ["att", "vol"]);
+        send_opt(&mut c, opt::ABORT, &[]);
+        assert_eq!(read_reply(&mut c).1, rep::ACK);
+        assert!(!server.join().unwrap().unwrap());
+        for unix in [Some((1001, 1000)), None] {
+            let (mut c, server) = run(TlsMode::On, unix);
+            assert_eq!(list(&mut c), ["vol"]);
+            send_opt(&mut c, opt::INFO, &go_data("att"));
+            assert_eq!(read_reply(&mut c).1, rep::ERR_UNKNOWN);
+            send_opt(&mut c, opt::EXPORT_NAME, b"att");
+            assert!(!server.join().unwrap().unwrap());
+        }
+        // Require: TLS_REQD for everything but STARTTLS and ABORT; EXPORT_NAME closes.
+        let (mut c, server) = run(TlsMode::Require, Some((1000, 1000)));
+        for (o, d) in [
+            (opt::LIST, vec![]),
+            (opt::GO, go_data("vol")),
+            (opt::INFO, go_data("vol")),
+            (opt::STRUCTURED_REPLY, vec![]),
+        ] {
+            send_opt(&mut c, o, &d);
+            assert_eq!(read_reply(&mut c).1, rep::ERR_TLS_REQD, "option {o}");
+        }
+        send_opt(&mut c, opt::EXPORT_NAME, b"vol");
+        assert!(!server.join().unwrap().unwrap());
+        // STARTTLS with data is invalid; then garbage instead of a ClientHello fails.
+        let (mut c, server) = run(TlsMode::Require, None);
+        send_opt(&mut c, opt::STARTTLS, b"x");
+        assert_eq!(read_reply(&mut c).1, rep::ERR_INVALID);
+        send_opt(&mut c, opt::STARTTLS, &[]);
+        assert_eq!(read_reply(&mut c).1, rep::ACK);
+        c.write_all(&[0x42; 64]).unwrap();
+        assert!(server.join().unwrap().is_err());
+    }
+
     #[test]
     fn abort_and_garbage() {
         let reg = registry();
