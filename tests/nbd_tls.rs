@@ -288,6 +288,9 @@ fn psk_qemu_io_nbdinfo_nbdcopy_round_trip() {
         );
         assert_io_ok(&out);
     }
+    // TLS 1.2 with PSK (GnuTLS priority string, ECDHE-PSK or DHE-PSK), too.
+    let obj12 = format!("{obj},priority=NORMAL:-VERS-TLS1.3:+ECDHE-PSK:+DHE-PSK:+PSK");
+    assert_io_ok(&qemu_io_tls(&srv, &obj12, false, &["read -P 0x5a 0 1M"]));
     // nbdinfo: TLS negotiated, the size right.
     let uri = srv.psk_uri(&keys, "alice");
     let info = run_ok(libnbd("nbdinfo", "alice").arg(&uri));
