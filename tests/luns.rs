@@ -235,6 +235,10 @@ impl Node {
             "n1".into(),
             "--config".into(),
             cfg.display().to_string(),
+            // The LUN volumes are read with plain NBD clients; tests/nbd_tls.rs covers
+            // the default (TLS with a key per attachment).
+            "--nbd-tls".into(),
+            "off".into(),
         ];
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = Daemon::spawn(&data, &a);

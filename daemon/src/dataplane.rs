@@ -16,6 +16,15 @@
 //!   connections); a vhost-user attachment is the socket
 //!   `VHOST_DIR/<volume>-<attachment8>.sock` (detaching disconnects the frontend,
 //!   drains its queues and joins the export's threads).
+//! - **NBD credentials** (`emberd serve --nbd-tls`, require by default): every NBD
+//!   attachment gets a fresh random pre-shared key ([`NBD_PSK_BYTES`]) whose identity is
+//!   its export name, in the listeners' one [`PskTable`]; the export's [`Access`] admits
+//!   only a client that completed the TLS handshake with that identity, so no other
+//!   client lists or opens it. The key goes to the caller once, in the endpoint's
+//!   `credentials` (`connection_info.data.tls`); it is kept only in this process's
+//!   memory (the control plane stores no copy), so a daemon restart invalidates it.
+//!   Detach revokes the key, then removes the export, which closes its connections.
+//!   With `--nbd-tls off` exports are open to every client of the listeners.
 //! - **No unlock under the volumes lock.** Opening a LUKS volume derives its key (PBKDF2
 //!   or argon2: up to seconds, by design). The first attachment of a volume builds the
 //!   stack *before* taking the lock that guards the attached volumes, and only registers
@@ -36,7 +45,7 @@
 //!   built on the LUN (opened, identity checked, then [`stack::build_on`]); nothing is
 //!   allocated or erased on them; grow takes the size the array gave the LUN.
 
-use crate::nbd::{ListenAddr, NbdLimits, NbdServer};
+use crate::nbd::{Access, ListenAddr, NbdLimits, NbdServer, PskTable, TlsMode, TlsServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
 use anyhow::Context;
 use ember_blockdev::layer::crypt::DeviceDisk;
@@ -48,7 +57,8 @@ use ember_blockdev::{BackendSpec, OpenOptions};
 use ember_control::dataplane::{
     AttachVolume, ChapSecret, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture,
     DpResult, Endpoint, LuksFormat, LuksVersion, LunPoolInfo, ManageLun, ManageableLun, ManagedLun,
-    ObjectKind, ObjectRef, PoolStats, Protocol, Rekey, SnapshotVolume, StoredObject,
+    NbdCredentials, ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, Rekey, SnapshotVolume,
+    StoredObject,
 };
 use ember_crypto::kdf::Hash;
 use ember_crypto::{FormatParams, KdfParams};
@@ -57,6 +67,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 /// PBKDF2-SHA256 iterations of keyslots Ember writes. Ember's own keys are 256+ random
 /// bits, so the KDF adds no strength to them; this keeps unlocks fast while staying well
@@ -66,6 +77,8 @@ pub const KEYSLOT_PBKDF2_ITERATIONS: u32 = 20_000;
 pub const VHOST_QUEUES: u16 = 2;
 /// How long a point-in-time copy waits for a volume's writes in flight to drain.
 pub const PAUSE_DRAIN: Duration = Duration::from_secs(30);
+/// Bytes of each NBD attachment's pre-shared key.
+pub const NBD_PSK_BYTES: usize = 32;
 /// Pool object name prefix of snapshots.
 pub const SNAPSHOT_PREFIX: &str = "snap-";
 
@@ -74,6 +87,8 @@ enum Attachment {
     /// The NBD export of this attachment (by name).
     Nbd {
         export: String,
+        /// Its PSK identity, revoked at detach (`None` without TLS).
+        psk_identity: Option<String>,
     },
     Vhost {
         export: VhostExport,
@@ -126,6 +141,9 @@ struct Inner {
     /// `None` once shut down.
     nbd: Mutex<Option<NbdServer>>,
     nbd_endpoints: Vec<NbdEndpoint>,
+    /// Each NBD attachment's key, by identity (`None`: `--nbd-tls off`, exports open
+    /// to every client).
+    nbd_psk: Option<Arc<PskTable>>,
     vhost_dir: PathBuf,
     volumes: Mutex<Volumes>,
     stopping: AtomicBool,
@@ -221,6 +239,7 @@ impl EmberDataPlane {
         lun_pools: Vec<luns::LunPoolSetup>,
         listen: &[ListenAddr],
         nbd_limits: NbdLimits,
+        nbd_tls: TlsMode,
         vhost_dir: PathBuf,
         unlock: ember_crypto::UnlockLimits,
     ) -> anyhow::Result<(Self, Vec<String>)> {
@@ -233,11 +252,19 @@ impl EmberDataPlane {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
+        // With TLS every listener runs one PSK server over a table the attachments fill.
+        let (nbd_psk, tls) = if nbd_tls == TlsMode::Off {
+            (None, None)
+        } else {
+            let table = Arc::new(PskTable::default());
+            let server = TlsServer::new(Some(table.clone()), None).context("NBD TLS")?;
+            (Some(table), Some(Arc::new(server)))
+        };
         let server = NbdServer::start(threads, nbd_limits)?;
         let mut bound = Vec::new();
         let mut endpoints = Vec::new();
         for a in listen {
-            match server.listen(a) {
+            match server.listen_tls(a, nbd_tls, tls.clone()) {
                 Ok(b) => {
                     endpoints.push(match a {
                         ListenAddr::Unix(p) => NbdEndpoint::Unix(p.clone()),
@@ -257,6 +284,7 @@ impl EmberDataPlane {
             bindings: Mutex::default(),
             nbd: Mutex::new(Some(server)),
             nbd_endpoints: endpoints,
+            nbd_psk,
             vhost_dir,
             volumes: Mutex::default(),
             stopping: AtomicBool::new(false),
@@ -644,31 +672,67 @@ impl Inner {
         let res = match req.protocol {
             Protocol::Nbd => {
                 let name = nbd_export_name(vid, &req.attachment_id);
+                // With TLS: a fresh key, its identity the export name; only a client
+                // that authenticated with it sees and opens the export.
+                let creds = match &self.nbd_psk {
+                    Some(table) => {
+                        let mut key = Zeroizing::new(vec![0u8; NBD_PSK_BYTES]);
+                        openssl::rand::rand_bytes(&mut key)
+                            .map_err(|e| DataPlaneError::failed("make an NBD key", e))?;
+                        table.insert(&name, key.clone());
+                        Some(NbdCredentials {
+                            psk_identity: name.clone(),
+                            psk: Passphrase::new(key),
+                        })
+                    }
+                    None => None,
+                };
+                let access = match &creds {
+                    Some(c) => Access::Attachment {
+                        psk_identity: Some(c.psk_identity.clone()),
+                        uid: None,
+                        gid: None,
+                    },
+                    None => Access::Any,
+                };
                 let added = match lock(&self.nbd).as_ref() {
                     Some(s) => s
-                        .add_export(&name, a.stack.top.clone(), req.read_only)
+                        .add_export_with(&name, a.stack.top.clone(), req.read_only, access)
                         .map_err(|e| {
                             DataPlaneError::failed("add the NBD export", format!("{e:#}"))
                         }),
                     None => Err(DataPlaneError::ShuttingDown),
                 };
+                if added.is_err() {
+                    if let (Some(t), Some(c)) = (&self.nbd_psk, &creds) {
+                        t.remove(&c.psk_identity);
+                    }
+                }
                 added.map(|()| {
+                    let s = if creds.is_some() { "s" } else { "" };
                     let uris = self
                         .nbd_endpoints
                         .iter()
                         .map(|e| match e {
                             NbdEndpoint::Unix(p) => {
-                                format!("nbd+unix:///{name}?socket={}", p.display())
+                                format!("nbd{s}+unix:///{name}?socket={}", p.display())
                             }
-                            NbdEndpoint::Tcp(a) => format!("nbd://{a}/{name}"),
+                            NbdEndpoint::Tcp(a) => format!("nbd{s}://{a}/{name}"),
                         })
                         .collect();
+                    let psk_identity = creds.as_ref().map(|c| c.psk_identity.clone());
                     let ep = Endpoint::Nbd {
                         export: name.clone(),
                         uris,
-                        credentials: None,
+                        credentials: creds,
                     };
-                    (Attachment::Nbd { export: name }, ep)
+                    (
+                        Attachment::Nbd {
+                            export: name,
+                            psk_identity,
+                        },
+                        ep,
+                    )
                 })
             }
             Protocol::VhostUser => {
@@ -718,8 +782,15 @@ impl Inner {
         };
         let mut vhost_stop = None;
         match a.attachments.remove(attachment_id) {
-            Some(Attachment::Nbd { export }) => {
-                // Removing the export closes its connections.
+            Some(Attachment::Nbd {
+                export,
+                psk_identity,
+            }) => {
+                // Revoke the key first (no new handshake succeeds), then remove the
+                // export, which closes its connections (and so their TLS relays).
+                if let (Some(t), Some(id)) = (&self.nbd_psk, &psk_identity) {
+                    t.remove(id);
+                }
                 if let Some(s) = lock(&self.nbd).as_ref() {
                     s.remove_export(&export);
                 }

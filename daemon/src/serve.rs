@@ -16,7 +16,8 @@
 //! host block devices matching `devices` globs (`device-wait-secs`); see the README's
 //! configuration reference.
 //!
-//! The data plane: an NBD server listens on every `--nbd` address; the control plane
+//! The data plane: an NBD server listens on every `--nbd` address (TLS with a key per
+//! attachment unless `--nbd-tls off`, see [`crate::dataplane`]); the control plane
 //! reaches it only through its typed volume-lifecycle interface,
 //! [`ember_control::DataPlane`], implemented by [`EmberDataPlane`]: storage pools, LUKS
 //! header work, device stacks, NBD exports and vhost-user sockets in `--vhost-dir`.
@@ -28,7 +29,7 @@
 use crate::dataplane::luns::LunPoolSetup;
 use crate::dataplane::EmberDataPlane;
 use crate::luks::LimitArgs;
-use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits};
+use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits, TlsMode};
 use crate::rest_listener::{BoundedListener, RestLimits};
 use anyhow::Context;
 use clap::Args;
@@ -93,6 +94,12 @@ pub struct ServeArgs {
     /// NBD memory, connection and time limits.
     #[command(flatten)]
     pub nbd_limits: NbdLimitArgs,
+    /// NBD TLS on every --nbd listener: `require` gives each NBD attachment its own
+    /// pre-shared key (returned in connection_info.data.tls) and shows its export only to
+    /// a client that authenticated with it; `off` serves every export to every client of
+    /// the listeners, without TLS [default: require].
+    #[arg(long, env = "EMBER_NBD_TLS", value_name = "MODE", value_parser = ["off", "require"])]
+    pub nbd_tls: Option<String>,
 }
 
 /// The `--config` file.
@@ -124,6 +131,7 @@ pub struct ConfigFile {
     pub rest_max_conns: Option<usize>,
     pub rest_max_conns_per_peer: Option<usize>,
     pub rest_idle_timeout_secs: Option<u64>,
+    pub nbd_tls: Option<String>,
 }
 
 /// A storage pool (a directory holding volume files).
@@ -295,6 +303,8 @@ pub struct ServeConfig {
     pub rest: std::net::SocketAddr,
     pub nbd: Vec<ListenAddr>,
     pub nbd_limits: NbdLimits,
+    /// `--nbd-tls`: off or require.
+    pub nbd_tls: TlsMode,
     pub vhost_dir: PathBuf,
     pub database: String,
     pub node_name: String,
@@ -436,11 +446,17 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
             },
         );
     }
+    let nbd_tls = match args.nbd_tls.or(file.nbd_tls).as_deref() {
+        None | Some("require") => TlsMode::Require,
+        Some("off") => TlsMode::Off,
+        Some(other) => anyhow::bail!("nbd-tls {other:?}: expected off or require"),
+    };
     Ok(ServeConfig {
         data_dir,
         rest,
         nbd,
         nbd_limits,
+        nbd_tls,
         vhost_dir,
         database,
         node_name,
@@ -507,6 +523,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         luns,
         &cfg.nbd,
         cfg.nbd_limits.clone(),
+        cfg.nbd_tls,
         vhost_dir,
         cfg.unlock_limits,
     )?;
@@ -639,6 +656,7 @@ mod tests {
             rest_idle_timeout_secs: None,
             limits: LimitArgs::default(),
             nbd_limits: NbdLimitArgs::default(),
+            nbd_tls: None,
         }
     }
 
@@ -649,6 +667,7 @@ mod tests {
         assert_eq!(c.rest.to_string(), "127.0.0.1:8776");
         assert_eq!(c.nbd, vec![ListenAddr::Tcp("127.0.0.1:10809".into())]);
         assert_eq!(c.vhost_dir, PathBuf::from("./ember-data/vhost"));
+        assert_eq!(c.nbd_tls, TlsMode::Require);
         assert_eq!(c.database, "sqlite://./ember-data/ember.db");
         assert_eq!(
             c.pools["default"].path,

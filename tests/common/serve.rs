@@ -66,6 +66,10 @@ impl ServeNode {
             &format!("unix:{}", nbd_sock.display()),
             "--node-name",
             "test-node",
+            // Plain NBD clients read the attachments (and must reconnect after a
+            // restart); tests/nbd_tls.rs covers the default, TLS with a key per attachment.
+            "--nbd-tls",
+            "off",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -24,6 +24,7 @@ fn start() -> Fx {
         Vec::new(),
         &[ListenAddr::Unix(sock.clone())],
         crate::nbd::NbdLimits::default(),
+        crate::nbd::TlsMode::Off,
         dir.path().join("vhost"),
         ember_crypto::UnlockLimits::default(),
     )
