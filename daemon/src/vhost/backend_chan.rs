@@ -157,36 +157,12 @@ impl BackendChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
     /// Send `bytes` with one fd in SCM_RIGHTS.
-    fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: &impl AsFd) {
-        let mut cbuf = [0u64; 4];
-        // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE(4) };
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_ptr() as *mut _,
-            iov_len: bytes.len(),
-        };
-        // SAFETY: zeroed msghdr is valid; fields set below.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &raw mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer holds one cmsghdr with room for one fd.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&raw const msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
-            libc::CMSG_DATA(c)
-                .cast::<i32>()
-                .write_unaligned(fd.as_fd().as_raw_fd());
-        }
-        // SAFETY: msg points at live buffers.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0) };
-        assert_eq!(n as usize, bytes.len());
+    fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: &impl AsRawFd) {
+        let n = sock.send_with_fd(bytes, fd.as_raw_fd()).unwrap();
+        assert_eq!(n, bytes.len());
     }
 
     fn header(code: u32, flags: u32, size: u32) -> Vec<u8> {
