@@ -45,7 +45,8 @@ pub struct Request {
     pub len: u64,
     /// Data buffer (Read/Write only).
     pub buf: Buffer,
-    /// The submitter's tag, returned in the completion.
+    /// The submitter's tag, returned in the completion. Opaque to the device; ring
+    /// owners put a [`Tag`](crate::tag::Tag) of their in-flight slot here.
     pub tag: u64,
 }
 

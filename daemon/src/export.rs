@@ -18,6 +18,7 @@ use anyhow::Context;
 use clap::Args;
 use ember_blockdev::layer::throttle::QosLimits;
 use ember_blockdev::stack::{self, StackSpec, Unlock};
+use ember_blockdev::sys::SignalSet;
 use ember_blockdev::{BackendSpec, OpenOptions};
 use std::path::PathBuf;
 
@@ -62,32 +63,6 @@ pub struct ExportArgs {
     /// NBD memory, connection and time limits.
     #[command(flatten)]
     pub nbd_limits: NbdLimitArgs,
-}
-
-/// Block SIGINT and SIGTERM in this thread (and every thread it starts later).
-fn block_signals() -> anyhow::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t for these calls; pthread_sigmask only reads it.
-    let r = unsafe {
-        libc::sigemptyset(&raw mut set);
-        libc::sigaddset(&raw mut set, libc::SIGINT);
-        libc::sigaddset(&raw mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut())
-    };
-    anyhow::ensure!(r == 0, "could not block signals: errno {r}");
-    Ok(set)
-}
-
-/// Wait for one signal of `set`; returns its number.
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-        if unsafe { libc::sigwait(set, &raw mut sig) } == 0 {
-            return sig;
-        }
-    }
 }
 
 /// The backend spec of `--iscsi URI` with the CHAP credentials of `chap_file`.
@@ -152,7 +127,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .top;
     let size = dev.info().size;
 
-    let set = block_signals()?;
+    // Blocked in this thread and every thread it starts later; waited for below.
+    let set = SignalSet::block(&[libc::SIGINT, libc::SIGTERM]).context("block signals")?;
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -206,7 +182,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let sig = wait_signal(&set);
+    let sig = set.wait();
     tracing::info!(signal = sig, "shutting down");
     server.shutdown();
     if let Some(v) = vhost {

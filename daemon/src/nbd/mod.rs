@@ -411,18 +411,16 @@ enum Polled {
 
 /// Wait until `fd` is readable or the poll interval passed.
 fn poll_readable(fd: i32) -> Polled {
-    let mut p = libc::pollfd {
+    let mut p = [libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
-    };
-    // SAFETY: `p` is a valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&raw mut p, 1, ACCEPT_POLL_MS) };
-    match r {
-        r if r > 0 => Polled::Ready,
-        0 => Polled::Idle,
-        _ if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => Polled::Idle,
-        _ => Polled::Failed,
+    }];
+    match ember_blockdev::sys::poll(&mut p, ACCEPT_POLL_MS) {
+        Ok(n) if n > 0 => Polled::Ready,
+        Ok(_) => Polled::Idle,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Polled::Idle,
+        Err(_) => Polled::Failed,
     }
 }
 
@@ -549,23 +547,8 @@ impl SetTimeouts for TcpStream {}
 
 /// The uid and pid of a Unix-socket peer (`SO_PEERCRED`).
 fn peer_cred(s: &UnixStream) -> Option<(u32, i32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid out-pointers of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
-    };
-    (r == 0).then_some((cred.uid, cred.pid))
+    let cred = ember_blockdev::sys::peer_cred(s.as_fd()).ok()?;
+    Some((cred.uid, cred.pid))
 }
 
 /// What the accept loop needs of a listening socket.

@@ -40,7 +40,7 @@ use super::inflight::InflightArea;
 use super::worker::{Cmd, GuestMem, Shared, Start, WorkerHandle};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -151,13 +151,9 @@ fn checked_eventfd(file: File, what: &str) -> VuResult<File> {
             link.display()
         )));
     }
-    // SAFETY: fcntl on an fd we own, with integer arguments only.
-    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+    if let Err(e) = ember_blockdev::sys::set_nonblocking(file.as_fd()) {
         return Err(refuse(format!(
-            "{what} fd: cannot make it non-blocking: {}",
-            io::Error::last_os_error()
+            "{what} fd: cannot make it non-blocking: {e}"
         )));
     }
     Ok(file)

@@ -59,7 +59,7 @@ pub mod session;
 pub mod text;
 
 use crate::backend::scsi::{BlockLimits, Capacity, LunIdentity, Provisioning, StdInquiry};
-use crate::engine::{owner_of, Ring};
+use crate::engine::Ring;
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{DeviceInfo, Extent};
 use crate::{BlockDevice, Queue};
@@ -503,7 +503,7 @@ fn run_until_ready(
         cqes.clear();
         ring.reap(&mut cqes);
         for c in cqes.drain(..) {
-            if owner_of(c.user_data) == q.owner() {
+            if c.owner() == q.owner() {
                 q.complete(&mut ring, c, &mut done);
             }
         }

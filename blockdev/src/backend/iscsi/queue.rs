@@ -6,7 +6,8 @@
 //! the bytes move with non-blocking `recv`/`sendmsg` from the completion handler. None of
 //! these SQEs points into the queue's memory (the timeouts point to statics), so the
 //! queue can be dropped while they are in flight: a late CQE carries this queue's random
-//! epoch in its slot and is ignored by whoever owns the id next. A batch of requests
+//! epoch as the generation of its [`Tag`]'s key and is ignored by whoever owns the id
+//! next. A batch of requests
 //! submitted in one event-loop turn leaves in one `sendmsg` (the NOP's completion comes
 //! after the turn), sent straight from the requests' buffers.
 //!
@@ -26,8 +27,10 @@ use super::session::{Command, Dir, Event, Finished, Outcome, Session};
 use super::Inner;
 use crate::backend::scsi::{self, asc, key, status, Capacity, Cdb, Sense};
 use crate::buf::{Buffer, IoBuf};
-use crate::engine::{user_data, Cqe, OwnerId, Ring};
+use crate::engine::{Cqe, OwnerId, Ring};
 use crate::request::{Completion, Op, Request};
+use crate::slots::{Key, Slots};
+use crate::tag::{Kind, Tag};
 use crate::Queue;
 use io_uring::{opcode, types};
 use std::collections::VecDeque;
@@ -61,14 +64,14 @@ const RECONNECT_FAILED: Duration = Duration::from_secs(30);
 static TICK_FAST: types::Timespec = types::Timespec::new().nsec(50_000_000);
 static TICK_SLOW: types::Timespec = types::Timespec::new().sec(1);
 
-/// Slot kinds (low bits of the slot; the epoch sits above).
-const K_POLL_IN: u64 = 1;
-const K_POLL_OUT: u64 = 2;
-const K_FLUSH: u64 = 3;
-const K_TIMER: u64 = 4;
-const EPOCH_SHIFT: u32 = 8;
+/// Tag kinds of the queue's SQEs (their key is the queue's epoch).
+const K_POLL_IN: Kind = Kind::new(1);
+const K_POLL_OUT: Kind = Kind::new(2);
+const K_FLUSH: Kind = Kind::new(3);
+const K_TIMER: Kind = Kind::new(4);
 
-/// Command cookies: request id, or an internal command.
+/// Command cookies: a request's [`Tag`] (bit 63 clear: its route is 0), or an internal
+/// command.
 const INTERNAL: u64 = 1 << 63;
 
 /// Internal commands.
@@ -184,7 +187,8 @@ pub struct IscsiQueue {
     inner: Arc<Inner>,
     mode: Mode,
     owner: OwnerId,
-    epoch: u64,
+    /// Random key of every SQE of this queue (slot 0, a 15-bit generation).
+    epoch: Key,
     isid: [u8; 6],
     state: State,
     fd: Option<OwnedFd>,
@@ -194,11 +198,12 @@ pub struct IscsiQueue {
     /// Login bytes waiting to go out.
     tx: Vec<u8>,
     tx_sent: usize,
-    reqs: Vec<Option<Req>>,
-    free: Vec<usize>,
-    in_flight: usize,
+    /// Block requests in flight, by the key in their commands' cookies (a [`Tag`]).
+    /// Bounded by the front ends' queue depths; a full table fails a request with
+    /// `EAGAIN`.
+    reqs: Slots<Req>,
     /// Requests waiting for the session (or a back-off), in arrival order.
-    held: VecDeque<usize>,
+    held: VecDeque<Key>,
     poll_in: bool,
     poll_out: bool,
     flush: bool,
@@ -212,7 +217,7 @@ pub struct IscsiQueue {
     last_error: Option<String>,
     acc: SetupAcc,
     /// Requests to complete at the end of the current call.
-    pending_done: Vec<usize>,
+    pending_done: Vec<Key>,
     iovs: Vec<libc::iovec>,
     chap_used: Option<ChapAlg>,
     logged_in_once: bool,
@@ -223,7 +228,7 @@ impl std::fmt::Debug for IscsiQueue {
         f.debug_struct("IscsiQueue")
             .field("owner", &self.owner)
             .field("state", &self.state_name())
-            .field("in_flight", &self.in_flight)
+            .field("in_flight", &self.reqs.len())
             .finish_non_exhaustive()
     }
 }
@@ -239,7 +244,7 @@ impl IscsiQueue {
         let owner = ring.new_owner();
         let mut r = [0u8; 2];
         let _ = getrandom::fill(&mut r);
-        let epoch = u64::from(u16::from_le_bytes(r) & 0x7fff);
+        let epoch = Key::masked(0, u32::from(u16::from_le_bytes(r) & 0x7fff));
         let isid = inner.next_isid();
         let now = Instant::now();
         let mut q = IscsiQueue {
@@ -255,9 +260,7 @@ impl IscsiQueue {
             rend: 0,
             tx: Vec::new(),
             tx_sent: 0,
-            reqs: Vec::new(),
-            free: Vec::new(),
-            in_flight: 0,
+            reqs: Slots::new(Key::MAX_SLOTS),
             held: VecDeque::new(),
             poll_in: false,
             poll_out: false,
@@ -315,8 +318,8 @@ impl IscsiQueue {
         }
     }
 
-    fn ud(&self, kind: u64) -> u64 {
-        user_data(self.owner, (self.epoch << EPOCH_SHIFT) | kind)
+    fn ud(&self, kind: Kind) -> u64 {
+        Tag::new(self.owner, kind, self.epoch).raw()
     }
 
     fn push(&mut self, ring: &mut Ring, e: io_uring::squeue::Entry) -> bool {
@@ -368,12 +371,10 @@ impl IscsiQueue {
             return;
         }
         let fast = !matches!(self.state, State::Ready { .. })
-            || self.held.iter().any(|&i| {
-                self.reqs
-                    .get(i)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|r| r.retry_at.is_some())
-            });
+            || self
+                .held
+                .iter()
+                .any(|&i| self.reqs.get(i).is_some_and(|r| r.retry_at.is_some()));
         let ts: &'static types::Timespec = if fast { &TICK_FAST } else { &TICK_SLOW };
         let e = opcode::Timeout::new(std::ptr::from_ref(ts))
             .build()
@@ -851,28 +852,12 @@ impl IscsiQueue {
 
     // ---- requests ----
 
-    fn alloc_req(&mut self, r: Req) -> usize {
-        self.in_flight += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.reqs[i] = Some(r);
-                i
-            }
-            None => {
-                self.reqs.push(Some(r));
-                self.reqs.len() - 1
-            }
-        }
-    }
-
     /// Complete the requests marked done.
     fn flush_done(&mut self, done: &mut Vec<Completion>) {
         for id in std::mem::take(&mut self.pending_done) {
-            let Some(r) = self.reqs.get_mut(id).and_then(Option::take) else {
+            let Some(r) = self.reqs.remove(id) else {
                 continue;
             };
-            self.free.push(id);
-            self.in_flight -= 1;
             self.held.retain(|&h| h != id);
             done.push(Completion {
                 tag: r.tag,
@@ -882,7 +867,7 @@ impl IscsiQueue {
         }
     }
 
-    fn hold(&mut self, id: usize) {
+    fn hold(&mut self, id: Key) {
         if !self.held.contains(&id) {
             self.held.push_back(id);
         }
@@ -893,8 +878,8 @@ impl IscsiQueue {
         if c.cookie & INTERNAL != 0 {
             return;
         }
-        let id = c.cookie as usize;
-        if let Some(Some(r)) = self.reqs.get_mut(id) {
+        let id = Tag::from_raw(c.cookie).key();
+        if let Some(r) = self.reqs.get_mut(id) {
             r.parts = r.parts.saturating_sub(1);
             r.replay.push(c);
             self.hold(id);
@@ -903,9 +888,9 @@ impl IscsiQueue {
 
     /// Fail every held request with `errno`.
     fn fail_all(&mut self, errno: i32) {
-        let ids: Vec<usize> = self.held.drain(..).collect();
+        let ids: Vec<Key> = self.held.drain(..).collect();
         for id in ids {
-            if let Some(Some(r)) = self.reqs.get_mut(id) {
+            if let Some(r) = self.reqs.get_mut(id) {
                 for c in r.replay.drain(..) {
                     if matches!(r.op, Op::Read | Op::Write { .. }) {
                         r.buf = c.buf;
@@ -943,7 +928,6 @@ impl IscsiQueue {
             let wait = self
                 .reqs
                 .get(id)
-                .and_then(Option::as_ref)
                 .and_then(|r| r.retry_at)
                 .is_some_and(|t| t > now);
             if wait {
@@ -955,12 +939,12 @@ impl IscsiQueue {
     }
 
     /// Put the request's commands on the session: replays first, then new parts.
-    fn drive(&mut self, id: usize, now: Instant) {
+    fn drive(&mut self, id: Key, now: Instant) {
         let State::Ready { session } = &mut self.state else {
             self.hold(id);
             return;
         };
-        let Some(Some(r)) = self.reqs.get_mut(id) else {
+        let Some(r) = self.reqs.get_mut(id) else {
             return;
         };
         r.retry_at = None;
@@ -1186,8 +1170,8 @@ impl IscsiQueue {
     }
 
     fn on_request_command(&mut self, f: Finished, now: Instant) {
-        let id = f.cmd.cookie as usize;
-        let Some(Some(r)) = self.reqs.get(id) else {
+        let id = Tag::from_raw(f.cmd.cookie).key();
+        let Some(r) = self.reqs.get(id) else {
             return;
         };
         let verdict = classify(&f.outcome, r, now, &self.inner.cfg);
@@ -1207,7 +1191,7 @@ impl IscsiQueue {
             }
         }
         let lbs = u64::from(self.inner.lbs());
-        let Some(Some(r)) = self.reqs.get_mut(id) else {
+        let Some(r) = self.reqs.get_mut(id) else {
             return;
         };
         r.parts = r.parts.saturating_sub(1);
@@ -1381,9 +1365,9 @@ fn cdb_lba(c: &Cdb) -> Option<u64> {
 }
 
 /// The next SCSI command of request `r` (and advance `r.next` past it).
-fn next_command(r: &mut Req, id: usize, inner: &Inner) -> Option<Command> {
+fn next_command(r: &mut Req, id: Key, inner: &Inner) -> Option<Command> {
     let lbs = u64::from(inner.lbs());
-    let cookie = id as u64;
+    let cookie = Tag::of(id).raw();
     let lba = r.next / lbs;
     let left = r.end - r.next;
     match r.op {
@@ -1542,7 +1526,7 @@ impl Queue for IscsiQueue {
         } else {
             req.offset + req.len
         };
-        let id = self.alloc_req(Req {
+        let id = self.reqs.insert(Req {
             tag: req.tag,
             op: req.op,
             offset: req.offset,
@@ -1557,6 +1541,17 @@ impl Queue for IscsiQueue {
             retry_at: None,
             replay: Vec::new(),
         });
+        let id = match id {
+            Ok(id) => id,
+            Err(r) => {
+                done.push(Completion {
+                    tag: r.tag,
+                    result: Err(libc::EAGAIN),
+                    buf: r.buf,
+                });
+                return;
+            }
+        };
         self.drive(id, now);
         self.flush_done(done);
         if let State::Ready { session } = &self.state {
@@ -1567,12 +1562,12 @@ impl Queue for IscsiQueue {
     }
 
     fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
-        let slot = cqe.slot();
-        if slot >> EPOCH_SHIFT != self.epoch {
+        let tag = cqe.tag();
+        if tag.key() != self.epoch {
             return;
         }
         let now = Instant::now();
-        match slot & ((1 << EPOCH_SHIFT) - 1) {
+        match tag.kind() {
             K_POLL_IN => {
                 self.poll_in = false;
                 if self.fd.is_some() && cqe.result >= 0 {
@@ -1604,7 +1599,7 @@ impl Queue for IscsiQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.reqs.len()
     }
 }
 
@@ -1640,6 +1635,10 @@ mod tests {
     use crate::backend::iscsi::{Geometry, IscsiConfig, LunInfo};
     use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64};
     use std::sync::{Mutex, OnceLock};
+
+    fn key(slot: u32) -> Key {
+        Key::masked(slot, 0)
+    }
 
     fn req(op: Op, offset: u64, len: u64) -> Req {
         Req {
@@ -1782,16 +1781,19 @@ mod tests {
         let i = inner(geo());
         // 3 MiB discard: UNMAP commands of at most 2 descriptors of 2048 blocks (1 MiB).
         let mut r = req(Op::Discard, 1 << 20, 3 << 20);
-        let c = next_command(&mut r, 7, &i).expect("unmap");
+        let c = next_command(&mut r, key(7), &i).expect("unmap");
         assert_eq!(c.cdb.opcode(), scsi::opcode::UNMAP);
-        assert_eq!((c.dir, c.len, c.cookie), (Dir::Write, 8 + 32, 7));
+        assert_eq!(
+            (c.dir, c.len, c.cookie),
+            (Dir::Write, 8 + 32, Tag::of(key(7)).raw())
+        );
         assert_eq!(r.next, 3 << 20);
-        let c = next_command(&mut r, 7, &i).expect("unmap");
+        let c = next_command(&mut r, key(7), &i).expect("unmap");
         assert_eq!(c.len, 8 + 16);
         assert_eq!(r.next, r.end);
         // Write-zeroes: WRITE SAME(16) with UNMAP of at most 4096 blocks, one block of data.
         let mut r = req(Op::WriteZeroes { unmap: true }, 0, 3 << 20);
-        let c = next_command(&mut r, 1, &i).expect("write same");
+        let c = next_command(&mut r, key(1), &i).expect("write same");
         assert_eq!(c.cdb.0[1], 0x08);
         assert_eq!(
             u32::from_be_bytes(c.cdb.0[10..14].try_into().unwrap()),
@@ -1801,17 +1803,17 @@ mod tests {
         // Without WRITE SAME: written zeros, in chunks of at most 1 MiB.
         i.no_write_same.store(true, Ordering::Relaxed);
         let mut r = req(Op::WriteZeroes { unmap: false }, 0, (2 << 20) + 4096);
-        let c = next_command(&mut r, 1, &i).expect("write");
+        let c = next_command(&mut r, key(1), &i).expect("write");
         assert_eq!(c.cdb.opcode(), scsi::opcode::WRITE_16);
         assert_eq!((c.len, r.next), (1 << 20, 1 << 20));
-        next_command(&mut r, 1, &i).expect("write");
-        let c = next_command(&mut r, 1, &i).expect("write");
+        next_command(&mut r, key(1), &i).expect("write");
+        let c = next_command(&mut r, key(1), &i).expect("write");
         assert_eq!(c.len, 4096);
         assert_eq!(r.next, r.end);
         // Reads and writes are one command each, with the request's buffer.
         let mut r = req(Op::Write { fua: true }, 8192, 4096);
         r.buf = Buffer::Owned(IoBuf::new(4096));
-        let c = next_command(&mut r, 3, &i).expect("write");
+        let c = next_command(&mut r, key(3), &i).expect("write");
         assert_eq!(c.cdb, Cdb::write16(16, 8, true));
         assert!(matches!(r.buf, Buffer::None) && c.buf.len() == 4096);
     }
