@@ -8,7 +8,9 @@
 //! `POST …/tags` replaces the namespace's tags unless `X-Openstack-Append: true`.
 //! Tables: `metadef_objects`, `metadef_tags`.
 
-use super::{begin_ns, check_def, check_name, read_ns, PropertyDef, VOLUME_TYPE_RESOURCE};
+use super::{
+    begin_ns, check_def, check_name, delete_entry, read_ns, PropertyDef, VOLUME_TYPE_RESOURCE,
+};
 use crate::api::{check_len, ApiJson};
 use crate::auth::Ctx;
 use crate::error::{ApiError, ApiResult};
@@ -350,21 +352,8 @@ pub async fn delete_object(
     ctx: Ctx,
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    ctx.require_admin()?;
-    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
-    let n = execute_args(
-        &mut tx,
-        "DELETE FROM metadef_objects WHERE namespace = ? AND name = ?",
-        &[&ns, &name],
-    )
-    .await?;
-    if n == 0 {
-        return Err(ApiError::not_found(format!(
-            "object {name} not found in {ns}"
-        )));
-    }
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    let delete = "DELETE FROM metadef_objects WHERE namespace = ? AND name = ?";
+    delete_entry(&st, &ctx, (&ns, &name), delete, "object").await
 }
 
 // ---- tags ----
@@ -542,19 +531,8 @@ pub async fn delete_tag(
     ctx: Ctx,
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    ctx.require_admin()?;
-    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
-    let n = execute_args(
-        &mut tx,
-        "DELETE FROM metadef_tags WHERE namespace = ? AND name = ?",
-        &[&ns, &name],
-    )
-    .await?;
-    if n == 0 {
-        return Err(ApiError::not_found(format!("tag {name} not found in {ns}")));
-    }
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    let delete = "DELETE FROM metadef_tags WHERE namespace = ? AND name = ?";
+    delete_entry(&st, &ctx, (&ns, &name), delete, "tag").await
 }
 
 // ---- resource types ----
