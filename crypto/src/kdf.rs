@@ -298,11 +298,17 @@ mod tests {
             let at = rng.range(0, m.len() as u64 - 1) as usize;
             let mut bad = m.to_vec();
             bad[at] ^= 1 << rng.range(0, 7);
-            assert_ne!(
-                &af_merge(&bad, n, stripes, h).unwrap()[..],
-                &key[..],
-                "case {case}"
-            );
+            // A flip in the last stripe reaches the key directly; one in an earlier
+            // stripe goes through the diffusion hash, which maps a short key back onto
+            // itself by chance (1 in 256 for a 1-byte key, and af_split's stripes are
+            // random), so only keys of 8 bytes or more are held to that.
+            if at >= (stripes as usize - 1) * n || n >= 8 {
+                assert_ne!(
+                    &af_merge(&bad, n, stripes, h).unwrap()[..],
+                    &key[..],
+                    "case {case}"
+                );
+            }
             assert!(af_merge(&m[..m.len() - 1], n, stripes, h).is_err());
         }
         assert!(af_split(&[1, 2], 0, Hash::Sha1).is_err());
