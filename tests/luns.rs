@@ -233,12 +233,13 @@ impl Node {
             format!("unix:{}", data.join("nbd.sock").display()),
             "--node-name".into(),
             "n1".into(),
-            "--config".into(),
-            cfg.display().to_string(),
             // The LUN volumes are read with plain NBD clients; tests/nbd_tls.rs covers
             // the default (TLS with a key per attachment).
             "--nbd-tls".into(),
             "off".into(),
+            // Last: `reconfigure` rewrites the file the last argument names.
+            "--config".into(),
+            cfg.display().to_string(),
         ];
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = Daemon::spawn(&data, &a);
