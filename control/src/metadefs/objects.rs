@@ -228,13 +228,26 @@ pub(super) async fn insert_object(
     Ok(())
 }
 
+/// Row `name` of namespace `ns` in `table` (objects or tags); 404 names it `what`.
+async fn load_row(
+    conn: &mut AnyConnection,
+    (table, what): (&'static str, &str),
+    ns: &str,
+    name: &str,
+) -> ApiResult<AnyRow> {
+    // `table` is one of two literals, never client input.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT * FROM {table} WHERE namespace = ? AND name = ?"
+    )))
+    .bind(ns.to_string())
+    .bind(name.to_string())
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("{what} {name} not found in {ns}")))
+}
+
 async fn load_object(conn: &mut AnyConnection, ns: &str, name: &str) -> ApiResult<AnyRow> {
-    sqlx::query("SELECT * FROM metadef_objects WHERE namespace = ? AND name = ?")
-        .bind(ns.to_string())
-        .bind(name.to_string())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("object {name} not found in {ns}")))
+    load_row(conn, ("metadef_objects", "object"), ns, name).await
 }
 
 #[utoipa::path(get, path = "/v2/metadefs/namespaces/{namespace}/objects", tag = "metadefs",
@@ -381,12 +394,7 @@ pub(super) async fn insert_tag(conn: &mut AnyConnection, ns: &str, name: &str) -
 }
 
 async fn load_tag(conn: &mut AnyConnection, ns: &str, name: &str) -> ApiResult<AnyRow> {
-    sqlx::query("SELECT * FROM metadef_tags WHERE namespace = ? AND name = ?")
-        .bind(ns.to_string())
-        .bind(name.to_string())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("tag {name} not found in {ns}")))
+    load_row(conn, ("metadef_tags", "tag"), ns, name).await
 }
 
 #[utoipa::path(get, path = "/v2/metadefs/namespaces/{namespace}/tags", tag = "metadefs",
