@@ -21,6 +21,12 @@
 //!   with `NoSpace` while the LUN is smaller than asked.
 //! - Listing ([`DataPlane::list_luns`]) is [`LunPool::scan`]: a discovery login and a
 //!   probe login per LUN, each bounded.
+//! - Health ([`DataPlane::check_luns`], every `--lun-health-secs`): the base device of
+//!   every attached LUN volume is checked ([`BlockDevice::check`]: a short login with the
+//!   identity check, or a read of the host device's first block) and asked for the fault
+//!   its I/O path saw ([`BlockDevice::fault`]: the LUN gone, no session within the
+//!   replacement timeout). One volume after the other, each bounded by its LUN's
+//!   timeouts; the I/O path never waits for it.
 
 use super::{chain, lock, Inner};
 use ember_blockdev::backend::iscsi::chap::{ChapAlg, ChapCredentials};
@@ -30,8 +36,8 @@ use ember_blockdev::pool::lun::{held_by_host, LunSource};
 use ember_blockdev::pool::LunPool;
 use ember_blockdev::{BlockDevice, OpenOptions};
 use ember_control::dataplane::{
-    ChapRef, ChapSecret, DataPlaneError, DpResult, LunPoolInfo, ManageLun, ManageableLun,
-    ManagedLun, ObjectRef,
+    ChapRef, ChapSecret, DataPlaneError, DpResult, LunHealth, LunPoolInfo, ManageLun,
+    ManageableLun, ManagedLun, ObjectRef,
 };
 use ember_crypto::{Disk, Zeroizing};
 use std::sync::Arc;
@@ -346,6 +352,29 @@ impl Inner {
             x.size = new_size;
         }
         Ok(())
+    }
+
+    /// The health check of every attached LUN volume (see the module doc).
+    pub(super) fn check_luns(&self) -> Vec<LunHealth> {
+        let attached: Vec<(String, Arc<dyn BlockDevice>)> = lock(&self.volumes)
+            .attached
+            .iter()
+            .map(|(id, a)| (id.clone(), a.stack.base.clone()))
+            .collect();
+        attached
+            .into_iter()
+            .filter_map(|(id, base)| {
+                let pool = lock(&self.bindings).get(&id)?.pool.clone();
+                let fault = match base.check() {
+                    Err(e) => Some(chain(&e)),
+                    Ok(()) => base.fault(),
+                };
+                Some(LunHealth {
+                    volume: ObjectRef::volume(pool, id),
+                    fault,
+                })
+            })
+            .collect()
     }
 
     /// Statistics of the LUN pools: the bytes of their last scan, none free (nothing
