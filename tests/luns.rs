@@ -997,3 +997,103 @@ fn an_attached_loop_lun_that_shrinks_away_shows_on_its_volume_and_heals() {
     qemu_io(&uri, &format!("read -P 0x4c {MIB} {MIB}"));
     n.detach(&id, &att);
 }
+
+/// A LUN pool with mutual CHAP; `algorithms` as `chap-algorithms` (TOML) or the default.
+fn mutual_config(port: u16, secret_id: &str, target_secret_id: &str, algorithms: &str) -> String {
+    format!(
+        "[pools.array]\nkind = \"lun\"\nportals = [\"127.0.0.1:{port}\"]\ntarget = \"{IQN}\"\n\
+         chap-user = \"ember\"\nchap-secret = \"{secret_id}\"\n\
+         chap-target-user = \"array\"\nchap-target-secret = \"{target_secret_id}\"\n\
+         {algorithms}iscsi-options = \"login_timeout=5&timeout=5\"\n"
+    )
+}
+
+#[test]
+fn mutual_chap_with_secrets_from_the_key_store_against_tgtd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lun1 = d.join("lun1.img");
+    sparse_file(&lun1, GIB);
+    pattern(&lun1, MIB, MIB as usize, 0x6d);
+    let tgt = Tgtd::start(d);
+    tgt.add_lun(&lun1, 1);
+    tgt.chap("ember", "chap-secret-0123");
+    // The target's own (outgoing) account: what it answers Ember's challenge with.
+    tgt.adm(&[
+        "--op",
+        "new",
+        "--mode",
+        "account",
+        "--user",
+        "array",
+        "--password",
+        "array-secret-456",
+    ]);
+    tgt.adm(&[
+        "--op",
+        "bind",
+        "--mode",
+        "account",
+        "--tid",
+        "1",
+        "--user",
+        "array",
+        "--outgoing",
+    ]);
+    let md5 = "chap-algorithms = [\"md5\"]\n";
+    let mut n = Node::start(
+        &d.join("node"),
+        &mutual_config(tgt.port, "none", "none", md5),
+    );
+    let ours = n.secret("chap-secret-0123");
+    let theirs = n.secret("array-secret-456");
+    let impostor = n.secret("not-the-array-secret");
+
+    // The default offer (SHA-256 first): tgtd picks CHAP_A=7 but wants SHA-1 for it,
+    // so even the right secrets fail; the reason says what to do.
+    n.reconfigure(&mutual_config(tgt.port, &ours, &theirs, ""));
+    let (s, v) = n.call("GET", &n.p("/manageable_volumes"), None);
+    assert_eq!(s, 503, "{v}");
+    assert!(fault_message(&v).contains("tgtd does SHA-1 for 7"), "{v}");
+
+    // The target proves a secret other than the one in the key store: no login, a
+    // clear reason in the listing and on the managed volume, nothing read or written.
+    n.reconfigure(&mutual_config(tgt.port, &ours, &impostor, md5));
+    let before = std::fs::read(&lun1).unwrap();
+    let (s, v) = n.call("GET", &n.p("/manageable_volumes"), None);
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        fault_message(&v).contains("failed mutual authentication"),
+        "{v}"
+    );
+    let v = n.manage("array", "lun-1", None);
+    assert_eq!(v["status"], "error", "{v}");
+    assert!(
+        v["lun"]["fault"]
+            .as_str()
+            .unwrap()
+            .contains("failed mutual authentication"),
+        "{v}"
+    );
+    let log = n.daemon.log_text();
+    assert!(!log.contains("not-the-array-secret") && !log.contains("array-secret-456"));
+    n.ok(
+        "DELETE",
+        &n.p(&format!("/volumes/{}", v["id"].as_str().unwrap())),
+        None,
+        202,
+    );
+    assert!(std::fs::read(&lun1).unwrap() == before, "the LUN changed");
+
+    // The right target secret: managed, attached, read and written.
+    n.reconfigure(&mutual_config(tgt.port, &ours, &theirs, md5));
+    let v = n.manage("array", "lun-1", None);
+    assert_eq!(v["status"], "available", "{v}\n{}", n.daemon.log_text());
+    let id = v["id"].as_str().unwrap().to_string();
+    let (att, uri) = n.attach(&id);
+    qemu_io(&uri, &format!("read -P 0x6d {MIB} {MIB}"));
+    qemu_io(&uri, &format!("write -P 0x6e {} {MIB}", 2 * MIB));
+    qemu_io(&uri, "flush");
+    n.detach(&id, &att);
+    assert!(has_pattern(&lun1, 2 * MIB, MIB as usize, 0x6e));
+}
