@@ -6,7 +6,12 @@
 //! an encrypted volume on a blank LUN (opened afterwards by cryptsetup, and a LUKS1 one
 //! read by qemu-io's LUKS driver, with the key from the key store), unmanage (data left intact), and the
 //! faults: a missing CHAP secret, a wrong one, a LUN that disappears (clear status and
-//! reason on the volume, never a hang).
+//! reason on the volume, never a hang). Mutual CHAP with both secrets from the key store
+//! (a wrong target secret refused before any I/O). Faults under attached volumes: a LUN
+//! deleted by tgtd, tgtd killed, a loop LUN that shrinks to nothing; the health check
+//! (`lun-health-secs = 1`) shows each on the volume (`lun.health`, `lun.fault`, polled
+//! with a deadline) while its I/O fails with EIO and the other volumes serve, and the
+//! volume heals through the same attachment once the LUN is back.
 
 mod common;
 
