@@ -14,7 +14,7 @@
 //! The volumes module reads types only through [`resolve`] (visibility applied),
 //! [`by_id`] and [`name_of`], as a [`VolumeType`] (encryption spec, QoS, pool).
 
-use crate::api::{check_len, check_required_name, ApiJson, BoolLike};
+use crate::api::{check_len, check_required_name, ApiJson, BoolLike, MetadataBody};
 use crate::auth::Ctx;
 use crate::dataplane::{LuksVersion, QosLimits, RateLimits};
 use crate::error::{ApiError, ApiResult};
@@ -120,13 +120,6 @@ pub struct TypeUpdate {
 #[serde(deny_unknown_fields)]
 pub struct ExtraSpecsBody {
     pub extra_specs: BTreeMap<String, String>,
-}
-
-/// `POST /types/{id}/metadata` body.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MetadataBody {
-    pub metadata: BTreeMap<String, String>,
 }
 
 /// `POST /types/{id}/encryption` and `PUT …/encryption/{id}` body.
