@@ -1612,18 +1612,7 @@ backend_tests!(metadefs => metadefs_objects_tags_sqlite, metadefs_objects_tags_m
 #[tokio::test]
 async fn metadefs_schemas_describe_the_answers() {
     let f = fx().await;
-    for name in [
-        "namespace",
-        "namespaces",
-        "property",
-        "properties",
-        "object",
-        "objects",
-        "tag",
-        "tags",
-        "resource_type",
-        "resource_types",
-    ] {
+    for name in ember_control::metadefs::schemas::NAMES {
         let (s, _, v) = req(
             &f.h,
             GET,
