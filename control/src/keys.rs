@@ -778,8 +778,7 @@ pub async fn delete_secret(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let (_, a) = acl::access(&st, &ctx, &id).await?;
-    a.require_writer(&id)?;
+    acl::check_writer(&st, &ctx, &id).await?;
     let mut tx = st.db().begin().await?;
     // Volumes and snapshots both keep their key here: either one makes it in use.
     let users = crate::volumes::count_by_secret(&mut tx, &id).await?;
