@@ -5,7 +5,7 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Method, Request};
-use common::{assert_fault, ref_id, Backend, Harness, DELETE, GET, POST, PUT};
+use common::{assert_fault, fields, ref_id, Backend, Harness, DELETE, GET, POST, PUT};
 use serde_json::json;
 
 api_test!(auth_and_projects, |h| {
@@ -692,12 +692,7 @@ api_test!(encryption_specs, |h| {
 
 api_test!(metadefs_api, |h| {
     let v = h.admin_ok(GET, "/v2/metadefs/namespaces", None, 200).await;
-    let names: Vec<&str> = v["namespaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["namespace"].as_str().unwrap())
-        .collect();
+    let names = fields(&v, "namespaces", "namespace");
     assert!(
         names.contains(&"OS::Ember::VolumeType") && names.contains(&"OS::Ember::QoS"),
         "{names:?}"

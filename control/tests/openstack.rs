@@ -9,7 +9,7 @@ mod common;
 
 use axum::http::{Method, StatusCode};
 use common::{
-    assert_fault, ref_id, wait_while, Backend, Harness, DELETE, GET, GIB, PATCH, POST, PUT,
+    assert_fault, fields, ref_id, wait_while, Backend, Harness, DELETE, GET, GIB, PATCH, POST, PUT,
 };
 use ember_control::dataplane::mem::{MemDataPlane, Op};
 use ember_control::dataplane::DataPlaneError;
@@ -493,12 +493,8 @@ async fn volume_update_metadata_and_listing() {
     // Listing: filters, sort, paging with a next link.
     let d = f.v3("/volumes/detail");
     let names = |v: &Value| -> Vec<String> {
-        v["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x["name"].as_str().unwrap().to_string())
-            .collect()
+        let names = fields(v, "volumes", "name");
+        names.into_iter().map(String::from).collect()
     };
     let v = f.ok(GET, &format!("{d}?sort=name:asc"), None, 200).await;
     assert_eq!(names(&v), ["alpha2", "bravo", "charlie"]);

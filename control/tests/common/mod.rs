@@ -424,6 +424,16 @@ where
     }
 }
 
+/// The string `field` of each object in the list `v[list]`.
+pub fn fields<'a>(v: &'a Value, list: &str, field: &str) -> Vec<&'a str> {
+    v[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no list {list:?} in {v}"))
+        .iter()
+        .map(|x| x[field].as_str().unwrap())
+        .collect()
+}
+
 /// The id at the end of a `*_ref` link (`secret_ref`, `order_ref`).
 pub fn ref_id(link: &Value) -> String {
     let link = link
