@@ -1,6 +1,14 @@
 //! Test harness for router-level tests: an opened control plane over SQLite (temp dir)
 //! or a fresh database on the MariaDB named by `EMBER_TEST_MYSQL_URL`, driven with
 //! `tower::ServiceExt::oneshot`.
+//!
+//! What the test files share (put a helper here as soon as a second file needs it):
+//! `Harness` (`new`/`with_dataplane`/`open`, `project`, `token`, the `create_*` fixtures,
+//! `send` → `call_bytes_with` → `call`/`call_with` → `expect`/`fault` and their `admin_*`
+//! forms, `finish`), the method constants and `GIB`, `wait_while` (poll until a status
+//! is left, 30 s deadline), `fields`, `ref_id`, `assert_fault`, and the macros
+//! `api_test!` (a body run on both backends as `<name>::sqlite`/`<name>::mariadb`) and
+//! `backend_tests!` (the two tests of an `async fn(Backend)`, named as given).
 
 #![allow(dead_code)]
 
