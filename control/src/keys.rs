@@ -591,10 +591,7 @@ async fn secret_row(
     conn: &mut sqlx::AnyConnection,
     id: &str,
 ) -> Result<Option<SecretRow>, sqlx::Error> {
-    let r = sqlx::query("SELECT * FROM secrets WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
+    let r = fetch_optional_args(conn, "SELECT * FROM secrets WHERE id = ?", &[id]).await?;
     r.map(|r| {
         Ok(SecretRow {
             project_id: get_str(&r, "project_id")?,

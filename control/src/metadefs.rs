@@ -441,13 +441,8 @@ pub async fn enforce(conn: &mut AnyConnection, key: &str, value: &str) -> ApiRes
         let Some(prop) = key.strip_prefix(prefix.as_str()) else {
             continue;
         };
-        let row = sqlx::query(
-            "SELECT definition FROM metadef_properties WHERE namespace = ? AND name = ?",
-        )
-        .bind(ns.clone())
-        .bind(prop.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
+        let sql = "SELECT definition FROM metadef_properties WHERE namespace = ? AND name = ?";
+        let row = fetch_optional_args(conn, sql, &[&ns, prop]).await?;
         match row {
             Some(r) => {
                 let def: PropertyDef = serde_json::from_str(&get_str(&r, "definition")?)
@@ -1080,12 +1075,8 @@ pub async fn create_property(
         .ok_or_else(|| ApiError::bad_request("`name` is required"))?;
     check_def(&name, &def)?;
     let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
-    let exists =
-        sqlx::query("SELECT name FROM metadef_properties WHERE namespace = ? AND name = ?")
-            .bind(ns.clone())
-            .bind(name.clone())
-            .fetch_optional(&mut *tx)
-            .await?;
+    let sql = "SELECT name FROM metadef_properties WHERE namespace = ? AND name = ?";
+    let exists = fetch_optional_args(&mut tx, sql, &[&ns, &name]).await?;
     if exists.is_some() {
         return Err(ApiError::conflict(format!(
             "property {name} already exists in {ns}"

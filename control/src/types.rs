@@ -20,7 +20,9 @@ use crate::dataplane::{LuksVersion, QosLimits, RateLimits};
 use crate::error::{ApiError, ApiResult};
 use crate::projects::{check_url_project, ensure_project, project_conn};
 use crate::state::AppState;
-use crate::store::{count_args, execute_args, get_i64, get_str, new_id, now, opt_str, Db, Tx};
+use crate::store::{
+    count_args, execute_args, fetch_optional_args, get_i64, get_str, new_id, now, opt_str, Db, Tx,
+};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -629,9 +631,7 @@ pub async fn set_qos_of_all(
 
 /// The name of type `id` (`None` if it is gone).
 pub async fn name_of(conn: &mut AnyConnection, id: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query("SELECT name FROM volume_types WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
+    fetch_optional_args(conn, "SELECT name FROM volume_types WHERE id = ?", &[id])
         .await?
         .map(|r| get_str(&r, "name"))
         .transpose()
