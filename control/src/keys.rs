@@ -31,7 +31,7 @@ use crate::api::{check_len, ApiJson};
 use crate::auth::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use crate::store::{get_str, new_id, now, opt_str};
+use crate::store::{fetch_optional_args, get_str, new_id, now, opt_str};
 use crate::versions::Origin;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -530,9 +530,8 @@ fn payload_type(accept: &str, stored: &str, bytes: &[u8]) -> Option<String> {
 }
 
 async fn open_row(st: &AppState, id: &str) -> ApiResult<(String, Zeroizing<Vec<u8>>)> {
-    let row = sqlx::query("SELECT content_type, sealed FROM secrets WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&st.db().pool)
+    let sql = "SELECT content_type, sealed FROM secrets WHERE id = ?";
+    let row = fetch_optional_args(&mut *st.db().pool.acquire().await?, sql, &[id])
         .await?
         .ok_or_else(|| ApiError::not_found(format!("secret {id} not found")))?;
     let bytes = st.master().open(id, &get_str(&row, "sealed")?)?;
@@ -546,13 +545,14 @@ pub async fn unlock_passphrase(
     project_id: &str,
     secret_id: &str,
 ) -> ApiResult<Zeroizing<Vec<u8>>> {
-    let row =
-        sqlx::query("SELECT secret_type, expiration FROM secrets WHERE id = ? AND project_id = ?")
-            .bind(secret_id.to_string())
-            .bind(project_id.to_string())
-            .fetch_optional(&st.db().pool)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("secret {secret_id} not found")))?;
+    let sql = "SELECT secret_type, expiration FROM secrets WHERE id = ? AND project_id = ?";
+    let row = fetch_optional_args(
+        &mut *st.db().pool.acquire().await?,
+        sql,
+        &[secret_id, project_id],
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("secret {secret_id} not found")))?;
     if is_expired(&opt_str(&row, "expiration")?) {
         return Err(ApiError::bad_request(format!(
             "secret {secret_id} has expired"
@@ -591,10 +591,7 @@ async fn secret_row(
     conn: &mut sqlx::AnyConnection,
     id: &str,
 ) -> Result<Option<SecretRow>, sqlx::Error> {
-    let r = sqlx::query("SELECT * FROM secrets WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
+    let r = fetch_optional_args(conn, "SELECT * FROM secrets WHERE id = ?", &[id]).await?;
     r.map(|r| {
         Ok(SecretRow {
             project_id: get_str(&r, "project_id")?,
@@ -778,8 +775,7 @@ pub async fn delete_secret(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let (_, a) = acl::access(&st, &ctx, &id).await?;
-    a.require_writer(&id)?;
+    acl::check_writer(&st, &ctx, &id).await?;
     let mut tx = st.db().begin().await?;
     // Volumes and snapshots both keep their key here: either one makes it in use.
     let users = crate::volumes::count_by_secret(&mut tx, &id).await?;

@@ -6,7 +6,7 @@ use super::listing::{next_query, select, ListQuery, Listing};
 use super::rows::{self, AttachStatus, Flag, Snap, Vol};
 use super::service::{self, NewSnapshot, NewVolume, Source};
 use super::views::AVAILABILITY_ZONE;
-use crate::api::{check_len, ApiJson, BoolLike, IntLike};
+use crate::api::{check_len, ApiJson, BoolLike, IntLike, MetadataBody};
 use crate::auth::Ctx;
 use crate::dataplane::Protocol;
 use crate::error::{ApiError, ApiResult};
@@ -352,14 +352,6 @@ pub struct SnapshotCreate {
     /// Must be null: Ember has no group snapshots.
     #[schema(value_type = Option<String>)]
     pub group_snapshot_id: Option<Value>,
-}
-
-/// `POST`/`PUT …/metadata` body.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MetadataBody {
-    /// Keys and values.
-    pub metadata: BTreeMap<String, String>,
 }
 
 /// `PUT …/metadata/{key}` body: exactly `{"meta": {"<key>": "<value>"}}`.
