@@ -17,7 +17,10 @@
 //! The volumes module keeps its keys here and reaches them only through this module:
 //! [`check_volume_key`] (a caller's key against the type), [`order_volume_key`] (a new
 //! key a volume owns), [`copy_secret`] (a snapshot's copy of its volume's key),
-//! [`volume_passphrase`] and [`delete_owned`].
+//! [`volume_passphrase`] and [`delete_owned`]; and an NBD attachment's pre-shared key
+//! sealed in its own row ([`seal_attachment_psk`], [`open_attachment_psk`]: the same
+//! master key and AES-256-GCM, `nbd-psk:<attachment id>` as associated data, so a
+//! sealed key opens only in the row it was made for and never as a secret).
 //!
 //! [`acl`]: who reads a secret (its read ACL, by token id) and its user metadata.
 //! Lists page with `limit`/`offset` and answer `total`, `next` and `previous` links.
@@ -753,6 +756,29 @@ pub async fn payload_of(
         Some(k) => Ok(Some(master.open(id, &k.sealed)?)),
         None => Ok(None),
     }
+}
+
+/// Associated data of an attachment's sealed PSK (never a secret id: those are bare UUIDs).
+fn attachment_psk_aad(attachment_id: &str) -> String {
+    format!("nbd-psk:{attachment_id}")
+}
+
+/// Seal an NBD attachment's pre-shared key for its attachment row.
+pub fn seal_attachment_psk(
+    master: &MasterKey,
+    attachment_id: &str,
+    psk: &[u8],
+) -> ApiResult<String> {
+    master.seal(&attachment_psk_aad(attachment_id), psk)
+}
+
+/// Open what [`seal_attachment_psk`] sealed for `attachment_id`.
+pub fn open_attachment_psk(
+    master: &MasterKey,
+    attachment_id: &str,
+    sealed: &str,
+) -> ApiResult<Zeroizing<Vec<u8>>> {
+    master.open(&attachment_psk_aad(attachment_id), sealed)
 }
 
 /// Delete a secret a volume or snapshot owned (with it, in the caller's transaction).
