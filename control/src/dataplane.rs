@@ -249,6 +249,22 @@ pub struct AttachVolume {
     pub passphrase: Option<Passphrase>,
     /// The volume's QoS (shared by all its attachments).
     pub qos: QosLimits,
+    /// NBD with TLS: the attachment's pre-shared key when it has one already (served
+    /// again after a restart, the key unsealed from its row); `None` makes a fresh one.
+    pub nbd_psk: Option<Passphrase>,
+    /// NBD over a Unix socket: the peer (`SO_PEERCRED`) that may connect without TLS
+    /// (the connector's `uid`/`gid`); `None`: no Unix peer is admitted without TLS.
+    pub unix_peer: Option<UnixPeer>,
+}
+
+/// A Unix-socket NBD client an attachment admits by its credentials: a uid, a gid, or
+/// both (at least one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixPeer {
+    /// The peer's uid must be this…
+    pub uid: Option<u32>,
+    /// …and its gid this.
+    pub gid: Option<u32>,
 }
 
 /// TLS credentials an NBD client must present (a pre-shared key per attachment).

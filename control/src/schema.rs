@@ -68,4 +68,6 @@ pub const MIGRATIONS: &[Migration] = &[(
 (8, crate::keys::acl::SCHEMA),
 (9, crate::metadefs::objects::SCHEMA),
 // Volumes on LUN pools (issue 15).
-(10, crate::volumes::manageable::SCHEMA)];
+(10, crate::volumes::manageable::SCHEMA),
+// NBD attachments' sealed pre-shared keys and Unix-socket peers (issue 12).
+(11, crate::volumes::SCHEMA_11)];

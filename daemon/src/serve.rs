@@ -101,10 +101,13 @@ pub struct ServeArgs {
     /// NBD memory, connection and time limits.
     #[command(flatten)]
     pub nbd_limits: NbdLimitArgs,
-    /// NBD TLS on every --nbd listener: `require` gives each NBD attachment its own
-    /// pre-shared key (returned in connection_info.data.tls) and shows its export only to
-    /// a client that authenticated with it; `off` serves every export to every client of
-    /// the listeners, without TLS [default: require].
+    /// NBD TLS on the --nbd listeners: `require` gives each NBD attachment its own
+    /// pre-shared key (returned in connection_info.data.tls, kept sealed with the
+    /// attachment so it survives a restart) and shows its export only to a client that
+    /// authenticated with it; TCP listeners demand TLS, Unix sockets offer it and admit a
+    /// plaintext client only to attachments whose connector named its uid/gid; `off`
+    /// serves every export to every client of the listeners, without TLS [default:
+    /// require].
     #[arg(long, env = "EMBER_NBD_TLS", value_name = "MODE", value_parser = ["off", "require"])]
     pub nbd_tls: Option<String>,
 }

@@ -63,7 +63,7 @@ use crate::dataplane::{
 use crate::error::{ApiError, ApiResult};
 use crate::projects::check_url_project;
 use crate::state::AppState;
-use crate::store::{get_str, new_id, now, opt_str};
+use crate::store::{fetch_optional_args, get_str, new_id, now, opt_str};
 use crate::{keys, types};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -114,10 +114,12 @@ fn managed_row(r: &sqlx::any::AnyRow) -> Result<ManagedRow, sqlx::Error> {
 
 /// The LUN row of volume `id`, if it is a LUN volume.
 pub async fn row_of(conn: &mut AnyConnection, id: &str) -> Result<Option<ManagedRow>, sqlx::Error> {
-    let r = sqlx::query("SELECT * FROM managed_luns WHERE volume_id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
+    let r = fetch_optional_args(
+        conn,
+        "SELECT * FROM managed_luns WHERE volume_id = ?",
+        &[id],
+    )
+    .await?;
     r.as_ref().map(managed_row).transpose()
 }
 
@@ -664,11 +666,8 @@ pub async fn manage(
     .bind(lun.clone())
     .execute(&mut *tx)
     .await?;
-    let held = sqlx::query("SELECT volume_id FROM managed_luns WHERE pool = ? AND lun = ?")
-        .bind(pool.clone())
-        .bind(lun.clone())
-        .fetch_optional(&mut *tx)
-        .await?;
+    let sql = "SELECT volume_id FROM managed_luns WHERE pool = ? AND lun = ?";
+    let held = fetch_optional_args(&mut tx, sql, &[&pool, &lun]).await?;
     if let Some(r) = held {
         return Err(ApiError::conflict(format!(
             "LUN {lun} of pool {pool} is managed already (volume {})",
