@@ -514,6 +514,21 @@ impl Worker {
             mem,
             inflight,
         } = s;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // The used ring as the last backend left it: a `used_event` behind `used`
+            // means the guest was not told of the chains between (see `call_guest`).
+            let m = mem.memory();
+            let size = u64::from(queue.size());
+            tracing::debug!(
+                queue = self.q,
+                used = ?ring_u16(&m, queue.used_ring(), 2),
+                used_event = ?ring_u16(&m, queue.avail_ring(), 4 + 2 * size),
+                guest_avail = ?ring_u16(&m, queue.avail_ring(), 2),
+                base = queue.next_avail(),
+                event_idx = queue.event_idx_enabled(),
+                "virtqueue starting"
+            );
+        }
         let mut counter = 1;
         let mut resubmit = Vec::new();
         if let Some(inf) = &inflight {
@@ -591,14 +606,10 @@ impl Worker {
         let gm = a.mem.memory();
         let size = u64::from(a.queue.size());
         let (avail, used) = (a.queue.avail_ring(), a.queue.used_ring());
-        let read = |base: u64, off: u64| {
-            base.checked_add(off)
-                .and_then(|at| gm.read_obj::<u16>(GuestAddress(at)).ok())
-        };
-        let guest_avail = read(avail, 2);
-        let guest_used = read(used, 2);
-        let used_event = read(avail, 4 + 2 * size);
-        let avail_event = read(used, 4 + 8 * size);
+        let guest_avail = ring_u16(&gm, avail, 2);
+        let guest_used = ring_u16(&gm, used, 2);
+        let used_event = ring_u16(&gm, avail, 4 + 2 * size);
+        let avail_event = ring_u16(&gm, used, 4 + 8 * size);
         let inflight = a.inflight.as_ref().map(|i| i.pending(a.queue.size()));
         tracing::debug!(
             queue = self.q,
@@ -1002,6 +1013,12 @@ impl Worker {
             tracing::debug!(queue = self.q, "signal guest: {e}");
         }
     }
+}
+
+/// The `u16` at `base + off` in guest memory (for diagnostics), if it is there.
+fn ring_u16(m: &Mem, base: u64, off: u64) -> Option<u16> {
+    base.checked_add(off)
+        .and_then(|at| m.read_obj::<u16>(GuestAddress(at)).ok())
 }
 
 /// Wait until `fd` is readable or `timeout` passes.
