@@ -7,6 +7,9 @@
 //! from sysfs to record a host LUN's identity. References: SPC-4 (INQUIRY, VPD pages,
 //! sense), SBC-3 (READ/WRITE(16), UNMAP, WRITE SAME(16), READ CAPACITY(16)).
 
+pub mod alua;
+pub mod pr;
+
 use std::fmt;
 
 /// SCSI status byte values (SAM-5).
