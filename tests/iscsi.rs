@@ -21,6 +21,8 @@ const IQN: &str = "iqn.2026-01.org.ember.test:lun";
 /// A `tgtd` of this test: its own portal port and management socket.
 struct Tgtd {
     child: Option<Child>,
+    /// Loopback address of its portal (127.0.0.1, or 127.0.0.2 for a second path).
+    host: &'static str,
     port: u16,
     ctl: u16,
     log: PathBuf,
@@ -28,11 +30,16 @@ struct Tgtd {
 
 impl Tgtd {
     fn start(dir: &Path) -> Tgtd {
+        Tgtd::start_on(dir, "127.0.0.1")
+    }
+
+    fn start_on(dir: &Path, host: &'static str) -> Tgtd {
         require_tool("tgtd");
         require_tool("tgtadm");
         let port = free_port();
         let mut t = Tgtd {
             child: None,
+            host,
             port,
             // The management socket is /var/run/tgtd/socket.N (N a short int): derived
             // from the port, which is unique among the tgtd of concurrent tests.
@@ -56,7 +63,7 @@ impl Tgtd {
                 "-C",
                 &self.ctl.to_string(),
                 "--iscsi",
-                &format!("portal=127.0.0.1:{}", self.port),
+                &format!("portal={}:{}", self.host, self.port),
             ])
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup"))
@@ -89,7 +96,7 @@ impl Tgtd {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        wait_for_tcp(&format!("127.0.0.1:{}", self.port), START);
+        wait_for_tcp(&format!("{}:{}", self.host, self.port), START);
     }
 
     fn log_text(&self) -> String {
@@ -143,7 +150,11 @@ impl Tgtd {
     }
 
     fn uri(&self, lun: u16, query: &str) -> String {
-        format!("iscsi://127.0.0.1:{}/{IQN}/{lun}{query}", self.port)
+        format!("iscsi://{}/{IQN}/{lun}{query}", self.portal())
+    }
+
+    fn portal(&self) -> String {
+        format!("{}:{}", self.host, self.port)
     }
 
     fn kill(&mut self) {
@@ -877,5 +888,79 @@ fn a_lun_that_disappears_fails_io_clearly_and_comes_back() {
     tgt.add_lun(&backing, 1, false);
     let text = io("read -P 0x11 0 64k");
     assert!(text.contains("read 65536/65536"), "{text}");
+    exp.stop();
+}
+
+/// Two `tgtd`s on one backing file (one LUN, same SCSI ID and serial: two paths of one
+/// LUN, as two array controllers), one on 127.0.0.1 and one on 127.0.0.2. Ember's
+/// export uses both; each is killed in turn under fio verify and brought back: the
+/// workload sees no error, the data verifies, and each path comes back by itself.
+#[test]
+fn multipath_survives_each_path_dying_under_fio_verify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("lun.img");
+    sparse_file(&backing, 64 << 20);
+    let mut a = Tgtd::start_on(dir.path(), "127.0.0.1");
+    a.target(&backing, 1, false);
+    let mut b = Tgtd::start_on(dir.path(), "127.0.0.2");
+    b.target(&backing, 1, false);
+    let uri = format!(
+        "iscsi://{},{}/{IQN}/1?nop_interval=1&nop_timeout=2&replacement_timeout=30",
+        a.portal(),
+        b.portal()
+    );
+    let exp = Export::start(dir.path(), &["--iscsi", &uri]);
+    let log = exp.daemon.log_text();
+    assert!(log.contains("multipath LUN opened"), "{log}");
+    assert!(log.contains("reachable=2"), "{log}");
+    let nbd = exp.uri();
+    let d = dir.path().to_path_buf();
+    let fio = std::thread::spawn(move || {
+        fio_verify(&d, &nbd, "64M", &["--rate=6m", "--verify_backlog=256"])
+    });
+    let ups = |portal: &str| {
+        exp.daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("multipath: path up") && l.contains(portal))
+            .count()
+    };
+    let downs = |portal: &str| {
+        exp.daemon
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("multipath: path down") && l.contains(portal))
+            .count()
+    };
+    // Kill a path, bring it back, and wait until the export uses it again (failback).
+    let cycle = |t: &mut Tgtd| {
+        let before = ups(&t.portal());
+        assert!(before >= 1, "{}", exp.daemon.log_text());
+        t.kill();
+        std::thread::sleep(Duration::from_secs(2));
+        t.spawn();
+        t.target(&backing, 1, false);
+        let since = Instant::now();
+        while ups(&t.portal()) <= before {
+            assert!(
+                since.elapsed() < START,
+                "path {} did not come back: {}",
+                t.portal(),
+                exp.daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    cycle(&mut a);
+    cycle(&mut b);
+    let text = fio.join().expect("fio thread");
+    assert!(text.contains("err= 0"), "{text}");
+    let log = exp.daemon.log_text();
+    assert!(downs(&a.portal()) >= 1 && downs(&b.portal()) >= 1, "{log}");
+    assert!(!log.contains("failing the request"), "{log}");
+    for l in log.lines().filter(|l| l.contains("multipath")) {
+        eprintln!("{l}");
+    }
     exp.stop();
 }

@@ -270,6 +270,8 @@ pub mod asc {
     pub const POWER_ON_RESET: u8 = 0x29;
     /// CAPACITY DATA HAS CHANGED.
     pub const CAPACITY_CHANGED: u16 = 0x2a09;
+    /// REGISTRATIONS PREEMPTED (persistent reservations: this nexus lost its key).
+    pub const REGISTRATIONS_PREEMPTED: u16 = 0x2a05;
     /// SPACE ALLOCATION FAILED WRITE PROTECT (thin pool full).
     pub const SPACE_ALLOCATION_FAILED: u16 = 0x2707;
     /// INQUIRY DATA HAS CHANGED.

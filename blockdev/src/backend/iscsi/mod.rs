@@ -44,8 +44,22 @@
 //!   the target's answer decides. MaxOutstandingR2T=1, in-order data only.
 //! - CHAP one-way and mutual, MD5 (default), SHA-1 and SHA-256 by configuration. No
 //!   SRP/Kerberos. Login redirection (status class 1) is reported, not followed.
-//! - No discovery sessions (SendTargets), no iSER, no AHS (bidirectional/extended CDBs),
-//!   no persistent reservations or ALUA yet (the multipath issue builds on this).
+//! - No discovery sessions (SendTargets), no iSER, no AHS (bidirectional/extended CDBs).
+//! - Several portals of one target (`iscsi://HOST1,HOST2/…`) make a multipath device
+//!   ([`crate::backend::multipath`]): one session per portal per I/O thread, ALUA-aware
+//!   selection, failover without an error to the client.
+//! - Persistent reservations ([`crate::backend::scsi::pr`]), for fencing: with
+//!   `pr_key=KEY` every session (each I/O thread's, each path's) registers the node's key
+//!   at set-up (REGISTER AND IGNORE EXISTING KEY), after the identity check, so that every
+//!   I_T nexus of the node may write under a Write Exclusive – Registrants Only
+//!   reservation. [`IscsiDevice::pr_out`] and the READ KEYS / READ RESERVATION calls run
+//!   on an administrative session with one fixed ISID per device. A node whose key was
+//!   preempted (unit attention REGISTRATIONS PREEMPTED 2A/05, or its key missing from
+//!   READ KEYS when a session logs in again) is fenced: it never registers again on its
+//!   own, and its writes fail with EBADE (RESERVATION CONFLICT), never retried on another
+//!   path. There is a window between that READ KEYS and the REGISTER in which a
+//!   preemption is undone by the re-registration; the cluster's lease (the node stops
+//!   writing when its lease ends) closes it, not SCSI.
 //! - Why not libiscsi: there is no Rust initiator worth building on (the one crate is
 //!   AGPL and Tokio-bound); Debian 12's libiscsi 1.19 reconnects only to its first
 //!   portal and needs its own event loop per context, so requests would hop threads.
@@ -58,13 +72,14 @@ pub mod queue;
 pub mod session;
 pub mod text;
 
+use crate::backend::scsi::pr::{self, PrIn, PrKeys, PrOut, PrReservation};
 use crate::backend::scsi::{BlockLimits, Capacity, LunIdentity, Provisioning, StdInquiry};
 use crate::engine::{owner_of, Ring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{DeviceInfo, Extent};
 use crate::{BlockDevice, Queue};
 use chap::{ChapAlg, ChapCredentials};
-use queue::{IscsiQueue, Mode};
+use queue::{AdminCmd, IscsiQueue, Mode};
 use session::Timeouts;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -88,6 +103,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct IscsiConfig {
     /// `host:port` of the portal.
     pub portal: String,
+    /// Further portals of the same target, for multipath (`iscsi://HOST1,HOST2/…`).
+    pub extra_portals: Vec<String>,
     /// Target IQN.
     pub target: String,
     /// LUN number.
@@ -112,6 +129,8 @@ pub struct IscsiConfig {
     pub request_timeout: Duration,
     /// Refuse writes.
     pub read_only: bool,
+    /// This node's persistent-reservation key: every session registers it (non-zero).
+    pub pr_key: Option<u64>,
 }
 
 impl PartialEq for ChapCredentials {
@@ -158,10 +177,13 @@ fn secs(k: &str, v: &str) -> Result<Duration> {
 }
 
 impl IscsiConfig {
-    /// Parse `iscsi://[user@]host[:port]/target-iqn/lun[?params]`. Parameters:
+    /// Parse `iscsi://[user@]host[:port][,host2[:port]…]/target-iqn/lun[?params]`
+    /// (several portals: one LUN through several paths, see
+    /// [`crate::backend::multipath`]). Parameters:
     /// `header_digest`/`data_digest` (`crc32c` or `none`), `initiator` (IQN), `ro`,
     /// and timers in seconds: `login_timeout`, `replacement_timeout`,
-    /// `request_timeout`, `timeout` (per command), `nop_interval`, `nop_timeout`.
+    /// `request_timeout`, `timeout` (per command), `nop_interval`, `nop_timeout`;
+    /// `pr_key` (hex, `0x` optional, non-zero): the node's persistent-reservation key.
     /// A password in the URI (`user%password@`) is refused: CHAP secrets come from a
     /// credentials file or the key manager.
     pub fn parse_uri(uri: &str) -> Result<IscsiConfig> {
@@ -195,19 +217,33 @@ impl IscsiConfig {
             .ok()
             .filter(|l| *l < 16384)
             .ok_or_else(|| bad(format!("LUN {lun:?} is not a number below 16384")))?;
-        let portal = if portal.starts_with('[') {
-            if portal.contains("]:") {
+        let with_port = |portal: &str| {
+            if portal.starts_with('[') {
+                if portal.contains("]:") {
+                    portal.to_string()
+                } else {
+                    format!("{portal}:{DEFAULT_PORT}")
+                }
+            } else if portal.contains(':') {
                 portal.to_string()
             } else {
                 format!("{portal}:{DEFAULT_PORT}")
             }
-        } else if portal.contains(':') {
-            portal.to_string()
-        } else {
-            format!("{portal}:{DEFAULT_PORT}")
         };
+        let mut portals = Vec::new();
+        for p in portal.split(',') {
+            if p.is_empty() {
+                return Err(bad(format!("{uri:?}: an empty portal in the list")));
+            }
+            let p = with_port(p);
+            if !portals.contains(&p) {
+                portals.push(p);
+            }
+        }
+        let portal = portals.remove(0);
         let mut c = IscsiConfig {
             portal,
+            extra_portals: portals,
             target: target.to_string(),
             lun,
             initiator_name: default_initiator_name(),
@@ -220,6 +256,7 @@ impl IscsiConfig {
             replacement_timeout: DEFAULT_REPLACEMENT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             read_only: false,
+            pr_key: None,
         };
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -241,6 +278,17 @@ impl IscsiConfig {
                 "timeout" => c.timeouts.cmd_timeout = secs(k, v)?,
                 "nop_interval" => c.timeouts.nop_interval = secs(k, v)?,
                 "nop_timeout" => c.timeouts.nop_timeout = secs(k, v)?,
+                "pr_key" => {
+                    let hex = v.strip_prefix("0x").unwrap_or(v);
+                    c.pr_key = Some(
+                        u64::from_str_radix(hex, 16)
+                            .ok()
+                            .filter(|k| *k != 0)
+                            .ok_or_else(|| {
+                                bad(format!("pr_key={v}: expected a non-zero hex key"))
+                            })?,
+                    );
+                }
                 _ => return Err(bad(format!("unknown parameter {k:?} for iscsi://"))),
             }
         }
@@ -274,6 +322,8 @@ pub struct LunInfo {
     pub chap: Option<ChapAlg>,
     /// Parameters negotiated at open.
     pub params: Option<Negotiated>,
+    /// The TPGS field of standard INQUIRY (0: no ALUA).
+    pub tpgs: u8,
 }
 
 /// Limits derived once from [`LunInfo`], read on the I/O path.
@@ -321,6 +371,15 @@ impl Geometry {
     }
 }
 
+/// Persistent-reservation state of a node's sessions to one LUN (shared by its paths).
+#[derive(Debug, Default)]
+pub(crate) struct PrState {
+    /// A session has registered the key.
+    pub(crate) registered: AtomicBool,
+    /// The key was preempted: never register it again.
+    pub(crate) fenced: AtomicBool,
+}
+
 /// State shared by the device and its queues.
 #[derive(Debug)]
 pub(crate) struct Inner {
@@ -333,6 +392,7 @@ pub(crate) struct Inner {
     pub(crate) no_unmap: AtomicBool,
     isid_base: [u8; 3],
     next_qualifier: AtomicU16,
+    pub(crate) pr: Arc<PrState>,
 }
 
 impl Inner {
@@ -345,6 +405,12 @@ impl Inner {
             .to_be_bytes();
         let b = self.isid_base;
         [0x80, b[0], b[1], b[2], q[0], q[1]]
+    }
+
+    /// The ISID of the device's administrative session (qualifier 0, never a queue's).
+    pub(crate) fn admin_isid(&self) -> [u8; 6] {
+        let b = self.isid_base;
+        [0x80, b[0], b[1], b[2], 0, 0]
     }
 
     pub(crate) fn geometry(&self) -> Geometry {
@@ -382,6 +448,41 @@ pub struct IscsiDevice {
 impl IscsiDevice {
     /// Log in once, learn the LUN, log out; fail with a clear error if it cannot be used.
     pub fn open(cfg: IscsiConfig) -> Result<IscsiDevice> {
+        let inner = IscsiDevice::prepare(cfg, Arc::default())?;
+        IscsiDevice::probe(inner)
+    }
+
+    /// Open one path of a multipath device: `pr` is shared by every path.
+    pub(crate) fn open_path(cfg: IscsiConfig, pr: Arc<PrState>) -> Result<IscsiDevice> {
+        let inner = IscsiDevice::prepare(cfg, pr)?;
+        IscsiDevice::probe(inner)
+    }
+
+    /// A path to the LUN `like` was opened through, by another portal that did not
+    /// answer at open: it takes `like`'s geometry and identity, and its sessions log in
+    /// when the portal answers (and check that it is the same LUN).
+    pub(crate) fn unprobed(cfg: IscsiConfig, like: &IscsiDevice) -> Result<IscsiDevice> {
+        let inner = IscsiDevice::prepare(cfg, like.inner.pr.clone())?;
+        *inner.info.lock().unwrap_or_else(|e| e.into_inner()) = like.lun_info();
+        let _ = inner.geometry.set(like.inner.geometry());
+        inner
+            .size
+            .store(like.inner.size.load(Ordering::Acquire), Ordering::Release);
+        Ok(IscsiDevice { inner })
+    }
+
+    /// A fail-fast queue of this path for a multipath queue: SQEs with `owner`, path
+    /// number `index`.
+    pub(crate) fn path_queue(
+        &self,
+        ring: &mut Ring,
+        owner: crate::engine::OwnerId,
+        index: u8,
+    ) -> IscsiQueue {
+        IscsiQueue::with_owner(self.inner.clone(), ring, Mode::Serve, owner, Some(index))
+    }
+
+    fn prepare(cfg: IscsiConfig, pr: Arc<PrState>) -> Result<Arc<Inner>> {
         if let (Some(u), Some(c)) = (&cfg.uri_user, &cfg.chap) {
             if *u != c.user {
                 return Err(Error::new(
@@ -423,7 +524,12 @@ impl IscsiDevice {
             no_unmap: AtomicBool::new(false),
             isid_base: r,
             next_qualifier: AtomicU16::new(1),
+            pr,
         });
+        Ok(inner)
+    }
+
+    fn probe(inner: Arc<Inner>) -> Result<IscsiDevice> {
         let (chap, params) = run_until_ready(&inner, Mode::Probe)?;
         {
             let mut info = inner.info.lock().unwrap_or_else(|e| e.into_inner());
@@ -468,6 +574,47 @@ impl IscsiDevice {
     pub fn config(&self) -> &IscsiConfig {
         &self.inner.cfg
     }
+
+    /// PERSISTENT RESERVE OUT through the device's administrative session (which has
+    /// registered the node's `pr_key` first, unless the node is fenced). A refusal
+    /// (RESERVATION CONFLICT, ILLEGAL REQUEST) is an error naming it.
+    pub fn pr_out(&self, c: PrOut) -> Result<()> {
+        self.admin(AdminCmd::pr_out(c), c.name()).map(drop)
+    }
+
+    /// PERSISTENT RESERVE IN, READ KEYS.
+    pub fn pr_read_keys(&self) -> Result<PrKeys> {
+        let b = self.admin(AdminCmd::pr_in(PrIn::ReadKeys), "READ KEYS")?;
+        pr::parse_read_keys(&b).ok_or_else(|| Error::new(ErrorKind::Io, "READ KEYS: short answer"))
+    }
+
+    /// PERSISTENT RESERVE IN, READ RESERVATION (`None`: nothing reserved).
+    pub fn pr_read_reservation(&self) -> Result<Option<PrReservation>> {
+        let b = self.admin(AdminCmd::pr_in(PrIn::ReadReservation), "READ RESERVATION")?;
+        pr::parse_read_reservation(&b)
+            .ok_or_else(|| Error::new(ErrorKind::Io, "READ RESERVATION: short answer"))
+    }
+
+    /// The node's key was preempted on this LUN (see the module doc).
+    pub fn is_fenced(&self) -> bool {
+        self.inner.pr.fenced.load(Ordering::Acquire)
+    }
+
+    fn admin(&self, cmd: AdminCmd, what: &str) -> Result<Vec<u8>> {
+        let mut ring = Ring::new(64).map_err(|e| Error::io("io_uring setup", e))?;
+        let mut q = IscsiQueue::new(self.inner.clone(), &mut ring, Mode::Serve);
+        q.set_admin(self.inner.admin_isid(), vec![cmd]);
+        drive_until_ready(&self.inner, &mut ring, &mut q)?;
+        let at = format!(
+            "{what} on LUN {} of {} at {}",
+            self.inner.cfg.lun, self.inner.cfg.target, self.inner.portal
+        );
+        match q.take_admin_results().into_iter().next().flatten() {
+            Some(Ok(b)) => Ok(b),
+            Some(Err(m)) => Err(Error::new(ErrorKind::Io, format!("{at}: {m}"))),
+            None => Err(Error::new(ErrorKind::Io, format!("{at}: not sent"))),
+        }
+    }
 }
 
 /// Drive one queue on a private ring until its session is ready (probe or refresh).
@@ -477,6 +624,15 @@ fn run_until_ready(
 ) -> Result<(Option<ChapAlg>, Option<Negotiated>)> {
     let mut ring = Ring::new(64).map_err(|e| Error::io("io_uring setup", e))?;
     let mut q = IscsiQueue::new(inner.clone(), &mut ring, mode);
+    drive_until_ready(inner, &mut ring, &mut q)
+}
+
+/// Run `q` on `ring` until its session is ready (set-up done), fails, or times out.
+fn drive_until_ready(
+    inner: &Arc<Inner>,
+    ring: &mut Ring,
+    q: &mut IscsiQueue,
+) -> Result<(Option<ChapAlg>, Option<Negotiated>)> {
     let limit = inner.cfg.login_timeout + inner.cfg.timeouts.cmd_timeout;
     let deadline = Instant::now() + limit;
     let mut cqes = Vec::new();
@@ -504,7 +660,7 @@ fn run_until_ready(
         ring.reap(&mut cqes);
         for c in cqes.drain(..) {
             if owner_of(c.user_data) == q.owner() {
-                q.complete(&mut ring, c, &mut done);
+                q.complete(ring, c, &mut done);
             }
         }
     }

@@ -1,0 +1,627 @@
+//! Multipath: one LUN reached through several iSCSI portals, used active-active, with
+//! ALUA-aware path selection and failover that the client never sees.
+//!
+//! ## Design
+//! ```text
+//!   front end ─ Request ─▶ MultipathQueue (one per I/O thread, one ring owner id)
+//!                           │ choose a path: usable ALUA class first, then least outstanding
+//!                           ▼
+//!             IscsiQueue path 0 … IscsiQueue path N-1 (one session each, fail-fast mode)
+//! ```
+//! - **Paths and identity.** `iscsi://HOST1[:PORT],HOST2[:PORT]/IQN/LUN` names the
+//!   portals of one target. [`MultipathDevice::open`] probes every portal (a login,
+//!   INQUIRY, VPD 0x80/0x83, READ CAPACITY) and groups them only when the LUN identity
+//!   (the logical-unit designators of VPD 0x83 and the serial of VPD 0x80) is the same
+//!   through each: a portal that answers with another LUN is an error at open, and a
+//!   later login that finds another LUN fails that path only (the session's identity
+//!   check). A portal that cannot be reached at open is kept, with the geometry learned
+//!   through the others, and comes up when it answers. At least one portal must answer.
+//! - **Per thread, per path.** Each I/O thread's [`MultipathQueue`] has one session per
+//!   portal. The path queues share the multipath queue's ring owner id and carry their
+//!   index in the slot bits above [`PATH_SHIFT`], so the front end routes every CQE of
+//!   the device to this queue, which hands it to its path. No lock on the I/O path.
+//! - **Selection.** A path is usable when its session is logged in and its port's ALUA
+//!   state allows media access: active/optimized first; active/non-optimized (and
+//!   LBA-dependent) only when no optimized path is up; standby, unavailable, offline and
+//!   transitioning never. A LUN without ALUA (TPGS 0, as tgtd) has every path optimized.
+//!   Within the best class the path with the fewest outstanding requests wins, ties go
+//!   round-robin: dm-multipath's `queue-length`, which is what `service-time` reduces to
+//!   when the paths are of equal speed.
+//! - **ALUA re-evaluation.** Each session reads REPORT TARGET PORT GROUPS at login and
+//!   again on the unit attentions ASYMMETRIC ACCESS STATE CHANGED (2A/06), IMPLICIT
+//!   TRANSITION FAILED (2A/07) and power-on/reset, and when a command fails NOT READY
+//!   04/0A (transitioning), 04/0B (standby) or 04/0C (unavailable); such a command fails
+//!   over to another path at once.
+//! - **Failover.** A path queue completes with [`PATH_FAILED`] (ENOLINK, the kernel's
+//!   errno for a transport error) every request it cannot finish: the commands of a
+//!   connection that died (reset, EOF, bad PDU, unanswered NOP-Out ping after
+//!   `nop_interval + nop_timeout`), a command that timed out (`timeout`, after its ABORT
+//!   TASK), a port ALUA makes inaccessible. The multipath queue re-drives the whole
+//!   request on another usable path (reads, writes, flushes, UNMAP and WRITE SAME are
+//!   idempotent, so a part that reached the LUN through the dead path is harmless), with
+//!   the request's own buffer. A reservation conflict (fencing) and medium or
+//!   illegal-request errors are the LUN's answer and go to the client.
+//! - **No path.** While no path is usable, requests wait in the multipath queue (the
+//!   paths keep logging in with back-off); after `replacement_timeout` of waiting (like
+//!   dm-multipath's `no_path_retry`) they fail with EIO. A request is also bounded in
+//!   total by `request_timeout`. Never an unkillable hang.
+//! - **Failback.** A path that logs in again (and reads an ALUA state that allows I/O)
+//!   is chosen again by the next request; nothing else is needed.
+//!
+//! ## What is implemented, and what is not
+//! - iSCSI portals only. Host block devices with several paths are served through the
+//!   kernel's dm-multipath device (a file path); Ember does not group `/dev/sdX` paths
+//!   itself, because a file queue's errors do not tell a path failure from a medium
+//!   error as precisely as a SCSI status does.
+//! - Path states are logged (per I/O thread) and available from
+//!   [`MultipathDevice::path_states`]; the REST API, `emberctl` and metrics do not show
+//!   them yet.
+//! - ALUA: implicit only (Ember never sends SET TARGET PORT GROUPS). tgtd (Debian's tgt
+//!   1.0.85) reports TPGS 0 and has no REPORT TARGET PORT GROUPS, so the ALUA logic is
+//!   tested from bytes, not against a target.
+//! - Persistent reservations: every path's sessions register the node's `pr_key` (the
+//!   paths share the fenced state); PREEMPT and the rest go through the first path that
+//!   answers ([`MultipathDevice::pr_out`]).
+
+use crate::backend::iscsi::queue::{IscsiQueue, PATH_SHIFT};
+use crate::backend::iscsi::{IscsiConfig, IscsiDevice};
+use crate::backend::scsi::alua::AluaState;
+use crate::backend::scsi::pr::{PrKeys, PrOut, PrReservation};
+use crate::backend::scsi::LunIdentity;
+use crate::buf::Buffer;
+use crate::engine::{Cqe, OwnerId, Ring};
+use crate::error::{Error, ErrorKind, Result};
+use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
+use crate::{BlockDevice, Queue};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The errno a path queue completes a request with when another path should take it
+/// (ENOLINK: what the kernel returns for a transport error, BLK_STS_TRANSPORT).
+pub const PATH_FAILED: i32 = libc::ENOLINK;
+/// Most paths of one LUN (the path index lives in 8 slot bits).
+pub const MAX_PATHS: usize = 32;
+
+/// One LUN through several portals of one target.
+#[derive(Debug)]
+pub struct MultipathDevice {
+    paths: Vec<Arc<IscsiDevice>>,
+    /// How long a request waits for a usable path.
+    no_path_timeout: Duration,
+    /// How long a request may take in all, failovers included.
+    request_timeout: Duration,
+}
+
+/// What one path looks like from one I/O thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathState {
+    /// `host:port` of the portal.
+    pub portal: String,
+    /// Logged in.
+    pub up: bool,
+    /// ALUA access state of its port (`None`: no ALUA).
+    pub alua: Option<AluaState>,
+}
+
+impl MultipathDevice {
+    /// Open the LUN through `cfg.portal` and every portal of `cfg.extra_portals`.
+    pub fn open(cfg: IscsiConfig) -> Result<MultipathDevice> {
+        let mut portals = vec![cfg.portal.clone()];
+        for p in &cfg.extra_portals {
+            if !portals.contains(p) {
+                portals.push(p.clone());
+            }
+        }
+        if portals.len() > MAX_PATHS {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!("{} portals: at most {MAX_PATHS}", portals.len()),
+            ));
+        }
+        let path_cfg = |p: &str| {
+            let mut c = cfg.clone();
+            c.portal = p.to_string();
+            c.extra_portals.clear();
+            c
+        };
+        let mut opened: Vec<Option<IscsiDevice>> = Vec::new();
+        let mut errors = Vec::new();
+        let pr = Arc::default();
+        for p in &portals {
+            match IscsiDevice::open_path(path_cfg(p), Arc::clone(&pr)) {
+                Ok(d) => opened.push(Some(d)),
+                Err(e) => {
+                    tracing::warn!(portal = %p, error = %e, "multipath: portal not reachable at open; it joins when it answers");
+                    errors.push(format!("{p}: {e}"));
+                    opened.push(None);
+                }
+            }
+        }
+        let Some(first) = opened.iter().flatten().next() else {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("no portal of the LUN answered: {}", errors.join("; ")),
+            ));
+        };
+        let id: Option<LunIdentity> = first.identity();
+        for (p, d) in portals.iter().zip(&opened) {
+            if let Some(d) = d {
+                if d.identity() != id {
+                    return Err(Error::new(
+                        ErrorKind::InvalidConfig,
+                        format!(
+                            "portal {p} serves another LUN ({}) than {} ({}); refusing to group them",
+                            d.identity().map(|i| i.to_string()).unwrap_or_default(),
+                            portals[0],
+                            id.as_ref().map(|i| i.to_string()).unwrap_or_default()
+                        ),
+                    ));
+                }
+            }
+        }
+        let mut paths = Vec::with_capacity(portals.len());
+        for (p, d) in portals.iter().zip(opened.iter()) {
+            let dev = match d {
+                Some(_) => None,
+                None => Some(IscsiDevice::unprobed(path_cfg(p), first)?),
+            };
+            paths.push(dev);
+        }
+        let mut devs = Vec::with_capacity(portals.len());
+        for (o, u) in opened.into_iter().zip(paths) {
+            if let Some(d) = o.or(u) {
+                devs.push(Arc::new(d));
+            }
+        }
+        tracing::info!(
+            target_name = %cfg.target,
+            lun = cfg.lun,
+            portals = %portals.join(","),
+            reachable = portals.len() - errors.len(),
+            "multipath LUN opened"
+        );
+        Ok(MultipathDevice {
+            paths: devs,
+            no_path_timeout: cfg.replacement_timeout,
+            request_timeout: cfg.request_timeout,
+        })
+    }
+
+    /// The portals, in path order.
+    pub fn portals(&self) -> Vec<String> {
+        self.paths
+            .iter()
+            .map(|p| p.config().portal.clone())
+            .collect()
+    }
+
+    /// The path devices.
+    pub fn paths(&self) -> &[Arc<IscsiDevice>] {
+        &self.paths
+    }
+
+    /// PERSISTENT RESERVE OUT through the first path that answers. The LUN's answer
+    /// (a conflict, an illegal request) is final; a path that cannot log in is skipped.
+    pub fn pr_out(&self, c: PrOut) -> Result<()> {
+        self.first_path(|p| p.pr_out(c))
+    }
+
+    /// READ KEYS through the first path that answers.
+    pub fn pr_read_keys(&self) -> Result<PrKeys> {
+        self.first_path(IscsiDevice::pr_read_keys)
+    }
+
+    /// READ RESERVATION through the first path that answers.
+    pub fn pr_read_reservation(&self) -> Result<Option<PrReservation>> {
+        self.first_path(IscsiDevice::pr_read_reservation)
+    }
+
+    fn first_path<T>(&self, f: impl Fn(&IscsiDevice) -> Result<T>) -> Result<T> {
+        let mut last = None;
+        for p in &self.paths {
+            match f(p) {
+                Ok(v) => return Ok(v),
+                // The LUN answered (the message names the SCSI status): final.
+                Err(e) if e.to_string().contains(" on LUN ") => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::new(ErrorKind::Io, "no path")))
+    }
+}
+
+impl BlockDevice for MultipathDevice {
+    fn info(&self) -> DeviceInfo {
+        // Every path is the same LUN; a capacity change may have been seen through one.
+        let mut info = self.paths[0].info();
+        info.size = self.paths.iter().map(|p| p.info().size).max().unwrap_or(0);
+        info
+    }
+
+    fn queue(self: Arc<Self>, ring: &mut Ring) -> Result<Box<dyn Queue>> {
+        let owner = ring.new_owner();
+        let paths = self
+            .paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Path {
+                portal: p.config().portal.clone(),
+                q: p.path_queue(ring, owner, u8::try_from(i).unwrap_or(u8::MAX)),
+                up: false,
+                alua: None,
+            })
+            .collect();
+        Ok(Box::new(MultipathQueue {
+            owner,
+            paths,
+            reqs: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+            waiting: VecDeque::new(),
+            tmp: Vec::new(),
+            rr: 0,
+            no_path_timeout: self.no_path_timeout,
+            request_timeout: self.request_timeout,
+        }))
+    }
+
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let size = self.info().size;
+        if offset >= size || len == 0 {
+            return Err(Error::new(
+                ErrorKind::OutOfBounds,
+                "block status past the end",
+            ));
+        }
+        Ok(vec![Extent {
+            len: len.min(size - offset),
+            hole: false,
+            zero: false,
+        }])
+    }
+
+    /// Re-read the capacity through the first path that answers.
+    fn resize(&self, new_size: u64) -> Result<()> {
+        let mut last = None;
+        for p in &self.paths {
+            match p.resize(new_size) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::NoSpace => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::new(ErrorKind::Io, "no path")))
+    }
+
+    fn identity(&self) -> Option<LunIdentity> {
+        self.paths[0].identity()
+    }
+}
+
+/// A path of one queue.
+struct Path {
+    portal: String,
+    q: IscsiQueue,
+    /// Last seen state, to log transitions.
+    up: bool,
+    alua: Option<AluaState>,
+}
+
+impl Path {
+    /// Its I/O priority class (lower first); `None`: not usable now.
+    fn class(&self) -> Option<u8> {
+        if !self.q.is_ready() {
+            return None;
+        }
+        match self.q.alua_state() {
+            None => Some(0),
+            Some(s) => s.io_priority(),
+        }
+    }
+}
+
+/// A request of the multipath queue.
+#[derive(Debug)]
+struct MpReq {
+    tag: u64,
+    op: Op,
+    offset: u64,
+    len: u64,
+    started: Instant,
+    /// The path it went to last.
+    path: Option<usize>,
+    /// Failovers so far.
+    failovers: u32,
+}
+
+/// One thread's view of a [`MultipathDevice`]: a session per path.
+pub struct MultipathQueue {
+    owner: OwnerId,
+    paths: Vec<Path>,
+    reqs: Vec<Option<MpReq>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    /// Requests with no usable path: id, buffer, since when.
+    waiting: VecDeque<(usize, Buffer, Instant)>,
+    tmp: Vec<Completion>,
+    rr: usize,
+    no_path_timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl std::fmt::Debug for MultipathQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MultipathQueue")
+            .field("owner", &self.owner)
+            .field("paths", &self.paths.len())
+            .field("in_flight", &self.in_flight)
+            .field("waiting", &self.waiting.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The path for a request: the best usable class, then the least loaded, ties
+/// round-robin from `rr`. `avoid` (the path that just failed it) only when it is the
+/// only usable one. `cands[i]`: (class, outstanding requests) of path `i`.
+fn choose(cands: &[(Option<u8>, usize)], avoid: Option<usize>, rr: usize) -> Option<usize> {
+    let n = cands.len();
+    let pick = |skip: Option<usize>| {
+        let best = cands
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| Some(i) != skip)
+            .filter_map(|(_, c)| c.0)
+            .min()?;
+        (0..n)
+            .map(|k| (rr + k) % n)
+            .filter(|&i| Some(i) != skip && cands[i].0 == Some(best))
+            .min_by_key(|&i| cands[i].1)
+    };
+    pick(avoid).or_else(|| pick(None))
+}
+
+impl MultipathQueue {
+    /// Path states as this queue sees them.
+    pub fn path_states(&self) -> Vec<PathState> {
+        self.paths
+            .iter()
+            .map(|p| PathState {
+                portal: p.portal.clone(),
+                up: p.q.is_ready(),
+                alua: p.q.alua_state(),
+            })
+            .collect()
+    }
+
+    fn alloc(&mut self, r: MpReq) -> usize {
+        self.in_flight += 1;
+        match self.free.pop() {
+            Some(i) => {
+                self.reqs[i] = Some(r);
+                i
+            }
+            None => {
+                self.reqs.push(Some(r));
+                self.reqs.len() - 1
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        id: usize,
+        result: std::result::Result<(), i32>,
+        buf: Buffer,
+        done: &mut Vec<Completion>,
+    ) {
+        if let Some(r) = self.reqs.get_mut(id).and_then(Option::take) {
+            self.free.push(id);
+            self.in_flight -= 1;
+            done.push(Completion {
+                tag: r.tag,
+                result,
+                buf,
+            });
+        }
+    }
+
+    /// Send request `id` down a usable path, or make it wait for one.
+    fn dispatch(&mut self, ring: &mut Ring, id: usize, buf: Buffer, now: Instant) {
+        let Some(r) = self.reqs.get(id).and_then(Option::as_ref) else {
+            return;
+        };
+        let cands: Vec<(Option<u8>, usize)> = self
+            .paths
+            .iter()
+            .map(|p| (p.class(), p.q.in_flight()))
+            .collect();
+        let Some(i) = choose(&cands, r.path, self.rr) else {
+            self.waiting.push_back((id, buf, now));
+            return;
+        };
+        self.rr = (i + 1) % self.paths.len();
+        let req = Request {
+            op: r.op,
+            offset: r.offset,
+            len: r.len,
+            buf,
+            tag: id as u64,
+        };
+        if let Some(r) = self.reqs.get_mut(id).and_then(Option::as_mut) {
+            r.path = Some(i);
+        }
+        let mut tmp = std::mem::take(&mut self.tmp);
+        self.paths[i].q.submit(ring, req, &mut tmp);
+        self.tmp = tmp;
+    }
+
+    /// Completions the paths produced: deliver, or queue for another path.
+    fn absorb(&mut self, now: Instant, done: &mut Vec<Completion>) {
+        let tmp = std::mem::take(&mut self.tmp);
+        for c in tmp {
+            let id = c.tag as usize;
+            let Some(r) = self.reqs.get_mut(id).and_then(Option::as_mut) else {
+                continue;
+            };
+            if c.result == Err(PATH_FAILED) {
+                if now.duration_since(r.started) < self.request_timeout {
+                    r.failovers += 1;
+                    if r.failovers == 1 || r.failovers.is_power_of_two() {
+                        tracing::info!(
+                            portal = %r.path.and_then(|p| self.paths.get(p)).map_or("", |p| p.portal.as_str()),
+                            op = ?r.op,
+                            offset = r.offset,
+                            len = r.len,
+                            failovers = r.failovers,
+                            "multipath: re-driving a request on another path"
+                        );
+                    }
+                    self.waiting.push_back((id, c.buf, now));
+                    continue;
+                }
+                tracing::error!(op = ?r.op, offset = r.offset, "multipath: request timed out across failovers");
+                self.finish(id, Err(libc::EIO), c.buf, done);
+                continue;
+            }
+            self.finish(id, c.result, c.buf, done);
+        }
+    }
+
+    /// Dispatch what waits, fail what waited too long, log path changes.
+    fn pump(&mut self, ring: &mut Ring, now: Instant, done: &mut Vec<Completion>) {
+        self.log_transitions();
+        for _ in 0..4 {
+            if self.waiting.is_empty() {
+                break;
+            }
+            let any = self.paths.iter().any(|p| p.class().is_some());
+            let n = self.waiting.len();
+            for _ in 0..n {
+                let Some((id, buf, since)) = self.waiting.pop_front() else {
+                    break;
+                };
+                if any {
+                    self.dispatch(ring, id, buf, now);
+                } else if now.duration_since(since) > self.no_path_timeout {
+                    tracing::error!(
+                        paths = self.paths.len(),
+                        "multipath: no usable path within the replacement timeout; failing the request"
+                    );
+                    self.finish(id, Err(libc::EIO), buf, done);
+                } else {
+                    self.waiting.push_back((id, buf, since));
+                }
+            }
+            // A path that failed synchronously sends its requests back through `tmp`.
+            if self.tmp.is_empty() {
+                break;
+            }
+            self.absorb(now, done);
+        }
+        // Whatever is still in `tmp` goes out (or back to waiting) now, not next call.
+        if !self.tmp.is_empty() {
+            self.absorb(now, done);
+        }
+    }
+
+    fn log_transitions(&mut self) {
+        for p in &mut self.paths {
+            let up = p.q.is_ready();
+            let alua = p.q.alua_state();
+            if up != p.up {
+                if up {
+                    tracing::info!(portal = %p.portal, alua = ?alua, "multipath: path up");
+                } else {
+                    tracing::warn!(portal = %p.portal, "multipath: path down");
+                }
+                p.up = up;
+            }
+            if alua != p.alua {
+                if let Some(s) = alua {
+                    tracing::info!(portal = %p.portal, state = %s, "multipath: path ALUA state");
+                }
+                p.alua = alua;
+            }
+        }
+    }
+}
+
+impl Queue for MultipathQueue {
+    fn owner(&self) -> OwnerId {
+        self.owner
+    }
+
+    fn submit(&mut self, ring: &mut Ring, req: Request, done: &mut Vec<Completion>) {
+        let now = Instant::now();
+        let id = self.alloc(MpReq {
+            tag: req.tag,
+            op: req.op,
+            offset: req.offset,
+            len: req.len,
+            started: now,
+            path: None,
+            failovers: 0,
+        });
+        self.dispatch(ring, id, req.buf, now);
+        self.absorb(now, done);
+        if !self.tmp.is_empty() || !self.waiting.is_empty() {
+            self.pump(ring, now, done);
+        }
+    }
+
+    fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
+        let i = usize::try_from(cqe.slot() >> PATH_SHIFT).unwrap_or(usize::MAX);
+        let mut tmp = std::mem::take(&mut self.tmp);
+        if let Some(p) = self.paths.get_mut(i) {
+            p.q.complete(ring, cqe, &mut tmp);
+        }
+        self.tmp = tmp;
+        let now = Instant::now();
+        self.absorb(now, done);
+        self.pump(ring, now, done);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choose_prefers_the_best_class_then_the_least_loaded() {
+        // Optimized paths 1 and 2, non-optimized 0, standby/down 3.
+        let c = [(Some(1), 0), (Some(0), 5), (Some(0), 2), (None, 0)];
+        assert_eq!(choose(&c, None, 0), Some(2));
+        // Equal load: round-robin from `rr`.
+        let c = [(Some(0), 1), (Some(0), 1), (Some(1), 0)];
+        assert_eq!(choose(&c, None, 0), Some(0));
+        assert_eq!(choose(&c, None, 1), Some(1));
+        assert_eq!(choose(&c, None, 2), Some(0));
+        // Non-optimized only when no optimized path is left.
+        let c = [(None, 0), (Some(1), 9), (None, 0)];
+        assert_eq!(choose(&c, None, 0), Some(1));
+        // The path that just failed a request is avoided while another is usable,
+        // even of a worse class; used again when it is the only one.
+        let c = [(Some(0), 0), (Some(1), 3)];
+        assert_eq!(choose(&c, Some(0), 0), Some(1));
+        assert_eq!(choose(&[(Some(0), 0), (None, 0)], Some(0), 0), Some(0));
+        // No usable path.
+        assert_eq!(choose(&[(None, 0), (None, 0)], None, 0), None);
+        assert_eq!(choose(&[], None, 0), None);
+    }
+
+    #[test]
+    fn alua_classes() {
+        use AluaState::*;
+        let class = |s: Option<AluaState>| s.map_or(Some(0), AluaState::io_priority);
+        assert_eq!(class(None), Some(0));
+        assert_eq!(class(Some(ActiveOptimized)), Some(0));
+        assert_eq!(class(Some(ActiveNonOptimized)), Some(1));
+        assert_eq!(class(Some(Standby)), None);
+        assert_eq!(class(Some(Transitioning)), None);
+    }
+}
