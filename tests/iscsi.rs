@@ -23,6 +23,8 @@ struct Tgtd {
     child: Option<Child>,
     /// Loopback address of its portal (127.0.0.1, or 127.0.0.2 for a second path).
     host: &'static str,
+    /// A second portal of the same tgtd (same port) on this address.
+    second: Option<&'static str>,
     port: u16,
     ctl: u16,
     log: PathBuf,
@@ -40,9 +42,27 @@ impl Tgtd {
         let mut t = Tgtd {
             child: None,
             host,
+            second: None,
             port,
             // The management socket is /var/run/tgtd/socket.N (N a short int): derived
             // from the port, which is unique among the tgtd of concurrent tests.
+            ctl: port % 30000 + 1000,
+            log: dir.join(format!("tgtd-{port}.log")),
+        };
+        t.spawn();
+        t
+    }
+
+    /// One tgtd with two portals: 127.0.0.1 and 127.0.0.2, same port.
+    fn start_two_portals(dir: &Path) -> Tgtd {
+        require_tool("tgtd");
+        require_tool("tgtadm");
+        let port = free_port();
+        let mut t = Tgtd {
+            child: None,
+            host: "127.0.0.1",
+            second: Some("127.0.0.2"),
+            port,
             ctl: port % 30000 + 1000,
             log: dir.join(format!("tgtd-{port}.log")),
         };
@@ -57,14 +77,12 @@ impl Tgtd {
             .append(true)
             .open(&self.log)
             .expect("tgtd log");
+        let mut portals = format!("portal={}:{}", self.host, self.port);
+        if let Some(h) = self.second {
+            portals.push_str(&format!(",portal={h}:{}", self.port));
+        }
         let child = Command::new("tgtd")
-            .args([
-                "-f",
-                "-C",
-                &self.ctl.to_string(),
-                "--iscsi",
-                &format!("portal={}:{}", self.host, self.port),
-            ])
+            .args(["-f", "-C", &self.ctl.to_string(), "--iscsi", &portals])
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup"))
             .stderr(f)
@@ -963,4 +981,102 @@ fn multipath_survives_each_path_dying_under_fio_verify() {
         eprintln!("{l}");
     }
     exp.stop();
+}
+
+/// SCSI persistent reservations for fencing, against tgtd's implementation: one tgtd,
+/// one LUN on two portals. Node A registers its key on every session of both paths and
+/// reserves the LUN Write Exclusive – Registrants Only; a node without a key can read
+/// but not write; node B registers and preempts A's key: B writes, A's writes are
+/// refused by the target (RESERVATION CONFLICT) on every path while its reads go on.
+#[test]
+fn persistent_reservations_fence_a_node() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("lun.img");
+    sparse_file(&backing, 16 << 20);
+    let tgt = Tgtd::start_two_portals(dir.path());
+    tgt.target(&backing, 1, false);
+    let portals = format!("127.0.0.1:{p},127.0.0.2:{p}", p = tgt.port);
+    let uri = |q: &str| format!("iscsi://{portals}/{IQN}/1?request_timeout=10{q}");
+    require_tool("qemu-io");
+    let io = |exp: &Export, cmd: &str| {
+        let out = run_any(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, &exp.uri()]));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    // Each node logs to its own directory.
+    let node = |name: &str| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).expect("node dir");
+        d
+    };
+    let a = Export::start(&node("a"), &["--iscsi", &uri("&pr_key=a1"), "--pr-reserve"]);
+    let log = a.daemon.log_text();
+    assert!(
+        log.contains("persistent reservation taken")
+            && log.contains("holder=Some(\"0xa1\")")
+            && log.contains("write-exclusive-registrants-only"),
+        "{log}"
+    );
+    assert!(io(&a, "write -P 0xa1 0 64k").contains("wrote 65536/65536"));
+    assert!(
+        a.daemon.log_text().contains("reservation key registered"),
+        "{}",
+        a.daemon.log_text()
+    );
+    // A node that did not register: reads yes, writes refused by the target.
+    let n = Export::start(&node("n"), &["--iscsi", &uri("")]);
+    assert!(io(&n, "read -P 0xa1 0 64k").contains("read 65536/65536"));
+    let t = io(&n, "write -P 0x99 0 4k");
+    assert!(t.contains("Input/output error"), "{t}");
+    n.stop();
+    // A's writes reached the LUN; nothing of the refused write did.
+    let back = std::fs::read(&backing).expect("read backing");
+    assert!(back[..65536].iter().all(|&b| b == 0xa1));
+    // Node B registers and fences A: preempts A's key and takes the reservation.
+    let b = Export::start(
+        &node("b"),
+        &["--iscsi", &uri("&pr_key=b2"), "--pr-preempt", "a1"],
+    );
+    let log = b.daemon.log_text();
+    assert!(
+        log.contains("action=\"PREEMPT\"") && log.contains("holder=Some(\"0xb2\")"),
+        "{log}"
+    );
+    let registered = log
+        .lines()
+        .find(|l| l.contains("persistent reservation taken"))
+        .and_then(|l| l.split("registered=[").nth(1))
+        .and_then(|r| r.split(']').next())
+        .unwrap_or_else(|| panic!("no registered keys: {log}"));
+    assert!(
+        registered.contains("0xb2") && !registered.contains("0xa1"),
+        "A's key is still registered: {log}"
+    );
+    assert!(io(&b, "write -P 0xb2 0 64k").contains("wrote 65536/65536"));
+    // A is fenced: the target refuses its writes (through either path), reads go on.
+    let t = io(&a, "write -P 0xa1 0 4k");
+    assert!(t.contains("Input/output error"), "{t}");
+    assert!(io(&a, "read -P 0xb2 0 64k").contains("read 65536/65536"));
+    let t = io(&a, "write -P 0xa1 8M 4k");
+    assert!(t.contains("Input/output error"), "{t}");
+    let log = a.daemon.log_text();
+    assert!(
+        log.contains("REGISTRATIONS PREEMPTED") || log.contains("was preempted"),
+        "{log}"
+    );
+    assert!(log.contains("RESERVATION CONFLICT"), "{log}");
+    for l in log
+        .lines()
+        .filter(|l| l.contains("reservation") || l.contains("PREEMPT") || l.contains("CONFLICT"))
+    {
+        eprintln!("A: {l}");
+    }
+    let back = std::fs::read(&backing).expect("read backing");
+    assert!(back[..65536].iter().all(|&b| b == 0xb2));
+    assert!(back[8 << 20..(8 << 20) + 4096].iter().all(|&b| b == 0));
+    a.stop();
+    b.stop();
 }

@@ -207,6 +207,12 @@ impl MultipathDevice {
         self.first_path(|p| p.pr_out(c))
     }
 
+    /// PERSISTENT RESERVE OUT, READ KEYS and READ RESERVATION in one session through
+    /// the first path that answers.
+    pub fn pr_out_and_read(&self, c: PrOut) -> Result<(PrKeys, Option<PrReservation>)> {
+        self.first_path(|p| p.pr_out_and_read(c))
+    }
+
     /// READ KEYS through the first path that answers.
     pub fn pr_read_keys(&self) -> Result<PrKeys> {
         self.first_path(IscsiDevice::pr_read_keys)

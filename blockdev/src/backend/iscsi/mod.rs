@@ -378,6 +378,8 @@ pub(crate) struct PrState {
     pub(crate) registered: AtomicBool,
     /// The key was preempted: never register it again.
     pub(crate) fenced: AtomicBool,
+    /// A RESERVATION CONFLICT was logged (once per device).
+    pub(crate) conflict_logged: AtomicBool,
 }
 
 /// State shared by the device and its queues.
@@ -582,6 +584,26 @@ impl IscsiDevice {
         self.admin(AdminCmd::pr_out(c), c.name()).map(drop)
     }
 
+    /// PERSISTENT RESERVE OUT, then READ KEYS and READ RESERVATION, in one
+    /// administrative session (tgtd counts every login as a new I_T nexus, so each
+    /// session adds a registration of the key: one session, not three).
+    pub fn pr_out_and_read(&self, c: PrOut) -> Result<(PrKeys, Option<PrReservation>)> {
+        let cmds = vec![
+            AdminCmd::pr_out(c),
+            AdminCmd::pr_in(PrIn::ReadKeys),
+            AdminCmd::pr_in(PrIn::ReadReservation),
+        ];
+        let mut r = self.admin_many(cmds, c.name())?.into_iter();
+        let (Some(_), Some(k), Some(res)) = (r.next(), r.next(), r.next()) else {
+            return Err(Error::new(ErrorKind::Io, "PERSISTENT RESERVE: no answer"));
+        };
+        let keys = pr::parse_read_keys(&k)
+            .ok_or_else(|| Error::new(ErrorKind::Io, "READ KEYS: short answer"))?;
+        let res = pr::parse_read_reservation(&res)
+            .ok_or_else(|| Error::new(ErrorKind::Io, "READ RESERVATION: short answer"))?;
+        Ok((keys, res))
+    }
+
     /// PERSISTENT RESERVE IN, READ KEYS.
     pub fn pr_read_keys(&self) -> Result<PrKeys> {
         let b = self.admin(AdminCmd::pr_in(PrIn::ReadKeys), "READ KEYS")?;
@@ -601,19 +623,29 @@ impl IscsiDevice {
     }
 
     fn admin(&self, cmd: AdminCmd, what: &str) -> Result<Vec<u8>> {
+        self.admin_many(vec![cmd], what)?
+            .pop()
+            .ok_or_else(|| Error::new(ErrorKind::Io, format!("{what}: no answer")))
+    }
+
+    /// Run `cmds` on an administrative session; the first refusal is the error.
+    fn admin_many(&self, cmds: Vec<AdminCmd>, what: &str) -> Result<Vec<Vec<u8>>> {
         let mut ring = Ring::new(64).map_err(|e| Error::io("io_uring setup", e))?;
         let mut q = IscsiQueue::new(self.inner.clone(), &mut ring, Mode::Serve);
-        q.set_admin(self.inner.admin_isid(), vec![cmd]);
+        q.set_admin(self.inner.admin_isid(), cmds);
         drive_until_ready(&self.inner, &mut ring, &mut q)?;
         let at = format!(
             "{what} on LUN {} of {} at {}",
             self.inner.cfg.lun, self.inner.cfg.target, self.inner.portal
         );
-        match q.take_admin_results().into_iter().next().flatten() {
-            Some(Ok(b)) => Ok(b),
-            Some(Err(m)) => Err(Error::new(ErrorKind::Io, format!("{at}: {m}"))),
-            None => Err(Error::new(ErrorKind::Io, format!("{at}: not sent"))),
-        }
+        q.take_admin_results()
+            .into_iter()
+            .map(|r| match r {
+                Some(Ok(b)) => Ok(b),
+                Some(Err(m)) => Err(Error::new(ErrorKind::Io, format!("{at}: {m}"))),
+                None => Err(Error::new(ErrorKind::Io, format!("{what}: not sent"))),
+            })
+            .collect()
     }
 }
 

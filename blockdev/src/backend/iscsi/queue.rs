@@ -1466,6 +1466,16 @@ impl IscsiQueue {
             return;
         };
         let verdict = classify(&f.outcome, r, now, &self.inner.cfg, self.path_mode);
+        if matches!(
+            f.outcome,
+            Outcome::Status {
+                status: status::RESERVATION_CONFLICT,
+                ..
+            }
+        ) && !self.inner.pr.conflict_logged.swap(true, Ordering::Relaxed)
+        {
+            tracing::error!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, op = ?r.op, fenced = self.inner.pr.fenced.load(Ordering::Relaxed), "RESERVATION CONFLICT: the LUN refuses this node's command (another node holds the reservation, or this node was fenced); it fails with EBADE");
+        }
         if let Outcome::Status {
             sense: Some(s),
             status: status::CHECK_CONDITION,
