@@ -31,7 +31,8 @@
 //!   again on the unit attentions ASYMMETRIC ACCESS STATE CHANGED (2A/06), IMPLICIT
 //!   TRANSITION FAILED (2A/07) and power-on/reset, and when a command fails NOT READY
 //!   04/0A (transitioning), 04/0B (standby) or 04/0C (unavailable); such a command fails
-//!   over to another path at once.
+//!   over to another path at once, and a path that fails a request while its session
+//!   stays up (that, or a command timeout) is left out of selection for a second.
 //! - **Failover.** A path queue completes with [`PATH_FAILED`] (ENOLINK, the kernel's
 //!   errno for a transport error) every request it cannot finish: the commands of a
 //!   connection that died (reset, EOF, bad PDU, unanswered NOP-Out ping after
@@ -82,6 +83,9 @@ use std::time::{Duration, Instant};
 pub const PATH_FAILED: i32 = libc::ENOLINK;
 /// Most paths of one LUN (the path index lives in 8 slot bits).
 pub const MAX_PATHS: usize = 32;
+/// A path that failed a request while its session stays up (a timed-out command, an
+/// ALUA state not read yet) is left out of selection this long.
+const SUSPECT: Duration = Duration::from_secs(1);
 
 /// One LUN through several portals of one target.
 #[derive(Debug)]
@@ -256,6 +260,7 @@ impl BlockDevice for MultipathDevice {
                 q: p.path_queue(ring, owner, u8::try_from(i).unwrap_or(u8::MAX)),
                 up: false,
                 alua: None,
+                suspect_until: None,
             })
             .collect();
         Ok(Box::new(MultipathQueue {
@@ -312,12 +317,14 @@ struct Path {
     /// Last seen state, to log transitions.
     up: bool,
     alua: Option<AluaState>,
+    /// Not chosen before this time (it failed a request while logged in).
+    suspect_until: Option<Instant>,
 }
 
 impl Path {
     /// Its I/O priority class (lower first); `None`: not usable now.
-    fn class(&self) -> Option<u8> {
-        if !self.q.is_ready() {
+    fn class(&self, now: Instant) -> Option<u8> {
+        if !self.q.is_ready() || self.suspect_until.is_some_and(|t| t > now) {
             return None;
         }
         match self.q.alua_state() {
@@ -440,7 +447,7 @@ impl MultipathQueue {
         let cands: Vec<(Option<u8>, usize)> = self
             .paths
             .iter()
-            .map(|p| (p.class(), p.q.in_flight()))
+            .map(|p| (p.class(now), p.q.in_flight()))
             .collect();
         let Some(i) = choose(&cands, r.path, self.rr) else {
             self.waiting.push_back((id, buf, now));
@@ -471,6 +478,13 @@ impl MultipathQueue {
                 continue;
             };
             if c.result == Err(PATH_FAILED) {
+                // A path that fails requests while logged in rests a moment, so that a
+                // lone path in trouble is not hammered.
+                if let Some(p) = r.path.and_then(|p| self.paths.get_mut(p)) {
+                    if p.q.is_ready() {
+                        p.suspect_until = Some(now + SUSPECT);
+                    }
+                }
                 if now.duration_since(r.started) < self.request_timeout {
                     r.failovers += 1;
                     if r.failovers == 1 || r.failovers.is_power_of_two() {
@@ -501,7 +515,7 @@ impl MultipathQueue {
             if self.waiting.is_empty() {
                 break;
             }
-            let any = self.paths.iter().any(|p| p.class().is_some());
+            let any = self.paths.iter().any(|p| p.class(now).is_some());
             let n = self.waiting.len();
             for _ in 0..n {
                 let Some((id, buf, since)) = self.waiting.pop_front() else {
