@@ -1067,6 +1067,34 @@ fn persistent_reservations_fence_a_node() {
     // A's writes reached the LUN; nothing of the refused write did.
     let back = std::fs::read(&backing).expect("read backing");
     assert!(back[..65536].iter().all(|&b| b == 0xa1));
+    // A client of A keeps its connection (so A's sessions stay logged in) across the
+    // preemption: its next write is refused, its reads go on.
+    require_tool("nbdsh");
+    let flag = dir.path().join("preempted");
+    let script = format!(
+        r#"
+import os, time
+h.pwrite(b"\xa1" * 4096, 16 * 4096)
+while not os.path.exists({flag:?}):
+    time.sleep(0.05)
+try:
+    h.pwrite(b"\xa1" * 4096, 32 * 4096)
+    print("written")
+except nbd.Error as e:
+    print("refused:", e)
+print("read", h.pread(4096, 0)[:1].hex())
+"#,
+        flag = flag.to_str().unwrap()
+    );
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let sh = Command::new("nbdsh")
+        .env("PATH", path)
+        .args(["-u", &a.uri(), "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nbdsh");
+    std::thread::sleep(Duration::from_millis(500));
     // Node B registers and fences A: preempts A's key and takes the reservation.
     let b = Export::start(
         &node("b"),
@@ -1088,6 +1116,15 @@ fn persistent_reservations_fence_a_node() {
         "A's key is still registered: {log}"
     );
     assert!(io(&b, "write -P 0xb2 0 64k").contains("wrote 65536/65536"));
+    std::fs::write(&flag, b"").expect("flag");
+    let out = sh.wait_with_output().expect("nbdsh");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("open client of A: {text}");
+    assert!(
+        text.contains("refused:") && text.contains("read b2"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A is fenced: the target refuses its writes (through either path), reads go on.
     let t = io(&a, "write -P 0xa1 0 4k");
     assert!(t.contains("Input/output error"), "{t}");
@@ -1096,7 +1133,9 @@ fn persistent_reservations_fence_a_node() {
     assert!(t.contains("Input/output error"), "{t}");
     let log = a.daemon.log_text();
     assert!(
-        log.contains("REGISTRATIONS PREEMPTED") || log.contains("was preempted"),
+        log.contains("REGISTRATIONS PREEMPTED")
+            || log.contains("was preempted")
+            || log.contains("fenced=true"),
         "{log}"
     );
     assert!(log.contains("RESERVATION CONFLICT"), "{log}");

@@ -65,7 +65,7 @@
 //!   answers ([`MultipathDevice::pr_out`]).
 
 use crate::backend::iscsi::queue::{IscsiQueue, PATH_SHIFT};
-use crate::backend::iscsi::{IscsiConfig, IscsiDevice};
+use crate::backend::iscsi::{IscsiConfig, IscsiDevice, PR_REFUSED};
 use crate::backend::scsi::alua::AluaState;
 use crate::backend::scsi::pr::{PrKeys, PrOut, PrReservation};
 use crate::backend::scsi::LunIdentity;
@@ -232,8 +232,8 @@ impl MultipathDevice {
         for p in &self.paths {
             match f(p) {
                 Ok(v) => return Ok(v),
-                // The LUN answered (the message names the SCSI status): final.
-                Err(e) if e.to_string().contains(" on LUN ") => return Err(e),
+                // The LUN answered: another path would get the same answer.
+                Err(e) if e.to_string().contains(PR_REFUSED) => return Err(e),
                 Err(e) => last = Some(e),
             }
         }

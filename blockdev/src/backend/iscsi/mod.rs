@@ -54,8 +54,9 @@
 //!   I_T nexus of the node may write under a Write Exclusive – Registrants Only
 //!   reservation. [`IscsiDevice::pr_out`] and the READ KEYS / READ RESERVATION calls run
 //!   on an administrative session with one fixed ISID per device. A node whose key was
-//!   preempted (unit attention REGISTRATIONS PREEMPTED 2A/05, or its key missing from
-//!   READ KEYS when a session logs in again) is fenced: it never registers again on its
+//!   preempted (unit attention REGISTRATIONS PREEMPTED 2A/05, a RESERVATION CONFLICT
+//!   after it registered — tgtd 1.0.85 raises no such attention —, or its key missing
+//!   from READ KEYS when a session logs in again) is fenced: it never registers again on its
 //!   own, and its writes fail with EBADE (RESERVATION CONFLICT), never retried on another
 //!   path. There is a window between that READ KEYS and the REGISTER in which a
 //!   preemption is undone by the re-registration; the cluster's lease (the node stops
@@ -86,6 +87,10 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use text::{Negotiated, Offer};
+
+/// In the error of a persistent-reservation command the LUN answered (not a path
+/// failure): another path would get the same answer.
+pub(crate) const PR_REFUSED: &str = "refused by the LUN";
 
 /// The default iSCSI port.
 pub const DEFAULT_PORT: u16 = 3260;
@@ -642,7 +647,10 @@ impl IscsiDevice {
             .into_iter()
             .map(|r| match r {
                 Some(Ok(b)) => Ok(b),
-                Some(Err(m)) => Err(Error::new(ErrorKind::Io, format!("{at}: {m}"))),
+                Some(Err(m)) => Err(Error::new(
+                    ErrorKind::Io,
+                    format!("{at}: {PR_REFUSED}: {m}"),
+                )),
                 None => Err(Error::new(ErrorKind::Io, format!("{what}: not sent"))),
             })
             .collect()

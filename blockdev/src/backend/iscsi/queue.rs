@@ -1466,14 +1466,22 @@ impl IscsiQueue {
             return;
         };
         let verdict = classify(&f.outcome, r, now, &self.inner.cfg, self.path_mode);
-        if matches!(
+        let conflict = matches!(
             f.outcome,
             Outcome::Status {
                 status: status::RESERVATION_CONFLICT,
                 ..
             }
-        ) && !self.inner.pr.conflict_logged.swap(true, Ordering::Relaxed)
+        );
+        if conflict
+            && self.inner.cfg.pr_key.is_some()
+            && self.inner.pr.registered.load(Ordering::Acquire)
         {
+            // Registered, and refused: the key was preempted (tgtd raises no unit
+            // attention for it). Never register it again on our own.
+            self.inner.pr.fenced.store(true, Ordering::Release);
+        }
+        if conflict && !self.inner.pr.conflict_logged.swap(true, Ordering::Relaxed) {
             tracing::error!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, op = ?r.op, fenced = self.inner.pr.fenced.load(Ordering::Relaxed), "RESERVATION CONFLICT: the LUN refuses this node's command (another node holds the reservation, or this node was fenced); it fails with EBADE");
         }
         if let Outcome::Status {
