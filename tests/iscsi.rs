@@ -1071,10 +1071,12 @@ fn persistent_reservations_fence_a_node() {
     // preemption: its next write is refused, its reads go on.
     require_tool("nbdsh");
     let flag = dir.path().join("preempted");
+    let connected = dir.path().join("connected");
     let script = format!(
         r#"
 import os, time
 h.pwrite(b"\xa1" * 4096, 16 * 4096)
+open({connected:?}, "w").close()
 while not os.path.exists({flag:?}):
     time.sleep(0.05)
 try:
@@ -1084,17 +1086,25 @@ except nbd.Error as e:
     print("refused:", e)
 print("read", h.pread(4096, 0)[:1].hex())
 "#,
-        flag = flag.to_str().unwrap()
+        flag = flag.to_str().unwrap(),
+        connected = connected.to_str().unwrap()
     );
     let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
-    let sh = Command::new("nbdsh")
+    let mut sh = Command::new("nbdsh")
         .env("PATH", path)
         .args(["-u", &a.uri(), "-c", &script])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("nbdsh");
-    std::thread::sleep(Duration::from_millis(500));
+    let since = Instant::now();
+    while !connected.exists() {
+        if let Ok(Some(st)) = sh.try_wait() {
+            panic!("nbdsh exited with {st}: {}", a.daemon.log_text());
+        }
+        assert!(since.elapsed() < START, "nbdsh did not write");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Node B registers and fences A: preempts A's key and takes the reservation.
     let b = Export::start(
         &node("b"),
