@@ -2201,6 +2201,28 @@ mod tests {
     }
 
     #[test]
+    fn internal_codes_round_trip() {
+        let all = [
+            Internal::ReportLuns,
+            Internal::StdInquiry,
+            Internal::ReadCapacity,
+            Internal::Rtpg,
+            Internal::PrReadKeys,
+            Internal::PrRegister,
+            Internal::Vpd(0x00),
+            Internal::Vpd(0x83),
+            Internal::Vpd(0xff),
+            Internal::Admin(0),
+            Internal::Admin(255),
+        ];
+        for k in all {
+            assert_eq!(Internal::from_code(k.code()), Some(k), "{k:?}");
+        }
+        assert!(Internal::Admin(3).after_identity() && Internal::PrRegister.after_identity());
+        assert!(!Internal::Rtpg.after_identity() && !Internal::Vpd(0x83).after_identity());
+    }
+
+    #[test]
     fn isids_are_distinct_per_queue() {
         let i = inner(geo());
         let a = i.next_isid();
