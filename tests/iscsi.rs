@@ -36,10 +36,17 @@ impl Tgtd {
     }
 
     fn start_on(dir: &Path, host: &'static str) -> Tgtd {
+        let mut t = Tgtd::unstarted(dir, host);
+        t.spawn();
+        t
+    }
+
+    /// A tgtd with its port chosen, not running yet (`spawn` starts it).
+    fn unstarted(dir: &Path, host: &'static str) -> Tgtd {
         require_tool("tgtd");
         require_tool("tgtadm");
         let port = free_port();
-        let mut t = Tgtd {
+        Tgtd {
             child: None,
             host,
             second: None,
@@ -48,9 +55,7 @@ impl Tgtd {
             // from the port, which is unique among the tgtd of concurrent tests.
             ctl: port % 30000 + 1000,
             log: dir.join(format!("tgtd-{port}.log")),
-        };
-        t.spawn();
-        t
+        }
     }
 
     /// One tgtd with two portals: 127.0.0.1 and 127.0.0.2, same port.
@@ -1160,4 +1165,54 @@ print("read", h.pread(4096, 0)[:1].hex())
     assert!(back[8 << 20..(8 << 20) + 4096].iter().all(|&b| b == 0));
     a.stop();
     b.stop();
+}
+
+/// A portal that does not answer at open is kept as a path (with the geometry learned
+/// through the others) and used once it answers: after the first path dies, the data
+/// is read through it.
+#[test]
+fn multipath_takes_a_portal_that_was_down_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("lun.img");
+    sparse_file(&backing, 16 << 20);
+    let mut a = Tgtd::start_on(dir.path(), "127.0.0.1");
+    a.target(&backing, 1, false);
+    let mut b = Tgtd::unstarted(dir.path(), "127.0.0.2");
+    let uri = format!(
+        "iscsi://{},{}/{IQN}/1?login_timeout=5&replacement_timeout=30",
+        a.portal(),
+        b.portal()
+    );
+    let exp = Export::start(dir.path(), &["--iscsi", &uri]);
+    let log = exp.daemon.log_text();
+    assert!(log.contains("reachable=1"), "{log}");
+    assert!(log.contains("not reachable at open"), "{log}");
+    require_tool("qemu-io");
+    let io = |cmds: &[&str]| {
+        let mut c = Command::new("qemu-io");
+        c.args(["-f", "raw"]);
+        for x in cmds {
+            c.args(["-c", x]);
+        }
+        let out = run_any(c.arg(exp.uri()));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let t = io(&["write -P 0x5a 0 1M", "flush"]);
+    assert!(t.contains("wrote 1048576/1048576"), "{t}");
+    b.spawn();
+    b.target(&backing, 1, false);
+    a.kill();
+    let t = io(&["read -P 0x5a 0 1M"]);
+    assert!(t.contains("read 1048576/1048576"), "{t}");
+    let log = exp.daemon.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("multipath: path up") && l.contains(&b.portal())),
+        "{log}"
+    );
+    exp.stop();
 }
