@@ -21,7 +21,8 @@ mkdir -p "$TMP/dpkg/updates" "$TMP/cache"
 : >"$TMP/dpkg/status"
 
 plan="$(EMBER_DPKG_ADMINDIR="$TMP/dpkg" EMBER_GUEST_CACHE="$TMP/cache" EMBER_APT_LISTS_EMPTY=1 \
-    EMBER_TOOLS_MISSING=1 "$INSTALL" --plan)" || fail "--plan exited with $? on an empty machine"
+    EMBER_TOOLS_MISSING=1 EMBER_OPENSTACK_VENV="$TMP/openstack-venv" "$INSTALL" --plan)" ||
+    fail "--plan exited with $? on an empty machine"
 
 # Every package of the script's PKGS list must be planned.
 mapfile -t want < <(sed -n '/^PKGS=(/,/^)/p' "$INSTALL" | grep -v '^ *#' | sed '1d;$d' | tr ' ' '\n' | grep -v '^$')
@@ -31,12 +32,13 @@ for p in "${want[@]}"; do
 done
 grep -qx "apt-update" <<<"$plan" || fail "plan does not update the apt lists"
 grep -q "^guest-kernel " <<<"$plan" || fail "plan does not fetch the guest kernel"
-for t in "rust-component clippy" "rust-component rustfmt" "cargo-install cargo-fuzz"; do
+for t in "rust-component clippy" "rust-component rustfmt" "cargo-install cargo-fuzz" \
+    "openstack-venv $TMP/openstack-venv"; do
     grep -q "^$t" <<<"$plan" || fail "plan lacks '$t':"$'\n'"$plan"
 done
 n_install="$(grep -c '^install ' <<<"$plan")"
 ((n_install == ${#want[@]})) || fail "plan installs $n_install packages, the list has ${#want[@]}"
-echo "check-install-plan: empty machine: apt-update, ${#want[@]} packages, guest kernel, rust components, cargo-fuzz — ok"
+echo "check-install-plan: empty machine: apt-update, ${#want[@]} packages, guest kernel, rust components, cargo-fuzz, OpenStack client venv — ok"
 
 # On this machine, after the deps step, nothing is left to do.
 if [[ "${EMBER_SKIP_INSTALL:-0}" != 1 ]]; then

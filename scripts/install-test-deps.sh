@@ -17,6 +17,7 @@
 #   guest-kernel PACKAGE|unknown
 #   rust-component NAME
 #   cargo-install CRATE VERSION
+#   openstack-venv PATH         (the OpenStack clients' virtualenv to be (re)built)
 # The test command runs it against an empty package database (scripts/check-install-plan.sh)
 # so that the fresh-machine path is exercised even on a machine that has everything.
 #
@@ -27,6 +28,10 @@
 #                         --admindir; default: the system's). For --plan tests.
 #   EMBER_APT_LISTS_EMPTY=1  behave as if apt's package lists were empty (a fresh image)
 #   EMBER_TOOLS_MISSING=1    behave as if no rustup component or cargo tool were installed
+#   EMBER_OPENSTACK_VENV  the virtualenv of the OpenStack clients tests/openstack.rs runs
+#                         (default /var/cache/ember-test/openstack-venv; outside the source
+#                         tree), built with Debian's python3 from the pinned
+#                         tests/openstack/requirements.txt
 set -Eeuo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
@@ -151,6 +156,19 @@ for t in "${CARGO_TOOLS[@]}"; do
     [[ "$have_v" == "$ver" ]] || cargo_missing+=("$t")
 done
 
+# The OpenStack clients (python-cinderclient, -barbicanclient, -glanceclient,
+# -openstackclient, keystoneauth1 and their dependencies, every version pinned) live in a
+# virtualenv outside the source tree; a stamp file records which requirements built it.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OS_REQS="$ROOT/tests/openstack/requirements.txt"
+OS_VENV="${EMBER_OPENSTACK_VENV:-/var/cache/ember-test/openstack-venv}"
+[[ -f "$OS_REQS" ]] || die "missing $OS_REQS"
+os_reqs_sum="$(sha256sum "$OS_REQS" | awk '{print $1}')"
+venv_ok() {
+    [[ -x "$OS_VENV/bin/python" && -x "$OS_VENV/bin/openstack" ]] &&
+        [[ "$(cat "$OS_VENV/.ember-requirements" 2>/dev/null || true)" == "$os_reqs_sum" ]]
+}
+
 if [[ "$MODE" == plan ]]; then
     kpkg="$(kernel_pkg)"
     if ((${#missing[@]})) || [[ -z "$kpkg" ]]; then echo "apt-update"; fi
@@ -163,6 +181,7 @@ if [[ "$MODE" == plan ]]; then
     fi
     for c in "${rust_missing[@]}"; do echo "rust-component $c"; done
     for t in "${cargo_missing[@]}"; do echo "cargo-install $t"; done
+    venv_ok || echo "openstack-venv $OS_VENV"
     exit 0
 fi
 
@@ -237,4 +256,20 @@ for t in "${cargo_missing[@]}"; do
     cargo install --locked --quiet "${t% *}" --version "${t#* }" ||
         die "cargo install ${t% *} failed"
 done
+# ---- OpenStack clients' virtualenv --------------------------------------------------------
+if venv_ok; then
+    log "OpenStack clients: $OS_VENV"
+else
+    [[ "$MODE" == check ]] && die "the OpenStack client virtualenv $OS_VENV is missing or stale"
+    log "building the OpenStack client virtualenv $OS_VENV (pinned: $OS_REQS)"
+    rm -rf "$OS_VENV"
+    mkdir -p "$(dirname "$OS_VENV")"
+    /usr/bin/python3 -m venv "$OS_VENV" || die "python3 -m venv $OS_VENV failed"
+    "$OS_VENV/bin/pip" install -q --disable-pip-version-check -r "$OS_REQS" ||
+        die "pip install -r $OS_REQS failed (is PyPI reachable?)"
+    for f in "$OS_VENV/bin/python" "$OS_VENV/bin/openstack"; do
+        [[ -x "$f" ]] || die "$f missing after pip install"
+    done
+    printf '%s\n' "$os_reqs_sum" >"$OS_VENV/.ember-requirements"
+fi
 log "ok"

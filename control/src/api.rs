@@ -55,6 +55,20 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(v)
 }
 
+/// Parse part of a body already read as JSON (an action's arguments), naming the field
+/// on error with `at` (e.g. `os-extend`) in front of its path.
+pub fn parse_value<T: DeserializeOwned>(at: &str, v: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." {
+            ApiError::bad_request(format!("invalid `{at}`: {inner}"))
+        } else {
+            ApiError::bad_request(format!("invalid `{at}.{path}`: {inner}"))
+        }
+    })
+}
+
 /// Rewrite error responses that are not JSON (produced by axum itself) into Cinder bodies.
 pub async fn cinder_errors(req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
@@ -131,6 +145,40 @@ impl<'de> serde::Deserialize<'de> for BoolLike {
                 parse_bool(v)
                     .map(BoolLike)
                     .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A non-negative integer that may also come as a string of digits (Cinder's sizes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntLike(pub u64);
+
+impl<'de> serde::Deserialize<'de> for IntLike {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IntLike;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a non-negative integer (or a string of digits)")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<IntLike, E> {
+                Ok(IntLike(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<IntLike, E> {
+                u64::try_from(v)
+                    .map(IntLike)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IntLike, E> {
+                let t = v.trim();
+                if t.is_empty() || t.len() > 19 || !t.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(E::invalid_value(serde::de::Unexpected::Str(v), &self));
+                }
+                t.parse()
+                    .map(IntLike)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(v), &self))
             }
         }
         d.deserialize_any(V)

@@ -18,12 +18,21 @@
 //! [`check_volume_key`] (a caller's key against the type), [`order_volume_key`] (a new
 //! key a volume owns), [`copy_secret`] (a snapshot's copy of its volume's key),
 //! [`volume_passphrase`] and [`delete_owned`].
+//!
+//! [`acl`]: who reads a secret (its read ACL, by token id) and its user metadata.
+//! Lists page with `limit`/`offset` and answer `total`, `next` and `previous` links.
+//! Ember stores `symmetric`, `passphrase` and `opaque` secrets; `public`, `private`
+//! and `certificate` are refused (400), and so are containers: Ember needs none (a
+//! volume's key is one symmetric secret).
+
+pub mod acl;
 
 use crate::api::{check_len, ApiJson};
 use crate::auth::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
 use crate::store::{get_str, new_id, now, opt_str};
+use crate::versions::Origin;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -161,16 +170,6 @@ fn page_of(
         .collect()
 }
 
-/// Base URL for `*_ref` links, from the request's Host header.
-fn base_url(headers: &HeaderMap) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty() && h.chars().all(|c| c.is_ascii_graphic()))
-        .unwrap_or("localhost");
-    format!("http://{host}")
-}
-
 fn normalize_content_type(ct: &str) -> Option<&'static str> {
     let c: String = ct
         .chars()
@@ -217,6 +216,23 @@ fn is_expired(expiration: &Option<String>) -> bool {
 const SECRET_COLS: &str =
     "id, project_id, creator_id, name, secret_type, algorithm, bit_length, mode, content_type, \
                            expiration, status, created_at, updated_at";
+
+/// The secret columns [`acl::access`] loads.
+pub fn secret_cols_sql() -> &'static str {
+    SECRET_COLS
+}
+
+/// `total`, `next` and `previous` of a page of `path` (`total` rows).
+fn page_links(o: &mut Value, origin: &Origin, path: &str, page: Page, total: usize) {
+    o["total"] = json!(total);
+    let link = |offset: usize| origin.url(&format!("{path}?limit={}&offset={offset}", page.limit));
+    if page.offset.saturating_add(page.limit) < total {
+        o["next"] = json!(link(page.offset + page.limit));
+    }
+    if page.offset > 0 {
+        o["previous"] = json!(link(page.offset.saturating_sub(page.limit)));
+    }
+}
 
 fn secret_view(base: &str, r: &AnyRow) -> Result<Value, sqlx::Error> {
     let name = get_str(r, "name")?;
@@ -387,11 +403,6 @@ async fn fetch_own(
         .ok_or_else(|| ApiError::not_found(format!("{what} {id} not found")))
 }
 
-async fn fetch_secret(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<AnyRow> {
-    let sql = format!("SELECT {SECRET_COLS} FROM secrets WHERE id = ? AND project_id = ?");
-    fetch_own(st, ctx, sql, "secret", id).await
-}
-
 #[utoipa::path(post, path = "/v1/secrets", tag = "keys", request_body = SecretCreate,
     responses((status = 201, description = "`{\"secret_ref\": url}`"), (status = 400, description = "bad input"),
         (status = 401, description = "no token"), (status = 403, description = "reader"),
@@ -399,7 +410,7 @@ async fn fetch_secret(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<AnyRow> {
 pub async fn create_secret(
     State(st): State<AppState>,
     ctx: Ctx,
-    headers: HeaderMap,
+    origin: Origin,
     ApiJson(body): ApiJson<SecretCreate>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     ctx.require_writer()?;
@@ -409,7 +420,7 @@ pub async fn create_secret(
     tx.commit().await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"secret_ref": format!("{}/v1/secrets/{id}", base_url(&headers))})),
+        Json(json!({"secret_ref": origin.url(&format!("/v1/secrets/{id}"))})),
     ))
 }
 
@@ -419,7 +430,7 @@ pub async fn create_secret(
 pub async fn list_secrets(
     State(st): State<AppState>,
     ctx: Ctx,
-    headers: HeaderMap,
+    origin: Origin,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let page = q.page()?;
@@ -437,29 +448,33 @@ pub async fn list_secrets(
         .bind(stype)
         .fetch_all(&st.db().pool)
         .await?;
-    let base = base_url(&headers);
+    let base = origin.base.clone();
     let list = page_of(&rows, page, |r| secret_view(&base, r))?;
-    Ok(Json(json!({"secrets": list, "total": rows.len()})))
+    let mut o = json!({ "secrets": list });
+    page_links(&mut o, &origin, "/v1/secrets", page, rows.len());
+    Ok(Json(o))
 }
 
 #[utoipa::path(get, path = "/v1/secrets/{secret_id}", tag = "keys",
     params(("secret_id" = String, Path, description = "secret id")),
     responses((status = 200, description = "secret metadata"), (status = 401, description = "no token"),
-        (status = 404, description = "no such secret in the caller's project")))]
+        (status = 403, description = "private to its creator and ACL users"),
+        (status = 404, description = "no such secret for the caller (its project's, or its ACL's)")))]
 pub async fn show_secret(
     State(st): State<AppState>,
     ctx: Ctx,
-    headers: HeaderMap,
+    origin: Origin,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let row = fetch_secret(&st, &ctx, &id).await?;
-    Ok(Json(secret_view(&base_url(&headers), &row)?))
+    let (row, _) = acl::access(&st, &ctx, &id).await?;
+    Ok(Json(secret_view(&origin.base, &row)?))
 }
 
 #[utoipa::path(get, path = "/v1/secrets/{secret_id}/payload", tag = "keys",
     params(("secret_id" = String, Path, description = "secret id")),
     responses((status = 200, description = "the raw payload"), (status = 401, description = "no token"),
-        (status = 403, description = "reader"), (status = 404, description = "no such secret, or expired"),
+        (status = 403, description = "reader, or private to its creator and ACL users"),
+        (status = 404, description = "no such secret for the caller, or expired"),
         (status = 406, description = "Accept does not match the payload's content type")))]
 pub async fn secret_payload(
     State(st): State<AppState>,
@@ -467,23 +482,21 @@ pub async fn secret_payload(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let row = fetch_secret(&st, &ctx, &id).await?;
-    ctx.require_writer()?;
+    let (row, a) = acl::access(&st, &ctx, &id).await?;
+    if !a.payload() {
+        return Err(ApiError::forbidden("the reader role cannot read payloads"));
+    }
     let (ct, bytes) = open_row(&st, &id).await?;
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("*/*");
-    if !(accept.contains("*/*")
-        || accept.contains(ct.as_str())
-        || accept.contains("application/*") && ct.starts_with("application/")
-        || accept.contains("text/*") && ct.starts_with("text/"))
-    {
-        return Err(ApiError::new(
+    let ct = payload_type(accept, &ct, &bytes).ok_or_else(|| {
+        ApiError::new(
             StatusCode::NOT_ACCEPTABLE,
-            format!("this secret's payload is {ct}"),
-        ));
-    }
+            format!("this secret's payload is {ct} (not valid UTF-8 text)"),
+        )
+    })?;
     if is_expired(&opt_str(&row, "expiration")?) {
         return Err(ApiError::not_found(format!("secret {id} has expired")));
     }
@@ -493,6 +506,27 @@ pub async fn secret_payload(
         HeaderValue::from_str(&ct).map_err(|_| ApiError::internal("content type"))?,
     );
     Ok(resp)
+}
+
+/// The content type to answer a payload with for `accept`: the stored one when
+/// accepted; bytes of a text secret as `application/octet-stream`; bytes stored as
+/// `application/octet-stream` as `text/plain` when they are UTF-8 text (the `openstack`
+/// CLI stores a passphrase base64-encoded and reads it back as text). `None`: 406.
+fn payload_type(accept: &str, stored: &str, bytes: &[u8]) -> Option<String> {
+    let wants = |t: &str| {
+        let (family, _) = t.split_once('/').unwrap_or((t, ""));
+        accept.contains("*/*") || accept.contains(t) || accept.contains(&format!("{family}/*"))
+    };
+    if wants(stored) {
+        return Some(stored.to_string());
+    }
+    if wants("application/octet-stream") {
+        return Some("application/octet-stream".to_string());
+    }
+    if wants("text/plain") && std::str::from_utf8(bytes).is_ok() {
+        return Some("text/plain".to_string());
+    }
+    None
 }
 
 async fn open_row(st: &AppState, id: &str) -> ApiResult<(String, Zeroizing<Vec<u8>>)> {
@@ -712,6 +746,7 @@ pub async fn volume_passphrase(
 
 /// Delete a secret a volume or snapshot owned (with it, in the caller's transaction).
 pub async fn delete_owned(conn: &mut sqlx::AnyConnection, id: &str) -> Result<(), sqlx::Error> {
+    acl::forget(conn, id).await?;
     sqlx::query("DELETE FROM secrets WHERE id = ?")
         .bind(id.to_string())
         .execute(conn)
@@ -729,8 +764,8 @@ pub async fn delete_secret(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    fetch_secret(&st, &ctx, &id).await?;
-    ctx.require_writer()?;
+    let (_, a) = acl::access(&st, &ctx, &id).await?;
+    a.require_writer(&id)?;
     let mut tx = st.db().begin().await?;
     // Volumes and snapshots both keep their key here: either one makes it in use.
     let users = crate::volumes::count_by_secret(&mut tx, &id).await?;
@@ -739,6 +774,7 @@ pub async fn delete_secret(
             "secret {id} is used by {users} volume(s) or snapshot(s)"
         )));
     }
+    acl::forget(&mut tx, &id).await?;
     sqlx::query("DELETE FROM secrets WHERE id = ? AND project_id = ?")
         .bind(id)
         .bind(ctx.project_id.clone())
@@ -775,7 +811,7 @@ const ORDER_COLS: &str =
 pub async fn create_order(
     State(st): State<AppState>,
     ctx: Ctx,
-    headers: HeaderMap,
+    origin: Origin,
     ApiJson(body): ApiJson<OrderCreate>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     ctx.require_writer()?;
@@ -841,7 +877,7 @@ pub async fn create_order(
     tx.commit().await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"order_ref": format!("{}/v1/orders/{id}", base_url(&headers))})),
+        Json(json!({"order_ref": origin.url(&format!("/v1/orders/{id}"))})),
     ))
 }
 
@@ -851,7 +887,7 @@ pub async fn create_order(
 pub async fn list_orders(
     State(st): State<AppState>,
     ctx: Ctx,
-    headers: HeaderMap,
+    origin: Origin,
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let page = q.page()?;
@@ -861,9 +897,11 @@ pub async fn list_orders(
         .bind(ctx.project_id.clone())
         .fetch_all(&st.db().pool)
         .await?;
-    let base = base_url(&headers);
+    let base = origin.base.clone();
     let list = page_of(&rows, page, |r| order_view(&base, r))?;
-    Ok(Json(json!({"orders": list, "total": rows.len()})))
+    let mut o = json!({ "orders": list });
+    page_links(&mut o, &origin, "/v1/orders", page, rows.len());
+    Ok(Json(o))
 }
 
 async fn fetch_order(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<AnyRow> {
@@ -878,11 +916,11 @@ async fn fetch_order(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<AnyRow> {
 pub async fn show_order(
     State(st): State<AppState>,
     ctx: Ctx,
-    headers: HeaderMap,
+    origin: Origin,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     let row = fetch_order(&st, &ctx, &id).await?;
-    Ok(Json(order_view(&base_url(&headers), &row)?))
+    Ok(Json(order_view(&origin.base, &row)?))
 }
 
 #[utoipa::path(delete, path = "/v1/orders/{order_id}", tag = "keys",
@@ -907,6 +945,19 @@ pub async fn delete_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_negotiation() {
+        let bin = "application/octet-stream";
+        assert_eq!(payload_type("*/*", bin, b"x").as_deref(), Some(bin));
+        assert_eq!(
+            payload_type("text/plain", bin, b"words").as_deref(),
+            Some("text/plain")
+        );
+        assert_eq!(payload_type("text/plain", bin, &[0xff, 0xfe]), None);
+        assert_eq!(payload_type(bin, "text/plain", b"w").as_deref(), Some(bin));
+        assert_eq!(payload_type("image/png", bin, b"w"), None);
+    }
 
     #[test]
     fn passphrase_rule() {

@@ -28,11 +28,14 @@ pub mod locks;
 pub mod metadefs;
 pub mod openapi;
 pub mod projects;
+pub mod qos;
 pub mod schema;
 pub mod seal;
+pub mod services;
 pub mod state;
 pub mod store;
 pub mod types;
+pub mod versions;
 pub mod volumes;
 
 use anyhow::Context;
@@ -132,7 +135,7 @@ impl Control {
         );
         retried!(
             "register this node",
-            register_node(state.db(), &cfg.node_name, &cfg.rest_address)
+            services::register_node(state.db(), &cfg.node_name, &cfg.rest_address)
         );
         Ok(Control {
             state,
@@ -147,41 +150,8 @@ impl Control {
 
     /// Refresh this node's heartbeat row (call periodically).
     pub async fn heartbeat(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE nodes SET heartbeat_at = ? WHERE name = ?")
-            .bind(store::now())
-            .bind(self.state.node_name().to_string())
-            .execute(&self.state.db().pool)
-            .await?;
-        Ok(())
+        services::heartbeat(self.state.db(), self.state.node_name()).await
     }
-}
-
-async fn register_node(db: &Db, name: &str, rest: &str) -> anyhow::Result<()> {
-    let mut tx = db.begin().await?;
-    let now = store::now();
-    let n = sqlx::query(
-        "UPDATE nodes SET started_at = ?, heartbeat_at = ?, rest_address = ? WHERE name = ?",
-    )
-    .bind(now.clone())
-    .bind(now.clone())
-    .bind(rest.to_string())
-    .bind(name.to_string())
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if n == 0 {
-        sqlx::query(
-            "INSERT INTO nodes (name, started_at, heartbeat_at, rest_address) VALUES (?, ?, ?, ?)",
-        )
-        .bind(name.to_string())
-        .bind(now.clone())
-        .bind(now)
-        .bind(rest.to_string())
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 /// Ensure the admin project exists and `path` holds a valid admin token.

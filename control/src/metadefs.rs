@@ -13,9 +13,17 @@
 //! spellings, `<is> True` included; arrays are comma separated). Patterns use
 //! unanchored search, as JSON schema does.
 //!
+//! Namespaces also hold objects and tags ([`objects`], catalog only), and the JSON
+//! schemas of all these documents are served for glanceclient ([`schemas`]). The
+//! namespace list pages with `limit`/`marker` (`next` link), sorts by `sort_key`
+//! (`namespace` or `created_at`) and filters by `visibility` and `resource_types`.
+//!
 //! Start-up creates two protected public namespaces: `OS::Ember::VolumeType`
 //! (`encryption`, derived and read-only; `replication`) and `OS::Ember::QoS` (prefix
 //! `qos:`, the six IOPS/bandwidth limits with ranges).
+
+pub mod objects;
+pub mod schemas;
 
 use crate::api::{check_len, parse_bool, ApiJson};
 use crate::auth::Ctx;
@@ -115,6 +123,10 @@ pub struct NamespaceCreate {
     pub is_protected: Option<bool>,
     pub resource_type_associations: Option<Vec<AssociationCreate>>,
     pub properties: Option<BTreeMap<String, PropertyDef>>,
+    /// Objects to create with it.
+    pub objects: Option<Vec<objects::ObjectBody>>,
+    /// Tags to create with it.
+    pub tags: Option<Vec<objects::TagBody>>,
 }
 
 /// `PUT /v2/metadefs/namespaces/{namespace}` body.
@@ -128,13 +140,51 @@ pub struct NamespaceUpdate {
     pub visibility: Option<String>,
     #[serde(rename = "protected")]
     pub is_protected: Option<bool>,
+    /// Ignored (glanceclient sends the namespace back as it read it).
+    #[schema(value_type = Option<String>)]
+    pub owner: Option<Value>,
+    /// Ignored: change them through their own routes.
+    #[schema(value_type = Option<Object>)]
+    pub resource_type_associations: Option<Value>,
+    /// Ignored: change them through their own routes.
+    #[schema(value_type = Option<Object>)]
+    pub properties: Option<Value>,
+    /// Ignored: change them through their own routes.
+    #[schema(value_type = Option<Object>)]
+    pub objects: Option<Value>,
+    /// Ignored: change them through their own routes.
+    #[schema(value_type = Option<Object>)]
+    pub tags: Option<Value>,
+    /// Ignored (read-only).
+    #[schema(value_type = Option<String>)]
+    pub schema: Option<Value>,
+    /// Ignored (read-only).
+    #[serde(rename = "self")]
+    #[schema(value_type = Option<String>)]
+    pub self_link: Option<Value>,
+    /// Ignored (read-only).
+    #[schema(value_type = Option<String>)]
+    pub created_at: Option<Value>,
+    /// Ignored (read-only).
+    #[schema(value_type = Option<String>)]
+    pub updated_at: Option<Value>,
 }
 
 /// Namespace list query.
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct NamespaceQuery {
-    /// Only namespaces associated with this resource type.
+    /// Only namespaces associated with one of these resource types (comma separated).
     pub resource_types: Option<String>,
+    /// Only `public` or `private` ones.
+    pub visibility: Option<String>,
+    /// Page size (1..1000; default 20 as glanceclient asks).
+    pub limit: Option<String>,
+    /// The last namespace of the previous page.
+    pub marker: Option<String>,
+    /// `namespace` (default) or `created_at`.
+    pub sort_key: Option<String>,
+    /// `asc` (default) or `desc`.
+    pub sort_dir: Option<String>,
 }
 
 fn check_name(field: &str, v: &str) -> ApiResult<()> {
@@ -540,6 +590,16 @@ async fn create_namespace_tx(
     for a in b.resource_type_associations.iter().flatten() {
         insert_association(conn, &b.namespace, a).await?;
     }
+    for o in b.objects.iter().flatten() {
+        objects::check_object(o)?;
+        objects::insert_object(conn, &b.namespace, o, &now()).await?;
+    }
+    if let Some(tags) = &b.tags {
+        for t in tags {
+            objects::check_tag(&t.name)?;
+            objects::insert_tag(conn, &b.namespace, &t.name).await?;
+        }
+    }
     Ok(())
 }
 
@@ -629,6 +689,8 @@ async fn ns_view(conn: &mut AnyConnection, r: &AnyRow, full: bool) -> ApiResult<
     v["resource_type_associations"] = json!(associations_of(conn, &ns).await?);
     if full {
         v["properties"] = Value::Object(properties_of(conn, &ns).await?);
+        v["objects"] = json!(objects::objects_of(conn, &ns).await?);
+        v["tags"] = json!(objects::tags_of(conn, &ns).await?);
     }
     Ok(v)
 }
@@ -724,6 +786,8 @@ fn standard_namespaces() -> Vec<NamespaceCreate> {
             is_protected: Some(true),
             resource_type_associations: assoc(None),
             properties: Some(vt),
+            objects: None,
+            tags: None,
         },
         NamespaceCreate {
             namespace: "OS::Ember::QoS".into(),
@@ -733,6 +797,8 @@ fn standard_namespaces() -> Vec<NamespaceCreate> {
             is_protected: Some(true),
             resource_type_associations: assoc(Some("qos:")),
             properties: Some(qos),
+            objects: None,
+            tags: None,
         },
     ]
 }
@@ -746,6 +812,40 @@ pub async fn list_namespaces(
     ctx: Ctx,
     Query(q): Query<NamespaceQuery>,
 ) -> ApiResult<Json<Value>> {
+    let limit = match q.limit.as_deref() {
+        None => 20,
+        Some(l) => l
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=1000).contains(l))
+            .ok_or_else(|| ApiError::bad_request("`limit` must be between 1 and 1000"))?,
+    };
+    let by_created = match q.sort_key.as_deref() {
+        None | Some("namespace") => false,
+        Some("created_at") => true,
+        Some(k) => {
+            return Err(ApiError::bad_request(format!(
+                "`sort_key` {k:?} must be namespace or created_at"
+            )))
+        }
+    };
+    let desc = match q.sort_dir.as_deref() {
+        None | Some("asc") => false,
+        Some("desc") => true,
+        Some(d) => {
+            return Err(ApiError::bad_request(format!(
+                "`sort_dir` {d:?} must be asc or desc"
+            )))
+        }
+    };
+    if let Some(v) = q.visibility.as_deref() {
+        if v != "public" && v != "private" && v != "all" {
+            return Err(ApiError::bad_request(
+                "`visibility` must be public, private or all",
+            ));
+        }
+    }
     let mut conn = st.db().pool.acquire().await?;
     let rows = sqlx::query(
         "SELECT namespace, display_name, description, visibility, protected, owner, created_at, updated_at \
@@ -755,10 +855,13 @@ pub async fn list_namespaces(
     .await?;
     let mut out = Vec::new();
     for r in &rows {
-        let visible = ctx.is_admin()
-            || get_str(r, "visibility")? == "public"
-            || get_str(r, "owner")? == ctx.project_id;
-        if !visible {
+        let vis = get_str(r, "visibility")?;
+        let visible = ctx.is_admin() || vis == "public" || get_str(r, "owner")? == ctx.project_id;
+        if !visible
+            || q.visibility
+                .as_deref()
+                .is_some_and(|w| w != "all" && w != vis)
+        {
             continue;
         }
         let v = ns_view(&mut conn, r, false).await?;
@@ -774,9 +877,48 @@ pub async fn list_namespaces(
         }
         out.push(v);
     }
-    Ok(Json(
-        json!({"namespaces": out, "schema": "/v2/schemas/metadefs/namespaces", "first": "/v2/metadefs/namespaces"}),
-    ))
+    let key = if by_created {
+        "created_at"
+    } else {
+        "namespace"
+    };
+    out.sort_by(|a, b| {
+        let o = a[key]
+            .as_str()
+            .cmp(&b[key].as_str())
+            .then_with(|| a["namespace"].as_str().cmp(&b["namespace"].as_str()));
+        if desc {
+            o.reverse()
+        } else {
+            o
+        }
+    });
+    let start = match &q.marker {
+        None => 0,
+        Some(m) => {
+            out.iter()
+                .position(|v| v["namespace"].as_str() == Some(m.as_str()))
+                .ok_or_else(|| ApiError::bad_request(format!("marker {m} could not be found")))?
+                + 1
+        }
+    };
+    let more = out.len() > start.saturating_add(limit);
+    let page: Vec<Value> = out.into_iter().skip(start).take(limit).collect();
+    let mut o = json!({"namespaces": page, "schema": "/v2/schemas/metadefs/namespaces",
+        "first": "/v2/metadefs/namespaces"});
+    if more {
+        if let Some(last) = page.last().and_then(|v| v["namespace"].as_str()) {
+            let mut next = format!("/v2/metadefs/namespaces?limit={limit}&marker={last}");
+            if let Some(k) = &q.sort_key {
+                next.push_str(&format!("&sort_key={k}"));
+            }
+            if let Some(d) = &q.sort_dir {
+                next.push_str(&format!("&sort_dir={d}"));
+            }
+            o["next"] = json!(next);
+        }
+    }
+    Ok(Json(o))
 }
 
 #[utoipa::path(post, path = "/v2/metadefs/namespaces", tag = "metadefs", request_body = NamespaceCreate,
@@ -875,6 +1017,7 @@ pub async fn delete_namespace(
             "namespace {ns} is protected; set protected=false first"
         )));
     }
+    objects::forget(&mut tx, &ns).await?;
     for sql in [
         "DELETE FROM metadef_properties WHERE namespace = ?",
         "DELETE FROM metadef_resource_types WHERE namespace = ?",

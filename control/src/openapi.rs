@@ -9,7 +9,7 @@
 
 use crate::api::{cinder_errors, fallback, MAX_BODY};
 use crate::state::AppState;
-use crate::{keys, locks, metadefs, projects, types, volumes};
+use crate::{keys, locks, metadefs, projects, qos, services, types, versions, volumes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::Json;
 use std::sync::Arc;
@@ -51,6 +51,11 @@ async fn openapi_json(State(spec): State<SpecState>) -> Json<Spec> {
 /// All API routes with their spec (no state yet, no fallback).
 pub fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(versions::root))
+        .routes(routes!(versions::cinder_v3))
+        .routes(routes!(versions::barbican_v1))
+        .routes(routes!(versions::glance))
+        .routes(routes!(versions::glance_v2))
         .routes(routes!(projects::create_project, projects::list_projects))
         .routes(routes!(projects::show_project))
         .routes(routes!(projects::create_token, projects::list_tokens))
@@ -106,9 +111,48 @@ pub fn api() -> OpenApiRouter<AppState> {
             metadefs::create_association
         ))
         .routes(routes!(metadefs::delete_association))
+        .routes(routes!(
+            metadefs::objects::list_objects,
+            metadefs::objects::create_object
+        ))
+        .routes(routes!(
+            metadefs::objects::show_object,
+            metadefs::objects::update_object,
+            metadefs::objects::delete_object
+        ))
+        .routes(routes!(
+            metadefs::objects::list_tags,
+            metadefs::objects::create_tags,
+            metadefs::objects::delete_tags
+        ))
+        .routes(routes!(
+            metadefs::objects::show_tag,
+            metadefs::objects::create_tag,
+            metadefs::objects::rename_tag,
+            metadefs::objects::delete_tag
+        ))
+        .routes(routes!(metadefs::objects::list_resource_types))
+        .routes(routes!(metadefs::schemas::show_schema))
         .routes(routes!(keys::create_secret, keys::list_secrets))
         .routes(routes!(keys::show_secret, keys::delete_secret))
         .routes(routes!(keys::secret_payload))
+        .routes(routes!(
+            keys::acl::show_acl,
+            keys::acl::put_acl,
+            keys::acl::patch_acl,
+            keys::acl::delete_acl
+        ))
+        .routes(routes!(
+            keys::acl::show_secret_metadata,
+            keys::acl::put_secret_metadata,
+            keys::acl::add_secret_meta
+        ))
+        .routes(routes!(
+            keys::acl::show_secret_meta,
+            keys::acl::post_secret_meta,
+            keys::acl::put_secret_meta,
+            keys::acl::delete_secret_meta
+        ))
         .routes(routes!(keys::create_order, keys::list_orders))
         .routes(routes!(keys::show_order, keys::delete_order))
         .routes(routes!(
@@ -118,18 +162,65 @@ pub fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(volumes::handlers::list_volumes_detail))
         .routes(routes!(
             volumes::handlers::show_volume,
+            volumes::handlers::update_volume,
             volumes::handlers::delete_volume
         ))
         .routes(routes!(volumes::handlers::volume_action))
         .routes(routes!(volumes::handlers::volume_encryption))
         .routes(routes!(
+            volumes::handlers::volume_metadata,
+            volumes::handlers::set_volume_metadata,
+            volumes::handlers::replace_volume_metadata
+        ))
+        .routes(routes!(
+            volumes::handlers::volume_meta_item,
+            volumes::handlers::put_volume_meta_item,
+            volumes::handlers::delete_volume_meta_item
+        ))
+        .routes(routes!(
             volumes::handlers::list_snapshots,
             volumes::handlers::create_snapshot
         ))
+        .routes(routes!(volumes::handlers::list_snapshots_detail))
         .routes(routes!(
             volumes::handlers::show_snapshot,
+            volumes::handlers::update_snapshot,
             volumes::handlers::delete_snapshot
         ))
+        .routes(routes!(volumes::handlers::snapshot_action))
+        .routes(routes!(
+            volumes::handlers::snapshot_metadata,
+            volumes::handlers::set_snapshot_metadata,
+            volumes::handlers::replace_snapshot_metadata
+        ))
+        .routes(routes!(
+            volumes::handlers::snapshot_meta_item,
+            volumes::handlers::put_snapshot_meta_item,
+            volumes::handlers::delete_snapshot_meta_item
+        ))
+        .routes(routes!(
+            volumes::attachments::list_attachments,
+            volumes::attachments::create_attachment
+        ))
+        .routes(routes!(volumes::attachments::list_attachments_detail))
+        .routes(routes!(
+            volumes::attachments::show_attachment,
+            volumes::attachments::update_attachment,
+            volumes::attachments::delete_attachment
+        ))
+        .routes(routes!(volumes::attachments::attachment_action))
+        .routes(routes!(qos::list_qos, qos::create_qos))
+        .routes(routes!(qos::show_qos, qos::set_qos_keys, qos::delete_qos))
+        .routes(routes!(qos::delete_qos_keys))
+        .routes(routes!(qos::qos_associations))
+        .routes(routes!(qos::associate_qos))
+        .routes(routes!(qos::disassociate_qos))
+        .routes(routes!(qos::disassociate_all_qos))
+        .routes(routes!(services::list_services))
+        .routes(routes!(services::list_clusters))
+        .routes(routes!(services::list_clusters_detail))
+        .routes(routes!(services::show_cluster))
+        .routes(routes!(services::limits))
         .routes(routes!(locks::api::list_locks, locks::api::create_lock))
         .routes(routes!(locks::api::lock_history))
         .routes(routes!(
@@ -156,11 +247,13 @@ pub fn router(state: AppState) -> axum::Router {
     let (meta, _) = OpenApiRouter::<SpecState>::new()
         .routes(routes!(openapi_json))
         .split_for_parts();
-    api.with_state(state)
+    let api = api
+        .with_state(state)
         .merge(meta.with_state(SpecState(spec)))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(axum::middleware::from_fn(cinder_errors))
+        .layer(axum::middleware::from_fn(cinder_errors));
+    versions::serve_prefixed(api)
 }
 
 /// A request body of the API, by route.
@@ -220,16 +313,10 @@ pub fn check_body(kind: BodyKind, bytes: &[u8]) -> crate::error::ApiResult<()> {
             .volume
             .validate()
             .map(drop),
-        BodyKind::VolumeAction => {
-            let a = parse_json::<vh::VolumeAction>(bytes)?;
-            for c in [a.initialize, a.terminate].into_iter().flatten() {
-                c.connector.protocol()?;
-            }
-            Ok(())
-        }
+        BodyKind::VolumeAction => vh::VolumeAction::parse(parse_json(bytes)?).map(drop),
         BodyKind::Snapshot => parse_json::<vh::SnapshotCreateBody>(bytes)?
             .snapshot
-            .validate()
+            .validate(crate::versions::Microversion(crate::versions::CINDER_MAX))
             .map(drop),
         BodyKind::Secret => keys::check_secret_body(parse_json(bytes)?),
         BodyKind::Order => parse_json::<keys::OrderCreate>(bytes).map(drop),

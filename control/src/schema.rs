@@ -59,4 +59,11 @@ pub const MIGRATIONS: &[Migration] = &[(
 // Database read-write locks (issue 6).
 (3, crate::locks::SCHEMA),
 // Snapshots record the status a delete left (issue 13).
-(4, crate::volumes::SCHEMA_4)];
+(4, crate::volumes::SCHEMA_4),
+// The OpenStack clients (issue 14): volume flags, metadata, attachments API; QoS specs;
+// a type's QoS spec.
+(5, crate::volumes::SCHEMA_5),
+(6, crate::qos::SCHEMA),
+(7, crate::types::SCHEMA_7),
+(8, crate::keys::acl::SCHEMA),
+(9, crate::metadefs::objects::SCHEMA)];

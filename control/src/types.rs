@@ -45,6 +45,10 @@ pub const DEFAULT_TYPE: &str = "__DEFAULT__";
 /// The derived, read-only metadata key telling whether a type encrypts.
 pub const ENCRYPTION_KEY: &str = "encryption";
 
+/// Migration 7 (issue 14): a type's QoS spec (written through [`set_qos`]).
+pub const SCHEMA_7: &[&str] =
+    &["ALTER TABLE volume_types ADD COLUMN qos_specs_id VARCHAR(64) NULL"];
+
 /// Create `__DEFAULT__` on first start.
 pub async fn bootstrap(db: &Db) -> anyhow::Result<()> {
     let mut tx = db.begin().await?;
@@ -297,7 +301,11 @@ struct TypeRow {
     name: String,
     description: Option<String>,
     is_public: bool,
+    qos_specs_id: Option<String>,
 }
+
+/// The columns [`type_row`] reads.
+const TYPE_COLS: &str = "id, name, description, is_public, qos_specs_id";
 
 fn type_row(r: &AnyRow) -> Result<TypeRow, sqlx::Error> {
     Ok(TypeRow {
@@ -305,6 +313,7 @@ fn type_row(r: &AnyRow) -> Result<TypeRow, sqlx::Error> {
         name: get_str(r, "name")?,
         description: opt_str(r, "description")?,
         is_public: get_i64(r, "is_public")? != 0,
+        qos_specs_id: opt_str(r, "qos_specs_id")?,
     })
 }
 
@@ -332,13 +341,12 @@ async fn has_access(
 
 /// Load a type by id (or name) that the caller may see; 404 otherwise.
 async fn load_type(conn: &mut AnyConnection, ctx: &Ctx, id: &str) -> ApiResult<TypeRow> {
-    let row = sqlx::query(
-        "SELECT id, name, description, is_public FROM volume_types WHERE id = ? OR name = ?",
-    )
-    .bind(id.to_string())
-    .bind(id.to_string())
-    .fetch_all(&mut *conn)
-    .await?;
+    let sql = format!("SELECT {TYPE_COLS} FROM volume_types WHERE id = ? OR name = ?");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.to_string())
+        .bind(id.to_string())
+        .fetch_all(&mut *conn)
+        .await?;
     // An id match wins over a name match.
     let row = row
         .iter()
@@ -435,7 +443,7 @@ async fn type_view(conn: &mut AnyConnection, ctx: &Ctx, t: &TypeRow) -> Result<V
     Ok(json!({
         "id": t.id, "name": t.name, "description": t.description,
         "is_public": t.is_public, "os-volume-type-access:is_public": t.is_public,
-        "extra_specs": specs, "metadata": meta, "qos_specs_id": null,
+        "extra_specs": specs, "metadata": meta, "qos_specs_id": t.qos_specs_id,
     }))
 }
 
@@ -469,6 +477,8 @@ pub struct VolumeType {
     pub encryption: Option<Encryption>,
     /// All extra specs (admin view).
     pub extra_specs: BTreeMap<String, String>,
+    /// Its QoS spec ([`crate::qos`]).
+    pub qos_specs_id: Option<String>,
 }
 
 /// A type's encryption spec.
@@ -554,6 +564,7 @@ async fn volume_type(conn: &mut AnyConnection, t: TypeRow) -> ApiResult<VolumeTy
         .transpose()?;
     Ok(VolumeType {
         extra_specs: kv_all(conn, Kv::Specs, &t.id).await?,
+        qos_specs_id: t.qos_specs_id,
         id: t.id,
         name: t.name,
         encryption,
@@ -568,13 +579,59 @@ pub async fn resolve(conn: &mut AnyConnection, ctx: &Ctx, key: &str) -> ApiResul
 
 /// The type of an existing volume (whoever may see it now).
 pub async fn by_id(conn: &mut AnyConnection, id: &str) -> ApiResult<VolumeType> {
-    let r = sqlx::query("SELECT id, name, description, is_public FROM volume_types WHERE id = ?")
+    let sql = format!("SELECT {TYPE_COLS} FROM volume_types WHERE id = ?");
+    let r = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.to_string())
         .fetch_optional(&mut *conn)
         .await?
         .ok_or_else(|| ApiError::internal(format!("volume type {id} vanished")))?;
     let t = type_row(&r)?;
     volume_type(conn, t).await
+}
+
+/// The types associated with QoS spec `qos_id`: (id, name).
+pub async fn with_qos(
+    conn: &mut AnyConnection,
+    qos_id: &str,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    let rows =
+        sqlx::query("SELECT id, name FROM volume_types WHERE qos_specs_id = ? ORDER BY name")
+            .bind(qos_id.to_string())
+            .fetch_all(&mut *conn)
+            .await?;
+    rows.iter()
+        .map(|r| Ok((get_str(r, "id")?, get_str(r, "name")?)))
+        .collect()
+}
+
+/// Associate type `type_id` with QoS spec `qos_id` (`None`: disassociate).
+pub async fn set_qos(
+    conn: &mut AnyConnection,
+    type_id: &str,
+    qos_id: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE volume_types SET qos_specs_id = ?, updated_at = ? WHERE id = ?")
+        .bind(qos_id.map(str::to_string))
+        .bind(now())
+        .bind(type_id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Move every type of QoS spec `qos_id` to `to` (`None`: disassociate all).
+pub async fn set_qos_of_all(
+    conn: &mut AnyConnection,
+    qos_id: &str,
+    to: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE volume_types SET qos_specs_id = ?, updated_at = ? WHERE qos_specs_id = ?")
+        .bind(to.map(str::to_string))
+        .bind(now())
+        .bind(qos_id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// The name of type `id` (`None` if it is gone).
@@ -607,10 +664,10 @@ pub async fn list_types(
         ),
     };
     let mut conn = st.db().pool.acquire().await?;
-    let rows =
-        sqlx::query("SELECT id, name, description, is_public FROM volume_types ORDER BY name")
-            .fetch_all(&mut *conn)
-            .await?;
+    let sql = format!("SELECT {TYPE_COLS} FROM volume_types ORDER BY name");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .fetch_all(&mut *conn)
+        .await?;
     let mut out = Vec::new();
     for r in &rows {
         let t = type_row(r)?;
@@ -687,6 +744,7 @@ pub async fn create_type(
         name: b.name,
         description: b.description,
         is_public,
+        qos_specs_id: None,
     };
     let view = type_view(&mut tx, &ctx, &row).await?;
     tx.commit().await?;

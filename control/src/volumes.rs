@@ -26,11 +26,13 @@
 //! clones and snapshots are protected by shared database locks ([`crate::locks`]);
 //! delete and extend take them exclusive.
 
+pub mod attachments;
 pub mod handlers;
+pub mod listing;
 pub mod reconcile;
 pub mod rows;
 pub mod service;
 pub mod status;
 pub mod views;
 
-pub use rows::{count_by_secret, count_by_type, SCHEMA, SCHEMA_4};
+pub use rows::{count_by_secret, count_by_type, SCHEMA, SCHEMA_4, SCHEMA_5};

@@ -960,9 +960,21 @@ api_test!(secrets_and_orders, |h| {
     assert_eq!(s, 200);
     assert_eq!(body, key);
     assert_eq!(hd["content-type"], "application/octet-stream");
+    // Bytes that are UTF-8 text are served as text when asked so (the `openstack` CLI
+    // stores a passphrase base64-encoded and reads it as text); other types are 406.
     let req = Request::get(format!("/v1/secrets/{sid}/payload"))
         .header("x-auth-token", &member)
         .header("accept", "text/plain")
+        .body(Body::empty())
+        .unwrap();
+    let (s, hd, body) = h.raw(req).await;
+    assert_eq!(
+        (s.as_u16(), hd["content-type"].to_str().ok(), body),
+        (200, Some("text/plain"), key.to_vec())
+    );
+    let req = Request::get(format!("/v1/secrets/{sid}/payload"))
+        .header("x-auth-token", &member)
+        .header("accept", "image/png")
         .body(Body::empty())
         .unwrap();
     let (s, _, _) = h.raw(req).await;

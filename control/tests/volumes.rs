@@ -301,7 +301,13 @@ async fn refused_creates_allocate_nothing() {
         (json!({"size": 0}), 400, "between 1 and"),
         (json!({}), 400, "`volume.size` is required"),
         (json!({"size": 1, "colour": "red"}), 400, "colour"),
-        (json!({"size": 1, "metadata": {"a": "b"}}), 400, "metadata"),
+        (json!({"size": 1, "metadata": {"a": 1}}), 400, "metadata"),
+        (
+            json!({"size": 1, "multiattach": "maybe"}),
+            400,
+            "multiattach",
+        ),
+        (json!({"size": 1, "imageRef": "img"}), 400, "imageRef"),
         (
             json!({"size": 1, "source_volid": "x", "snapshot_id": "y"}),
             400,

@@ -15,8 +15,8 @@
 
 use super::{
     AttachVolume, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture, DpResult,
-    Endpoint, LuksVersion, ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, SnapshotVolume,
-    StoredObject,
+    Endpoint, LuksVersion, ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, QosLimits,
+    SnapshotVolume, StoredObject,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -98,6 +98,8 @@ struct State {
     pools: BTreeMap<String, Pool>,
     /// (volume id, attachment id) → protocol, read-only.
     attachments: BTreeMap<(String, String), (Protocol, bool)>,
+    /// Attachment id → the QoS limits it was attached with.
+    qos: BTreeMap<String, QosLimits>,
     failures: Vec<(Op, DataPlaneError)>,
     holds: Vec<(Op, Arc<HoldInner>)>,
     calls: Vec<Op>,
@@ -200,6 +202,11 @@ impl MemDataPlane {
             .iter()
             .map(|((v, a), (p, ro))| (v.clone(), a.clone(), *p, *ro))
             .collect()
+    }
+
+    /// The QoS limits attachment `attachment_id` was made with.
+    pub fn qos_of(&self, attachment_id: &str) -> Option<QosLimits> {
+        self.lock().qos.get(attachment_id).copied()
     }
 
     /// Put an object in a pool without the control plane (a leftover, or another
@@ -369,6 +376,7 @@ impl MemDataPlane {
             )));
         }
         s.attachments.insert(key, (req.protocol, req.read_only));
+        s.qos.insert(req.attachment_id.clone(), req.qos);
         let name = format!("{}-{}", req.volume.id, req.attachment_id);
         Ok(match req.protocol {
             Protocol::Nbd => Endpoint::Nbd {

@@ -1,5 +1,6 @@
 //! Row mapping: the volumes module's own tables (`volumes`, `snapshots`,
-//! `volume_attachments`) and every SQL statement on them. Nothing else in the crate
+//! `volume_attachments`, `volume_metadata`, `snapshot_metadata`) and every SQL statement
+//! on them. Nothing else in the crate
 //! reads these tables except through the functions here ([`count_by_type`] for
 //! `types`, [`count_by_secret`] for `keys`).
 
@@ -30,6 +31,19 @@ pub const SCHEMA: &[&str] = &[
 pub const SCHEMA_4: &[&str] =
     &["ALTER TABLE snapshots ADD COLUMN previous_status VARCHAR(32) NULL"];
 
+/// Migration 5 (issue 14): flags, user metadata, attachments of the attachments API.
+pub const SCHEMA_5: &[&str] = &[
+    "ALTER TABLE volumes ADD COLUMN bootable BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE volumes ADD COLUMN readonly BIGINT NOT NULL DEFAULT 0",
+    "CREATE TABLE IF NOT EXISTS volume_metadata (volume_id VARCHAR(64) NOT NULL, meta_key VARCHAR(255) NOT NULL, \
+     value VARCHAR(255) NOT NULL, PRIMARY KEY (volume_id, meta_key))",
+    "CREATE TABLE IF NOT EXISTS snapshot_metadata (snapshot_id VARCHAR(64) NOT NULL, meta_key VARCHAR(255) NOT NULL, \
+     value VARCHAR(255) NOT NULL, PRIMARY KEY (snapshot_id, meta_key))",
+    "ALTER TABLE volume_attachments ADD COLUMN instance_uuid VARCHAR(64) NULL",
+    "ALTER TABLE volume_attachments ADD COLUMN attach_mode VARCHAR(2) NOT NULL DEFAULT 'rw'",
+    "ALTER TABLE volume_attachments ADD COLUMN attach_status VARCHAR(16) NOT NULL DEFAULT 'attached'",
+];
+
 /// A volume row.
 #[derive(Debug, Clone)]
 pub struct Vol {
@@ -48,6 +62,10 @@ pub struct Vol {
     pub status: Status,
     pub source_volid: Option<String>,
     pub snapshot_id: Option<String>,
+    /// `os-set_bootable` (a clone inherits it).
+    pub bootable: bool,
+    /// `os-update_readonly_flag`: new attachments are read-only.
+    pub readonly: bool,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -89,10 +107,71 @@ impl Snap {
 pub struct Attachment {
     pub id: String,
     pub volume_id: String,
-    /// `nbd` or `vhost-user`.
+    /// `nbd` or `vhost-user`; empty for a reservation (no front end yet).
     pub protocol: String,
     pub node_id: String,
     pub attached_at: String,
+    /// The server it is for (attachments API), if named.
+    pub instance_uuid: Option<String>,
+    /// `rw` or `ro`.
+    pub attach_mode: String,
+    /// [`AttachStatus`] spelling.
+    pub attach_status: String,
+    /// The rendered `connection_info` without credentials (JSON text; `{}` when reserved).
+    pub connection_info: String,
+}
+
+/// Where an attachment is (the attachments API's `status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachStatus {
+    /// Made without a connector: no front end yet.
+    Reserved,
+    /// Its front end exists; the consumer has not said `os-complete` yet.
+    Attaching,
+    /// Its front end exists and is in use.
+    Attached,
+}
+
+impl AttachStatus {
+    /// The API and database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachStatus::Reserved => "reserved",
+            AttachStatus::Attaching => "attaching",
+            AttachStatus::Attached => "attached",
+        }
+    }
+}
+
+impl Attachment {
+    /// Has it a front end in the data plane?
+    pub fn is_live(&self) -> bool {
+        self.attach_status != AttachStatus::Reserved.as_str()
+    }
+}
+
+/// Which metadata table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meta {
+    /// `volume_metadata`.
+    Volume,
+    /// `snapshot_metadata`.
+    Snapshot,
+}
+
+impl Meta {
+    fn table(self) -> &'static str {
+        match self {
+            Meta::Volume => "volume_metadata",
+            Meta::Snapshot => "snapshot_metadata",
+        }
+    }
+    fn col(self) -> &'static str {
+        match self {
+            Meta::Volume => "volume_id",
+            Meta::Snapshot => "snapshot_id",
+        }
+    }
 }
 
 fn size_of(r: &AnyRow) -> Result<u64, sqlx::Error> {
@@ -123,6 +202,8 @@ fn vol_row(r: &AnyRow) -> Result<Vol, sqlx::Error> {
         status: Status::parse(&status).ok_or_else(|| bad_status(&status))?,
         source_volid: opt_str(r, "source_volid")?,
         snapshot_id: opt_str(r, "snapshot_id")?,
+        bootable: get_i64(r, "bootable")? != 0,
+        readonly: get_i64(r, "readonly")? != 0,
         created_at: get_str(r, "created_at")?,
         updated_at: get_str(r, "updated_at")?,
     })
@@ -231,6 +312,12 @@ pub async fn of_node<T: Stored>(
     fetch(conn, sql, &[node], T::from_row).await
 }
 
+/// Every volume or snapshot (an admin's `all_tenants` listing), oldest first.
+pub async fn all<T: Stored>(conn: &mut AnyConnection) -> Result<Vec<T>, sqlx::Error> {
+    let sql = format!("SELECT * FROM {} ORDER BY created_at, id", T::TABLE);
+    fetch(conn, sql, &[], T::from_row).await
+}
+
 /// Every volume and snapshot object the database names.
 pub async fn all_objects(conn: &mut AnyConnection) -> Result<Vec<ObjectRef>, sqlx::Error> {
     let vols = fetch(conn, "SELECT id, pool FROM volumes".into(), &[], |r| {
@@ -256,8 +343,8 @@ fn in_list<'a>(items: impl Iterator<Item = &'a str>) -> String {
 pub async fn insert_vol(conn: &mut AnyConnection, v: &Vol) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO volumes (id, project_id, name, size_bytes, type_id, encryption_key_id, pool, node_id, status, \
-         created_at, updated_at, description, source_volid, snapshot_id, owns_key, previous_status) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+         created_at, updated_at, description, source_volid, snapshot_id, owns_key, previous_status, bootable, \
+         readonly) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
     )
     .bind(v.id.clone())
     .bind(v.project_id.clone())
@@ -274,6 +361,8 @@ pub async fn insert_vol(conn: &mut AnyConnection, v: &Vol) -> Result<(), sqlx::E
     .bind(v.source_volid.clone())
     .bind(v.snapshot_id.clone())
     .bind(i64::from(v.owns_key))
+    .bind(i64::from(v.bootable))
+    .bind(i64::from(v.readonly))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -316,7 +405,7 @@ pub async fn apply(
     let (from, to) = event.transition();
     let from = in_list(from.iter().map(|s| s.as_str()));
     let set = match to {
-        Target::To(s) if event == Event::DeleteStarted => {
+        Target::To(s) if event.records_previous() => {
             format!("previous_status = status, status = '{s}'")
         }
         Target::To(s) => format!("status = '{s}'"),
@@ -362,22 +451,188 @@ pub async fn set_size(conn: &mut AnyConnection, id: &str, size: u64) -> Result<(
     Ok(())
 }
 
-/// Remove volume `id`'s row and its attachment rows.
+/// Remove volume `id`'s row, its attachment rows and its metadata.
 pub async fn delete_vol(conn: &mut AnyConnection, id: &str) -> Result<(), sqlx::Error> {
-    execute_args(
-        conn,
+    for sql in [
         "DELETE FROM volume_attachments WHERE volume_id = ?",
-        &[id],
-    )
-    .await?;
-    execute_args(conn, "DELETE FROM volumes WHERE id = ?", &[id]).await?;
+        "DELETE FROM volume_metadata WHERE volume_id = ?",
+        "DELETE FROM volumes WHERE id = ?",
+    ] {
+        execute_args(conn, sql, &[id]).await?;
+    }
     Ok(())
 }
 
-/// Remove snapshot `id`'s row.
+/// Remove snapshot `id`'s row and its metadata.
 pub async fn delete_snap(conn: &mut AnyConnection, id: &str) -> Result<(), sqlx::Error> {
-    execute_args(conn, "DELETE FROM snapshots WHERE id = ?", &[id]).await?;
+    for sql in [
+        "DELETE FROM snapshot_metadata WHERE snapshot_id = ?",
+        "DELETE FROM snapshots WHERE id = ?",
+    ] {
+        execute_args(conn, sql, &[id]).await?;
+    }
     Ok(())
+}
+
+/// Set a volume's or snapshot's name and description.
+pub async fn set_names(
+    conn: &mut AnyConnection,
+    which: Meta,
+    id: &str,
+    name: &str,
+    description: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    let table = match which {
+        Meta::Volume => "volumes",
+        Meta::Snapshot => "snapshots",
+    };
+    let sql = format!("UPDATE {table} SET name = ?, description = ?, updated_at = ? WHERE id = ?");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(name.to_string())
+        .bind(description.map(str::to_string))
+        .bind(now())
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// A volume flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flag {
+    /// `bootable`.
+    Bootable,
+    /// `readonly`.
+    Readonly,
+}
+
+/// Set a volume flag.
+pub async fn set_flag(
+    conn: &mut AnyConnection,
+    id: &str,
+    flag: Flag,
+    on: bool,
+) -> Result<(), sqlx::Error> {
+    let col = match flag {
+        Flag::Bootable => "bootable",
+        Flag::Readonly => "readonly",
+    };
+    let sql = format!("UPDATE volumes SET {col} = ?, updated_at = ? WHERE id = ?");
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(i64::from(on))
+        .bind(now())
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Move volume `id` to type `type_id` (`os-retype`).
+pub async fn set_type(
+    conn: &mut AnyConnection,
+    id: &str,
+    type_id: &str,
+) -> Result<(), sqlx::Error> {
+    execute_args(
+        conn,
+        "UPDATE volumes SET type_id = ?, updated_at = ? WHERE id = ?",
+        &[type_id, &now(), id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The metadata of a volume or snapshot.
+pub async fn metadata_of(
+    conn: &mut AnyConnection,
+    which: Meta,
+    id: &str,
+) -> Result<std::collections::BTreeMap<String, String>, sqlx::Error> {
+    let sql = format!(
+        "SELECT meta_key, value FROM {} WHERE {} = ?",
+        which.table(),
+        which.col()
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id.to_string())
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((get_str(r, "meta_key")?, get_str(r, "value")?)))
+        .collect()
+}
+
+/// Set metadata keys of a volume or snapshot (`replace`: drop the others first).
+pub async fn set_metadata(
+    conn: &mut AnyConnection,
+    which: Meta,
+    id: &str,
+    items: &std::collections::BTreeMap<String, String>,
+    replace: bool,
+) -> Result<(), sqlx::Error> {
+    if replace {
+        let sql = format!("DELETE FROM {} WHERE {} = ?", which.table(), which.col());
+        exec_built(conn, sql, &[id]).await?;
+    }
+    for (k, v) in items {
+        let del = format!(
+            "DELETE FROM {} WHERE {} = ? AND meta_key = ?",
+            which.table(),
+            which.col()
+        );
+        exec_built(conn, del, &[id, k]).await?;
+        let ins = format!(
+            "INSERT INTO {} ({}, meta_key, value) VALUES (?, ?, ?)",
+            which.table(),
+            which.col()
+        );
+        exec_built(conn, ins, &[id, k, v]).await?;
+    }
+    Ok(())
+}
+
+/// Remove one metadata key; the number of rows removed.
+pub async fn delete_metadata(
+    conn: &mut AnyConnection,
+    which: Meta,
+    id: &str,
+    key: &str,
+) -> Result<u64, sqlx::Error> {
+    let sql = format!(
+        "DELETE FROM {} WHERE {} = ? AND meta_key = ?",
+        which.table(),
+        which.col()
+    );
+    exec_built(conn, sql, &[id, key]).await
+}
+
+/// A project's use of the volumes service (`limits`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    /// Volumes.
+    pub volumes: i64,
+    /// Snapshots.
+    pub snapshots: i64,
+    /// Bytes of volumes and snapshots.
+    pub bytes: i64,
+}
+
+/// What `project` uses.
+pub async fn usage(conn: &mut AnyConnection, project: &str) -> Result<Usage, sqlx::Error> {
+    let mut u = Usage::default();
+    for (table, n) in [("volumes", &mut u.volumes), ("snapshots", &mut u.snapshots)] {
+        let sql = format!(
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(size_bytes), 0) AS SIGNED) AS b FROM {table} \
+             WHERE project_id = ?"
+        );
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(project.to_string())
+            .fetch_one(&mut *conn)
+            .await?;
+        *n = get_i64(&r, "n")?;
+        u.bytes = u.bytes.saturating_add(get_i64(&r, "b")?);
+    }
+    Ok(u)
 }
 
 /// Number of snapshots of volume `id`.
@@ -390,6 +645,20 @@ pub async fn snapshots_of(conn: &mut AnyConnection, id: &str) -> Result<i64, sql
     .await
 }
 
+fn attachment_row(r: &AnyRow) -> Result<Attachment, sqlx::Error> {
+    Ok(Attachment {
+        id: get_str(r, "id")?,
+        volume_id: get_str(r, "volume_id")?,
+        protocol: get_str(r, "protocol")?,
+        node_id: get_str(r, "node_id")?,
+        attached_at: get_str(r, "attached_at")?,
+        instance_uuid: opt_str(r, "instance_uuid")?,
+        attach_mode: get_str(r, "attach_mode")?,
+        attach_status: get_str(r, "attach_status")?,
+        connection_info: get_str(r, "connection_info")?,
+    })
+}
+
 /// The attachments of volume `id`, oldest first.
 pub async fn attachments_of(
     conn: &mut AnyConnection,
@@ -397,40 +666,120 @@ pub async fn attachments_of(
 ) -> Result<Vec<Attachment>, sqlx::Error> {
     let sql =
         "SELECT * FROM volume_attachments WHERE volume_id = ? ORDER BY attached_at, id".into();
-    fetch(conn, sql, &[volume_id], |r| {
-        Ok(Attachment {
-            id: get_str(r, "id")?,
-            volume_id: get_str(r, "volume_id")?,
-            protocol: get_str(r, "protocol")?,
-            node_id: get_str(r, "node_id")?,
-            attached_at: get_str(r, "attached_at")?,
-        })
+    fetch(conn, sql, &[volume_id], attachment_row).await
+}
+
+/// Attachment `id`, with the project of its volume.
+pub async fn find_attachment(
+    conn: &mut AnyConnection,
+    id: &str,
+) -> Result<Option<(Attachment, String)>, sqlx::Error> {
+    let sql = "SELECT a.*, v.project_id AS owner FROM volume_attachments a \
+               JOIN volumes v ON v.id = a.volume_id WHERE a.id = ?"
+        .into();
+    Ok(fetch(conn, sql, &[id], |r| {
+        Ok((attachment_row(r)?, get_str(r, "owner")?))
     })
-    .await
+    .await?
+    .pop())
+}
+
+/// The attachments of `project`'s volumes (every project's when `None`), oldest first.
+pub async fn attachments_of_project(
+    conn: &mut AnyConnection,
+    project: Option<&str>,
+) -> Result<Vec<Attachment>, sqlx::Error> {
+    match project {
+        Some(p) => {
+            let sql = "SELECT a.* FROM volume_attachments a JOIN volumes v ON v.id = a.volume_id \
+                       WHERE v.project_id = ? ORDER BY a.attached_at, a.id"
+                .into();
+            fetch(conn, sql, &[p], attachment_row).await
+        }
+        None => {
+            let sql = "SELECT * FROM volume_attachments ORDER BY attached_at, id".into();
+            fetch(conn, sql, &[], attachment_row).await
+        }
+    }
+}
+
+/// A new attachment row.
+#[derive(Debug, Clone)]
+pub struct NewAttachment<'a> {
+    pub id: &'a str,
+    pub volume_id: &'a str,
+    /// `None` for a reservation.
+    pub protocol: Option<Protocol>,
+    pub node: &'a str,
+    /// Rendered, without credentials.
+    pub connection_info: &'a str,
+    pub instance_uuid: Option<&'a str>,
+    pub read_only: bool,
+    pub status: AttachStatus,
 }
 
 /// Record an attachment and its rendered `connection_info`.
 pub async fn insert_attachment(
     conn: &mut AnyConnection,
-    id: &str,
-    volume_id: &str,
-    protocol: Protocol,
-    node: &str,
-    connection_info: &str,
+    a: &NewAttachment<'_>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO volume_attachments (id, volume_id, protocol, node_id, connection_info, attached_at) \
-         VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO volume_attachments (id, volume_id, protocol, node_id, connection_info, attached_at, \
+         instance_uuid, attach_mode, attach_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
-    .bind(id.to_string())
-    .bind(volume_id.to_string())
-    .bind(protocol.as_str())
-    .bind(node.to_string())
-    .bind(connection_info.to_string())
+    .bind(a.id.to_string())
+    .bind(a.volume_id.to_string())
+    .bind(a.protocol.map(|p| p.as_str()).unwrap_or(""))
+    .bind(a.node.to_string())
+    .bind(a.connection_info.to_string())
     .bind(now())
+    .bind(a.instance_uuid.map(str::to_string))
+    .bind(if a.read_only { "ro" } else { "rw" })
+    .bind(a.status.as_str())
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// A reservation got its front end: record where and how (compare-and-swap on the
+/// reservation; false when it is no longer one).
+pub async fn connect_attachment(
+    conn: &mut AnyConnection,
+    id: &str,
+    protocol: Protocol,
+    node: &str,
+    connection_info: &str,
+) -> Result<bool, sqlx::Error> {
+    let n = execute_args(
+        conn,
+        "UPDATE volume_attachments SET protocol = ?, node_id = ?, connection_info = ?, attach_status = ? \
+         WHERE id = ? AND attach_status = ?",
+        &[
+            protocol.as_str(),
+            node,
+            connection_info,
+            AttachStatus::Attaching.as_str(),
+            id,
+            AttachStatus::Reserved.as_str(),
+        ],
+    )
+    .await?;
+    Ok(n > 0)
+}
+
+/// Mark a live attachment `attached` (`os-complete`); false if it is a reservation.
+pub async fn complete_attachment(conn: &mut AnyConnection, id: &str) -> Result<bool, sqlx::Error> {
+    let n = execute_args(
+        conn,
+        "UPDATE volume_attachments SET attach_status = ? WHERE id = ? AND attach_status <> ?",
+        &[
+            AttachStatus::Attached.as_str(),
+            id,
+            AttachStatus::Reserved.as_str(),
+        ],
+    )
+    .await?;
+    Ok(n > 0)
 }
 
 /// Remove attachment `id`.
@@ -445,10 +794,11 @@ pub async fn drop_node_attachments(
     conn: &mut AnyConnection,
     node: &str,
 ) -> Result<u64, sqlx::Error> {
+    // Reservations have no front end: they did not die with the process.
     let n = execute_args(
         conn,
-        "DELETE FROM volume_attachments WHERE node_id = ?",
-        &[node],
+        "DELETE FROM volume_attachments WHERE node_id = ? AND attach_status <> ?",
+        &[node, AttachStatus::Reserved.as_str()],
     )
     .await?;
     let (from, _) = Event::LastDetached.transition();

@@ -27,9 +27,10 @@
 //!
 //! Every status move is an [`Event`] of [`super::status`].
 
-use super::rows::{self, Snap, Stored, Vol};
+use super::rows::{self, AttachStatus, Attachment, Flag, NewAttachment, Snap, Stored, Vol};
 use super::status::{Event, SnapshotUse, Status, VolumeUse};
 use super::views::{self, GIB};
+use crate::api::check_len;
 use crate::auth::Ctx;
 #[cfg(doc)]
 use crate::dataplane::DataPlane;
@@ -45,6 +46,7 @@ use crate::types::VolumeType;
 use crate::{keys, types};
 use serde_json::{json, Value};
 use sqlx::AnyConnection;
+use std::collections::BTreeMap;
 
 /// Largest volume accepted (GiB).
 pub const MAX_SIZE_GIB: u64 = 1 << 20;
@@ -82,11 +84,18 @@ pub async fn load<T: Stored>(
     }
 }
 
-/// A volume's JSON view (with its type's name and attachments).
+/// A volume's JSON view (with its type's name, attachments and metadata).
 pub async fn volume_view(conn: &mut AnyConnection, v: &Vol) -> ApiResult<Value> {
     let type_name = types::name_of(conn, &v.type_id).await?;
     let atts = rows::attachments_of(conn, &v.id).await?;
-    Ok(views::volume(v, type_name, &atts))
+    let meta = rows::metadata_of(conn, rows::Meta::Volume, &v.id).await?;
+    Ok(views::volume(v, type_name, &atts, &meta))
+}
+
+/// A snapshot's JSON view (with its metadata).
+pub async fn snapshot_view(conn: &mut AnyConnection, s: &Snap) -> ApiResult<Value> {
+    let meta = rows::metadata_of(conn, rows::Meta::Snapshot, &s.id).await?;
+    Ok(views::snapshot(s, &meta))
 }
 
 /// A volume's encryption (`GET …/volumes/{id}/encryption`).
@@ -222,6 +231,8 @@ pub struct NewVolume {
     pub encryption_key_id: Option<String>,
     /// Clone or restore from.
     pub source: Option<Source>,
+    /// User metadata (checked by the handler).
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// The source of a clone, as loaded.
@@ -230,6 +241,7 @@ struct Src {
     id: String,
     object: ObjectRef,
     size: u64,
+    bootable: bool,
     type_id: String,
     key: Option<String>,
 }
@@ -248,6 +260,7 @@ async fn load_source(
             v.status.allows(sid, VolumeUse::CloneSource)?;
             Ok(Src {
                 kind: "volume",
+                bootable: v.bootable,
                 object: v.object(),
                 id: v.id,
                 size: v.size_bytes,
@@ -258,12 +271,13 @@ async fn load_source(
         Source::Snapshot(sid) => {
             let s = load::<Snap>(conn, ctx, project_id, sid).await?;
             s.status.snapshot_allows(sid, SnapshotUse::CloneSource)?;
-            let type_id = match Vol::find(conn, &s.volume_id).await? {
-                Some(v) => v.type_id,
-                None => types::DEFAULT_TYPE.to_string(),
+            let (type_id, bootable) = match Vol::find(conn, &s.volume_id).await? {
+                Some(v) => (v.type_id, v.bootable),
+                None => (types::DEFAULT_TYPE.to_string(), false),
             };
             Ok(Src {
                 kind: "snapshot",
+                bootable,
                 object: s.object(),
                 id: s.id,
                 size: s.size_bytes,
@@ -502,10 +516,13 @@ async fn insert_new_volume(
             Some(Source::Snapshot(id)) => Some(id.clone()),
             _ => None,
         },
+        bootable: src.is_some_and(|s| s.bootable),
+        readonly: false,
         created_at: t_now.clone(),
         updated_at: t_now,
     };
     rows::insert_vol(&mut tx, &v).await?;
+    rows::set_metadata(&mut tx, rows::Meta::Volume, vol_id, &req.metadata, false).await?;
     tx.commit().await?;
     Ok((v, build))
 }
@@ -585,7 +602,14 @@ async fn remove(st: &AppState, object: ObjectRef, owned_key: Option<&str>) -> Ap
 // Delete
 
 /// Delete a volume: refused while attached or snapshotted; waits for clones of it.
-pub async fn delete_volume(st: &AppState, ctx: &Ctx, project_id: &str, id: &str) -> ApiResult<()> {
+/// `force` (an admin's `os-force_delete`) also takes a volume in `error_deleting`.
+pub async fn delete_volume(
+    st: &AppState,
+    ctx: &Ctx,
+    project_id: &str,
+    id: &str,
+    force: bool,
+) -> ApiResult<()> {
     let mut conn = st.db().pool.acquire().await?;
     let v = load::<Vol>(&mut conn, ctx, project_id, id).await?;
     let attached = !rows::attachments_of(&mut conn, id).await?.is_empty();
@@ -598,9 +622,14 @@ pub async fn delete_volume(st: &AppState, ctx: &Ctx, project_id: &str, id: &str)
             "volume {id} has {snaps} snapshot(s): delete them first"
         )));
     }
-    v.status.allows(id, VolumeUse::Delete)?;
+    let (use_, start) = if force {
+        (VolumeUse::ForceDelete, Event::ForceDeleteStarted)
+    } else {
+        (VolumeUse::Delete, Event::DeleteStarted)
+    };
+    v.status.allows(id, use_)?;
     drop(conn);
-    delete_locked(st, &v.object(), finish_delete(st, &v)).await
+    delete_locked(st, &v.object(), start, finish_delete(st, &v)).await
 }
 
 /// The common part of a delete of `object`: move its status to `deleting` (a
@@ -610,9 +639,10 @@ pub async fn delete_volume(st: &AppState, ctx: &Ctx, project_id: &str, id: &str)
 async fn delete_locked(
     st: &AppState,
     object: &ObjectRef,
+    start: Event,
     finish: impl std::future::Future<Output = ApiResult<()>>,
 ) -> ApiResult<()> {
-    if !record(st, object, Event::DeleteStarted).await? {
+    if !record(st, object, start).await? {
         return Err(ApiError::conflict(format!("{object} changed state; retry")));
     }
     let kind = match object.kind {
@@ -682,93 +712,229 @@ pub async fn extend(st: &AppState, v: &Vol, new_gib: u64) -> ApiResult<()> {
 // ---------------------------------------------------------------------------------------
 // Attach and detach
 
-/// Attach a volume; its `connection_info`.
-pub async fn attach(
+/// What an attachment asks for.
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    /// The front end.
+    pub protocol: Protocol,
+    /// Read-only (also when the volume's `readonly` flag is set).
+    pub read_only: bool,
+    /// The server it is for (attachments API), if named.
+    pub instance_uuid: Option<String>,
+    /// How the row starts: `attached` (`os-initialize_connection`) or `attaching`
+    /// (attachments API, until `os-complete`).
+    pub status: AttachStatus,
+}
+
+/// A made attachment.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    /// Its id.
+    pub id: String,
+    /// Cinder's `connection_info` (with credentials: only this answer carries them).
+    pub connection_info: Value,
+}
+
+/// What the data plane needs to attach `v` (key, limits).
+async fn attach_volume(
     st: &AppState,
     v: &Vol,
+    attachment_id: &str,
     protocol: Protocol,
     read_only: bool,
-) -> ApiResult<Value> {
-    v.status.allows(&v.id, VolumeUse::Attach)?;
+) -> ApiResult<Endpoint> {
     let mut conn = st.db().pool.acquire().await?;
     let t = types::by_id(&mut conn, &v.type_id).await?;
+    let qos = crate::qos::limits_of_type(&mut conn, &t).await?;
     let pass = match &v.encryption_key_id {
         Some(k) => Some(passphrase(&mut conn, st, k).await?),
         None => None,
     };
     drop(conn);
-    let attachment_id = new_id();
-    let endpoint = st
-        .dataplane()
+    st.dataplane()
         .attach(AttachVolume {
             volume: v.object(),
-            attachment_id: attachment_id.clone(),
+            attachment_id: attachment_id.to_string(),
             protocol,
             read_only,
             passphrase: pass,
-            qos: t.qos(),
+            qos,
         })
         .await
-        .map_err(|e| dp_error("attach the volume", e))?;
+        .map_err(|e| dp_error("attach the volume", e))
+}
+
+/// Undo a data-plane attachment whose recording failed: the front end must not
+/// outlive the request that made it.
+async fn undo_attach(st: &AppState, v: &Vol, attachment_id: &str) {
+    if let Err(d) = st
+        .dataplane()
+        .detach(v.object(), attachment_id.to_string())
+        .await
+    {
+        tracing::error!(volume = %v.id, error = %d, "cannot undo a data-plane attachment");
+    }
+}
+
+/// `connection_info` as the database keeps it: credentials are for the caller only; the
+/// row keeps where, not how to get in.
+fn stored_info(endpoint: &Endpoint, info: &Value) -> String {
+    let mut i = info.clone();
+    if let (
+        Endpoint::Nbd {
+            credentials: Some(_),
+            ..
+        },
+        Some(d),
+    ) = (endpoint, i["data"].as_object_mut())
+    {
+        d.remove("tls");
+    }
+    i.to_string()
+}
+
+/// Attach a volume (a new attachment with its own front end).
+pub async fn attach(st: &AppState, v: &Vol, req: AttachRequest) -> ApiResult<Attached> {
+    v.status.allows(&v.id, VolumeUse::Attach)?;
+    let read_only = req.read_only || v.readonly;
+    let attachment_id = new_id();
+    let endpoint = attach_volume(st, v, &attachment_id, req.protocol, read_only).await?;
     let info = views::connection_info(&endpoint, v, &attachment_id, read_only);
-    match record_attachment(st, v, &attachment_id, protocol, &endpoint, &info).await {
-        Ok(()) => Ok(json!({ "connection_info": info })),
+    let row = NewAttachment {
+        id: &attachment_id,
+        volume_id: &v.id,
+        protocol: Some(req.protocol),
+        node: st.node_name(),
+        connection_info: &stored_info(&endpoint, &info),
+        instance_uuid: req.instance_uuid.as_deref(),
+        read_only,
+        status: req.status,
+    };
+    match record_attachment(st, v, &row, Event::Attached).await {
+        Ok(()) => Ok(Attached {
+            id: attachment_id,
+            connection_info: info,
+        }),
         Err(e) => {
-            // The volume moved on (a delete won the race) or the database failed: the
-            // front end must not outlive the request that made it.
-            if let Err(d) = st.dataplane().detach(v.object(), attachment_id).await {
-                tracing::error!(volume = %v.id, error = %d, "cannot undo a data-plane attachment");
-            }
+            // The volume moved on (a delete won the race) or the database failed.
+            undo_attach(st, v, &attachment_id).await;
             Err(e)
         }
     }
 }
 
-/// Record an attachment and the move to `in-use` in one transaction.
+/// Reserve a volume for a server (attachments API without a connector): an
+/// attachment row without a front end; an available volume becomes `reserved`.
+pub async fn reserve(
+    st: &AppState,
+    v: &Vol,
+    instance_uuid: Option<String>,
+    read_only: bool,
+) -> ApiResult<String> {
+    v.status.allows(&v.id, VolumeUse::Attach)?;
+    let id = new_id();
+    let row = NewAttachment {
+        id: &id,
+        volume_id: &v.id,
+        protocol: None,
+        node: st.node_name(),
+        connection_info: "{}",
+        instance_uuid: instance_uuid.as_deref(),
+        read_only: read_only || v.readonly,
+        status: AttachStatus::Reserved,
+    };
+    // Available becomes reserved; in-use stays (Attached is its compare-and-swap); a
+    // reserved volume (it cannot be deleted) only gets the row.
+    let event = match v.status {
+        Status::Available => Event::Reserved,
+        Status::InUse => Event::Attached,
+        _ => {
+            let mut tx = st.db().begin().await?;
+            rows::insert_attachment(&mut tx, &row).await?;
+            tx.commit().await?;
+            return Ok(id);
+        }
+    };
+    record_attachment(st, v, &row, event).await?;
+    Ok(id)
+}
+
+/// Give a reservation its front end (attachments API `PUT` with a connector); a live
+/// attachment answers its recorded `connection_info` (without credentials).
+pub async fn connect(
+    st: &AppState,
+    v: &Vol,
+    a: &Attachment,
+    protocol: Protocol,
+) -> ApiResult<Value> {
+    if a.is_live() {
+        return Ok(serde_json::from_str(&a.connection_info).unwrap_or(Value::Null));
+    }
+    v.status.allows(&v.id, VolumeUse::Attach)?;
+    let read_only = a.attach_mode == "ro" || v.readonly;
+    let endpoint = attach_volume(st, v, &a.id, protocol, read_only).await?;
+    let info = views::connection_info(&endpoint, v, &a.id, read_only);
+    let res = async {
+        let mut tx = st.db().begin().await?;
+        let stored = stored_info(&endpoint, &info);
+        if !rows::connect_attachment(&mut tx, &a.id, protocol, st.node_name(), &stored).await? {
+            return Err(ApiError::conflict(format!(
+                "attachment {} changed meanwhile; retry",
+                a.id
+            )));
+        }
+        if !rows::apply(&mut tx, &v.object(), Event::Attached).await? {
+            return Err(ApiError::conflict(format!(
+                "volume {} changed state while it was being attached; retry",
+                v.id
+            )));
+        }
+        tx.commit().await?;
+        ApiResult::Ok(())
+    }
+    .await;
+    match res {
+        Ok(()) => Ok(info),
+        Err(e) => {
+            undo_attach(st, v, &a.id).await;
+            Err(e)
+        }
+    }
+}
+
+/// `os-complete`: the consumer uses the attachment now.
+pub async fn complete(st: &AppState, a: &Attachment) -> ApiResult<()> {
+    let mut conn = st.db().pool.acquire().await?;
+    if !rows::complete_attachment(&mut conn, &a.id).await? {
+        return Err(ApiError::bad_request(format!(
+            "attachment {} has no connection yet: update it with a connector first",
+            a.id
+        )));
+    }
+    Ok(())
+}
+
+/// Record an attachment row and the volume's move (`event`) in one transaction.
 async fn record_attachment(
     st: &AppState,
     v: &Vol,
-    attachment_id: &str,
-    protocol: Protocol,
-    endpoint: &Endpoint,
-    info: &Value,
+    row: &NewAttachment<'_>,
+    event: Event,
 ) -> ApiResult<()> {
-    // Credentials are for the caller only; the row keeps where, not how to get in.
-    let stored = match endpoint {
-        Endpoint::Nbd {
-            credentials: Some(_),
-            ..
-        } => {
-            let mut i = info.clone();
-            if let Some(d) = i["data"].as_object_mut() {
-                d.remove("tls");
-            }
-            i
-        }
-        _ => info.clone(),
-    };
     let mut tx = st.db().begin().await?;
-    if !rows::apply(&mut tx, &v.object(), Event::Attached).await? {
+    if !rows::apply(&mut tx, &v.object(), event).await? {
         return Err(ApiError::conflict(format!(
             "volume {} changed state while it was being attached; retry",
             v.id
         )));
     }
-    rows::insert_attachment(
-        &mut tx,
-        attachment_id,
-        &v.id,
-        protocol,
-        st.node_name(),
-        &stored.to_string(),
-    )
-    .await?;
+    rows::insert_attachment(&mut tx, row).await?;
     tx.commit().await?;
     Ok(())
 }
 
 /// End the attachments of a volume that match (`protocol`, `attachment_id`; both
-/// optional); 400 when none does.
+/// optional); 400 when none does. Live ones lose their front end first.
 pub async fn detach(
     st: &AppState,
     v: &Vol,
@@ -776,12 +942,11 @@ pub async fn detach(
     attachment_id: Option<&str>,
 ) -> ApiResult<()> {
     let mut conn = st.db().pool.acquire().await?;
-    let chosen: Vec<String> = rows::attachments_of(&mut conn, &v.id)
+    let chosen: Vec<Attachment> = rows::attachments_of(&mut conn, &v.id)
         .await?
         .into_iter()
         .filter(|a| attachment_id.is_none_or(|x| x == a.id))
         .filter(|a| protocol.is_none_or(|p| p.as_str() == a.protocol))
-        .map(|a| a.id)
         .collect();
     if chosen.is_empty() {
         return Err(ApiError::bad_request(format!(
@@ -789,14 +954,235 @@ pub async fn detach(
             v.id
         )));
     }
-    for aid in &chosen {
-        st.dataplane()
-            .detach(v.object(), aid.clone())
-            .await
-            .map_err(|e| dp_error("detach the volume", e))?;
-        rows::delete_attachment(&mut conn, aid).await?;
+    for a in &chosen {
+        if a.is_live() {
+            st.dataplane()
+                .detach(v.object(), a.id.clone())
+                .await
+                .map_err(|e| dp_error("detach the volume", e))?;
+        }
+        rows::delete_attachment(&mut conn, &a.id).await?;
     }
     rows::apply(&mut conn, &v.object(), Event::LastDetached).await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Descriptions, flags, metadata, admin actions
+
+/// Check user metadata: keys 1..255 characters, values up to 255.
+pub fn check_metadata(field: &str, m: &BTreeMap<String, String>) -> ApiResult<()> {
+    for (k, v) in m {
+        check_len(&format!("{field} key"), k, 1, 255)?;
+        check_len(&format!("{field}.{k}"), v, 0, 255)?;
+    }
+    Ok(())
+}
+
+/// What a `PUT` of a volume or snapshot changes.
+#[derive(Debug, Clone, Default)]
+pub struct Update {
+    /// New name.
+    pub name: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New metadata (replaces the old).
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// Change a volume's or snapshot's name, description, metadata.
+pub async fn update<T: Stored + Described>(st: &AppState, o: &T, u: Update) -> ApiResult<()> {
+    o.check_describe()?;
+    let mut tx = st.db().begin().await?;
+    let name = u.name.unwrap_or_else(|| o.name().to_string());
+    let description = match u.description {
+        Some(d) => Some(d),
+        None => o.description().map(str::to_string),
+    };
+    rows::set_names(&mut tx, T::META, o.id(), &name, description.as_deref()).await?;
+    if let Some(m) = &u.metadata {
+        rows::set_metadata(&mut tx, T::META, o.id(), m, true).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Set (`replace`: replace all) metadata keys of a volume or snapshot; the metadata
+/// after the change.
+pub async fn set_metadata<T: Stored + Described>(
+    st: &AppState,
+    o: &T,
+    items: &BTreeMap<String, String>,
+    replace: bool,
+) -> ApiResult<BTreeMap<String, String>> {
+    o.check_describe()?;
+    let mut tx = st.db().begin().await?;
+    rows::set_metadata(&mut tx, T::META, o.id(), items, replace).await?;
+    let m = rows::metadata_of(&mut tx, T::META, o.id()).await?;
+    tx.commit().await?;
+    Ok(m)
+}
+
+/// Remove one metadata key of a volume or snapshot (404 when it has none).
+pub async fn delete_metadata<T: Stored + Described>(
+    st: &AppState,
+    o: &T,
+    key: &str,
+) -> ApiResult<()> {
+    o.check_describe()?;
+    let mut conn = st.db().pool.acquire().await?;
+    if rows::delete_metadata(&mut conn, T::META, o.id(), key).await? == 0 {
+        return Err(ApiError::not_found(format!(
+            "{} {} has no metadata key {key:?}",
+            T::WHAT,
+            o.id()
+        )));
+    }
+    Ok(())
+}
+
+/// A volume or snapshot as the description calls see it.
+pub trait Described {
+    /// Its metadata table.
+    const META: rows::Meta;
+    /// Id.
+    fn id(&self) -> &str;
+    /// Name.
+    fn name(&self) -> &str;
+    /// Description.
+    fn description(&self) -> Option<&str>;
+    /// May its description change now?
+    fn check_describe(&self) -> ApiResult<()>;
+}
+
+impl Described for Vol {
+    const META: rows::Meta = rows::Meta::Volume;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+    fn check_describe(&self) -> ApiResult<()> {
+        self.status.allows(&self.id, VolumeUse::Describe)
+    }
+}
+
+impl Described for Snap {
+    const META: rows::Meta = rows::Meta::Snapshot;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn description(&self) -> Option<&str> {
+        self.description.as_deref()
+    }
+    fn check_describe(&self) -> ApiResult<()> {
+        self.status.snapshot_allows(&self.id, SnapshotUse::Describe)
+    }
+}
+
+/// `os-set_bootable` / `os-update_readonly_flag`.
+pub async fn set_flag(st: &AppState, v: &Vol, flag: Flag, on: bool) -> ApiResult<()> {
+    v.status.allows(&v.id, VolumeUse::Describe)?;
+    let mut conn = st.db().pool.acquire().await?;
+    rows::set_flag(&mut conn, &v.id, flag, on).await?;
+    Ok(())
+}
+
+/// An admin's `os-reset_status` of a volume or snapshot to `to`: only to a status no
+/// running operation owns, and consistent with the volume's attachments.
+pub async fn reset_status<T: Stored>(
+    st: &AppState,
+    object: &ObjectRef,
+    current: Status,
+    to: &str,
+) -> ApiResult<()> {
+    let to = Status::parse(to)
+        .filter(|s| Status::RESETTABLE.contains(s))
+        .filter(|s| object.kind == ObjectKind::Volume || *s != Status::InUse)
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`os-reset_status.status` {to:?}: {} can be reset to {}",
+                T::WHAT,
+                if object.kind == ObjectKind::Volume {
+                    "available, error, in-use or error_deleting"
+                } else {
+                    "available, error or error_deleting"
+                }
+            ))
+        })?;
+    if matches!(current, Status::Creating | Status::Deleting) {
+        return Err(ApiError::conflict(format!(
+            "{} {} is {current}: an operation owns it; wait for it to end",
+            T::WHAT,
+            object.id
+        )));
+    }
+    let mut tx = st.db().begin().await?;
+    if object.kind == ObjectKind::Volume {
+        let live = rows::attachments_of(&mut tx, &object.id)
+            .await?
+            .iter()
+            .any(Attachment::is_live);
+        if live != (to == Status::InUse) && matches!(to, Status::InUse | Status::Available) {
+            return Err(ApiError::bad_request(format!(
+                "volume {} {} attachments: it cannot be reset to {to} (end them with os-terminate_connection or DELETE /attachments/{{id}})",
+                object.id,
+                if live { "has" } else { "has no" }
+            )));
+        }
+    }
+    if !rows::apply(&mut tx, object, Event::Reset(to)).await? {
+        return Err(ApiError::conflict(format!(
+            "{} {} changed state; retry",
+            T::WHAT,
+            object.id
+        )));
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// `os-retype`: give a volume another type. Ember changes the type in place when the
+/// bytes stay valid: the same encryption spec (or none on both), the same storage
+/// pool; new QoS limits apply from the next attachment. Anything that would need a
+/// migration is refused (400).
+pub async fn retype(st: &AppState, ctx: &Ctx, v: &Vol, new_type: &str) -> ApiResult<()> {
+    v.status.allows(&v.id, VolumeUse::Retype)?;
+    let mut conn = st.db().pool.acquire().await?;
+    let old = types::by_id(&mut conn, &v.type_id).await?;
+    let new = types::resolve(&mut conn, ctx, new_type).await?;
+    let same_enc = match (&old.encryption, &new.encryption) {
+        (None, None) => true,
+        (Some(a), Some(b)) => {
+            a.provider == b.provider
+                && a.cipher == b.cipher
+                && a.key_size == b.key_size
+                && a.control_location == b.control_location
+        }
+        _ => false,
+    };
+    if !same_enc {
+        return Err(ApiError::bad_request(format!(
+            "`os-retype.new_type` {}: its encryption differs from type {}'s; Ember cannot migrate a volume's bytes (retype to a type with the same encryption spec)",
+            new.name, old.name
+        )));
+    }
+    if let Some(pool) = new.backend_name() {
+        if pool != v.pool {
+            return Err(ApiError::bad_request(format!(
+                "`os-retype.new_type` {}: its volume_backend_name {pool:?} is another pool than the volume's ({}); Ember cannot migrate a volume",
+                new.name, v.pool
+            )));
+        }
+    }
+    rows::set_type(&mut conn, &v.id, &new.id).await?;
     Ok(())
 }
 
@@ -814,6 +1200,8 @@ pub struct NewSnapshot {
     pub description: Option<String>,
     /// Allow a snapshot of an in-use volume (taken at one instant).
     pub force: bool,
+    /// User metadata (checked by the handler).
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// Snapshot a volume; the row is `creating` and the copy runs in the background.
@@ -900,6 +1288,7 @@ async fn insert_snapshot(
         updated_at: t,
     };
     rows::insert_snap(&mut tx, &s).await?;
+    rows::set_metadata(&mut tx, rows::Meta::Snapshot, snap_id, &req.metadata, false).await?;
     tx.commit().await?;
     Ok(s)
 }
@@ -913,18 +1302,24 @@ async fn run_snapshot(st: AppState, v: Vol, s: Snap, lock: Holder) {
     end_build(&st, s.object(), res, Some(lock.id)).await;
 }
 
-/// Delete a snapshot; waits for volumes being made from it.
+/// Delete a snapshot; waits for volumes being made from it. `force` as for volumes.
 pub async fn delete_snapshot(
     st: &AppState,
     ctx: &Ctx,
     project_id: &str,
     id: &str,
+    force: bool,
 ) -> ApiResult<()> {
     let mut conn = st.db().pool.acquire().await?;
     let s = load::<Snap>(&mut conn, ctx, project_id, id).await?;
-    s.status.snapshot_allows(id, SnapshotUse::Delete)?;
+    let (use_, start) = if force {
+        (SnapshotUse::ForceDelete, Event::ForceDeleteStarted)
+    } else {
+        (SnapshotUse::Delete, Event::DeleteStarted)
+    };
+    s.status.snapshot_allows(id, use_)?;
     drop(conn);
-    delete_locked(st, &s.object(), finish_snapshot_delete(st, &s)).await
+    delete_locked(st, &s.object(), start, finish_snapshot_delete(st, &s)).await
 }
 
 /// Remove a snapshot's bytes, key and row (its status is `deleting` already).

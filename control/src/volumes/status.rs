@@ -3,14 +3,21 @@
 //! ```text
 //!             Built                 Attached            LastDetached
 //!  creating ─────────▶ available ─────────▶ in-use ─────────────▶ available
-//!     │ BuildFailed,       │ ▲  DeleteStarted      (also from in-use: Attached)
-//!     │ NodeRestarted      ▼ │  DeleteAbandoned (back to the previous status)
+//!     │ BuildFailed,     │ │ ▲  DeleteStarted      (also from in-use, reserved: Attached)
+//!     │ NodeRestarted    │ ▼ │  DeleteAbandoned (back to the previous status)
 //!     └──────▶ error ──▶ deleting ──DeleteFailed──▶ error_deleting
-//!                            └── row removed when the bytes are gone
+//!                        │   └── row removed when the bytes are gone
+//!            Reserved    ▼             (ForceDeleteStarted: also from error_deleting)
+//!                     reserved ──Attached──▶ in-use;  ──LastDetached──▶ available
 //! ```
 //!
-//! Snapshots follow the same graph without `in-use` (one [`Status`] and one [`Event`]
-//! serve both). The database applies a move as a compare-and-swap (`UPDATE … WHERE
+//! `reserved` is a volume with an attachment of the attachments API that has no
+//! connector yet (no front end). An admin's `os-reset_status` ([`Event::Reset`]) moves
+//! a volume or snapshot that no running operation owns (not `creating`, `deleting`) to
+//! `available`, `error`, `in-use` or `error_deleting`.
+//!
+//! Snapshots follow the same graph without `in-use` and `reserved` (one [`Status`] and
+//! one [`Event`] serve both). The database applies a move as a compare-and-swap (`UPDATE … WHERE
 //! status IN (from)`), so two requests racing for one object cannot both win: the loser
 //! changes nothing and is told 409.
 //!
@@ -35,16 +42,27 @@ pub enum Status {
     Error,
     /// The bytes could not be removed; an admin must look.
     ErrorDeleting,
+    /// A volume reserved by an attachment without a connector (attachments API).
+    Reserved,
 }
 
 impl Status {
     /// Every status.
-    pub const ALL: [Status; 6] = [
+    pub const ALL: [Status; 7] = [
         Status::Creating,
         Status::Available,
         Status::InUse,
         Status::Deleting,
         Status::Error,
+        Status::ErrorDeleting,
+        Status::Reserved,
+    ];
+
+    /// The statuses an admin may reset a volume or snapshot to (`os-reset_status`).
+    pub const RESETTABLE: [Status; 4] = [
+        Status::Available,
+        Status::Error,
+        Status::InUse,
         Status::ErrorDeleting,
     ];
 
@@ -57,6 +75,7 @@ impl Status {
             Status::Deleting => "deleting",
             Status::Error => "error",
             Status::ErrorDeleting => "error_deleting",
+            Status::Reserved => "reserved",
         }
     }
 
@@ -92,6 +111,12 @@ pub enum Event {
     DeleteAbandoned,
     /// The bytes could not be removed.
     DeleteFailed,
+    /// An attachment without a connector reserved an available volume.
+    Reserved,
+    /// An admin's forced delete took the object (also from `error_deleting`).
+    ForceDeleteStarted,
+    /// An admin's `os-reset_status` to this status (one of [`Status::RESETTABLE`]).
+    Reset(Status),
 }
 
 /// Where a transition goes.
@@ -105,7 +130,7 @@ pub enum Target {
 
 impl Event {
     /// Every event.
-    pub const ALL: [Event; 8] = [
+    pub const ALL: [Event; 14] = [
         Event::Built,
         Event::BuildFailed,
         Event::NodeRestarted,
@@ -114,7 +139,18 @@ impl Event {
         Event::DeleteStarted,
         Event::DeleteAbandoned,
         Event::DeleteFailed,
+        Event::Reserved,
+        Event::ForceDeleteStarted,
+        Event::Reset(Status::Available),
+        Event::Reset(Status::Error),
+        Event::Reset(Status::InUse),
+        Event::Reset(Status::ErrorDeleting),
     ];
+
+    /// Does this move record the status it leaves (to give it back)?
+    pub fn records_previous(self) -> bool {
+        matches!(self, Event::DeleteStarted | Event::ForceDeleteStarted)
+    }
 
     /// The statuses the move starts from, and where it goes: the one table.
     pub fn transition(self) -> (&'static [Status], Target) {
@@ -122,11 +158,17 @@ impl Event {
         match self {
             Event::Built => (&[Creating], Target::To(Available)),
             Event::BuildFailed | Event::NodeRestarted => (&[Creating], Target::To(Error)),
-            Event::Attached => (&[Available, InUse], Target::To(InUse)),
-            Event::LastDetached => (&[InUse], Target::To(Available)),
+            Event::Attached => (&[Available, InUse, Reserved], Target::To(InUse)),
+            Event::LastDetached => (&[InUse, Reserved], Target::To(Available)),
             Event::DeleteStarted => (&[Available, Error], Target::To(Deleting)),
             Event::DeleteAbandoned => (&[Deleting], Target::Previous),
             Event::DeleteFailed => (&[Deleting], Target::To(ErrorDeleting)),
+            Event::Reserved => (&[Available], Target::To(Reserved)),
+            Event::ForceDeleteStarted => (&[Available, Error, ErrorDeleting], Target::To(Deleting)),
+            Event::Reset(to) => (
+                &[Available, InUse, Error, ErrorDeleting, Reserved],
+                Target::To(to),
+            ),
         }
     }
 }
@@ -138,6 +180,10 @@ pub enum SnapshotUse {
     CloneSource,
     /// Be deleted.
     Delete,
+    /// Be deleted by an admin's `os-force_delete`.
+    ForceDelete,
+    /// Change its name, description or metadata.
+    Describe,
 }
 
 /// What a request wants to do with a volume.
@@ -156,6 +202,14 @@ pub enum VolumeUse {
     },
     /// Be deleted (attachments and snapshots are checked apart).
     Delete,
+    /// Be deleted by an admin's `os-force_delete` (attachments and snapshots are
+    /// checked apart).
+    ForceDelete,
+    /// Change its type (`os-retype`).
+    Retype,
+    /// Change a flag or its metadata (`os-set_bootable`, `os-update_readonly_flag`,
+    /// metadata, name).
+    Describe,
 }
 
 impl Status {
@@ -163,17 +217,26 @@ impl Status {
     pub fn allows(self, id: &str, what: VolumeUse) -> Result<(), ApiError> {
         use Status::*;
         let ok = match what {
-            VolumeUse::Attach | VolumeUse::Extend | VolumeUse::CloneSource => {
+            VolumeUse::Attach => matches!(self, Available | InUse | Reserved),
+            VolumeUse::Extend | VolumeUse::CloneSource | VolumeUse::Retype => {
                 matches!(self, Available | InUse)
             }
             VolumeUse::Snapshot { force } => self == Available || (self == InUse && force),
             VolumeUse::Delete => matches!(self, Available | Error),
+            VolumeUse::ForceDelete => matches!(self, Available | Error | ErrorDeleting),
+            VolumeUse::Describe => !matches!(self, Deleting),
         };
         if ok {
             return Ok(());
         }
         let (who, need) = match what {
-            VolumeUse::Attach => ("volume", "available or in-use to be attached"),
+            VolumeUse::Attach => ("volume", "available, in-use or reserved to be attached"),
+            VolumeUse::Retype => ("volume", "available or in-use to be retyped"),
+            VolumeUse::Describe => ("volume", "not being deleted"),
+            VolumeUse::ForceDelete => (
+                "volume",
+                "available, error or error_deleting to be force-deleted",
+            ),
             VolumeUse::Extend => ("volume", "available or in-use to be extended"),
             VolumeUse::CloneSource => ("source volume", "available or in-use"),
             VolumeUse::Snapshot { .. } if self == InUse => {
@@ -190,7 +253,7 @@ impl Status {
             }
             VolumeUse::Delete => ("volume", "available or error to be deleted"),
         };
-        if self == Deleting && what != VolumeUse::Delete {
+        if self == Deleting && !matches!(what, VolumeUse::Delete | VolumeUse::ForceDelete) {
             return Err(ApiError::conflict(format!("{who} {id} is being deleted")));
         }
         Err(ApiError::bad_request(format!(
@@ -213,6 +276,15 @@ impl Status {
             SnapshotUse::Delete => Err(ApiError::bad_request(format!(
                 "snapshot {id} is {self}; it must be available or error to be deleted"
             ))),
+            SnapshotUse::ForceDelete if matches!(self, Available | Error | ErrorDeleting) => Ok(()),
+            SnapshotUse::ForceDelete => Err(ApiError::bad_request(format!(
+                "snapshot {id} is {self}; it must be available, error or error_deleting to be \
+                 force-deleted"
+            ))),
+            SnapshotUse::Describe if self == Deleting => Err(ApiError::conflict(format!(
+                "snapshot {id} is being deleted"
+            ))),
+            SnapshotUse::Describe => Ok(()),
         }
     }
 }
@@ -222,7 +294,7 @@ mod tests {
     use super::*;
     use axum::http::StatusCode;
 
-    const ALL: [Status; 6] = Status::ALL;
+    const ALL: [Status; 7] = Status::ALL;
 
     #[test]
     fn spellings_round_trip() {
@@ -237,7 +309,8 @@ mod tests {
         let code = |s: Status, u| s.allows("v", u).map_err(|e| e.status);
         for s in ALL {
             let ok = matches!(s, Status::Available | Status::InUse);
-            assert_eq!(code(s, VolumeUse::Attach).is_ok(), ok, "{s}");
+            let reserved = s == Status::Reserved;
+            assert_eq!(code(s, VolumeUse::Attach).is_ok(), ok || reserved, "{s}");
             assert_eq!(code(s, VolumeUse::Extend).is_ok(), ok, "{s}");
             assert_eq!(code(s, VolumeUse::CloneSource).is_ok(), ok, "{s}");
         }
@@ -281,8 +354,14 @@ mod tests {
             let (from, to) = e.transition();
             assert!(!from.is_empty(), "{e:?}");
             if let Target::To(t) = to {
-                // Only Attached may stay where it is (a second attachment).
-                assert!(!from.contains(&t) || e == Event::Attached, "{e:?}");
+                // Only Attached (a second attachment) and an admin's Reset may stay
+                // where they are.
+                let may_stay = matches!(e, Event::Attached | Event::Reset(_));
+                assert!(!from.contains(&t) || may_stay, "{e:?}");
+                // A reset never lands in a status a running operation owns.
+                if let Event::Reset(s) = e {
+                    assert!(Status::RESETTABLE.contains(&s), "{e:?}");
+                }
             }
         }
     }

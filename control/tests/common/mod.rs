@@ -180,12 +180,27 @@ impl Harness {
         token: Option<&str>,
         body: Vec<u8>,
     ) -> (StatusCode, Value) {
+        self.call_bytes_with(method, uri, token, body, &[]).await
+    }
+
+    /// [`Harness::call_bytes`] with extra request headers.
+    pub async fn call_bytes_with(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
         let mut b = Request::builder()
             .method(method)
             .uri(uri)
             .header("content-type", "application/json");
         if let Some(t) = token {
             b = b.header("x-auth-token", t);
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
         }
         let (s, _, body) = self.raw(b.body(Body::from(body)).unwrap()).await;
         let v = if body.is_empty() {
@@ -208,6 +223,22 @@ impl Harness {
             .map(|b| serde_json::to_vec(&b).unwrap())
             .unwrap_or_default();
         self.call_bytes(method, uri, token, bytes).await
+    }
+
+    /// [`Harness::call`] with extra request headers.
+    pub async fn call_with(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let bytes = body
+            .map(|b| serde_json::to_vec(&b).unwrap())
+            .unwrap_or_default();
+        self.call_bytes_with(method, uri, token, bytes, headers)
+            .await
     }
 
     /// [`Harness::call`] expecting the status `want`; returns the body.
