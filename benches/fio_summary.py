@@ -3,9 +3,11 @@
 
 usage: fio_summary.py OUT_DIR PEERS JOBS MODES
   PEERS, JOBS: comma lists (e.g. ember,nbdkit,qemu-nbd  randread,seqwrite)
-  MODES: space list (plain luks)
-Files are named MODE-PEER-JOB-rROUND.json. Prints a Markdown table of medians (IOPS,
-MiB/s, Ember's ratio to each peer), then every round's MiB/s.
+  MODES: space list (plain luks tls)
+Files are named MODE-PEER-JOB-rROUND.json (with MODE-PEER-JOB-rROUND.json.cpu: server CPU
+ticks, ticks per second, wall seconds of the run). Prints a Markdown table of medians
+(IOPS, MiB/s, Ember's ratio to each peer), the server's CPU µs per I/O (median), then
+every round's MiB/s.
 """
 import glob, json, os, statistics, sys
 
@@ -21,6 +23,18 @@ def sample(path):
     job = doc["jobs"][0]
     side = job["write"] if job["write"]["io_bytes"] > job["read"]["io_bytes"] else job["read"]
     return side["iops"], side["bw_bytes"] / (1 << 20)
+
+def cpu_per_io(path):
+    """Server CPU µs per I/O of one run: CPU utilisation over the run / IOPS."""
+    try:
+        with open(path + ".cpu") as f:
+            ticks, hz, wall = f.read().split()
+    except (OSError, ValueError):
+        return None
+    iops = sample(path)[0]
+    if iops <= 0 or float(wall) <= 0:
+        return None
+    return (int(ticks) / int(hz)) / float(wall) / iops * 1e6
 
 rows = []
 for mode in modes:
@@ -63,6 +77,19 @@ def show(table):
         print("| " + " | ".join(c.rjust(w[i]) if i > 1 else c.ljust(w[i]) for i, c in enumerate(row)) + " |")
 
 show(table)
+
+# Server CPU per I/O (median of rounds), where recorded.
+print()
+print("Server CPU µs per I/O (median of rounds; lower is better):")
+print()
+cpu = [["mode", "workload"] + peers]
+for mode, job, seq, med in rows:
+    r = [mode, DESC[job]]
+    for p in peers:
+        s = [c for c in (cpu_per_io(f) for f in sorted(glob.glob(os.path.join(out, f"{mode}-{p}-{job}-r*.json")))) if c is not None]
+        r.append(f"{statistics.median(s):,.1f}" if s else "-")
+    cpu.append(r)
+show(cpu)
 
 # Every round's MiB/s, to show the spread behind each median.
 print()

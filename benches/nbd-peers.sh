@@ -13,6 +13,12 @@
 #     --luks             also run the LUKS rows (Ember --passphrase-file, nbdkit luks
 #                        filter, qemu-nbd luks driver) on a `qemu-img create -f luks` image
 #     --luks-only        only the LUKS rows
+#     --tls              also run the TLS rows: each peer requires TLS with the same x509
+#                        server certificate (Ember --tls-creds, nbdkit --tls=require
+#                        --tls-certificates, qemu-nbd --tls-creds), fio over nbds+unix://
+#     --tls-only         only the TLS rows (add --plain-too for Ember's plaintext rows,
+#                        to compare its CPU per I/O with and without TLS)
+#     --plain-too        with --tls-only: the plain rows as well
 #     --emberd PATH      emberd binary (default: build it with cargo build --release)
 #     --emberd-b PATH    a second emberd build, run as peer `ember-b` (A/B of two builds
 #                        in one run; add ember-b to --peers or it is appended)
@@ -21,6 +27,15 @@
 # Workloads (one connection, fio --ioengine=nbd):
 #   randread  4 KiB random read,  QD32        randwrite  4 KiB random write, QD32
 #   seqread   1 MiB sequential read, QD8      seqwrite   1 MiB sequential write, QD8
+#
+# Each row also gives the server's CPU time per I/O (utime+stime of the server process
+# over the fio run, /proc/PID/stat, divided by the I/Os done in that time).
+#
+# TLS uses x509 (server certificate, made with certtool at start), not PSK: fio 3.33's
+# nbd engine does not let libnbd read the local files a URI names (tls-psk-file=,
+# tls-certificates=), so fio finds the CA in libnbd's default directory,
+# $HOME/.pki/libnbd, with HOME pointed at the bench's work dir. The record layer (AES-GCM)
+# is the same whatever authenticated the handshake.
 set -euo pipefail
 
 RUNTIME=10
@@ -32,10 +47,12 @@ PEERS=ember,nbdkit,qemu-nbd
 JOBS=randread,randwrite,seqread,seqwrite
 PLAIN=1
 LUKS=0
+TLS=0
 EMBERD=
 EMBERD_B=
 OUT=
 
+PLAIN_TOO=0
 ORIG_ARGS=("$@")
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while (($#)); do
@@ -49,6 +66,9 @@ while (($#)); do
         --jobs) JOBS="$2"; shift 2 ;;
         --luks) LUKS=1; shift ;;
         --luks-only) LUKS=1; PLAIN=0; shift ;;
+        --tls) TLS=1; shift ;;
+        --tls-only) TLS=1; PLAIN=0; shift ;;
+        --plain-too) PLAIN_TOO=1; shift ;;
         --emberd) EMBERD="$2"; shift 2 ;;
         --emberd-b) EMBERD_B="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
@@ -61,7 +81,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-for t in fio nbdkit qemu-nbd qemu-img nbdinfo python3; do
+((PLAIN_TOO)) && PLAIN=1
+for t in fio nbdkit qemu-nbd qemu-img nbdinfo python3 certtool; do
     command -v "$t" >/dev/null || die "$t not found: run scripts/install-test-deps.sh"
 done
 if [[ -n "$EMBERD_B" && ",$PEERS," != *",ember-b,"* ]]; then
@@ -135,7 +156,37 @@ if ((LUKS)); then
         -o key-secret=sec0,preallocation=full "$LUKS_IMG" "$SIZE" >/dev/null
 fi
 
-# start_peer PEER MODE(plain|luks): start a server on $SOCK; log to $OUT.
+TLS_DIR="$WORK/tls"
+if ((TLS)); then
+    log "creating a CA and a server certificate in $TLS_DIR (certtool)"
+    mkdir -p "$TLS_DIR" "$WORK/home/.pki/libnbd"
+    printf 'cn = Ember bench CA\nca\ncert_signing_key\nexpiration_days = 2\n' >"$WORK/ca.info"
+    printf 'cn = localhost\ndns_name = localhost\ntls_www_server\nencryption_key\nsigning_key\nexpiration_days = 2\n' >"$WORK/server.info"
+    certtool --generate-privkey --outfile "$WORK/ca-key.pem" 2>/dev/null
+    certtool --generate-self-signed --load-privkey "$WORK/ca-key.pem" --template "$WORK/ca.info" \
+        --outfile "$TLS_DIR/ca-cert.pem" 2>/dev/null
+    certtool --generate-privkey --outfile "$TLS_DIR/server-key.pem" 2>/dev/null
+    certtool --generate-certificate --load-privkey "$TLS_DIR/server-key.pem" \
+        --load-ca-certificate "$TLS_DIR/ca-cert.pem" --load-ca-privkey "$WORK/ca-key.pem" \
+        --template "$WORK/server.info" --outfile "$TLS_DIR/server-cert.pem" 2>/dev/null
+    cp "$TLS_DIR/ca-cert.pem" "$WORK/home/.pki/libnbd/"
+    if ((!PLAIN)); then
+        log "creating $SIZE plain backing file in $WORK"
+        head -c "$(numfmt --from=iec "$SIZE")" /dev/urandom >"$PLAIN_IMG"
+    fi
+fi
+
+# uri MODE: the client URI (TLS modes: nbds).
+uri() {
+    if [[ "$1" == tls ]]; then echo "nbds+unix:///?socket=$SOCK"; else echo "nbd+unix:///?socket=$SOCK"; fi
+}
+
+# cpu_ticks: utime+stime of the server process (all its threads), in clock ticks.
+cpu_ticks() {
+    awk '{print $14 + $15}' "/proc/$PEER_PID/stat" 2>/dev/null || echo 0
+}
+
+# start_peer PEER MODE(plain|luks|tls): start a server on $SOCK; log to $OUT.
 start_peer() {
     local peer="$1" mode="$2" log="$OUT/$1-$2.log"
     local -a cmd
@@ -143,6 +194,15 @@ start_peer() {
         ember/plain) cmd=("$EMBERD" export --file "$PLAIN_IMG" --nbd "unix:$SOCK") ;;
         ember/luks) cmd=("$EMBERD" export --file "$LUKS_IMG" --nbd "unix:$SOCK"
             --passphrase-file "$PASS_FILE") ;;
+        ember/tls) cmd=("$EMBERD" export --file "$PLAIN_IMG" --nbd "unix:$SOCK"
+            --tls-creds "$TLS_DIR") ;;
+        ember-b/tls) cmd=("$EMBERD_B" export --file "$PLAIN_IMG" --nbd "unix:$SOCK"
+            --tls-creds "$TLS_DIR") ;;
+        nbdkit/tls) cmd=(nbdkit -f -U "$SOCK" --tls=require --tls-certificates="$TLS_DIR"
+            file "$PLAIN_IMG") ;;
+        qemu-nbd/tls) cmd=(qemu-nbd -f raw -k "$SOCK" -t --shared=8 --cache=none
+            --aio=io_uring --object "tls-creds-x509,id=t0,dir=$TLS_DIR,endpoint=server"
+            --tls-creds=t0 "$PLAIN_IMG") ;;
         ember-b/plain) cmd=("$EMBERD_B" export --file "$PLAIN_IMG" --nbd "unix:$SOCK") ;;
         ember-b/luks) cmd=("$EMBERD_B" export --file "$LUKS_IMG" --nbd "unix:$SOCK"
             --passphrase-file "$PASS_FILE") ;;
@@ -162,7 +222,7 @@ start_peer() {
     PEER_PID=$!
     local i
     for ((i = 0; i < 300; i++)); do
-        if [[ -S "$SOCK" ]] && nbdinfo --size "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1; then
+        if [[ -S "$SOCK" ]] && HOME="$WORK/home" nbdinfo --size "$(uri "$mode")" >/dev/null 2>&1; then
             return 0
         fi
         kill -0 "$PEER_PID" 2>/dev/null || break
@@ -173,23 +233,28 @@ start_peer() {
 }
 
 run_fio() {
-    local job="$1" json="$2" rw bs qd
+    local job="$1" json="$2" mode="$3" rw bs qd t0 c0
     case "$job" in
         randread) rw=randread bs=4k qd=32 ;;
         randwrite) rw=randwrite bs=4k qd=32 ;;
         seqread) rw=read bs=1M qd=8 ;;
         seqwrite) rw=write bs=1M qd=8 ;;
     esac
-    fio --name="$job" --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" \
+    t0=$(date +%s.%N)
+    c0=$(cpu_ticks)
+    HOME="$WORK/home" fio --name="$job" --ioengine=nbd --uri="$(uri "$mode")" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
         --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
         --output-format=json --output="$json" >/dev/null 2>"$json.err" ||
         die "fio $job failed: $(cat "$json.err")"
+    # Server CPU seconds and wall seconds over the run (ramp included in both).
+    echo "$(($(cpu_ticks) - c0)) $(getconf CLK_TCK) $(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { print a - b }')" >"$json.cpu"
 }
 
 MODES=()
 ((PLAIN)) && MODES+=(plain)
 ((LUKS)) && MODES+=(luks)
+((TLS)) && MODES+=(tls)
 npeers=${#PEER_LIST[@]}
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "results in $OUT; ${#MODES[@]} mode(s) x $ROUNDS rounds x $npeers peers x ${#JOB_LIST[@]} jobs x $((RUNTIME + RAMP)) s"
@@ -201,7 +266,7 @@ for mode in "${MODES[@]}"; do
             start_peer "$peer" "$mode"
             for job in "${JOB_LIST[@]}"; do
                 log "round $round/$ROUNDS $mode $peer $job"
-                run_fio "$job" "$OUT/$mode-$peer-$job-r$round.json"
+                run_fio "$job" "$OUT/$mode-$peer-$job-r$round.json" "$mode"
             done
             stop_peer
         done

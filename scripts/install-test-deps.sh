@@ -77,7 +77,7 @@ PKGS=(
     # the test command's own checks, the OpenStack client virtualenv
     shellcheck git python3 python3-pip python3-venv
     # build and misc
-    pkg-config gcc g++ make iproute2 procps util-linux e2fsprogs openssl curl ca-certificates
+    pkg-config libssl-dev gcc g++ make iproute2 procps util-linux e2fsprogs openssl curl ca-certificates
     # losetup (loop devices as host block LUNs in the block-device tests)
     mount
 )

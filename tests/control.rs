@@ -325,6 +325,9 @@ fn serve_listens_for_nbd() {
             &nbd,
             "--nbd",
             &format!("unix:{}", sock.display()),
+            // Plaintext listing (the TLS default: tests/nbd_tls.rs).
+            "--nbd-tls",
+            "off",
         ],
     );
     wait_for_tcp(&rest, Duration::from_secs(60));

@@ -53,6 +53,21 @@ fn luks(op: &str, img: &Path, pw: &Path) -> Command {
     c
 }
 
+/// `emberd luks add-key IMG --passphrase-file PW --new-passphrase-file NEW`, for the
+/// caller to add to.
+fn add_key(img: &Path, pw: &Path, new: &Path) -> Command {
+    let mut c = luks("add-key", img, pw);
+    c.arg("--new-passphrase-file").arg(new);
+    c
+}
+
+/// Run `cmd`, which must fail; returns its stderr.
+fn fails(cmd: &mut Command) -> String {
+    let out = run_any(cmd);
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// `emberd luks format` of a `size`-byte volume of type `ty` with a cheap PBKDF2.
 fn luks_format_fast(img: &Path, pw: &Path, ty: &str, size: &str) {
     run_ok(
@@ -86,7 +101,13 @@ fn qemu_io(img: &Path, pw: &Path, cmds: &[&str]) -> String {
     for cmd in cmds {
         c.arg("-c").arg(cmd);
     }
-    let out = run_ok(&mut c);
+    qemu_io_output(&mut c, cmds)
+}
+
+/// Run the `qemu-io` command line `c` (running `cmds`); panics if it fails or reports a
+/// failure or an error. Returns its output.
+fn qemu_io_output(c: &mut Command, cmds: &[&str]) -> String {
+    let out = run_ok(c);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         !text.contains("failed") && !text.contains("error"),
@@ -188,19 +209,14 @@ fn cryptsetup_luks2_argon2id_4k_volume_opens_in_ember() {
     // Ember's keyslot added to cryptsetup's header is accepted by cryptsetup, and vice
     // versa for a wrong passphrase.
     let pw2 = write_file(dir.path(), "pw2", b"second");
-    run_ok(
-        luks("add-key", &img, &pw)
-            .arg("--new-passphrase-file")
-            .arg(&pw2)
-            .args([
-                "--pbkdf",
-                "argon2i",
-                "--pbkdf-memory",
-                "8192",
-                "--pbkdf-force-iterations",
-                "4",
-            ]),
-    );
+    run_ok(add_key(&img, &pw, &pw2).args([
+        "--pbkdf",
+        "argon2i",
+        "--pbkdf-memory",
+        "8192",
+        "--pbkdf-force-iterations",
+        "4",
+    ]));
     assert!(cryptsetup_test_passphrase(&img, &pw2));
     assert!(cryptsetup_test_passphrase(&img, &pw));
     // Ember still reads what it wrote, through the new keyslot.
@@ -406,25 +422,18 @@ fn wrong_passphrase_and_corrupt_header_fail_cleanly() {
             if op != "remove-key" {
                 c.arg("--new-passphrase-file").arg(&new);
             }
-            let out = run_any(&mut c);
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                !out.status.success(),
-                "luks {op} succeeded with a wrong passphrase"
-            );
+            let err = fails(&mut c);
             assert!(err.contains("wrong passphrase"), "{err}");
             assert!(!err.contains("right") && !err.contains("wrong\n"), "{err}");
             assert!(sha(&img) == before, "luks {op} changed the file");
         }
         // Formatting over a LUKS volume is refused without --force.
-        let out = run_any(luks("format", &img, &new).args(["--type", ty, "--size", "4096"]));
-        assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a LUKS header"));
+        let err = fails(luks("format", &img, &new).args(["--type", ty, "--size", "4096"]));
+        assert!(err.contains("already holds a LUKS header"), "{err}");
         assert!(sha(&img) == before);
         // Removing the only keyslot is refused.
-        let out = run_any(&mut luks("remove-key", &img, &pw));
-        assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("last keyslot"));
+        let err = fails(&mut luks("remove-key", &img, &pw));
+        assert!(err.contains("last keyslot"), "{err}");
         assert!(sha(&img) == before);
     }
 
@@ -443,27 +452,18 @@ fn wrong_passphrase_and_corrupt_header_fail_cleanly() {
                 .arg("--new-passphrase-file")
                 .arg(&new);
         }
-        let out = run_any(&mut c);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
+        let err = fails(&mut c);
         assert!(err.contains("checksum"), "{err}");
         assert!(sha(&img) == raw);
     }
     // Not LUKS at all, and truncated.
     let plain = dir.path().join("plain.img");
     common::sparse_file(&plain, 1 << 20);
-    let out = run_any(emberd(&["luks", "dump"]).arg(&plain));
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a LUKS volume"));
+    let err = fails(emberd(&["luks", "dump"]).arg(&plain));
+    assert!(err.contains("not a LUKS volume"), "{err}");
     let short = dir.path().join("short.img");
     std::fs::write(&short, &sha(&dir.path().join("luks1.img"))[..4096]).unwrap();
-    let out = run_any(
-        luks("add-key", &short, &pw)
-            .arg("--new-passphrase-file")
-            .arg(&new),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = fails(&mut add_key(&short, &pw, &new));
     assert!(err.contains("truncated"), "{err}");
 }
 
@@ -485,14 +485,7 @@ fn argon2_memory_cap_is_enforced_with_a_clear_error() {
             ])
             .args(["--size", "1048576"]),
     );
-    let out = run_any(
-        luks("add-key", &img, &pw)
-            .arg("--new-passphrase-file")
-            .arg(&new)
-            .args(["--max-argon2-memory", "1024"]),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = fails(add_key(&img, &pw, &new).args(["--max-argon2-memory", "1024"]));
     assert!(
         err.contains("65536 KiB") && err.contains("1024 KiB"),
         "{err}"
@@ -546,13 +539,7 @@ fn qemu_io_nbd(uri: &str, cmds: &[&str]) -> String {
         c.arg("-c").arg(cmd);
     }
     c.arg(uri);
-    let out = run_ok(&mut c);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        !text.contains("failed") && !text.contains("error"),
-        "qemu-io {cmds:?}: {text}"
-    );
-    text
+    qemu_io_output(&mut c, cmds)
 }
 
 #[test]
@@ -617,7 +604,7 @@ fn export_with_wrong_passphrase_fails_and_writes_nothing() {
     luks_format_fast(&img, &pw, "luks1", "1048576");
     let before = std::fs::read(&img).unwrap();
     let sock = dir.path().join("w.sock");
-    let out = run_any(
+    let err = fails(
         emberd(&["export", "--file"])
             .arg(&img)
             .arg("--passphrase-file")
@@ -625,8 +612,6 @@ fn export_with_wrong_passphrase_fails_and_writes_nothing() {
             .arg("--nbd")
             .arg(format!("unix:{}", sock.display())),
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
     assert!(err.contains("wrong passphrase"), "{err}");
     assert!(!err.contains("good") && !err.contains("bad\n"));
     assert!(!sock.exists());
@@ -834,14 +819,7 @@ fn luks_cost_limit_flags_refuse_with_a_clear_error() {
     let img = dir.path().join("l.img");
     luks_format_fast(&img, &pw, "luks2", "1048576");
     let before = sha(&img);
-    let out = run_any(
-        luks("add-key", &img, &pw)
-            .arg("--new-passphrase-file")
-            .arg(&new)
-            .args(["--max-pbkdf2-iterations", "999"]),
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let err = fails(add_key(&img, &pw, &new).args(["--max-pbkdf2-iterations", "999"]));
     assert!(
         err.contains("kdf.iterations is 1000")
             && err.contains("limit of 999")
@@ -849,15 +827,13 @@ fn luks_cost_limit_flags_refuse_with_a_clear_error() {
         "{err}"
     );
     assert!(sha(&img) == before);
-    let out = run_any(
+    let err = fails(
         emberd(&["export", "--file"])
             .arg(&img)
             .arg("--passphrase-file")
             .arg(&pw)
             .args(["--nbd", "127.0.0.1:1", "--max-digest-iterations", "10"]),
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
     assert!(err.contains("--max-digest-iterations"), "{err}");
 
     // QEMU's LUKS1 header, keyslot 0 patched to 2^32-1 PBKDF2 iterations.
@@ -866,15 +842,13 @@ fn luks_cost_limit_flags_refuse_with_a_clear_error() {
     raw[208 + 4..208 + 8].copy_from_slice(&u32::MAX.to_be_bytes());
     std::fs::write(&q, &raw).unwrap();
     let t = std::time::Instant::now();
-    let out = run_any(
+    let err = fails(
         emberd(&["export", "--file"])
             .arg(&q)
             .arg("--passphrase-file")
             .arg(&qpw)
             .args(["--nbd", "127.0.0.1:1"]),
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
     assert!(
         err.contains("keyslot 0") && err.contains("--max-pbkdf2-iterations"),
         "{err}"

@@ -120,6 +120,9 @@ impl Node {
             &tcp,
             "--node-name",
             "hostile",
+            // Plaintext hostile clients (TLS ones: tests/nbd_tls.rs).
+            "--nbd-tls",
+            "off",
         ]
         .iter()
         .map(|s| s.to_string())

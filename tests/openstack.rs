@@ -81,6 +81,10 @@ impl Node {
                 &nbd,
                 "--node-name",
                 "os-node",
+                // The workflows read attachments with plain NBD URIs (TLS with a key per
+                // attachment, the default, is tests/nbd_tls.rs's).
+                "--nbd-tls",
+                "off",
             ],
         );
         wait_for_tcp(&rest, Duration::from_secs(120));

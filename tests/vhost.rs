@@ -48,6 +48,30 @@ fn export(extra: &[&str]) -> Export {
     }
 }
 
+/// Boot the guest with `script` as its `/test.sh` and the export as its disk, over
+/// `num_queues` vhost-user queues (`reconnect`: QEMU reconnects when emberd restarts).
+fn boot_guest(e: &Export, script: &str, num_queues: u16, reconnect: bool) -> guest::Qemu {
+    let g = guest::Guest::get();
+    let dir = e.file.parent().unwrap();
+    let initrd = g.initrd(dir, script);
+    let mut args = guest::base_args(&g, &initrd, 512);
+    args.extend(guest::vhost_blk_args("c0", &e.sock, num_queues, reconnect));
+    guest::Qemu::spawn(dir, &args)
+}
+
+/// Wait up to `timeout` for the guest's script to end; panics, with the console and
+/// emberd's log, unless it exited 0. Returns the console.
+fn guest_ok(q: &mut guest::Qemu, timeout: Duration, e: &Export) -> String {
+    let (rc, console) = q.wait_exit(timeout);
+    assert_eq!(
+        rc,
+        0,
+        "guest script failed; console:\n{console}\nemberd log:\n{}",
+        e.daemon.log_text()
+    );
+    console
+}
+
 /// A connected blkio client with one mapped memory region.
 struct Client {
     b: Blkio,
@@ -344,20 +368,9 @@ echo GUEST-IO-OK
 #[test]
 fn guest_qemu_dd_checksums_and_discard() {
     require_tool("qemu-system-x86_64");
-    let g = guest::Guest::get();
     let e = export(&["--num-queues", "2", "--name", "vol-guest"]);
-    let dir = e.file.parent().unwrap().to_path_buf();
-    let initrd = g.initrd(&dir, GUEST_IO);
-    let mut args = guest::base_args(&g, &initrd, 512);
-    args.extend(guest::vhost_blk_args("c0", &e.sock, 2, false));
-    let mut q = guest::Qemu::spawn(&dir, &args);
-    let (rc, console) = q.wait_exit(Duration::from_secs(600));
-    assert_eq!(
-        rc,
-        0,
-        "guest script failed; console:\n{console}\nemberd log:\n{}",
-        e.daemon.log_text()
-    );
+    let mut q = boot_guest(&e, GUEST_IO, 2, false);
+    let console = guest_ok(&mut q, Duration::from_secs(600), &e);
     assert!(console.contains("GUEST-IO-OK"));
     // The host file holds what the guest wrote.
     let file = std::fs::read(&e.file).unwrap();
@@ -401,13 +414,9 @@ echo GUEST-LOOP-OK
 #[test]
 fn guest_survives_emberd_sigkill_and_restart() {
     require_tool("qemu-system-x86_64");
-    let g = guest::Guest::get();
     let mut e = export(&["--num-queues", "2", "--name", "vol-restart"]);
     let dir = e.file.parent().unwrap().to_path_buf();
-    let initrd = g.initrd(&dir, GUEST_LOOP);
-    let mut args = guest::base_args(&g, &initrd, 512);
-    args.extend(guest::vhost_blk_args("c0", &e.sock, 2, true));
-    let mut q = guest::Qemu::spawn(&dir, &args);
+    let mut q = boot_guest(&e, GUEST_LOOP, 2, true);
     let file = e.file.to_str().unwrap().to_string();
     let sock = e.sock.to_str().unwrap().to_string();
     for (n, round) in ["ROUND 8", "ROUND 20", "ROUND 32"].iter().enumerate() {
@@ -433,13 +442,7 @@ fn guest_survives_emberd_sigkill_and_restart() {
             ],
         );
     }
-    let (rc, console) = q.wait_exit(Duration::from_secs(900));
-    assert_eq!(
-        rc,
-        0,
-        "guest loop failed across restarts; console:\n{console}\nemberd log:\n{}",
-        e.daemon.log_text()
-    );
+    let console = guest_ok(&mut q, Duration::from_secs(900), &e);
     assert!(console.contains("GUEST-LOOP-OK"));
     assert!(
         !console.contains("BG-READ-ERROR"),
@@ -483,7 +486,6 @@ echo GUEST-CROSS-OK
 fn guest_vhost_and_nbd_share_one_volume() {
     require_tool("qemu-system-x86_64");
     require_tool("qemu-io");
-    let g = guest::Guest::get();
     let dir = tempfile::tempdir().unwrap();
     let nbd_sock = dir.path().join("nbd.sock");
     let nbd_arg = format!("unix:{}", nbd_sock.display());
@@ -492,18 +494,8 @@ fn guest_vhost_and_nbd_share_one_volume() {
     let url = format!("nbd+unix:///vol-x?socket={}", nbd_sock.display());
     // Host → guest: write over NBD before the guest boots.
     run_ok(Command::new("qemu-io").args(["-f", "raw", &url, "-c", "write -P 0xcd 4M 1M"]));
-    let vdir = e.file.parent().unwrap().to_path_buf();
-    let initrd = g.initrd(&vdir, GUEST_CROSS);
-    let mut args = guest::base_args(&g, &initrd, 512);
-    args.extend(guest::vhost_blk_args("c0", &e.sock, 1, false));
-    let mut q = guest::Qemu::spawn(&vdir, &args);
-    let (rc, console) = q.wait_exit(Duration::from_secs(600));
-    assert_eq!(
-        rc,
-        0,
-        "guest failed; console:\n{console}\nemberd log:\n{}",
-        e.daemon.log_text()
-    );
+    let mut q = boot_guest(&e, GUEST_CROSS, 1, false);
+    guest_ok(&mut q, Duration::from_secs(600), &e);
     // Guest → host: read the guest's write over NBD.
     let out = run_ok(Command::new("qemu-io").args([
         "-r",

@@ -68,6 +68,8 @@ impl Node {
                 &nbd,
                 "--node-name",
                 "hostile",
+                "--nbd-tls",
+                "off",
             ],
         );
         wait_for_tcp(&rest, Duration::from_secs(120));

@@ -54,6 +54,10 @@ impl Node {
             name.into(),
             "--lock-lease-secs".into(),
             lease_secs.to_string(),
+            // These tests read attachments with plain NBD clients; tests/nbd_tls.rs
+            // covers the default (TLS with a key per attachment).
+            "--nbd-tls".into(),
+            "off".into(),
         ];
         if let Some(db) = database {
             args.push("--database".into());

@@ -45,7 +45,8 @@ pub struct Request {
     pub len: u64,
     /// Data buffer (Read/Write only).
     pub buf: Buffer,
-    /// The submitter's tag, returned in the completion.
+    /// The submitter's tag, returned in the completion. Opaque to the device; ring
+    /// owners put a [`Tag`](crate::tag::Tag) of their in-flight slot here.
     pub tag: u64,
 }
 
@@ -93,6 +94,23 @@ pub struct DeviceInfo {
 }
 
 impl DeviceInfo {
+    /// A writable device of `size` bytes with 512-byte logical and 4 KiB physical
+    /// blocks, single transfers of up to `max_transfer` bytes, and every optional
+    /// operation (discard, offloaded write-zeroes, meaningful block status): what the
+    /// null device reports, and the device the unit tests and fuzz targets decode against.
+    pub fn new(size: u64, max_transfer: u32) -> Self {
+        DeviceInfo {
+            size,
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            max_transfer,
+            read_only: false,
+            discard: true,
+            write_zeroes: true,
+            block_status: true,
+        }
+    }
+
     /// Check a request before it is started: flushes always pass, data-changing ops on a
     /// read-only device get `EPERM`, everything else must pass [`check_range`](Self::check_range).
     pub fn check_request(&self, op: Op, offset: u64, len: u64) -> Result<(), i32> {
@@ -132,22 +150,9 @@ pub struct Extent {
 mod tests {
     use super::*;
 
-    fn info() -> DeviceInfo {
-        DeviceInfo {
-            size: 1 << 20,
-            logical_block_size: 512,
-            physical_block_size: 4096,
-            max_transfer: 1 << 20,
-            read_only: false,
-            discard: true,
-            write_zeroes: true,
-            block_status: true,
-        }
-    }
-
     #[test]
     fn range_checks() {
-        let i = info();
+        let i = DeviceInfo::new(1 << 20, 1 << 20);
         assert_eq!(i.check_range(0, 512), Ok(()));
         assert_eq!(i.check_range((1 << 20) - 512, 512), Ok(()));
         assert_eq!(i.check_range(1 << 20, 512), Err(libc::EINVAL));

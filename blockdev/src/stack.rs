@@ -65,6 +65,13 @@ pub struct Stack {
 /// Open the backend and stack the layers `spec` asks for.
 pub fn build(spec: &StackSpec<'_>) -> Result<Stack> {
     let base = open(&spec.backend, &spec.open)?;
+    build_on(base, spec)
+}
+
+/// Stack the layers `spec` asks for over `base`, a backend the caller opened already
+/// (`spec.backend` and `spec.open` are not used): a LUN whose identity the caller checks
+/// between the open and the unlock.
+pub fn build_on(base: Arc<dyn BlockDevice>, spec: &StackSpec<'_>) -> Result<Stack> {
     let mut top = base.clone();
     if let Some(g) = &spec.gate {
         top = Arc::new(GateDevice::new(top, g.clone()));

@@ -2,7 +2,7 @@
 //! batch. For control-plane work (copies, formatting), tools and tests; never the hot path.
 
 use crate::buf::{Buffer, IoBuf};
-use crate::engine::{owner_of, Ring};
+use crate::engine::Ring;
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{Completion, Op, Request};
 use crate::{BlockDevice, Queue};
@@ -58,7 +58,7 @@ impl SyncDevice {
             cqes.clear();
             self.ring.reap(&mut cqes);
             for c in cqes.drain(..) {
-                if owner_of(c.user_data) == self.queue.owner() {
+                if c.owner() == self.queue.owner() {
                     self.queue.complete(&mut self.ring, c, &mut done);
                 }
             }

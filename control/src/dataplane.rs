@@ -29,11 +29,24 @@
 //!   instant; the data plane pauses the volume's writes (drains the in-flight ones and
 //!   holds new ones, for a bounded time) while it copies.
 //!
+//! - **LUN pools** ([`luns`]): a pool may hold LUNs an array made rather than files
+//!   Ember allocates. Nothing is created in it: the control plane lists its LUNs
+//!   ([`DataPlane::list_luns`]), binds one to a volume ([`DataPlane::manage`], which
+//!   checks the LUN's identity and can format it as LUKS) and releases it
+//!   ([`DataPlane::unmanage`]; [`DataPlane::delete`] of such a volume does the same:
+//!   Ember never erases an array's LUN). The pool's CHAP secrets live in the control
+//!   plane's key store; it hands them over ([`DataPlane::set_chap`]) before it asks for
+//!   a login. Attach, detach and grow work on bound volumes as on files (grow takes the
+//!   size the array gave the LUN).
+//!
 //! `mem::MemDataPlane` (this crate's tests, or feature `test-utils`) implements it in
 //! memory, with failure injection and holds, for the volumes API's in-process tests.
 
+pub mod luns;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mem;
+
+pub use luns::{ChapRef, ChapSecret, LunPoolInfo, ManageLun, ManageableLun, ManagedLun};
 
 use ember_crypto::Zeroizing;
 use std::future::Future;
@@ -332,6 +345,16 @@ pub enum DataPlaneError {
     /// The data plane is stopping.
     #[error("the data plane is shutting down")]
     ShuttingDown,
+    /// A LUN cannot be used now: its target refuses the login (a wrong CHAP secret),
+    /// the LUN is gone or is another LUN than the one recorded. The reason is for the
+    /// API: it names what an operator must fix.
+    #[error("{what} is unavailable: {reason}")]
+    LunUnavailable {
+        /// The LUN or volume.
+        what: String,
+        /// Why.
+        reason: String,
+    },
     /// The LUKS header refused the passphrase or could not be read.
     #[error("cannot unlock {what}: {detail}")]
     Unlock {
@@ -384,4 +407,22 @@ pub trait DataPlane: Send + Sync + 'static {
 
     /// End one attachment: its clients are disconnected (no error when unknown).
     fn detach(&self, volume: ObjectRef, attachment_id: String) -> DpFuture<'_, ()>;
+
+    /// The LUN pools of this node and the CHAP secrets (by id) their logins need.
+    fn lun_pools(&self) -> DpFuture<'_, Vec<LunPoolInfo>>;
+
+    /// Give a LUN pool the CHAP credentials of its logins (`None`: no CHAP).
+    fn set_chap(&self, pool: String, chap: Option<ChapSecret>) -> DpFuture<'_, ()>;
+
+    /// Every LUN of a LUN pool, with what it is bound to on this node and why it must
+    /// not be managed, if so (bounded: every login has a timeout).
+    fn list_luns(&self, pool: String) -> DpFuture<'_, Vec<ManageableLun>>;
+
+    /// Bind a volume to a LUN (again: also after a restart): open it, check that it is
+    /// the LUN recorded (when an identity is given), format it as LUKS when asked (only
+    /// a blank LUN); its size and identity.
+    fn manage(&self, req: ManageLun) -> DpFuture<'_, ManagedLun>;
+
+    /// Release a volume's LUN (its bytes stay; no error when it is not bound).
+    fn unmanage(&self, volume: ObjectRef) -> DpFuture<'_, ()>;
 }

@@ -744,6 +744,20 @@ pub async fn volume_passphrase(
     Ok(passphrase_for(&k.secret_type, &payload))
 }
 
+/// The payload of secret `id` as stored (any project's: for secrets the operator's
+/// configuration names by id, such as a LUN pool's CHAP secret); `None` when there is
+/// no such secret.
+pub async fn payload_of(
+    conn: &mut sqlx::AnyConnection,
+    master: &MasterKey,
+    id: &str,
+) -> ApiResult<Option<Zeroizing<Vec<u8>>>> {
+    match secret_row(conn, id).await? {
+        Some(k) => Ok(Some(master.open(id, &k.sealed)?)),
+        None => Ok(None),
+    }
+}
+
 /// Delete a secret a volume or snapshot owned (with it, in the caller's transaction).
 pub async fn delete_owned(conn: &mut sqlx::AnyConnection, id: &str) -> Result<(), sqlx::Error> {
     acl::forget(conn, id).await?;

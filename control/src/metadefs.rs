@@ -638,6 +638,27 @@ async fn begin_ns(st: &AppState, ctx: &Ctx, ns: &str) -> ApiResult<(Tx<'static>,
     Ok((tx, row))
 }
 
+/// The `DELETE` of one entry under a namespace (a property, an object, a tag), admin
+/// only: `delete` (`… WHERE namespace = ? AND name = ?`) removes the `what` called
+/// `name`; 404 when the namespace or the entry does not exist.
+async fn delete_entry(
+    st: &AppState,
+    ctx: &Ctx,
+    (ns, name): (&str, &str),
+    delete: &'static str,
+    what: &str,
+) -> ApiResult<StatusCode> {
+    ctx.require_admin()?;
+    let (mut tx, _) = begin_ns(st, ctx, ns).await?;
+    if execute_args(&mut tx, delete, &[ns, name]).await? == 0 {
+        return Err(ApiError::not_found(format!(
+            "{what} {name} not found in {ns}"
+        )));
+    }
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn properties_of(conn: &mut AnyConnection, ns: &str) -> ApiResult<Map<String, Value>> {
     let rows = sqlx::query(
         "SELECT name, definition FROM metadef_properties WHERE namespace = ? ORDER BY name",
@@ -1147,21 +1168,8 @@ pub async fn delete_property(
     ctx: Ctx,
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    ctx.require_admin()?;
-    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
-    let n = execute_args(
-        &mut tx,
-        "DELETE FROM metadef_properties WHERE namespace = ? AND name = ?",
-        &[&ns, &name],
-    )
-    .await?;
-    if n == 0 {
-        return Err(ApiError::not_found(format!(
-            "property {name} not found in {ns}"
-        )));
-    }
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    let delete = "DELETE FROM metadef_properties WHERE namespace = ? AND name = ?";
+    delete_entry(&st, &ctx, (&ns, &name), delete, "property").await
 }
 
 #[utoipa::path(get, path = "/v2/metadefs/namespaces/{namespace}/resource_types", tag = "metadefs",

@@ -178,6 +178,11 @@ pub fn api() -> OpenApiRouter<AppState> {
             volumes::handlers::delete_volume_meta_item
         ))
         .routes(routes!(
+            volumes::manageable::list_manageable,
+            volumes::manageable::manage
+        ))
+        .routes(routes!(volumes::manageable::list_manageable_detail))
+        .routes(routes!(
             volumes::handlers::list_snapshots,
             volumes::handlers::create_snapshot
         ))

@@ -66,4 +66,6 @@ pub const MIGRATIONS: &[Migration] = &[(
 (6, crate::qos::SCHEMA),
 (7, crate::types::SCHEMA_7),
 (8, crate::keys::acl::SCHEMA),
-(9, crate::metadefs::objects::SCHEMA)];
+(9, crate::metadefs::objects::SCHEMA),
+// Volumes on LUN pools (issue 15).
+(10, crate::volumes::manageable::SCHEMA)];

@@ -16,6 +16,9 @@
 //!   each status allows.
 //! - [`rows`]: the module's tables and every statement on them.
 //! - [`views`]: the JSON answers, Cinder's `connection_info` from the typed endpoint.
+//! - [`manageable`]: volumes on LUN pools: `/v3/{project_id}/manageable_volumes`
+//!   (list the LUNs, manage one as a volume), `os-unmanage`, and the LUN side of
+//!   attach and extend (a bind with an identity check first; faults shown on the volume).
 //! - [`reconcile`]: the start-up pass that makes a crashed create/clone/delete end in a
 //!   clean state (volume `error` or gone, locks released, no orphan objects), safe when
 //!   several nodes share a pool.
@@ -29,6 +32,7 @@
 pub mod attachments;
 pub mod handlers;
 pub mod listing;
+pub mod manageable;
 pub mod reconcile;
 pub mod rows;
 pub mod service;

@@ -460,6 +460,25 @@ fn rows(pa: &str, f: &Fx) -> Vec<(&'static str, String, Option<Value>, [u16; 5])
             [401, 403, 403, 404, 404],
         ),
         (
+            "GET /v3/{project_id}/manageable_volumes",
+            format!("/v3/{pa}/manageable_volumes"),
+            None,
+            [401, 403, 403, 403, 200],
+        ),
+        (
+            "GET /v3/{project_id}/manageable_volumes/detail",
+            format!("/v3/{pa}/manageable_volumes/detail"),
+            None,
+            [401, 403, 403, 403, 200],
+        ),
+        (
+            "POST /v3/{project_id}/manageable_volumes",
+            format!("/v3/{pa}/manageable_volumes"),
+            Some(json!({"volume": {"host": "array", "ref": {"source-name": "lun-1"}}})),
+            // No LUN pool on the matrix's node.
+            [401, 403, 403, 403, 400],
+        ),
+        (
             "GET /v3/{project_id}/volumes/{volume_id}/encryption",
             format!("/v3/{pa}/volumes/{r}/encryption"),
             None,

@@ -966,7 +966,14 @@ async fn reconciliation_cleans_up_after_a_crash() {
     let creating = f.create_ok(json!({"size": 1})).await;
     let deleting = f.create_ok(json!({"size": 1})).await;
     let attached = f.create_ok(json!({"size": 1})).await;
-    f.attach(&attached, json!({})).await;
+    let info = f.attach(&attached, json!({"protocol": "vhost-user"})).await;
+    let att_id = info["data"]["attachment_id"].as_str().unwrap().to_string();
+    let ro = f.create_ok(json!({"size": 1})).await;
+    let ro_info = f
+        .attach(&ro, json!({"protocol": "nbd", "read_only": true}))
+        .await;
+    let lost = f.create_ok(json!({"size": 1})).await;
+    f.attach(&lost, json!({})).await;
     let (_, v) = f.snapshot(&attached, true).await;
     let snap = id_of(&v, "snapshot");
     f.wait_snap(&snap).await;
@@ -997,13 +1004,48 @@ async fn reconciliation_cleans_up_after_a_crash() {
             partial,
         });
     }
+    // The process died: its front ends are gone. One volume's attachment cannot be
+    // served again (its key is gone).
+    f.dp.forget_attachments();
+    sqlx::query("UPDATE volumes SET encryption_key_id = 'no-such-key' WHERE id = ?")
+        .bind(lost.clone())
+        .execute(db)
+        .await
+        .unwrap();
     let rep = reconcile(&st).await.unwrap();
     assert_eq!(rep.marked_error, 2, "{rep:?}");
     assert_eq!(rep.deletes_finished, 1, "{rep:?}");
+    assert_eq!(rep.attachments_restored, 2, "{rep:?}");
     assert_eq!(rep.attachments_dropped, 1, "{rep:?}");
     assert_eq!(rep.objects_removed, 1, "{rep:?}");
     assert_eq!(f.show(&creating).await["status"], "error");
-    assert_eq!(f.show(&attached).await["status"], "available");
+    // Served again under the same attachment id, protocol and access mode (so at the
+    // same endpoint); the one that failed is dropped and its volume available.
+    let mut live = f.dp.attachments();
+    live.sort();
+    let mut want = vec![
+        (attached.clone(), att_id.clone(), Protocol::VhostUser, false),
+        (
+            ro.clone(),
+            ro_info["data"]["attachment_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            Protocol::Nbd,
+            true,
+        ),
+    ];
+    want.sort();
+    assert_eq!(live, want);
+    assert_eq!(f.show(&attached).await["status"], "in-use");
+    let v = f.show(&ro).await;
+    assert_eq!(v["status"], "in-use");
+    assert_eq!(v["attachments"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(f.show(&lost).await["status"], "available");
+    assert!(f.show(&lost).await["attachments"]
+        .as_array()
+        .unwrap()
+        .is_empty());
     f.fault(
         GET,
         &f.vols(&format!("/{deleting}")),

@@ -230,51 +230,29 @@ mod tests {
         // RFC 9106's vectors use a secret and associated data, which LUKS never does;
         // these are from the reference implementation (Debian's `argon2` CLI,
         // phc-winner-argon2): `echo -n password | argon2 somesalt -id -t 2 -m 16 -p 1 -l 32 -r`
-        let mut out = [0u8; 32];
-        argon2(
-            Argon2Type::Id,
-            b"password",
-            b"somesalt",
-            2,
-            65536,
-            1,
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(
-            hex::encode(out),
-            "09316115d5cf24ed5a15a31a3ba326e5cf32edc24702987c02b6566f61913cf7"
-        );
-        argon2(
-            Argon2Type::I,
-            b"password",
-            b"somesalt",
-            2,
-            65536,
-            1,
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(
-            hex::encode(out),
-            "c1628832147d9720c5bd1cfd61367078729f6dfb6f8fea9ff98158e0d7816ed0"
-        );
-        // Four lanes (LUKS2 "cpus": 4): `argon2 somesalt -i -t 2 -m 16 -p 4 -l 24 -r`.
-        let mut out = [0u8; 24];
-        argon2(
-            Argon2Type::I,
-            b"password",
-            b"somesalt",
-            2,
-            65536,
-            4,
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(
-            hex::encode(out),
-            "45d7ac72e76f242b20b77b9bf9bf9d5915894e669a24e6c6"
-        );
+        // (and `-i` for Argon2i). The output is as long as the expected hex says.
+        for (kind, lanes, want) in [
+            (
+                Argon2Type::Id,
+                1,
+                "09316115d5cf24ed5a15a31a3ba326e5cf32edc24702987c02b6566f61913cf7",
+            ),
+            (
+                Argon2Type::I,
+                1,
+                "c1628832147d9720c5bd1cfd61367078729f6dfb6f8fea9ff98158e0d7816ed0",
+            ),
+            // Four lanes (LUKS2 "cpus": 4): `argon2 somesalt -i -t 2 -m 16 -p 4 -l 24 -r`.
+            (
+                Argon2Type::I,
+                4,
+                "45d7ac72e76f242b20b77b9bf9bf9d5915894e669a24e6c6",
+            ),
+        ] {
+            let mut out = vec![0u8; want.len() / 2];
+            argon2(kind, b"password", b"somesalt", 2, 65536, lanes, &mut out).unwrap();
+            assert_eq!(hex::encode(&out), want, "{kind:?}, {lanes} lanes");
+        }
     }
 
     #[test]
@@ -320,11 +298,17 @@ mod tests {
             let at = rng.range(0, m.len() as u64 - 1) as usize;
             let mut bad = m.to_vec();
             bad[at] ^= 1 << rng.range(0, 7);
-            assert_ne!(
-                &af_merge(&bad, n, stripes, h).unwrap()[..],
-                &key[..],
-                "case {case}"
-            );
+            // A flip in the last stripe reaches the key directly; one in an earlier
+            // stripe goes through the diffusion hash, which maps a short key back onto
+            // itself by chance (1 in 256 for a 1-byte key, and af_split's stripes are
+            // random), so only keys of 8 bytes or more are held to that.
+            if at >= (stripes as usize - 1) * n || n >= 8 {
+                assert_ne!(
+                    &af_merge(&bad, n, stripes, h).unwrap()[..],
+                    &key[..],
+                    "case {case}"
+                );
+            }
             assert!(af_merge(&m[..m.len() - 1], n, stripes, h).is_err());
         }
         assert!(af_split(&[1, 2], 0, Hash::Sha1).is_err());

@@ -177,6 +177,13 @@ mod tests {
         assert_ne!(&wrong[..], &vk[..]);
     }
 
+    /// The error deriving a 32-byte key with `kdf` under `limits` (it must fail).
+    fn derive_err(kdf: &KdfParams, limits: &UnlockLimits, slot: &str) -> Error {
+        let mut out = [0u8; 32];
+        kdf.derive(b"x", &[0; 32], &mut out, limits, slot)
+            .unwrap_err()
+    }
+
     #[test]
     fn kdf_caps_refuse_before_any_work() {
         let k = KdfParams::Argon2 {
@@ -185,14 +192,11 @@ mod tests {
             memory_kib: 65536,
             lanes: 1,
         };
-        let mut out = [0u8; 32];
         let limits = UnlockLimits {
             argon2_memory_kib: 1024,
             ..UnlockLimits::default()
         };
-        let e = k
-            .derive(b"x", &[0; 32], &mut out, &limits, "keyslot 3")
-            .unwrap_err();
+        let e = derive_err(&k, &limits, "keyslot 3");
         assert!(matches!(
             e,
             Error::LimitExceeded {
@@ -210,76 +214,34 @@ mod tests {
             iterations: u32::MAX,
         };
         let t = std::time::Instant::now();
-        let e = p
-            .derive(
-                b"x",
-                &[0; 32],
-                &mut out,
-                &UnlockLimits::default(),
-                "keyslot 0",
-            )
-            .unwrap_err();
+        let e = derive_err(&p, &UnlockLimits::default(), "keyslot 0");
         assert!(e.to_string().contains("--max-pbkdf2-iterations"), "{e}");
         assert!(t.elapsed().as_secs() < 5);
         // Argon2 passes and lanes.
-        let a = KdfParams::Argon2 {
-            kind: Argon2Type::I,
-            time: u32::MAX,
-            memory_kib: 64,
-            lanes: 1,
-        };
-        let e = a
-            .derive(
-                b"x",
-                &[0; 32],
-                &mut out,
-                &UnlockLimits::default(),
-                "keyslot 1",
-            )
-            .unwrap_err();
-        assert!(matches!(
-            e,
-            Error::LimitExceeded {
-                field: "kdf.time",
-                ..
-            }
-        ));
-        let a = KdfParams::Argon2 {
-            kind: Argon2Type::I,
-            time: 1,
-            memory_kib: 1 << 20,
-            lanes: 1 << 20,
-        };
-        let e = a
-            .derive(
-                b"x",
-                &[0; 32],
-                &mut out,
-                &UnlockLimits::default(),
-                "keyslot 1",
-            )
-            .unwrap_err();
-        assert!(matches!(
-            e,
-            Error::LimitExceeded {
-                field: "kdf.cpus",
-                ..
-            }
-        ));
+        for (time, memory_kib, lanes, limit) in [
+            (u32::MAX, 64, 1, "kdf.time"),
+            (1, 1 << 20, 1 << 20, "kdf.cpus"),
+        ] {
+            let a = KdfParams::Argon2 {
+                kind: Argon2Type::I,
+                time,
+                memory_kib,
+                lanes,
+            };
+            let e = derive_err(&a, &UnlockLimits::default(), "keyslot 1");
+            assert!(
+                matches!(e, Error::LimitExceeded { field, .. } if field == limit),
+                "{e}"
+            );
+        }
         // Zero costs are corrupt, not "free".
         let z = KdfParams::Pbkdf2 {
             hash: Hash::Sha1,
             iterations: 0,
         };
         assert!(matches!(
-            z.derive(
-                b"x",
-                &[0; 32],
-                &mut out,
-                &UnlockLimits::default(),
-                "keyslot 0"
-            ),
-            Err(Error::Corrupt(_))
+            derive_err(&z, &UnlockLimits::default(), "keyslot 0"),
+            Error::Corrupt(_)
         ));
     }
 

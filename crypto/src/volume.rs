@@ -168,25 +168,6 @@ impl Header {
         }
     }
 
-    /// Write a new keyslot's material (not flushed, not yet in any header on disk).
-    fn add_slot(
-        &mut self,
-        disk: &mut dyn Disk,
-        vk: &[u8],
-        pass: &[u8],
-        kdf: KdfParams,
-    ) -> Result<usize> {
-        match self {
-            Header::Luks1(h) => match kdf {
-                KdfParams::Pbkdf2 { iterations, .. } => h.add_slot(disk, vk, pass, iterations),
-                KdfParams::Argon2 { .. } => Err(Error::InvalidParam(
-                    "LUKS1 keyslots only support pbkdf2".into(),
-                )),
-            },
-            Header::Luks2(h) => h.add_slot(disk, vk, pass, kdf),
-        }
-    }
-
     fn active_slots(&self) -> Vec<usize> {
         match self {
             Header::Luks1(h) => (0..luks1::NUM_SLOTS)
@@ -221,7 +202,15 @@ impl Header {
         pass: &[u8],
         kdf: KdfParams,
     ) -> Result<usize> {
-        let id = self.add_slot(disk, vk, pass, kdf)?;
+        let id = match self {
+            Header::Luks1(h) => match kdf {
+                KdfParams::Pbkdf2 { iterations, .. } => h.add_slot(disk, vk, pass, iterations),
+                KdfParams::Argon2 { .. } => Err(Error::InvalidParam(
+                    "LUKS1 keyslots only support pbkdf2".into(),
+                )),
+            },
+            Header::Luks2(h) => h.add_slot(disk, vk, pass, kdf),
+        }?;
         disk.flush()?;
         self.write(disk)?;
         Ok(id)
@@ -328,6 +317,13 @@ impl ForUpdate {
             Header::Luks1(_) => Ok(()),
         }
     }
+
+    /// Repair, then add a keyslot holding the volume key under `passphrase`. Returns its
+    /// id.
+    fn add_key(&mut self, disk: &mut dyn Disk, passphrase: &[u8], kdf: KdfParams) -> Result<usize> {
+        self.repair(disk)?;
+        self.h.add_key(disk, &self.vk, passphrase, kdf)
+    }
 }
 
 /// Add a keyslot for `new_passphrase`, authorised by `passphrase`. Returns its id.
@@ -338,9 +334,7 @@ pub fn add_key(
     kdf: KdfParams,
     limits: &UnlockLimits,
 ) -> Result<usize> {
-    let mut u = ForUpdate::open(disk, passphrase, limits)?;
-    u.repair(disk)?;
-    u.h.add_key(disk, &u.vk, new_passphrase, kdf)
+    ForUpdate::open(disk, passphrase, limits)?.add_key(disk, new_passphrase, kdf)
 }
 
 /// Remove the keyslot `passphrase` opens. Refuses to remove the last one.
@@ -364,8 +358,7 @@ pub fn change_key(
     limits: &UnlockLimits,
 ) -> Result<usize> {
     let mut u = ForUpdate::open(disk, old, limits)?;
-    u.repair(disk)?;
-    let new_id = u.h.add_key(disk, &u.vk, new, kdf)?;
+    let new_id = u.add_key(disk, new, kdf)?;
     u.h.remove_slot(disk, u.id)?;
     Ok(new_id)
 }

@@ -16,6 +16,15 @@
 //!   connections); a vhost-user attachment is the socket
 //!   `VHOST_DIR/<volume>-<attachment8>.sock` (detaching disconnects the frontend,
 //!   drains its queues and joins the export's threads).
+//! - **NBD credentials** (`emberd serve --nbd-tls`, require by default): every NBD
+//!   attachment gets a fresh random pre-shared key ([`NBD_PSK_BYTES`]) whose identity is
+//!   its export name, in the listeners' one [`PskTable`]; the export's [`Access`] admits
+//!   only a client that completed the TLS handshake with that identity, so no other
+//!   client lists or opens it. The key goes to the caller once, in the endpoint's
+//!   `credentials` (`connection_info.data.tls`); it is kept only in this process's
+//!   memory (the control plane stores no copy), so a daemon restart invalidates it.
+//!   Detach revokes the key, then removes the export, which closes its connections.
+//!   With `--nbd-tls off` exports are open to every client of the listeners.
 //! - **No unlock under the volumes lock.** Opening a LUKS volume derives its key (PBKDF2
 //!   or argon2: up to seconds, by design). The first attachment of a volume builds the
 //!   stack *before* taking the lock that guards the attached volumes, and only registers
@@ -31,19 +40,25 @@
 //!   layers above derive their size from it. Connected vhost-user frontends get a
 //!   config-change notice (QEMU then re-reads the capacity and interrupts the guest);
 //!   NBD clients see the new size on their next connection.
+//! - LUN pools ([`luns`]): volumes bound to LUNs an array made (every LUN of an iSCSI
+//!   target through Ember's initiator, or host block devices by glob). Their stacks are
+//!   built on the LUN (opened, identity checked, then [`stack::build_on`]); nothing is
+//!   allocated or erased on them; grow takes the size the array gave the LUN.
 
-use crate::nbd::{ListenAddr, NbdLimits, NbdServer};
+use crate::nbd::{Access, ListenAddr, NbdLimits, NbdServer, PskTable, TlsMode, TlsServer};
 use crate::vhost::{self, VhostConfig, VhostExport};
 use anyhow::Context;
+use ember_blockdev::layer::crypt::DeviceDisk;
 use ember_blockdev::layer::gate::Gate;
 use ember_blockdev::layer::throttle::QosLimits;
 use ember_blockdev::pool::{DirPool, Pool, PoolError};
 use ember_blockdev::stack::{self, Stack, StackSpec, Unlock};
 use ember_blockdev::{BackendSpec, OpenOptions};
 use ember_control::dataplane::{
-    AttachVolume, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture, DpResult,
-    Endpoint, LuksFormat, LuksVersion, ObjectKind, ObjectRef, PoolStats, Protocol, Rekey,
-    SnapshotVolume, StoredObject,
+    AttachVolume, ChapSecret, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture,
+    DpResult, Endpoint, LuksFormat, LuksVersion, LunPoolInfo, ManageLun, ManageableLun, ManagedLun,
+    NbdCredentials, ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, Rekey, SnapshotVolume,
+    StoredObject,
 };
 use ember_crypto::kdf::Hash;
 use ember_crypto::{FormatParams, KdfParams};
@@ -52,6 +67,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 /// PBKDF2-SHA256 iterations of keyslots Ember writes. Ember's own keys are 256+ random
 /// bits, so the KDF adds no strength to them; this keeps unlocks fast while staying well
@@ -61,6 +77,8 @@ pub const KEYSLOT_PBKDF2_ITERATIONS: u32 = 20_000;
 pub const VHOST_QUEUES: u16 = 2;
 /// How long a point-in-time copy waits for a volume's writes in flight to drain.
 pub const PAUSE_DRAIN: Duration = Duration::from_secs(30);
+/// Bytes of each NBD attachment's pre-shared key.
+pub const NBD_PSK_BYTES: usize = 32;
 /// Pool object name prefix of snapshots.
 pub const SNAPSHOT_PREFIX: &str = "snap-";
 
@@ -69,6 +87,8 @@ enum Attachment {
     /// The NBD export of this attachment (by name).
     Nbd {
         export: String,
+        /// Its PSK identity, revoked at detach (`None` without TLS).
+        psk_identity: Option<String>,
     },
     Vhost {
         export: VhostExport,
@@ -114,9 +134,16 @@ enum NbdEndpoint {
 
 struct Inner {
     pools: Vec<Arc<dyn Pool>>,
+    /// LUN pools (see [`luns`]).
+    lun_pools: Vec<luns::LunEntry>,
+    /// Volume id → the LUN it is bound to.
+    bindings: Mutex<HashMap<String, luns::Binding>>,
     /// `None` once shut down.
     nbd: Mutex<Option<NbdServer>>,
     nbd_endpoints: Vec<NbdEndpoint>,
+    /// Each NBD attachment's key, by identity (`None`: `--nbd-tls off`, exports open
+    /// to every client).
+    nbd_psk: Option<Arc<PskTable>>,
     vhost_dir: PathBuf,
     volumes: Mutex<Volumes>,
     stopping: AtomicBool,
@@ -203,14 +230,16 @@ fn qos(q: &ember_control::dataplane::QosLimits) -> QosLimits {
 }
 
 impl EmberDataPlane {
-    /// Open the pools (name → directory), start the NBD server listening on `listen`
-    /// under `nbd_limits`, and put vhost-user sockets in `vhost_dir`; every LUKS header
-    /// is read within `unlock` (`emberd serve --max-…`). Returns the bound NBD addresses
-    /// too.
+    /// Open the pools (name → directory) and take the LUN pools, start the NBD server
+    /// listening on `listen` under `nbd_limits`, and put vhost-user sockets in
+    /// `vhost_dir`; every LUKS header is read within `unlock` (`emberd serve --max-…`).
+    /// Returns the bound NBD addresses too.
     pub fn start(
         pools: Vec<(String, PathBuf)>,
+        lun_pools: Vec<luns::LunPoolSetup>,
         listen: &[ListenAddr],
         nbd_limits: NbdLimits,
+        nbd_tls: TlsMode,
         vhost_dir: PathBuf,
         unlock: ember_crypto::UnlockLimits,
     ) -> anyhow::Result<(Self, Vec<String>)> {
@@ -223,11 +252,19 @@ impl EmberDataPlane {
         let threads = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
+        // With TLS every listener runs one PSK server over a table the attachments fill.
+        let (nbd_psk, tls) = if nbd_tls == TlsMode::Off {
+            (None, None)
+        } else {
+            let table = Arc::new(PskTable::default());
+            let server = TlsServer::new(Some(table.clone()), None).context("NBD TLS")?;
+            (Some(table), Some(Arc::new(server)))
+        };
         let server = NbdServer::start(threads, nbd_limits)?;
         let mut bound = Vec::new();
         let mut endpoints = Vec::new();
         for a in listen {
-            match server.listen(a) {
+            match server.listen_tls(a, nbd_tls, tls.clone()) {
                 Ok(b) => {
                     endpoints.push(match a {
                         ListenAddr::Unix(p) => NbdEndpoint::Unix(p.clone()),
@@ -243,8 +280,11 @@ impl EmberDataPlane {
         }
         let inner = Inner {
             pools: ps,
+            lun_pools: lun_pools.into_iter().map(Into::into).collect(),
+            bindings: Mutex::default(),
             nbd: Mutex::new(Some(server)),
             nbd_endpoints: endpoints,
+            nbd_psk,
             vhost_dir,
             volumes: Mutex::default(),
             stopping: AtomicBool::new(false),
@@ -281,6 +321,11 @@ impl EmberDataPlane {
 
 impl Inner {
     fn pool(&self, name: &str) -> DpResult<&Arc<dyn Pool>> {
+        if self.is_lun_pool(name) {
+            return Err(DataPlaneError::Invalid(format!(
+                "storage pool {name} holds an array's LUNs: nothing is allocated in it (manage a LUN instead)"
+            )));
+        }
         self.pools
             .iter()
             .find(|p| p.name() == name)
@@ -313,7 +358,8 @@ impl Inner {
     }
 
     fn stats(&self) -> DpResult<Vec<PoolStats>> {
-        self.pools
+        let mut out = self
+            .pools
             .iter()
             .map(|p| {
                 let s = p
@@ -326,10 +372,15 @@ impl Inner {
                     provisioned_bytes: s.provisioned_bytes,
                 })
             })
-            .collect()
+            .collect::<DpResult<Vec<_>>>()?;
+        out.extend(self.lun_stats());
+        Ok(out)
     }
 
     fn inventory(&self, pool: &str) -> DpResult<Vec<StoredObject>> {
+        if self.is_lun_pool(pool) {
+            return Ok(self.lun_inventory(pool));
+        }
         let p = self.pool(pool)?;
         let objects = p.list().map_err(|e| pool_error(pool, "list the pool", e))?;
         Ok(objects
@@ -350,8 +401,19 @@ impl Inner {
 
     /// Write a LUKS header with one keyslot on a new volume.
     fn luks_format(&self, backend: &BackendSpec, f: &LuksFormat) -> DpResult<()> {
-        let mut disk = stack::header_disk(backend, false)
+        let disk = stack::header_disk(backend, false)
             .map_err(|e| failed("open the volume for its LUKS header", &e))?;
+        self.luks_format_disk(disk, f)
+    }
+
+    /// Write a LUKS header with one keyslot on an opened device.
+    fn luks_format_disk(&self, mut disk: DeviceDisk, f: &LuksFormat) -> DpResult<()> {
+        if f.key_bits != 256 && f.key_bits != 512 {
+            return Err(DataPlaneError::Invalid(format!(
+                "LUKS key size {} bits: use 256 or 512",
+                f.key_bits
+            )));
+        }
         let p = FormatParams {
             version: match f.version {
                 LuksVersion::Luks1 => 1,
@@ -464,15 +526,24 @@ impl Inner {
     }
 
     fn grow(&self, volume: &ObjectRef, new_size: u64) -> DpResult<()> {
-        let p = self.pool(&volume.pool)?;
-        p.resize(&object_name(volume), new_size)
-            .map_err(|e| pool_error(p.name(), "grow the volume", e))?;
+        let lun = self.is_lun_pool(&volume.pool);
+        if lun {
+            let b = self
+                .binding(volume)
+                .ok_or_else(|| DataPlaneError::NotFound(format!("the LUN of {volume}")))?;
+            self.grow_lun(volume, &b, new_size)?;
+        } else {
+            let p = self.pool(&volume.pool)?;
+            p.resize(&object_name(volume), new_size)
+                .map_err(|e| pool_error(p.name(), "grow the volume", e))?;
+        }
         let notifiers: Vec<(String, vhost::ConfigNotifier)> = {
             let vols = lock(&self.volumes);
             let Some(a) = vols.attached.get(&volume.id) else {
                 return Ok(());
             };
-            if let Err(e) = a.stack.base.resize(new_size) {
+            // A LUN's live device took the new size in `grow_lun`.
+            if let Err(e) = (!lun).then(|| a.stack.base.resize(new_size)).transpose() {
                 // The file grew: the next stack of this volume sees it.
                 tracing::warn!(volume = %volume.id, error = %e, "the live device did not learn the new size");
             }
@@ -497,6 +568,11 @@ impl Inner {
     }
 
     fn delete(&self, object: &ObjectRef) -> DpResult<()> {
+        if self.is_lun_pool(&object.pool) {
+            // Ember never erases an array's LUN: the volume lets it go.
+            self.unbind(object);
+            return Ok(());
+        }
         let p = self.pool(&object.pool)?;
         p.delete(&object_name(object))
             .map_err(|e| pool_error(p.name(), "delete", e))
@@ -512,10 +588,21 @@ impl Inner {
     /// Open the volume's device stack: LUKS unlock (key derivation) included. Called
     /// without the volumes lock.
     fn build_stack(&self, req: &AttachVolume, gate: Arc<Gate>) -> DpResult<Stack> {
-        let p = self.pool(&req.volume.pool)?;
-        let backend = p
-            .spec(&object_name(&req.volume))
-            .map_err(|e| pool_error(p.name(), "find the volume", e))?;
+        let lun = match self.is_lun_pool(&req.volume.pool) {
+            true => Some(self.binding(&req.volume).ok_or_else(|| {
+                DataPlaneError::NotFound(format!("the LUN of {} (manage it again)", req.volume))
+            })?),
+            false => None,
+        };
+        let backend = match &lun {
+            // Opened below, with its identity checked; `build_on` ignores the spec.
+            Some(_) => BackendSpec::Null { size: 0 },
+            None => {
+                let p = self.pool(&req.volume.pool)?;
+                p.spec(&object_name(&req.volume))
+                    .map_err(|e| pool_error(p.name(), "find the volume", e))?
+            }
+        };
         let spec = StackSpec {
             backend,
             open: OpenOptions::default(),
@@ -526,7 +613,11 @@ impl Inner {
             qos: qos(&req.qos),
             gate: Some(gate),
         };
-        stack::build(&spec).map_err(|e| {
+        let built = match &lun {
+            Some(b) => stack::build_on(self.open_bound(&req.volume, b)?, &spec),
+            None => stack::build(&spec),
+        };
+        built.map_err(|e| {
             if req.passphrase.is_some() {
                 DataPlaneError::Unlock {
                     what: req.volume.to_string(),
@@ -581,31 +672,67 @@ impl Inner {
         let res = match req.protocol {
             Protocol::Nbd => {
                 let name = nbd_export_name(vid, &req.attachment_id);
+                // With TLS: a fresh key, its identity the export name; only a client
+                // that authenticated with it sees and opens the export.
+                let creds = match &self.nbd_psk {
+                    Some(table) => {
+                        let mut key = Zeroizing::new(vec![0u8; NBD_PSK_BYTES]);
+                        openssl::rand::rand_bytes(&mut key)
+                            .map_err(|e| DataPlaneError::failed("make an NBD key", e))?;
+                        table.insert(&name, key.clone());
+                        Some(NbdCredentials {
+                            psk_identity: name.clone(),
+                            psk: Passphrase::new(key),
+                        })
+                    }
+                    None => None,
+                };
+                let access = match &creds {
+                    Some(c) => Access::Attachment {
+                        psk_identity: Some(c.psk_identity.clone()),
+                        uid: None,
+                        gid: None,
+                    },
+                    None => Access::Any,
+                };
                 let added = match lock(&self.nbd).as_ref() {
                     Some(s) => s
-                        .add_export(&name, a.stack.top.clone(), req.read_only)
+                        .add_export_with(&name, a.stack.top.clone(), req.read_only, access)
                         .map_err(|e| {
                             DataPlaneError::failed("add the NBD export", format!("{e:#}"))
                         }),
                     None => Err(DataPlaneError::ShuttingDown),
                 };
+                if added.is_err() {
+                    if let (Some(t), Some(c)) = (&self.nbd_psk, &creds) {
+                        t.remove(&c.psk_identity);
+                    }
+                }
                 added.map(|()| {
+                    let s = if creds.is_some() { "s" } else { "" };
                     let uris = self
                         .nbd_endpoints
                         .iter()
                         .map(|e| match e {
                             NbdEndpoint::Unix(p) => {
-                                format!("nbd+unix:///{name}?socket={}", p.display())
+                                format!("nbd{s}+unix:///{name}?socket={}", p.display())
                             }
-                            NbdEndpoint::Tcp(a) => format!("nbd://{a}/{name}"),
+                            NbdEndpoint::Tcp(a) => format!("nbd{s}://{a}/{name}"),
                         })
                         .collect();
+                    let psk_identity = creds.as_ref().map(|c| c.psk_identity.clone());
                     let ep = Endpoint::Nbd {
                         export: name.clone(),
                         uris,
-                        credentials: None,
+                        credentials: creds,
                     };
-                    (Attachment::Nbd { export: name }, ep)
+                    (
+                        Attachment::Nbd {
+                            export: name,
+                            psk_identity,
+                        },
+                        ep,
+                    )
                 })
             }
             Protocol::VhostUser => {
@@ -655,8 +782,15 @@ impl Inner {
         };
         let mut vhost_stop = None;
         match a.attachments.remove(attachment_id) {
-            Some(Attachment::Nbd { export }) => {
-                // Removing the export closes its connections.
+            Some(Attachment::Nbd {
+                export,
+                psk_identity,
+            }) => {
+                // Revoke the key first (no new handshake succeeds), then remove the
+                // export, which closes its connections (and so their TLS relays).
+                if let (Some(t), Some(id)) = (&self.nbd_psk, &psk_identity) {
+                    t.remove(id);
+                }
                 if let Some(s) = lock(&self.nbd).as_ref() {
                     s.remove_export(&export);
                 }
@@ -718,7 +852,30 @@ impl DataPlane for EmberDataPlane {
             Ok(())
         })
     }
+
+    fn lun_pools(&self) -> DpFuture<'_, Vec<LunPoolInfo>> {
+        let info = self.inner.lun_pools_info();
+        Box::pin(async move { Ok(info) })
+    }
+
+    fn set_chap(&self, pool: String, chap: Option<ChapSecret>) -> DpFuture<'_, ()> {
+        let r = self.inner.set_chap(&pool, chap);
+        Box::pin(async move { r })
+    }
+
+    fn list_luns(&self, pool: String) -> DpFuture<'_, Vec<ManageableLun>> {
+        self.run(move |i| i.list_luns(&pool))
+    }
+
+    fn manage(&self, req: ManageLun) -> DpFuture<'_, ManagedLun> {
+        self.run(move |i| i.manage(&req))
+    }
+
+    fn unmanage(&self, volume: ObjectRef) -> DpFuture<'_, ()> {
+        self.run(move |i| i.unmanage(&volume))
+    }
 }
 
+pub mod luns;
 #[cfg(test)]
 mod tests;

@@ -16,9 +16,15 @@
 //! second one fencing another node by preempting its key). With
 //! `--passphrase-file` the device is opened as a LUKS1/LUKS2 volume and its plaintext is
 //! served (the crypt layer over the backend, within the `--max-…` cost limits); the
-//! listeners appear once the keyslot is unlocked.
+//! listeners appear once the keyslot is unlocked. `--tls-creds`/`--tls-psk` give the NBD
+//! listeners TLS credentials (x509 in qemu's layout, psktool keys) and `--tls` the mode
+//! (off, on, require; require by default when credentials are given), see
+//! [`crate::nbd::tls`]. Every client that passes the listener's TLS rule may use the
+//! export (per-client export access is `emberd serve`'s).
 
-use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits, NbdServer};
+use crate::nbd::{
+    ListenAddr, NbdLimitArgs, NbdLimits, NbdServer, PskTable, TlsMode, TlsServer, X509Creds,
+};
 use anyhow::Context;
 use clap::Args;
 use ember_blockdev::backend::iscsi::IscsiConfig;
@@ -26,8 +32,10 @@ use ember_blockdev::backend::multipath::MultipathDevice;
 use ember_blockdev::backend::scsi::pr::{PrOut, PrType};
 use ember_blockdev::layer::throttle::QosLimits;
 use ember_blockdev::stack::{self, StackSpec, Unlock};
+use ember_blockdev::sys::SignalSet;
 use ember_blockdev::{BackendSpec, OpenOptions};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Flags of `emberd export`.
 #[derive(Debug, Args)]
@@ -86,32 +94,48 @@ pub struct ExportArgs {
     /// NBD memory, connection and time limits.
     #[command(flatten)]
     pub nbd_limits: NbdLimitArgs,
+    /// NBD TLS (`NBD_OPT_STARTTLS`): x509 directory in qemu's layout (`ca-cert.pem`,
+    /// `server-cert.pem`, `server-key.pem`).
+    #[arg(long, value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// With --tls-creds: require a client certificate signed by `ca-cert.pem` (qemu's
+    /// `verify-peer=on`).
+    #[arg(long, requires = "tls_creds")]
+    pub tls_verify_peer: bool,
+    /// NBD TLS with pre-shared keys: a GnuTLS psktool file (`identity:hexkey` lines).
+    #[arg(long, value_name = "FILE")]
+    pub tls_psk: Option<PathBuf>,
+    /// NBD TLS mode: `off`, `on` (clients may upgrade) or `require` (everything else is
+    /// refused with NBD_REP_ERR_TLS_REQD). Default: `require` with --tls-creds or
+    /// --tls-psk, else `off` (as qemu-nbd).
+    #[arg(long, value_enum)]
+    pub tls: Option<TlsMode>,
 }
 
-/// Block SIGINT and SIGTERM in this thread (and every thread it starts later).
-fn block_signals() -> anyhow::Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t for these calls; pthread_sigmask only reads it.
-    let r = unsafe {
-        libc::sigemptyset(&raw mut set);
-        libc::sigaddset(&raw mut set, libc::SIGINT);
-        libc::sigaddset(&raw mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut())
-    };
-    anyhow::ensure!(r == 0, "could not block signals: errno {r}");
-    Ok(set)
-}
-
-/// Wait for one signal of `set`; returns its number.
-fn wait_signal(set: &libc::sigset_t) -> i32 {
-    loop {
-        let mut sig: libc::c_int = 0;
-        // SAFETY: `set` is initialised and `sig` is a valid out-pointer.
-        if unsafe { libc::sigwait(set, &raw mut sig) } == 0 {
-            return sig;
-        }
+/// The TLS mode and server of `--tls`, `--tls-creds`, `--tls-verify-peer`, `--tls-psk`.
+fn tls_server(args: &ExportArgs) -> anyhow::Result<(TlsMode, Option<Arc<TlsServer>>)> {
+    let have = args.tls_creds.is_some() || args.tls_psk.is_some();
+    let mode = args
+        .tls
+        .unwrap_or(if have { TlsMode::Require } else { TlsMode::Off });
+    if mode == TlsMode::Off {
+        return Ok((mode, None));
     }
+    anyhow::ensure!(
+        have,
+        "--tls {} needs credentials: give --tls-creds DIR and/or --tls-psk FILE",
+        if mode == TlsMode::On { "on" } else { "require" }
+    );
+    let psk = match &args.tls_psk {
+        Some(p) => Some(Arc::new(PskTable::load(p)?)),
+        None => None,
+    };
+    let x509 = args.tls_creds.as_ref().map(|dir| X509Creds {
+        dir: dir.clone(),
+        verify_peer: args.tls_verify_peer,
+    });
+    let server = TlsServer::new(psk, x509.as_ref())?;
+    Ok((mode, Some(Arc::new(server))))
 }
 
 /// The configuration of `--iscsi URI` with the CHAP credentials of `chap_file`.
@@ -180,6 +204,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .map(|a| a.parse::<ListenAddr>())
         .collect::<anyhow::Result<Vec<_>>>()?;
     let limits = NbdLimits::try_from(&args.nbd_limits)?;
+    let (tls_mode, tls) = tls_server(&args)?;
     let passphrase = match &args.passphrase_file {
         Some(p) => Some(crate::luks::read_passphrase(p)?),
         None => None,
@@ -219,7 +244,8 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         .top;
     let size = dev.info().size;
 
-    let set = block_signals()?;
+    // Blocked in this thread and every thread it starts later; waited for below.
+    let set = SignalSet::block(&[libc::SIGINT, libc::SIGTERM]).context("block signals")?;
     let threads = args.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -230,7 +256,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     server.add_export(&args.name, dev.clone(), args.read_only)?;
     let mut bound = Vec::new();
     for a in &addrs {
-        match server.listen(a) {
+        match server.listen_tls(a, tls_mode, tls.clone()) {
             Ok(b) => bound.push(b),
             Err(e) => {
                 server.shutdown();
@@ -244,6 +270,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         name = %args.name,
         read_only = args.read_only,
         threads,
+        tls = ?tls_mode,
         listeners = %bound.join(" "),
         "NBD export listening"
     );
@@ -273,7 +300,7 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let sig = wait_signal(&set);
+    let sig = set.wait();
     tracing::info!(signal = sig, "shutting down");
     server.shutdown();
     if let Some(v) = vhost {

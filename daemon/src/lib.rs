@@ -13,5 +13,6 @@ pub mod export;
 pub mod logging;
 pub mod luks;
 pub mod nbd;
+pub mod rest_listener;
 pub mod serve;
 pub mod vhost;

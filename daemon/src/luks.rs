@@ -384,6 +384,24 @@ fn is_luks2(disk: &mut DeviceDisk, limits: &UnlockLimits) -> anyhow::Result<bool
     Ok(ember_crypto::Header::read(disk, limits)?.version() == 2)
 }
 
+/// The signature of `ember_crypto::add_key` and `change_key`.
+type NewKeyOp =
+    fn(&mut dyn Disk, &[u8], &[u8], KdfParams, &UnlockLimits) -> ember_crypto::Result<usize>;
+
+/// `luks add-key` and `luks change-key`: read both passphrases, pick the KDF for the
+/// header's version, run `op` (errors say `what` the path), flush. Returns the new keyslot.
+fn new_key(a: &AddKeyArgs, what: &str, op: NewKeyOp) -> anyhow::Result<usize> {
+    let pass = read_passphrase(&a.passphrase_file)?;
+    let new = read_passphrase(&a.new_passphrase_file)?;
+    let mut disk = header_disk(&a.path, true)?;
+    let limits = a.limits.limits();
+    let kdf = a.kdf.params(is_luks2(&mut disk, &limits)?)?;
+    let id = op(&mut disk, &pass, &new, kdf, &limits)
+        .with_context(|| format!("{what} {}", a.path.display()))?;
+    sync(&mut disk)?;
+    Ok(id)
+}
+
 /// Run a LUKS subcommand.
 pub fn run(args: LuksArgs) -> anyhow::Result<()> {
     match args.cmd {
@@ -398,26 +416,12 @@ pub fn run(args: LuksArgs) -> anyhow::Result<()> {
             Ok(())
         }
         LuksCmd::AddKey(a) => {
-            let pass = read_passphrase(&a.passphrase_file)?;
-            let new = read_passphrase(&a.new_passphrase_file)?;
-            let mut disk = header_disk(&a.path, true)?;
-            let limits = a.limits.limits();
-            let kdf = a.kdf.params(is_luks2(&mut disk, &limits)?)?;
-            let id = ember_crypto::add_key(&mut disk, &pass, &new, kdf, &limits)
-                .with_context(|| format!("add a key to {}", a.path.display()))?;
-            sync(&mut disk)?;
+            let id = new_key(&a, "add a key to", ember_crypto::add_key)?;
             println!("added keyslot {id}");
             Ok(())
         }
         LuksCmd::ChangeKey(a) => {
-            let pass = read_passphrase(&a.passphrase_file)?;
-            let new = read_passphrase(&a.new_passphrase_file)?;
-            let mut disk = header_disk(&a.path, true)?;
-            let limits = a.limits.limits();
-            let kdf = a.kdf.params(is_luks2(&mut disk, &limits)?)?;
-            let id = ember_crypto::change_key(&mut disk, &pass, &new, kdf, &limits)
-                .with_context(|| format!("change a key of {}", a.path.display()))?;
-            sync(&mut disk)?;
+            let id = new_key(&a, "change a key of", ember_crypto::change_key)?;
             println!("passphrase changed, now in keyslot {id}");
             Ok(())
         }

@@ -4,12 +4,20 @@
 //! then the TOML file given by `--config` (same keys as the flags, kebab-case), then the
 //! defaults. The REST shim runs on a small tokio runtime; SIGTERM/SIGINT stop accepting
 //! requests, let in-flight ones finish and exit 0. Every minute the node's heartbeat row
-//! is refreshed so other cluster members can tell it is alive.
+//! is refreshed so other cluster members can tell it is alive. REST connections are
+//! bounded in number (in all and per peer address) and closed when idle
+//! ([`crate::rest_listener`]): a peer that sends half a request holds nothing for long.
 //!
 //! Storage pools come from the config (`[pools.NAME] path = "…"`); the default is one
-//! directory pool `default` at `DATA/pools/default`.
+//! directory pool `default` at `DATA/pools/default`. A pool with `kind = "lun"` is a LUN
+//! pool: every LUN of one iSCSI target (`portals`, `target`, CHAP by secret id of the
+//! key store: `chap-user`, `chap-secret`, optional `chap-target-user` and
+//! `chap-target-secret` for mutual CHAP, `chap-algorithms`, `iscsi-options`) or the
+//! host block devices matching `devices` globs (`device-wait-secs`); see the README's
+//! configuration reference.
 //!
-//! The data plane: an NBD server listens on every `--nbd` address; the control plane
+//! The data plane: an NBD server listens on every `--nbd` address (TLS with a key per
+//! attachment unless `--nbd-tls off`, see [`crate::dataplane`]); the control plane
 //! reaches it only through its typed volume-lifecycle interface,
 //! [`ember_control::DataPlane`], implemented by [`EmberDataPlane`]: storage pools, LUKS
 //! header work, device stacks, NBD exports and vhost-user sockets in `--vhost-dir`.
@@ -18,11 +26,17 @@
 //! then the runtime waits at most [`BLOCKING_SHUTDOWN`] for blocking work still
 //! running (a copy, an unlock).
 
+use crate::dataplane::luns::LunPoolSetup;
 use crate::dataplane::EmberDataPlane;
 use crate::luks::LimitArgs;
-use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits};
+use crate::nbd::{ListenAddr, NbdLimitArgs, NbdLimits, TlsMode};
+use crate::rest_listener::{BoundedListener, RestLimits};
 use anyhow::Context;
 use clap::Args;
+use ember_blockdev::backend::iscsi::chap::ChapAlg;
+use ember_blockdev::pool::lun::{IscsiTarget, LunSource};
+use ember_blockdev::pool::LunPool;
+use ember_control::dataplane::ChapRef;
 use ember_control::{Control, ControlConfig};
 use ember_crypto::UnlockLimits;
 use serde::Deserialize;
@@ -55,18 +69,37 @@ pub struct ServeArgs {
     /// Master key sealing secrets (32 raw bytes or 64 hex chars, mode 0600) [default: DATA/master.key, created if missing].
     #[arg(long, env = "EMBER_MASTER_KEY_FILE", value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,
-    /// TOML file with the same keys as these flags (kebab-case) plus `[pools.NAME] path = "DIR"`.
+    /// TOML file with the same keys as these flags (kebab-case) plus storage pools: `[pools.NAME] path = "DIR"`, or `kind = "lun"` LUN pools (README: LUN pools).
     #[arg(long, env = "EMBER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Lease of this node's database locks in seconds; the node renews them every third
     /// of it, and a dead node's locks free up after it [default: 30].
     #[arg(long, env = "EMBER_LOCK_LEASE_SECS", value_name = "SECS")]
     pub lock_lease_secs: Option<u64>,
+    /// Most REST connections open at a time; past it, new ones wait until one closes
+    /// [default: 512].
+    #[arg(long, env = "EMBER_REST_MAX_CONNS", value_name = "N")]
+    pub rest_max_conns: Option<usize>,
+    /// Most REST connections open from one IP address; more are closed at once
+    /// [default: 64].
+    #[arg(long, env = "EMBER_REST_MAX_CONNS_PER_PEER", value_name = "N")]
+    pub rest_max_conns_per_peer: Option<usize>,
+    /// Seconds a REST connection may wait with no byte moving (a half-sent request, a
+    /// response the peer does not read, an idle keep-alive) before it is closed; keep it
+    /// above the slowest request (an unlock at the LUKS cost limits) [default: 120].
+    #[arg(long, env = "EMBER_REST_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    pub rest_idle_timeout_secs: Option<u64>,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// NBD memory, connection and time limits.
     #[command(flatten)]
     pub nbd_limits: NbdLimitArgs,
+    /// NBD TLS on every --nbd listener: `require` gives each NBD attachment its own
+    /// pre-shared key (returned in connection_info.data.tls) and shows its export only to
+    /// a client that authenticated with it; `off` serves every export to every client of
+    /// the listeners, without TLS [default: require].
+    #[arg(long, env = "EMBER_NBD_TLS", value_name = "MODE", value_parser = ["off", "require"])]
+    pub nbd_tls: Option<String>,
 }
 
 /// The `--config` file.
@@ -80,7 +113,7 @@ pub struct ConfigFile {
     pub database: Option<String>,
     pub node_name: Option<String>,
     pub master_key_file: Option<PathBuf>,
-    pub pools: Option<BTreeMap<String, PoolConfig>>,
+    pub pools: Option<BTreeMap<String, RawPool>>,
     pub max_pbkdf2_iterations: Option<u32>,
     pub max_argon2_time: Option<u32>,
     pub max_argon2_memory: Option<u64>,
@@ -95,6 +128,10 @@ pub struct ConfigFile {
     pub nbd_max_conns_per_peer: Option<usize>,
     pub nbd_handshake_timeout_secs: Option<u64>,
     pub nbd_stall_timeout_secs: Option<u64>,
+    pub rest_max_conns: Option<usize>,
+    pub rest_max_conns_per_peer: Option<usize>,
+    pub rest_idle_timeout_secs: Option<u64>,
+    pub nbd_tls: Option<String>,
 }
 
 /// A storage pool (a directory holding volume files).
@@ -104,6 +141,161 @@ pub struct PoolConfig {
     pub path: PathBuf,
 }
 
+/// A `[pools.NAME]` table of the config file: a directory pool (`path`) or, with
+/// `kind = "lun"`, a LUN pool.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RawPool {
+    /// `dir` (default) or `lun`.
+    pub kind: Option<String>,
+    /// Directory pools: the directory.
+    pub path: Option<PathBuf>,
+    /// iSCSI LUN pools: `host[:port]` of each portal, preferred first.
+    pub portals: Option<Vec<String>>,
+    /// iSCSI LUN pools: the target IQN.
+    pub target: Option<String>,
+    /// CHAP user name.
+    pub chap_user: Option<String>,
+    /// Id of the secret (key store) whose payload is the CHAP secret.
+    pub chap_secret: Option<String>,
+    /// Mutual CHAP: the target's user name.
+    pub chap_target_user: Option<String>,
+    /// Mutual CHAP: id of the target's secret.
+    pub chap_target_secret: Option<String>,
+    /// CHAP algorithms offered, preferred first (`sha256`, `sha1`, `md5`).
+    pub chap_algorithms: Option<Vec<String>>,
+    /// Query string of `iscsi://` options for every session (digests, timeouts, initiator name).
+    pub iscsi_options: Option<String>,
+    /// Device LUN pools: absolute path globs of host block devices.
+    pub devices: Option<Vec<String>>,
+    /// Device LUN pools: how long an open waits for a device path that is not there yet.
+    pub device_wait_secs: Option<u64>,
+}
+
+/// A LUN pool of the config (see [`RawPool`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LunPoolConfig {
+    pub source: LunSource,
+    pub chap: Option<ChapRef>,
+    pub chap_algorithms: Vec<ChapAlg>,
+    pub device_wait: Option<Duration>,
+}
+
+/// Split the `[pools.*]` tables into directory pools and LUN pools, with clear errors.
+fn split_pools(
+    raw: BTreeMap<String, RawPool>,
+) -> anyhow::Result<(
+    BTreeMap<String, PoolConfig>,
+    BTreeMap<String, LunPoolConfig>,
+)> {
+    let mut dirs = BTreeMap::new();
+    let mut luns = BTreeMap::new();
+    for (name, p) in raw {
+        let lun_keys = p.portals.is_some()
+            || p.target.is_some()
+            || p.chap_user.is_some()
+            || p.chap_secret.is_some()
+            || p.chap_target_user.is_some()
+            || p.chap_target_secret.is_some()
+            || p.chap_algorithms.is_some()
+            || p.iscsi_options.is_some()
+            || p.devices.is_some()
+            || p.device_wait_secs.is_some();
+        match p.kind.as_deref().unwrap_or("dir") {
+            "dir" => {
+                anyhow::ensure!(!lun_keys, "pool {name}: LUN pool keys need kind = \"lun\"");
+                let path = p
+                    .path
+                    .with_context(|| format!("pool {name}: `path` is required"))?;
+                dirs.insert(name, PoolConfig { path });
+            }
+            "lun" => {
+                anyhow::ensure!(
+                    p.path.is_none(),
+                    "pool {name}: a LUN pool has no `path` (use `portals`/`target` or `devices`)"
+                );
+                luns.insert(name.clone(), lun_pool(&name, p)?);
+            }
+            k => anyhow::bail!("pool {name}: unknown kind {k:?} (use \"dir\" or \"lun\")"),
+        }
+    }
+    Ok((dirs, luns))
+}
+
+fn lun_pool(name: &str, p: RawPool) -> anyhow::Result<LunPoolConfig> {
+    let iscsi = p.portals.is_some() || p.target.is_some();
+    let source = match (iscsi, p.devices) {
+        (true, Some(_)) => {
+            anyhow::bail!("pool {name}: give either `portals` and `target` or `devices`, not both")
+        }
+        (true, None) => LunSource::Iscsi(IscsiTarget {
+            portals: p
+                .portals
+                .with_context(|| format!("pool {name}: `portals` is required with `target`"))?,
+            target: p
+                .target
+                .with_context(|| format!("pool {name}: `target` is required with `portals`"))?,
+            options: p.iscsi_options.clone().unwrap_or_default(),
+        }),
+        (false, Some(globs)) => LunSource::Devices { globs },
+        (false, None) => anyhow::bail!(
+            "pool {name}: a LUN pool needs `portals` and `target` (iSCSI) or `devices` (globs)"
+        ),
+    };
+    let is_iscsi = matches!(source, LunSource::Iscsi(_));
+    anyhow::ensure!(
+        is_iscsi || (p.chap_user.is_none() && p.chap_secret.is_none() && p.iscsi_options.is_none()),
+        "pool {name}: CHAP and iscsi-options are for iSCSI LUN pools"
+    );
+    anyhow::ensure!(
+        !is_iscsi || p.device_wait_secs.is_none(),
+        "pool {name}: device-wait-secs is for device LUN pools"
+    );
+    let chap = match (p.chap_user, p.chap_secret) {
+        (Some(user), Some(secret_id)) => {
+            anyhow::ensure!(
+                p.chap_target_user.is_some() == p.chap_target_secret.is_some(),
+                "pool {name}: mutual CHAP needs both chap-target-user and chap-target-secret"
+            );
+            Some(ChapRef {
+                user,
+                secret_id,
+                target_user: p.chap_target_user,
+                target_secret_id: p.chap_target_secret,
+            })
+        }
+        (None, None) => {
+            anyhow::ensure!(
+                p.chap_target_user.is_none() && p.chap_target_secret.is_none(),
+                "pool {name}: mutual CHAP needs chap-user and chap-secret too"
+            );
+            None
+        }
+        _ => anyhow::bail!("pool {name}: give both chap-user and chap-secret"),
+    };
+    let chap_algorithms = match p.chap_algorithms {
+        None => vec![ChapAlg::Sha256, ChapAlg::Md5],
+        Some(list) => list
+            .iter()
+            .map(|a| {
+                ChapAlg::from_name(a).with_context(|| {
+                    format!("pool {name}: unknown CHAP algorithm {a:?} (sha256, sha1, md5)")
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    };
+    anyhow::ensure!(
+        !chap_algorithms.is_empty(),
+        "pool {name}: chap-algorithms is empty"
+    );
+    Ok(LunPoolConfig {
+        source,
+        chap,
+        chap_algorithms,
+        device_wait: p.device_wait_secs.map(Duration::from_secs),
+    })
+}
+
 /// Effective settings.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -111,12 +303,18 @@ pub struct ServeConfig {
     pub rest: std::net::SocketAddr,
     pub nbd: Vec<ListenAddr>,
     pub nbd_limits: NbdLimits,
+    /// `--nbd-tls`: off or require.
+    pub nbd_tls: TlsMode,
     pub vhost_dir: PathBuf,
     pub database: String,
     pub node_name: String,
     pub master_key_file: Option<PathBuf>,
     pub pools: BTreeMap<String, PoolConfig>,
+    /// LUN pools (`kind = "lun"`).
+    pub lun_pools: BTreeMap<String, LunPoolConfig>,
     pub lock_lease: Duration,
+    /// Bounds on REST connections (the `--rest-…` flags).
+    pub rest_limits: RestLimits,
     /// Cost limits for LUKS headers (the `--max-…` flags).
     pub unlock_limits: UnlockLimits,
 }
@@ -194,6 +392,33 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         "--node-name must be 1..255 characters"
     );
     let master_key_file = args.master_key_file.or(file.master_key_file);
+    let rest_limits = RestLimits {
+        max_conns: args
+            .rest_max_conns
+            .or(file.rest_max_conns)
+            .unwrap_or(crate::rest_listener::DEFAULT_MAX_CONNS),
+        max_conns_per_peer: args
+            .rest_max_conns_per_peer
+            .or(file.rest_max_conns_per_peer)
+            .unwrap_or(crate::rest_listener::DEFAULT_MAX_CONNS_PER_PEER),
+        idle_timeout: Duration::from_secs(
+            args.rest_idle_timeout_secs
+                .or(file.rest_idle_timeout_secs)
+                .unwrap_or(crate::rest_listener::DEFAULT_IDLE_TIMEOUT_SECS),
+        ),
+    };
+    anyhow::ensure!(
+        (1..=1_000_000).contains(&rest_limits.max_conns),
+        "--rest-max-conns must be 1..1000000"
+    );
+    anyhow::ensure!(
+        (1..=rest_limits.max_conns).contains(&rest_limits.max_conns_per_peer),
+        "--rest-max-conns-per-peer must be 1..--rest-max-conns"
+    );
+    anyhow::ensure!(
+        (1..=86_400).contains(&rest_limits.idle_timeout.as_secs()),
+        "--rest-idle-timeout-secs must be 1..86400"
+    );
     let lease_secs = args.lock_lease_secs.unwrap_or(DEFAULT_LOCK_LEASE_SECS);
     anyhow::ensure!(
         (1..=3600).contains(&lease_secs),
@@ -212,8 +437,8 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
             max_keyslots_area: file.max_keyslots_area,
         })
         .limits();
-    let mut pools = file.pools.unwrap_or_default();
-    if pools.is_empty() {
+    let (mut pools, lun_pools) = split_pools(file.pools.unwrap_or_default())?;
+    if pools.is_empty() && lun_pools.is_empty() {
         pools.insert(
             "default".into(),
             PoolConfig {
@@ -221,17 +446,25 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
             },
         );
     }
+    let nbd_tls = match args.nbd_tls.or(file.nbd_tls).as_deref() {
+        None | Some("require") => TlsMode::Require,
+        Some("off") => TlsMode::Off,
+        Some(other) => anyhow::bail!("nbd-tls {other:?}: expected off or require"),
+    };
     Ok(ServeConfig {
         data_dir,
         rest,
         nbd,
         nbd_limits,
+        nbd_tls,
         vhost_dir,
         database,
         node_name,
         master_key_file,
         pools,
+        lun_pools,
         lock_lease: Duration::from_secs(lease_secs),
+        rest_limits,
         unlock_limits,
     })
 }
@@ -275,10 +508,22 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         pools.push((n.clone(), absolute(&p.path)?));
     }
     let vhost_dir = absolute(&cfg.vhost_dir)?;
+    let mut luns = Vec::new();
+    for (n, l) in &cfg.lun_pools {
+        let pool = LunPool::new(n.clone(), l.source.clone(), l.device_wait)
+            .with_context(|| format!("LUN pool {n}"))?;
+        luns.push(LunPoolSetup {
+            pool,
+            chap: l.chap.clone(),
+            algorithms: l.chap_algorithms.clone(),
+        });
+    }
     let (dataplane, nbd_bound) = EmberDataPlane::start(
         pools,
+        luns,
         &cfg.nbd,
         cfg.nbd_limits.clone(),
+        cfg.nbd_tls,
         vhost_dir,
         cfg.unlock_limits,
     )?;
@@ -316,6 +561,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         database = %ember_control::store::redact(&cfg.database),
         admin_token_file = %control.admin_token_path.display(),
         pools = ?cfg.pools.keys().collect::<Vec<_>>(),
+        lun_pools = ?cfg.lun_pools.keys().collect::<Vec<_>>(),
         "emberd serve: REST API listening"
     );
     tracing::info!(listeners = %nbd_bound.join(" "), "NBD server listening");
@@ -344,6 +590,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     });
+    let listener = BoundedListener::new(listener, cfg.rest_limits);
     let served = axum_serve(listener, control.router(), signals).await;
     heartbeat.abort();
     leases.abort();
@@ -354,7 +601,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
 }
 
 async fn axum_serve(
-    listener: tokio::net::TcpListener,
+    listener: BoundedListener,
     router: axum_router::Router,
     signals: Signals,
 ) -> anyhow::Result<()> {
@@ -404,8 +651,12 @@ mod tests {
             master_key_file: None,
             config: None,
             lock_lease_secs: None,
+            rest_max_conns: None,
+            rest_max_conns_per_peer: None,
+            rest_idle_timeout_secs: None,
             limits: LimitArgs::default(),
             nbd_limits: NbdLimitArgs::default(),
+            nbd_tls: None,
         }
     }
 
@@ -416,11 +667,69 @@ mod tests {
         assert_eq!(c.rest.to_string(), "127.0.0.1:8776");
         assert_eq!(c.nbd, vec![ListenAddr::Tcp("127.0.0.1:10809".into())]);
         assert_eq!(c.vhost_dir, PathBuf::from("./ember-data/vhost"));
+        assert_eq!(c.nbd_tls, TlsMode::Require);
         assert_eq!(c.database, "sqlite://./ember-data/ember.db");
         assert_eq!(
             c.pools["default"].path,
             PathBuf::from("./ember-data/pools/default")
         );
+    }
+
+    #[test]
+    fn lun_pools_from_the_config_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("ember.toml");
+        let load = |text: &str| {
+            std::fs::write(&f, text).unwrap();
+            let mut a = args();
+            a.config = Some(f.clone());
+            resolve(a)
+        };
+        let c = load(
+            "[pools.files]\npath = \"/srv/p\"\n\
+             [pools.array]\nkind = \"lun\"\nportals = [\"10.0.0.5:3260\", \"10.0.1.5\"]\n\
+             target = \"iqn.1992-08.com.example:a\"\nchap-user = \"ember\"\nchap-secret = \"S1\"\n\
+             chap-target-user = \"arr\"\nchap-target-secret = \"S2\"\nchap-algorithms = [\"md5\"]\n\
+             iscsi-options = \"header_digest=crc32c\"\n\
+             [pools.fc]\nkind = \"lun\"\ndevices = [\"/dev/disk/by-id/wwn-*\"]\ndevice-wait-secs = 30\n",
+        )
+        .unwrap();
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.lun_pools.len(), 2);
+        let a = &c.lun_pools["array"];
+        assert_eq!(
+            a.source,
+            LunSource::Iscsi(IscsiTarget {
+                portals: vec!["10.0.0.5:3260".into(), "10.0.1.5".into()],
+                target: "iqn.1992-08.com.example:a".into(),
+                options: "header_digest=crc32c".into(),
+            })
+        );
+        let chap = a.chap.as_ref().unwrap();
+        assert_eq!(
+            (chap.user.as_str(), chap.secret_id.as_str()),
+            ("ember", "S1")
+        );
+        assert_eq!(chap.target_secret_id.as_deref(), Some("S2"));
+        assert_eq!(a.chap_algorithms, vec![ChapAlg::Md5]);
+        assert_eq!(c.lun_pools["fc"].device_wait, Some(Duration::from_secs(30)));
+        // Only LUN pools: no default directory pool is added.
+        let c = load("[pools.fc]\nkind = \"lun\"\ndevices = [\"/dev/loop*\"]\n").unwrap();
+        assert!(c.pools.is_empty());
+        for (bad, needle) in [
+            ("[pools.x]\nkind = \"lun\"\n", "needs `portals`"),
+            ("[pools.x]\nkind = \"tape\"\n", "unknown kind"),
+            ("[pools.x]\nportals = [\"a\"]\npath = \"/p\"\n", "need kind"),
+            ("[pools.x]\nkind = \"lun\"\ntarget = \"iqn.x\"\n", "`portals` is required"),
+            ("[pools.x]\nkind = \"lun\"\nportals = [\"a\"]\ntarget = \"t\"\ndevices = [\"/d\"]\n", "not both"),
+            ("[pools.x]\nkind = \"lun\"\nportals = [\"a\"]\ntarget = \"t\"\nchap-user = \"u\"\n", "both chap-user"),
+            ("[pools.x]\nkind = \"lun\"\nportals = [\"a\"]\ntarget = \"t\"\nchap-algorithms = [\"sha3\"]\n", "unknown CHAP"),
+            ("[pools.x]\nkind = \"lun\"\ndevices = [\"/d\"]\nchap-user = \"u\"\nchap-secret = \"s\"\n", "for iSCSI"),
+            ("[pools.x]\nkind = \"lun\"\nportals = [\"a\"]\ntarget = \"t\"\ncolour = 1\n", "unknown field"),
+        ] {
+            let e = format!("{:#}", load(bad).unwrap_err());
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -459,6 +768,28 @@ mod tests {
             (5_000_000, 2 << 20, 8000)
         );
         assert_eq!(l.argon2_time, UnlockLimits::default().argon2_time);
+        // REST connection bounds: flag over file over default, checked.
+        assert_eq!(resolve(args()).unwrap().rest_limits, RestLimits::default());
+        std::fs::write(
+            &f,
+            "rest-max-conns = 100\nrest-max-conns-per-peer = 10\nrest-idle-timeout-secs = 5\n",
+        )
+        .unwrap();
+        let mut a = args();
+        a.config = Some(f.clone());
+        a.rest_max_conns_per_peer = Some(20);
+        let r = resolve(a).unwrap().rest_limits;
+        assert_eq!(
+            (r.max_conns, r.max_conns_per_peer, r.idle_timeout),
+            (100, 20, Duration::from_secs(5))
+        );
+        let mut a = args();
+        a.rest_max_conns = Some(10);
+        a.rest_max_conns_per_peer = Some(11);
+        assert!(resolve(a).is_err(), "more per peer than in all");
+        let mut a = args();
+        a.rest_idle_timeout_secs = Some(0);
+        assert!(resolve(a).is_err());
         // NBD limits: flag over file over default; the file's values are checked too.
         std::fs::write(
             &f,

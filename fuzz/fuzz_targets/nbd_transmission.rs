@@ -13,20 +13,11 @@
 
 use ember_blockdev::DeviceInfo;
 use ember_daemon::nbd::proto::cmd;
-use ember_daemon::nbd::request::{Action, Event, Framer, Session};
+use ember_daemon::nbd::request::{merge_data, Action, Event, Framer, Session};
 use libfuzzer_sys::fuzz_target;
 
 fn info() -> DeviceInfo {
-    DeviceInfo {
-        size: 64 << 20,
-        logical_block_size: 512,
-        physical_block_size: 4096,
-        max_transfer: 32 << 20,
-        read_only: false,
-        discard: true,
-        write_zeroes: true,
-        block_status: true,
-    }
+    DeviceInfo::new(64 << 20, 32 << 20)
 }
 
 fn run(s: Session, bytes: &[u8], cuts: impl Iterator<Item = usize>) -> Vec<Event> {
@@ -40,14 +31,7 @@ fn run(s: Session, bytes: &[u8], cuts: impl Iterator<Item = usize>) -> Vec<Event
         }
         at = c;
     }
-    let mut merged: Vec<Event> = Vec::new();
-    for e in out {
-        match (merged.last_mut(), &e) {
-            (Some(Event::Data(a)), Event::Data(b)) => *a += b,
-            _ => merged.push(e),
-        }
-    }
-    merged
+    merge_data(out)
 }
 
 fuzz_target!(|data: &[u8]| {

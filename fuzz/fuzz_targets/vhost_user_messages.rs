@@ -24,6 +24,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use vhost::vhost_user::BackendReqHandler;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 type Export = (Arc<Shared>, Arc<Vec<WorkerHandle>>);
 
@@ -68,36 +69,10 @@ fn eventfd() -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
-/// Send `bytes` with `fds` in one sendmsg.
+/// Send `bytes` with `fds` in one sendmsg (MSG_NOSIGNAL: a closed peer is an error, not
+/// a SIGPIPE).
 fn send(sock: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> bool {
-    let mut cbuf = [0u64; 8];
-    let mut iov = libc::iovec {
-        iov_base: bytes.as_ptr() as *mut _,
-        iov_len: bytes.len(),
-    };
-    // SAFETY: an all-zero msghdr is valid; the fields are set below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        let n = (fds.len() * 4) as u32;
-        // SAFETY: CMSG_SPACE only computes a size.
-        msg.msg_controllen = unsafe { libc::CMSG_SPACE(n) } as _;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        // SAFETY: the control buffer has room for one cmsghdr with two fds at most.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&raw const msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(n) as _;
-            let d = libc::CMSG_DATA(c).cast::<RawFd>();
-            for (i, fd) in fds.iter().enumerate() {
-                d.add(i).write_unaligned(*fd);
-            }
-        }
-    }
-    // SAFETY: `msg` points at live buffers of the declared sizes.
-    unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) >= 0 }
+    sock.send_with_fds(&[bytes], fds).is_ok()
 }
 
 fuzz_target!(|data: &[u8]| {

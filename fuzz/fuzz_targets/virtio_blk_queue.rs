@@ -39,16 +39,7 @@ const INFLIGHT_BYTES: usize = 4096;
 
 fn ctx(read_only: bool) -> Ctx {
     Ctx {
-        info: DeviceInfo {
-            size: 64 << 20,
-            logical_block_size: 512,
-            physical_block_size: 4096,
-            max_transfer: 32 << 20,
-            read_only: false,
-            discard: true,
-            write_zeroes: true,
-            block_status: true,
-        },
+        info: DeviceInfo::new(64 << 20, 32 << 20),
         read_only,
         writethrough: false,
         id: *b"ember-fuzz-volume-00",

@@ -150,3 +150,4 @@ pub fn sparse_file(path: &Path, size: u64) {
     let f = std::fs::File::create(path).expect("create");
     f.set_len(size).expect("set_len");
 }
+pub mod serve;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::FrontendReq;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 const VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -141,40 +142,8 @@ impl Conn {
     ) -> io::Result<()> {
         let mut bytes = words(&[u32::from(req), VERSION_1 | flags, payload.len() as u32]);
         bytes.extend_from_slice(payload);
-        let mut cbuf = [0u64; 40];
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_mut_ptr().cast(),
-            iov_len: bytes.len(),
-        };
-        // SAFETY: an all-zero msghdr is valid; the fields are set below.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &raw mut iov;
-        msg.msg_iovlen = 1;
-        if !fds.is_empty() {
-            let n = std::mem::size_of_val(fds) as u32;
-            // SAFETY: CMSG_SPACE only computes a size.
-            let space = unsafe { libc::CMSG_SPACE(n) } as usize;
-            assert!(space <= std::mem::size_of_val(&cbuf));
-            msg.msg_control = cbuf.as_mut_ptr().cast();
-            msg.msg_controllen = space as _;
-            // SAFETY: the control buffer is large enough for one cmsghdr with `fds`.
-            unsafe {
-                let c = libc::CMSG_FIRSTHDR(&raw const msg);
-                (*c).cmsg_level = libc::SOL_SOCKET;
-                (*c).cmsg_type = libc::SCM_RIGHTS;
-                (*c).cmsg_len = libc::CMSG_LEN(n) as _;
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                for (i, fd) in fds.iter().enumerate() {
-                    data.add(i).write_unaligned(*fd);
-                }
-            }
-        }
-        // SAFETY: `msg` points at live buffers of the declared sizes.
-        let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if n as usize != bytes.len() {
+        let n = self.sock.send_with_fds(&[&bytes[..]], fds)?;
+        if n != bytes.len() {
             return Err(io::Error::other("short send"));
         }
         Ok(())

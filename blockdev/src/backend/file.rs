@@ -27,6 +27,8 @@
 //!   `vpd_pg80`, `wwid`; the whole disk's for a partition) and parsed with
 //!   [`scsi`](super::scsi): see [`FileDevice::identity`]. Devices without SCSI pages (loop,
 //!   device-mapper) have none.
+//! - A block device is grown by whoever owns it (the array, `losetup -c`); `resize`
+//!   re-reads its size (`BLKGETSIZE64`) and takes it when it is at least the size asked.
 //! - Paths that appear late (an FC rescan, a multipath map being built) are waited for
 //!   up to [`OpenOptions::wait`] (URI `?wait=SECONDS`), polling every 100 ms.
 //! - tmpfs cannot do non-blocking buffered I/O, so io_uring would hand every read and
@@ -47,12 +49,16 @@
 use crate::backend::scsi::{self, LunIdentity};
 use crate::backend::{Direct, OpenOptions};
 use crate::buf::{Buffer, IoBuf};
-use crate::engine::{user_data, Cqe, OwnerId, Ring};
+use crate::engine::{Cqe, OwnerId, Ring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
+use crate::slots::{Key, Slots};
+use crate::sys;
+use crate::tag::{Kind, Tag};
 use crate::{BlockDevice, Queue};
 use io_uring::{opcode, squeue, types};
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -64,10 +70,6 @@ pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
 /// Chunk used when write-zeroes has to write real zeros.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
 
-const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-const BLKSSZGET: libc::c_ulong = 0x1268;
-const BLKPBSZGET: libc::c_ulong = 0x127b;
-const BLKDISCARD: libc::c_ulong = 0x1277;
 /// `BLOCK_URING_CMD_DISCARD` (`_IO(0x12, 0)`, Linux ≥ 6.12).
 const BLOCK_URING_CMD_DISCARD: u32 = 0x1200;
 /// How often a missing path is looked for while waiting for it.
@@ -138,27 +140,12 @@ impl FileDevice {
                 Err(e) => return Err(Error::io(ctx(), e)),
             },
         };
-        let fd = file.as_raw_fd();
         let (size, lbs, pbs) = if block_device {
-            let mut size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 into the pointed-to variable.
-            let r = unsafe { libc::ioctl(fd, BLKGETSIZE64, std::ptr::addr_of_mut!(size)) };
-            if r < 0 {
-                return Err(Error::io(ctx(), std::io::Error::last_os_error()));
-            }
-            let mut lbs: libc::c_int = 0;
-            // SAFETY: BLKSSZGET writes one int into the pointed-to variable.
-            if unsafe { libc::ioctl(fd, BLKSSZGET, std::ptr::addr_of_mut!(lbs)) } < 0 {
-                return Err(Error::io(
-                    format!("{}: logical block size (BLKSSZGET)", ctx()),
-                    std::io::Error::last_os_error(),
-                ));
-            }
-            let mut pbs: libc::c_uint = 0;
-            // SAFETY: BLKPBSZGET writes one unsigned int into the pointed-to variable.
-            if unsafe { libc::ioctl(fd, BLKPBSZGET, std::ptr::addr_of_mut!(pbs)) } < 0 {
-                pbs = 0;
-            }
+            let fd = file.as_fd();
+            let size = sys::blk_size(fd).map_err(|e| Error::io(ctx(), e))?;
+            let lbs = sys::blk_logical_block_size(fd)
+                .map_err(|e| Error::io(format!("{}: logical block size (BLKSSZGET)", ctx()), e))?;
+            let pbs = sys::blk_physical_block_size(fd).unwrap_or(0);
             let lbs = u32::try_from(lbs).unwrap_or(0);
             if !lbs.is_power_of_two() || !(512..=65536).contains(&lbs) {
                 return Err(Error::new(
@@ -229,18 +216,7 @@ impl FileDevice {
     }
 
     fn lseek(&self, off: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
-        let off = libc::off_t::try_from(off)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: lseek on an owned fd has no memory effects.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                return Ok(None);
-            }
-            return Err(e);
-        }
-        Ok(u64::try_from(r).ok())
+        sys::lseek(self.file.as_fd(), off, whence)
     }
 }
 
@@ -266,9 +242,7 @@ impl BlockDevice for FileDevice {
         Ok(Box::new(FileQueue {
             dev: self,
             owner,
-            slots: Vec::new(),
-            free: Vec::new(),
-            in_flight: 0,
+            slots: Slots::new(Key::MAX_SLOTS),
             iowq_cap: 0,
         }))
     }
@@ -327,12 +301,28 @@ impl BlockDevice for FileDevice {
         self.identity.clone()
     }
 
+    /// A file is grown (or shrunk) to `new_size`. A block device cannot be resized from
+    /// here: the array (or `losetup -c`, a multipath map reload) grows it; this re-reads
+    /// its size and takes it when it is at least `new_size`.
     fn resize(&self, new_size: u64) -> Result<()> {
         if self.block_device {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "cannot resize a block device",
-            ));
+            let size = sys::blk_size(self.file.as_fd())
+                .map_err(|e| Error::io(format!("size of {}", self.path.display()), e))?;
+            let size = size - size % u64::from(self.logical_block_size);
+            if size < new_size {
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "{} is {size} bytes; grow it to {new_size} bytes first",
+                        self.path.display()
+                    ),
+                ));
+            }
+            let old = self.size.swap(size, Ordering::AcqRel);
+            if old != size {
+                tracing::info!(path = %self.path.display(), old, new = size, "block device grew");
+            }
+            return Ok(());
         }
         self.file
             .set_len(new_size)
@@ -364,9 +354,9 @@ struct Slot {
 struct FileQueue {
     dev: Arc<FileDevice>,
     owner: OwnerId,
-    slots: Vec<Option<Slot>>,
-    free: Vec<usize>,
-    in_flight: usize,
+    /// Requests in flight, by the key in their SQE's [`Tag`]. Bounded by the front ends'
+    /// queue depths; a full table fails the request with `EAGAIN`.
+    slots: Slots<Slot>,
     /// io-wq worker limit last set on the ring (tmpfs; 0: not yet).
     iowq_cap: u32,
 }
@@ -380,31 +370,13 @@ impl Drop for FileQueue {
 }
 
 impl FileQueue {
-    fn alloc(&mut self, slot: Slot) -> usize {
-        self.in_flight += 1;
-        if let Some(i) = self.free.pop() {
-            self.slots[i] = Some(slot);
-            i
-        } else {
-            self.slots.push(Some(slot));
-            self.slots.len() - 1
-        }
-    }
-
-    fn take(&mut self, idx: usize) -> Option<Slot> {
-        let s = self.slots.get_mut(idx)?.take()?;
-        self.free.push(idx);
-        self.in_flight -= 1;
-        Some(s)
-    }
-
     fn finish(
         &mut self,
-        idx: usize,
+        key: Key,
         result: std::result::Result<(), i32>,
         done: &mut Vec<Completion>,
     ) {
-        if let Some(mut s) = self.take(idx) {
+        if let Some(mut s) = self.slots.remove(key) {
             if let (Ok(()), Op::Read, Some(b), Buffer::Borrowed(v)) =
                 (result, s.op, &s.bounce, &mut s.buf)
             {
@@ -418,11 +390,11 @@ impl FileQueue {
         }
     }
 
-    /// Build and push the SQE for the current state of slot `idx`.
-    fn issue(&mut self, ring: &mut Ring, idx: usize) -> std::result::Result<(), i32> {
+    /// Build and push the SQE for the current state of slot `key`.
+    fn issue(&mut self, ring: &mut Ring, key: Key) -> std::result::Result<(), i32> {
         let fd = types::Fd(self.dev.file.as_raw_fd());
-        let ud = user_data(self.owner, idx as u64);
-        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
+        let ud = Tag::new(self.owner, Kind::IO, key).raw();
+        let Some(s) = self.slots.get_mut(key) else {
             return Err(libc::EINVAL);
         };
         let off = s.offset + s.done;
@@ -517,22 +489,16 @@ impl FileQueue {
             // Writes gain nothing: io-wq serialises buffered writes per inode.
             entry = entry.flags(squeue::Flags::ASYNC);
         }
-        // SAFETY: every pointer in `entry` points into slot `idx` (its buffer, bounce
-        // buffer, iov_rest or zeros), which stays in `self.slots` until `complete` reaps
-        // the CQE with this user_data; the fd is owned by `self.dev`, kept alive by the Arc.
+        // SAFETY: every pointer in `entry` points into slot `key` (its buffer, bounce
+        // buffer, iov_rest or zeros, all heap memory that does not move with the table),
+        // which stays in `self.slots` until `complete` reaps the CQE with this user_data;
+        // the fd is owned by `self.dev`, kept alive by the Arc.
         unsafe { ring.push(&entry) }.map_err(|e| e.raw_os_error().unwrap_or(libc::EAGAIN))
     }
 
     fn discard_block_device(&self, offset: u64, len: u64) -> std::result::Result<(), i32> {
-        let range = [offset, len];
-        // SAFETY: BLKDISCARD reads two u64 from the pointer.
-        let r = unsafe { libc::ioctl(self.dev.file.as_raw_fd(), BLKDISCARD, range.as_ptr()) };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO));
-        }
-        Ok(())
+        sys::blk_discard(self.dev.file.as_fd(), offset, len)
+            .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))
     }
 }
 
@@ -554,39 +520,19 @@ fn iowq_cap() -> u32 {
 /// Limit the calling thread's io-wq workers (bounded and unbounded: tmpfs reads count as
 /// unbounded work) on `ring` to `n`. Best effort: an old kernel without
 /// `IORING_REGISTER_IOWQ_MAX_WORKERS` keeps its default. Returns whether it was set.
-fn limit_iowq_workers(ring: &Ring, n: u32) -> bool {
-    const IORING_REGISTER_IOWQ_MAX_WORKERS: libc::c_long = 19;
-    let mut limits: [u32; 2] = [n, n];
-    // SAFETY: io_uring_register(IOWQ_MAX_WORKERS) reads and writes two u32 at the pointer,
-    // which points to `limits`; the ring fd is open for the duration of the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_register,
-            libc::c_long::from(ring.as_raw_fd()),
-            IORING_REGISTER_IOWQ_MAX_WORKERS,
-            limits.as_mut_ptr(),
-            2 as libc::c_long,
-        )
-    };
-    if r < 0 {
-        tracing::debug!(
-            "io-wq worker limit not set: {}",
-            std::io::Error::last_os_error()
-        );
+fn limit_iowq_workers(ring: &mut Ring, n: u32) -> bool {
+    match ring.set_iowq_max_workers(n) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!("io-wq worker limit not set: {e}");
+            false
+        }
     }
-    r >= 0
 }
 
 /// Whether `file` lives on tmpfs.
 fn is_tmpfs(file: &File) -> bool {
-    // SAFETY: statfs is plain data; fstatfs fills it and we read it only on success.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid out-pointer and the fd is open.
-    let r = unsafe { libc::fstatfs(file.as_raw_fd(), &raw mut st) };
-    // f_type's width differs between architectures.
-    #[allow(clippy::useless_conversion)]
-    let f_type = i64::from(st.f_type);
-    r == 0 && f_type == TMPFS_MAGIC
+    sys::fs_type(file.as_fd()).is_ok_and(|t| t == TMPFS_MAGIC)
 }
 
 /// Read or write `buf` at `offset` with blocking syscalls (see the module doc: tmpfs).
@@ -755,7 +701,7 @@ impl Queue for FileQueue {
             }
             bounce = Some(b);
         }
-        let idx = self.alloc(Slot {
+        let slot = Slot {
             tag: req.tag,
             op: req.op,
             offset: req.offset,
@@ -766,18 +712,28 @@ impl Queue for FileQueue {
             iov_rest: Vec::new(),
             zeros: None,
             no_punch: false,
-        });
-        if let Err(e) = self.issue(ring, idx) {
-            self.finish(idx, Err(e), done);
+        };
+        let key = match self.slots.insert(slot) {
+            Ok(key) => key,
+            Err(s) => {
+                done.push(Completion {
+                    tag: s.tag,
+                    result: Err(libc::EAGAIN),
+                    buf: s.buf,
+                });
+                return;
+            }
+        };
+        if let Err(e) = self.issue(ring, key) {
+            self.finish(key, Err(e), done);
         }
     }
 
     fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
-        let Ok(idx) = usize::try_from(cqe.slot()) else {
-            return;
-        };
-        let Some(s) = self.slots.get_mut(idx).and_then(|s| s.as_mut()) else {
-            tracing::warn!(slot = idx, "completion for an unknown slot");
+        let tag = cqe.tag();
+        let key = tag.key();
+        let Some(s) = self.slots.get_mut(key).filter(|_| tag.kind() == Kind::IO) else {
+            tracing::warn!(user_data = cqe.user_data, "completion for an unknown slot");
             return;
         };
         if cqe.result < 0 {
@@ -789,14 +745,14 @@ impl Queue for FileQueue {
                 self.dev.no_uring_discard.store(true, Ordering::Relaxed);
                 let (offset, len) = (s.offset, s.len);
                 let r = self.discard_block_device(offset, len);
-                self.finish(idx, r, done);
+                self.finish(key, r, done);
                 return;
             }
             if s.op == (Op::WriteZeroes { unmap: true }) && !s.no_punch && unsupported {
                 // The device cannot zero by unmapping: zero without it.
                 s.no_punch = true;
-                if let Err(e) = self.issue(ring, idx) {
-                    self.finish(idx, Err(e), done);
+                if let Err(e) = self.issue(ring, key) {
+                    self.finish(key, Err(e), done);
                 }
                 return;
             }
@@ -807,18 +763,18 @@ impl Queue for FileQueue {
                     .unwrap_or(ZERO_CHUNK_BYTES)
                     .min(ZERO_CHUNK_BYTES);
                 s.zeros = Some(IoBuf::new(chunk));
-                if let Err(e) = self.issue(ring, idx) {
-                    self.finish(idx, Err(e), done);
+                if let Err(e) = self.issue(ring, key) {
+                    self.finish(key, Err(e), done);
                 }
                 return;
             }
-            self.finish(idx, Err(errno), done);
+            self.finish(key, Err(errno), done);
             return;
         }
         let n = u64::from(cqe.result.unsigned_abs());
         let partial = matches!(s.op, Op::Read | Op::Write { .. }) || s.zeros.is_some();
         if !partial {
-            self.finish(idx, Ok(()), done);
+            self.finish(key, Ok(()), done);
             return;
         }
         if n == 0 {
@@ -837,22 +793,22 @@ impl Queue for FileQueue {
                     }
                     (None, Buffer::None) => {}
                 }
-                self.finish(idx, Ok(()), done);
+                self.finish(key, Ok(()), done);
             } else {
-                self.finish(idx, Err(libc::EIO), done);
+                self.finish(key, Err(libc::EIO), done);
             }
             return;
         }
         s.done += n;
         if s.done >= s.len {
-            self.finish(idx, Ok(()), done);
-        } else if let Err(e) = self.issue(ring, idx) {
-            self.finish(idx, Err(e), done);
+            self.finish(key, Ok(()), done);
+        } else if let Err(e) = self.issue(ring, key) {
+            self.finish(key, Err(e), done);
         }
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.slots.len()
     }
 }
 

@@ -17,9 +17,13 @@
 //!   check). A portal that cannot be reached at open is kept, with the geometry learned
 //!   through the others, and comes up when it answers. At least one portal must answer.
 //! - **Per thread, per path.** Each I/O thread's [`MultipathQueue`] has one session per
-//!   portal. The path queues share the multipath queue's ring owner id and carry their
-//!   index in the slot bits above [`PATH_SHIFT`], so the front end routes every CQE of
-//!   the device to this queue, which hands it to its path. No lock on the I/O path.
+//!   portal. The path queues share the multipath queue's ring owner id, and the
+//!   [`Tag`] of each of their SQEs has the path index as its key's slot (the queue's
+//!   epoch as its generation), so the front end routes every CQE of the device to this
+//!   queue, which hands it to the path the key names. The multipath queue keeps its
+//!   requests in a [`Slots`] table; the request it hands a path carries the
+//!   [`Tag`] of its slot, so a path's completion finds its request (or, stale, nothing).
+//!   No lock on the I/O path.
 //! - **Selection.** A path is usable when its session is logged in and its port's ALUA
 //!   state allows media access: active/optimized first; active/non-optimized (and
 //!   LBA-dependent) only when no optimized path is up; standby, unavailable, offline and
@@ -64,7 +68,7 @@
 //!   paths share the fenced state); PREEMPT and the rest go through the first path that
 //!   answers ([`MultipathDevice::pr_out`]).
 
-use crate::backend::iscsi::queue::{IscsiQueue, PATH_SHIFT};
+use crate::backend::iscsi::queue::{path_of, IscsiQueue};
 use crate::backend::iscsi::{IscsiConfig, IscsiDevice, PR_REFUSED};
 use crate::backend::scsi::alua::AluaState;
 use crate::backend::scsi::pr::{PrKeys, PrOut, PrReservation};
@@ -73,6 +77,8 @@ use crate::buf::Buffer;
 use crate::engine::{Cqe, OwnerId, Ring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
+use crate::slots::{Key, Slots};
+use crate::tag::Tag;
 use crate::{BlockDevice, Queue};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -81,7 +87,7 @@ use std::time::{Duration, Instant};
 /// The errno a path queue completes a request with when another path should take it
 /// (ENOLINK: what the kernel returns for a transport error, BLK_STS_TRANSPORT).
 pub const PATH_FAILED: i32 = libc::ENOLINK;
-/// Most paths of one LUN (the path index lives in 8 slot bits).
+/// Most paths of one LUN.
 pub const MAX_PATHS: usize = 32;
 /// A path that failed a request while its session stays up (a timed-out command, an
 /// ALUA state not read yet) is left out of selection this long.
@@ -266,9 +272,7 @@ impl BlockDevice for MultipathDevice {
         Ok(Box::new(MultipathQueue {
             owner,
             paths,
-            reqs: Vec::new(),
-            free: Vec::new(),
-            in_flight: 0,
+            reqs: Slots::new(Key::MAX_SLOTS),
             waiting: VecDeque::new(),
             tmp: Vec::new(),
             rr: 0,
@@ -352,11 +356,11 @@ struct MpReq {
 pub struct MultipathQueue {
     owner: OwnerId,
     paths: Vec<Path>,
-    reqs: Vec<Option<MpReq>>,
-    free: Vec<usize>,
-    in_flight: usize,
-    /// Requests with no usable path: id, buffer, since when.
-    waiting: VecDeque<(usize, Buffer, Instant)>,
+    /// Requests in flight, by the key in their path requests' tags. Bounded like the
+    /// iSCSI queue's table; a full table fails a request with EAGAIN.
+    reqs: Slots<MpReq>,
+    /// Requests with no usable path: key, buffer, since when.
+    waiting: VecDeque<(Key, Buffer, Instant)>,
     tmp: Vec<Completion>,
     rr: usize,
     no_path_timeout: Duration,
@@ -368,7 +372,7 @@ impl std::fmt::Debug for MultipathQueue {
         f.debug_struct("MultipathQueue")
             .field("owner", &self.owner)
             .field("paths", &self.paths.len())
-            .field("in_flight", &self.in_flight)
+            .field("in_flight", &self.reqs.len())
             .field("waiting", &self.waiting.len())
             .finish_non_exhaustive()
     }
@@ -407,30 +411,14 @@ impl MultipathQueue {
             .collect()
     }
 
-    fn alloc(&mut self, r: MpReq) -> usize {
-        self.in_flight += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.reqs[i] = Some(r);
-                i
-            }
-            None => {
-                self.reqs.push(Some(r));
-                self.reqs.len() - 1
-            }
-        }
-    }
-
     fn finish(
         &mut self,
-        id: usize,
+        id: Key,
         result: std::result::Result<(), i32>,
         buf: Buffer,
         done: &mut Vec<Completion>,
     ) {
-        if let Some(r) = self.reqs.get_mut(id).and_then(Option::take) {
-            self.free.push(id);
-            self.in_flight -= 1;
+        if let Some(r) = self.reqs.remove(id) {
             done.push(Completion {
                 tag: r.tag,
                 result,
@@ -440,8 +428,8 @@ impl MultipathQueue {
     }
 
     /// Send request `id` down a usable path, or make it wait for one.
-    fn dispatch(&mut self, ring: &mut Ring, id: usize, buf: Buffer, now: Instant) {
-        let Some(r) = self.reqs.get(id).and_then(Option::as_ref) else {
+    fn dispatch(&mut self, ring: &mut Ring, id: Key, buf: Buffer, now: Instant) {
+        let Some(r) = self.reqs.get(id) else {
             return;
         };
         let cands: Vec<(Option<u8>, usize)> = self
@@ -459,9 +447,9 @@ impl MultipathQueue {
             offset: r.offset,
             len: r.len,
             buf,
-            tag: id as u64,
+            tag: Tag::of(id).raw(),
         };
-        if let Some(r) = self.reqs.get_mut(id).and_then(Option::as_mut) {
+        if let Some(r) = self.reqs.get_mut(id) {
             r.path = Some(i);
         }
         let mut tmp = std::mem::take(&mut self.tmp);
@@ -473,8 +461,8 @@ impl MultipathQueue {
     fn absorb(&mut self, now: Instant, done: &mut Vec<Completion>) {
         let tmp = std::mem::take(&mut self.tmp);
         for c in tmp {
-            let id = c.tag as usize;
-            let Some(r) = self.reqs.get_mut(id).and_then(Option::as_mut) else {
+            let id = Tag::from_raw(c.tag).key();
+            let Some(r) = self.reqs.get_mut(id) else {
                 continue;
             };
             if c.result == Err(PATH_FAILED) {
@@ -574,7 +562,7 @@ impl Queue for MultipathQueue {
 
     fn submit(&mut self, ring: &mut Ring, req: Request, done: &mut Vec<Completion>) {
         let now = Instant::now();
-        let id = self.alloc(MpReq {
+        let id = match self.reqs.insert(MpReq {
             tag: req.tag,
             op: req.op,
             offset: req.offset,
@@ -582,7 +570,17 @@ impl Queue for MultipathQueue {
             started: now,
             path: None,
             failovers: 0,
-        });
+        }) {
+            Ok(id) => id,
+            Err(r) => {
+                done.push(Completion {
+                    tag: r.tag,
+                    result: Err(libc::EAGAIN),
+                    buf: req.buf,
+                });
+                return;
+            }
+        };
         self.dispatch(ring, id, req.buf, now);
         self.absorb(now, done);
         if !self.tmp.is_empty() || !self.waiting.is_empty() {
@@ -591,7 +589,7 @@ impl Queue for MultipathQueue {
     }
 
     fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
-        let i = usize::try_from(cqe.slot() >> PATH_SHIFT).unwrap_or(usize::MAX);
+        let i = path_of(cqe.tag());
         let mut tmp = std::mem::take(&mut self.tmp);
         if let Some(p) = self.paths.get_mut(i) {
             p.q.complete(ring, cqe, &mut tmp);
@@ -603,7 +601,7 @@ impl Queue for MultipathQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.reqs.len()
     }
 }
 

@@ -28,14 +28,8 @@ impl NullDevice {
 impl BlockDevice for NullDevice {
     fn info(&self) -> DeviceInfo {
         DeviceInfo {
-            size: self.size.load(Ordering::Relaxed),
-            logical_block_size: 512,
-            physical_block_size: 4096,
-            max_transfer: 32 << 20,
             read_only: self.read_only,
-            discard: true,
-            write_zeroes: true,
-            block_status: true,
+            ..DeviceInfo::new(self.size.load(Ordering::Relaxed), 32 << 20)
         }
     }
 

@@ -6,11 +6,13 @@
 //!   requests costs one `io_uring_enter`. A full submission queue is flushed to the
 //!   kernel and the push retried; only if that fails too does a push fail, and the caller
 //!   turns that into an `EAGAIN` completion through its normal completion path.
-//! - `user_data` packs an owner id (16 bits) and an owner-private slot (48 bits), see
-//!   [`user_data`]. The event loop routes each CQE to the queue or connection that owns it.
+//! - `user_data` is a [`Tag`]: the owner id (16 bits), which the event loop routes each
+//!   CQE by to the queue or connection that owns it, and the owner's own kind and
+//!   [`Slots`](crate::slots::Slots) key of the operation.
 //! - Memory an SQE points to must be owned by the pusher's in-flight table until the
 //!   CQE is reaped; [`Ring::push`] is `unsafe` for that reason.
 
+use crate::tag::Tag;
 use io_uring::{squeue, IoUring};
 use std::io;
 
@@ -20,25 +22,10 @@ pub type OwnerId = u16;
 /// Default number of SQ entries per ring.
 pub const DEFAULT_RING_ENTRIES: u32 = 1024;
 
-/// Pack an owner and a slot into a `user_data`.
-pub fn user_data(owner: OwnerId, slot: u64) -> u64 {
-    (u64::from(owner) << 48) | (slot & ((1 << 48) - 1))
-}
-
-/// The owner of a `user_data`.
-pub fn owner_of(user_data: u64) -> OwnerId {
-    (user_data >> 48) as OwnerId
-}
-
-/// The slot of a `user_data`.
-pub fn slot_of(user_data: u64) -> u64 {
-    user_data & ((1 << 48) - 1)
-}
-
 /// A reaped completion-queue entry.
 #[derive(Debug, Clone, Copy)]
 pub struct Cqe {
-    /// The packed `user_data` of the SQE.
+    /// The `user_data` of the SQE (a [`Tag`], see [`Cqe::tag`]).
     pub user_data: u64,
     /// The syscall result: ≥ 0 on success, `-errno` on failure.
     pub result: i32,
@@ -47,9 +34,14 @@ pub struct Cqe {
 }
 
 impl Cqe {
-    /// The slot part of the user data.
-    pub fn slot(&self) -> u64 {
-        slot_of(self.user_data)
+    /// The decoded `user_data`.
+    pub fn tag(&self) -> Tag {
+        Tag::from_raw(self.user_data)
+    }
+
+    /// The owner the CQE belongs to.
+    pub fn owner(&self) -> OwnerId {
+        self.tag().route()
     }
 }
 
@@ -163,6 +155,12 @@ impl Ring {
         }
     }
 
+    /// Limit the calling thread's io-wq workers on this ring to `n` bounded and `n`
+    /// unbounded ones (`IORING_REGISTER_IOWQ_MAX_WORKERS`, Linux ≥ 5.15).
+    pub fn set_iowq_max_workers(&mut self, n: u32) -> io::Result<()> {
+        self.ring.submitter().register_iowq_max_workers(&mut [n, n])
+    }
+
     /// Number of SQEs queued and not yet submitted.
     pub fn pending(&mut self) -> usize {
         self.ring.submission().len()
@@ -180,21 +178,19 @@ impl std::os::fd::AsRawFd for Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::slots::Key;
+    use crate::tag::Kind;
     use io_uring::opcode;
-
-    #[test]
-    fn user_data_packs_owner_and_slot() {
-        let u = user_data(7, 123_456);
-        assert_eq!(owner_of(u), 7);
-        assert_eq!(slot_of(u), 123_456);
-    }
 
     #[test]
     fn nop_round_trip_in_a_batch() {
         let mut ring = Ring::new(8).expect("io_uring available");
         let owner = ring.new_owner();
-        for i in 0..20u64 {
-            let e = opcode::Nop::new().build().user_data(user_data(owner, i));
+        for i in 0..20u32 {
+            let key = Key::new(i, 0).expect("small");
+            let e = opcode::Nop::new()
+                .build()
+                .user_data(Tag::new(owner, Kind::IO, key).raw());
             // SAFETY: a NOP references no memory.
             unsafe { ring.push(&e) }.expect("push");
         }
@@ -203,11 +199,9 @@ mod tests {
             ring.submit_and_wait(1).expect("submit");
             ring.reap(&mut got);
         }
-        let mut slots: Vec<u64> = got.iter().map(|c| c.slot()).collect();
+        let mut slots: Vec<u32> = got.iter().map(|c| c.tag().key().slot()).collect();
         slots.sort_unstable();
         assert_eq!(slots, (0..20).collect::<Vec<_>>());
-        assert!(got
-            .iter()
-            .all(|c| owner_of(c.user_data) == owner && c.result == 0));
+        assert!(got.iter().all(|c| c.owner() == owner && c.result == 0));
     }
 }

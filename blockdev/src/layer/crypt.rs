@@ -21,7 +21,9 @@
 //!   overflow fails that request with `EINVAL`.
 //!
 //! The sector cipher is shared by every queue (it is immutable); each queue has its own
-//! bounce pool and in-flight table, so the I/O path takes no lock. En/decryptions of
+//! bounce pool and in-flight table (a [`Slots`] whose [`Tag`]s are the tags of the inner
+//! requests; a full table fails the request with `EAGAIN`), so the I/O path takes no
+//! lock. En/decryptions of
 //! [`split::SPLIT_MIN`] bytes and more (owned buffers) are shared with one helper thread
 //! per device ([`split`]): the I/O thread and the helper take 64 KiB chunks from a shared
 //! counter, so a 1 MiB read's decrypt uses the second core when it is free and never
@@ -32,6 +34,8 @@ use crate::buf::{BufPool, Buffer, IoBuf};
 use crate::engine::{Cqe, OwnerId, Ring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{Completion, DeviceInfo, Extent, Op, Request};
+use crate::slots::{Key, Slots};
+use crate::tag::Tag;
 use crate::{BlockDevice, Queue};
 use ember_crypto::{SectorCipher, UnlockLimits, Unlocked};
 use split::Splitter;
@@ -164,8 +168,7 @@ impl BlockDevice for CryptDevice {
             dev: self,
             inner,
             pool: BufPool::new(),
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slots::new(Key::MAX_SLOTS),
             in_flight: 0,
             scratch: Vec::new(),
             backlog: std::collections::VecDeque::new(),
@@ -218,8 +221,8 @@ struct CryptQueue {
     dev: Arc<CryptDevice>,
     inner: Box<dyn Queue>,
     pool: BufPool,
-    slots: Vec<Option<Pending>>,
-    free: Vec<usize>,
+    /// What each inner request is doing for us; bounded by the front ends' queue depths.
+    slots: Slots<Pending>,
     in_flight: usize,
     scratch: Vec<Completion>,
     /// Inner completions waiting to be handled; drained iteratively so that a chain of
@@ -230,18 +233,9 @@ struct CryptQueue {
 }
 
 impl CryptQueue {
-    fn insert(&mut self, p: Pending) -> u64 {
-        let idx = match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some(p);
-                i
-            }
-            None => {
-                self.slots.push(Some(p));
-                self.slots.len() - 1
-            }
-        };
-        idx as u64
+    /// Record `p`; the tag for its inner request, or `p` back if the table is full.
+    fn insert(&mut self, p: Pending) -> std::result::Result<u64, Pending> {
+        self.slots.insert(p).map(|k| Tag::of(k).raw())
     }
 
     /// The cipher's offset (plain64 IV × 512) of plaintext `offset`; `None` past 2^64.
@@ -270,6 +264,25 @@ impl CryptQueue {
         self.draining = false;
     }
 
+    /// End a write-zeroes: give its chunk's bounce back and complete it.
+    fn end_zeroes(
+        &mut self,
+        tag: u64,
+        bounce: Option<IoBuf>,
+        result: std::result::Result<(), i32>,
+        done: &mut Vec<Completion>,
+    ) {
+        if let Some(b) = bounce {
+            self.pool.put(b);
+        }
+        self.in_flight -= 1;
+        done.push(Completion {
+            tag,
+            result,
+            buf: Buffer::None,
+        });
+    }
+
     /// Start the next chunk of a write-zeroes (or complete it).
     fn zero_chunk(
         &mut self,
@@ -280,13 +293,7 @@ impl CryptQueue {
         done: &mut Vec<Completion>,
     ) {
         if next >= end {
-            self.in_flight -= 1;
-            done.push(Completion {
-                tag,
-                result: Ok(()),
-                buf: Buffer::None,
-            });
-            return;
+            return self.end_zeroes(tag, None, Ok(()), done);
         }
         let len = (end - next).min(ZERO_CHUNK as u64) as usize;
         let mut bounce = self.pool.get(len);
@@ -295,14 +302,7 @@ impl CryptQueue {
             self.cipher_offset(next),
             next.checked_add(self.dev.data_offset),
         ) else {
-            self.pool.put(bounce);
-            self.in_flight -= 1;
-            done.push(Completion {
-                tag,
-                result: Err(libc::EINVAL),
-                buf: Buffer::None,
-            });
-            return;
+            return self.end_zeroes(tag, Some(bounce), Err(libc::EINVAL), done);
         };
         if self
             .dev
@@ -310,20 +310,15 @@ impl CryptQueue {
             .run(None, bounce.as_mut_slice(), off, true)
             .is_err()
         {
-            self.pool.put(bounce);
-            self.in_flight -= 1;
-            done.push(Completion {
-                tag,
-                result: Err(libc::EINVAL),
-                buf: Buffer::None,
-            });
-            return;
+            return self.end_zeroes(tag, Some(bounce), Err(libc::EINVAL), done);
         }
-        let slot = self.insert(Pending::Zeroes {
+        let Ok(slot) = self.insert(Pending::Zeroes {
             tag,
             next: next + len as u64,
             end,
-        });
+        }) else {
+            return self.end_zeroes(tag, Some(bounce), Err(libc::EAGAIN), done);
+        };
         let req = Request {
             op: Op::Write { fua: false },
             offset: inner_off,
@@ -336,12 +331,10 @@ impl CryptQueue {
 
     /// An inner completion arrived.
     fn finish(&mut self, ring: &mut Ring, c: Completion, done: &mut Vec<Completion>) {
-        let idx = c.tag as usize;
-        let Some(p) = self.slots.get_mut(idx).and_then(Option::take) else {
+        let Some(p) = self.slots.remove(Tag::from_raw(c.tag).key()) else {
             tracing::error!(tag = c.tag, "crypt: completion for an unknown slot");
             return;
         };
-        self.free.push(idx);
         match p {
             Pending::Read { tag, offset } => {
                 let mut buf = c.buf;
@@ -377,14 +370,7 @@ impl CryptQueue {
                 }
                 match c.result {
                     Ok(()) => self.zero_chunk(ring, tag, next, end, done),
-                    Err(e) => {
-                        self.in_flight -= 1;
-                        done.push(Completion {
-                            tag,
-                            result: Err(e),
-                            buf: Buffer::None,
-                        });
-                    }
+                    Err(e) => self.end_zeroes(tag, None, Err(e), done),
                 }
             }
         }
@@ -496,8 +482,11 @@ impl Queue for CryptQueue {
     fn submit(&mut self, ring: &mut Ring, req: Request, done: &mut Vec<Completion>) {
         let info = self.dev.info();
         if req.op == Op::Flush {
+            let Ok(slot) = self.insert(Pending::Pass { tag: req.tag }) else {
+                done.push(Completion::of(req, Err(libc::EAGAIN)));
+                return;
+            };
             self.in_flight += 1;
-            let slot = self.insert(Pending::Pass { tag: req.tag });
             let r = Request { tag: slot, ..req };
             self.submit_inner(ring, r, done);
             return;
@@ -521,10 +510,14 @@ impl Queue for CryptQueue {
         self.in_flight += 1;
         match req.op {
             Op::Read => {
-                let slot = self.insert(Pending::Read {
+                let Ok(slot) = self.insert(Pending::Read {
                     tag: req.tag,
                     offset: req.offset,
-                });
+                }) else {
+                    self.in_flight -= 1;
+                    done.push(Completion::of(req, Err(libc::EAGAIN)));
+                    return;
+                };
                 let r = Request {
                     offset: inner_off,
                     tag: slot,
@@ -555,10 +548,26 @@ impl Queue for CryptQueue {
                     done.push(Completion::of(req, Err(libc::EINVAL)));
                     return;
                 }
-                let slot = self.insert(Pending::Write {
+                let slot = match self.insert(Pending::Write {
                     tag: req.tag,
                     client: req.buf,
-                });
+                }) {
+                    Ok(slot) => slot,
+                    Err(p) => {
+                        self.pool.put(bounce);
+                        self.in_flight -= 1;
+                        let buf = match p {
+                            Pending::Write { client, .. } => client,
+                            _ => Buffer::None,
+                        };
+                        done.push(Completion {
+                            tag: req.tag,
+                            result: Err(libc::EAGAIN),
+                            buf,
+                        });
+                        return;
+                    }
+                };
                 let r = Request {
                     op: Op::Write { fua },
                     offset: inner_off,
@@ -569,7 +578,11 @@ impl Queue for CryptQueue {
                 self.submit_inner(ring, r, done);
             }
             Op::Discard => {
-                let slot = self.insert(Pending::Pass { tag: req.tag });
+                let Ok(slot) = self.insert(Pending::Pass { tag: req.tag }) else {
+                    self.in_flight -= 1;
+                    done.push(Completion::of(req, Err(libc::EAGAIN)));
+                    return;
+                };
                 let r = Request {
                     offset: inner_off,
                     tag: slot,

@@ -19,29 +19,27 @@
 //!   a write in *before* it looks at `pauses`, and a pause raises `pauses` *before* it
 //!   reads `writes` (all `SeqCst`): so either the pause sees the write and waits for it,
 //!   or the queue sees the pause and holds the write (the store-buffer pattern).
-//! - Each queue re-tags what it passes down (a slot per request: the caller's tag and
-//!   whether it is a write), so it knows which completions end writes.
+//! - Each queue re-tags what it passes down (a [`Slots`] entry per request: the caller's
+//!   tag and whether it is a write), so it knows which completions end writes.
 //! - Held requests keep their order. While a queue holds any, an io_uring timeout of
-//!   [`HOLD_POLL`] wakes it (its slot is [`GATE_SLOT`], which the throttle layer above
-//!   passes down) to release them once the gate opens; a new request behind held ones
+//!   [`HOLD_POLL`] wakes it (its tag has the reserved kind [`Kind::GATE`], which the
+//!   throttle layer above passes down) to release them once the gate opens; a new request behind held ones
 //!   waits behind them.
 //!
 //! Memory: held requests are those the front ends already admitted (bounded by their
 //! queue depths); the gate allocates nothing per held request.
 
-use crate::engine::{user_data, Cqe, OwnerId, Ring};
+use crate::engine::{Cqe, OwnerId, Ring};
 use crate::error::{Error, ErrorKind, Result};
-use crate::layer::throttle::LAYER_SLOT_BIT;
 use crate::request::{Completion, Request};
+use crate::slots::{Key, Slots};
+use crate::tag::{Kind, Tag};
 use crate::{BlockDevice, Queue};
 use io_uring::{opcode, types};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Slot of the gate's own timeout SQE (distinct from the throttle's [`LAYER_SLOT_BIT`]).
-pub const GATE_SLOT: u64 = LAYER_SLOT_BIT | 1;
 
 /// How often a queue holding requests looks whether the gate opened.
 pub const HOLD_POLL: Duration = Duration::from_millis(1);
@@ -121,48 +119,33 @@ impl BlockDevice for GateDevice {
         Ok(Box::new(GateQueue {
             inner: self.inner.clone().queue(ring)?,
             state: self.state.clone(),
-            passed: Passed::default(),
+            passed: Passed {
+                slots: Slots::new(Key::MAX_SLOTS),
+                scratch: Vec::new(),
+            },
             held: VecDeque::new(),
             timer: None,
         }))
     }
 }
 
-/// The requests a queue passed down: per slot (the tag it gave the inner queue), the
-/// caller's tag and whether it is a write.
-#[derive(Default)]
+/// The requests a queue passed down: per slot (whose [`Tag`] it gave the inner queue),
+/// the caller's tag and whether it is a write. Bounded by the front ends' queue depths.
 struct Passed {
-    slots: Vec<Option<(u64, bool)>>,
-    free: Vec<usize>,
+    slots: Slots<(u64, bool)>,
     /// Completions of the inner queue, before their tags are mapped back.
     scratch: Vec<Completion>,
 }
 
 impl Passed {
-    fn insert(&mut self, tag: u64, write: bool) -> u64 {
-        let i = match self.free.pop() {
-            Some(i) => {
-                self.slots[i] = Some((tag, write));
-                i
-            }
-            None => {
-                self.slots.push(Some((tag, write)));
-                self.slots.len() - 1
-            }
-        };
-        i as u64
-    }
-
     /// Map `inner`'s completions back to the callers' tags into `done`; count writes
     /// out of `gate`.
     fn finish(&mut self, gate: &Gate, done: &mut Vec<Completion>) {
         for mut c in self.scratch.drain(..) {
-            let i = usize::try_from(c.tag).unwrap_or(usize::MAX);
             // The inner queue returns the tags it got: anything else is not ours.
-            let Some((tag, write)) = self.slots.get_mut(i).and_then(Option::take) else {
+            let Some((tag, write)) = self.slots.remove(Tag::from_raw(c.tag).key()) else {
                 continue;
             };
-            self.free.push(i);
             if write {
                 gate.writes.fetch_sub(1, Ordering::SeqCst);
             }
@@ -197,8 +180,17 @@ impl GateQueue {
                 return Err(req);
             }
         }
-        let tag = self.passed.insert(req.tag, write);
-        let r = Request { tag, ..req };
+        let Ok(key) = self.passed.slots.insert((req.tag, write)) else {
+            if write {
+                self.state.writes.fetch_sub(1, Ordering::SeqCst);
+            }
+            done.push(Completion::of(req, Err(libc::EAGAIN)));
+            return Ok(());
+        };
+        let r = Request {
+            tag: Tag::of(key).raw(),
+            ..req
+        };
         self.inner.submit(ring, r, &mut self.passed.scratch);
         self.passed.finish(&self.state, done);
         Ok(())
@@ -223,7 +215,7 @@ impl GateQueue {
         let timer = Box::new(types::Timespec::new().nsec(HOLD_POLL.subsec_nanos()));
         let e = opcode::Timeout::new(std::ptr::addr_of!(*timer))
             .build()
-            .user_data(user_data(self.inner.owner(), GATE_SLOT));
+            .user_data(Tag::new(self.inner.owner(), Kind::GATE, Key::ZERO).raw());
         // SAFETY: the timespec is boxed and kept in `self.timer` untouched until the
         // timeout's CQE takes it out (in_flight() counts it meanwhile, so front ends keep
         // the queue until it is reaped).
@@ -258,7 +250,7 @@ impl Queue for GateQueue {
     }
 
     fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
-        if cqe.slot() == GATE_SLOT {
+        if cqe.tag().kind() == Kind::GATE {
             self.timer = None;
             self.release(ring, done);
             return;

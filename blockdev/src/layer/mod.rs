@@ -3,8 +3,13 @@
 //!
 //! A layer's queue reports its inner queue's owner id, so the front end routes every CQE
 //! of the stack to the top queue; a layer that pushes SQEs of its own (the throttle's
-//! and the gate's timers) marks their slot with [`throttle::LAYER_SLOT_BIT`] (the gate:
-//! [`gate::GATE_SLOT`]) and forwards the rest down.
+//! and the gate's timers) tags them with its reserved kind ([`Kind::THROTTLE`],
+//! [`Kind::GATE`]) and forwards the rest down. A layer that re-tags the requests it
+//! passes down (crypt, gate) keeps the caller's tag in a [`Slots`](crate::slots::Slots)
+//! entry and gives the inner queue that entry's [`Tag`](crate::tag::Tag).
+//!
+//! [`Kind::THROTTLE`]: crate::tag::Kind::THROTTLE
+//! [`Kind::GATE`]: crate::tag::Kind::GATE
 //!
 //! - [`crypt`]: LUKS plaintext view; [`throttle`]: QoS; [`gate`]: pause writes for a
 //!   point-in-time copy.

@@ -8,14 +8,16 @@
 //! lock: the only shared write is that CAS.
 //!
 //! A delayed request waits in its thread's queue (a min-heap by release time); one
-//! io_uring timeout per queue wakes it. The timeout SQE uses the inner queue's owner id
-//! with [`LAYER_SLOT_BIT`] set in its slot, so the front end routes it to this queue
-//! like any other CQE of the stack, and the layer recognises it.
+//! io_uring timeout per queue wakes it. The timeout SQE's [`Tag`] has the inner queue's
+//! owner id and the reserved kind [`Kind::THROTTLE`], so the front end routes it to this
+//! queue like any other CQE of the stack, and the layer recognises it.
 
 use crate::buf::Buffer;
-use crate::engine::{user_data, Cqe, OwnerId, Ring};
+use crate::engine::{Cqe, OwnerId, Ring};
 use crate::error::Result;
 use crate::request::{Completion, Op, Request};
+use crate::slots::Key;
+use crate::tag::{Kind, Tag};
 use crate::{BlockDevice, Queue};
 use io_uring::{opcode, types};
 use std::cmp::Reverse;
@@ -23,9 +25,6 @@ use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
-
-/// Slot bit reserved for a layer's own SQEs (timers); the inner stack never uses it.
-pub const LAYER_SLOT_BIT: u64 = 1 << 47;
 
 /// QoS limits of a volume; `None` means unlimited. Mirrors Cinder's `qos:` specs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -237,7 +236,7 @@ impl ThrottleQueue {
             .nsec((wait % 1_000_000_000) as u32);
         let e = opcode::Timeout::new(std::ptr::addr_of!(*self.timer))
             .build()
-            .user_data(user_data(self.inner.owner(), LAYER_SLOT_BIT));
+            .user_data(Tag::new(self.inner.owner(), Kind::THROTTLE, Key::ZERO).raw());
         // SAFETY: the timespec is boxed in self and not touched until the timeout's CQE
         // (timer_armed stays true until then); the queue outlives its in-flight SQEs
         // because front ends drain a queue before dropping it.
@@ -279,7 +278,7 @@ impl Queue for ThrottleQueue {
     }
 
     fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
-        if cqe.slot() == LAYER_SLOT_BIT {
+        if cqe.tag().kind() == Kind::THROTTLE {
             self.timer_armed = false;
             self.release_due(ring, done);
             return;

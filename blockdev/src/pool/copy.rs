@@ -11,7 +11,7 @@
 //! Both devices get a queue on the same private ring; CQEs are routed by owner id.
 
 use crate::buf::{Buffer, IoBuf};
-use crate::engine::{owner_of, Cqe, Ring};
+use crate::engine::{Cqe, Ring};
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{Completion, Op, Request};
 use crate::{BlockDevice, Queue};
@@ -305,7 +305,7 @@ pub fn copy_device(
         cqes.clear();
         ring.reap(&mut cqes);
         for c in cqes.drain(..) {
-            let owner = owner_of(c.user_data);
+            let owner = c.owner();
             if owner == qs.owner() {
                 qs.complete(&mut ring, c, &mut done_s);
             } else if owner == qd.owner() {
@@ -340,7 +340,7 @@ fn flush(ring: &mut Ring, q: &mut dyn Queue) -> Result<()> {
         cqes.clear();
         ring.reap(&mut cqes);
         for c in cqes.drain(..) {
-            if owner_of(c.user_data) == q.owner() {
+            if c.owner() == q.owner() {
                 q.complete(ring, c, &mut done);
             }
         }

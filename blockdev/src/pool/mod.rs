@@ -2,9 +2,8 @@
 //!
 //! A [`Pool`] hands out backing storage for volumes and snapshots, named by an opaque id
 //! chosen by the control plane, and describes each one as a [`BackendSpec`] that
-//! [`open`](crate::open) understands. Every backend (a directory of files today, LUNs of
-//! an iSCSI/FC array later) sits behind the same trait, so the control plane never knows
-//! which one it talks to.
+//! [`open`](crate::open) understands. A [`LunPool`] is the other kind: LUNs an array
+//! made, which volumes are bound to rather than allocated on.
 //!
 //! Crash safety is part of the contract: [`Pool::create`] and [`Pool::clone_from`] build
 //! the object under a temporary name and publish it atomically, so after a crash an
@@ -15,15 +14,20 @@
 //! - [`dir`]: [`DirPool`], a directory of sparse files `<id>.img`; clones use a reflink
 //!   (`FICLONE`) where the file system has one, else [`copy::copy_device`].
 //! - [`copy`]: a pipelined, sparse-aware io_uring copy between two devices.
+//! - [`lun`]: [`LunPool`], LUNs that exist already (every LUN of an iSCSI target, or
+//!   host block devices matching globs): found and opened, never allocated; it does not
+//!   implement [`Pool`], whose operations make and remove objects.
 //!
 //! All methods block (file system calls, copies); async callers run them on a blocking
 //! thread.
 
 pub mod copy;
 pub mod dir;
+pub mod lun;
 
 pub use copy::{copy_device, CopyOptions, CopyStats};
 pub use dir::DirPool;
+pub use lun::LunPool;
 
 use crate::backend::BackendSpec;
 

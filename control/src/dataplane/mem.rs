@@ -12,11 +12,18 @@
 //! ([`MemDataPlane::hold`], which also tells when the call got there), and can put
 //! objects in a pool behind the control plane's back ([`MemDataPlane::put_object`]: a
 //! leftover, or another node's volume on a shared pool).
+//!
+//! LUN pools ([`MemDataPlane::with_lun_pool`]) hold LUNs a test puts, grows and removes
+//! ([`MemDataPlane::put_lun`], [`MemDataPlane::remove_lun`]); a pool can require CHAP
+//! credentials ([`MemDataPlane::require_chap`]): logins with others are refused as a
+//! target would. A bound volume is an object of the pool (attach and detach as usual);
+//! it grows up to its LUN's size; delete and unmanage release the LUN.
 
 use super::{
-    AttachVolume, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture, DpResult,
-    Endpoint, LuksVersion, ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, QosLimits,
-    SnapshotVolume, StoredObject,
+    AttachVolume, ChapRef, ChapSecret, CloneVolume, CreateVolume, DataPlane, DataPlaneError,
+    DpFuture, DpResult, Endpoint, LuksVersion, LunPoolInfo, ManageLun, ManageableLun, ManagedLun,
+    ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, QosLimits, SnapshotVolume,
+    StoredObject,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,6 +51,46 @@ pub enum Op {
     Attach,
     /// [`DataPlane::detach`]
     Detach,
+    /// [`DataPlane::list_luns`]
+    ListLuns,
+    /// [`DataPlane::manage`]
+    Manage,
+    /// [`DataPlane::unmanage`]
+    Unmanage,
+}
+
+/// One LUN of a LUN pool.
+#[derive(Debug, Clone)]
+struct MemLun {
+    size: u64,
+    identity: Option<String>,
+    /// Its first 16 MiB are zeros (a LUKS format is allowed).
+    blank: bool,
+}
+
+#[derive(Default)]
+struct LunPool {
+    luns: BTreeMap<String, MemLun>,
+    chap: Option<ChapRef>,
+    /// Logins need these (user, secret).
+    required: Option<(String, Vec<u8>)>,
+    /// What the control plane gave.
+    given: Option<(String, Vec<u8>)>,
+    /// Volume id → LUN name.
+    bound: BTreeMap<String, String>,
+}
+
+impl LunPool {
+    /// A login as the target would answer it.
+    fn login(&self, pool: &str) -> DpResult<()> {
+        match &self.required {
+            Some(r) if self.given.as_ref() != Some(r) => Err(DataPlaneError::LunUnavailable {
+                what: format!("the target of LUN pool {pool}"),
+                reason: "login refused: CHAP authentication failed".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -100,6 +147,7 @@ struct State {
     attachments: BTreeMap<(String, String), (Protocol, bool)>,
     /// Attachment id → the QoS limits it was attached with.
     qos: BTreeMap<String, QosLimits>,
+    lun_pools: BTreeMap<String, LunPool>,
     failures: Vec<(Op, DataPlaneError)>,
     holds: Vec<(Op, Arc<HoldInner>)>,
     calls: Vec<Op>,
@@ -127,6 +175,142 @@ impl MemDataPlane {
             },
         );
         self
+    }
+
+    /// Add a LUN pool (no LUNs yet) whose logins use `chap` from the key store.
+    pub fn with_lun_pool(self, name: &str, chap: Option<ChapRef>) -> Self {
+        {
+            let mut s = self.lock();
+            s.pools.insert(name.to_string(), Pool::default());
+            s.lun_pools.insert(
+                name.to_string(),
+                LunPool {
+                    chap,
+                    ..LunPool::default()
+                },
+            );
+        }
+        self
+    }
+
+    /// Put (or replace: grow, re-identify) LUN `lun` of `pool`; `blank`: its first 16 MiB
+    /// is zeros.
+    pub fn put_lun(&self, pool: &str, lun: &str, size: u64, identity: Option<&str>, blank: bool) {
+        if let Some(p) = self.lock().lun_pools.get_mut(pool) {
+            p.luns.insert(
+                lun.to_string(),
+                MemLun {
+                    size,
+                    identity: identity.map(str::to_string),
+                    blank,
+                },
+            );
+        }
+    }
+
+    /// Remove LUN `lun` of `pool` (the array deleted or unmapped it).
+    pub fn remove_lun(&self, pool: &str, lun: &str) {
+        if let Some(p) = self.lock().lun_pools.get_mut(pool) {
+            p.luns.remove(lun);
+        }
+    }
+
+    /// Name other CHAP secrets (by id) for `pool`'s logins (the configuration changed).
+    pub fn set_lun_chap(&self, pool: &str, chap: Option<ChapRef>) {
+        if let Some(p) = self.lock().lun_pools.get_mut(pool) {
+            p.chap = chap;
+        }
+    }
+
+    /// Logins to `pool`'s target need CHAP user `user` with `secret`.
+    pub fn require_chap(&self, pool: &str, user: &str, secret: &[u8]) {
+        if let Some(p) = self.lock().lun_pools.get_mut(pool) {
+            p.required = Some((user.to_string(), secret.to_vec()));
+        }
+    }
+
+    /// The LUN volume `volume_id` is bound to in `pool`, if any.
+    pub fn bound_lun(&self, pool: &str, volume_id: &str) -> Option<String> {
+        self.lock()
+            .lun_pools
+            .get(pool)?
+            .bound
+            .get(volume_id)
+            .cloned()
+    }
+
+    fn manage_sync(&self, req: ManageLun) -> DpResult<ManagedLun> {
+        let mut s = self.lock();
+        let pool_name = req.volume.pool.clone();
+        let lp = s
+            .lun_pools
+            .get_mut(&pool_name)
+            .ok_or_else(|| DataPlaneError::NoPool(pool_name.clone()))?;
+        lp.login(&pool_name)?;
+        let lun = lp
+            .luns
+            .get(&req.lun)
+            .cloned()
+            .ok_or_else(|| DataPlaneError::LunUnavailable {
+                what: format!("LUN {} of pool {pool_name}", req.lun),
+                reason: "the LUN does not exist".into(),
+            })?;
+        if let (Some(want), got) = (&req.identity, &lun.identity) {
+            if got.as_ref() != Some(want) {
+                return Err(DataPlaneError::LunUnavailable {
+                    what: format!("LUN {} of pool {pool_name}", req.lun),
+                    reason: format!("it is now {got:?}, not the LUN {want} that was managed"),
+                });
+            }
+        }
+        if let Some((v, _)) = lp
+            .bound
+            .iter()
+            .find(|(v, l)| **l == req.lun && **v != req.volume.id)
+        {
+            return Err(DataPlaneError::AlreadyExists(format!(
+                "LUN {} of pool {pool_name} (bound to volume {v})",
+                req.lun
+            )));
+        }
+        if req.luks.is_some() && !lun.blank {
+            return Err(DataPlaneError::Invalid(format!(
+                "LUN {} of pool {pool_name} holds data: it is not formatted as an encrypted volume",
+                req.lun
+            )));
+        }
+        lp.bound.insert(req.volume.id.clone(), req.lun.clone());
+        let pool = pool_mut(&mut s, &pool_name)?;
+        let key = (ObjectKind::Volume, req.volume.id.clone());
+        let luks = req
+            .luks
+            .map(|f| (f.version, f.key_bits, f.passphrase))
+            .or_else(|| pool.objects.get(&key).and_then(|o| o.luks.clone()));
+        let size = pool.objects.get(&key).map_or(lun.size, |o| o.size);
+        pool.objects.insert(
+            key,
+            Obj {
+                size,
+                partial: false,
+                luks,
+            },
+        );
+        Ok(ManagedLun {
+            lun: req.lun,
+            size: lun.size,
+            identity: lun.identity,
+        })
+    }
+
+    /// Release the LUN of `volume` (and its object).
+    fn unbind_sync(&self, volume: &ObjectRef) {
+        let mut s = self.lock();
+        if let Some(lp) = s.lun_pools.get_mut(&volume.pool) {
+            lp.bound.remove(&volume.id);
+        }
+        if let Some(p) = s.pools.get_mut(&volume.pool) {
+            p.objects.remove(&(volume.kind, volume.id.clone()));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -202,6 +386,14 @@ impl MemDataPlane {
             .iter()
             .map(|((v, a), (p, ro))| (v.clone(), a.clone(), *p, *ro))
             .collect()
+    }
+
+    /// What a process restart does to the front ends: every attachment is gone (the
+    /// objects stay).
+    pub fn forget_attachments(&self) {
+        let mut s = self.lock();
+        s.attachments.clear();
+        s.qos.clear();
     }
 
     /// The QoS limits attachment `attachment_id` was made with.
@@ -334,6 +526,27 @@ impl MemDataPlane {
 
     fn grow_sync(&self, volume: &ObjectRef, new_size: u64) -> DpResult<()> {
         let mut s = self.lock();
+        if let Some(lp) = s.lun_pools.get(&volume.pool) {
+            lp.login(&volume.pool)?;
+            let lun = lp
+                .bound
+                .get(&volume.id)
+                .and_then(|l| lp.luns.get(l))
+                .map(|l| l.size)
+                .ok_or_else(|| DataPlaneError::NotFound(volume.to_string()))?;
+            if new_size > lun {
+                return Err(DataPlaneError::NoSpace {
+                    pool: volume.pool.clone(),
+                    need: new_size,
+                    free: lun,
+                });
+            }
+            let pool = pool_mut(&mut s, &volume.pool)?;
+            if let Some(o) = pool.objects.get_mut(&(volume.kind, volume.id.clone())) {
+                o.size = new_size;
+            }
+            return Ok(());
+        }
         let pool = pool_mut(&mut s, &volume.pool)?;
         let size = pool
             .objects
@@ -473,6 +686,9 @@ impl DataPlane for MemDataPlane {
         Box::pin(async move {
             self.checkpoint(Op::Delete).await?;
             let mut s = self.lock();
+            if let Some(lp) = s.lun_pools.get_mut(&object.pool) {
+                lp.bound.remove(&object.id);
+            }
             let pool = pool_mut(&mut s, &object.pool)?;
             pool.objects.remove(&(object.kind, object.id.clone()));
             Ok(())
@@ -490,6 +706,77 @@ impl DataPlane for MemDataPlane {
         Box::pin(async move {
             self.checkpoint(Op::Detach).await?;
             self.lock().attachments.remove(&(volume.id, attachment_id));
+            Ok(())
+        })
+    }
+
+    fn lun_pools(&self) -> DpFuture<'_, Vec<LunPoolInfo>> {
+        Box::pin(async move {
+            Ok(self
+                .lock()
+                .lun_pools
+                .iter()
+                .map(|(name, p)| LunPoolInfo {
+                    name: name.clone(),
+                    chap: p.chap.clone(),
+                })
+                .collect())
+        })
+    }
+
+    fn set_chap(&self, pool: String, chap: Option<ChapSecret>) -> DpFuture<'_, ()> {
+        Box::pin(async move {
+            let mut s = self.lock();
+            let p = s
+                .lun_pools
+                .get_mut(&pool)
+                .ok_or(DataPlaneError::NoPool(pool))?;
+            p.given = chap.map(|c| (c.user, c.secret.expose().to_vec()));
+            Ok(())
+        })
+    }
+
+    fn list_luns(&self, pool: String) -> DpFuture<'_, Vec<ManageableLun>> {
+        Box::pin(async move {
+            self.checkpoint(Op::ListLuns).await?;
+            let s = self.lock();
+            let p = s
+                .lun_pools
+                .get(&pool)
+                .ok_or_else(|| DataPlaneError::NoPool(pool.clone()))?;
+            p.login(&pool)?;
+            Ok(p.luns
+                .iter()
+                .map(|(name, l)| ManageableLun {
+                    pool: pool.clone(),
+                    name: name.clone(),
+                    size: l.size,
+                    identity: l.identity.clone(),
+                    vendor: Some("MEM".into()),
+                    product: Some("LUN".into()),
+                    paths: vec![format!("mem://{pool}/{name}")],
+                    volume_id: p
+                        .bound
+                        .iter()
+                        .find(|(_, b)| *b == name)
+                        .map(|(v, _)| v.clone()),
+                    unusable: None,
+                })
+                .collect())
+        })
+    }
+
+    fn manage(&self, req: ManageLun) -> DpFuture<'_, ManagedLun> {
+        Box::pin(async move {
+            self.checkpoint(Op::Manage).await?;
+            self.manage_sync(req)
+        })
+    }
+
+    fn unmanage(&self, volume: ObjectRef) -> DpFuture<'_, ()> {
+        Box::pin(async move {
+            self.checkpoint(Op::Unmanage).await?;
+            self.unbind_sync(&volume);
             Ok(())
         })
     }

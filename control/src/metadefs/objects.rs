@@ -8,7 +8,9 @@
 //! `POST …/tags` replaces the namespace's tags unless `X-Openstack-Append: true`.
 //! Tables: `metadef_objects`, `metadef_tags`.
 
-use super::{begin_ns, check_def, check_name, read_ns, PropertyDef, VOLUME_TYPE_RESOURCE};
+use super::{
+    begin_ns, check_def, check_name, delete_entry, read_ns, PropertyDef, VOLUME_TYPE_RESOURCE,
+};
 use crate::api::{check_len, ApiJson};
 use crate::auth::Ctx;
 use crate::error::{ApiError, ApiResult};
@@ -226,13 +228,26 @@ pub(super) async fn insert_object(
     Ok(())
 }
 
+/// Row `name` of namespace `ns` in `table` (objects or tags); 404 names it `what`.
+async fn load_row(
+    conn: &mut AnyConnection,
+    (table, what): (&'static str, &str),
+    ns: &str,
+    name: &str,
+) -> ApiResult<AnyRow> {
+    // `table` is one of two literals, never client input.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT * FROM {table} WHERE namespace = ? AND name = ?"
+    )))
+    .bind(ns.to_string())
+    .bind(name.to_string())
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("{what} {name} not found in {ns}")))
+}
+
 async fn load_object(conn: &mut AnyConnection, ns: &str, name: &str) -> ApiResult<AnyRow> {
-    sqlx::query("SELECT * FROM metadef_objects WHERE namespace = ? AND name = ?")
-        .bind(ns.to_string())
-        .bind(name.to_string())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("object {name} not found in {ns}")))
+    load_row(conn, ("metadef_objects", "object"), ns, name).await
 }
 
 #[utoipa::path(get, path = "/v2/metadefs/namespaces/{namespace}/objects", tag = "metadefs",
@@ -350,21 +365,8 @@ pub async fn delete_object(
     ctx: Ctx,
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    ctx.require_admin()?;
-    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
-    let n = execute_args(
-        &mut tx,
-        "DELETE FROM metadef_objects WHERE namespace = ? AND name = ?",
-        &[&ns, &name],
-    )
-    .await?;
-    if n == 0 {
-        return Err(ApiError::not_found(format!(
-            "object {name} not found in {ns}"
-        )));
-    }
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    let delete = "DELETE FROM metadef_objects WHERE namespace = ? AND name = ?";
+    delete_entry(&st, &ctx, (&ns, &name), delete, "object").await
 }
 
 // ---- tags ----
@@ -392,12 +394,7 @@ pub(super) async fn insert_tag(conn: &mut AnyConnection, ns: &str, name: &str) -
 }
 
 async fn load_tag(conn: &mut AnyConnection, ns: &str, name: &str) -> ApiResult<AnyRow> {
-    sqlx::query("SELECT * FROM metadef_tags WHERE namespace = ? AND name = ?")
-        .bind(ns.to_string())
-        .bind(name.to_string())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("tag {name} not found in {ns}")))
+    load_row(conn, ("metadef_tags", "tag"), ns, name).await
 }
 
 #[utoipa::path(get, path = "/v2/metadefs/namespaces/{namespace}/tags", tag = "metadefs",
@@ -542,19 +539,8 @@ pub async fn delete_tag(
     ctx: Ctx,
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    ctx.require_admin()?;
-    let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
-    let n = execute_args(
-        &mut tx,
-        "DELETE FROM metadef_tags WHERE namespace = ? AND name = ?",
-        &[&ns, &name],
-    )
-    .await?;
-    if n == 0 {
-        return Err(ApiError::not_found(format!("tag {name} not found in {ns}")));
-    }
-    tx.commit().await?;
-    Ok(StatusCode::NO_CONTENT)
+    let delete = "DELETE FROM metadef_tags WHERE namespace = ? AND name = ?";
+    delete_entry(&st, &ctx, (&ns, &name), delete, "tag").await
 }
 
 // ---- resource types ----

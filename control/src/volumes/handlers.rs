@@ -148,6 +148,10 @@ pub struct VolumeAction {
     /// Another type, when the bytes stay valid.
     #[serde(rename = "os-retype")]
     pub retype: Option<RetypeArgs>,
+    /// Admin: forget a LUN volume, leave its bytes (`null` or `{}`).
+    #[serde(rename = "os-unmanage")]
+    #[schema(value_type = Option<Object>)]
+    pub unmanage: Option<Value>,
 }
 
 /// `os-extend` arguments.
@@ -278,18 +282,25 @@ impl VolumeAction {
         }
         let mut body = body;
         // Cinder's clients send `{"os-force_delete": null}`: an action without arguments.
-        if let Some(v) = body.get_mut("os-force_delete") {
-            if v.is_null() {
-                *v = json!({});
+        for k in ["os-force_delete", "os-unmanage"] {
+            if let Some(v) = body.get_mut(k) {
+                if v.is_null() {
+                    *v = json!({});
+                }
             }
         }
         let a: VolumeAction =
             crate::api::parse_value("action", Value::Object(body.into_iter().collect()))?;
-        if let Some(v) = &a.force_delete {
-            if !v.as_object().is_some_and(|m| m.is_empty()) {
-                return Err(ApiError::bad_request(
-                    "`os-force_delete` takes no arguments (null or {})",
-                ));
+        for (name, v) in [
+            ("os-force_delete", &a.force_delete),
+            ("os-unmanage", &a.unmanage),
+        ] {
+            if v.as_ref()
+                .is_some_and(|v| !v.as_object().is_some_and(|m| m.is_empty()))
+            {
+                return Err(ApiError::bad_request(format!(
+                    "`{name}` takes no arguments (null or {{}})"
+                )));
             }
         }
         for c in [&a.initialize, &a.terminate].into_iter().flatten() {
@@ -769,6 +780,10 @@ pub async fn volume_action(
 ) -> ApiResult<Response> {
     check_writer_project(&st, &ctx, &project_id).await?;
     let a = VolumeAction::parse(body)?;
+    if a.unmanage.is_some() {
+        super::manageable::unmanage(&st, &ctx, &project_id, &id).await?;
+        return Ok(StatusCode::ACCEPTED.into_response());
+    }
     let mut conn = st.db().pool.acquire().await?;
     let v = service::load::<Vol>(&mut conn, &ctx, &project_id, &id).await?;
     let attached = !rows::attachments_of(&mut conn, &v.id).await?.is_empty();

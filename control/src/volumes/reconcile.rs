@@ -6,8 +6,18 @@
 //! 2. Volumes and snapshots of this node still `creating`: their bytes may be half made;
 //!    delete them from the pool and mark the row `error` (the user sees the failure and
 //!    deletes it). Rows still `deleting`: finish the delete.
-//! 3. Attachments of this node died with it: drop their rows; volumes left without an
-//!    attachment go back to `available`.
+//! 3. Attachments of this node: **serve them again**, with the same attachment id,
+//!    protocol and access mode, so the data plane puts them at the same endpoint (NBD
+//!    export `<volume>-<attachment>` on the same listeners, vhost-user socket
+//!    `VHOST_DIR/<volume>-<attachment8>.sock`) and the clients that lost their
+//!    connection reconnect to what they knew: QEMU's `reconnect=` chardev and its
+//!    inflight area resubmit the guest's requests in flight, an NBD client reconnects
+//!    and retries. A changed endpoint (the daemon was restarted with other `--nbd` or
+//!    `--vhost-dir` flags) is recorded and logged. An attachment that cannot be served
+//!    again (its volume is gone or not `in-use`, the unlock fails, the key is missing)
+//!    is dropped and logged at `error`; volumes left without an attachment go back to
+//!    `available`. Reservations (attachments API rows without a connector) have no
+//!    front end and are left as they are.
 //! 4. Pool objects no volume or snapshot row names (orphans, and partial leftovers of
 //!    an interrupted create) are deleted.
 //!
@@ -22,10 +32,12 @@
 //! Only objects named like Ember's (volume and snapshot ids are UUIDs) are touched.
 
 use super::rows;
-use super::service::{finish_delete, finish_snapshot_delete};
+use super::rows::Stored;
+use super::service::{finish_delete, finish_snapshot_delete, restore_attachment};
 use super::status::{Event, Status};
-use crate::dataplane::ObjectRef;
+use crate::dataplane::{ObjectRef, Protocol};
 use crate::state::AppState;
+use serde_json::Value;
 use std::collections::HashSet;
 
 /// A volume or snapshot this node was working on.
@@ -43,8 +55,10 @@ pub struct Report {
     pub marked_error: usize,
     /// Deletes finished.
     pub deletes_finished: usize,
-    /// Attachments dropped.
-    pub attachments_dropped: u64,
+    /// Attachments served again.
+    pub attachments_restored: usize,
+    /// Attachments that could not be served again, dropped.
+    pub attachments_dropped: usize,
     /// Pool objects removed (orphans and partial leftovers).
     pub objects_removed: usize,
 }
@@ -94,8 +108,7 @@ pub async fn reconcile(st: &AppState) -> anyhow::Result<Report> {
         }
     }
 
-    rep.attachments_dropped =
-        rows::drop_node_attachments(&mut *pool.acquire().await?, &node).await?;
+    restore_attachments(st, &node, &mut rep).await?;
 
     // The pools first, then the database (see the module doc).
     let mut stored = Vec::new();
@@ -126,4 +139,61 @@ pub async fn reconcile(st: &AppState) -> anyhow::Result<Report> {
     }
     tracing::info!(?rep, "start-up reconciliation done");
     Ok(rep)
+}
+
+/// Step 3: serve this node's attachments again (see the module doc).
+async fn restore_attachments(st: &AppState, node: &str, rep: &mut Report) -> anyhow::Result<()> {
+    let pool = &st.db().pool;
+    let atts = rows::node_attachments(&mut *pool.acquire().await?, node).await?;
+    for a in atts {
+        let protocol = match a.protocol.as_str() {
+            "nbd" => Protocol::Nbd,
+            "vhost-user" => Protocol::VhostUser,
+            _ => continue,
+        };
+        let stored: Value = serde_json::from_str(&a.connection_info).unwrap_or(Value::Null);
+        let vol = rows::Vol::find(&mut *pool.acquire().await?, &a.volume_id).await?;
+        let res = match vol {
+            Some(v) if v.status == Status::InUse => {
+                let read_only = a.attach_mode == "ro" || v.readonly;
+                restore_attachment(st, &v, &a.id, protocol, read_only)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .map(|text| {
+                        let info: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                        (info, read_only)
+                    })
+            }
+            Some(v) => Err(format!("the volume is {}", v.status)),
+            None => Err("the volume is gone".to_string()),
+        };
+        match res {
+            Ok((info, read_only)) => {
+                if info != stored {
+                    // Restarted with other listeners or another vhost dir: the row says
+                    // where clients find it now.
+                    rows::set_connection_info(
+                        &mut *pool.acquire().await?,
+                        &a.id,
+                        &info.to_string(),
+                    )
+                    .await?;
+                    tracing::warn!(volume = %a.volume_id, attachment = %a.id,
+                        before = %stored["data"], now = %info["data"],
+                        "attachment served again at another endpoint: its clients must be told");
+                }
+                tracing::info!(volume = %a.volume_id, attachment = %a.id,
+                    protocol = protocol.as_str(), read_only, "attachment served again");
+                rep.attachments_restored += 1;
+            }
+            Err(why) => {
+                tracing::error!(volume = %a.volume_id, attachment = %a.id, error = %why,
+                    "cannot serve the attachment again: dropped");
+                rows::delete_attachment(&mut *pool.acquire().await?, &a.id).await?;
+                rep.attachments_dropped += 1;
+            }
+        }
+    }
+    rows::settle_unattached(&mut *pool.acquire().await?).await?;
+    Ok(())
 }

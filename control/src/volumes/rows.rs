@@ -788,19 +788,42 @@ pub async fn delete_attachment(conn: &mut AnyConnection, id: &str) -> Result<(),
     Ok(())
 }
 
-/// Drop every attachment of `node` (they died with it); returns how many. Volumes
-/// left without one go back to `available`.
-pub async fn drop_node_attachments(
+/// Every attachment `node` made a front end for (reservations have none), oldest first:
+/// what start-up reconciliation serves again.
+pub async fn node_attachments(
     conn: &mut AnyConnection,
     node: &str,
-) -> Result<u64, sqlx::Error> {
-    // Reservations have no front end: they did not die with the process.
-    let n = execute_args(
+) -> Result<Vec<Attachment>, sqlx::Error> {
+    let sql = "SELECT * FROM volume_attachments WHERE node_id = ? AND attach_status <> ? \
+               ORDER BY attached_at, id"
+        .into();
+    fetch(
         conn,
-        "DELETE FROM volume_attachments WHERE node_id = ? AND attach_status <> ?",
+        sql,
         &[node, AttachStatus::Reserved.as_str()],
+        attachment_row,
+    )
+    .await
+}
+
+/// Replace the recorded `connection_info` of attachment `id`.
+pub async fn set_connection_info(
+    conn: &mut AnyConnection,
+    id: &str,
+    connection_info: &str,
+) -> Result<(), sqlx::Error> {
+    execute_args(
+        conn,
+        "UPDATE volume_attachments SET connection_info = ? WHERE id = ?",
+        &[connection_info, id],
     )
     .await?;
+    Ok(())
+}
+
+/// Volumes `in-use` without any attachment left go back to `available`; returns how
+/// many moved.
+pub async fn settle_unattached(conn: &mut AnyConnection) -> Result<u64, sqlx::Error> {
     let (from, _) = Event::LastDetached.transition();
     let sql = format!(
         "UPDATE volumes SET status = '{}', updated_at = ? WHERE status IN ({}) \
@@ -808,8 +831,7 @@ pub async fn drop_node_attachments(
         Status::Available,
         in_list(from.iter().map(|s| s.as_str()))
     );
-    exec_built(conn, sql, &[&now()]).await?;
-    Ok(n)
+    exec_built(conn, sql, &[&now()]).await
 }
 
 /// Number of volumes of a volume type.

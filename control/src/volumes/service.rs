@@ -60,6 +60,7 @@ pub fn dp_error(what: &str, e: DataPlaneError) -> ApiError {
         DataPlaneError::NoPool(_) => ApiError::unavailable(e.to_string()),
         DataPlaneError::ShuttingDown => ApiError::unavailable("the node is shutting down; retry"),
         DataPlaneError::Busy(_) => ApiError::busy(e.to_string(), BUSY_RETRY_SECS),
+        DataPlaneError::LunUnavailable { .. } => ApiError::unavailable(e.to_string()),
         e => {
             tracing::error!(error = %e, "{what}");
             ApiError::internal(format!("{what} failed (see the daemon log)"))
@@ -89,7 +90,9 @@ pub async fn volume_view(conn: &mut AnyConnection, v: &Vol) -> ApiResult<Value> 
     let type_name = types::name_of(conn, &v.type_id).await?;
     let atts = rows::attachments_of(conn, &v.id).await?;
     let meta = rows::metadata_of(conn, rows::Meta::Volume, &v.id).await?;
-    Ok(views::volume(v, type_name, &atts, &meta))
+    let mut view = views::volume(v, type_name, &atts, &meta);
+    super::manageable::decorate(conn, v, &mut view).await?;
+    Ok(view)
 }
 
 /// A snapshot's JSON view (with its metadata).
@@ -672,6 +675,9 @@ pub(crate) async fn finish_delete(st: &AppState, v: &Vol) -> ApiResult<()> {
 
 /// Grow a volume (live attachments too) to `new_gib` GiB.
 pub async fn extend(st: &AppState, v: &Vol, new_gib: u64) -> ApiResult<()> {
+    if super::manageable::extend(st, v, new_gib).await? {
+        return Ok(());
+    }
     v.status.allows(&v.id, VolumeUse::Extend)?;
     let old_gib = v.size_bytes / GIB;
     if new_gib <= old_gib || new_gib > MAX_SIZE_GIB {
@@ -743,6 +749,8 @@ async fn attach_volume(
     protocol: Protocol,
     read_only: bool,
 ) -> ApiResult<Endpoint> {
+    // A LUN volume is bound to its LUN again first (login, identity check).
+    super::manageable::before_attach(st, v).await?;
     let mut conn = st.db().pool.acquire().await?;
     let t = types::by_id(&mut conn, &v.type_id).await?;
     let qos = crate::qos::limits_of_type(&mut conn, &t).await?;
@@ -774,6 +782,23 @@ async fn undo_attach(st: &AppState, v: &Vol, attachment_id: &str) {
     {
         tracing::error!(volume = %v.id, error = %d, "cannot undo a data-plane attachment");
     }
+}
+
+/// Serve again an attachment this node recorded before it stopped (start-up
+/// reconciliation): the same attachment id, protocol and access mode, so the data plane
+/// serves it at the same endpoint (NBD export name, vhost-user socket path) and its
+/// clients reconnect to what they knew. Returns the `connection_info` it has now, as the
+/// attachment row keeps it (JSON text, without credentials).
+pub async fn restore_attachment(
+    st: &AppState,
+    v: &Vol,
+    attachment_id: &str,
+    protocol: Protocol,
+    read_only: bool,
+) -> ApiResult<String> {
+    let endpoint = attach_volume(st, v, attachment_id, protocol, read_only).await?;
+    let info = views::connection_info(&endpoint, v, attachment_id, read_only);
+    Ok(stored_info(&endpoint, &info))
 }
 
 /// `connection_info` as the database keeps it: credentials are for the caller only; the

@@ -297,46 +297,40 @@ impl Harness {
             .await
     }
 
+    /// POST `body` to `uri` as admin, expecting `want`; returns the string at
+    /// `answer[object][field]` (the new resource's id).
+    async fn admin_create(
+        &self,
+        uri: &str,
+        body: Value,
+        want: u16,
+        (object, field): (&str, &str),
+    ) -> String {
+        let v = self.admin_ok(Method::POST, uri, Some(body), want).await;
+        v[object][field].as_str().unwrap().to_string()
+    }
+
     /// Create a volume type as admin (`body` is the `volume_type` object); returns its id.
     pub async fn create_type(&self, body: Value) -> String {
-        let v = self
-            .admin_ok(
-                Method::POST,
-                &format!("/v3/{}/types", self.admin_project),
-                Some(json!({ "volume_type": body })),
-                200,
-            )
-            .await;
-        v["volume_type"]["id"].as_str().unwrap().to_string()
+        let uri = format!("/v3/{}/types", self.admin_project);
+        let body = json!({ "volume_type": body });
+        self.admin_create(&uri, body, 200, ("volume_type", "id"))
+            .await
     }
 
     /// Create a project and return its id.
     pub async fn project(&self, name: &str) -> String {
-        let v = self
-            .admin_ok(
-                Method::POST,
-                "/v3/projects",
-                Some(json!({"project": {"name": name}})),
-                201,
-            )
-            .await;
-        v["project"]["id"].as_str().unwrap().to_string()
+        let body = json!({"project": {"name": name}});
+        self.admin_create("/v3/projects", body, 201, ("project", "id"))
+            .await
     }
 
     /// Give a type the LUKS encryption spec (defaults for the rest); returns its id.
     pub async fn create_luks_encryption(&self, type_id: &str) -> String {
-        let v = self
-            .admin_ok(
-                Method::POST,
-                &format!("/v3/{}/types/{type_id}/encryption", self.admin_project),
-                Some(json!({"encryption": {"provider": "luks"}})),
-                200,
-            )
-            .await;
-        v["encryption"]["encryption_id"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        let uri = format!("/v3/{}/types/{type_id}/encryption", self.admin_project);
+        let body = json!({"encryption": {"provider": "luks"}});
+        self.admin_create(&uri, body, 200, ("encryption", "encryption_id"))
+            .await
     }
 
     /// Store a text passphrase secret with `token`; returns its id.

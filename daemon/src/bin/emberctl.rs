@@ -2,7 +2,9 @@
 //!
 //! Endpoint and token come from `--url`/`--token` (or `--token-file`) or from
 //! `EMBER_URL`/`EMBER_TOKEN`/`EMBER_TOKEN_FILE`. Output is a table, or the API's JSON
-//! with `--json`. API errors print the server's message and exit 1.
+//! with `--json`. API errors print the server's message and exit 1. `volume attach
+//! --psk-file` writes an NBD attachment's TLS key where NBD clients read it (psktool
+//! format, mode 0600) and keeps it off the terminal.
 
 use anyhow::Context;
 use base64::Engine;
@@ -55,6 +57,33 @@ enum Cmd {
     /// Secrets (key manager).
     #[command(subcommand)]
     Secret(SecretCmd),
+    /// Volume attachments.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    /// Attach a volume (`os-initialize_connection`); prints where to reach it.
+    Attach {
+        /// Volume id.
+        id: String,
+        /// nbd or vhost-user.
+        #[arg(long, default_value = "nbd")]
+        protocol: String,
+        /// NBD with TLS: write the attachment's pre-shared key to this file (psktool
+        /// format `identity:hexkey`, mode 0600; must not exist) for nbdinfo's
+        /// `tls-psk-file=` or, named `keys.psk` in a directory, qemu's `tls-creds-psk`.
+        #[arg(long, value_name = "PATH")]
+        psk_file: Option<std::path::PathBuf>,
+    },
+    /// Detach (`os-terminate_connection`): its clients are disconnected, its key revoked.
+    Detach {
+        /// Volume id.
+        id: String,
+        /// The attachment id `attach` printed.
+        attachment: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -302,6 +331,64 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Ok(())
     };
     match &cli.cmd {
+        Cmd::Volume(VolumeCmd::Attach {
+            id,
+            protocol,
+            psk_file,
+        }) => {
+            let p = project()?;
+            let body = json!({"os-initialize_connection": {"connector": {"protocol": protocol}}});
+            let v = api.json(
+                Method::POST,
+                &format!("/v3/{p}/volumes/{id}/action"),
+                Some(body),
+            )?;
+            let d = &v["connection_info"]["data"];
+            let tls = &d["tls"];
+            if let Some(path) = psk_file {
+                let (Some(ident), Some(key)) = (tls["psk_identity"].as_str(), tls["psk"].as_str())
+                else {
+                    anyhow::bail!(
+                        "the attachment has no TLS key (an NBD listener without TLS, or not NBD); attachment {}",
+                        s(&d["attachment_id"])
+                    );
+                };
+                write_secret_file(path, &format!("{ident}:{key}\n"))?;
+            }
+            let mut shown = v.clone();
+            if psk_file.is_some() {
+                // The key is in the file; keep it off the terminal.
+                if let Some(t) = shown["connection_info"]["data"]["tls"].as_object_mut() {
+                    t.remove("psk");
+                }
+            }
+            let r#where = d["uri"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| s(&d["socket_path"]));
+            print(
+                &shown,
+                table(
+                    &["attachment_id", "uri", "psk_identity"],
+                    &[vec![
+                        s(&d["attachment_id"]),
+                        r#where,
+                        s(&tls["psk_identity"]),
+                    ]],
+                ),
+            )?;
+        }
+        Cmd::Volume(VolumeCmd::Detach { id, attachment }) => {
+            let p = project()?;
+            let body =
+                json!({"os-terminate_connection": {"connector": {"attachment_id": attachment}}});
+            let (_, v) = api.call(
+                Method::POST,
+                &format!("/v3/{p}/volumes/{id}/action"),
+                Some(body),
+            )?;
+            print(&v, format!("detached {attachment}\n"))?;
+        }
         Cmd::Project(ProjectCmd::Create { name, description }) => {
             let v = api.json(
                 Method::POST,
@@ -496,6 +583,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Create `path` (which must not exist) with mode 0600 and write `text`.
+fn write_secret_file(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("write {}", path.display()))
 }
 
 fn type_table(list: &[Value]) -> String {

@@ -21,8 +21,10 @@ fn start() -> Fx {
     std::fs::create_dir(dir.path().join("vhost")).unwrap();
     let (dp, bound) = EmberDataPlane::start(
         vec![("default".into(), dir.path().join("pool"))],
+        Vec::new(),
         &[ListenAddr::Unix(sock.clone())],
         crate::nbd::NbdLimits::default(),
+        crate::nbd::TlsMode::Off,
         dir.path().join("vhost"),
         ember_crypto::UnlockLimits::default(),
     )

@@ -43,16 +43,23 @@
 //! `reqs`, `iovs`/`msg` and the `sending` batch) belongs to this `Conn`, which sits in a
 //! `Box` (stable address) and is only freed once no SQE of it is in flight
 //! ([`Conn::finished`]).
+//!
+//! In-flight table: a [`Slots`] of at most [`MAX_REQUESTS`] entries (every entry is an
+//! unreplied request). A device request's [`Tag`] carries the connection's slot in the
+//! worker as its route and the request's key; a socket SQE's carries the connection's
+//! key and [`KIND_RECV`] or [`KIND_SEND`]. A completion whose key is stale finds nothing.
 
 use super::gate::{buf_bytes, ConnSlot, Pool};
 use super::handshake::BASE_ALLOCATION_ID;
 use super::proto::{self, cmd, cmd_flag, err, RequestHeader};
 use super::request::{self, Action, Session};
 use super::Export;
-use ember_blockdev::engine::user_data;
-use ember_blockdev::{Buffer, Completion, IoBuf, IoVecs, Op, Queue, Request, Ring};
+use ember_blockdev::sys;
+use ember_blockdev::{
+    Buffer, Completion, IoBuf, IoVecs, Key, Kind, Op, Queue, Request, Ring, Slots, Tag,
+};
 use io_uring::{opcode, types};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -92,10 +99,11 @@ const UNIX_SNDBUF_BYTES: libc::c_int = 4 << 20;
 /// is not pinned for long.
 const BORROW_MAX_BYTES: usize = 64 * 1024;
 
-/// `user_data` slot kinds of the socket SQEs (owner 0 is the event loop).
-pub const KIND_RECV: u64 = 0;
-/// See [`KIND_RECV`].
-pub const KIND_SEND: u64 = 1;
+/// Tag kind of a connection's socket receive (owner 0 is the event loop; the key is the
+/// connection's in the worker).
+pub const KIND_RECV: Kind = Kind::new(0);
+/// Tag kind of a connection's `sendmsg`.
+pub const KIND_SEND: Kind = Kind::new(1);
 
 /// What the worker gives a connection to work with.
 pub struct Cx<'a> {
@@ -157,7 +165,7 @@ struct Batch {
 
 /// A write payload being received into its own buffer.
 struct Payload {
-    slot: usize,
+    slot: Key,
     filled: usize,
 }
 
@@ -179,14 +187,17 @@ pub struct ConnSetup {
 
 /// One connection.
 pub struct Conn {
-    idx: usize,
+    /// This connection's key in its worker (the key of its socket SQEs).
+    key: Key,
+    /// The route of its device requests' tags: `key`'s slot.
+    route: u16,
     fd: OwnedFd,
     /// Peer address, for logs.
     pub peer: String,
     /// The export served.
     pub export: Arc<Export>,
-    /// Index of the export's queue in the worker.
-    pub qidx: usize,
+    /// Key of the export's queue in the worker.
+    pub qidx: Key,
     session: Session,
     state: State,
     /// Queued for service by the worker.
@@ -213,8 +224,9 @@ pub struct Conn {
     /// Since when a request has been half received (see the module doc).
     mid_since: Option<Instant>,
 
-    reqs: Vec<Option<Pending>>,
-    free: Vec<usize>,
+    /// Requests at the device (or receiving their payload), by the key in their tag;
+    /// at most [`MAX_REQUESTS`] (each is unreplied).
+    reqs: Slots<Pending>,
     dev_inflight: usize,
 
     /// Reused vector for synchronous completions.
@@ -230,8 +242,8 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// A connection at slot `idx` of its worker.
-    pub fn new(idx: usize, qidx: usize, c: ConnSetup, now: Instant) -> Box<Conn> {
+    /// A connection at `key` of its worker, whose device requests carry `route`.
+    pub fn new(key: Key, route: u16, qidx: Key, c: ConnSetup, now: Instant) -> Box<Conn> {
         let session = Session {
             max_block: c.export.max_block(),
             read_only: c.export.is_read_only(),
@@ -240,7 +252,8 @@ impl Conn {
         };
         Self::tune_socket(&c.fd);
         Box::new(Conn {
-            idx,
+            key,
+            route,
             fd: c.fd,
             peer: c.peer,
             export: c.export,
@@ -261,8 +274,7 @@ impl Conn {
             skip: 0,
             skip_reply: None,
             mid_since: None,
-            reqs: Vec::new(),
-            free: Vec::new(),
+            reqs: Slots::new(MAX_REQUESTS),
             dev_inflight: 0,
             scratch: Vec::new(),
             out: Batch::default(),
@@ -279,38 +291,16 @@ impl Conn {
     /// Enlarge a Unix socket's send buffer (see [`UNIX_SNDBUF_BYTES`]); TCP keeps its
     /// auto-tuning. Best effort: a failure only costs speed.
     fn tune_socket(fd: &OwnedFd) {
-        // SAFETY: sockaddr_storage is plain data; all-zero is valid.
-        let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: `ss` and `len` are valid out-pointers sized as declared.
-        let r = unsafe {
-            libc::getsockname(
-                fd.as_raw_fd(),
-                (&raw mut ss).cast::<libc::sockaddr>(),
-                &raw mut len,
-            )
-        };
-        if r != 0 || libc::c_int::from(ss.ss_family) != libc::AF_UNIX {
+        if sys::socket_family(fd.as_fd()).ok() != Some(libc::AF_UNIX) {
             return;
         }
-        let v = UNIX_SNDBUF_BYTES;
-        // SAFETY: setsockopt reads a c_int from a live local.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&raw const v).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "could not enlarge SO_SNDBUF");
+        if let Err(e) = sys::set_send_buffer(fd.as_fd(), UNIX_SNDBUF_BYTES) {
+            tracing::debug!(error = %e, "could not enlarge SO_SNDBUF");
         }
     }
 
-    fn ud(&self, kind: u64) -> u64 {
-        user_data(0, ((self.idx as u64) << 2) | kind)
+    fn ud(&self, kind: Kind) -> u64 {
+        Tag::new(0, kind, self.key).raw()
     }
 
     /// True once the connection is closed and no SQE of it is in flight: it may be freed.
@@ -330,8 +320,7 @@ impl Conn {
         }
         self.state = State::Closing;
         // Wakes any receive or send of ours still in the ring; their CQEs then arrive.
-        // SAFETY: shutdown(2) on a socket we own has no memory effects.
-        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = sys::shutdown(self.fd.as_fd());
         // The charges need no settling: the slot gives everything back with the Conn.
         for it in self.out.items.drain(..) {
             if let Some(b) = it.data {
@@ -402,7 +391,7 @@ impl Conn {
             std::mem::swap(cx.done, &mut batch);
             let mut foreign = false;
             for c in batch.drain(..) {
-                if (c.tag >> 32) as usize == self.idx {
+                if Tag::from_raw(c.tag).route() == self.route {
                     self.on_done(c, cx);
                 } else {
                     // Not ours (cannot happen today): leave it to the worker.
@@ -435,12 +424,7 @@ impl Conn {
         }
         let fd = types::Fd(self.fd.as_raw_fd());
         let (ptr, len, into_payload) = if let Some(p) = &self.payload {
-            let Some(buf) = self
-                .reqs
-                .get_mut(p.slot)
-                .and_then(|r| r.as_mut())
-                .and_then(|r| r.buf.as_mut())
-            else {
+            let Some(buf) = self.reqs.get_mut(p.slot).and_then(|r| r.buf.as_mut()) else {
                 self.close("internal error: lost a write payload", true, cx.pool);
                 return;
             };
@@ -541,7 +525,6 @@ impl Conn {
             let complete = self
                 .reqs
                 .get(slot)
-                .and_then(|r| r.as_ref())
                 .and_then(|r| r.buf.as_ref())
                 .is_some_and(|b| p.filled >= b.len());
             if complete {
@@ -643,11 +626,16 @@ impl Conn {
                 self.skip_reply = Some((h.handle, h.cmd, error, charge));
             }
             Action::Read => {
+                let Some(slot) = self.alloc(&h, None, charge, false, cx) else {
+                    return;
+                };
                 let buf = cx.pool.get(h.len as usize);
-                let slot = self.alloc(&h, None, charge);
                 self.submit(slot, Op::Read, off, len, Buffer::Owned(buf), cx);
             }
             Action::Write { fua } if borrow => {
+                let Some(slot) = self.alloc(&h, None, charge, true, cx) else {
+                    return;
+                };
                 let n = h.len as usize;
                 // Zero copy: the device writes straight from the receive buffer.
                 let iov = libc::iovec {
@@ -663,10 +651,6 @@ impl Conn {
                 let v = unsafe { IoVecs::new(vec![iov]) };
                 self.rstart += n;
                 self.rbuf_pins += 1;
-                let slot = self.alloc(&h, None, charge);
-                if let Some(p) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) {
-                    p.borrowed = true;
-                }
                 self.submit(slot, Op::Write { fua }, off, len, Buffer::Borrowed(v), cx);
             }
             Action::Write { .. } => {
@@ -676,7 +660,9 @@ impl Conn {
                 buf.as_mut_slice()[..have]
                     .copy_from_slice(&self.rbuf[self.rstart..self.rstart + have]);
                 self.rstart += have;
-                let slot = self.alloc(&h, Some(buf), charge);
+                let Some(slot) = self.alloc(&h, Some(buf), charge, false, cx) else {
+                    return;
+                };
                 if have == n {
                     self.submit_write(slot, cx);
                 } else {
@@ -685,15 +671,21 @@ impl Conn {
             }
             Action::Disconnect => self.state = State::Draining,
             Action::Flush => {
-                let slot = self.alloc(&h, None, charge);
+                let Some(slot) = self.alloc(&h, None, charge, false, cx) else {
+                    return;
+                };
                 self.submit(slot, Op::Flush, 0, 0, Buffer::None, cx);
             }
             Action::Trim => {
-                let slot = self.alloc(&h, None, charge);
+                let Some(slot) = self.alloc(&h, None, charge, false, cx) else {
+                    return;
+                };
                 self.submit(slot, Op::Discard, off, len, Buffer::None, cx);
             }
             Action::WriteZeroes { unmap } => {
-                let slot = self.alloc(&h, None, charge);
+                let Some(slot) = self.alloc(&h, None, charge, false, cx) else {
+                    return;
+                };
                 self.submit(slot, Op::WriteZeroes { unmap }, off, len, Buffer::None, cx);
             }
             Action::BlockStatus => self.block_status(&h, charge),
@@ -742,7 +734,16 @@ impl Conn {
 
     // ---------------------------------------------------------------- in-flight table
 
-    fn alloc(&mut self, h: &RequestHeader, buf: Option<IoBuf>, charge: usize) -> usize {
+    /// Record a request; `None` (and the connection closed) if the table is full, which
+    /// the [`MAX_REQUESTS`] bound on unreplied requests rules out.
+    fn alloc(
+        &mut self,
+        h: &RequestHeader,
+        buf: Option<IoBuf>,
+        charge: usize,
+        borrowed: bool,
+        cx: &mut Cx<'_>,
+    ) -> Option<Key> {
         let p = Pending {
             handle: h.handle,
             cmd: h.cmd,
@@ -752,38 +753,35 @@ impl Conn {
             charge,
             buf,
             flushing: false,
-            borrowed: false,
+            borrowed,
             zero_retry: false,
         };
-        if let Some(i) = self.free.pop() {
-            self.reqs[i] = Some(p);
-            i
-        } else {
-            self.reqs.push(Some(p));
-            self.reqs.len() - 1
+        match self.reqs.insert(p) {
+            Ok(key) => Some(key),
+            Err(p) => {
+                if let Some(b) = p.buf {
+                    cx.pool.put(b);
+                }
+                self.close("internal error: request table full", true, cx.pool);
+                None
+            }
         }
     }
 
-    fn release(&mut self, slot: usize) -> Option<Pending> {
-        let p = self.reqs.get_mut(slot)?.take()?;
-        self.free.push(slot);
-        Some(p)
-    }
-
-    fn submit(&mut self, slot: usize, op: Op, offset: u64, len: u64, buf: Buffer, cx: &mut Cx<'_>) {
+    fn submit(&mut self, slot: Key, op: Op, offset: u64, len: u64, buf: Buffer, cx: &mut Cx<'_>) {
         self.dev_inflight += 1;
         let req = Request {
             op,
             offset,
             len,
             buf,
-            tag: ((self.idx as u64) << 32) | slot as u64,
+            tag: Tag::new(self.route, Kind::IO, slot).raw(),
         };
         cx.queue.submit(cx.ring, req, cx.done);
     }
 
-    fn submit_write(&mut self, slot: usize, cx: &mut Cx<'_>) {
-        let Some(p) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) else {
+    fn submit_write(&mut self, slot: Key, cx: &mut Cx<'_>) {
+        let Some(p) = self.reqs.get_mut(slot) else {
             return;
         };
         let Some(buf) = p.buf.take() else { return };
@@ -794,19 +792,15 @@ impl Conn {
         self.submit(slot, op, offset, len, Buffer::Owned(buf), cx);
     }
 
-    /// A device completion for this connection (`tag` low half = slot).
+    /// A device completion for this connection (its tag's key is the request's).
     pub fn on_done(&mut self, c: Completion, cx: &mut Cx<'_>) {
         self.dev_inflight = self.dev_inflight.saturating_sub(1);
-        let slot = (c.tag & 0xffff_ffff) as usize;
+        let slot = Tag::from_raw(c.tag).key();
         let buf = c.buf.into_owned();
         let closing = self.state == State::Closing;
         let mut result = c.result;
         let unsupported = matches!(result, Err(libc::EOPNOTSUPP));
-        if let (false, true, Some(p)) = (
-            closing,
-            unsupported,
-            self.reqs.get_mut(slot).and_then(|r| r.as_mut()),
-        ) {
+        if let (false, true, Some(p)) = (closing, unsupported, self.reqs.get_mut(slot)) {
             if p.cmd == cmd::TRIM && !p.flushing {
                 // Trim is advisory: a device that cannot deallocate just keeps the data.
                 result = Ok(());
@@ -826,25 +820,21 @@ impl Conn {
         }
         let fua_flush = !closing
             && result.is_ok()
-            && self
-                .reqs
-                .get(slot)
-                .and_then(|r| r.as_ref())
-                .is_some_and(|p| {
-                    matches!(p.cmd, cmd::TRIM | cmd::WRITE_ZEROES)
-                        && p.flags & cmd_flag::FUA != 0
-                        && !p.flushing
-                });
+            && self.reqs.get(slot).is_some_and(|p| {
+                matches!(p.cmd, cmd::TRIM | cmd::WRITE_ZEROES)
+                    && p.flags & cmd_flag::FUA != 0
+                    && !p.flushing
+            });
         if fua_flush {
             // Trim and write-zeroes have no FUA of their own: flush after them.
-            if let Some(p) = self.reqs.get_mut(slot).and_then(|r| r.as_mut()) {
+            if let Some(p) = self.reqs.get_mut(slot) {
                 p.flushing = true;
             }
             self.submit(slot, Op::Flush, 0, 0, Buffer::None, cx);
             return;
         }
-        let Some(mut p) = self.release(slot) else {
-            tracing::warn!(slot, "completion for an unknown NBD request");
+        let Some(mut p) = self.reqs.remove(slot) else {
+            tracing::warn!(tag = c.tag, "completion for an unknown NBD request");
             return;
         };
         if p.borrowed {

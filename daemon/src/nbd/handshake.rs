@@ -3,8 +3,22 @@
 //! The server greets, reads the client flags, then answers options until `NBD_OPT_GO` or
 //! `NBD_OPT_EXPORT_NAME` selects an export (→ transmission) or the client aborts. It reads
 //! exactly the bytes of each option, never more, so requests the client pipelines after
-//! `GO` stay in the socket for the I/O thread. Unknown options get `NBD_REP_ERR_UNSUP`;
-//! TLS is not offered (`NBD_REP_ERR_POLICY`).
+//! `GO` stay in the socket for the I/O thread. Unknown options get `NBD_REP_ERR_UNSUP`.
+//!
+//! TLS ([`Policy`], [`super::tls`]): with the listener's mode off, `NBD_OPT_STARTTLS` is
+//! refused (`NBD_REP_ERR_POLICY`). Otherwise it is acknowledged and the TLS handshake runs
+//! on the same socket under the same deadline; every option after it goes through the
+//! session, and what was negotiated before it (structured replies, meta contexts) is
+//! forgotten, as a man in the middle may have sent it. In `require` mode everything
+//! before `STARTTLS` but `ABORT` gets `NBD_REP_ERR_TLS_REQD`, and `EXPORT_NAME` (which
+//! has no error reply) closes the connection. A second `STARTTLS` is
+//! `NBD_REP_ERR_INVALID`. With TLS, the client's session (and any ciphertext it already
+//! sent past `GO`) goes to the I/O thread in [`Negotiated::tls`].
+//!
+//! Access ([`super::Access`]): an export the client has not authenticated for (its PSK
+//! identity, its Unix uid and gid) is absent for it: `LIST` does not name it, and
+//! `INFO`, `GO`, the meta-context options and `EXPORT_NAME` answer as for an unknown
+//! name, so a client learns nothing of other attachments.
 //!
 //! Bounds: option data ([`MAX_OPTION_BYTES`]; more is answered `NBD_REP_ERR_TOO_BIG` and
 //! ends the connection), options per handshake ([`MAX_OPTIONS`], then the connection
@@ -19,7 +33,8 @@
 
 use super::gate::Refusal;
 use super::proto::{self, info, opt, rep};
-use super::{Export, Registry};
+use super::tls::{TlsChannel, TlsMode, TlsServer, TlsSession};
+use super::{ClientAuth, Export, Registry};
 use socket2::SockRef;
 use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
@@ -45,6 +60,74 @@ pub struct Negotiated<A> {
     pub meta_context: bool,
     /// What `admit` gave for it.
     pub admission: A,
+    /// The TLS session, when the client upgraded (boxed: it moves between threads).
+    pub tls: Option<Box<TlsSession>>,
+}
+
+/// A listener's TLS rules and what is known of the client before it speaks.
+#[derive(Debug, Clone)]
+pub struct Policy<'a> {
+    /// Off, on or require.
+    pub mode: TlsMode,
+    /// Credentials (needed unless the mode is off).
+    pub tls: Option<&'a TlsServer>,
+    /// The client as accepted (its Unix credentials); TLS fills in the rest.
+    pub client: ClientAuth,
+}
+
+impl Policy<'_> {
+    /// No TLS, no credentials: every export with [`super::Access::Any`].
+    pub fn plain() -> Policy<'static> {
+        Policy {
+            mode: TlsMode::Off,
+            tls: None,
+            client: ClientAuth::default(),
+        }
+    }
+}
+
+/// The handshake's stream: plaintext, then (after `STARTTLS`) TLS over the same socket.
+enum Chan<'a, S> {
+    Plain(&'a mut S),
+    Tls(TlsChannel<'a, S>),
+    /// Only while switching.
+    Gone,
+}
+
+impl<S: Read + Write> Read for Chan<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Chan::Plain(s) => s.read(buf),
+            Chan::Tls(t) => t.read(buf),
+            Chan::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+impl<S: Read + Write> Write for Chan<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Chan::Plain(s) => s.write(buf),
+            Chan::Tls(t) => t.write(buf),
+            Chan::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Chan::Plain(s) => s.flush(),
+            Chan::Tls(t) => t.flush(),
+            Chan::Gone => Ok(()),
+        }
+    }
+}
+
+impl<S> Chan<'_, S> {
+    fn take_tls(self) -> Option<Box<TlsSession>> {
+        match self {
+            Chan::Tls(t) => Some(Box::new(t.tls)),
+            _ => None,
+        }
+    }
 }
 
 /// A socket whose every read and write must finish before one deadline: each call gets
@@ -114,13 +197,26 @@ fn reply<S: Write>(s: &mut S, option: u32, ty: u32, data: &[u8]) -> io::Result<(
     s.write_all(&out)
 }
 
-/// Run the handshake; `admit` decides whether the chosen export's connection may start.
-/// `Ok(None)`: the client ended it (abort, unknown or refused `EXPORT_NAME`).
+/// Run the handshake without TLS ([`Policy::plain`]); see [`negotiate_with`].
 pub fn negotiate<S: Read + Write, A>(
     s: &mut S,
     registry: &Registry,
     admit: &mut dyn FnMut(&Arc<Export>) -> Result<A, Refusal>,
 ) -> io::Result<Option<Negotiated<A>>> {
+    negotiate_with(s, registry, &Policy::plain(), admit)
+}
+
+/// Run the handshake under `policy`; `admit` decides whether the chosen export's
+/// connection may start. `Ok(None)`: the client ended it (abort, unknown or refused
+/// `EXPORT_NAME`, or `EXPORT_NAME` before a required `STARTTLS`).
+pub fn negotiate_with<S: Read + Write, A>(
+    sock: &mut S,
+    registry: &Registry,
+    policy: &Policy<'_>,
+    admit: &mut dyn FnMut(&Arc<Export>) -> Result<A, Refusal>,
+) -> io::Result<Option<Negotiated<A>>> {
+    let mut chan = Chan::Plain(sock);
+    let s = &mut chan;
     s.write_all(&proto::greeting())?;
     let mut fl = [0u8; 4];
     s.read_exact(&mut fl)?;
@@ -132,6 +228,7 @@ pub fn negotiate<S: Read + Write, A>(
     let mut structured = false;
     // The export name `SET_META_CONTEXT` was given, if it selected base:allocation.
     let mut meta_for: Option<String> = None;
+    let mut client = policy.client.clone();
 
     for _ in 0..MAX_OPTIONS {
         let mut h = [0u8; proto::OPTION_HEADER_BYTES];
@@ -144,12 +241,26 @@ pub fn negotiate<S: Read + Write, A>(
         }
         let mut data = vec![0u8; len as usize];
         s.read_exact(&mut data)?;
+        if policy.mode == TlsMode::Require && !client.tls {
+            match option {
+                opt::STARTTLS | opt::ABORT => {}
+                opt::EXPORT_NAME => {
+                    // No error reply exists for this option: the protocol says close.
+                    tracing::info!("client chose an export without the TLS this listener requires");
+                    return Ok(None);
+                }
+                _ => {
+                    reply(s, option, rep::ERR_TLS_REQD, b"TLS is required")?;
+                    continue;
+                }
+            }
+        }
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(export) = registry.get(&name) else {
+                let Some(export) = registry.get_for(&name, &client) else {
                     // No error path exists for this option: just close.
-                    tracing::info!(export = %name, "client asked for an unknown export");
+                    tracing::info!(export = %name, "client asked for an unknown export (or one it may not use)");
                     return Ok(None);
                 };
                 let admission = match admit(&export) {
@@ -166,11 +277,13 @@ pub fn negotiate<S: Read + Write, A>(
                     no_zeroes,
                 ))?;
                 let meta_context = meta_for.as_deref() == Some(name.as_str());
+                s.flush()?;
                 return Ok(Some(Negotiated {
                     export,
                     structured,
                     meta_context,
                     admission,
+                    tls: chan.take_tls(),
                 }));
             }
             opt::ABORT => {
@@ -183,18 +296,44 @@ pub fn negotiate<S: Read + Write, A>(
                     reply(s, option, rep::ERR_INVALID, b"LIST takes no data")?;
                     continue;
                 }
-                for name in registry.names() {
+                for name in registry.names_for(&client) {
                     reply(s, option, rep::SERVER, &proto::rep_server(&name))?;
                 }
                 reply(s, option, rep::ACK, &[])?;
             }
-            opt::STARTTLS => reply(s, option, rep::ERR_POLICY, b"TLS is not configured")?,
+            opt::STARTTLS => {
+                let Some(server) = policy.tls.filter(|_| policy.mode != TlsMode::Off) else {
+                    reply(s, option, rep::ERR_POLICY, b"TLS is not configured")?;
+                    continue;
+                };
+                if client.tls {
+                    reply(s, option, rep::ERR_INVALID, b"TLS is already on")?;
+                    continue;
+                }
+                if !data.is_empty() {
+                    reply(s, option, rep::ERR_INVALID, b"STARTTLS takes no data")?;
+                    continue;
+                }
+                reply(s, option, rep::ACK, &[])?;
+                let mut session = server.session()?;
+                let Chan::Plain(sock) = std::mem::replace(s, Chan::Gone) else {
+                    return Err(invalid("STARTTLS on a TLS channel"));
+                };
+                session.handshake(sock)?;
+                client.tls = true;
+                client.psk_identity = session.identity();
+                tracing::debug!(identity = ?client.psk_identity, tls = %session.describe(), "TLS handshake done");
+                *s = Chan::Tls(TlsChannel { sock, tls: session });
+                // Nothing negotiated in plaintext survives the upgrade.
+                structured = false;
+                meta_for = None;
+            }
             opt::INFO | opt::GO => {
                 let Ok((name, wanted)) = proto::decode_info_request(&data) else {
                     reply(s, option, rep::ERR_INVALID, b"malformed INFO/GO request")?;
                     continue;
                 };
-                let Some(export) = registry.get(&name) else {
+                let Some(export) = registry.get_for(&name, &client) else {
                     let msg = format!("no export named {name:?}");
                     reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes())?;
                     continue;
@@ -246,6 +385,7 @@ pub fn negotiate<S: Read + Write, A>(
                         structured,
                         meta_context,
                         admission,
+                        tls: chan.take_tls(),
                     }));
                 }
             }
@@ -282,7 +422,7 @@ pub fn negotiate<S: Read + Write, A>(
                     )?;
                     continue;
                 };
-                if registry.get(&name).is_none() {
+                if registry.get_for(&name, &client).is_none() {
                     let msg = format!("no export named {name:?}");
                     reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes())?;
                     continue;
@@ -336,6 +476,7 @@ mod tests {
                 name: "vol".into(),
                 dev,
                 read_only: false,
+                access: crate::nbd::Access::Any,
             }),
         );
         r
@@ -434,6 +575,101 @@ mod tests {
         let n = server.join().unwrap().unwrap().unwrap();
         assert!(n.structured && n.meta_context);
         assert_eq!(n.export.name, "vol");
+    }
+
+    /// Exports a client may not use are absent for it; `require` refuses everything but
+    /// `STARTTLS`/`ABORT` before TLS; `EXPORT_NAME` then closes.
+    #[test]
+    fn access_filters_exports_and_require_refuses_plaintext() {
+        let reg = registry();
+        let dev = open(
+            &BackendSpec::Null { size: 1 << 20 },
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        reg.exports.write().unwrap().insert(
+            "att".into(),
+            Arc::new(Export {
+                id: 2,
+                name: "att".into(),
+                dev,
+                read_only: false,
+                access: crate::nbd::Access::Attachment {
+                    psk_identity: Some("alice".into()),
+                    uid: Some(1000),
+                    gid: None,
+                },
+            }),
+        );
+        let keys = crate::nbd::PskTable::parse("t", "alice:00112233").unwrap();
+        let tls = TlsServer::new(Some(Arc::new(keys)), None).unwrap();
+        let tls = Arc::new(tls);
+        let run = |mode: TlsMode, unix: Option<(u32, u32)>| {
+            let (mut c, mut s) = UnixStream::pair().unwrap();
+            let (r2, t2) = (reg.clone(), tls.clone());
+            let server = std::thread::spawn(move || {
+                let policy = Policy {
+                    mode,
+                    tls: Some(&t2),
+                    client: ClientAuth {
+                        unix,
+                        ..ClientAuth::default()
+                    },
+                };
+                negotiate_with(&mut s, &r2, &policy, &mut |_| Ok(())).map(|n| n.is_some())
+            });
+            let mut g = [0u8; 18];
+            c.read_exact(&mut g).unwrap();
+            c.write_all(&3u32.to_be_bytes()).unwrap();
+            (c, server)
+        };
+        let list = |c: &mut UnixStream| {
+            send_opt(c, opt::LIST, &[]);
+            let mut names = Vec::new();
+            loop {
+                let (_, t, d) = read_reply(c);
+                if t == rep::ACK {
+                    return names;
+                }
+                assert_eq!(t, rep::SERVER);
+                names.push(String::from_utf8_lossy(&d[4..]).into_owned());
+            }
+        };
+        // The attachment's uid sees and opens it; another uid, or TCP, does not.
+        let (mut c, server) = run(TlsMode::On, Some((1000, 1000)));
+        assert_eq!(list(&mut c), ["att", "vol"]);
+        send_opt(&mut c, opt::ABORT, &[]);
+        assert_eq!(read_reply(&mut c).1, rep::ACK);
+        assert!(!server.join().unwrap().unwrap());
+        for unix in [Some((1001, 1000)), None] {
+            let (mut c, server) = run(TlsMode::On, unix);
+            assert_eq!(list(&mut c), ["vol"]);
+            send_opt(&mut c, opt::INFO, &go_data("att"));
+            assert_eq!(read_reply(&mut c).1, rep::ERR_UNKNOWN);
+            send_opt(&mut c, opt::EXPORT_NAME, b"att");
+            assert!(!server.join().unwrap().unwrap());
+        }
+        // Require: TLS_REQD for everything but STARTTLS and ABORT; EXPORT_NAME closes.
+        let (mut c, server) = run(TlsMode::Require, Some((1000, 1000)));
+        for (o, d) in [
+            (opt::LIST, vec![]),
+            (opt::GO, go_data("vol")),
+            (opt::INFO, go_data("vol")),
+            (opt::STRUCTURED_REPLY, vec![]),
+        ] {
+            send_opt(&mut c, o, &d);
+            assert_eq!(read_reply(&mut c).1, rep::ERR_TLS_REQD, "option {o}");
+        }
+        send_opt(&mut c, opt::EXPORT_NAME, b"vol");
+        assert!(!server.join().unwrap().unwrap());
+        // STARTTLS with data is invalid; then garbage instead of a ClientHello fails.
+        let (mut c, server) = run(TlsMode::Require, None);
+        send_opt(&mut c, opt::STARTTLS, b"x");
+        assert_eq!(read_reply(&mut c).1, rep::ERR_INVALID);
+        send_opt(&mut c, opt::STARTTLS, &[]);
+        assert_eq!(read_reply(&mut c).1, rep::ACK);
+        c.write_all(&[0x42; 64]).unwrap();
+        assert!(server.join().unwrap().is_err());
     }
 
     #[test]

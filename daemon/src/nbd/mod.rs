@@ -7,6 +7,7 @@
 //!                                                     ▼ round-robin, channel + eventfd wake-up
 //!  I/O thread 0..N: one io_uring each ── recv ▶ parse ▶ device queue ▶ sendmsg replies
 //!                                        (charged to the connection's memory; tick: deadlines)
+//!  TLS: client ══ciphertext══ relay (the handshake thread) ══plaintext══ socket pair ─▶ I/O
 //! ```
 //!
 //! - [`proto`]: the wire format, pure encode/decode.
@@ -23,6 +24,9 @@
 //!   in-flight table, reply batching, its memory charge and deadlines.
 //! - [`gate`]: admission (handshakes and connections, in all and per peer) and the memory
 //!   budget; [`limits`]: the flags that set them and their defaults.
+//! - [`tls`]: `NBD_OPT_STARTTLS` (PSK and x509 on OpenSSL) and the relay a TLS
+//!   connection runs through; [`Access`] says which clients (PSK identity, Unix uid/gid)
+//!   may see and open an export, checked at every handshake option that names one.
 //!
 //! Hostile clients (docs/threat-model.md §2): everything a client can make the server
 //! hold is bounded — handshakes (count, per-peer count, one deadline, options), connections
@@ -32,7 +36,8 @@
 //! bound loses its own connection (logged with the reason), never anyone else's.
 //!
 //! The export registry (name → device) is read only at handshake time; [`NbdServer`] can
-//! add and remove exports while it runs. Removing an export closes its connections.
+//! add and remove exports while it runs. Removing an export closes its connections (and
+//! so, with TLS, their relays and client sockets).
 
 pub mod conn;
 pub mod gate;
@@ -42,9 +47,11 @@ pub mod proto;
 pub mod request;
 #[cfg(test)]
 pub(crate) mod testgen;
+pub mod tls;
 pub mod worker;
 
 pub use limits::{NbdLimitArgs, NbdLimits};
+pub use tls::{PskTable, TlsMode, TlsServer, X509Creds};
 
 use anyhow::Context;
 use ember_blockdev::BlockDevice;
@@ -81,6 +88,63 @@ pub struct Export {
     pub dev: Arc<dyn BlockDevice>,
     /// Refuse writes even if the device accepts them.
     pub read_only: bool,
+    /// Who may see and use it.
+    pub access: Access,
+}
+
+/// Who a client proved to be during its handshake.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// A Unix-socket peer's uid and gid (`SO_PEERCRED`).
+    pub unix: Option<(u32, u32)>,
+    /// The client completed a TLS handshake (x509 verified, or a known PSK).
+    pub tls: bool,
+    /// The PSK identity it authenticated with.
+    pub psk_identity: Option<String>,
+}
+
+/// Which clients may list and open an export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Every client the listener let through (its TLS mode decides): `emberd export`.
+    Any,
+    /// One attachment's clients (`emberd serve`): whoever authenticated with its PSK
+    /// identity, or a Unix-socket peer with its uid and gid (each when given; at least
+    /// one must be). Nobody else.
+    Attachment {
+        /// The attachment's PSK identity.
+        psk_identity: Option<String>,
+        /// Unix-socket peers with this uid…
+        uid: Option<u32>,
+        /// …and this gid.
+        gid: Option<u32>,
+    },
+}
+
+impl Access {
+    /// May `c` see and use the export?
+    pub fn allows(&self, c: &ClientAuth) -> bool {
+        match self {
+            Access::Any => true,
+            Access::Attachment {
+                psk_identity,
+                uid,
+                gid,
+            } => {
+                if c.tls && psk_identity.is_some() && c.psk_identity == *psk_identity {
+                    return true;
+                }
+                match c.unix {
+                    Some((cu, cg)) => {
+                        (uid.is_some() || gid.is_some())
+                            && uid.is_none_or(|u| u == cu)
+                            && gid.is_none_or(|g| g == cg)
+                    }
+                    None => false,
+                }
+            }
+        }
+    }
 }
 
 impl Export {
@@ -136,6 +200,28 @@ impl Registry {
     /// Look an export up.
     pub fn get(&self, name: &str) -> Option<Arc<Export>> {
         self.exports.read().ok()?.get(name).cloned()
+    }
+
+    /// Look an export up for client `c`: `None` when it does not exist or `c` may not
+    /// use it (the client cannot tell which).
+    pub fn get_for(&self, name: &str, c: &ClientAuth) -> Option<Arc<Export>> {
+        self.get(name).filter(|e| e.access.allows(c))
+    }
+
+    /// Names of the exports client `c` may use, sorted.
+    pub fn names_for(&self, c: &ClientAuth) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .exports
+            .read()
+            .map(|m| {
+                m.values()
+                    .filter(|e| e.access.allows(c))
+                    .map(|e| e.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
     }
 
     /// Names of all exports, sorted.
@@ -269,12 +355,23 @@ impl NbdServer {
         Ok(())
     }
 
-    /// Add an export. Fails if the name is taken.
+    /// Add an export any client may use. Fails if the name is taken.
     pub fn add_export(
         &self,
         name: &str,
         dev: Arc<dyn BlockDevice>,
         read_only: bool,
+    ) -> anyhow::Result<()> {
+        self.add_export_with(name, dev, read_only, Access::Any)
+    }
+
+    /// Add an export for the clients `access` names. Fails if the name is taken.
+    pub fn add_export_with(
+        &self,
+        name: &str,
+        dev: Arc<dyn BlockDevice>,
+        read_only: bool,
+        access: Access,
     ) -> anyhow::Result<()> {
         let id = self.next_export_id.fetch_add(1, Ordering::Relaxed);
         anyhow::ensure!(
@@ -283,6 +380,7 @@ impl NbdServer {
                 name: name.to_string(),
                 dev,
                 read_only,
+                access,
             }),
             "export {name:?} already exists"
         );
@@ -315,15 +413,32 @@ impl NbdServer {
         self.registry.names()
     }
 
-    /// Listen on `addr` (in a background thread). Returns the bound address for TCP
-    /// (useful with port 0) or the socket path.
+    /// Listen on `addr` without TLS (in a background thread). Returns the bound address
+    /// for TCP (useful with port 0) or the socket path.
     pub fn listen(&self, addr: &ListenAddr) -> anyhow::Result<String> {
+        self.listen_tls(addr, TlsMode::Off, None)
+    }
+
+    /// Listen on `addr` with TLS `mode` and credentials `tls` (needed unless `mode` is
+    /// off).
+    pub fn listen_tls(
+        &self,
+        addr: &ListenAddr,
+        mode: TlsMode,
+        tls: Option<Arc<TlsServer>>,
+    ) -> anyhow::Result<String> {
+        anyhow::ensure!(
+            mode == TlsMode::Off || tls.is_some(),
+            "TLS mode {mode:?} needs credentials"
+        );
         let ctx = Acceptor {
             registry: self.registry.clone(),
             workers: self.workers.clone(),
             next_worker: self.next_worker.clone(),
             stop: self.stop.clone(),
             gate: self.gate.clone(),
+            tls: if mode == TlsMode::Off { None } else { tls },
+            mode,
         };
         let (join, path, bound) = match addr {
             ListenAddr::Unix(path) => {
@@ -397,6 +512,9 @@ struct Acceptor {
     next_worker: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     gate: Arc<Gate>,
+    /// The listener's TLS credentials (`None` when its mode is off).
+    tls: Option<Arc<TlsServer>>,
+    mode: TlsMode,
 }
 
 /// What a bounded wait on a listening socket saw.
@@ -411,18 +529,16 @@ enum Polled {
 
 /// Wait until `fd` is readable or the poll interval passed.
 fn poll_readable(fd: i32) -> Polled {
-    let mut p = libc::pollfd {
+    let mut p = [libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
-    };
-    // SAFETY: `p` is a valid pollfd for the duration of the call.
-    let r = unsafe { libc::poll(&raw mut p, 1, ACCEPT_POLL_MS) };
-    match r {
-        r if r > 0 => Polled::Ready,
-        0 => Polled::Idle,
-        _ if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => Polled::Idle,
-        _ => Polled::Failed,
+    }];
+    match ember_blockdev::sys::poll(&mut p, ACCEPT_POLL_MS) {
+        Ok(n) if n > 0 => Polled::Ready,
+        Ok(_) => Polled::Idle,
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Polled::Idle,
+        Err(_) => Polled::Failed,
     }
 }
 
@@ -443,10 +559,10 @@ impl Acceptor {
                 }
             }
             match l.accept_client() {
-                Ok((s, peer, name)) => match self.gate.begin_handshake(peer) {
+                Ok((s, peer, name, unix)) => match self.gate.begin_handshake(peer) {
                     Ok(slot) => {
                         if s.prepare_handshake().is_ok() {
-                            self.handshake(s, slot, name);
+                            self.handshake(s, slot, name, unix);
                         }
                     }
                     Err(why) => {
@@ -472,7 +588,7 @@ impl Acceptor {
 
     /// Run the handshake on its own thread (holding `slot`), then hand the socket to an
     /// I/O thread.
-    fn handshake<S>(&self, mut s: S, slot: HandshakeSlot, peer: String)
+    fn handshake<S>(&self, mut s: S, slot: HandshakeSlot, peer: String, unix: Option<(u32, u32)>)
     where
         S: io::Read + io::Write + Into<OwnedFd> + Send + 'static,
         S: SetTimeouts,
@@ -481,14 +597,25 @@ impl Acceptor {
         let workers = self.workers.clone();
         let next = self.next_worker.clone();
         let gate = self.gate.clone();
+        let tls = self.tls.clone();
+        let mode = self.mode;
         let spawned = std::thread::Builder::new()
             .name("nbd-handshake".into())
             .spawn(move || {
                 let limit = gate.limits().handshake_timeout;
                 let who = slot.peer().clone();
-                let r = handshake::negotiate(
+                let policy = handshake::Policy {
+                    mode,
+                    tls: tls.as_deref(),
+                    client: ClientAuth {
+                        unix,
+                        ..ClientAuth::default()
+                    },
+                };
+                let r = handshake::negotiate_with(
                     &mut handshake::Deadline::new(&mut s, limit),
                     &registry,
+                    &policy,
                     &mut |_| gate.admit(&who),
                 );
                 drop(slot);
@@ -500,33 +627,81 @@ impl Acceptor {
                     }
                 };
                 s.clear_timeouts();
+                // With TLS this thread stays on as the relay; the I/O thread serves one
+                // end of a socket pair (see the tls module doc). Its memory comes out
+                // of the budget first.
+                let client: OwnedFd = s.into();
+                type Relay = (OwnedFd, OwnedFd, Box<tls::TlsSession>, Charge);
+                let (fd, relay): (OwnedFd, Option<Relay>) = match n.tls {
+                    None => (client, None),
+                    Some(session) => {
+                        let Some(charge) = Charge::take(gate.budget(), tls::TLS_CONN_BYTES) else {
+                            return tracing::warn!(%peer, "dropping NBD TLS client: memory budget spent");
+                        };
+                        match UnixStream::pair() {
+                            Ok((a, b)) => (a.into(), Some((client, b.into(), session, charge))),
+                            Err(e) => {
+                                return tracing::warn!(%peer, error = %e, "dropping NBD TLS client: no socket pair");
+                            }
+                        }
+                    }
+                };
                 let i = next.fetch_add(1, Ordering::Relaxed) % workers.len().max(1);
-                tracing::debug!(%peer, export = %n.export.name, thread = i, "client connected");
+                tracing::debug!(%peer, export = %n.export.name, thread = i, tls = relay.is_some(), "client connected");
                 // Hand over under the registry's read lock: an export removed meanwhile is
                 // seen here, and one removed later sends its RemoveExport after this
                 // NewConn, on the same channel.
-                let Ok(exports) = registry.exports.read() else {
-                    return;
-                };
-                if exports.get(&n.export.name).map(|e| e.id) != Some(n.export.id) {
-                    tracing::info!(%peer, export = %n.export.name, "export removed during the handshake; dropping client");
-                    return;
+                {
+                    let Ok(exports) = registry.exports.read() else {
+                        return;
+                    };
+                    if exports.get(&n.export.name).map(|e| e.id) != Some(n.export.id) {
+                        tracing::info!(%peer, export = %n.export.name, "export removed during the handshake; dropping client");
+                        return;
+                    }
+                    if let Some(w) = workers.get(i) {
+                        w.send(worker::Ctl::NewConn(conn::ConnSetup {
+                            fd,
+                            peer: peer.clone(),
+                            export: n.export,
+                            structured: n.structured,
+                            meta: n.meta_context,
+                            slot: n.admission,
+                        }));
+                    }
                 }
-                if let Some(w) = workers.get(i) {
-                    w.send(worker::Ctl::NewConn(conn::ConnSetup {
-                        fd: s.into(),
-                        peer,
-                        export: n.export,
-                        structured: n.structured,
-                        meta: n.meta_context,
-                        slot: n.admission,
-                    }));
+                if let Some((client, server, session, charge)) = relay {
+                    match tls::relay(client, server, *session) {
+                        Ok(end) => tracing::debug!(%peer, ?end, "TLS connection ended"),
+                        Err(e) => tracing::info!(%peer, error = %e, "dropping NBD TLS client"),
+                    }
+                    drop(charge);
                 }
-                drop(exports);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "could not start a handshake thread; dropping client");
         }
+    }
+}
+
+/// Bytes taken from the memory budget, given back on drop.
+struct Charge {
+    budget: Arc<gate::Budget>,
+    bytes: usize,
+}
+
+impl Charge {
+    fn take(budget: &Arc<gate::Budget>, bytes: usize) -> Option<Charge> {
+        budget.try_take(bytes, 0).then(|| Charge {
+            budget: budget.clone(),
+            bytes,
+        })
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.give(self.bytes);
     }
 }
 
@@ -547,33 +722,20 @@ trait SetTimeouts: AsFd + Sized {
 impl SetTimeouts for UnixStream {}
 impl SetTimeouts for TcpStream {}
 
-/// The uid and pid of a Unix-socket peer (`SO_PEERCRED`).
-fn peer_cred(s: &UnixStream) -> Option<(u32, i32)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` and `len` are valid out-pointers of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &raw mut len,
-        )
-    };
-    (r == 0).then_some((cred.uid, cred.pid))
+/// The uid, gid and pid of a Unix-socket peer (`SO_PEERCRED`).
+fn peer_cred(s: &UnixStream) -> Option<(u32, u32, i32)> {
+    let cred = ember_blockdev::sys::peer_cred(s.as_fd()).ok()?;
+    Some((cred.uid, cred.gid, cred.pid))
 }
 
 /// What the accept loop needs of a listening socket.
 trait Listening: AsRawFd {
     type Stream: io::Read + io::Write + Into<OwnedFd> + Send + 'static + SetTimeouts;
     fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()>;
-    /// Accept one client; returns it, its peer for the limits and a name for the logs.
-    fn accept_client(&self) -> io::Result<(Self::Stream, Peer, String)>;
+    /// Accept one client; returns it, its peer for the limits, a name for the logs and
+    /// (Unix sockets) its uid and gid.
+    #[allow(clippy::type_complexity)]
+    fn accept_client(&self) -> io::Result<(Self::Stream, Peer, String, Option<(u32, u32)>)>;
 }
 
 impl Listening for UnixListener {
@@ -581,11 +743,14 @@ impl Listening for UnixListener {
     fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
         UnixListener::set_nonblocking(self, nonblocking)
     }
-    fn accept_client(&self) -> io::Result<(UnixStream, Peer, String)> {
+    fn accept_client(&self) -> io::Result<(UnixStream, Peer, String, Option<(u32, u32)>)> {
         let (s, _) = self.accept()?;
         Ok(match peer_cred(&s) {
-            Some((uid, pid)) => (s, Peer::Uid(uid), format!("unix uid {uid} pid {pid}")),
-            None => (s, Peer::Unknown, "unix".to_string()),
+            Some((uid, gid, pid)) => {
+                let name = format!("unix uid {uid} gid {gid} pid {pid}");
+                (s, Peer::Uid(uid), name, Some((uid, gid)))
+            }
+            None => (s, Peer::Unknown, "unix".to_string(), None),
         })
     }
 }
@@ -595,10 +760,10 @@ impl Listening for TcpListener {
     fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
         TcpListener::set_nonblocking(self, nonblocking)
     }
-    fn accept_client(&self) -> io::Result<(TcpStream, Peer, String)> {
+    fn accept_client(&self) -> io::Result<(TcpStream, Peer, String, Option<(u32, u32)>)> {
         let (s, peer) = self.accept()?;
         let _ = s.set_nodelay(true);
-        Ok((s, Peer::Ip(peer.ip()), peer.to_string()))
+        Ok((s, Peer::Ip(peer.ip()), peer.to_string(), None))
     }
 }
 

@@ -158,6 +158,20 @@ pub enum Event {
     Ready,
 }
 
+/// `events` with each run of [`Event::Data`] pieces merged into one, so that one stream
+/// framed from differently cut reads compares equal (the property tests and the
+/// `nbd_transmission` fuzz target check exactly that).
+pub fn merge_data(events: Vec<Event>) -> Vec<Event> {
+    let mut merged: Vec<Event> = Vec::new();
+    for e in events {
+        match (merged.last_mut(), &e) {
+            (Some(Event::Data(a)), Event::Data(b)) => *a += b,
+            _ => merged.push(e),
+        }
+    }
+    merged
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Want {
     /// A header (this many bytes of it buffered).
@@ -253,16 +267,7 @@ pub(crate) mod tests {
     use crate::nbd::testgen::Rng;
 
     pub(crate) fn info() -> DeviceInfo {
-        DeviceInfo {
-            size: 1 << 20,
-            logical_block_size: 512,
-            physical_block_size: 4096,
-            max_transfer: 1 << 20,
-            read_only: false,
-            discard: true,
-            write_zeroes: true,
-            block_status: true,
-        }
+        DeviceInfo::new(1 << 20, 1 << 20)
     }
 
     fn session() -> Session {
@@ -426,15 +431,7 @@ pub(crate) mod tests {
             at = c;
         }
         assert!(f.at_boundary());
-        // Merge data pieces so that streams cut differently compare equal.
-        let mut merged: Vec<Event> = Vec::new();
-        for e in out {
-            match (merged.last_mut(), &e) {
-                (Some(Event::Data(a)), Event::Data(b)) => *a += b,
-                _ => merged.push(e),
-            }
-        }
-        merged
+        merge_data(out)
     }
 
     #[test]

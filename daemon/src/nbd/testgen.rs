@@ -1,5 +1,6 @@
-//! A small deterministic random generator for the property tests (xorshift64*): the
-//! same seed gives the same cases on every run, so a failure reproduces.
+//! A small deterministic random generator for the crate's property tests, NBD's and
+//! vhost's (xorshift64*): the same seed gives the same cases on every run, so a failure
+//! reproduces.
 
 /// xorshift64* generator.
 #[derive(Debug, Clone)]

@@ -189,16 +189,7 @@ struct FailingQueue {
 
 impl BlockDevice for Failing {
     fn info(&self) -> ember_blockdev::DeviceInfo {
-        ember_blockdev::DeviceInfo {
-            size: 1 << 20,
-            logical_block_size: 512,
-            physical_block_size: 4096,
-            max_transfer: 1 << 20,
-            read_only: false,
-            discard: true,
-            write_zeroes: true,
-            block_status: true,
-        }
+        ember_blockdev::DeviceInfo::new(1 << 20, 1 << 20)
     }
 
     fn queue(

@@ -15,25 +15,38 @@
 //! every [`TICK`]): it drops clients whose deadlines passed
 //! ([`Conn::check_deadlines`]) and retries connections that wait for memory with nothing
 //! of their own in flight ([`Conn::waits_for_memory`]).
+//!
+//! Tables: connections and device queues live in [`Slots`]. The loop's own SQEs carry a
+//! [`Tag`] with owner 0 and a kind (a connection's receive or send, keyed by the
+//! connection; the eventfd read; the tick). Device completions find their connection by
+//! the route of their tag, the connection's slot: a connection is freed only once none
+//! of its requests is at the device, so that slot cannot have been reused meanwhile.
+//! Connections per thread are bounded by the route's 16 bits ([`MAX_CONNS`]).
 
 use super::conn::{Conn, ConnSetup, Cx, KIND_RECV, KIND_SEND};
 use super::gate::Pool;
 use super::Export;
-use ember_blockdev::engine::{owner_of, slot_of, user_data, DEFAULT_RING_ENTRIES};
-use ember_blockdev::{Completion, Cqe, OwnerId, Queue, Ring};
+use ember_blockdev::engine::DEFAULT_RING_ENTRIES;
+use ember_blockdev::sys;
+use ember_blockdev::{Completion, Cqe, Key, Kind, OwnerId, Queue, Ring, Slots, Tag};
 use io_uring::{opcode, types};
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// The `user_data` slot of the eventfd read.
-const EVENTFD_SLOT: u64 = (1 << 48) - 1;
-/// The `user_data` slot of the tick.
-const TICK_SLOT: u64 = (1 << 48) - 2;
+/// Tag kind of the eventfd read.
+const KIND_EVENTFD: Kind = Kind::new(2);
+/// Tag kind of the tick.
+const KIND_TICK: Kind = Kind::new(3);
+/// Most connections one I/O thread serves: a device request's tag routes by a 16-bit
+/// connection slot.
+pub const MAX_CONNS: usize = 1 << 16;
+/// Most device queues (exports) one I/O thread serves: one owner id each.
+const MAX_QUEUES: usize = 1 << 16;
 /// How often a thread with connections looks at their deadlines and memory waits.
 pub const TICK: Duration = Duration::from_millis(200);
 
@@ -58,11 +71,8 @@ impl WorkerHandle {
     /// Send a control message and wake the thread.
     pub fn send(&self, c: Ctl) {
         if self.tx.send(c).is_ok() {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
-            let r = unsafe { libc::write(self.efd.as_raw_fd(), (&raw const one).cast(), 8) };
-            if r != 8 {
-                tracing::warn!(error = %io::Error::last_os_error(), "could not wake an I/O thread");
+            if let Err(e) = sys::eventfd_add(self.efd.as_fd(), 1) {
+                tracing::warn!(error = %e, "could not wake an I/O thread");
             }
         }
     }
@@ -75,13 +85,7 @@ pub fn spawn(
     pool_bytes: usize,
     stall: Duration,
 ) -> io::Result<(WorkerHandle, JoinHandle<()>)> {
-    // SAFETY: eventfd(2) with constant flags; the result is checked below.
-    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh fd that nothing else owns.
-    let efd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+    let efd = Arc::new(sys::eventfd()?);
     let (tx, rx) = mpsc::channel();
     let efd2 = efd.clone();
     // The ring is made on its own thread (it is single-issuer); set-up errors come back.
@@ -113,10 +117,8 @@ pub fn spawn(
                 tick_armed: false,
                 stall,
                 now: Instant::now(),
-                conns: Vec::new(),
-                free_conns: Vec::new(),
-                live: 0,
-                queues: Vec::new(),
+                conns: Slots::new(MAX_CONNS),
+                queues: Slots::new(MAX_QUEUES),
                 owners: HashMap::new(),
                 pool: Pool::new(pool_bytes),
                 done: Vec::new(),
@@ -151,15 +153,13 @@ struct Worker {
     stall: Duration,
     /// The time of this loop iteration.
     now: Instant,
-    conns: Vec<Option<Box<Conn>>>,
-    free_conns: Vec<usize>,
-    live: usize,
-    queues: Vec<Option<QueueSlot>>,
-    owners: HashMap<OwnerId, usize>,
+    conns: Slots<Box<Conn>>,
+    queues: Slots<QueueSlot>,
+    owners: HashMap<OwnerId, Key>,
     pool: Pool,
     done: Vec<Completion>,
     cqes: Vec<Cqe>,
-    dirty: Vec<usize>,
+    dirty: Vec<Key>,
     stopping: bool,
 }
 
@@ -168,7 +168,7 @@ impl Worker {
         self.arm_eventfd();
         let mut errors = 0u32;
         loop {
-            if self.stopping && self.live == 0 && !self.efd_armed && !self.tick_armed {
+            if self.stopping && self.conns.is_empty() && !self.efd_armed && !self.tick_armed {
                 break;
             }
             if let Err(e) = self.ring.submit_and_wait(1) {
@@ -203,7 +203,7 @@ impl Worker {
         let ptr: *mut u64 = &raw mut *self.efd_buf;
         let e = opcode::Read::new(types::Fd(self.efd.as_raw_fd()), ptr.cast(), 8)
             .build()
-            .user_data(user_data(0, EVENTFD_SLOT));
+            .user_data(Tag::new(0, KIND_EVENTFD, Key::ZERO).raw());
         // SAFETY: `efd_buf` is a Box owned by the worker, which exits only after this
         // read's CQE was reaped (`efd_armed` false), so the 8 bytes stay valid.
         match unsafe { self.ring.push(&e) } {
@@ -214,13 +214,13 @@ impl Worker {
 
     /// Keep the tick armed while there are connections.
     fn arm_tick(&mut self) {
-        if self.tick_armed || self.live == 0 {
+        if self.tick_armed || self.conns.is_empty() {
             return;
         }
         let ts: *const types::Timespec = &raw const *self.tick_ts;
         let e = opcode::Timeout::new(ts)
             .build()
-            .user_data(user_data(0, TICK_SLOT));
+            .user_data(Tag::new(0, KIND_TICK, Key::ZERO).raw());
         // SAFETY: `tick_ts` is a Box owned by the worker, which exits only after this
         // timeout's CQE was reaped (`tick_armed` false); the kernel reads it at submission.
         match unsafe { self.ring.push(&e) } {
@@ -231,10 +231,7 @@ impl Worker {
 
     /// Deadlines and memory waits of every connection.
     fn tick(&mut self) {
-        for ci in 0..self.conns.len() {
-            let Some(Some(c)) = self.conns.get_mut(ci) else {
-                continue;
-            };
+        for (ci, c) in self.conns.iter_mut() {
             let dropped = c.check_deadlines(self.now, self.stall, &mut self.pool);
             if (dropped || c.waits_for_memory()) && !c.dirty {
                 c.dirty = true;
@@ -244,7 +241,8 @@ impl Worker {
     }
 
     fn dispatch(&mut self, c: Cqe) {
-        let owner = owner_of(c.user_data);
+        let tag = c.tag();
+        let owner = tag.route();
         if owner != 0 {
             let Some(qi) = self.owners.get(&owner).copied() else {
                 // A dropped queue may leave SQEs that point to no memory (an iSCSI
@@ -252,32 +250,32 @@ impl Worker {
                 tracing::debug!(owner, "completion for an unknown queue");
                 return;
             };
-            if let Some(q) = self.queues.get_mut(qi).and_then(|q| q.as_mut()) {
+            if let Some(q) = self.queues.get_mut(qi) {
                 q.queue.complete(&mut self.ring, c, &mut self.done);
             }
             return;
         }
-        let slot = slot_of(c.user_data);
-        if slot == EVENTFD_SLOT {
+        let kind = tag.kind();
+        if kind == KIND_EVENTFD {
             self.efd_armed = false;
             self.control();
             self.arm_eventfd();
             self.arm_tick();
             return;
         }
-        if slot == TICK_SLOT {
+        if kind == KIND_TICK {
             self.tick_armed = false;
             self.tick();
             self.arm_tick();
             return;
         }
-        let ci = (slot >> 2) as usize;
-        let Some(Some(conn)) = self.conns.get_mut(ci) else {
+        let ci = tag.key();
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
-        match slot & 3 {
+        match kind {
             KIND_RECV => {
-                let Some(q) = self.queues.get_mut(conn.qidx).and_then(|q| q.as_mut()) else {
+                let Some(q) = self.queues.get_mut(conn.qidx) else {
                     return;
                 };
                 let mut cx = Cx {
@@ -303,12 +301,13 @@ impl Worker {
         loop {
             let done = std::mem::take(&mut self.done);
             for c in done {
-                let ci = (c.tag >> 32) as usize;
-                let Some(Some(conn)) = self.conns.get_mut(ci) else {
-                    tracing::warn!(conn = ci, "completion for an unknown connection");
+                // Routed by slot alone: see the module doc.
+                let route = Tag::from_raw(c.tag).route();
+                let Some((ci, conn)) = self.conns.get_by_slot_mut(u32::from(route)) else {
+                    tracing::warn!(conn = route, "completion for an unknown connection");
                     continue;
                 };
-                let Some(q) = self.queues.get_mut(conn.qidx).and_then(|q| q.as_mut()) else {
+                let Some(q) = self.queues.get_mut(conn.qidx) else {
                     continue;
                 };
                 let mut cx = Cx {
@@ -333,13 +332,13 @@ impl Worker {
         }
     }
 
-    fn service(&mut self, ci: usize) {
-        let Some(Some(conn)) = self.conns.get_mut(ci) else {
+    fn service(&mut self, ci: Key) {
+        let Some(conn) = self.conns.get_mut(ci) else {
             return;
         };
         conn.dirty = false;
         let qidx = conn.qidx;
-        let Some(q) = self.queues.get_mut(qidx).and_then(|q| q.as_mut()) else {
+        let Some(q) = self.queues.get_mut(qidx) else {
             return;
         };
         let mut cx = Cx {
@@ -355,15 +354,13 @@ impl Worker {
         }
     }
 
-    fn free_conn(&mut self, ci: usize) {
-        let Some(conn) = self.conns.get_mut(ci).and_then(|c| c.take()) else {
+    fn free_conn(&mut self, ci: Key) {
+        let Some(conn) = self.conns.remove(ci) else {
             return;
         };
-        self.free_conns.push(ci);
-        self.live -= 1;
         let qidx = conn.qidx;
         drop(conn);
-        let unused = match self.queues.get_mut(qidx).and_then(|q| q.as_mut()) {
+        let unused = match self.queues.get_mut(qidx) {
             Some(q) => {
                 q.users = q.users.saturating_sub(1);
                 q.users == 0 && q.queue.in_flight() == 0
@@ -371,7 +368,7 @@ impl Worker {
             None => false,
         };
         if unused {
-            if let Some(q) = self.queues.get_mut(qidx).and_then(|q| q.take()) {
+            if let Some(q) = self.queues.remove(qidx) {
                 let owner = q.queue.owner();
                 self.owners.remove(&owner);
                 drop(q);
@@ -385,10 +382,7 @@ impl Worker {
             match msg {
                 Ctl::NewConn(n) => self.add_conn(n),
                 Ctl::RemoveExport(id) => {
-                    for ci in 0..self.conns.len() {
-                        let Some(Some(c)) = self.conns.get_mut(ci) else {
-                            continue;
-                        };
+                    for (ci, c) in self.conns.iter_mut() {
                         if c.export.id == id {
                             c.close("export removed", true, &mut self.pool);
                             if !c.dirty {
@@ -400,10 +394,7 @@ impl Worker {
                 }
                 Ctl::Shutdown => {
                     self.stopping = true;
-                    for ci in 0..self.conns.len() {
-                        let Some(Some(c)) = self.conns.get_mut(ci) else {
-                            continue;
-                        };
+                    for (ci, c) in self.conns.iter_mut() {
                         c.close("server shutting down", false, &mut self.pool);
                         if !c.dirty {
                             c.dirty = true;
@@ -415,13 +406,9 @@ impl Worker {
         }
     }
 
-    fn queue_for(&mut self, export: &Arc<Export>) -> Option<usize> {
-        if let Some(i) = self
-            .queues
-            .iter()
-            .position(|q| q.as_ref().is_some_and(|q| q.export_id == export.id))
-        {
-            return Some(i);
+    fn queue_for(&mut self, export: &Arc<Export>) -> Option<Key> {
+        if let Some((k, _)) = self.queues.iter().find(|(_, q)| q.export_id == export.id) {
+            return Some(k);
         }
         let queue = match export.dev.clone().queue(&mut self.ring) {
             Ok(q) => q,
@@ -436,14 +423,12 @@ impl Worker {
             queue,
             users: 0,
         };
-        let i = match self.queues.iter().position(|q| q.is_none()) {
-            Some(i) => {
-                self.queues[i] = Some(slot);
-                i
-            }
-            None => {
-                self.queues.push(Some(slot));
-                self.queues.len() - 1
+        let i = match self.queues.insert(slot) {
+            Ok(i) => i,
+            Err(slot) => {
+                tracing::error!(export = %export.name, "too many exports on one I/O thread");
+                self.ring.release_owner(slot.queue.owner());
+                return None;
             }
         };
         self.owners.insert(owner, i);
@@ -457,18 +442,23 @@ impl Worker {
         let Some(qidx) = self.queue_for(&n.export) else {
             return;
         };
-        if let Some(q) = self.queues.get_mut(qidx).and_then(|q| q.as_mut()) {
+        tracing::info!(peer = %n.peer, export = %n.export.name, "NBD client connected");
+        let now = self.now;
+        let mut n = Some(n);
+        let ci = self.conns.insert_with(|key| {
+            let route = u16::try_from(key.slot()).ok()?;
+            let mut conn = Conn::new(key, route, qidx, n.take()?, now);
+            conn.dirty = true;
+            Some(conn)
+        });
+        let Some(ci) = ci else {
+            // Dropping the setup closes the socket.
+            tracing::error!("too many NBD connections on one I/O thread; dropping one");
+            return;
+        };
+        if let Some(q) = self.queues.get_mut(qidx) {
             q.users += 1;
         }
-        let ci = self.free_conns.pop().unwrap_or(self.conns.len());
-        if ci == self.conns.len() {
-            self.conns.push(None);
-        }
-        tracing::info!(peer = %n.peer, export = %n.export.name, "NBD client connected");
-        let mut conn = Conn::new(ci, qidx, n, self.now);
-        conn.dirty = true;
-        self.conns[ci] = Some(conn);
-        self.live += 1;
         self.dirty.push(ci);
     }
 }

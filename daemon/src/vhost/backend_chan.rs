@@ -13,9 +13,9 @@
 //! Sending is bounded: a frontend that stops answering (need-reply with `REPLY_ACK`) makes
 //! [`BackendChannel::config_changed`] fail after its timeout instead of blocking forever.
 
+use ember_blockdev::sys;
 use std::io::{self, Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::io::AsRawFd;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 use vhost::vhost_user::message::{BackendReq, FrontendReq};
@@ -28,8 +28,6 @@ const VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 /// Header flag: the sender wants a reply (REPLY_ACK).
 const FLAG_NEED_REPLY: u32 = 0x8;
-/// Most fds one vhost-user message carries (memory table: 8).
-const MAX_FDS: usize = 8;
 
 /// Peek at the next message on the connection `sock` without consuming it. If it is
 /// `SET_BACKEND_REQ_FD` with one fd, return our own duplicate of that fd as a stream.
@@ -37,57 +35,8 @@ const MAX_FDS: usize = 8;
 /// of the message reports them).
 pub fn peek_backend_fd(sock: &UnixStream) -> Option<UnixStream> {
     let mut hdr = [0u8; HDR_LEN];
-    // u64 elements keep the control buffer aligned for cmsghdr.
-    let mut cbuf = [0u64; 16];
-    // SAFETY: CMSG_SPACE only computes a size.
-    let cspace = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<i32>()) as u32) };
-    debug_assert!(cspace as usize <= std::mem::size_of_val(&cbuf));
-    let mut iov = libc::iovec {
-        iov_base: hdr.as_mut_ptr().cast(),
-        iov_len: HDR_LEN,
-    };
-    // SAFETY: an all-zero msghdr is valid (null name, no iovecs); we fill the fields below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = cspace as _;
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (into `hdr`) and `cbuf`, all alive for the call
-        // and sized as declared.
-        let n = unsafe {
-            libc::recvmsg(
-                sock.as_raw_fd(),
-                &raw mut msg,
-                libc::MSG_PEEK | libc::MSG_CMSG_CLOEXEC,
-            )
-        };
-        if n >= 0 {
-            break n as usize;
-        }
-        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return None;
-        }
-    };
-    // Take ownership of every fd the kernel installed, so all are closed unless kept.
-    let mut fds: Vec<OwnedFd> = Vec::new();
-    // SAFETY: `msg` was filled by recvmsg; the CMSG_* macros walk its control buffer
-    // within `msg_controllen`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<i32>();
-                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..len / std::mem::size_of::<i32>() {
-                    let fd = data.add(i).read_unaligned();
-                    // Each installed fd is a new descriptor owned by nobody else.
-                    fds.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&raw const msg, c);
-        }
-    }
+    // Every fd the kernel installed is owned in `fds`, so all are closed unless kept.
+    let (n, mut fds) = sys::recv_with_fds(sock.as_fd(), &mut hdr, libc::MSG_PEEK).ok()?;
     if n < HDR_LEN {
         return None;
     }
@@ -157,36 +106,11 @@ impl BackendChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsFd;
 
     /// Send `bytes` with one fd in SCM_RIGHTS.
     fn send_with_fd(sock: &UnixStream, bytes: &[u8], fd: &impl AsFd) {
-        let mut cbuf = [0u64; 4];
-        // SAFETY: CMSG_SPACE only computes a size.
-        let space = unsafe { libc::CMSG_SPACE(4) };
-        let mut iov = libc::iovec {
-            iov_base: bytes.as_ptr() as *mut _,
-            iov_len: bytes.len(),
-        };
-        // SAFETY: zeroed msghdr is valid; fields set below.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &raw mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cbuf.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer holds one cmsghdr with room for one fd.
-        unsafe {
-            let c = libc::CMSG_FIRSTHDR(&raw const msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(4) as _;
-            libc::CMSG_DATA(c)
-                .cast::<i32>()
-                .write_unaligned(fd.as_fd().as_raw_fd());
-        }
-        // SAFETY: msg points at live buffers.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0) };
-        assert_eq!(n as usize, bytes.len());
+        let n = sys::send_with_fds(sock.as_fd(), bytes, &[fd.as_fd()]).expect("sendmsg");
+        assert_eq!(n, bytes.len());
     }
 
     fn header(code: u32, flags: u32, size: u32) -> Vec<u8> {

@@ -106,16 +106,7 @@ mod tests {
     use super::*;
 
     fn info() -> DeviceInfo {
-        DeviceInfo {
-            size: 1 << 30,
-            logical_block_size: 512,
-            physical_block_size: 4096,
-            max_transfer: 32 << 20,
-            read_only: false,
-            discard: true,
-            write_zeroes: true,
-            block_status: true,
-        }
+        DeviceInfo::new(1 << 30, 32 << 20)
     }
 
     #[test]

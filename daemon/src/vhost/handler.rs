@@ -40,7 +40,7 @@ use super::inflight::InflightArea;
 use super::worker::{Cmd, GuestMem, Shared, Start, WorkerHandle};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -151,13 +151,9 @@ fn checked_eventfd(file: File, what: &str) -> VuResult<File> {
             link.display()
         )));
     }
-    // SAFETY: fcntl on an fd we own, with integer arguments only.
-    let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    // SAFETY: as above.
-    if fl < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) } < 0 {
+    if let Err(e) = ember_blockdev::sys::set_nonblocking(file.as_fd()) {
         return Err(refuse(format!(
-            "{what} fd: cannot make it non-blocking: {}",
-            io::Error::last_os_error()
+            "{what} fd: cannot make it non-blocking: {e}"
         )));
     }
     Ok(file)
@@ -208,6 +204,30 @@ impl BlkHandler {
         self.vrings
             .get_mut(index as usize)
             .ok_or(VuError::InvalidParam)
+    }
+
+    /// SET_VRING_CALL and SET_VRING_ERR: check that `fd` (`what`) is an eventfd, hand a
+    /// duplicate to the queue's worker if it runs (`cmd`), and keep it in `slot` for the
+    /// queue's next start.
+    fn set_notifier(
+        &mut self,
+        index: u8,
+        fd: Option<File>,
+        what: &str,
+        cmd: fn(Option<EventFd>) -> Cmd,
+        slot: fn(&mut VringSetup) -> &mut Option<File>,
+    ) -> VuResult<()> {
+        let i = usize::from(index);
+        let running = self.vring(u32::from(index))?.running;
+        let fd = fd.map(|f| checked_eventfd(f, what)).transpose()?;
+        if running {
+            let dup = dup_eventfd(fd.as_ref())?;
+            self.workers[i]
+                .send(cmd(dup))
+                .map_err(VuError::ReqHandlerError)?;
+        }
+        *slot(&mut self.vrings[i]) = fd;
+        Ok(())
     }
 
     /// Frontend virtual address → guest physical address.
@@ -506,31 +526,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let i = index as usize;
-        let running = self.vring(u32::from(index))?.running;
-        let fd = fd.map(|f| checked_eventfd(f, "call")).transpose()?;
-        if running {
-            let call = dup_eventfd(fd.as_ref())?;
-            self.workers[i]
-                .send(Cmd::SetCall(call))
-                .map_err(VuError::ReqHandlerError)?;
-        }
-        self.vrings[i].call = fd;
-        Ok(())
+        self.set_notifier(index, fd, "call", Cmd::SetCall, |v| &mut v.call)
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
-        let i = index as usize;
-        let running = self.vring(u32::from(index))?.running;
-        let fd = fd.map(|f| checked_eventfd(f, "error")).transpose()?;
-        if running {
-            let errfd = dup_eventfd(fd.as_ref())?;
-            self.workers[i]
-                .send(Cmd::SetErr(errfd))
-                .map_err(VuError::ReqHandlerError)?;
-        }
-        self.vrings[i].err = fd;
-        Ok(())
+        self.set_notifier(index, fd, "error", Cmd::SetErr, |v| &mut v.err)
     }
 
     fn get_protocol_features(&mut self) -> VuResult<VhostUserProtocolFeatures> {

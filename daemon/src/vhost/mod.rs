@@ -326,15 +326,10 @@ fn wait_readable(listener: &Listener, wake: &EventFd) -> std::io::Result<bool> {
             revents: 0,
         },
     ];
-    // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-    if n < 0 {
-        let e = std::io::Error::last_os_error();
-        return if e.kind() == std::io::ErrorKind::Interrupted {
-            Ok(false)
-        } else {
-            Err(e)
-        };
+    match ember_blockdev::sys::poll(&mut fds, -1) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(false),
+        Err(e) => return Err(e),
     }
     if fds[1].revents != 0 {
         let _ = wake.read();

@@ -317,6 +317,7 @@ impl CheckRange for Mem {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::testgen::Rng;
 
     const BASE: u64 = 0x10000;
 
@@ -326,16 +327,7 @@ mod tests {
 
     fn ctx() -> Ctx {
         Ctx {
-            info: DeviceInfo {
-                size: 1 << 20,
-                logical_block_size: 512,
-                physical_block_size: 4096,
-                max_transfer: 32 << 20,
-                read_only: false,
-                discard: true,
-                write_zeroes: true,
-                block_status: true,
-            },
+            info: DeviceInfo::new(1 << 20, 32 << 20),
             read_only: false,
             writethrough: false,
             id: super::super::config::id_bytes("vol-1"),
@@ -351,6 +343,12 @@ mod tests {
 
     fn seg(addr: u64, len: u32, write: bool) -> Seg {
         Seg { addr, len, write }
+    }
+
+    /// A three-descriptor chain: the header at `BASE`, `data`, the status byte at
+    /// `BASE + 0x100`.
+    fn chain(data: Seg) -> [Seg; 3] {
+        [seg(BASE, 16, false), data, seg(BASE + 0x100, 1, true)]
     }
 
     #[test]
@@ -407,16 +405,7 @@ mod tests {
         assert_eq!(e.code, S_UNSUPP);
         // Data outside guest memory.
         header(&m, BASE, vb::VIRTIO_BLK_T_IN, 0);
-        let e = decode(
-            &[
-                seg(BASE, 16, false),
-                seg(0x9000_0000, 512, true),
-                seg(BASE + 0x100, 1, true),
-            ],
-            &m,
-            &c,
-        )
-        .unwrap_err();
+        let e = decode(&chain(seg(0x9000_0000, 512, true)), &m, &c).unwrap_err();
         assert_eq!(
             (e.code, e.status),
             (S_IOERR, Some(GuestAddress(BASE + 0x100)))
@@ -426,16 +415,7 @@ mod tests {
         assert_eq!(e.code, S_IOERR);
         // Beyond the device.
         header(&m, BASE, vb::VIRTIO_BLK_T_IN, 1 << 20);
-        let e = decode(
-            &[
-                seg(BASE, 16, false),
-                seg(BASE + 0x1000, 512, true),
-                seg(BASE + 0x100, 1, true),
-            ],
-            &m,
-            &c,
-        )
-        .unwrap_err();
+        let e = decode(&chain(seg(BASE + 0x1000, 512, true)), &m, &c).unwrap_err();
         assert_eq!(e.code, S_IOERR);
         // Too many segments.
         header(&m, BASE, vb::VIRTIO_BLK_T_IN, 0);
@@ -457,16 +437,7 @@ mod tests {
         let mut c = ctx();
         c.read_only = true;
         header(&m, BASE, vb::VIRTIO_BLK_T_OUT, 0);
-        let e = decode(
-            &[
-                seg(BASE, 16, false),
-                seg(BASE + 0x1000, 512, false),
-                seg(BASE + 0x100, 1, true),
-            ],
-            &m,
-            &c,
-        )
-        .unwrap_err();
+        let e = decode(&chain(seg(BASE + 0x1000, 512, false)), &m, &c).unwrap_err();
         assert_eq!(e.code, S_IOERR);
     }
 
@@ -480,12 +451,7 @@ mod tests {
         s[8..12].copy_from_slice(&16u32.to_le_bytes());
         s[12..16].copy_from_slice(&1u32.to_le_bytes());
         m.write_slice(&s, GuestAddress(BASE + 0x200)).unwrap();
-        let segs = [
-            seg(BASE, 16, false),
-            seg(BASE + 0x200, 16, false),
-            seg(BASE + 0x100, 1, true),
-        ];
-        match decode(&segs, &m, &c).unwrap() {
+        match decode(&chain(seg(BASE + 0x200, 16, false)), &m, &c).unwrap() {
             Decoded::Io {
                 op, offset, len, ..
             } => {
@@ -495,12 +461,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         header(&m, BASE, vb::VIRTIO_BLK_T_GET_ID, 0);
-        let segs = [
-            seg(BASE, 16, false),
-            seg(BASE + 0x400, 20, true),
-            seg(BASE + 0x100, 1, true),
-        ];
-        match decode(&segs, &m, &c).unwrap() {
+        match decode(&chain(seg(BASE + 0x400, 20, true)), &m, &c).unwrap() {
             Decoded::Done { code, used_len, .. } => assert_eq!((code, used_len), (S_OK, 21)),
             other => panic!("{other:?}"),
         }
@@ -513,13 +474,8 @@ mod tests {
     /// and the bytes reported written never exceed the chain's writable bytes.
     #[test]
     fn random_chains_decode_within_bounds() {
-        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = Rng::new(0x2545_F491_4F6C_DD1D);
+        let mut rnd = move || rng.next();
         let m = mem();
         let lo = m.get_host_address(GuestAddress(BASE)).unwrap() as usize;
         let hi = lo + 0x10000;

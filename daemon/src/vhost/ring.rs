@@ -282,6 +282,7 @@ pub fn walk_chain<M: GuestMemory>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nbd::testgen::Rng;
     use vm_memory::GuestMemoryMmap;
 
     type Mem = GuestMemoryMmap<()>;
@@ -477,13 +478,8 @@ mod tests {
     /// indexes) a walk always ends, and never holds more than `size` segments.
     #[test]
     fn random_tables_walk_within_bounds() {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut rnd = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15);
+        let mut rnd = move || rng.next();
         let m = mem();
         let mut out = Vec::new();
         for _ in 0..2000 {

@@ -75,7 +75,7 @@ pub mod text;
 
 use crate::backend::scsi::pr::{self, PrIn, PrKeys, PrOut, PrReservation};
 use crate::backend::scsi::{BlockLimits, Capacity, LunIdentity, Provisioning, StdInquiry};
-use crate::engine::{owner_of, Ring};
+use crate::engine::Ring;
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{DeviceInfo, Extent};
 use crate::{BlockDevice, Queue};
@@ -329,6 +329,8 @@ pub struct LunInfo {
     pub params: Option<Negotiated>,
     /// The TPGS field of standard INQUIRY (0: no ALUA).
     pub tpgs: u8,
+    /// The target's LUNs (REPORT LUNS), when [`report_luns`] asked for them.
+    pub luns: Option<Vec<u16>>,
 }
 
 /// Limits derived once from [`LunInfo`], read on the I/O path.
@@ -455,13 +457,13 @@ pub struct IscsiDevice {
 impl IscsiDevice {
     /// Log in once, learn the LUN, log out; fail with a clear error if it cannot be used.
     pub fn open(cfg: IscsiConfig) -> Result<IscsiDevice> {
-        let inner = IscsiDevice::prepare(cfg, Arc::default())?;
+        let inner = new_inner(cfg, Arc::default())?;
         IscsiDevice::probe(inner)
     }
 
     /// Open one path of a multipath device: `pr` is shared by every path.
     pub(crate) fn open_path(cfg: IscsiConfig, pr: Arc<PrState>) -> Result<IscsiDevice> {
-        let inner = IscsiDevice::prepare(cfg, pr)?;
+        let inner = new_inner(cfg, pr)?;
         IscsiDevice::probe(inner)
     }
 
@@ -469,7 +471,7 @@ impl IscsiDevice {
     /// answer at open: it takes `like`'s geometry and identity, and its sessions log in
     /// when the portal answers (and check that it is the same LUN).
     pub(crate) fn unprobed(cfg: IscsiConfig, like: &IscsiDevice) -> Result<IscsiDevice> {
-        let inner = IscsiDevice::prepare(cfg, like.inner.pr.clone())?;
+        let inner = new_inner(cfg, like.inner.pr.clone())?;
         *inner.info.lock().unwrap_or_else(|e| e.into_inner()) = like.lun_info();
         let _ = inner.geometry.set(like.inner.geometry());
         inner
@@ -487,53 +489,6 @@ impl IscsiDevice {
         index: u8,
     ) -> IscsiQueue {
         IscsiQueue::with_owner(self.inner.clone(), ring, Mode::Serve, owner, Some(index))
-    }
-
-    fn prepare(cfg: IscsiConfig, pr: Arc<PrState>) -> Result<Arc<Inner>> {
-        if let (Some(u), Some(c)) = (&cfg.uri_user, &cfg.chap) {
-            if *u != c.user {
-                return Err(Error::new(
-                    ErrorKind::InvalidConfig,
-                    format!(
-                        "the URI names CHAP user {u:?}, the credentials {:?}",
-                        c.user
-                    ),
-                ));
-            }
-        }
-        if cfg.uri_user.is_some() && cfg.chap.is_none() {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                "the URI names a CHAP user but no CHAP credentials were given",
-            ));
-        }
-        let portal = cfg
-            .portal
-            .to_socket_addrs()
-            .map_err(|e| Error::io(format!("resolve {}", cfg.portal), e))?
-            .next()
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::InvalidConfig,
-                    format!("{}: no address", cfg.portal),
-                )
-            })?;
-        let mut r = [0u8; 3];
-        getrandom::fill(&mut r)
-            .map_err(|e| Error::new(ErrorKind::Io, format!("no randomness for the ISID: {e}")))?;
-        let inner = Arc::new(Inner {
-            cfg,
-            portal,
-            size: AtomicU64::new(0),
-            info: Mutex::new(LunInfo::default()),
-            geometry: OnceLock::new(),
-            no_write_same: AtomicBool::new(false),
-            no_unmap: AtomicBool::new(false),
-            isid_base: r,
-            next_qualifier: AtomicU16::new(1),
-            pr,
-        });
-        Ok(inner)
     }
 
     fn probe(inner: Arc<Inner>) -> Result<IscsiDevice> {
@@ -657,6 +612,78 @@ impl IscsiDevice {
     }
 }
 
+/// The shared state of a device or a discovery session for `cfg` (CHAP user checked,
+/// portal resolved, a fresh ISID base); `pr` is shared by the paths of a multipath
+/// device.
+fn new_inner(cfg: IscsiConfig, pr: Arc<PrState>) -> Result<Arc<Inner>> {
+    if let (Some(u), Some(c)) = (&cfg.uri_user, &cfg.chap) {
+        if *u != c.user {
+            return Err(Error::new(
+                ErrorKind::InvalidConfig,
+                format!(
+                    "the URI names CHAP user {u:?}, the credentials {:?}",
+                    c.user
+                ),
+            ));
+        }
+    }
+    if cfg.uri_user.is_some() && cfg.chap.is_none() {
+        return Err(Error::new(
+            ErrorKind::InvalidConfig,
+            "the URI names a CHAP user but no CHAP credentials were given",
+        ));
+    }
+    let portal = cfg
+        .portal
+        .to_socket_addrs()
+        .map_err(|e| Error::io(format!("resolve {}", cfg.portal), e))?
+        .next()
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidConfig,
+                format!("{}: no address", cfg.portal),
+            )
+        })?;
+    let mut r = [0u8; 3];
+    getrandom::fill(&mut r)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("no randomness for the ISID: {e}")))?;
+    Ok(Arc::new(Inner {
+        cfg,
+        portal,
+        size: AtomicU64::new(0),
+        info: Mutex::new(LunInfo::default()),
+        geometry: OnceLock::new(),
+        no_write_same: AtomicBool::new(false),
+        no_unmap: AtomicBool::new(false),
+        isid_base: r,
+        next_qualifier: AtomicU16::new(1),
+        pr,
+    }))
+}
+
+/// The LUNs of `cfg`'s target: one login, REPORT LUNS (addressed to `cfg.lun`; LUN 0
+/// answers it on every target, SPC-4 §6.33), log out. Bounded like an open: the login
+/// timeout plus one command timeout; a refused login or CHAP failure is a clear error.
+pub fn report_luns(cfg: IscsiConfig) -> Result<Vec<u16>> {
+    let inner = new_inner(cfg, Arc::default())?;
+    run_until_ready(&inner, Mode::Discover)?;
+    let luns = inner
+        .info
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .luns
+        .take();
+    luns.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Io,
+            format!(
+                "target {} at {} answered REPORT LUNS with nothing usable",
+                inner.cfg.target, inner.portal
+            ),
+        )
+    })
+}
+
 /// Drive one queue on a private ring until its session is ready (probe or refresh).
 fn run_until_ready(
     inner: &Arc<Inner>,
@@ -699,7 +726,7 @@ fn drive_until_ready(
         cqes.clear();
         ring.reap(&mut cqes);
         for c in cqes.drain(..) {
-            if owner_of(c.user_data) == q.owner() {
+            if c.owner() == q.owner() {
                 q.complete(ring, c, &mut done);
             }
         }

@@ -6,7 +6,8 @@
 //! the bytes move with non-blocking `recv`/`sendmsg` from the completion handler. None of
 //! these SQEs points into the queue's memory (the timeouts point to statics), so the
 //! queue can be dropped while they are in flight: a late CQE carries this queue's random
-//! epoch in its slot and is ignored by whoever owns the id next. A batch of requests
+//! epoch as the generation of its [`Tag`]'s key and is ignored by whoever owns the id
+//! next. A batch of requests
 //! submitted in one event-loop turn leaves in one `sendmsg` (the NOP's completion comes
 //! after the turn), sent straight from the requests' buffers.
 //!
@@ -24,8 +25,9 @@
 //! is down, a timed-out command and a port in ALUA standby/unavailable/transitioning
 //! (NOT READY 04/0A–0C) complete with [`PATH_FAILED`], and the multipath queue re-drives
 //! them on another path; the path keeps logging in again in the background. Its SQEs
-//! carry the multipath queue's owner id and the path index above [`PATH_SHIFT`] in the
-//! slot. With ALUA (TPGS ≠ 0 in standard INQUIRY) each session reads REPORT TARGET PORT
+//! carry the multipath queue's owner id, and their [`Tag`]'s key is (path index, the
+//! queue's epoch): the multipath queue hands a CQE to the path its key's slot names
+//! ([`path_of`]). With ALUA (TPGS ≠ 0 in standard INQUIRY) each session reads REPORT TARGET PORT
 //! GROUPS at set-up and again on the ALUA unit attentions (2A/06, 2A/07) and NOT READY
 //! 04/0A–0C, and [`IscsiQueue::alua_state`] gives its port's access state.
 
@@ -39,8 +41,10 @@ use crate::backend::scsi::alua::{self, AluaState, PortIds};
 use crate::backend::scsi::pr::{self, PrIn, PrOut};
 use crate::backend::scsi::{self, asc, key, status, Capacity, Cdb, Sense};
 use crate::buf::{Buffer, IoBuf};
-use crate::engine::{user_data, Cqe, OwnerId, Ring};
+use crate::engine::{Cqe, OwnerId, Ring};
 use crate::request::{Completion, Op, Request};
+use crate::slots::{Key, Slots};
+use crate::tag::{Kind, Tag};
 use crate::Queue;
 use io_uring::{opcode, types};
 use std::collections::VecDeque;
@@ -74,16 +78,20 @@ const RECONNECT_FAILED: Duration = Duration::from_secs(30);
 static TICK_FAST: types::Timespec = types::Timespec::new().nsec(50_000_000);
 static TICK_SLOW: types::Timespec = types::Timespec::new().sec(1);
 
-/// Slot kinds (low bits of the slot; the epoch sits above).
-const K_POLL_IN: u64 = 1;
-const K_POLL_OUT: u64 = 2;
-const K_FLUSH: u64 = 3;
-const K_TIMER: u64 = 4;
-const EPOCH_SHIFT: u32 = 8;
-/// Slot bits from here up name the path of a multipath queue (its queues share one owner).
-pub(crate) const PATH_SHIFT: u32 = 40;
+/// Tag kinds of the queue's SQEs (their key is the queue's epoch).
+const K_POLL_IN: Kind = Kind::new(1);
+const K_POLL_OUT: Kind = Kind::new(2);
+const K_FLUSH: Kind = Kind::new(3);
+const K_TIMER: Kind = Kind::new(4);
 
-/// Command cookies: request id, or an internal command.
+/// The path an SQE of a path queue belongs to (its tag's key's slot; see
+/// [`IscsiQueue::with_owner`]).
+pub(crate) fn path_of(tag: Tag) -> usize {
+    tag.key().slot() as usize
+}
+
+/// Command cookies: a request's [`Tag`] (bit 63 clear: its route is 0), or an internal
+/// command.
 const INTERNAL: u64 = 1 << 63;
 
 /// Internal commands.
@@ -199,6 +207,9 @@ impl Internal {
 pub(super) enum Mode {
     /// One attempt; the full set-up; the first failure is final.
     Probe,
+    /// One attempt; REPORT LUNS only (the target's LUN list, for `report_luns`); the
+    /// first failure is final.
+    Discover,
     /// Serve requests, reconnecting as long as it lives.
     Serve,
 }
@@ -263,7 +274,9 @@ pub struct IscsiQueue {
     inner: Arc<Inner>,
     mode: Mode,
     owner: OwnerId,
-    epoch: u64,
+    /// The key of every SQE of this queue: slot 0, or its path index as a path of a
+    /// multipath queue; a random 15-bit generation (the epoch).
+    epoch: Key,
     isid: [u8; 6],
     state: State,
     fd: Option<OwnedFd>,
@@ -273,11 +286,12 @@ pub struct IscsiQueue {
     /// Login bytes waiting to go out.
     tx: Vec<u8>,
     tx_sent: usize,
-    reqs: Vec<Option<Req>>,
-    free: Vec<usize>,
-    in_flight: usize,
+    /// Block requests in flight, by the key in their commands' cookies (a [`Tag`]).
+    /// Bounded by the front ends' queue depths; a full table fails a request with
+    /// `EAGAIN`.
+    reqs: Slots<Req>,
     /// Requests waiting for the session (or a back-off), in arrival order.
-    held: VecDeque<usize>,
+    held: VecDeque<Key>,
     poll_in: bool,
     poll_out: bool,
     flush: bool,
@@ -291,12 +305,10 @@ pub struct IscsiQueue {
     last_error: Option<String>,
     acc: SetupAcc,
     /// Requests to complete at the end of the current call.
-    pending_done: Vec<usize>,
+    pending_done: Vec<Key>,
     iovs: Vec<libc::iovec>,
     chap_used: Option<ChapAlg>,
     logged_in_once: bool,
-    /// Slot bits of the path index (0 for a queue of its own).
-    slot_base: u64,
     /// A path of a multipath device: fail fast with [`PATH_FAILED`] instead of holding.
     path_mode: bool,
     /// This session's target port (VPD 0x83 as read through it).
@@ -315,7 +327,7 @@ impl std::fmt::Debug for IscsiQueue {
         f.debug_struct("IscsiQueue")
             .field("owner", &self.owner)
             .field("state", &self.state_name())
-            .field("in_flight", &self.in_flight)
+            .field("in_flight", &self.reqs.len())
             .finish_non_exhaustive()
     }
 }
@@ -343,7 +355,10 @@ impl IscsiQueue {
     ) -> IscsiQueue {
         let mut r = [0u8; 2];
         let _ = getrandom::fill(&mut r);
-        let epoch = u64::from(u16::from_le_bytes(r) & 0x7fff);
+        let epoch = Key::masked(
+            path.map_or(0, u32::from),
+            u32::from(u16::from_le_bytes(r) & 0x7fff),
+        );
         let isid = inner.next_isid();
         let now = Instant::now();
         let mut q = IscsiQueue {
@@ -359,9 +374,7 @@ impl IscsiQueue {
             rend: 0,
             tx: Vec::new(),
             tx_sent: 0,
-            reqs: Vec::new(),
-            free: Vec::new(),
-            in_flight: 0,
+            reqs: Slots::new(Key::MAX_SLOTS),
             held: VecDeque::new(),
             poll_in: false,
             poll_out: false,
@@ -376,7 +389,6 @@ impl IscsiQueue {
             iovs: Vec::new(),
             chap_used: None,
             logged_in_once: false,
-            slot_base: path.map_or(0, |p| u64::from(p) << PATH_SHIFT),
             path_mode: path.is_some(),
             port_ids: PortIds::default(),
             alua: None,
@@ -407,7 +419,7 @@ impl IscsiQueue {
     /// A final failure (the probe stops on this): permanent, or any in probe mode.
     pub(super) fn failure(&self) -> Option<String> {
         self.failed.clone().or_else(|| {
-            (self.mode == Mode::Probe && self.reconnects > 0)
+            (self.mode != Mode::Serve && self.reconnects > 0)
                 .then(|| self.last_error.clone())
                 .flatten()
         })
@@ -486,11 +498,8 @@ impl IscsiQueue {
         }
     }
 
-    fn ud(&self, kind: u64) -> u64 {
-        user_data(
-            self.owner,
-            self.slot_base | (self.epoch << EPOCH_SHIFT) | kind,
-        )
+    fn ud(&self, kind: Kind) -> u64 {
+        Tag::new(self.owner, kind, self.epoch).raw()
     }
 
     fn push(&mut self, ring: &mut Ring, e: io_uring::squeue::Entry) -> bool {
@@ -542,12 +551,10 @@ impl IscsiQueue {
             return;
         }
         let fast = !matches!(self.state, State::Ready { .. })
-            || self.held.iter().any(|&i| {
-                self.reqs
-                    .get(i)
-                    .and_then(Option::as_ref)
-                    .is_some_and(|r| r.retry_at.is_some())
-            });
+            || self
+                .held
+                .iter()
+                .any(|&i| self.reqs.get(i).is_some_and(|r| r.retry_at.is_some()));
         let ts: &'static types::Timespec = if fast { &TICK_FAST } else { &TICK_SLOW };
         let e = opcode::Timeout::new(std::ptr::from_ref(ts))
             .build()
@@ -733,27 +740,33 @@ impl IscsiQueue {
         );
         let mut steps = VecDeque::new();
         steps.push_back(Internal::ReportLuns);
-        if self.mode == Mode::Probe {
-            steps.push_back(Internal::StdInquiry);
-            steps.push_back(Internal::Vpd(0x00));
-        } else {
-            steps.push_back(Internal::Vpd(0x80));
-            steps.push_back(Internal::Vpd(0x83));
-            let tpgs = self.inner.info.lock().map_or(0, |i| i.tpgs);
-            if tpgs != 0 {
-                steps.push_back(Internal::Rtpg);
+        match self.mode {
+            Mode::Probe => {
+                steps.push_back(Internal::StdInquiry);
+                steps.push_back(Internal::Vpd(0x00));
             }
-            if self.inner.cfg.pr_key.is_some() {
-                if self.inner.pr.registered.load(Ordering::Acquire) {
-                    steps.push_back(Internal::PrReadKeys);
+            Mode::Serve => {
+                steps.push_back(Internal::Vpd(0x80));
+                steps.push_back(Internal::Vpd(0x83));
+                let tpgs = self.inner.info.lock().map_or(0, |i| i.tpgs);
+                if tpgs != 0 {
+                    steps.push_back(Internal::Rtpg);
                 }
-                steps.push_back(Internal::PrRegister);
+                if self.inner.cfg.pr_key.is_some() {
+                    if self.inner.pr.registered.load(Ordering::Acquire) {
+                        steps.push_back(Internal::PrReadKeys);
+                    }
+                    steps.push_back(Internal::PrRegister);
+                }
+                for i in 0..self.admin.len().min(usize::from(u8::MAX)) {
+                    steps.push_back(Internal::Admin(i as u8));
+                }
             }
-            for i in 0..self.admin.len().min(usize::from(u8::MAX)) {
-                steps.push_back(Internal::Admin(i as u8));
-            }
+            Mode::Discover => {}
         }
-        steps.push_back(Internal::ReadCapacity);
+        if self.mode != Mode::Discover {
+            steps.push_back(Internal::ReadCapacity);
+        }
         self.acc = SetupAcc::default();
         self.identity_ok = false;
         self.state = State::Setup {
@@ -817,6 +830,11 @@ impl IscsiQueue {
     fn check_identity(&mut self) -> Result<(), String> {
         let acc = std::mem::take(&mut self.acc);
         let lun = self.inner.cfg.lun;
+        if self.mode == Mode::Discover {
+            let mut info = self.inner.info.lock().unwrap_or_else(|e| e.into_inner());
+            info.luns = acc.luns;
+            return Ok(());
+        }
         if let Some(luns) = &acc.luns {
             if !luns.contains(&lun) {
                 return Err(format!(
@@ -831,7 +849,7 @@ impl IscsiQueue {
         };
         let mut info = self.inner.info.lock().unwrap_or_else(|e| e.into_inner());
         match self.mode {
-            Mode::Probe => {
+            Mode::Probe | Mode::Discover => {
                 info.identity = now_id;
                 Ok(())
             }
@@ -1069,28 +1087,12 @@ impl IscsiQueue {
 
     // ---- requests ----
 
-    fn alloc_req(&mut self, r: Req) -> usize {
-        self.in_flight += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.reqs[i] = Some(r);
-                i
-            }
-            None => {
-                self.reqs.push(Some(r));
-                self.reqs.len() - 1
-            }
-        }
-    }
-
     /// Complete the requests marked done.
     fn flush_done(&mut self, done: &mut Vec<Completion>) {
         for id in std::mem::take(&mut self.pending_done) {
-            let Some(r) = self.reqs.get_mut(id).and_then(Option::take) else {
+            let Some(r) = self.reqs.remove(id) else {
                 continue;
             };
-            self.free.push(id);
-            self.in_flight -= 1;
             self.held.retain(|&h| h != id);
             done.push(Completion {
                 tag: r.tag,
@@ -1100,7 +1102,7 @@ impl IscsiQueue {
         }
     }
 
-    fn hold(&mut self, id: usize) {
+    fn hold(&mut self, id: Key) {
         if !self.held.contains(&id) {
             self.held.push_back(id);
         }
@@ -1111,8 +1113,8 @@ impl IscsiQueue {
         if c.cookie & INTERNAL != 0 {
             return;
         }
-        let id = c.cookie as usize;
-        if let Some(Some(r)) = self.reqs.get_mut(id) {
+        let id = Tag::from_raw(c.cookie).key();
+        if let Some(r) = self.reqs.get_mut(id) {
             r.parts = r.parts.saturating_sub(1);
             r.replay.push(c);
             self.hold(id);
@@ -1121,9 +1123,9 @@ impl IscsiQueue {
 
     /// Fail every held request with `errno`.
     fn fail_all(&mut self, errno: i32) {
-        let ids: Vec<usize> = self.held.drain(..).collect();
+        let ids: Vec<Key> = self.held.drain(..).collect();
         for id in ids {
-            if let Some(Some(r)) = self.reqs.get_mut(id) {
+            if let Some(r) = self.reqs.get_mut(id) {
                 for c in r.replay.drain(..) {
                     if matches!(r.op, Op::Read | Op::Write { .. }) {
                         r.buf = c.buf;
@@ -1161,7 +1163,6 @@ impl IscsiQueue {
             let wait = self
                 .reqs
                 .get(id)
-                .and_then(Option::as_ref)
                 .and_then(|r| r.retry_at)
                 .is_some_and(|t| t > now);
             if wait {
@@ -1173,12 +1174,12 @@ impl IscsiQueue {
     }
 
     /// Put the request's commands on the session: replays first, then new parts.
-    fn drive(&mut self, id: usize, now: Instant) {
+    fn drive(&mut self, id: Key, now: Instant) {
         let State::Ready { session } = &mut self.state else {
             self.hold(id);
             return;
         };
-        let Some(Some(r)) = self.reqs.get_mut(id) else {
+        let Some(r) = self.reqs.get_mut(id) else {
             return;
         };
         r.retry_at = None;
@@ -1327,7 +1328,7 @@ impl IscsiQueue {
             );
             if in_setup && !optional {
                 let m = format!("{kind:?} failed on the LUN: {:?}", f.outcome);
-                self.conn_failed(ring, now, m, self.mode == Mode::Probe);
+                self.conn_failed(ring, now, m, self.mode != Mode::Serve);
                 return;
             }
             tracing::debug!(?kind, outcome = ?f.outcome, "optional LUN query failed");
@@ -1355,7 +1356,8 @@ impl IscsiQueue {
             Internal::ReportLuns => {
                 let luns = scsi::parse_report_luns(b);
                 let lun = self.inner.cfg.lun;
-                if let Some(l) = luns.as_ref().filter(|l| !l.contains(&lun)) {
+                let wanted = self.mode != Mode::Discover;
+                if let Some(l) = luns.as_ref().filter(|l| wanted && !l.contains(&lun)) {
                     return Err(format!(
                         "LUN {lun} does not exist on target {} (it has LUNs {l:?})",
                         self.inner.cfg.target
@@ -1461,8 +1463,8 @@ impl IscsiQueue {
     }
 
     fn on_request_command(&mut self, f: Finished, now: Instant) {
-        let id = f.cmd.cookie as usize;
-        let Some(Some(r)) = self.reqs.get(id) else {
+        let id = Tag::from_raw(f.cmd.cookie).key();
+        let Some(r) = self.reqs.get(id) else {
             return;
         };
         let verdict = classify(&f.outcome, r, now, &self.inner.cfg, self.path_mode);
@@ -1503,7 +1505,7 @@ impl IscsiQueue {
             }
         }
         let lbs = u64::from(self.inner.lbs());
-        let Some(Some(r)) = self.reqs.get_mut(id) else {
+        let Some(r) = self.reqs.get_mut(id) else {
             return;
         };
         r.parts = r.parts.saturating_sub(1);
@@ -1723,9 +1725,9 @@ fn cdb_lba(c: &Cdb) -> Option<u64> {
 }
 
 /// The next SCSI command of request `r` (and advance `r.next` past it).
-fn next_command(r: &mut Req, id: usize, inner: &Inner) -> Option<Command> {
+fn next_command(r: &mut Req, id: Key, inner: &Inner) -> Option<Command> {
     let lbs = u64::from(inner.lbs());
-    let cookie = id as u64;
+    let cookie = Tag::of(id).raw();
     let lba = r.next / lbs;
     let left = r.end - r.next;
     match r.op {
@@ -1888,7 +1890,7 @@ impl Queue for IscsiQueue {
         } else {
             req.offset + req.len
         };
-        let id = self.alloc_req(Req {
+        let id = self.reqs.insert(Req {
             tag: req.tag,
             op: req.op,
             offset: req.offset,
@@ -1903,6 +1905,17 @@ impl Queue for IscsiQueue {
             retry_at: None,
             replay: Vec::new(),
         });
+        let id = match id {
+            Ok(id) => id,
+            Err(r) => {
+                done.push(Completion {
+                    tag: r.tag,
+                    result: Err(libc::EAGAIN),
+                    buf: r.buf,
+                });
+                return;
+            }
+        };
         self.drive(id, now);
         self.flush_done(done);
         if let State::Ready { session } = &self.state {
@@ -1913,12 +1926,12 @@ impl Queue for IscsiQueue {
     }
 
     fn complete(&mut self, ring: &mut Ring, cqe: Cqe, done: &mut Vec<Completion>) {
-        let slot = cqe.slot() & ((1 << PATH_SHIFT) - 1);
-        if slot >> EPOCH_SHIFT != self.epoch {
+        let tag = cqe.tag();
+        if tag.key() != self.epoch {
             return;
         }
         let now = Instant::now();
-        match slot & ((1 << EPOCH_SHIFT) - 1) {
+        match tag.kind() {
             K_POLL_IN => {
                 self.poll_in = false;
                 if self.fd.is_some() && cqe.result >= 0 {
@@ -1950,7 +1963,7 @@ impl Queue for IscsiQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.reqs.len()
     }
 }
 
@@ -1986,6 +1999,10 @@ mod tests {
     use crate::backend::iscsi::{Geometry, IscsiConfig, LunInfo};
     use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64};
     use std::sync::{Mutex, OnceLock};
+
+    fn key(slot: u32) -> Key {
+        Key::masked(slot, 0)
+    }
 
     fn req(op: Op, offset: u64, len: u64) -> Req {
         Req {
@@ -2166,16 +2183,19 @@ mod tests {
         let i = inner(geo());
         // 3 MiB discard: UNMAP commands of at most 2 descriptors of 2048 blocks (1 MiB).
         let mut r = req(Op::Discard, 1 << 20, 3 << 20);
-        let c = next_command(&mut r, 7, &i).expect("unmap");
+        let c = next_command(&mut r, key(7), &i).expect("unmap");
         assert_eq!(c.cdb.opcode(), scsi::opcode::UNMAP);
-        assert_eq!((c.dir, c.len, c.cookie), (Dir::Write, 8 + 32, 7));
+        assert_eq!(
+            (c.dir, c.len, c.cookie),
+            (Dir::Write, 8 + 32, Tag::of(key(7)).raw())
+        );
         assert_eq!(r.next, 3 << 20);
-        let c = next_command(&mut r, 7, &i).expect("unmap");
+        let c = next_command(&mut r, key(7), &i).expect("unmap");
         assert_eq!(c.len, 8 + 16);
         assert_eq!(r.next, r.end);
         // Write-zeroes: WRITE SAME(16) with UNMAP of at most 4096 blocks, one block of data.
         let mut r = req(Op::WriteZeroes { unmap: true }, 0, 3 << 20);
-        let c = next_command(&mut r, 1, &i).expect("write same");
+        let c = next_command(&mut r, key(1), &i).expect("write same");
         assert_eq!(c.cdb.0[1], 0x08);
         assert_eq!(
             u32::from_be_bytes(c.cdb.0[10..14].try_into().unwrap()),
@@ -2185,17 +2205,17 @@ mod tests {
         // Without WRITE SAME: written zeros, in chunks of at most 1 MiB.
         i.no_write_same.store(true, Ordering::Relaxed);
         let mut r = req(Op::WriteZeroes { unmap: false }, 0, (2 << 20) + 4096);
-        let c = next_command(&mut r, 1, &i).expect("write");
+        let c = next_command(&mut r, key(1), &i).expect("write");
         assert_eq!(c.cdb.opcode(), scsi::opcode::WRITE_16);
         assert_eq!((c.len, r.next), (1 << 20, 1 << 20));
-        next_command(&mut r, 1, &i).expect("write");
-        let c = next_command(&mut r, 1, &i).expect("write");
+        next_command(&mut r, key(1), &i).expect("write");
+        let c = next_command(&mut r, key(1), &i).expect("write");
         assert_eq!(c.len, 4096);
         assert_eq!(r.next, r.end);
         // Reads and writes are one command each, with the request's buffer.
         let mut r = req(Op::Write { fua: true }, 8192, 4096);
         r.buf = Buffer::Owned(IoBuf::new(4096));
-        let c = next_command(&mut r, 3, &i).expect("write");
+        let c = next_command(&mut r, key(3), &i).expect("write");
         assert_eq!(c.cdb, Cdb::write16(16, 8, true));
         assert!(matches!(r.buf, Buffer::None) && c.buf.len() == 4096);
     }
