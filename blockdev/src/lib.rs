@@ -99,6 +99,11 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn identity(&self) -> Option<backend::scsi::LunIdentity> {
         None
     }
+
+    /// The paths of a multipath device and their states (empty for a single path).
+    fn paths(&self) -> Vec<backend::multipath::PathStatus> {
+        Vec::new()
+    }
 }
 
 /// A per-thread handle on a [`BlockDevice`]. Not shared; lives on one I/O thread.

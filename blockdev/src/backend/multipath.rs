@@ -54,13 +54,23 @@
 //!   is chosen again by the next request; nothing else is needed.
 //!
 //! ## What is implemented, and what is not
-//! - iSCSI portals only. Host block devices with several paths are served through the
-//!   kernel's dm-multipath device (a file path); Ember does not group `/dev/sdX` paths
-//!   itself, because a file queue's errors do not tell a path failure from a medium
-//!   error as precisely as a SCSI status does.
-//! - Path states are logged (per I/O thread) and available from
-//!   [`MultipathDevice::path_states`]; the REST API, `emberctl` and metrics do not show
-//!   them yet.
+//! - iSCSI portals only (see below for host block devices).
+//! - Path states are logged (per I/O thread: path up, path down, ALUA state, each
+//!   re-driven request) and summed over the device's queues in
+//!   [`BlockDevice::paths`] ([`PathStatus`]: sessions logged in out of the queues,
+//!   ALUA state, requests failed over away from the path), which `emberd serve` passes
+//!   through the data-plane boundary to `GET /v3/{project}/volumes/{id}` (`paths`) and
+//!   `emberctl volume paths`. No metrics endpoint exists yet to carry them.
+//! - LUN pools of `emberd serve` with several `portals` open each LUN through all of
+//!   them as one multipath device.
+//! - Host block devices (several `/dev/sdX` or loop paths to one LUN) are not grouped by
+//!   Ember yet. How an operator declares them is settled by the LUN pool: its `devices`
+//!   globs, where device nodes with one identity (VPD 0x83 designators and serial; for
+//!   a loop device its backing file, for a device-mapper map its uuid) are listed as one
+//!   LUN with several paths; a multipath file device would open them all and fail over
+//!   on the transport errors a path gives (ENOLINK, ENXIO, ENODEV, ETIMEDOUT). Until
+//!   then such a LUN is opened through its first path that opens, and the kernel's
+//!   dm-multipath device (a file path) is the way to use several.
 //! - ALUA: implicit only (Ember never sends SET TARGET PORT GROUPS). tgtd (Debian's tgt
 //!   1.0.85) reports TPGS 0 and has no REPORT TARGET PORT GROUPS, so the ALUA logic is
 //!   tested from bytes, not against a target.
@@ -81,6 +91,7 @@ use crate::slots::{Key, Slots};
 use crate::tag::Tag;
 use crate::{BlockDevice, Queue};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,11 +108,54 @@ const SUSPECT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct MultipathDevice {
     paths: Vec<Arc<IscsiDevice>>,
+    /// What the queues see of each path, in path order.
+    shared: Vec<Arc<PathShared>>,
     /// How long a request waits for a usable path.
     no_path_timeout: Duration,
     /// How long a request may take in all, failovers included.
     request_timeout: Duration,
 }
+
+/// A path's state summed over the device's queues (what the API shows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathStatus {
+    /// `host:port` of the portal.
+    pub portal: String,
+    /// Queues (one per I/O thread) whose session through this path is logged in.
+    pub sessions_up: usize,
+    /// Queues of the device.
+    pub sessions: usize,
+    /// ALUA access state last read through it (`None`: no ALUA, or not read yet).
+    pub alua: Option<AluaState>,
+    /// Requests that failed on this path and were re-driven on another, since open.
+    pub failovers: u64,
+}
+
+impl PathStatus {
+    /// `up` (every session logged in), `degraded` (some), `down` (none), or `idle` (no
+    /// I/O thread has a queue of the device: no client uses it now).
+    pub fn state(&self) -> &'static str {
+        match (self.sessions_up, self.sessions) {
+            (_, 0) => "idle",
+            (0, _) => "down",
+            (u, n) if u >= n => "up",
+            _ => "degraded",
+        }
+    }
+}
+
+/// The counters behind a [`PathStatus`], written by the queues on transitions.
+#[derive(Debug, Default)]
+struct PathShared {
+    up: AtomicUsize,
+    queues: AtomicUsize,
+    /// [`AluaState::bits`], or [`NO_ALUA`].
+    alua: AtomicU8,
+    failovers: AtomicU64,
+}
+
+/// [`PathShared::alua`] when no state was read.
+const NO_ALUA: u8 = 0xff;
 
 /// What one path looks like from one I/O thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,8 +245,18 @@ impl MultipathDevice {
             reachable = portals.len() - errors.len(),
             "multipath LUN opened"
         );
+        let shared = devs
+            .iter()
+            .map(|_| {
+                Arc::new(PathShared {
+                    alua: AtomicU8::new(NO_ALUA),
+                    ..PathShared::default()
+                })
+            })
+            .collect();
         Ok(MultipathDevice {
             paths: devs,
+            shared,
             no_path_timeout: cfg.replacement_timeout,
             request_timeout: cfg.request_timeout,
         })
@@ -207,7 +271,7 @@ impl MultipathDevice {
     }
 
     /// The path devices.
-    pub fn paths(&self) -> &[Arc<IscsiDevice>] {
+    pub fn path_devices(&self) -> &[Arc<IscsiDevice>] {
         &self.paths
     }
 
@@ -262,6 +326,11 @@ impl BlockDevice for MultipathDevice {
             .iter()
             .enumerate()
             .map(|(i, p)| Path {
+                shared: {
+                    let s = self.shared.get(i).cloned().unwrap_or_default();
+                    s.queues.fetch_add(1, Ordering::Relaxed);
+                    s
+                },
                 portal: p.config().portal.clone(),
                 q: p.path_queue(ring, owner, u8::try_from(i).unwrap_or(u8::MAX)),
                 up: false,
@@ -312,10 +381,29 @@ impl BlockDevice for MultipathDevice {
     fn identity(&self) -> Option<LunIdentity> {
         self.paths[0].identity()
     }
+
+    fn paths(&self) -> Vec<PathStatus> {
+        self.paths
+            .iter()
+            .zip(&self.shared)
+            .map(|(p, s)| PathStatus {
+                portal: p.config().portal.clone(),
+                sessions_up: s.up.load(Ordering::Relaxed),
+                sessions: s.queues.load(Ordering::Relaxed),
+                alua: match s.alua.load(Ordering::Relaxed) {
+                    NO_ALUA => None,
+                    b => AluaState::from_bits(b),
+                },
+                failovers: s.failovers.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
 }
 
 /// A path of one queue.
 struct Path {
+    /// The device's counters for this path.
+    shared: Arc<PathShared>,
     portal: String,
     q: IscsiQueue,
     /// Last seen state, to log transitions.
@@ -469,6 +557,7 @@ impl MultipathQueue {
                 // A path that fails requests while logged in rests a moment, so that a
                 // lone path in trouble is not hammered.
                 if let Some(p) = r.path.and_then(|p| self.paths.get_mut(p)) {
+                    p.shared.failovers.fetch_add(1, Ordering::Relaxed);
                     if p.q.is_ready() {
                         p.suspect_until = Some(now + SUSPECT);
                     }
@@ -539,17 +628,33 @@ impl MultipathQueue {
             let alua = p.q.alua_state();
             if up != p.up {
                 if up {
+                    p.shared.up.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(portal = %p.portal, alua = ?alua, "multipath: path up");
                 } else {
+                    p.shared.up.fetch_sub(1, Ordering::Relaxed);
                     tracing::warn!(portal = %p.portal, "multipath: path down");
                 }
                 p.up = up;
             }
             if alua != p.alua {
+                p.shared
+                    .alua
+                    .store(alua.map_or(NO_ALUA, AluaState::bits), Ordering::Relaxed);
                 if let Some(s) = alua {
                     tracing::info!(portal = %p.portal, state = %s, "multipath: path ALUA state");
                 }
                 p.alua = alua;
+            }
+        }
+    }
+}
+
+impl Drop for MultipathQueue {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            p.shared.queues.fetch_sub(1, Ordering::Relaxed);
+            if p.up {
+                p.shared.up.fetch_sub(1, Ordering::Relaxed);
             }
         }
     }
@@ -630,6 +735,21 @@ mod tests {
         // No usable path.
         assert_eq!(choose(&[(None, 0), (None, 0)], None, 0), None);
         assert_eq!(choose(&[], None, 0), None);
+    }
+
+    #[test]
+    fn path_status_states() {
+        let st = |sessions_up, sessions| PathStatus {
+            portal: "h:3260".into(),
+            sessions_up,
+            sessions,
+            alua: None,
+            failovers: 0,
+        };
+        assert_eq!(st(2, 2).state(), "up");
+        assert_eq!(st(1, 2).state(), "degraded");
+        assert_eq!(st(0, 2).state(), "down");
+        assert_eq!(st(0, 0).state(), "idle");
     }
 
     #[test]
