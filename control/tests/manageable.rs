@@ -495,3 +495,35 @@ async fn bad_requests_are_refused_clearly() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_check_shows_an_attached_luns_fault_and_clears_it() {
+    use ember_control::volumes::manageable::check_health;
+    let f = fx().await;
+    let v = f.manage("lun-1", json!({})).await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let (s, v) = f.attach(&id).await;
+    assert_eq!(s, 200, "{v}");
+    let st = &f.h.control.state;
+    assert_eq!(check_health(st).await.unwrap(), 0);
+    assert_eq!(f.show(&id).await["lun"]["health"], "ok");
+    // The array deletes the LUN under the attached volume.
+    f.dp.remove_lun("array", "lun-1");
+    assert_eq!(check_health(st).await.unwrap(), 1);
+    let shown = f.show(&id).await;
+    assert_eq!(shown["status"], "in-use", "{shown}");
+    assert_eq!(shown["lun"]["health"], "error", "{shown}");
+    assert!(
+        shown["lun"]["fault"].as_str().unwrap().contains("is gone"),
+        "{shown}"
+    );
+    assert!(shown["lun"]["fault_at"].is_string(), "{shown}");
+    // Recorded once, not again on every check.
+    assert_eq!(check_health(st).await.unwrap(), 0);
+    // Back: cleared.
+    f.dp.put_lun("array", "lun-1", 2 * GIB, Some("naa.6001"), false);
+    assert_eq!(check_health(st).await.unwrap(), 1);
+    let shown = f.show(&id).await;
+    assert_eq!(shown["lun"]["health"], "ok", "{shown}");
+    assert_eq!(shown["lun"]["fault"], Value::Null, "{shown}");
+}

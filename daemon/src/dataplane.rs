@@ -56,9 +56,9 @@ use ember_blockdev::stack::{self, Stack, StackSpec, Unlock};
 use ember_blockdev::{BackendSpec, OpenOptions};
 use ember_control::dataplane::{
     AttachVolume, ChapSecret, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture,
-    DpResult, Endpoint, LuksFormat, LuksVersion, LunPoolInfo, ManageLun, ManageableLun, ManagedLun,
-    NbdCredentials, ObjectKind, ObjectRef, Passphrase, PathState, PoolStats, Protocol, Rekey,
-    SnapshotVolume, StoredObject,
+    DpResult, Endpoint, LuksFormat, LuksVersion, LunHealth, LunPoolInfo, ManageLun, ManageableLun,
+    ManagedLun, NbdCredentials, ObjectKind, ObjectRef, Passphrase, PathState, PoolStats, Protocol,
+    Rekey, SnapshotVolume, StoredObject,
 };
 use ember_crypto::kdf::Hash;
 use ember_crypto::{FormatParams, KdfParams};
@@ -896,6 +896,10 @@ impl DataPlane for EmberDataPlane {
 
     fn unmanage(&self, volume: ObjectRef) -> DpFuture<'_, ()> {
         self.run(move |i| i.unmanage(&volume))
+    }
+
+    fn check_luns(&self) -> DpFuture<'_, Vec<LunHealth>> {
+        self.run(|i| Ok(i.check_luns()))
     }
 }
 

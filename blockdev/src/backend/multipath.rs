@@ -382,6 +382,31 @@ impl BlockDevice for MultipathDevice {
         self.paths[0].identity()
     }
 
+    /// A fault only when every path has one (one live path serves the LUN).
+    fn fault(&self) -> Option<String> {
+        let faults: Vec<String> = self
+            .paths
+            .iter()
+            .map(|p| p.fault().map(|f| format!("{}: {f}", p.config().portal)))
+            .collect::<Option<_>>()?;
+        Some(format!("every path is faulted: {}", faults.join("; ")))
+    }
+
+    /// Healthy when one path checks healthy; otherwise every path's error.
+    fn check(&self) -> Result<()> {
+        let mut errors = Vec::new();
+        for p in &self.paths {
+            match p.check() {
+                Ok(()) => return Ok(()),
+                Err(e) => errors.push(format!("{}: {e}", p.config().portal)),
+            }
+        }
+        Err(Error::new(
+            ErrorKind::Io,
+            format!("no path of the LUN is healthy: {}", errors.join("; ")),
+        ))
+    }
+
     fn paths(&self) -> Vec<PathStatus> {
         self.paths
             .iter()
