@@ -9,7 +9,8 @@
 #     --rounds N         rounds; each runs every peer once, order rotated (default 3)
 #     --size SIZE        LUN size (default 1G; a file of random data)
 #     --dir DIR          where the LUN's backing file lives (default /dev/shm)
-#     --peers LIST       comma list of ember,qemu-nbd (default: both)
+#     --peers LIST       comma list of ember,ember-2path,qemu-nbd (default: ember,qemu-nbd);
+#                        ember-2path: Ember through both portals of the tgtd (multipath)
 #     --jobs LIST        comma list of randread,randwrite,seqread,seqwrite (default: all)
 #     --digests          CRC32C header and data digests (both initiators, tgtd allows them)
 #     --emberd PATH      emberd binary (default: build it with cargo build --release)
@@ -42,7 +43,7 @@ done
 require_tools fio qemu-nbd nbdinfo python3 tgtd tgtadm
 split_lists
 for p in "${PEER_LIST[@]}"; do
-    case "$p" in ember | qemu-nbd) ;; *) die "unknown peer $p" ;; esac
+    case "$p" in ember | ember-2path | qemu-nbd) ;; *) die "unknown peer $p" ;; esac
 done
 need_emberd
 
@@ -71,9 +72,9 @@ trap 'exit 130' INT TERM
 log "creating $SIZE LUN backing file in $WORK (random data)"
 random_file "$LUN_IMG" "$SIZE"
 
-log "starting tgtd on 127.0.0.1:$PORT (management socket $CTL)"
+log "starting tgtd on 127.0.0.1:$PORT and 127.0.0.2:$PORT (management socket $CTL)"
 mkdir -p /var/run/tgtd
-tgtd -f -C "$CTL" --iscsi "portal=127.0.0.1:$PORT" </dev/null >"$OUT/tgtd.log" 2>&1 &
+tgtd -f -C "$CTL" --iscsi "portal=127.0.0.1:$PORT,portal=127.0.0.2:$PORT" </dev/null >"$OUT/tgtd.log" 2>&1 &
 TGTD_PID=$!
 for ((i = 0; i < 100; i++)); do
     tgtadm -C "$CTL" --op show --mode system >/dev/null 2>&1 && break
@@ -100,6 +101,8 @@ start_peer() {
     case "$peer" in
         ember) cmd=("$EMBERD" export --iscsi "iscsi://127.0.0.1:$PORT/$IQN/1$QUERY"
             --nbd "unix:$SOCK") ;;
+        ember-2path) cmd=("$EMBERD" export
+            --iscsi "iscsi://127.0.0.1:$PORT,127.0.0.2:$PORT/$IQN/1$QUERY" --nbd "unix:$SOCK") ;;
         # -t: stay up across connections; --shared=8: several clients.
         qemu-nbd) cmd=(qemu-nbd -k "$SOCK" -t --shared=8
             --image-opts "driver=iscsi,transport=tcp,portal=127.0.0.1:$PORT,target=$IQN,lun=1$QEMU_OPTS") ;;

@@ -70,7 +70,8 @@ split_lists() {
 
 # need_emberd: build emberd (release) if peer `ember` runs and --emberd was not given.
 need_emberd() {
-    if [[ " ${PEER_LIST[*]} " == *" ember "* && -z "$EMBERD" ]]; then
+    local peers=" ${PEER_LIST[*]} "
+    if [[ ($peers == *" ember "* || $peers == *" ember-2path "*) && -z "$EMBERD" ]]; then
         log "building emberd (release)"
         (cd "$ROOT" && cargo build --release -q -p emberd) || die "cargo build failed"
         EMBERD="${CARGO_TARGET_DIR:-$ROOT/target}/release/emberd"

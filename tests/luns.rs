@@ -67,7 +67,9 @@ impl Tgtd {
                 "-C",
                 &ctl.to_string(),
                 "--iscsi",
-                &format!("portal=127.0.0.1:{port}"),
+                // A second portal on another loopback address: a LUN pool may name both
+                // (multipath).
+                &format!("portal=127.0.0.1:{port},portal=127.0.0.2:{port}"),
             ])
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup"))
@@ -583,6 +585,121 @@ fn iscsi_config(port: u16, secret_id: &str) -> String {
          chap-user = \"ember\"\nchap-secret = \"{secret_id}\"\nchap-algorithms = [\"md5\"]\n\
          iscsi-options = \"login_timeout=5&timeout=5\"\n"
     )
+}
+
+/// A LUN pool with two portals of one target serves each LUN through both (one
+/// multipath device); `GET /volumes/{id}` and `emberctl volume paths` show the paths of
+/// an attached volume while a client uses it.
+#[test]
+fn iscsi_lun_pool_multipath_path_states() {
+    require_tool("nbdsh");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("files")).unwrap();
+    let lun1 = d.join("lun1.img");
+    sparse_file(&lun1, GIB);
+    pattern(&lun1, MIB, MIB as usize, 0x5a);
+    let tgt = Tgtd::start(d);
+    tgt.add_lun(&lun1, 1);
+    tgt.chap("ember", "chap-secret-0123");
+    let config = |secret: &str| {
+        iscsi_config(tgt.port, secret).replace(
+            &format!("portals = [\"127.0.0.1:{p}\"]", p = tgt.port),
+            &format!(
+                "portals = [\"127.0.0.1:{p}\", \"127.0.0.2:{p}\"]",
+                p = tgt.port
+            ),
+        )
+    };
+    let mut n = Node::start(&d.join("node"), &config("missing"));
+    let secret = n.secret("chap-secret-0123");
+    n.reconfigure(&config(&secret));
+    let v = n.manage("array", "lun-1", None);
+    assert_eq!(v["status"], "available", "{v}\n{}", n.daemon.log_text());
+    let id = v["id"].as_str().unwrap().to_string();
+    // Not attached: no paths in the view.
+    assert_eq!(n.show(&id)["paths"], Value::Null);
+    let (att, uri) = n.attach(&id);
+    // A client that holds its connection (the I/O thread's queue, with a session per
+    // path, lives as long as a connection uses it).
+    // nbdsh runs `python3 -m nbd` from Debian's python3-libnbd: /usr/bin's python3 first.
+    let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let mut client = Command::new("nbdsh")
+        .env("PATH", path)
+        .args([
+            "-u",
+            &uri,
+            "-c",
+            "import time\nassert h.pread(512, 1048576) == b'\\x5a' * 512\ntime.sleep(60)",
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn nbdsh");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let paths = loop {
+        let p = n.show(&id)["paths"].clone();
+        let up = p
+            .as_array()
+            .is_some_and(|a| a.len() == 2 && a.iter().all(|x| x["state"] == "up"));
+        if up {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "paths not up: {p}\n{}",
+            n.daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let portals: Vec<&str> = paths
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["portal"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        portals,
+        [
+            format!("127.0.0.1:{}", tgt.port),
+            format!("127.0.0.2:{}", tgt.port)
+        ]
+    );
+    for p in paths.as_array().unwrap() {
+        assert_eq!(
+            (p["sessions_up"].as_u64(), p["sessions"].as_u64()),
+            (Some(1), Some(1)),
+            "{p}"
+        );
+        // tgtd has no ALUA.
+        assert_eq!(p["alua_state"], Value::Null, "{p}");
+        assert_eq!(p["failovers"], 0, "{p}");
+    }
+    // emberctl prints the same.
+    let out = Command::new(env!("CARGO_BIN_EXE_emberctl"))
+        .env("EMBER_URL", &n.url)
+        .env("EMBER_TOKEN_FILE", n.data.join("admin-token"))
+        .env("EMBER_PROJECT", &n.project)
+        .env_remove("EMBER_TOKEN")
+        .args(["volume", "paths", &id])
+        .output()
+        .expect("run emberctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for portal in &portals {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(portal) && l.contains(" up ") && l.contains("1/1")),
+            "{text}"
+        );
+    }
+    let _ = client.kill();
+    let _ = client.wait();
+    n.detach(&id, &att);
+    assert_eq!(n.show(&id)["paths"], Value::Null);
 }
 
 #[test]

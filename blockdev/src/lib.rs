@@ -100,6 +100,11 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// The paths of a multipath device and their states (empty for a single path).
+    fn paths(&self) -> Vec<backend::multipath::PathStatus> {
+        Vec::new()
+    }
+
     /// The fault the device's I/O path saw last and that still holds, if any (an iSCSI
     /// LUN gone from its target, no session within the replacement timeout). No I/O;
     /// cleared by the device itself once it serves again.

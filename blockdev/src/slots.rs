@@ -193,6 +193,19 @@ impl<T> Slots<T> {
         }
     }
 
+    /// The value in slot `slot` whatever its generation, with its current key, for owners
+    /// whose tags carry the index and only part of the generation (the iSCSI session's
+    /// 32-bit ITTs): the caller compares the key with what it got.
+    pub fn get_by_slot(&self, slot: u32) -> Option<(Key, &T)> {
+        match self.cells.get(slot as usize) {
+            Some(Cell {
+                gen,
+                entry: Entry::Occupied(v),
+            }) => Some((Key { slot, gen: *gen }, v)),
+            _ => None,
+        }
+    }
+
     /// The value in slot `slot` whatever its generation, with its current key. For owners
     /// that route by index alone and know the slot cannot have been reused meanwhile
     /// (see the caller's comment).
@@ -331,6 +344,8 @@ mod tests {
             assert_eq!(s.remove(bad), None);
         }
         assert_eq!(s.get_by_slot_mut(9).map(|(k, _)| k), None);
+        assert_eq!(s.get_by_slot(9).map(|(k, _)| k), None);
+        assert_eq!(s.get_by_slot(k.slot()).map(|(k, _)| k), Some(k));
         assert_eq!(s.get_by_slot_mut(k.slot()).map(|(k, _)| k), Some(k));
         assert_eq!(s.len(), 1);
     }

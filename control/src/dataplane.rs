@@ -311,6 +311,26 @@ pub struct PoolStats {
     pub provisioned_bytes: u64,
 }
 
+/// One path of an attached volume's LUN (a multipath LUN), as this node sees it
+/// ([`DataPlane::volume_paths`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathState {
+    /// `host:port` of the portal.
+    pub portal: String,
+    /// `up` (every I/O thread's session logged in), `degraded` (some), `down` (none),
+    /// `idle` (no client uses the volume on this node now: no session is open).
+    pub state: String,
+    /// I/O threads whose session through this path is logged in.
+    pub sessions_up: u32,
+    /// I/O threads serving the volume.
+    pub sessions: u32,
+    /// ALUA access state of the path's port (`active/optimized`, `standby`, …), if the
+    /// LUN reports one.
+    pub alua: Option<String>,
+    /// Requests that failed on this path and were re-driven on another, since attach.
+    pub failovers: u64,
+}
+
 /// One object found in a pool ([`DataPlane::inventory`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredObject {
@@ -424,6 +444,13 @@ pub trait DataPlane: Send + Sync + 'static {
 
     /// End one attachment: its clients are disconnected (no error when unknown).
     fn detach(&self, volume: ObjectRef, attachment_id: String) -> DpFuture<'_, ()>;
+
+    /// The paths of an attached volume's LUN and their states: empty when the volume is
+    /// not attached on this node or its LUN has one path.
+    fn volume_paths(&self, volume: ObjectRef) -> DpFuture<'_, Vec<PathState>> {
+        let _ = volume;
+        Box::pin(async { Ok(Vec::new()) })
+    }
 
     /// The LUN pools of this node and the CHAP secrets (by id) their logins need.
     fn lun_pools(&self) -> DpFuture<'_, Vec<LunPoolInfo>>;

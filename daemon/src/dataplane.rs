@@ -64,8 +64,8 @@ use ember_blockdev::{BackendSpec, OpenOptions};
 use ember_control::dataplane::{
     AttachVolume, ChapSecret, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture,
     DpResult, Endpoint, LuksFormat, LuksVersion, LunHealth, LunPoolInfo, ManageLun, ManageableLun,
-    ManagedLun, NbdCredentials, ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, Rekey,
-    SnapshotVolume, StoredObject,
+    ManagedLun, NbdCredentials, ObjectKind, ObjectRef, Passphrase, PathState, PoolStats, Protocol,
+    Rekey, SnapshotVolume, StoredObject,
 };
 use ember_crypto::kdf::Hash;
 use ember_crypto::{FormatParams, KdfParams};
@@ -368,6 +368,25 @@ impl Inner {
         for id in ids {
             self.detach(volume_id, &id);
         }
+    }
+
+    /// The path states of an attached volume's backend (empty: not attached, one path).
+    fn volume_paths(&self, volume: &ObjectRef) -> Vec<PathState> {
+        let base = match lock(&self.volumes).attached.get(&volume.id) {
+            Some(a) => a.stack.base.clone(),
+            None => return Vec::new(),
+        };
+        base.paths()
+            .into_iter()
+            .map(|p| PathState {
+                state: p.state().to_string(),
+                portal: p.portal,
+                sessions_up: u32::try_from(p.sessions_up).unwrap_or(u32::MAX),
+                sessions: u32::try_from(p.sessions).unwrap_or(u32::MAX),
+                alua: p.alua.map(|a| a.to_string()),
+                failovers: p.failovers,
+            })
+            .collect()
     }
 
     fn stats(&self) -> DpResult<Vec<PoolStats>> {
@@ -848,6 +867,10 @@ impl Inner {
 impl DataPlane for EmberDataPlane {
     fn stats(&self) -> DpFuture<'_, Vec<PoolStats>> {
         self.run(|i| i.stats())
+    }
+
+    fn volume_paths(&self, volume: ObjectRef) -> DpFuture<'_, Vec<PathState>> {
+        self.run(move |i| Ok(i.volume_paths(&volume)))
     }
 
     fn inventory(&self, pool: String) -> DpFuture<'_, Vec<StoredObject>> {

@@ -8,7 +8,12 @@
 //! frontends (QEMU) by [`crate::vhost::spawn`]. The device stack comes from the one
 //! builder, [`ember_blockdev::stack::build`], whatever the backend: `--file` (a file or a
 //! host block device) or `--iscsi URI`, a LUN served through Ember's own iSCSI initiator
-//! (CHAP credentials from `--chap-file`, never from the URI or argv). With
+//! (CHAP credentials from `--chap-file`, never from the URI or argv); a URI with several
+//! portals (`iscsi://HOST1,HOST2/…`) serves the LUN through all of them (multipath,
+//! [`ember_blockdev::backend::multipath`]). With `pr_key=` in the URI every session
+//! registers the node's persistent-reservation key, and `--pr-reserve` / `--pr-preempt`
+//! take the LUN's Write Exclusive – Registrants Only reservation before serving (the
+//! second one fencing another node by preempting its key). With
 //! `--passphrase-file` the device is opened as a LUKS1/LUKS2 volume and its plaintext is
 //! served (the crypt layer over the backend, within the `--max-…` cost limits); the
 //! listeners appear once the keyslot is unlocked. `--tls-creds`/`--tls-psk` give the NBD
@@ -22,6 +27,9 @@ use crate::nbd::{
 };
 use anyhow::Context;
 use clap::Args;
+use ember_blockdev::backend::iscsi::IscsiConfig;
+use ember_blockdev::backend::multipath::MultipathDevice;
+use ember_blockdev::backend::scsi::pr::{PrOut, PrType};
 use ember_blockdev::layer::throttle::QosLimits;
 use ember_blockdev::stack::{self, StackSpec, Unlock};
 use ember_blockdev::sys::SignalSet;
@@ -36,13 +44,29 @@ pub struct ExportArgs {
     #[arg(long, required_unless_present = "iscsi", conflicts_with = "iscsi")]
     pub file: Option<PathBuf>,
     /// iSCSI LUN to serve through Ember's initiator:
-    /// `iscsi://[user@]HOST[:PORT]/TARGET-IQN/LUN[?header_digest=crc32c&data_digest=crc32c&…]`.
+    /// `iscsi://[user@]HOST[:PORT][,HOST2[:PORT]…]/TARGET-IQN/LUN[?PARAMS]`. Several
+    /// portals of one target are paths of one LUN, used active-active (multipath; the
+    /// LUN identity must match through each). PARAMS: `header_digest`/`data_digest`
+    /// (crc32c|none), `initiator` (IQN), `ro`, timers in seconds (`login_timeout`,
+    /// `replacement_timeout` — also how long I/O waits with no path —, `request_timeout`,
+    /// `timeout`, `nop_interval`, `nop_timeout`), `pr_key` (hex: this node's
+    /// persistent-reservation key, registered on every session).
     #[arg(long)]
     pub iscsi: Option<String>,
     /// With --iscsi: CHAP credentials file (`user = …`, `secret = …`, optional
     /// `target_user`/`target_secret` for mutual CHAP, `algorithms = md5,sha256`).
     #[arg(long, requires = "iscsi")]
     pub chap_file: Option<PathBuf>,
+    /// With --iscsi and `pr_key` in the URI: reserve the LUN (Write Exclusive –
+    /// Registrants Only: every node that registered its key may write, no one else)
+    /// before serving. Fails if another node holds the reservation.
+    #[arg(long, requires = "iscsi", conflicts_with = "pr_preempt")]
+    pub pr_reserve: bool,
+    /// With --iscsi and `pr_key` in the URI: fence the node whose key is KEY (hex)
+    /// before serving: PREEMPT removes its registrations on every path (its writes then
+    /// fail with RESERVATION CONFLICT) and this node takes the reservation.
+    #[arg(long, requires = "iscsi", value_name = "KEY")]
+    pub pr_preempt: Option<String>,
     /// NBD listener: `unix:SOCKET` or `HOST:PORT`. Repeatable.
     #[arg(long)]
     pub nbd: Vec<String>,
@@ -114,8 +138,8 @@ fn tls_server(args: &ExportArgs) -> anyhow::Result<(TlsMode, Option<Arc<TlsServe
     Ok((mode, Some(Arc::new(server))))
 }
 
-/// The backend spec of `--iscsi URI` with the CHAP credentials of `chap_file`.
-fn iscsi_spec(uri: &str, chap_file: Option<&std::path::Path>) -> anyhow::Result<BackendSpec> {
+/// The configuration of `--iscsi URI` with the CHAP credentials of `chap_file`.
+fn iscsi_config(uri: &str, chap_file: Option<&std::path::Path>) -> anyhow::Result<IscsiConfig> {
     let mut cfg = ember_blockdev::backend::iscsi::IscsiConfig::parse_uri(uri)?;
     if let Some(p) = chap_file {
         let text = zeroize::Zeroizing::new(
@@ -126,7 +150,46 @@ fn iscsi_spec(uri: &str, chap_file: Option<&std::path::Path>) -> anyhow::Result<
             .map_err(|e| anyhow::anyhow!("CHAP credentials {}: {e}", p.display()))?;
         cfg.chap = Some(creds);
     }
-    Ok(BackendSpec::Iscsi(Box::new(cfg)))
+    Ok(cfg)
+}
+
+/// `--pr-reserve` / `--pr-preempt KEY`: take the LUN's reservation for this node's key
+/// (through the first portal that answers), and log the registered keys and holder.
+fn reservation(cfg: &IscsiConfig, reserve: bool, preempt: Option<&str>) -> anyhow::Result<()> {
+    let victim = match preempt {
+        Some(k) => Some(
+            u64::from_str_radix(k.strip_prefix("0x").unwrap_or(k), 16)
+                .ok()
+                .filter(|k| *k != 0)
+                .with_context(|| format!("--pr-preempt {k}: expected a non-zero hex key"))?,
+        ),
+        None => None,
+    };
+    if !reserve && victim.is_none() {
+        return Ok(());
+    }
+    let key = cfg
+        .pr_key
+        .context("--pr-reserve/--pr-preempt need this node's key: add pr_key=HEX to the URI")?;
+    let dev = MultipathDevice::open(cfg.clone())?;
+    let ty = PrType::WriteExclusiveRegistrantsOnly;
+    let cmd = match victim {
+        Some(victim) => PrOut::Preempt { key, victim, ty },
+        None => PrOut::Reserve { key, ty },
+    };
+    let (keys, holder) = dev
+        .pr_out_and_read(cmd)
+        .with_context(|| format!("{} with key {key:#x}", cmd.name()))?;
+    tracing::info!(
+        action = cmd.name(),
+        key = format_args!("{key:#x}"),
+        victim = ?victim.map(|v| format!("{v:#x}")),
+        registered = ?keys.keys.iter().map(|k| format!("{k:#x}")).collect::<Vec<_>>(),
+        holder = ?holder.map(|h| format!("{:#x}", h.key)),
+        kind = %holder.and_then(|h| h.ty).map_or("none".into(), |t| t.to_string()),
+        "persistent reservation taken"
+    );
+    Ok(())
 }
 
 /// Run the export.
@@ -151,7 +214,11 @@ pub fn run(args: ExportArgs) -> anyhow::Result<()> {
             BackendSpec::File { path: path.clone() },
             path.display().to_string(),
         ),
-        (None, Some(uri)) => (iscsi_spec(uri, args.chap_file.as_deref())?, uri.clone()),
+        (None, Some(uri)) => {
+            let cfg = iscsi_config(uri, args.chap_file.as_deref())?;
+            reservation(&cfg, args.pr_reserve, args.pr_preempt.as_deref())?;
+            (BackendSpec::Iscsi(Box::new(cfg)), uri.clone())
+        }
         (None, None) => anyhow::bail!("give --file or --iscsi"),
     };
     let spec = StackSpec {

@@ -3,13 +3,15 @@
 //! Specs are URIs so that one parser rejects unknown parameters:
 //! - `file:///path/to/file?direct=auto|on|off&ro=0|1&wait=SECONDS` (or just a path);
 //!   host block devices (FC and kernel-iSCSI LUNs) are files too;
-//! - `iscsi://[user@]host[:port]/target-iqn/lun?…` (a LUN through Ember's initiator; see
+//! - `iscsi://[user@]host[:port][,host2[:port]…]/target-iqn/lun?…` (a LUN through
+//!   Ember's initiator, through several portals as one [`multipath`] device; see
 //!   [`iscsi::IscsiConfig::parse_uri`]; CHAP secrets are set on the parsed config, never
 //!   taken from the URI);
 //! - `null://?size=BYTES` (reads zeros, discards writes; for measuring overhead).
 
 pub mod file;
 pub mod iscsi;
+pub mod multipath;
 pub mod null;
 pub mod scsi;
 
@@ -139,7 +141,11 @@ pub fn open(spec: &BackendSpec, opts: &OpenOptions) -> Result<Arc<dyn BlockDevic
         BackendSpec::Iscsi(c) => {
             let mut c = (**c).clone();
             c.read_only |= opts.read_only;
-            Ok(Arc::new(iscsi::IscsiDevice::open(c)?))
+            if c.extra_portals.is_empty() {
+                Ok(Arc::new(iscsi::IscsiDevice::open(c)?))
+            } else {
+                Ok(Arc::new(multipath::MultipathDevice::open(c)?))
+            }
         }
     }
 }

@@ -7,6 +7,9 @@
 //! from sysfs to record a host LUN's identity. References: SPC-4 (INQUIRY, VPD pages,
 //! sense), SBC-3 (READ/WRITE(16), UNMAP, WRITE SAME(16), READ CAPACITY(16)).
 
+pub mod alua;
+pub mod pr;
+
 use std::fmt;
 
 /// SCSI status byte values (SAM-5).
@@ -267,6 +270,8 @@ pub mod asc {
     pub const POWER_ON_RESET: u8 = 0x29;
     /// CAPACITY DATA HAS CHANGED.
     pub const CAPACITY_CHANGED: u16 = 0x2a09;
+    /// REGISTRATIONS PREEMPTED (persistent reservations: this nexus lost its key).
+    pub const REGISTRATIONS_PREEMPTED: u16 = 0x2a05;
     /// SPACE ALLOCATION FAILED WRITE PROTECT (thin pool full).
     pub const SPACE_ALLOCATION_FAILED: u16 = 0x2707;
     /// INQUIRY DATA HAS CHANGED.

@@ -20,8 +20,8 @@
 //!     glob); paths to one device node, and device nodes with one identity (several
 //!     paths to a LUN), are one LUN whose name is its first path. A device another
 //!     driver or a mount holds (`open(O_EXCL)` answers `EBUSY`) is listed as not safe.
-//! - [`LunPool::open`] opens a LUN by name, trying each portal in turn (multipath in the
-//!   initiator replaces that later); a host-device name must match one of the pool's
+//! - [`LunPool::open`] opens a LUN by name: through every portal at once as one
+//!   [`MultipathDevice`] when the pool has several, else through its portal; a host-device name must match one of the pool's
 //!   globs (a manage request cannot open an arbitrary device), and when its path is gone
 //!   another path with the recorded identity is used. The caller compares the device's
 //!   identity ([`LunPool::identity_of`]) with the one it recorded before serving a byte.
@@ -37,6 +37,7 @@
 
 use crate::backend::iscsi::chap::ChapCredentials;
 use crate::backend::iscsi::{self, IscsiConfig, IscsiDevice};
+use crate::backend::multipath::MultipathDevice;
 use crate::backend::scsi::{Designator, DesignatorKind, LunIdentity};
 use crate::backend::{open, BackendSpec, OpenOptions};
 use crate::error::{Error, ErrorKind, Result};
@@ -290,6 +291,14 @@ impl LunPool {
                         self.name
                     ))
                 })?;
+                if t.portals.len() > 1 {
+                    // Every portal at once: one multipath device (paths checked to be
+                    // the same LUN; at least one must answer).
+                    let mut cfg = iscsi_config(t, &t.portals.join(","), lun)?;
+                    cfg.chap = self.chap();
+                    cfg.read_only |= opts.read_only;
+                    return Ok(Arc::new(MultipathDevice::open(cfg)?));
+                }
                 Ok(Arc::new(self.open_iscsi(t, lun, opts.read_only)?))
             }
             LunSource::Devices { globs } => {

@@ -694,9 +694,9 @@ pub async fn show_volume(
 ) -> ApiResult<Json<Value>> {
     let mut conn = project_conn(&st, &ctx, &project_id).await?;
     let v = service::load::<Vol>(&mut conn, &ctx, &project_id, &id).await?;
-    Ok(Json(
-        json!({ "volume": service::volume_view(&mut conn, &v).await? }),
-    ))
+    let mut view = service::volume_view(&mut conn, &v).await?;
+    service::add_paths(&st, &v, &mut view).await;
+    Ok(Json(json!({ "volume": view })))
 }
 
 #[utoipa::path(put, path = "/v3/{project_id}/volumes/{volume_id}", tag = "volumes",

@@ -95,6 +95,35 @@ pub async fn volume_view(conn: &mut AnyConnection, v: &Vol) -> ApiResult<Value> 
     Ok(view)
 }
 
+/// Add `paths` to an attached volume's view when its LUN is reached through several
+/// (multipath): each path's portal, state (`up`, `degraded`, `down`, `idle`), sessions logged in
+/// out of the I/O threads, ALUA state and failovers, as this node's data plane sees them.
+/// A data-plane error leaves the view as it is (logged): the volume's row is still the
+/// answer.
+pub async fn add_paths(st: &AppState, v: &Vol, view: &mut Value) {
+    match st.dataplane().volume_paths(v.object()).await {
+        Ok(paths) if !paths.is_empty() => {
+            view["paths"] = Value::Array(
+                paths
+                    .into_iter()
+                    .map(|p| {
+                        json!({
+                            "portal": p.portal,
+                            "state": p.state,
+                            "sessions_up": p.sessions_up,
+                            "sessions": p.sessions,
+                            "alua_state": p.alua,
+                            "failovers": p.failovers,
+                        })
+                    })
+                    .collect(),
+            );
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(volume = %v.id, error = %e, "path states unavailable"),
+    }
+}
+
 /// A snapshot's JSON view (with its metadata).
 pub async fn snapshot_view(conn: &mut AnyConnection, s: &Snap) -> ApiResult<Value> {
     let meta = rows::metadata_of(conn, rows::Meta::Snapshot, &s.id).await?;

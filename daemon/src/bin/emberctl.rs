@@ -84,6 +84,13 @@ enum VolumeCmd {
         /// The attachment id `attach` printed.
         attachment: String,
     },
+    /// The paths of an attached volume's LUN (multipath): portal, state (up, degraded,
+    /// down, idle), sessions logged in out of the I/O threads, ALUA state, failovers. Nothing
+    /// when the volume is not attached or its LUN has one path.
+    Paths {
+        /// Volume id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -388,6 +395,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(body),
             )?;
             print(&v, format!("detached {attachment}\n"))?;
+        }
+        Cmd::Volume(VolumeCmd::Paths { id }) => {
+            let p = project()?;
+            let v = api.json(Method::GET, &format!("/v3/{p}/volumes/{id}"), None)?;
+            let rows: Vec<Vec<String>> = v["volume"]["paths"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|p| {
+                            vec![
+                                s(&p["portal"]),
+                                s(&p["state"]),
+                                format!("{}/{}", s(&p["sessions_up"]), s(&p["sessions"])),
+                                s(&p["alua_state"]),
+                                s(&p["failovers"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            print(
+                &v["volume"]["paths"],
+                table(&["portal", "state", "sessions", "alua", "failovers"], &rows),
+            )?;
         }
         Cmd::Project(ProjectCmd::Create { name, description }) => {
             let v = api.json(

@@ -54,8 +54,23 @@
 //!   the target's answer decides. MaxOutstandingR2T=1, in-order data only.
 //! - CHAP one-way and mutual, MD5 (default), SHA-1 and SHA-256 by configuration. No
 //!   SRP/Kerberos. Login redirection (status class 1) is reported, not followed.
-//! - No discovery sessions (SendTargets), no iSER, no AHS (bidirectional/extended CDBs),
-//!   no persistent reservations or ALUA yet (the multipath issue builds on this).
+//! - No discovery sessions (SendTargets), no iSER, no AHS (bidirectional/extended CDBs).
+//! - Several portals of one target (`iscsi://HOST1,HOST2/…`) make a multipath device
+//!   ([`crate::backend::multipath`]): one session per portal per I/O thread, ALUA-aware
+//!   selection, failover without an error to the client.
+//! - Persistent reservations ([`crate::backend::scsi::pr`]), for fencing: with
+//!   `pr_key=KEY` every session (each I/O thread's, each path's) registers the node's key
+//!   at set-up (REGISTER AND IGNORE EXISTING KEY), after the identity check, so that every
+//!   I_T nexus of the node may write under a Write Exclusive – Registrants Only
+//!   reservation. [`IscsiDevice::pr_out`] and the READ KEYS / READ RESERVATION calls run
+//!   on an administrative session with one fixed ISID per device. A node whose key was
+//!   preempted (unit attention REGISTRATIONS PREEMPTED 2A/05, a RESERVATION CONFLICT
+//!   after it registered — tgtd 1.0.85 raises no such attention —, or its key missing
+//!   from READ KEYS when a session logs in again) is fenced: it never registers again on its
+//!   own, and its writes fail with EBADE (RESERVATION CONFLICT), never retried on another
+//!   path. There is a window between that READ KEYS and the REGISTER in which a
+//!   preemption is undone by the re-registration; the cluster's lease (the node stops
+//!   writing when its lease ends) closes it, not SCSI.
 //! - Why not libiscsi: there is no Rust initiator worth building on (the one crate is
 //!   AGPL and Tokio-bound); Debian 12's libiscsi 1.19 reconnects only to its first
 //!   portal and needs its own event loop per context, so requests would hop threads.
@@ -68,19 +83,24 @@ pub mod queue;
 pub mod session;
 pub mod text;
 
+use crate::backend::scsi::pr::{self, PrIn, PrKeys, PrOut, PrReservation};
 use crate::backend::scsi::{BlockLimits, Capacity, LunIdentity, Provisioning, StdInquiry};
 use crate::engine::Ring;
 use crate::error::{Error, ErrorKind, Result};
 use crate::request::{DeviceInfo, Extent};
 use crate::{BlockDevice, Queue};
 use chap::{ChapAlg, ChapCredentials};
-use queue::{IscsiQueue, Mode};
+use queue::{AdminCmd, IscsiQueue, Mode};
 use session::Timeouts;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use text::{Negotiated, Offer};
+
+/// In the error of a persistent-reservation command the LUN answered (not a path
+/// failure): another path would get the same answer.
+pub(crate) const PR_REFUSED: &str = "refused by the LUN";
 
 /// The default iSCSI port.
 pub const DEFAULT_PORT: u16 = 3260;
@@ -98,6 +118,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub struct IscsiConfig {
     /// `host:port` of the portal.
     pub portal: String,
+    /// Further portals of the same target, for multipath (`iscsi://HOST1,HOST2/…`).
+    pub extra_portals: Vec<String>,
     /// Target IQN.
     pub target: String,
     /// LUN number.
@@ -122,6 +144,8 @@ pub struct IscsiConfig {
     pub request_timeout: Duration,
     /// Refuse writes.
     pub read_only: bool,
+    /// This node's persistent-reservation key: every session registers it (non-zero).
+    pub pr_key: Option<u64>,
 }
 
 impl PartialEq for ChapCredentials {
@@ -168,10 +192,13 @@ fn secs(k: &str, v: &str) -> Result<Duration> {
 }
 
 impl IscsiConfig {
-    /// Parse `iscsi://[user@]host[:port]/target-iqn/lun[?params]`. Parameters:
+    /// Parse `iscsi://[user@]host[:port][,host2[:port]…]/target-iqn/lun[?params]`
+    /// (several portals: one LUN through several paths, see
+    /// [`crate::backend::multipath`]). Parameters:
     /// `header_digest`/`data_digest` (`crc32c` or `none`), `initiator` (IQN), `ro`,
     /// and timers in seconds: `login_timeout`, `replacement_timeout`,
-    /// `request_timeout`, `timeout` (per command), `nop_interval`, `nop_timeout`.
+    /// `request_timeout`, `timeout` (per command), `nop_interval`, `nop_timeout`;
+    /// `pr_key` (hex, `0x` optional, non-zero): the node's persistent-reservation key.
     /// A password in the URI (`user%password@`) is refused: CHAP secrets come from a
     /// credentials file or the key manager.
     pub fn parse_uri(uri: &str) -> Result<IscsiConfig> {
@@ -205,19 +232,33 @@ impl IscsiConfig {
             .ok()
             .filter(|l| *l < 16384)
             .ok_or_else(|| bad(format!("LUN {lun:?} is not a number below 16384")))?;
-        let portal = if portal.starts_with('[') {
-            if portal.contains("]:") {
+        let with_port = |portal: &str| {
+            if portal.starts_with('[') {
+                if portal.contains("]:") {
+                    portal.to_string()
+                } else {
+                    format!("{portal}:{DEFAULT_PORT}")
+                }
+            } else if portal.contains(':') {
                 portal.to_string()
             } else {
                 format!("{portal}:{DEFAULT_PORT}")
             }
-        } else if portal.contains(':') {
-            portal.to_string()
-        } else {
-            format!("{portal}:{DEFAULT_PORT}")
         };
+        let mut portals = Vec::new();
+        for p in portal.split(',') {
+            if p.is_empty() {
+                return Err(bad(format!("{uri:?}: an empty portal in the list")));
+            }
+            let p = with_port(p);
+            if !portals.contains(&p) {
+                portals.push(p);
+            }
+        }
+        let portal = portals.remove(0);
         let mut c = IscsiConfig {
             portal,
+            extra_portals: portals,
             target: target.to_string(),
             lun,
             initiator_name: default_initiator_name(),
@@ -230,6 +271,7 @@ impl IscsiConfig {
             replacement_timeout: DEFAULT_REPLACEMENT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             read_only: false,
+            pr_key: None,
         };
         for kv in query.split('&').filter(|s| !s.is_empty()) {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
@@ -251,6 +293,17 @@ impl IscsiConfig {
                 "timeout" => c.timeouts.cmd_timeout = secs(k, v)?,
                 "nop_interval" => c.timeouts.nop_interval = secs(k, v)?,
                 "nop_timeout" => c.timeouts.nop_timeout = secs(k, v)?,
+                "pr_key" => {
+                    let hex = v.strip_prefix("0x").unwrap_or(v);
+                    c.pr_key = Some(
+                        u64::from_str_radix(hex, 16)
+                            .ok()
+                            .filter(|k| *k != 0)
+                            .ok_or_else(|| {
+                                bad(format!("pr_key={v}: expected a non-zero hex key"))
+                            })?,
+                    );
+                }
                 _ => return Err(bad(format!("unknown parameter {k:?} for iscsi://"))),
             }
         }
@@ -284,6 +337,8 @@ pub struct LunInfo {
     pub chap: Option<ChapAlg>,
     /// Parameters negotiated at open.
     pub params: Option<Negotiated>,
+    /// The TPGS field of standard INQUIRY (0: no ALUA).
+    pub tpgs: u8,
     /// The target's LUNs (REPORT LUNS), when [`report_luns`] asked for them.
     pub luns: Option<Vec<u16>>,
 }
@@ -333,6 +388,17 @@ impl Geometry {
     }
 }
 
+/// Persistent-reservation state of a node's sessions to one LUN (shared by its paths).
+#[derive(Debug, Default)]
+pub(crate) struct PrState {
+    /// A session has registered the key.
+    pub(crate) registered: AtomicBool,
+    /// The key was preempted: never register it again.
+    pub(crate) fenced: AtomicBool,
+    /// A RESERVATION CONFLICT was logged (once per device).
+    pub(crate) conflict_logged: AtomicBool,
+}
+
 /// State shared by the device and its queues.
 #[derive(Debug)]
 pub(crate) struct Inner {
@@ -351,6 +417,7 @@ pub(crate) struct Inner {
     unreachable_since: Mutex<Option<Instant>>,
     isid_base: [u8; 3],
     next_qualifier: AtomicU16,
+    pub(crate) pr: Arc<PrState>,
 }
 
 impl Inner {
@@ -363,6 +430,12 @@ impl Inner {
             .to_be_bytes();
         let b = self.isid_base;
         [0x80, b[0], b[1], b[2], q[0], q[1]]
+    }
+
+    /// The ISID of the device's administrative session (qualifier 0, never a queue's).
+    pub(crate) fn admin_isid(&self) -> [u8; 6] {
+        let b = self.isid_base;
+        [0x80, b[0], b[1], b[2], 0, 0]
     }
 
     /// Record a fault an operator must see (a serving session's view of the LUN).
@@ -424,7 +497,41 @@ pub struct IscsiDevice {
 impl IscsiDevice {
     /// Log in once, learn the LUN, log out; fail with a clear error if it cannot be used.
     pub fn open(cfg: IscsiConfig) -> Result<IscsiDevice> {
-        let inner = new_inner(cfg)?;
+        let inner = new_inner(cfg, Arc::default())?;
+        IscsiDevice::probe(inner)
+    }
+
+    /// Open one path of a multipath device: `pr` is shared by every path.
+    pub(crate) fn open_path(cfg: IscsiConfig, pr: Arc<PrState>) -> Result<IscsiDevice> {
+        let inner = new_inner(cfg, pr)?;
+        IscsiDevice::probe(inner)
+    }
+
+    /// A path to the LUN `like` was opened through, by another portal that did not
+    /// answer at open: it takes `like`'s geometry and identity, and its sessions log in
+    /// when the portal answers (and check that it is the same LUN).
+    pub(crate) fn unprobed(cfg: IscsiConfig, like: &IscsiDevice) -> Result<IscsiDevice> {
+        let inner = new_inner(cfg, like.inner.pr.clone())?;
+        *inner.info.lock().unwrap_or_else(|e| e.into_inner()) = like.lun_info();
+        let _ = inner.geometry.set(like.inner.geometry());
+        inner
+            .size
+            .store(like.inner.size.load(Ordering::Acquire), Ordering::Release);
+        Ok(IscsiDevice { inner })
+    }
+
+    /// A fail-fast queue of this path for a multipath queue: SQEs with `owner`, path
+    /// number `index`.
+    pub(crate) fn path_queue(
+        &self,
+        ring: &mut Ring,
+        owner: crate::engine::OwnerId,
+        index: u8,
+    ) -> IscsiQueue {
+        IscsiQueue::with_owner(self.inner.clone(), ring, Mode::Serve, owner, Some(index))
+    }
+
+    fn probe(inner: Arc<Inner>) -> Result<IscsiDevice> {
         let (chap, params) = run_until_ready(&inner, Mode::Probe, false)?;
         {
             let mut info = inner.info.lock().unwrap_or_else(|e| e.into_inner());
@@ -469,11 +576,86 @@ impl IscsiDevice {
     pub fn config(&self) -> &IscsiConfig {
         &self.inner.cfg
     }
+
+    /// PERSISTENT RESERVE OUT through the device's administrative session (which has
+    /// registered the node's `pr_key` first, unless the node is fenced). A refusal
+    /// (RESERVATION CONFLICT, ILLEGAL REQUEST) is an error naming it.
+    pub fn pr_out(&self, c: PrOut) -> Result<()> {
+        self.admin(AdminCmd::pr_out(c), c.name()).map(drop)
+    }
+
+    /// PERSISTENT RESERVE OUT, then READ KEYS and READ RESERVATION, in one
+    /// administrative session (tgtd counts every login as a new I_T nexus, so each
+    /// session adds a registration of the key: one session, not three).
+    pub fn pr_out_and_read(&self, c: PrOut) -> Result<(PrKeys, Option<PrReservation>)> {
+        let cmds = vec![
+            AdminCmd::pr_out(c),
+            AdminCmd::pr_in(PrIn::ReadKeys),
+            AdminCmd::pr_in(PrIn::ReadReservation),
+        ];
+        let mut r = self.admin_many(cmds, c.name())?.into_iter();
+        let (Some(_), Some(k), Some(res)) = (r.next(), r.next(), r.next()) else {
+            return Err(Error::new(ErrorKind::Io, "PERSISTENT RESERVE: no answer"));
+        };
+        let keys = pr::parse_read_keys(&k)
+            .ok_or_else(|| Error::new(ErrorKind::Io, "READ KEYS: short answer"))?;
+        let res = pr::parse_read_reservation(&res)
+            .ok_or_else(|| Error::new(ErrorKind::Io, "READ RESERVATION: short answer"))?;
+        Ok((keys, res))
+    }
+
+    /// PERSISTENT RESERVE IN, READ KEYS.
+    pub fn pr_read_keys(&self) -> Result<PrKeys> {
+        let b = self.admin(AdminCmd::pr_in(PrIn::ReadKeys), "READ KEYS")?;
+        pr::parse_read_keys(&b).ok_or_else(|| Error::new(ErrorKind::Io, "READ KEYS: short answer"))
+    }
+
+    /// PERSISTENT RESERVE IN, READ RESERVATION (`None`: nothing reserved).
+    pub fn pr_read_reservation(&self) -> Result<Option<PrReservation>> {
+        let b = self.admin(AdminCmd::pr_in(PrIn::ReadReservation), "READ RESERVATION")?;
+        pr::parse_read_reservation(&b)
+            .ok_or_else(|| Error::new(ErrorKind::Io, "READ RESERVATION: short answer"))
+    }
+
+    /// The node's key was preempted on this LUN (see the module doc).
+    pub fn is_fenced(&self) -> bool {
+        self.inner.pr.fenced.load(Ordering::Acquire)
+    }
+
+    fn admin(&self, cmd: AdminCmd, what: &str) -> Result<Vec<u8>> {
+        self.admin_many(vec![cmd], what)?
+            .pop()
+            .ok_or_else(|| Error::new(ErrorKind::Io, format!("{what}: no answer")))
+    }
+
+    /// Run `cmds` on an administrative session; the first refusal is the error.
+    fn admin_many(&self, cmds: Vec<AdminCmd>, what: &str) -> Result<Vec<Vec<u8>>> {
+        let mut ring = Ring::new(64).map_err(|e| Error::io("io_uring setup", e))?;
+        let mut q = IscsiQueue::new(self.inner.clone(), &mut ring, Mode::Serve);
+        q.set_admin(self.inner.admin_isid(), cmds);
+        drive_until_ready(&self.inner, &mut ring, &mut q, false)?;
+        let at = format!(
+            "{what} on LUN {} of {} at {}",
+            self.inner.cfg.lun, self.inner.cfg.target, self.inner.portal
+        );
+        q.take_admin_results()
+            .into_iter()
+            .map(|r| match r {
+                Some(Ok(b)) => Ok(b),
+                Some(Err(m)) => Err(Error::new(
+                    ErrorKind::Io,
+                    format!("{at}: {PR_REFUSED}: {m}"),
+                )),
+                None => Err(Error::new(ErrorKind::Io, format!("{what}: not sent"))),
+            })
+            .collect()
+    }
 }
 
 /// The shared state of a device or a discovery session for `cfg` (CHAP user checked,
-/// portal resolved, a fresh ISID base).
-fn new_inner(cfg: IscsiConfig) -> Result<Arc<Inner>> {
+/// portal resolved, a fresh ISID base); `pr` is shared by the paths of a multipath
+/// device.
+fn new_inner(cfg: IscsiConfig, pr: Arc<PrState>) -> Result<Arc<Inner>> {
     if let (Some(u), Some(c)) = (&cfg.uri_user, &cfg.chap) {
         if *u != c.user {
             return Err(Error::new(
@@ -518,6 +700,7 @@ fn new_inner(cfg: IscsiConfig) -> Result<Arc<Inner>> {
         unreachable_since: Mutex::new(None),
         isid_base: r,
         next_qualifier: AtomicU16::new(1),
+        pr,
     }))
 }
 
@@ -525,7 +708,7 @@ fn new_inner(cfg: IscsiConfig) -> Result<Arc<Inner>> {
 /// answers it on every target, SPC-4 §6.33), log out. Bounded like an open: the login
 /// timeout plus one command timeout; a refused login or CHAP failure is a clear error.
 pub fn report_luns(cfg: IscsiConfig) -> Result<Vec<u16>> {
-    let inner = new_inner(cfg)?;
+    let inner = new_inner(cfg, Arc::default())?;
     run_until_ready(&inner, Mode::Discover, false)?;
     let luns = inner
         .info
@@ -554,6 +737,17 @@ fn run_until_ready(
 ) -> Result<(Option<ChapAlg>, Option<Negotiated>)> {
     let mut ring = Ring::new(64).map_err(|e| Error::io("io_uring setup", e))?;
     let mut q = IscsiQueue::new(inner.clone(), &mut ring, mode);
+    drive_until_ready(inner, &mut ring, &mut q, once)
+}
+
+/// Run `q` on `ring` until its session is ready (set-up done), fails, or times out
+/// (`once`: see [`run_until_ready`]).
+fn drive_until_ready(
+    inner: &Arc<Inner>,
+    ring: &mut Ring,
+    q: &mut IscsiQueue,
+    once: bool,
+) -> Result<(Option<ChapAlg>, Option<Negotiated>)> {
     let limit = inner.cfg.login_timeout + inner.cfg.timeouts.cmd_timeout;
     let deadline = Instant::now() + limit;
     let mut cqes = Vec::new();
@@ -586,7 +780,7 @@ fn run_until_ready(
         ring.reap(&mut cqes);
         for c in cqes.drain(..) {
             if c.owner() == q.owner() {
-                q.complete(&mut ring, c, &mut done);
+                q.complete(ring, c, &mut done);
             }
         }
     }

@@ -19,12 +19,26 @@
 //! session; after `replacement_timeout` without a session they fail with `EIO`, and
 //! new ones fail at once, while logins keep being tried. A permanent failure (identity
 //! changed, LUN gone, CHAP refused) fails everything and is logged once.
+//!
+//! As one path of a multipath device ([`crate::backend::multipath`]) the queue fails fast
+//! instead of holding: the commands of a dead connection, requests that arrive while it
+//! is down, a timed-out command and a port in ALUA standby/unavailable/transitioning
+//! (NOT READY 04/0A–0C) complete with [`PATH_FAILED`], and the multipath queue re-drives
+//! them on another path; the path keeps logging in again in the background. Its SQEs
+//! carry the multipath queue's owner id, and their [`Tag`]'s key is (path index, the
+//! queue's epoch): the multipath queue hands a CQE to the path its key's slot names
+//! ([`path_of`]). With ALUA (TPGS ≠ 0 in standard INQUIRY) each session reads REPORT TARGET PORT
+//! GROUPS at set-up and again on the ALUA unit attentions (2A/06, 2A/07) and NOT READY
+//! 04/0A–0C, and [`IscsiQueue::alua_state`] gives its port's access state.
 
 use super::chap::ChapAlg;
 use super::login::{Login, LoginConfig, LoginDone, Step};
 use super::pdu::{self, FrameCfg, Pdu};
 use super::session::{Command, Dir, Event, Finished, Outcome, Session};
 use super::Inner;
+use crate::backend::multipath::PATH_FAILED;
+use crate::backend::scsi::alua::{self, AluaState, PortIds};
+use crate::backend::scsi::pr::{self, PrIn, PrOut};
 use crate::backend::scsi::{self, asc, key, status, Capacity, Cdb, Sense};
 use crate::buf::{Buffer, IoBuf};
 use crate::engine::{Cqe, OwnerId, Ring};
@@ -70,6 +84,12 @@ const K_POLL_OUT: Kind = Kind::new(2);
 const K_FLUSH: Kind = Kind::new(3);
 const K_TIMER: Kind = Kind::new(4);
 
+/// The path an SQE of a path queue belongs to (its tag's key's slot; see
+/// [`IscsiQueue::with_owner`]).
+pub(crate) fn path_of(tag: Tag) -> usize {
+    tag.key().slot() as usize
+}
+
 /// Command cookies: a request's [`Tag`] (bit 63 clear: its route is 0), or an internal
 /// command.
 const INTERNAL: u64 = 1 << 63;
@@ -81,6 +101,54 @@ enum Internal {
     StdInquiry,
     Vpd(u8),
     ReadCapacity,
+    /// REPORT TARGET PORT GROUPS (ALUA).
+    Rtpg,
+    /// PERSISTENT RESERVE IN, READ KEYS: is this node's key still registered?
+    PrReadKeys,
+    /// PERSISTENT RESERVE OUT, REGISTER AND IGNORE EXISTING KEY with this node's key.
+    PrRegister,
+    /// An administrative command of [`IscsiQueue::set_admin`] (its index).
+    Admin(u8),
+}
+
+impl Internal {
+    /// Steps that must not run before the LUN's identity is checked (they change state
+    /// on the LUN).
+    fn after_identity(self) -> bool {
+        matches!(
+            self,
+            Internal::PrReadKeys | Internal::PrRegister | Internal::Admin(_)
+        )
+    }
+}
+
+/// A command of an administrative session (persistent reservations).
+#[derive(Debug, Clone)]
+pub(crate) struct AdminCmd {
+    pub(crate) cdb: Cdb,
+    /// Parameter data (data-out); empty for a data-in command.
+    pub(crate) data_out: Vec<u8>,
+    /// Data-in allocation length.
+    pub(crate) alloc: u32,
+}
+
+impl AdminCmd {
+    pub(crate) fn pr_out(c: PrOut) -> AdminCmd {
+        let (cdb, p) = c.encode();
+        AdminCmd {
+            cdb,
+            data_out: p.to_vec(),
+            alloc: 0,
+        }
+    }
+
+    pub(crate) fn pr_in(a: PrIn) -> AdminCmd {
+        AdminCmd {
+            cdb: pr::pr_in(a, pr::IN_ALLOC),
+            data_out: Vec::new(),
+            alloc: u32::from(pr::IN_ALLOC),
+        }
+    }
 }
 
 impl Internal {
@@ -89,6 +157,10 @@ impl Internal {
             Internal::ReportLuns => 1,
             Internal::StdInquiry => 2,
             Internal::ReadCapacity => 3,
+            Internal::Rtpg => 4,
+            Internal::PrReadKeys => 5,
+            Internal::PrRegister => 6,
+            Internal::Admin(i) => 0x200 | u64::from(i),
             Internal::Vpd(p) => 0x100 | u64::from(p),
         }
     }
@@ -97,6 +169,10 @@ impl Internal {
             1 => Some(Internal::ReportLuns),
             2 => Some(Internal::StdInquiry),
             3 => Some(Internal::ReadCapacity),
+            4 => Some(Internal::Rtpg),
+            5 => Some(Internal::PrReadKeys),
+            6 => Some(Internal::PrRegister),
+            c if c & 0x200 != 0 => Some(Internal::Admin((c & 0xff) as u8)),
             c if c & 0x100 != 0 => Some(Internal::Vpd((c & 0xff) as u8)),
             _ => None,
         }
@@ -107,6 +183,14 @@ impl Internal {
             Internal::StdInquiry => (Cdb::inquiry(None, 96), 96),
             Internal::Vpd(p) => (Cdb::inquiry(Some(p), 1024), 1024),
             Internal::ReadCapacity => (Cdb::read_capacity16(), scsi::READ_CAPACITY16_LEN),
+            Internal::Rtpg => (
+                alua::report_target_port_groups(alua::RTPG_ALLOC),
+                alua::RTPG_ALLOC,
+            ),
+            Internal::PrReadKeys | Internal::PrRegister | Internal::Admin(_) => (
+                pr::pr_in(PrIn::ReadKeys, pr::IN_ALLOC),
+                u32::from(pr::IN_ALLOC),
+            ),
         };
         Command {
             cdb,
@@ -190,7 +274,8 @@ pub struct IscsiQueue {
     inner: Arc<Inner>,
     mode: Mode,
     owner: OwnerId,
-    /// Random key of every SQE of this queue (slot 0, a 15-bit generation).
+    /// The key of every SQE of this queue: slot 0, or its path index as a path of a
+    /// multipath queue; a random 15-bit generation (the epoch).
     epoch: Key,
     isid: [u8; 6],
     state: State,
@@ -224,6 +309,17 @@ pub struct IscsiQueue {
     iovs: Vec<libc::iovec>,
     chap_used: Option<ChapAlg>,
     logged_in_once: bool,
+    /// A path of a multipath device: fail fast with [`PATH_FAILED`] instead of holding.
+    path_mode: bool,
+    /// This session's target port (VPD 0x83 as read through it).
+    port_ids: PortIds,
+    /// Its ALUA access state (`None`: the LUN has no ALUA, or not read yet).
+    alua: Option<AluaState>,
+    /// The set-up of this session has checked the LUN's identity.
+    identity_ok: bool,
+    /// Administrative commands run at the end of set-up, and their results.
+    admin: Vec<AdminCmd>,
+    admin_results: Vec<Option<Result<Vec<u8>, String>>>,
 }
 
 impl std::fmt::Debug for IscsiQueue {
@@ -245,9 +341,24 @@ fn errno_now() -> i32 {
 impl IscsiQueue {
     pub(super) fn new(inner: Arc<Inner>, ring: &mut Ring, mode: Mode) -> IscsiQueue {
         let owner = ring.new_owner();
+        IscsiQueue::with_owner(inner, ring, mode, owner, None)
+    }
+
+    /// A queue whose SQEs carry `owner`; `path`: fail fast as path number `path` of a
+    /// multipath queue.
+    pub(super) fn with_owner(
+        inner: Arc<Inner>,
+        ring: &mut Ring,
+        mode: Mode,
+        owner: OwnerId,
+        path: Option<u8>,
+    ) -> IscsiQueue {
         let mut r = [0u8; 2];
         let _ = getrandom::fill(&mut r);
-        let epoch = Key::masked(0, u32::from(u16::from_le_bytes(r) & 0x7fff));
+        let epoch = Key::masked(
+            path.map_or(0, u32::from),
+            u32::from(u16::from_le_bytes(r) & 0x7fff),
+        );
         let isid = inner.next_isid();
         let now = Instant::now();
         let mut q = IscsiQueue {
@@ -278,6 +389,12 @@ impl IscsiQueue {
             iovs: Vec::new(),
             chap_used: None,
             logged_in_once: false,
+            path_mode: path.is_some(),
+            port_ids: PortIds::default(),
+            alua: None,
+            identity_ok: false,
+            admin: Vec::new(),
+            admin_results: Vec::new(),
         };
         q.connect(ring, now);
         q.arm_timer(ring);
@@ -295,7 +412,7 @@ impl IscsiQueue {
     }
 
     /// Ready to serve (the probe waits for this).
-    pub(super) fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         matches!(self.state, State::Ready { .. })
     }
 
@@ -306,6 +423,66 @@ impl IscsiQueue {
                 .then(|| self.last_error.clone())
                 .flatten()
         })
+    }
+
+    /// The ALUA access state of this session's port (`None`: no ALUA; any path is as
+    /// good as another).
+    pub(crate) fn alua_state(&self) -> Option<AluaState> {
+        self.alua
+    }
+
+    /// Make this an administrative session: ISID `isid` (one per device, so that its
+    /// registration is replaced, not added to, by the next one), and `cmds` to run once
+    /// the set-up (and the registration of the node's key) is done.
+    pub(super) fn set_admin(&mut self, isid: [u8; 6], cmds: Vec<AdminCmd>) {
+        self.isid = isid;
+        self.admin_results = vec![None; cmds.len()];
+        self.admin = cmds;
+    }
+
+    /// The results of the administrative commands (`None`: not run).
+    pub(super) fn take_admin_results(&mut self) -> Vec<Option<Result<Vec<u8>, String>>> {
+        std::mem::take(&mut self.admin_results)
+    }
+
+    /// The command of an internal step.
+    fn internal_command(&self, k: Internal) -> Command {
+        let cookie = INTERNAL | k.code();
+        let pr_key = self.inner.cfg.pr_key.unwrap_or(0);
+        let (cdb, dir, len, buf) = match k {
+            Internal::PrRegister => {
+                let (cdb, p) = PrOut::RegisterIgnore { new: pr_key }.encode();
+                (
+                    cdb,
+                    Dir::Write,
+                    pr::PARAM_LEN,
+                    Buffer::Owned(IoBuf::from_slice(&p)),
+                )
+            }
+            Internal::Admin(i) => match self.admin.get(usize::from(i)) {
+                Some(a) if !a.data_out.is_empty() => (
+                    a.cdb,
+                    Dir::Write,
+                    u32::try_from(a.data_out.len()).unwrap_or(0),
+                    Buffer::Owned(IoBuf::from_slice(&a.data_out)),
+                ),
+                Some(a) => (
+                    a.cdb,
+                    Dir::Read,
+                    a.alloc,
+                    Buffer::Owned(IoBuf::new(a.alloc as usize)),
+                ),
+                None => return k.command(),
+            },
+            _ => return k.command(),
+        };
+        Command {
+            cdb,
+            dir,
+            len,
+            buf,
+            cookie,
+        }
     }
 
     /// The last attempt's failure once an attempt failed (the health check's one try).
@@ -521,7 +698,11 @@ impl IscsiQueue {
                 self.inner.set_fault(&reason);
             }
             self.failed = Some(reason.clone());
-            self.fail_all(libc::EIO);
+            self.fail_all(if self.path_mode {
+                PATH_FAILED
+            } else {
+                libc::EIO
+            });
         } else if was_ready || self.reconnects == 1 || self.reconnects.is_power_of_two() {
             tracing::warn!(
                 portal = %self.inner.portal,
@@ -532,6 +713,11 @@ impl IscsiQueue {
             );
         }
         self.last_error = Some(reason);
+        self.alua = None;
+        if self.path_mode {
+            // Another path takes the commands of this one.
+            self.fail_all(PATH_FAILED);
+        }
         let wait = if self.failed.is_some() {
             RECONNECT_FAILED
         } else {
@@ -574,6 +760,19 @@ impl IscsiQueue {
             Mode::Serve => {
                 steps.push_back(Internal::Vpd(0x80));
                 steps.push_back(Internal::Vpd(0x83));
+                let tpgs = self.inner.info.lock().map_or(0, |i| i.tpgs);
+                if tpgs != 0 {
+                    steps.push_back(Internal::Rtpg);
+                }
+                if self.inner.cfg.pr_key.is_some() {
+                    if self.inner.pr.registered.load(Ordering::Acquire) {
+                        steps.push_back(Internal::PrReadKeys);
+                    }
+                    steps.push_back(Internal::PrRegister);
+                }
+                for i in 0..self.admin.len().min(usize::from(u8::MAX)) {
+                    steps.push_back(Internal::Admin(i as u8));
+                }
             }
             Mode::Discover => {}
         }
@@ -581,6 +780,7 @@ impl IscsiQueue {
             steps.push_back(Internal::ReadCapacity);
         }
         self.acc = SetupAcc::default();
+        self.identity_ok = false;
         self.state = State::Setup {
             session: Box::new(session),
             steps,
@@ -590,26 +790,37 @@ impl IscsiQueue {
     }
 
     fn setup_next(&mut self, ring: &mut Ring, now: Instant) {
-        let State::Setup {
-            session,
-            steps,
-            running,
-        } = &mut self.state
-        else {
+        let State::Setup { steps, running, .. } = &mut self.state else {
             return;
         };
         if *running {
             return;
         }
-        if let Some(step) = steps.front().copied() {
-            *running = true;
-            let _ = session.submit(step.command(), now);
-            self.send(ring, now);
-            return;
+        // A node whose key was preempted (fenced) does not register it again.
+        while steps.front() == Some(&Internal::PrRegister)
+            && self.inner.pr.fenced.load(Ordering::Acquire)
+        {
+            steps.pop_front();
         }
-        // Set-up complete: check the identity, then serve.
-        if let Err(m) = self.check_identity() {
-            self.conn_failed(ring, now, m, true);
+        let step = steps.front().copied();
+        if step.is_none_or(Internal::after_identity) && !self.identity_ok {
+            // Nothing changes state on a LUN before it is known to be the right one.
+            if let Err(m) = self.check_identity() {
+                self.conn_failed(ring, now, m, true);
+                return;
+            }
+            self.identity_ok = true;
+        }
+        if let Some(step) = step {
+            let cmd = self.internal_command(step);
+            if let State::Setup {
+                session, running, ..
+            } = &mut self.state
+            {
+                *running = true;
+                let _ = session.submit(cmd, now);
+            }
+            self.send(ring, now);
             return;
         }
         let State::Setup { session, .. } =
@@ -871,11 +1082,21 @@ impl IscsiQueue {
         let recheck_capacity = code == asc::CAPACITY_CHANGED
             || code == asc::REPORTED_LUNS_CHANGED
             || s.asc == asc::POWER_ON_RESET;
-        if !recheck_capacity {
-            return;
+        if code == asc::REGISTRATIONS_PREEMPTED
+            && self.inner.cfg.pr_key.is_some()
+            && !self.inner.pr.fenced.swap(true, Ordering::AcqRel)
+        {
+            tracing::error!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, "REGISTRATIONS PREEMPTED: this node is fenced from the LUN; its writes fail");
         }
+        let recheck_alua = is_alua_sense(s) || s.asc == asc::POWER_ON_RESET;
+        let tpgs = recheck_alua && self.inner.info.lock().map_or(0, |i| i.tpgs) != 0;
         if let State::Ready { session } = &mut self.state {
-            let _ = session.submit(Internal::ReadCapacity.command(), now);
+            if recheck_capacity {
+                let _ = session.submit(Internal::ReadCapacity.command(), now);
+            }
+            if tpgs {
+                let _ = session.submit(Internal::Rtpg.command(), now);
+            }
         }
     }
 
@@ -1070,17 +1291,26 @@ impl IscsiQueue {
             );
             if ua || busy {
                 // Power-on and reset attentions are normal after a login: ask again.
+                let cmd = self.internal_command(kind);
                 match &mut self.state {
                     State::Setup { running, .. } if in_setup => {
                         *running = false;
                         self.setup_next(ring, now);
                     }
                     State::Ready { session } => {
-                        let _ = session.submit(kind.command(), now);
+                        let _ = session.submit(cmd, now);
                     }
                     _ => {}
                 }
                 return;
+            }
+            if let Internal::Admin(i) = kind {
+                if let Some(r) = self.admin_results.get_mut(usize::from(i)) {
+                    *r = Some(Err(describe(&f.outcome)));
+                }
+            }
+            if kind == Internal::PrRegister {
+                tracing::warn!(outcome = %describe(&f.outcome), "could not register this node's reservation key on the session");
             }
             let gone = matches!(
                 f.outcome,
@@ -1102,7 +1332,15 @@ impl IscsiQueue {
                 self.conn_failed(ring, now, m, true);
                 return;
             }
-            let optional = matches!(kind, Internal::Vpd(_) | Internal::ReportLuns);
+            let optional = matches!(
+                kind,
+                Internal::Vpd(_)
+                    | Internal::ReportLuns
+                    | Internal::Rtpg
+                    | Internal::PrReadKeys
+                    | Internal::PrRegister
+                    | Internal::Admin(_)
+            );
             if in_setup && !optional {
                 let m = format!("{kind:?} failed on the LUN: {:?}", f.outcome);
                 self.conn_failed(ring, now, m, self.mode != Mode::Serve);
@@ -1159,6 +1397,7 @@ impl IscsiQueue {
                     }
                 }
                 info.inquiry = inq;
+                info.tpgs = alua::tpgs(b);
             }
             Internal::Vpd(0x00) => {
                 self.acc.vpd_pages = scsi::parse_supported_vpd(b).unwrap_or_default();
@@ -1166,7 +1405,46 @@ impl IscsiQueue {
             Internal::Vpd(0x80) => {
                 self.acc.serial = scsi::parse_serial(b).filter(|s| !s.is_empty());
             }
-            Internal::Vpd(0x83) => self.acc.designators = scsi::parse_designators(b),
+            Internal::Vpd(0x83) => {
+                self.acc.designators = scsi::parse_designators(b);
+                self.port_ids = alua::parse_port_ids(b);
+            }
+            Internal::PrReadKeys => {
+                let key = self.inner.cfg.pr_key.unwrap_or(0);
+                let keys = pr::parse_read_keys(b).unwrap_or_default();
+                if !keys.keys.contains(&key) && !self.inner.pr.fenced.swap(true, Ordering::AcqRel) {
+                    tracing::error!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, key = format_args!("{key:#x}"), "this node's reservation key was preempted: fenced, not registering it again");
+                }
+            }
+            Internal::PrRegister => {
+                if !self.inner.pr.registered.swap(true, Ordering::AcqRel) {
+                    tracing::info!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, key = format_args!("{:#x}", self.inner.cfg.pr_key.unwrap_or(0)), "reservation key registered");
+                }
+            }
+            Internal::Admin(i) => {
+                let data_in = self
+                    .admin
+                    .get(usize::from(i))
+                    .is_some_and(|a| a.data_out.is_empty());
+                if let Some(r) = self.admin_results.get_mut(usize::from(i)) {
+                    *r = Some(Ok(if data_in { b.to_vec() } else { Vec::new() }));
+                }
+            }
+            Internal::Rtpg => {
+                let groups = alua::parse_rtpg(b).unwrap_or_default();
+                // Our port's group; the only group when the port is not named; a port
+                // the target does not list is usable but not preferred.
+                let st = alua::state_of(&groups, self.port_ids)
+                    .or(match groups.as_slice() {
+                        [g] => g.state,
+                        _ => None,
+                    })
+                    .unwrap_or(AluaState::ActiveNonOptimized);
+                if self.alua != Some(st) {
+                    tracing::info!(portal = %self.inner.portal, target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, group = ?self.port_ids.group, state = %st, "ALUA access state");
+                }
+                self.alua = Some(st);
+            }
             Internal::Vpd(0xb0) => info.limits = scsi::BlockLimits::parse(b).unwrap_or_default(),
             Internal::Vpd(0xb2) => {
                 info.provisioning = scsi::Provisioning::parse(b).unwrap_or_default();
@@ -1204,7 +1482,25 @@ impl IscsiQueue {
         let Some(r) = self.reqs.get(id) else {
             return;
         };
-        let verdict = classify(&f.outcome, r, now, &self.inner.cfg);
+        let verdict = classify(&f.outcome, r, now, &self.inner.cfg, self.path_mode);
+        let conflict = matches!(
+            f.outcome,
+            Outcome::Status {
+                status: status::RESERVATION_CONFLICT,
+                ..
+            }
+        );
+        if conflict
+            && self.inner.cfg.pr_key.is_some()
+            && self.inner.pr.registered.load(Ordering::Acquire)
+        {
+            // Registered, and refused: the key was preempted (tgtd raises no unit
+            // attention for it). Never register it again on our own.
+            self.inner.pr.fenced.store(true, Ordering::Release);
+        }
+        if conflict && !self.inner.pr.conflict_logged.swap(true, Ordering::Relaxed) {
+            tracing::error!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, op = ?r.op, fenced = self.inner.pr.fenced.load(Ordering::Relaxed), "RESERVATION CONFLICT: the LUN refuses this node's command (another node holds the reservation, or this node was fenced); it fails with EBADE");
+        }
         if let Outcome::Status {
             sense: Some(s),
             status: status::CHECK_CONDITION,
@@ -1213,6 +1509,9 @@ impl IscsiQueue {
         {
             if s.key == key::UNIT_ATTENTION {
                 tracing::info!(sense = %s, "unit attention");
+                self.unit_attention(s, now);
+            } else if is_alua_sense(s) {
+                tracing::info!(portal = %self.inner.portal, sense = %s, "the port is not accessible (ALUA); re-reading the port groups");
                 self.unit_attention(s, now);
             } else if s.key == key::ILLEGAL_REQUEST && s.code() == asc::LUN_NOT_SUPPORTED {
                 tracing::error!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, "the LUN is gone from the target");
@@ -1312,7 +1611,9 @@ impl IscsiQueue {
                 }
             }
         }
-        if !matches!(self.state, State::Ready { .. }) && self.down_too_long(now) {
+        if !matches!(self.state, State::Ready { .. }) && self.path_mode {
+            self.fail_all(PATH_FAILED);
+        } else if !matches!(self.state, State::Ready { .. }) && self.down_too_long(now) {
             if self.mode == Mode::Serve && self.failed.is_none() {
                 self.inner.set_fault(&format!(
                     "no iSCSI session to {} at {} for over {} s (replacement timeout): {}",
@@ -1350,7 +1651,15 @@ fn backoff(retries: u32) -> Duration {
 /// The retry policy: unit attentions and aborted commands are retried at once, BUSY,
 /// TASK SET FULL and NOT READY after a back-off, timed-out commands a few times; all
 /// within the request timeout and [`MAX_RETRIES`].
-fn classify(o: &Outcome, r: &Req, now: Instant, cfg: &super::IscsiConfig) -> Verdict {
+/// As a path of a multipath device (`path_mode`), a timed-out command and a port that
+/// ALUA makes inaccessible fail with [`PATH_FAILED`] so that another path takes them.
+fn classify(
+    o: &Outcome,
+    r: &Req,
+    now: Instant,
+    cfg: &super::IscsiConfig,
+    path_mode: bool,
+) -> Verdict {
     let may_retry = r.retries < MAX_RETRIES && now.duration_since(r.started) < cfg.request_timeout;
     let retry = |d: Duration| {
         if may_retry {
@@ -1360,6 +1669,12 @@ fn classify(o: &Outcome, r: &Req, now: Instant, cfg: &super::IscsiConfig) -> Ver
         }
     };
     match *o {
+        Outcome::TimedOut if path_mode => Verdict::Fail(PATH_FAILED),
+        Outcome::Status {
+            status: status::CHECK_CONDITION,
+            sense: Some(s),
+            ..
+        } if path_mode && is_alua_sense(s) && s.key == key::NOT_READY => Verdict::Fail(PATH_FAILED),
         Outcome::TimedOut => retry(Duration::ZERO),
         Outcome::Rejected(_) => Verdict::Fail(libc::EIO),
         Outcome::Status { response, .. } if response != 0 => retry(backoff(r.retries)),
@@ -1403,6 +1718,36 @@ fn classify(o: &Outcome, r: &Req, now: Instant, cfg: &super::IscsiConfig) -> Ver
         },
         Outcome::Status { .. } => Verdict::Fail(libc::EIO),
     }
+}
+
+/// A failed command's outcome for an error message.
+fn describe(o: &Outcome) -> String {
+    match o {
+        Outcome::Status {
+            status: status::RESERVATION_CONFLICT,
+            ..
+        } => "RESERVATION CONFLICT".into(),
+        Outcome::Status {
+            status,
+            sense: Some(s),
+            ..
+        } => format!("status {status:#04x}, {s}"),
+        Outcome::Status { status, .. } => format!("status {status:#04x}"),
+        other => format!("{other:?}"),
+    }
+}
+
+/// NOT READY 04/0A–0C (ALUA transitioning, standby, unavailable) or the ALUA unit
+/// attentions 2A/06, 2A/07: cues to read the port groups again.
+fn is_alua_sense(s: Sense) -> bool {
+    matches!(
+        s.code(),
+        alua::asc::TRANSITIONING
+            | alua::asc::STANDBY
+            | alua::asc::UNAVAILABLE
+            | alua::asc::STATE_CHANGED
+            | alua::asc::TRANSITION_FAILED
+    )
 }
 
 /// The LBA field of a 16-byte CDB.
@@ -1563,6 +1908,10 @@ impl Queue for IscsiQueue {
             return;
         }
         let now = Instant::now();
+        if !matches!(self.state, State::Ready { .. }) && self.path_mode {
+            done.push(Completion::of(req, Err(PATH_FAILED)));
+            return;
+        }
         if !matches!(self.state, State::Ready { .. }) && self.down_too_long(now) {
             done.push(Completion::of(req, Err(libc::EIO)));
             return;
@@ -1721,6 +2070,7 @@ mod tests {
             unreachable_since: Mutex::new(None),
             isid_base: [1, 2, 3],
             next_qualifier: AtomicU16::new(1),
+            pr: Arc::default(),
         }
     }
 
@@ -1755,7 +2105,7 @@ mod tests {
         let cfg = IscsiConfig::parse_uri("iscsi://h/iqn.x:y/1").expect("uri");
         let now = Instant::now();
         let r = req(Op::Read, 0, 4096);
-        let v = |o: Outcome| classify(&o, &r, now, &cfg);
+        let v = |o: Outcome| classify(&o, &r, now, &cfg, false);
         assert_eq!(v(status(status::GOOD, None)), Verdict::Done);
         assert_eq!(
             v(status(
@@ -1814,15 +2164,52 @@ mod tests {
         let mut r2 = req(Op::Read, 0, 4096);
         r2.retries = 3;
         assert_eq!(
-            classify(&status(status::BUSY, None), &r2, now, &cfg),
+            classify(&status(status::BUSY, None), &r2, now, &cfg, false),
             Verdict::Retry(FIRST_BACKOFF * 8)
         );
         r2.retries = MAX_RETRIES;
         assert_eq!(
-            classify(&status(status::BUSY, None), &r2, now, &cfg),
+            classify(&status(status::BUSY, None), &r2, now, &cfg, false),
             Verdict::Fail(libc::EIO)
         );
         assert_eq!(backoff(30), MAX_BACKOFF);
+        // As a path of a multipath device: timeouts and ALUA-inaccessible ports go to
+        // another path; a reservation conflict (fencing) never does.
+        let p = |o: Outcome| classify(&o, &r, now, &cfg, true);
+        assert_eq!(p(Outcome::TimedOut), Verdict::Fail(PATH_FAILED));
+        for code in [
+            alua::asc::STANDBY,
+            alua::asc::UNAVAILABLE,
+            alua::asc::TRANSITIONING,
+        ] {
+            assert_eq!(
+                p(status(
+                    status::CHECK_CONDITION,
+                    Some((key::NOT_READY, code))
+                )),
+                Verdict::Fail(PATH_FAILED)
+            );
+            // A single path waits out a transition within the request timeout.
+            assert_eq!(
+                v(status(
+                    status::CHECK_CONDITION,
+                    Some((key::NOT_READY, code))
+                )),
+                Verdict::Retry(FIRST_BACKOFF)
+            );
+        }
+        assert_eq!(
+            p(status(
+                status::CHECK_CONDITION,
+                Some((key::UNIT_ATTENTION, alua::asc::STATE_CHANGED))
+            )),
+            Verdict::Retry(Duration::ZERO)
+        );
+        assert_eq!(
+            p(status(status::RESERVATION_CONFLICT, None)),
+            Verdict::Fail(libc::EBADE)
+        );
+        assert_eq!(p(status(status::GOOD, None)), Verdict::Done);
     }
 
     #[test]
@@ -1865,6 +2252,28 @@ mod tests {
         let c = next_command(&mut r, key(3), &i).expect("write");
         assert_eq!(c.cdb, Cdb::write16(16, 8, true));
         assert!(matches!(r.buf, Buffer::None) && c.buf.len() == 4096);
+    }
+
+    #[test]
+    fn internal_codes_round_trip() {
+        let all = [
+            Internal::ReportLuns,
+            Internal::StdInquiry,
+            Internal::ReadCapacity,
+            Internal::Rtpg,
+            Internal::PrReadKeys,
+            Internal::PrRegister,
+            Internal::Vpd(0x00),
+            Internal::Vpd(0x83),
+            Internal::Vpd(0xff),
+            Internal::Admin(0),
+            Internal::Admin(255),
+        ];
+        for k in all {
+            assert_eq!(Internal::from_code(k.code()), Some(k), "{k:?}");
+        }
+        assert!(Internal::Admin(3).after_identity() && Internal::PrRegister.after_identity());
+        assert!(!Internal::Rtpg.after_identity() && !Internal::Vpd(0x83).after_identity());
     }
 
     #[test]

@@ -7,8 +7,11 @@
 //! the command is in flight: write data is sent straight from it (zero copy), Data-In is
 //! copied into it.
 //!
-//! - Tags: an ITT is `generation << 16 | slot`, so a late PDU for a reused slot is not
-//!   taken for the new command. ITTs of NOP-Out pings have the top bit set.
+//! - Tags: the commands in flight live in a [`Slots`] table (at most [`MAX_TASKS`]); a
+//!   command's ITT is its [`Key`]: the low 15 bits of the generation (counted from 1)
+//!   above the 16-bit slot index, so a late PDU for a reused slot is not taken for the new command (unless
+//!   the slot was reused a multiple of 2^15 times meanwhile). ITTs of NOP-Out pings and
+//!   task management have the top bit set; command ITTs never do.
 //! - CmdSN window (§4.2.2.1): commands wait while `CmdSN > MaxCmdSN`; ExpCmdSN/MaxCmdSN
 //!   only move forward, and only from PDUs where `MaxCmdSN ≥ ExpCmdSN − 1`.
 //! - Writes: immediate data up to `min(FirstBurstLength, MaxRecvDataSegmentLength)`,
@@ -31,6 +34,7 @@ use super::pdu::{
 use super::text::Negotiated;
 use crate::backend::scsi::{Cdb, Sense};
 use crate::buf::Buffer;
+use crate::slots::{Key, Slots};
 use std::collections::VecDeque;
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -174,8 +178,17 @@ pub struct StartSn {
 
 /// Slot bits of an ITT.
 const SLOT_BITS: u32 = 16;
+/// Generation bits of an ITT (above the slot; bit 31 stays clear).
+const ITT_GEN_BITS: u32 = 15;
 /// Most commands in flight on one session (slots).
 pub const MAX_TASKS: usize = 1 << SLOT_BITS;
+
+/// The ITT of the task under `key` (its slot is below [`MAX_TASKS`]): the generation
+/// counts from 1 on the wire (the numbering of the sessions recorded in `testdata/`).
+fn itt_of(key: Key) -> u32 {
+    let gen = key.gen().wrapping_add(1) & ((1 << ITT_GEN_BITS) - 1);
+    (gen << SLOT_BITS) | (key.slot() & ((1 << SLOT_BITS) - 1))
+}
 /// ITTs of pings have this bit (command ITTs never do).
 const PING_BIT: u32 = 1 << 31;
 /// ITT of task management requests.
@@ -213,7 +226,7 @@ enum OutData {
     None,
     /// A range of a task's buffer.
     Task {
-        slot: usize,
+        slot: Key,
         off: usize,
         len: usize,
     },
@@ -243,8 +256,8 @@ impl OutPdu {
 
 struct Tmf {
     function: u8,
-    /// Slot of the task (ABORT TASK).
-    slot: Option<usize>,
+    /// Key of the task (ABORT TASK).
+    slot: Option<Key>,
     deadline: Instant,
 }
 
@@ -257,12 +270,10 @@ pub struct Session {
     exp_cmd_sn: u32,
     max_cmd_sn: u32,
     exp_stat_sn: u32,
-    tasks: Vec<Option<Task>>,
-    gens: Vec<u16>,
-    free: Vec<usize>,
-    live: usize,
-    /// Slots waiting for the CmdSN window, in submission order.
-    waiting: VecDeque<usize>,
+    /// Commands submitted and not finished, by the key their ITT carries.
+    tasks: Slots<Task>,
+    /// Tasks waiting for the CmdSN window, in submission order.
+    waiting: VecDeque<Key>,
     out: VecDeque<OutPdu>,
     /// Bytes of the front PDU already sent.
     out_sent: usize,
@@ -280,7 +291,7 @@ impl fmt::Debug for Session {
             .field("cmd_sn", &self.cmd_sn)
             .field("max_cmd_sn", &self.max_cmd_sn)
             .field("exp_stat_sn", &self.exp_stat_sn)
-            .field("live", &self.live)
+            .field("live", &self.tasks.len())
             .finish_non_exhaustive()
     }
 }
@@ -321,10 +332,7 @@ impl Session {
             exp_cmd_sn: sn.exp_cmd_sn,
             max_cmd_sn: sn.max_cmd_sn,
             exp_stat_sn: sn.exp_stat_sn,
-            tasks: Vec::new(),
-            gens: Vec::new(),
-            free: Vec::new(),
-            live: 0,
+            tasks: Slots::new(MAX_TASKS),
             waiting: VecDeque::new(),
             out: VecDeque::new(),
             out_sent: 0,
@@ -353,7 +361,7 @@ impl Session {
 
     /// Commands submitted and not finished.
     pub fn live(&self) -> usize {
-        self.live
+        self.tasks.len()
     }
 
     /// Whether bytes are waiting to be sent.
@@ -364,20 +372,9 @@ impl Session {
     /// Start `cmd` (it waits while the CmdSN window is closed). A session full of
     /// commands hands it back.
     pub fn submit(&mut self, cmd: Command, now: Instant) -> Result<(), Command> {
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None if self.tasks.len() < MAX_TASKS => {
-                self.tasks.push(None);
-                self.gens.push(0);
-                self.tasks.len() - 1
-            }
-            None => return Err(cmd),
-        };
-        self.gens[slot] = (self.gens[slot] + 1) & 0x7fff;
-        let itt = (u32::from(self.gens[slot]) << SLOT_BITS) | slot as u32;
-        self.tasks[slot] = Some(Task {
+        let task = Task {
             cmd,
-            itt,
+            itt: 0,
             cmd_sn: 0,
             sent: false,
             started: now,
@@ -386,8 +383,14 @@ impl Session {
             queued_out: 0,
             done: None,
             aborting: false,
-        });
-        self.live += 1;
+        };
+        let slot = match self.tasks.insert(task) {
+            Ok(k) => k,
+            Err(t) => return Err(t.cmd),
+        };
+        if let Some(t) = self.tasks.get_mut(slot) {
+            t.itt = itt_of(slot);
+        }
         self.waiting.push_back(slot);
         self.issue_waiting();
         Ok(())
@@ -424,7 +427,7 @@ impl Session {
             let mut c = Crc32c::new();
             match &data {
                 OutData::Task { slot, off, len } => {
-                    if let Some(Some(t)) = self.tasks.get(*slot) {
+                    if let Some(t) = self.tasks.get(*slot) {
                         buf_read(&t.cmd.buf, *off, *len, |s| c.update(s));
                     }
                 }
@@ -435,7 +438,7 @@ impl Session {
             trailer_len += 4;
         }
         if let OutData::Task { slot, .. } = &data {
-            if let Some(Some(t)) = self.tasks.get_mut(*slot) {
+            if let Some(t) = self.tasks.get_mut(*slot) {
                 t.queued_out += 1;
             }
         }
@@ -449,10 +452,10 @@ impl Session {
     }
 
     /// Put the command PDU of `slot` (and its immediate and unsolicited data) on the wire.
-    fn issue(&mut self, slot: usize) {
+    fn issue(&mut self, slot: Key) {
         let cmd_sn = self.cmd_sn;
         self.cmd_sn = self.cmd_sn.wrapping_add(1);
-        let Some(Some(t)) = self.tasks.get_mut(slot) else {
+        let Some(t) = self.tasks.get_mut(slot) else {
             return;
         };
         t.cmd_sn = cmd_sn;
@@ -502,7 +505,7 @@ impl Session {
     }
 
     /// Queue Data-Out PDUs for `[off, off+len)` of a task's buffer.
-    fn data_out(&mut self, slot: usize, itt: u32, ttt: u32, off: u32, len: u32) {
+    fn data_out(&mut self, slot: Key, itt: u32, ttt: u32, off: u32, len: u32) {
         let max = self.p.max_send_data_segment.max(512);
         let mut done = 0u32;
         let mut data_sn = 0u32;
@@ -554,7 +557,7 @@ impl Session {
             match &p.data {
                 OutData::None => {}
                 OutData::Task { slot, off, len } => {
-                    let Some(Some(t)) = self.tasks.get(*slot) else {
+                    let Some(t) = self.tasks.get(*slot) else {
                         continue;
                     };
                     match &t.cmd.buf {
@@ -597,8 +600,8 @@ impl Session {
         }
     }
 
-    fn unref(&mut self, slot: usize) {
-        let Some(Some(t)) = self.tasks.get_mut(slot) else {
+    fn unref(&mut self, slot: Key) {
+        let Some(t) = self.tasks.get_mut(slot) else {
             return;
         };
         t.queued_out = t.queued_out.saturating_sub(1);
@@ -610,25 +613,23 @@ impl Session {
     }
 
     /// End the task in `slot` (now, or once no queued PDU references its buffer).
-    fn finish(&mut self, slot: usize, outcome: Outcome) {
-        let Some(Some(t)) = self.tasks.get_mut(slot) else {
+    fn finish(&mut self, slot: Key, outcome: Outcome) {
+        let Some(t) = self.tasks.get_mut(slot) else {
             return;
         };
         if t.queued_out > 0 {
             t.done = Some(outcome);
             self.drop_unsent(slot);
-            let Some(Some(t)) = self.tasks.get(slot) else {
+            let Some(t) = self.tasks.get(slot) else {
                 return;
             };
             if t.queued_out > 0 {
                 return;
             }
         }
-        let Some(t) = self.tasks.get_mut(slot).and_then(Option::take) else {
+        let Some(t) = self.tasks.remove(slot) else {
             return;
         };
-        self.free.push(slot);
-        self.live -= 1;
         self.waiting.retain(|&s| s != slot);
         self.finished.push(Finished {
             cmd: t.cmd,
@@ -637,7 +638,7 @@ impl Session {
     }
 
     /// Remove queued PDUs of `slot` that have not started to go out.
-    fn drop_unsent(&mut self, slot: usize) {
+    fn drop_unsent(&mut self, slot: Key) {
         let mut removed = 0;
         let mut i = usize::from(self.out_sent > 0);
         while i < self.out.len() {
@@ -648,7 +649,7 @@ impl Session {
                 i += 1;
             }
         }
-        if let Some(Some(t)) = self.tasks.get_mut(slot) {
+        if let Some(t) = self.tasks.get_mut(slot) {
             t.queued_out = t.queued_out.saturating_sub(removed);
         }
     }
@@ -668,8 +669,11 @@ impl Session {
     pub fn take_commands(&mut self) -> Vec<Command> {
         self.out.clear();
         self.out_sent = 0;
-        let mut ts: Vec<Task> = self.tasks.iter_mut().filter_map(Option::take).collect();
-        self.live = 0;
+        let keys: Vec<Key> = self.tasks.keys().collect();
+        let mut ts: Vec<Task> = keys
+            .into_iter()
+            .filter_map(|k| self.tasks.remove(k))
+            .collect();
         self.waiting.clear();
         // Sent ones in CmdSN order first, then those that were waiting.
         ts.sort_by_key(|t| (!t.sent, t.cmd_sn.wrapping_sub(self.exp_cmd_sn)));
@@ -686,15 +690,14 @@ impl Session {
         out
     }
 
-    fn task_by_itt(&self, itt: u32) -> Option<usize> {
+    /// The live task an ITT from the target names: the slot's current key, if the
+    /// ITT's generation bits are that key's (a stale or forged ITT finds nothing).
+    fn task_by_itt(&self, itt: u32) -> Option<Key> {
         if itt & PING_BIT != 0 {
             return None;
         }
-        let slot = (itt & ((1 << SLOT_BITS) - 1)) as usize;
-        match self.tasks.get(slot) {
-            Some(Some(t)) if t.itt == itt && t.done.is_none() => Some(slot),
-            _ => None,
-        }
+        let (key, t) = self.tasks.get_by_slot(itt & ((1 << SLOT_BITS) - 1))?;
+        (itt_of(key) == itt && t.done.is_none()).then_some(key)
     }
 
     fn update_sn(&mut self, sn: Sn, advance_stat: bool) {
@@ -767,7 +770,7 @@ impl Session {
                 let Some(slot) = self.task_by_itt(d.itt) else {
                     return proto(format!("Data-In for unknown task {:#x}", d.itt));
                 };
-                let Some(Some(t)) = self.tasks.get_mut(slot) else {
+                let Some(t) = self.tasks.get_mut(slot) else {
                     return Ok(());
                 };
                 if t.cmd.dir != Dir::Read {
@@ -819,7 +822,7 @@ impl Session {
                 let Some(slot) = self.task_by_itt(r.itt) else {
                     return proto(format!("R2T for unknown task {:#x}", r.itt));
                 };
-                let Some(Some(t)) = self.tasks.get(slot) else {
+                let Some(t) = self.tasks.get(slot) else {
                     return Ok(());
                 };
                 let end = u64::from(r.offset) + u64::from(r.len);
@@ -928,8 +931,8 @@ impl Session {
     }
 
     /// A read that ends GOOD must have received every byte not covered by the residual.
-    fn check_read_complete(&self, slot: usize, residual: i64) -> Result<(), SessionError> {
-        let Some(Some(t)) = self.tasks.get(slot) else {
+    fn check_read_complete(&self, slot: Key, residual: i64) -> Result<(), SessionError> {
+        let Some(t) = self.tasks.get(slot) else {
             return Ok(());
         };
         if t.cmd.dir != Dir::Read {
@@ -949,15 +952,18 @@ impl Session {
         let ok = matches!(response, tmf::COMPLETE | tmf::NO_TASK);
         match (t.function, t.slot) {
             (tmf::ABORT_TASK, Some(slot)) if ok => {
-                tracing::warn!(slot, "timed-out command aborted");
-                if self.tasks.get(slot).is_some_and(Option::is_some) {
+                tracing::warn!(itt = itt_of(slot), "timed-out command aborted");
+                if self.tasks.contains(slot) {
                     self.finish(slot, Outcome::TimedOut);
                 }
             }
             (tmf::LUN_RESET, _) if ok => {
                 tracing::warn!("logical unit reset done; commands in flight are retried");
-                let slots: Vec<usize> = (0..self.tasks.len())
-                    .filter(|&s| matches!(&self.tasks[s], Some(t) if t.sent && t.done.is_none()))
+                let slots: Vec<Key> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| t.sent && t.done.is_none())
+                    .map(|(k, _)| k)
                     .collect();
                 for s in slots {
                     self.finish(s, Outcome::TimedOut);
@@ -974,8 +980,8 @@ impl Session {
         }
     }
 
-    fn start_tmf(&mut self, function: u8, slot: Option<usize>, now: Instant) {
-        let (ref_itt, ref_cmd_sn) = match slot.and_then(|s| self.tasks.get_mut(s)?.as_mut()) {
+    fn start_tmf(&mut self, function: u8, slot: Option<Key>, now: Instant) {
+        let (ref_itt, ref_cmd_sn) = match slot.and_then(|s| self.tasks.get_mut(s)) {
             Some(t) => {
                 t.aborting = true;
                 (t.itt, t.cmd_sn)
@@ -1036,8 +1042,7 @@ impl Session {
         }
         let mut expired_waiting = Vec::new();
         let mut to_abort = None;
-        for (slot, t) in self.tasks.iter().enumerate() {
-            let Some(t) = t else { continue };
+        for (slot, t) in self.tasks.iter() {
             if t.done.is_none() && !t.aborting && now.duration_since(t.started) > self.t.cmd_timeout
             {
                 if t.sent {
@@ -1051,7 +1056,7 @@ impl Session {
             self.finish(slot, Outcome::TimedOut);
         }
         if let Some(slot) = to_abort {
-            tracing::warn!(slot, "command timed out; aborting it");
+            tracing::warn!(itt = itt_of(slot), "command timed out; aborting it");
             self.start_tmf(tmf::ABORT_TASK, Some(slot), now);
         }
         Ok(())

@@ -16,7 +16,15 @@ fn uris() {
     assert_eq!(c.uri_user.as_deref(), Some("ember"));
     assert!(c.header_digest && c.data_digest && c.read_only);
     assert_eq!(c.timeouts.cmd_timeout, Duration::from_millis(2500));
+    assert!(c.extra_portals.is_empty());
+    // Several portals of one target: one multipath device; duplicates collapse.
+    let c = IscsiConfig::parse_uri("iscsi://127.0.0.1:3261,127.0.0.2,[::1]:9,127.0.0.2/iqn.x:y/1")
+        .unwrap();
+    assert_eq!(c.portal, "127.0.0.1:3261");
+    assert_eq!(c.extra_portals, ["127.0.0.2:3260", "[::1]:9"]);
     for bad in [
+        "iscsi://h1,,h2/iqn.x:y/1",
+        "iscsi://h1,/iqn.x:y/1",
         "iscsi://u%secret@h/iqn.x:y/1",
         "iscsi://h/iqn.x:y",
         "iscsi://h/iqn.x:y/70000",

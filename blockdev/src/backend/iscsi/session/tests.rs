@@ -517,3 +517,34 @@ fn stale_tags_are_not_taken_for_new_commands() {
     feed(&mut s, good(second, 3), &[], now).unwrap();
     assert_eq!(s.take_finished()[0].cmd.cookie, 2);
 }
+
+#[test]
+fn the_task_table_is_bounded_and_forged_itts_find_nothing() {
+    let now = Instant::now();
+    // A closed window: every command waits in the table.
+    let mut s = Session::new(params(), Timeouts::default(), [0; 8], start(9), now);
+    for i in 0..super::MAX_TASKS as u64 {
+        s.submit(tur(i), now).expect("room");
+    }
+    let back = s.submit(tur(u64::MAX), now).expect_err("full");
+    assert_eq!(
+        back.cookie,
+        u64::MAX,
+        "a full session hands the command back"
+    );
+    assert_eq!(s.live(), super::MAX_TASKS);
+    // ITTs of slots that are vacant, of the ping space, or with another generation:
+    // no task, so a response is ignored and a Data-In is a protocol error.
+    let mut s = session(params(), now);
+    s.submit(tur(1), now).unwrap();
+    let itt = itt_of(&sent(&mut s)[0].0);
+    for forged in [itt ^ (1 << 16), itt + 1, itt | (1 << 31), 0x7fff_ffff] {
+        feed(&mut s, good(forged, 1), &[], now).unwrap();
+        assert!(s.take_finished().is_empty(), "{forged:#x}");
+    }
+    // The connection dies: the command comes back for replay and the table is empty.
+    let cmds = s.take_commands();
+    assert_eq!((cmds.len(), s.live()), (1, 0));
+    feed(&mut s, good(itt, 2), &[], now).unwrap();
+    assert!(s.take_finished().is_empty());
+}
