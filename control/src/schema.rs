@@ -68,4 +68,6 @@ pub const MIGRATIONS: &[Migration] = &[(
 (8, crate::keys::acl::SCHEMA),
 (9, crate::metadefs::objects::SCHEMA),
 // Volumes on LUN pools (issue 15).
-(10, crate::volumes::manageable::SCHEMA)];
+(10, crate::volumes::manageable::SCHEMA),
+// Cluster membership (issue 16): a node's cluster and the addresses it serves on.
+(11, crate::services::SCHEMA_11)];
