@@ -40,6 +40,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Grants and releases whose commit reported a conflict yet took effect (found by the
+/// next attempt of the same call), in this process.
+static AMBIGUOUS_COMMITS: AtomicU64 = AtomicU64::new(0);
+
+/// How many grants and releases reported a conflict at commit yet took effect.
+pub fn ambiguous_commits() -> u64 {
+    AMBIGUOUS_COMMITS.load(Ordering::Relaxed)
+}
+
 /// Default lease of a holder (renewed by the heartbeat well before it runs out).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// How long a waiting writer's row stays live without being refreshed by its poll loop.
@@ -518,6 +527,20 @@ impl Locks {
 
     async fn attempt(&self, req: &LockRequest, holder_id: &str) -> Result<Attempt, sqlx::Error> {
         let mut tx = self.begin().await?;
+        // A previous attempt of this call whose commit reported a conflict may have
+        // taken effect all the same: then the grant is already ours.
+        if let Some(r) = sqlx::query(
+            "SELECT h.*, l.resource_type, l.resource_id FROM rw_lock_holders h JOIN rw_locks l ON l.id = h.lock_id WHERE h.id = ?",
+        )
+        .bind(holder_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        {
+            tx.commit().await?;
+            AMBIGUOUS_COMMITS.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(holder = %holder_id, "a grant reported a conflict at commit but took effect");
+            return Ok(Attempt::Granted(holder_of(&r)?));
+        }
         let now = now_ms();
         let lock = self
             .lock_row(&mut tx, &req.resource_type, &req.resource_id, now)
@@ -735,12 +758,22 @@ impl Locks {
 
     /// Release a holder. Returns false when it was not held (already released or reaped).
     pub async fn release(&self, holder_id: &str) -> Result<bool, LockError> {
+        let tried = std::sync::atomic::AtomicBool::new(false);
         Ok(self
-            .retrying(|| self.release_once(holder_id, "released"))
+            .retrying(|| self.release_once(holder_id, "released", &tried))
             .await?)
     }
 
-    async fn release_once(&self, holder_id: &str, reason: &str) -> Result<bool, sqlx::Error> {
+    /// One release attempt. `tried` is set when an attempt of the same call reached its
+    /// commit: if that commit reported a conflict and yet took effect (the client cannot
+    /// tell), the next attempt finds the holder gone, and the history row, released
+    /// for `reason`, says this call released it.
+    async fn release_once(
+        &self,
+        holder_id: &str,
+        reason: &str,
+        tried: &std::sync::atomic::AtomicBool,
+    ) -> Result<bool, sqlx::Error> {
         let mut tx = self.begin().await?;
         let Some(r) = sqlx::query(
             "SELECT l.resource_type AS t, l.resource_id AS r FROM rw_lock_holders h JOIN rw_locks l ON l.id = h.lock_id WHERE h.id = ?",
@@ -749,8 +782,24 @@ impl Locks {
         .fetch_optional(&mut *tx)
         .await?
         else {
+            let done = if tried.load(Ordering::Relaxed) {
+                sqlx::query("SELECT release_reason FROM rw_lock_history WHERE holder_id = ?")
+                    .bind(holder_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.try_get::<Option<String>, _>("release_reason"))
+                    .transpose()?
+                    .flatten()
+                    .is_some_and(|r| r == reason)
+            } else {
+                false
+            };
+            if done {
+                AMBIGUOUS_COMMITS.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(holder = %holder_id, "a release reported a conflict at commit but took effect");
+            }
             tx.commit().await?;
-            return Ok(false);
+            return Ok(done);
         };
         let (t, rid): (String, String) = (r.try_get("t")?, r.try_get("r")?);
         let now = now_ms();
@@ -762,6 +811,7 @@ impl Locks {
         if found {
             self.refresh_counters(&mut tx, &lock.id, gen, now).await?;
         }
+        tried.store(true, Ordering::Relaxed);
         tx.commit().await?;
         Ok(found)
     }
@@ -824,7 +874,11 @@ impl Locks {
         let mut n = 0;
         for r in rows {
             let id: String = r.try_get("id")?;
-            if self.retrying(|| self.release_once(&id, "expired")).await? {
+            let tried = std::sync::atomic::AtomicBool::new(false);
+            if self
+                .retrying(|| self.release_once(&id, "expired", &tried))
+                .await?
+            {
                 tracing::warn!(holder = %id, "lock holder's lease expired; released");
                 n += 1;
             }
@@ -848,8 +902,9 @@ impl Locks {
         let mut n = 0;
         for r in rows {
             let id: String = r.try_get("id")?;
+            let tried = std::sync::atomic::AtomicBool::new(false);
             if self
-                .retrying(|| self.release_once(&id, "node-restart"))
+                .retrying(|| self.release_once(&id, "node-restart", &tried))
                 .await?
             {
                 n += 1;

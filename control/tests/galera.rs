@@ -58,8 +58,10 @@ async fn lock_scenarios_across_three_galera_members() {
     scenario!(concurrent_history_is_exclusive);
     scenario!(concurrent_history_is_exclusive);
     println!(
-        "galera: {total} transaction(s) re-run in all, {} given up",
-        store::retries_exhausted()
+        "galera: {total} transaction(s) re-run in all, {} given up, {} grant(s)/release(s) \
+         reported a conflict at commit yet took effect",
+        store::retries_exhausted(),
+        ember_control::locks::ambiguous_commits()
     );
     assert_eq!(
         store::retries_exhausted(),

@@ -202,8 +202,9 @@ impl Galera {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let base = dir.path().to_path_buf();
         let spawn = |i: usize, first: bool| -> Member {
-            let d = dir.path().join(format!("n{i}"));
+            let d = base.join(format!("n{i}"));
             let [port, gcomm, ist, sst] = ports[i];
             let mut c = Command::new(MARIADBD);
             c.arg("--no-defaults");
