@@ -22,13 +22,13 @@
 
 mod common;
 
+use common::serve::ServeNode;
 use common::*;
-use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,166 +67,49 @@ fn emberd() -> PathBuf {
 
 /// A running `emberd serve` with two NBD-attached volumes.
 struct Node {
-    child: std::process::Child,
-    log: PathBuf,
+    serve: ServeNode,
     sock: PathBuf,
     tcp: String,
     victim: String,
     other: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn http(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-    let c = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    let mut r = c.request(m, url).header("X-Auth-Token", token);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = resp.status().as_u16();
-    let text = resp.text().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 impl Node {
     fn start() -> Node {
         require_tool("qemu-io");
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        let sock = dir.path().join("nbd.sock");
-        let rest = format!("127.0.0.1:{}", free_port());
         let tcp = format!("127.0.0.1:{}", free_port());
-        let log = dir.path().join("emberd.log");
-        let mut args: Vec<String> = [
-            "serve",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--rest",
-            &rest,
-            "--nbd",
-            &format!("unix:{}", sock.display()),
-            "--nbd",
-            &tcp,
-            "--node-name",
-            "hostile",
-            // Plaintext hostile clients (TLS ones: tests/nbd_tls.rs).
-            "--nbd-tls",
-            "off",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut extra = vec!["--nbd", tcp.as_str()];
         if !legacy() {
-            args.extend(LIMITS.iter().map(|s| s.to_string()));
+            extra.extend(LIMITS);
         }
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(emberd())
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .expect("spawn emberd");
-        wait_for_tcp(&rest, Duration::from_secs(120));
-        let admin = std::fs::read_to_string(data.join("admin-token"))
-            .unwrap()
-            .trim()
-            .to_string();
-        let url = format!("http://{rest}");
-        let (st, p) = http(
-            "POST",
-            &format!("{url}/v3/projects"),
-            &admin,
-            Some(json!({"project": {"name": "hostile"}})),
-        );
-        assert_eq!(st, 201, "{p}");
-        let pid = p["project"]["id"].as_str().unwrap().to_string();
-        let (st, t) = http(
-            "POST",
-            &format!("{url}/v3/projects/{pid}/tokens"),
-            &admin,
-            Some(json!({"token": {"role": "member"}})),
-        );
-        assert_eq!(st, 201, "{t}");
-        let token = t["token"]["token"].as_str().unwrap().to_string();
-        let mut exports = Vec::new();
-        for name in ["victim", "other"] {
-            let (st, v) = http(
-                "POST",
-                &format!("{url}/v3/{pid}/volumes"),
-                &token,
-                Some(json!({"volume": {"size": 1, "name": name}})),
-            );
-            assert_eq!(st, 202, "{v}");
-            let id = v["volume"]["id"].as_str().unwrap().to_string();
-            let t0 = Instant::now();
-            loop {
-                let (_, v) = http("GET", &format!("{url}/v3/{pid}/volumes/{id}"), &token, None);
-                if v["volume"]["status"] == "available" {
-                    break;
-                }
-                assert!(t0.elapsed() < Duration::from_secs(120), "{v}");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let (st, ci) = http(
-                "POST",
-                &format!("{url}/v3/{pid}/volumes/{id}/action"),
-                &token,
-                Some(json!({"os-initialize_connection": {"connector": {"protocol": "nbd"}}})),
-            );
-            assert_eq!(st, 200, "{ci}");
-            exports.push(
-                ci["connection_info"]["data"]["export_name"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
-            );
-        }
-        wait_for_path(&sock, Duration::from_secs(30));
-        let other = exports.pop().unwrap();
-        let victim = exports.pop().unwrap();
+        let serve = ServeNode::start_bin_temp(&emberd(), &extra);
+        let mut exports = ["victim", "other"].map(|name| {
+            let id = serve.volume(name, 1, None);
+            serve.attach(&id, "nbd")["export_name"]
+                .as_str()
+                .expect("export name")
+                .to_string()
+        });
         Node {
-            child,
-            log,
-            sock,
+            sock: serve.nbd_sock.clone(),
+            serve,
             tcp,
-            victim,
-            other,
-            _dir: dir,
+            victim: std::mem::take(&mut exports[0]),
+            other: std::mem::take(&mut exports[1]),
         }
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.serve.pid()
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.serve.log()
     }
 
     /// `(VmRSS, VmHWM)` in KiB.
     fn mem(&self) -> (u64, u64) {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        let field = |k: &str| {
-            s.lines()
-                .find(|l| l.starts_with(k))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        self.serve.mem_kib()
     }
 
     /// Sample VmRSS every 50 ms until the returned guard is dropped; it reports the peak.

@@ -11,11 +11,11 @@
 
 mod common;
 
-use common::{free_port, require_tool, wait_for_tcp, Daemon};
-use serde_json::{json, Value};
+use common::require_tool;
+use common::serve::{http, ServeNode};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 /// The clients' virtualenv.
 fn venv() -> PathBuf {
@@ -36,90 +36,28 @@ fn scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/openstack")
 }
 
-/// One node, its admin, and a member of another project (for ACLs).
+/// One node, its admin (and the admin's project), and a member of another project (for
+/// ACLs).
 struct Node {
-    _daemon: Daemon,
-    data: PathBuf,
-    url: String,
-    admin: String,
+    serve: ServeNode,
     project: String,
-    other_token: String,
-    other_token_id: String,
-}
-
-fn http(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-    let c = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(120))
-        .build()
-        .unwrap();
-    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    let mut r = c.request(m, url).header("X-Auth-Token", token);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = resp.status().as_u16();
-    let text = resp.text().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
 impl Node {
     fn start(dir: &Path) -> Node {
-        let data = dir.join("data");
-        std::fs::create_dir_all(&data).unwrap();
-        let rest = format!("127.0.0.1:{}", free_port());
-        let nbd = format!("unix:{}", data.join("nbd.sock").display());
-        let daemon = Daemon::spawn(
-            &data,
-            &[
-                "serve",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--rest",
-                &rest,
-                "--nbd",
-                &nbd,
-                "--node-name",
-                "os-node",
-                // The workflows read attachments with plain NBD URIs (TLS with a key per
-                // attachment, the default, is tests/nbd_tls.rs's).
-                "--nbd-tls",
-                "off",
-            ],
+        let serve = ServeNode::start(dir, &[]);
+        let (s, me) = http(
+            "GET",
+            &format!("{}/v3/auth/tokens", serve.url),
+            &serve.admin,
+            None,
         );
-        wait_for_tcp(&rest, Duration::from_secs(120));
-        let url = format!("http://{rest}");
-        let admin = std::fs::read_to_string(data.join("admin-token"))
-            .unwrap()
-            .trim()
-            .to_string();
-        let (s, me) = http("GET", &format!("{url}/v3/auth/tokens"), &admin, None);
         assert_eq!(s, 200, "{me}");
-        let project = me["token"]["project_id"].as_str().unwrap().to_string();
-        let (s, p) = http(
-            "POST",
-            &format!("{url}/v3/projects"),
-            &admin,
-            Some(json!({"project": {"name": "other"}})),
-        );
-        assert_eq!(s, 201, "{p}");
-        let other = p["project"]["id"].as_str().unwrap();
-        let (s, t) = http(
-            "POST",
-            &format!("{url}/v3/projects/{other}/tokens"),
-            &admin,
-            Some(json!({"token": {"role": "member"}})),
-        );
-        assert_eq!(s, 201, "{t}");
-        Node {
-            _daemon: daemon,
-            data,
-            url,
-            admin,
-            project,
-            other_token: t["token"]["token"].as_str().unwrap().to_string(),
-            other_token_id: t["token"]["id"].as_str().unwrap().to_string(),
-        }
+        let project = me["token"]["project_id"]
+            .as_str()
+            .expect("admin's project")
+            .to_string();
+        Node { serve, project }
     }
 
     /// Run workflow `script` with the venv's python; its JSON summary (last line).
@@ -130,12 +68,12 @@ impl Node {
         path.push(std::env::var_os("PATH").unwrap_or_default());
         let out = Command::new(venv.join("bin/python"))
             .arg(scripts().join(script))
-            .env("EMBER_URL", &self.url)
-            .env("EMBER_TOKEN", &self.admin)
+            .env("EMBER_URL", &self.serve.url)
+            .env("EMBER_TOKEN", &self.serve.admin)
             .env("EMBER_PROJECT", &self.project)
-            .env("EMBER_DATA_DIR", &self.data)
-            .env("EMBER_OTHER_TOKEN", &self.other_token)
-            .env("EMBER_OTHER_TOKEN_ID", &self.other_token_id)
+            .env("EMBER_DATA_DIR", &self.serve.data)
+            .env("EMBER_OTHER_TOKEN", &self.serve.token)
+            .env("EMBER_OTHER_TOKEN_ID", &self.serve.token_id)
             .env("PYTHONPATH", scripts())
             // Nothing written into the source tree, nor into the user's home.
             .env("PYTHONDONTWRITEBYTECODE", "1")
@@ -185,8 +123,11 @@ fn cinderclient_workflow() {
     // Nothing left behind, as the API tells it.
     let (s, v) = http(
         "GET",
-        &format!("{}/volume/v3/{}/volumes/detail", node.url, node.project),
-        &node.admin,
+        &format!(
+            "{}/volume/v3/{}/volumes/detail",
+            node.serve.url, node.project
+        ),
+        &node.serve.admin,
         None,
     );
     assert_eq!((s, v["volumes"].as_array().map(Vec::len)), (200, Some(0)));

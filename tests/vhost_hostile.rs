@@ -11,9 +11,9 @@ mod common;
 #[path = "guest/ring.rs"]
 mod ring;
 
-use common::{free_port, require_tool, run_ok, wait_for_tcp, Daemon};
+use common::serve::{mem_kib as rss, ServeNode as Node};
+use common::{require_tool, run_ok};
 use ring::{Conn, Opts, Session, D_INDIRECT, D_NEXT, D_WRITE};
-use serde_json::{json, Value};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
@@ -22,150 +22,6 @@ use vhost::vhost_user::message::FrontendReq;
 
 /// How long detaching the attacked volume may take.
 const DETACH_BOUND: Duration = Duration::from_secs(60);
-
-/// One `emberd serve` node with a project token.
-struct Node {
-    daemon: Daemon,
-    url: String,
-    project: String,
-    token: String,
-    _dir: tempfile::TempDir,
-}
-
-fn http(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
-    let c = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap();
-    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    let mut r = c.request(m, url).header("X-Auth-Token", token);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = resp.status().as_u16();
-    let text = resp.text().unwrap();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, body)
-}
-
-impl Node {
-    fn start() -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir_all(&data).unwrap();
-        let rest = format!("127.0.0.1:{}", free_port());
-        let nbd = format!("unix:{}", data.join("nbd.sock").display());
-        let daemon = Daemon::spawn(
-            &data,
-            &[
-                "serve",
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--rest",
-                &rest,
-                "--nbd",
-                &nbd,
-                "--node-name",
-                "hostile",
-                "--nbd-tls",
-                "off",
-            ],
-        );
-        wait_for_tcp(&rest, Duration::from_secs(120));
-        let url = format!("http://{rest}");
-        let admin = std::fs::read_to_string(data.join("admin-token"))
-            .unwrap()
-            .trim()
-            .to_string();
-        let (s, p) = http(
-            "POST",
-            &format!("{url}/v3/projects"),
-            &admin,
-            Some(json!({"project": {"name": "hostile"}})),
-        );
-        assert_eq!(s, 201, "{p}");
-        let project = p["project"]["id"].as_str().unwrap().to_string();
-        let (s, t) = http(
-            "POST",
-            &format!("{url}/v3/projects/{project}/tokens"),
-            &admin,
-            Some(json!({"token": {"role": "member"}})),
-        );
-        assert_eq!(s, 201, "{t}");
-        Node {
-            daemon,
-            url,
-            project,
-            token: t["token"]["token"].as_str().unwrap().to_string(),
-            _dir: dir,
-        }
-    }
-
-    fn vol_url(&self, rest: &str) -> String {
-        format!("{}/v3/{}/volumes{rest}", self.url, self.project)
-    }
-
-    /// A 1 GiB volume, available.
-    fn volume(&self, name: &str) -> String {
-        let (s, v) = http(
-            "POST",
-            &self.vol_url(""),
-            &self.token,
-            Some(json!({"volume": {"size": 1, "name": name}})),
-        );
-        assert_eq!(s, 202, "{v}");
-        let id = v["volume"]["id"].as_str().unwrap().to_string();
-        let t = Instant::now();
-        loop {
-            let (_, v) = http("GET", &self.vol_url(&format!("/{id}")), &self.token, None);
-            if v["volume"]["status"] == "available" {
-                return id;
-            }
-            assert!(t.elapsed() < Duration::from_secs(300), "{v}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn attach(&self, id: &str, protocol: &str) -> Value {
-        let (s, r) = http(
-            "POST",
-            &self.vol_url(&format!("/{id}/action")),
-            &self.token,
-            Some(json!({"os-initialize_connection": {"connector": {"protocol": protocol}}})),
-        );
-        assert_eq!(s, 200, "{r}");
-        r["connection_info"]["data"].clone()
-    }
-
-    /// Detach; returns how long it took.
-    fn detach(&self, id: &str, attachment: &str) -> Duration {
-        let t = Instant::now();
-        let (s, r) = http(
-            "POST",
-            &self.vol_url(&format!("/{id}/action")),
-            &self.token,
-            Some(json!({"os-terminate_connection": {"connector": {"attachment_id": attachment}}})),
-        );
-        assert_eq!(s, 202, "{r}");
-        t.elapsed()
-    }
-
-    fn pid(&self) -> u32 {
-        self.daemon.child.id()
-    }
-
-    fn log(&self) -> String {
-        self.daemon.log_text()
-    }
-
-    /// emberd still runs (a process killed by a signal a moment ago may not be reaped
-    /// yet: look again after a short while).
-    fn alive(&mut self) -> bool {
-        std::thread::sleep(Duration::from_millis(300));
-        matches!(self.daemon.child.try_wait(), Ok(None))
-    }
-}
 
 /// The victim (vhost-user) and the bystander (NBD) of one test.
 struct Scene {
@@ -180,9 +36,9 @@ struct Scene {
 impl Scene {
     fn new() -> Scene {
         require_tool("qemu-io");
-        let node = Node::start();
-        let victim = node.volume("victim");
-        let bystander = node.volume("bystander");
+        let node = Node::start_temp(&[]);
+        let victim = node.volume("victim", 1, None);
+        let bystander = node.volume("bystander", 1, None);
         let v = node.attach(&victim, "vhost-user");
         let b = node.attach(&bystander, "nbd");
         let sock = PathBuf::from(v["socket_path"].as_str().unwrap());
@@ -256,19 +112,6 @@ fn bystander_serves(uri: &str, byte: u8) {
     let out = run_ok(Command::new("qemu-io").args(["-f", "raw", uri, "-c", &w, "-c", &r]));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("Pattern verification failed"), "{text}");
-}
-
-/// (VmRSS, VmHWM) of `pid` in KiB.
-fn rss(pid: u32) -> (u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        s.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
 }
 
 /// Names of `pid`'s vhost-user threads.

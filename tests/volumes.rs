@@ -7,6 +7,7 @@ mod common;
 #[path = "guest/mod.rs"]
 mod guest;
 
+use common::serve::{request as http, Resp};
 use common::{free_port, require_tool, run_ok, wait_for_tcp, Daemon};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -99,43 +100,6 @@ impl Node {
 
     fn log(&self) -> String {
         self.daemon.log_text()
-    }
-}
-
-/// A response: status, `Retry-After`, JSON body (Null if none).
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    retry_after: Option<String>,
-    body: Value,
-}
-
-fn http(method: &str, url: &str, token: &str, body: Option<Value>) -> Resp {
-    let c = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(600))
-        .build()
-        .unwrap();
-    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    let mut r = c.request(m, url).header("X-Auth-Token", token);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    let status = resp.status().as_u16();
-    let retry_after = resp
-        .headers()
-        .get("retry-after")
-        .map(|v| v.to_str().unwrap().to_string());
-    let text = resp.text().unwrap();
-    let body = if text.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_str(&text).unwrap_or(Value::String(text))
-    };
-    Resp {
-        status,
-        retry_after,
-        body,
     }
 }
 

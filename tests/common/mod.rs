@@ -52,13 +52,18 @@ pub struct Daemon {
 impl Daemon {
     /// Spawn `emberd` with `args`, logging to `dir/emberd.log`.
     pub fn spawn(dir: &Path, args: &[&str]) -> Daemon {
+        Daemon::spawn_bin(&emberd_bin(), dir, args)
+    }
+
+    /// Spawn the `emberd` binary `bin` (another build, for A/B checks) with `args`.
+    pub fn spawn_bin(bin: &Path, dir: &Path, args: &[&str]) -> Daemon {
         let log = dir.join(format!("emberd-{}.log", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .expect("log file");
-        let child = Command::new(emberd_bin())
+        let child = Command::new(bin)
             .args(args)
             .stdin(Stdio::null())
             .stdout(f.try_clone().expect("dup"))

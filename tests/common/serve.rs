@@ -2,7 +2,7 @@
 //! NBD listener (no TLS needed), a project with a member token, and the REST calls the
 //! crash and hostile-input tests make (volumes, encrypted types, attach, detach).
 
-use super::{free_port, wait_for_path, wait_for_tcp, Daemon};
+use super::{emberd_bin, free_port, wait_for_path, wait_for_tcp, Daemon};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,13 +23,28 @@ pub struct ServeNode {
     pub admin: String,
     pub project: String,
     pub token: String,
+    /// The member token's id (for token APIs and ACLs).
+    pub token_id: String,
     args: Vec<String>,
+    /// The `emberd` binary (the one under test unless a test names another build).
+    bin: PathBuf,
+    /// The temporary directory of [`ServeNode::start_temp`], removed on drop.
+    _tmp: Option<tempfile::TempDir>,
 }
 
-/// A REST answer: status and JSON body (`Null` when empty, a string when not JSON).
-pub fn http(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+/// A REST answer: status, `Retry-After` and JSON body (`Null` when empty, a string when
+/// not JSON).
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: Value,
+}
+
+/// One REST request with an `X-Auth-Token` (and a JSON body, if any).
+pub fn request(method: &str, url: &str, token: &str, body: Option<Value>) -> Resp {
     let c = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(300))
+        .timeout(Duration::from_secs(600))
         .build()
         .expect("http client");
     let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
@@ -39,19 +54,52 @@ pub fn http(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, 
     }
     let resp = r.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
     let status = resp.status().as_u16();
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let text = resp.text().unwrap_or_default();
     let body = if text.is_empty() {
         Value::Null
     } else {
         serde_json::from_str(&text).unwrap_or(Value::String(text))
     };
-    (status, body)
+    Resp {
+        status,
+        retry_after,
+        body,
+    }
+}
+
+/// [`request`] as `(status, body)`.
+pub fn http(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    let r = request(method, url, token, body);
+    (r.status, r.body)
 }
 
 impl ServeNode {
+    /// Start a node in a temporary directory of its own (removed when the node drops).
+    pub fn start_temp(extra: &[&str]) -> ServeNode {
+        ServeNode::start_bin_temp(&emberd_bin(), extra)
+    }
+
+    /// [`ServeNode::start_temp`] with the `emberd` binary `bin`.
+    pub fn start_bin_temp(bin: &Path, extra: &[&str]) -> ServeNode {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let mut node = ServeNode::start_bin(bin, tmp.path(), extra);
+        node._tmp = Some(tmp);
+        node
+    }
+
     /// Start a node in `dir` (its data dir is `dir/data`) with `extra` flags, make a
     /// project and a member token.
     pub fn start(dir: &Path, extra: &[&str]) -> ServeNode {
+        ServeNode::start_bin(&emberd_bin(), dir, extra)
+    }
+
+    /// [`ServeNode::start`] with the `emberd` binary `bin`.
+    pub fn start_bin(bin: &Path, dir: &Path, extra: &[&str]) -> ServeNode {
         let data = dir.join("data");
         std::fs::create_dir_all(&data).expect("data dir");
         let rest = format!("127.0.0.1:{}", free_port());
@@ -76,8 +124,9 @@ impl ServeNode {
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
-        let daemon = Daemon::spawn(&data, &a);
+        let daemon = Daemon::spawn_bin(bin, &data, &a);
         wait_for_tcp(&rest, START);
+        wait_for_path(&nbd_sock, START);
         let url = format!("http://{rest}");
         let admin = std::fs::read_to_string(data.join("admin-token"))
             .expect("admin token")
@@ -107,7 +156,10 @@ impl ServeNode {
             admin,
             project,
             token: t["token"]["token"].as_str().expect("token").to_string(),
+            token_id: t["token"]["id"].as_str().expect("token id").to_string(),
             args,
+            bin: bin.to_path_buf(),
+            _tmp: None,
         }
     }
 
@@ -124,7 +176,7 @@ impl ServeNode {
     /// (start-up reconciliation, attachments included, is done by then).
     pub fn start_again(&mut self) {
         let a: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.daemon = Daemon::spawn(&self.data, &a);
+        self.daemon = Daemon::spawn_bin(&self.bin, &self.data, &a);
         wait_for_tcp(&self.rest, START);
         wait_for_path(&self.nbd_sock, START);
     }
@@ -219,8 +271,9 @@ impl ServeNode {
         r["connection_info"]["data"].clone()
     }
 
-    /// End one attachment.
-    pub fn detach(&self, id: &str, attachment: &str) {
+    /// End one attachment; returns how long it took.
+    pub fn detach(&self, id: &str, attachment: &str) -> Duration {
+        let t = Instant::now();
         let (s, r) = http(
             "POST",
             &self.vol_url(&format!("/{id}/action")),
@@ -228,6 +281,14 @@ impl ServeNode {
             Some(json!({"os-terminate_connection": {"connector": {"attachment_id": attachment}}})),
         );
         assert_eq!(s, 202, "{r}");
+        t.elapsed()
+    }
+
+    /// emberd still runs (a process killed by a signal a moment ago may not be reaped
+    /// yet: look again after a short while).
+    pub fn alive(&mut self) -> bool {
+        std::thread::sleep(Duration::from_millis(300));
+        matches!(self.daemon.child.try_wait(), Ok(None))
     }
 
     /// `(VmRSS, VmHWM)` of the daemon in KiB.
