@@ -420,7 +420,7 @@ pub async fn create_secret(
         .db()
         .write("create secret", |mut tx| async move {
             let id =
-                insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, &s).await?;
+                insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, s).await?;
             tx.commit().await?;
             ApiResult::Ok(id)
         })
@@ -791,13 +791,13 @@ pub async fn delete_secret(
     st.db()
         .write("delete secret", |mut tx| async move {
             // Volumes and snapshots both keep their key here: either one makes it in use.
-            let users = crate::volumes::count_by_secret(&mut tx, &id).await?;
+            let users = crate::volumes::count_by_secret(&mut tx, id).await?;
             if users > 0 {
                 return Err(ApiError::conflict(format!(
                     "secret {id} is used by {users} volume(s) or snapshot(s)"
                 )));
             }
-            acl::forget(&mut tx, &id).await?;
+            acl::forget(&mut tx, id).await?;
             sqlx::query("DELETE FROM secrets WHERE id = ? AND project_id = ?")
                 .bind(id)
                 .bind(ctx.project_id.clone())
@@ -885,7 +885,7 @@ pub async fn create_order(
     });
     let (ctx, meta, s, st) = (&ctx, &meta, &s, &st);
     let id = st.db().write("create order", |mut tx| async move {
-    let secret_id = insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, &s).await?;
+    let secret_id = insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, s).await?;
     let id = new_id();
     let t = now();
     sqlx::query(

@@ -332,7 +332,7 @@ pub async fn delete_acl(
     let id = &id;
     st.db()
         .write("delete acl", |mut tx| async move {
-            forget_acl(&mut tx, &id).await?;
+            forget_acl(&mut tx, id).await?;
             tx.commit().await?;
             ApiResult::Ok(())
         })
@@ -449,12 +449,12 @@ pub async fn put_secret_metadata(
             execute_args(
                 &mut tx,
                 "DELETE FROM secret_metadata WHERE secret_id = ?",
-                &[&id],
+                &[id],
             )
             .await?;
             for (k, v) in &b.metadata {
                 let k = check_meta(k, v)?;
-                set_meta(&mut tx, &id, &k, v).await?;
+                set_meta(&mut tx, id, &k, v).await?;
             }
             tx.commit().await?;
             ApiResult::Ok(())
@@ -489,7 +489,7 @@ async fn add_item(
                     "secret {id} already has metadata key {k:?}"
                 )));
             }
-            set_meta(&mut tx, id, &k, &b.value).await?;
+            set_meta(&mut tx, id, k, &b.value).await?;
             tx.commit().await?;
             ApiResult::Ok(())
         })
