@@ -419,8 +419,7 @@ pub async fn create_secret(
     let id = st
         .db()
         .write("create secret", |mut tx| async move {
-            let id =
-                insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, s).await?;
+            let id = insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, s).await?;
             tx.commit().await?;
             ApiResult::Ok(id)
         })

@@ -963,8 +963,8 @@ pub async fn create_namespace(
     let v = st
         .db()
         .write("create namespace", |mut tx| async move {
-            create_namespace_tx(&mut tx, &ctx.project_id, &body).await?;
-            let row = load_ns(&mut tx, &ctx, &body.namespace).await?;
+            create_namespace_tx(&mut tx, &ctx.project_id, body).await?;
+            let row = load_ns(&mut tx, ctx, &body.namespace).await?;
             let v = ns_view(&mut tx, &row, true).await?;
             tx.commit().await?;
             ApiResult::Ok(v)

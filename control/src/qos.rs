@@ -279,7 +279,7 @@ pub async fn create_qos(
             ApiResult::Ok(())
         })
         .await?;
-    Ok(Json(json!({ "qos_specs": view(&spec), "links": [] })))
+    Ok(Json(json!({ "qos_specs": view(spec), "links": [] })))
 }
 
 /// A create body's spec (no database needed: fuzz targets call this).
@@ -360,7 +360,7 @@ pub async fn set_qos_keys(
     let set = st
         .db()
         .write("set qos keys", |mut tx| async move {
-            load(&mut tx, &id).await?;
+            load(&mut tx, id).await?;
             let mut set = Map::new();
             for (k, v) in &body.qos_specs {
                 if k == "consumer" {
@@ -369,14 +369,14 @@ pub async fn set_qos_keys(
                     execute_args(
                         &mut tx,
                         "UPDATE qos_specs SET consumer = ?, updated_at = ? WHERE id = ?",
-                        &[&c, &now(), &id],
+                        &[&c, &now(), id],
                     )
                     .await?;
                     set.insert(k.clone(), json!(c));
                     continue;
                 }
                 let text = check_key(k, v)?;
-                set_key(&mut tx, &id, k, &text).await?;
+                set_key(&mut tx, id, k, &text).await?;
                 set.insert(k.clone(), json!(text));
             }
             tx.commit().await?;
@@ -402,7 +402,7 @@ pub async fn delete_qos_keys(
     let (body, id) = (&body, &id);
     st.db()
         .write("delete qos keys", |mut tx| async move {
-            let spec = load(&mut tx, &id).await?;
+            let spec = load(&mut tx, id).await?;
             for k in &body.keys {
                 if !spec.keys.contains_key(k) {
                     return Err(ApiError::not_found(format!(
@@ -412,7 +412,7 @@ pub async fn delete_qos_keys(
                 execute_args(
                     &mut tx,
                     "DELETE FROM qos_spec_keys WHERE qos_id = ? AND spec_key = ?",
-                    &[&id, k],
+                    &[id, k],
                 )
                 .await?;
             }
@@ -442,22 +442,22 @@ pub async fn delete_qos(
     };
     let id = &id;
     st.db().write("delete qos", |mut tx| async move {
-    load(&mut tx, &id).await?;
-    let users = types::with_qos(&mut tx, &id).await?;
+    load(&mut tx, id).await?;
+    let users = types::with_qos(&mut tx, id).await?;
     if !users.is_empty() && !force {
         return Err(ApiError::bad_request(format!(
             "QoS spec {id} is associated with {} volume type(s): disassociate them or pass force=True",
             users.len()
         )));
     }
-    types::set_qos_of_all(&mut tx, &id, None).await?;
+    types::set_qos_of_all(&mut tx, id, None).await?;
     execute_args(
         &mut tx,
         "DELETE FROM qos_spec_keys WHERE qos_id = ?",
-        &[&id],
+        &[id],
     )
     .await?;
-    execute_args(&mut tx, "DELETE FROM qos_specs WHERE id = ?", &[&id]).await?;
+    execute_args(&mut tx, "DELETE FROM qos_specs WHERE id = ?", &[id]).await?;
     tx.commit().await?;
     ApiResult::Ok(())
     }).await?;
@@ -509,8 +509,8 @@ pub async fn associate_qos(
     let (ctx, id, q) = (&ctx, &id, &q);
     st.db()
         .write("associate qos", |mut tx| async move {
-            load(&mut tx, &id).await?;
-            let t = type_of(&mut tx, &ctx, &q).await?;
+            load(&mut tx, id).await?;
+            let t = type_of(&mut tx, ctx, q).await?;
             match &t.qos_specs_id {
                 Some(cur) if cur == id => {}
                 Some(cur) => {
@@ -519,7 +519,7 @@ pub async fn associate_qos(
                         t.id
                     )))
                 }
-                None => types::set_qos(&mut tx, &t.id, Some(&id)).await?,
+                None => types::set_qos(&mut tx, &t.id, Some(id)).await?,
             }
             tx.commit().await?;
             ApiResult::Ok(())
@@ -543,8 +543,8 @@ pub async fn disassociate_qos(
     let (ctx, id, q) = (&ctx, &id, &q);
     st.db()
         .write("disassociate qos", |mut tx| async move {
-            load(&mut tx, &id).await?;
-            let t = type_of(&mut tx, &ctx, &q).await?;
+            load(&mut tx, id).await?;
+            let t = type_of(&mut tx, ctx, q).await?;
             if t.qos_specs_id.as_deref() != Some(id.as_str()) {
                 return Err(ApiError::bad_request(format!(
                     "volume type {} is not associated with QoS spec {id}",
@@ -572,8 +572,8 @@ pub async fn disassociate_all_qos(
     let id = &id;
     st.db()
         .write("disassociate all qos", |mut tx| async move {
-            load(&mut tx, &id).await?;
-            types::set_qos_of_all(&mut tx, &id, None).await?;
+            load(&mut tx, id).await?;
+            types::set_qos_of_all(&mut tx, id, None).await?;
             tx.commit().await?;
             ApiResult::Ok(())
         })

@@ -750,7 +750,7 @@ pub async fn create_type(
         is_public,
         qos_specs_id: None,
     };
-    let view = type_view(&mut tx, &ctx, &row).await?;
+    let view = type_view(&mut tx, ctx, &row).await?;
     tx.commit().await?;
     ApiResult::Ok(view)
     }).await?;

@@ -640,9 +640,9 @@ pub async fn manage(
                     let k = keys::order_volume_key(
                         &mut tx,
                         st.master(),
-                        &project_id,
+                        project_id,
                         enc.key_fit(),
-                        &vol_id,
+                        vol_id,
                     )
                     .await?;
                     let pass =
