@@ -314,6 +314,20 @@ impl Galera {
         if let Err(e) = self.members[0].sql(&format!("CREATE DATABASE `{name}`")) {
             panic!("create database {name}: {e}");
         }
+        // DDL replicates in total order, but a loaded member may apply it a moment later.
+        let t = Instant::now();
+        for m in &self.members {
+            while !m
+                .sql(&format!("SHOW DATABASES LIKE '{name}'"))
+                .is_ok_and(|o| o.contains(&name))
+            {
+                assert!(
+                    t.elapsed() < READY,
+                    "database {name} never reached every member"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         self.members.iter().map(|m| m.url(&name)).collect()
     }
 
