@@ -24,84 +24,35 @@
 # median rate times ramp+runtime), in microseconds.
 set -euo pipefail
 
-RUNTIME=10
-RAMP=2
-ROUNDS=3
-SIZE=1G
-DIR=/dev/shm
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 PEERS=ember,qemu-nbd
-JOBS=randread,randwrite,seqread,seqwrite
 DIGESTS=0
-EMBERD=
-OUT=
+STOP_TENTHS=100
 
 ORIG_ARGS=("$@")
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while (($#)); do
     case "$1" in
-        --runtime) RUNTIME="$2"; shift 2 ;;
-        --ramp) RAMP="$2"; shift 2 ;;
-        --rounds) ROUNDS="$2"; shift 2 ;;
-        --size) SIZE="$2"; shift 2 ;;
-        --dir) DIR="$2"; shift 2 ;;
-        --peers) PEERS="$2"; shift 2 ;;
-        --jobs) JOBS="$2"; shift 2 ;;
         --digests) DIGESTS=1; shift ;;
-        --emberd) EMBERD="$2"; shift 2 ;;
-        --out) OUT="$2"; shift 2 ;;
-        -h | --help) usage; exit 0 ;;
-        *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) common_option "$@"; shift "$OPT_SHIFT" ;;
     esac
 done
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-for t in fio qemu-nbd nbdinfo python3 tgtd tgtadm; do
-    command -v "$t" >/dev/null || die "$t not found: run scripts/install-test-deps.sh"
-done
-IFS=, read -r -a PEER_LIST <<<"$PEERS"
-IFS=, read -r -a JOB_LIST <<<"$JOBS"
+require_tools fio qemu-nbd nbdinfo python3 tgtd tgtadm
+split_lists
 for p in "${PEER_LIST[@]}"; do
     case "$p" in ember | qemu-nbd) ;; *) die "unknown peer $p" ;; esac
 done
-for j in "${JOB_LIST[@]}"; do
-    case "$j" in randread | randwrite | seqread | seqwrite) ;; *) die "unknown job $j" ;; esac
-done
+need_emberd
 
-if [[ " ${PEER_LIST[*]} " == *" ember "* && -z "$EMBERD" ]]; then
-    log "building emberd (release)"
-    (cd "$ROOT" && cargo build --release -q -p emberd) || die "cargo build failed"
-    EMBERD="${CARGO_TARGET_DIR:-$ROOT/target}/release/emberd"
-fi
-[[ -z "$EMBERD" || -x "$EMBERD" ]] || die "$EMBERD is not executable"
-
-WORK="$(mktemp -d "$DIR/ember-iscsi-bench.XXXXXX")"
-OUT="${OUT:-$(mktemp -d /tmp/ember-iscsi-bench-results.XXXXXX)}"
-mkdir -p "$OUT"
-SOCK="$WORK/nbd.sock"
+work_dirs iscsi
 LUN_IMG="$WORK/lun.img"
 IQN=iqn.2026-01.org.ember.bench:lun
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 CTL=$((PORT % 30000 + 1000))
-PEER_PID=
 TGTD_PID=
 
-stop_peer() {
-    if [[ -n "$PEER_PID" ]]; then
-        kill -TERM "$PEER_PID" 2>/dev/null || true
-        local i
-        for ((i = 0; i < 100; i++)); do
-            kill -0 "$PEER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$PEER_PID" 2>/dev/null || true
-        wait "$PEER_PID" 2>/dev/null || true
-        PEER_PID=
-    fi
-    rm -f "$SOCK"
-}
 cleanup() {
     stop_peer
     if [[ -n "$TGTD_PID" ]]; then
@@ -118,16 +69,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 log "creating $SIZE LUN backing file in $WORK (random data)"
-python3 - "$LUN_IMG" "$SIZE" <<'EOF'
-import os, sys
-path, size = sys.argv[1], sys.argv[2]
-mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-n = int(size[:-1]) * mult[size[-1].upper()] if size[-1].upper() in mult else int(size)
-chunk = os.urandom(1 << 20)
-with open(path, "wb") as f:
-    for i in range(n >> 20):
-        f.write(chunk)
-EOF
+random_file "$LUN_IMG" "$SIZE"
 
 log "starting tgtd on 127.0.0.1:$PORT (management socket $CTL)"
 mkdir -p /var/run/tgtd
@@ -151,6 +93,7 @@ if ((DIGESTS)); then
 fi
 adm --op show --mode target >"$OUT/tgtd-target.txt"
 
+# start_peer PEER: start a server on $SOCK; log to $OUT.
 start_peer() {
     local peer="$1" log="$OUT/$1.log"
     local -a cmd
@@ -161,61 +104,27 @@ start_peer() {
         qemu-nbd) cmd=(qemu-nbd -k "$SOCK" -t --shared=8
             --image-opts "driver=iscsi,transport=tcp,portal=127.0.0.1:$PORT,target=$IQN,lun=1$QEMU_OPTS") ;;
     esac
-    echo "+ ${cmd[*]}" >>"$log"
-    "${cmd[@]}" </dev/null >>"$log" 2>&1 &
-    PEER_PID=$!
-    local i
-    for ((i = 0; i < 300; i++)); do
-        if [[ -S "$SOCK" ]] && nbdinfo --size "nbd+unix:///?socket=$SOCK" >/dev/null 2>&1; then
-            return 0
-        fi
-        kill -0 "$PEER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    tail -5 "$log" >&2
-    die "$peer did not start serving on $SOCK (log: $log)"
+    launch "$log" "${cmd[@]}"
+    wait_serving "nbd+unix:///?socket=$SOCK" "$log" "$peer"
 }
 
-# CPU ticks (user + system) of a process and all its threads.
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
-
+# run_fio JOB JSON: one fio run; the CPU ticks of the initiator and of tgtd, the ticks per
+# second and the seconds of the run go into the .cpu file next to JSON.
 run_fio() {
-    local job="$1" json="$2" rw bs qd p0 t0
-    case "$job" in
-        randread) rw=randread bs=4k qd=32 ;;
-        randwrite) rw=randwrite bs=4k qd=32 ;;
-        seqread) rw=read bs=1M qd=8 ;;
-        seqwrite) rw=write bs=1M qd=8 ;;
-    esac
+    local job="$1" json="$2" p0 t0
     p0="$(ticks "$PEER_PID")"
     t0="$(ticks "$TGTD_PID")"
-    fio --name="$job" --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" \
-        --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
-        --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
-        --output-format=json --output="$json" >/dev/null 2>"$json.err" ||
-        die "fio $job failed: $(cat "$json.err")"
+    fio_job "$job" "nbd+unix:///?socket=$SOCK" "$json"
     echo "$(($(ticks "$PEER_PID") - p0)) $(($(ticks "$TGTD_PID") - t0)) $(getconf CLK_TCK) $((RUNTIME + RAMP))" >"${json%.json}.cpu"
 }
 
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 npeers=${#PEER_LIST[@]}
 log "results in $OUT; $ROUNDS rounds x $npeers peers x ${#JOB_LIST[@]} jobs x $((RUNTIME + RAMP)) s"
-for ((round = 1; round <= ROUNDS; round++)); do
-    for ((k = 0; k < npeers; k++)); do
-        peer="${PEER_LIST[$(((k + round - 1) % npeers))]}"
-        start_peer "$peer"
-        for job in "${JOB_LIST[@]}"; do
-            log "round $round/$ROUNDS $peer $job"
-            run_fio "$job" "$OUT/iscsi-$peer-$job-r$round.json"
-        done
-        stop_peer
-    done
-done
+run_rounds iscsi
 
 {
-    echo "# $(date -u +%FT%TZ) $(uname -r) $(nproc) CPUs; runtime ${RUNTIME}s ramp ${RAMP}s; median of $ROUNDS rounds"
-    echo "# load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "# command: $0 ${ORIG_ARGS[*]}"
+    summary_head "$LOAD_BEFORE" "${ORIG_ARGS[@]}"
     echo "# target: tgtd $(tgtd -V 2>/dev/null || true) on a $SIZE file in $DIR; digests: $DIGESTS"
 } >"$OUT/summary.txt"
 python3 "$ROOT/benches/fio_summary.py" "$OUT" "$PEERS" "$JOBS" "iscsi" >>"$OUT/summary.txt"

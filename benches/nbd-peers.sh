@@ -38,92 +38,44 @@
 # is the same whatever authenticated the handshake.
 set -euo pipefail
 
-RUNTIME=10
-RAMP=2
-ROUNDS=3
-SIZE=1G
-DIR=/dev/shm
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=benches/lib.sh
+source "$ROOT/benches/lib.sh"
 PEERS=ember,nbdkit,qemu-nbd
-JOBS=randread,randwrite,seqread,seqwrite
 PLAIN=1
 LUKS=0
 TLS=0
-EMBERD=
 EMBERD_B=
-OUT=
 
 PLAIN_TOO=0
 ORIG_ARGS=("$@")
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while (($#)); do
     case "$1" in
-        --runtime) RUNTIME="$2"; shift 2 ;;
-        --ramp) RAMP="$2"; shift 2 ;;
-        --rounds) ROUNDS="$2"; shift 2 ;;
-        --size) SIZE="$2"; shift 2 ;;
-        --dir) DIR="$2"; shift 2 ;;
-        --peers) PEERS="$2"; shift 2 ;;
-        --jobs) JOBS="$2"; shift 2 ;;
         --luks) LUKS=1; shift ;;
         --luks-only) LUKS=1; PLAIN=0; shift ;;
         --tls) TLS=1; shift ;;
         --tls-only) TLS=1; PLAIN=0; shift ;;
         --plain-too) PLAIN_TOO=1; shift ;;
-        --emberd) EMBERD="$2"; shift 2 ;;
         --emberd-b) EMBERD_B="$2"; shift 2 ;;
-        --out) OUT="$2"; shift 2 ;;
-        -h | --help) usage; exit 0 ;;
-        *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+        *) common_option "$@"; shift "$OPT_SHIFT" ;;
     esac
 done
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
 ((PLAIN_TOO)) && PLAIN=1
-for t in fio nbdkit qemu-nbd qemu-img nbdinfo python3 certtool; do
-    command -v "$t" >/dev/null || die "$t not found: run scripts/install-test-deps.sh"
-done
+require_tools fio nbdkit qemu-nbd qemu-img nbdinfo python3 certtool
 if [[ -n "$EMBERD_B" && ",$PEERS," != *",ember-b,"* ]]; then
     PEERS="$PEERS,ember-b"
 fi
-IFS=, read -r -a PEER_LIST <<<"$PEERS"
-IFS=, read -r -a JOB_LIST <<<"$JOBS"
+split_lists
 for p in "${PEER_LIST[@]}"; do
     case "$p" in ember | nbdkit | qemu-nbd) ;; ember-b) [[ -x "$EMBERD_B" ]] || die "ember-b needs --emberd-b" ;; *) die "unknown peer $p" ;; esac
 done
-for j in "${JOB_LIST[@]}"; do
-    case "$j" in randread | randwrite | seqread | seqwrite) ;; *) die "unknown job $j" ;; esac
-done
+need_emberd
 
-if [[ " ${PEER_LIST[*]} " == *" ember "* && -z "$EMBERD" ]]; then
-    log "building emberd (release)"
-    (cd "$ROOT" && cargo build --release -q -p emberd) || die "cargo build failed"
-    EMBERD="${CARGO_TARGET_DIR:-$ROOT/target}/release/emberd"
-fi
-[[ -z "$EMBERD" || -x "$EMBERD" ]] || die "$EMBERD is not executable"
+work_dirs nbd
+# fio's nbd engine finds the TLS rows' CA under $HOME (see above).
+BENCH_HOME="$WORK/home"
 
-WORK="$(mktemp -d "$DIR/ember-nbd-bench.XXXXXX")"
-OUT="${OUT:-$(mktemp -d /tmp/ember-nbd-bench-results.XXXXXX)}"
-mkdir -p "$OUT"
-SOCK="$WORK/nbd.sock"
-PEER_PID=
-
-stop_peer() {
-    if [[ -n "$PEER_PID" ]]; then
-        kill -TERM "$PEER_PID" 2>/dev/null || true
-        local i
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$PEER_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -KILL "$PEER_PID" 2>/dev/null || true
-        wait "$PEER_PID" 2>/dev/null || true
-        PEER_PID=
-    fi
-    rm -f "$SOCK"
-}
 cleanup() {
     stop_peer
     rm -rf "$WORK"
@@ -137,16 +89,7 @@ PASS_FILE="$WORK/passphrase"
 
 if ((PLAIN)); then
     log "creating $SIZE plain backing file in $WORK (random data)"
-    python3 - "$PLAIN_IMG" "$SIZE" <<'EOF'
-import os, sys
-path, size = sys.argv[1], sys.argv[2]
-mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-n = int(size[:-1]) * mult[size[-1].upper()] if size[-1].upper() in mult else int(size)
-chunk = os.urandom(1 << 20)
-with open(path, "wb") as f:
-    for i in range(n >> 20):
-        f.write(chunk)
-EOF
+    random_file "$PLAIN_IMG" "$SIZE"
 fi
 if ((LUKS)); then
     log "creating $SIZE LUKS image (qemu-img create -f luks, aes-xts-plain64, full preallocation)"
@@ -172,18 +115,13 @@ if ((TLS)); then
     cp "$TLS_DIR/ca-cert.pem" "$WORK/home/.pki/libnbd/"
     if ((!PLAIN)); then
         log "creating $SIZE plain backing file in $WORK"
-        head -c "$(numfmt --from=iec "$SIZE")" /dev/urandom >"$PLAIN_IMG"
+        random_file "$PLAIN_IMG" "$SIZE"
     fi
 fi
 
 # uri MODE: the client URI (TLS modes: nbds).
 uri() {
     if [[ "$1" == tls ]]; then echo "nbds+unix:///?socket=$SOCK"; else echo "nbd+unix:///?socket=$SOCK"; fi
-}
-
-# cpu_ticks: utime+stime of the server process (all its threads), in clock ticks.
-cpu_ticks() {
-    awk '{print $14 + $15}' "/proc/$PEER_PID/stat" 2>/dev/null || echo 0
 }
 
 # start_peer PEER MODE(plain|luks|tls): start a server on $SOCK; log to $OUT.
@@ -217,38 +155,18 @@ start_peer() {
             --object "secret,id=sec0,file=$PASS_FILE"
             --image-opts "driver=luks,key-secret=sec0,file.driver=file,file.filename=$LUKS_IMG") ;;
     esac
-    echo "+ ${cmd[*]}" >>"$log"
-    "${cmd[@]}" </dev/null >>"$log" 2>&1 &
-    PEER_PID=$!
-    local i
-    for ((i = 0; i < 300; i++)); do
-        if [[ -S "$SOCK" ]] && HOME="$WORK/home" nbdinfo --size "$(uri "$mode")" >/dev/null 2>&1; then
-            return 0
-        fi
-        kill -0 "$PEER_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    tail -5 "$log" >&2
-    die "$peer ($mode) did not start serving on $SOCK (log: $log)"
+    launch "$log" "${cmd[@]}"
+    wait_serving "$(uri "$mode")" "$log" "$peer ($mode)"
 }
 
+# run_fio JOB JSON MODE: one fio run, with the server's CPU ticks, the ticks per second and
+# the wall seconds of the run (ramp included in both) in JSON.cpu.
 run_fio() {
-    local job="$1" json="$2" mode="$3" rw bs qd t0 c0
-    case "$job" in
-        randread) rw=randread bs=4k qd=32 ;;
-        randwrite) rw=randwrite bs=4k qd=32 ;;
-        seqread) rw=read bs=1M qd=8 ;;
-        seqwrite) rw=write bs=1M qd=8 ;;
-    esac
+    local job="$1" json="$2" mode="$3" t0 c0
     t0=$(date +%s.%N)
-    c0=$(cpu_ticks)
-    HOME="$WORK/home" fio --name="$job" --ioengine=nbd --uri="$(uri "$mode")" \
-        --rw="$rw" --bs="$bs" --iodepth="$qd" --numjobs=1 \
-        --time_based --runtime="$RUNTIME" --ramp_time="$RAMP" \
-        --output-format=json --output="$json" >/dev/null 2>"$json.err" ||
-        die "fio $job failed: $(cat "$json.err")"
-    # Server CPU seconds and wall seconds over the run (ramp included in both).
-    echo "$(($(cpu_ticks) - c0)) $(getconf CLK_TCK) $(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { print a - b }')" >"$json.cpu"
+    c0=$(ticks "$PEER_PID")
+    fio_job "$job" "$(uri "$mode")" "$json"
+    echo "$(($(ticks "$PEER_PID") - c0)) $(getconf CLK_TCK) $(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { print a - b }')" >"$json.cpu"
 }
 
 MODES=()
@@ -259,24 +177,11 @@ npeers=${#PEER_LIST[@]}
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "results in $OUT; ${#MODES[@]} mode(s) x $ROUNDS rounds x $npeers peers x ${#JOB_LIST[@]} jobs x $((RUNTIME + RAMP)) s"
 for mode in "${MODES[@]}"; do
-    for ((round = 1; round <= ROUNDS; round++)); do
-        for ((k = 0; k < npeers; k++)); do
-            # Rotate the order each round so no peer always runs first (or last).
-            peer="${PEER_LIST[$(((k + round - 1) % npeers))]}"
-            start_peer "$peer" "$mode"
-            for job in "${JOB_LIST[@]}"; do
-                log "round $round/$ROUNDS $mode $peer $job"
-                run_fio "$job" "$OUT/$mode-$peer-$job-r$round.json" "$mode"
-            done
-            stop_peer
-        done
-    done
+    run_rounds "$mode" "$mode"
 done
 
 {
-    echo "# $(date -u +%FT%TZ) $(uname -r) $(nproc) CPUs; runtime ${RUNTIME}s ramp ${RAMP}s; median of $ROUNDS rounds"
-    echo "# load average before: $LOAD_BEFORE, after: $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "# command: $0 ${ORIG_ARGS[*]}"
+    summary_head "$LOAD_BEFORE" "${ORIG_ARGS[@]}"
     echo "# settings: --runtime $RUNTIME --ramp $RAMP --rounds $ROUNDS --size $SIZE --peers $PEERS --jobs $JOBS"
 } >"$OUT/summary.txt"
 python3 "$ROOT/benches/fio_summary.py" "$OUT" "$PEERS" "$JOBS" "${MODES[*]}" >>"$OUT/summary.txt"

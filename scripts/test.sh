@@ -15,13 +15,8 @@
 #   EMBER_SKIP_INSTALL=1    do not run scripts/install-test-deps.sh
 #   EMBER_TEST_TIMEOUT      limit for the `cargo test` step, in minutes (default 75)
 #   EMBER_TEST_MYSQL_URL    use this MariaDB/MySQL instead of starting a local one
-#   EMBER_CRASH_CYCLES      SIGKILL/restart cycles of tests/crash.rs (default here 20; the
-#                           test's own default is 50: see docs/testing.md for why)
+#   EMBER_CRASH_CYCLES      SIGKILL/restart cycles of tests/crash.rs (default 50)
 set -uo pipefail
-
-# A 50-cycle run on main stalled the guest once (cycle 13 of one run in four, issue 11
-# note); until that is found, the test command runs 20 cycles.
-export EMBER_CRASH_CYCLES="${EMBER_CRASH_CYCLES:-20}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT" || exit 1

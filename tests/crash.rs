@@ -31,6 +31,8 @@
 //! reconnect. Each cycle waits until every client made progress since the last restart,
 //! so each kill hits running I/O. The test prints the cycles, the wall time, the restart
 //! times and the work checked (`cargo test -p emberd --test crash -- --nocapture`).
+//! Unless `RUST_LOG` is set, emberd runs with `ember_daemon::vhost::worker=debug`, so a
+//! failure's log shows each vhost-user queue's state at its starts and stops.
 
 mod common;
 #[path = "guest/mod.rs"]
@@ -297,6 +299,11 @@ fn sigkill_restart_cycles_lose_no_acknowledged_write() {
         require_tool(t);
     }
     let cycles = cycles();
+    // The vhost-user queues log their state at each start and stop (debug): what a
+    // guest stall is diagnosed by (the panic below prints the daemon's log).
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "info,ember_daemon::vhost::worker=debug");
+    }
     let g = guest::Guest::get();
     let dir = tempfile::tempdir().expect("temp dir");
     let mut node = ServeNode::start(dir.path(), &[]);

@@ -6,7 +6,12 @@
 //! an encrypted volume on a blank LUN (opened afterwards by cryptsetup, and a LUKS1 one
 //! read by qemu-io's LUKS driver, with the key from the key store), unmanage (data left intact), and the
 //! faults: a missing CHAP secret, a wrong one, a LUN that disappears (clear status and
-//! reason on the volume, never a hang).
+//! reason on the volume, never a hang). Mutual CHAP with both secrets from the key store
+//! (a wrong target secret refused before any I/O). Faults under attached volumes: a LUN
+//! deleted by tgtd, tgtd killed, a loop LUN that shrinks to nothing; the health check
+//! (`lun-health-secs = 1`) shows each on the volume (`lun.health`, `lun.fault`, polled
+//! with a deadline) while its I/O fails with EIO and the other volumes serve, and the
+//! volume heals through the same attachment once the LUN is back.
 
 mod common;
 
@@ -37,10 +42,25 @@ impl Tgtd {
         require_tool("tgtd");
         require_tool("tgtadm");
         let port = free_port();
-        let ctl = port % 30000 + 1000;
-        let log = dir.join(format!("tgtd-{port}.log"));
+        let mut t = Tgtd {
+            child: None,
+            port,
+            ctl: port % 30000 + 1000,
+            log: dir.join(format!("tgtd-{port}.log")),
+        };
+        t.launch();
+        t
+    }
+
+    /// Start tgtd on this portal (again) with target 1, no LUNs, open to everyone.
+    fn launch(&mut self) {
+        let (port, ctl) = (self.port, self.ctl);
         std::fs::create_dir_all("/var/run/tgtd").expect("create /var/run/tgtd");
-        let f = std::fs::File::create(&log).expect("tgtd log");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("tgtd log");
         let child = Command::new("tgtd")
             .args([
                 "-f",
@@ -54,12 +74,8 @@ impl Tgtd {
             .stderr(f)
             .spawn()
             .expect("spawn tgtd");
-        let t = Tgtd {
-            child: Some(child),
-            port,
-            ctl,
-            log,
-        };
+        self.child = Some(child);
+        let t = &*self;
         let started = Instant::now();
         while !Command::new("tgtadm")
             .args(["-C", &ctl.to_string(), "--op", "show", "--mode", "system"])
@@ -80,7 +96,14 @@ impl Tgtd {
         t.adm(&[
             "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
         ]);
-        t
+    }
+
+    /// The array dies: SIGKILL, no logout, no goodbye to the initiators.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     fn adm(&self, args: &[&str]) {
@@ -796,4 +819,286 @@ fn loop_device_lun_pool_end_to_end() {
     n.unmanage(&id);
     assert!(has_pattern(&a, MIB, MIB as usize, 0x3c));
     assert!(has_pattern(&a, 8 * MIB, MIB as usize, 0x99));
+}
+
+// ---------------------------------------------------------------------------------------
+// Faults under attached volumes
+
+impl Node {
+    /// Poll `GET /volumes/{id}` until `lun.health` is `want` (bounded); the volume.
+    fn wait_health(&self, id: &str, want: &str) -> Value {
+        let t = Instant::now();
+        loop {
+            let v = self.show(id);
+            if v["lun"]["health"] == want {
+                return v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "volume {id}: lun.health not {want} after {:?}: {v}\n{}",
+                t.elapsed(),
+                self.daemon.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// qemu-io `cmd` on `uri`, which must fail with EIO within a bounded time; its output.
+fn qemu_io_eio(uri: &str, cmd: &str) -> String {
+    require_tool("qemu-io");
+    let t = Instant::now();
+    let out = common::run_any(Command::new("qemu-io").args(["-f", "raw", uri, "-c", cmd]));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("Input/output error"), "{cmd}: {text}");
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "{cmd} took {:?}",
+        t.elapsed()
+    );
+    text
+}
+
+#[test]
+fn attached_iscsi_luns_that_fail_show_on_their_volumes_and_heal() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lun1 = d.join("lun1.img");
+    let lun2 = d.join("lun2.img");
+    sparse_file(&lun1, GIB);
+    sparse_file(&lun2, GIB);
+    let mut tgt = Tgtd::start(d);
+    tgt.add_lun(&lun1, 1);
+    tgt.add_lun(&lun2, 2);
+    let n = Node::start(
+        &d.join("node"),
+        &format!(
+            "lun-health-secs = 1\n\
+             [pools.array]\nkind = \"lun\"\nportals = [\"127.0.0.1:{}\"]\ntarget = \"{IQN}\"\n\
+             iscsi-options = \"login_timeout=3&timeout=3&replacement_timeout=4&nop_interval=1&nop_timeout=2\"\n",
+            tgt.port
+        ),
+    );
+    let v1 = n.manage("array", "lun-1", None);
+    let v2 = n.manage("array", "lun-2", None);
+    assert_eq!(v1["status"], "available", "{v1}\n{}", n.daemon.log_text());
+    assert_eq!(v2["status"], "available", "{v2}");
+    let (id1, id2) = (
+        v1["id"].as_str().unwrap().to_string(),
+        v2["id"].as_str().unwrap().to_string(),
+    );
+    let (att1, uri1) = n.attach(&id1);
+    let (att2, uri2) = n.attach(&id2);
+    qemu_io(&uri1, &format!("write -P 0x21 0 {MIB}"));
+    qemu_io(&uri2, &format!("write -P 0x22 0 {MIB}"));
+    assert_eq!(n.show(&id1)["lun"]["health"], "ok");
+
+    // The array deletes LUN 1 under the attached, idle volume: the health check sees
+    // it without any I/O; the volume says so, stays in-use; its reads fail with EIO;
+    // the other volume keeps serving.
+    tgt.delete_lun(1);
+    let t = Instant::now();
+    let shown = n.wait_health(&id1, "error");
+    eprintln!("LUN deleted: fault shown after {:?}", t.elapsed());
+    assert_eq!(shown["status"], "in-use", "{shown}");
+    let fault = shown["lun"]["fault"].as_str().unwrap().to_string();
+    assert!(fault.contains("LUN 1 does not exist"), "{shown}");
+    assert!(shown["lun"]["fault_at"].is_string(), "{shown}");
+    qemu_io_eio(&uri1, "read 0 4k");
+    qemu_io(&uri2, &format!("read -P 0x22 0 {MIB}"));
+    assert_eq!(n.show(&id2)["lun"]["health"], "ok");
+    assert!(n.daemon.log_text().contains("LUN volume faulted"));
+
+    // The array brings the same LUN back: the volume heals through the same attachment.
+    tgt.add_lun(&lun1, 1);
+    let shown = n.wait_health(&id1, "ok");
+    assert_eq!(shown["lun"]["fault"], Value::Null, "{shown}");
+    qemu_io(&uri1, &format!("read -P 0x21 0 {MIB}"));
+    assert!(n.daemon.log_text().contains("LUN volume serves again"));
+
+    // The array dies: after the replacement timeout both volumes say so and fail I/O.
+    tgt.kill();
+    for id in [&id1, &id2] {
+        let shown = n.wait_health(id, "error");
+        assert!(
+            shown["lun"]["fault"]
+                .as_str()
+                .unwrap()
+                .contains("replacement timeout"),
+            "{shown}"
+        );
+    }
+    qemu_io_eio(&uri2, "read 0 4k");
+    // The daemon still serves its API and other requests meanwhile.
+    n.ok("GET", &n.p("/volumes"), None, 200);
+
+    // The array is back with the same LUNs: both heal, data intact.
+    tgt.launch();
+    tgt.add_lun(&lun1, 1);
+    tgt.add_lun(&lun2, 2);
+    n.wait_health(&id1, "ok");
+    n.wait_health(&id2, "ok");
+    qemu_io(&uri1, &format!("read -P 0x21 0 {MIB}"));
+    qemu_io(&uri2, &format!("read -P 0x22 0 {MIB}"));
+    n.detach(&id1, &att1);
+    n.detach(&id2, &att2);
+}
+
+#[test]
+fn an_attached_loop_lun_that_shrinks_away_shows_on_its_volume_and_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = d.join("a.img");
+    sparse_file(&a, GIB);
+    pattern(&a, MIB, MIB as usize, 0x4b);
+    let la = Loop::new(&a);
+    let links = d.join("luns");
+    std::fs::create_dir(&links).unwrap();
+    std::os::unix::fs::symlink(&la.dev, links.join("lun-a")).unwrap();
+    let n = Node::start(
+        &d.join("node"),
+        &format!(
+            "lun-health-secs = 1\n{}",
+            devices_config(&format!("{}/lun-*", links.display()))
+        ),
+    );
+    let name = links.join("lun-a").display().to_string();
+    let v = n.manage("local", &name, None);
+    assert_eq!(v["status"], "available", "{v}\n{}", n.daemon.log_text());
+    let id = v["id"].as_str().unwrap().to_string();
+    let (att, uri) = n.attach(&id);
+    qemu_io(&uri, &format!("read -P 0x4b {MIB} {MIB}"));
+    assert_eq!(n.show(&id)["lun"]["health"], "ok");
+
+    // The LUN goes away under the host: the device reads as 0 bytes. Reads fail with
+    // EIO (never zeros the volume does not hold), the volume shows the fault.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&a)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    la.refresh();
+    let shown = n.wait_health(&id, "error");
+    assert_eq!(shown["status"], "in-use", "{shown}");
+    assert!(
+        shown["lun"]["fault"]
+            .as_str()
+            .unwrap()
+            .contains("is now 0 bytes"),
+        "{shown}"
+    );
+    qemu_io_eio(&uri, &format!("read {MIB} 4k"));
+
+    // It comes back (same backing file: same identity): the volume heals.
+    sparse_file(&a, GIB);
+    pattern(&a, MIB, MIB as usize, 0x4c);
+    la.refresh();
+    n.wait_health(&id, "ok");
+    qemu_io(&uri, &format!("read -P 0x4c {MIB} {MIB}"));
+    n.detach(&id, &att);
+}
+
+/// A LUN pool with mutual CHAP; `algorithms` as `chap-algorithms` (TOML) or the default.
+fn mutual_config(port: u16, secret_id: &str, target_secret_id: &str, algorithms: &str) -> String {
+    format!(
+        "[pools.array]\nkind = \"lun\"\nportals = [\"127.0.0.1:{port}\"]\ntarget = \"{IQN}\"\n\
+         chap-user = \"ember\"\nchap-secret = \"{secret_id}\"\n\
+         chap-target-user = \"array\"\nchap-target-secret = \"{target_secret_id}\"\n\
+         {algorithms}iscsi-options = \"login_timeout=5&timeout=5\"\n"
+    )
+}
+
+#[test]
+fn mutual_chap_with_secrets_from_the_key_store_against_tgtd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lun1 = d.join("lun1.img");
+    sparse_file(&lun1, GIB);
+    pattern(&lun1, MIB, MIB as usize, 0x6d);
+    let tgt = Tgtd::start(d);
+    tgt.add_lun(&lun1, 1);
+    tgt.chap("ember", "chap-secret-0123");
+    // The target's own (outgoing) account: what it answers Ember's challenge with.
+    tgt.adm(&[
+        "--op",
+        "new",
+        "--mode",
+        "account",
+        "--user",
+        "array",
+        "--password",
+        "array-secret-456",
+    ]);
+    tgt.adm(&[
+        "--op",
+        "bind",
+        "--mode",
+        "account",
+        "--tid",
+        "1",
+        "--user",
+        "array",
+        "--outgoing",
+    ]);
+    let md5 = "chap-algorithms = [\"md5\"]\n";
+    let mut n = Node::start(
+        &d.join("node"),
+        &mutual_config(tgt.port, "none", "none", md5),
+    );
+    let ours = n.secret("chap-secret-0123");
+    let theirs = n.secret("array-secret-456");
+    let impostor = n.secret("not-the-array-secret");
+
+    // The default offer (SHA-256 first): tgtd picks CHAP_A=7 but wants SHA-1 for it,
+    // so even the right secrets fail; the reason says what to do.
+    n.reconfigure(&mutual_config(tgt.port, &ours, &theirs, ""));
+    let (s, v) = n.call("GET", &n.p("/manageable_volumes"), None);
+    assert_eq!(s, 503, "{v}");
+    assert!(fault_message(&v).contains("tgtd does SHA-1 for 7"), "{v}");
+
+    // The target proves a secret other than the one in the key store: no login, a
+    // clear reason in the listing and on the managed volume, nothing read or written.
+    n.reconfigure(&mutual_config(tgt.port, &ours, &impostor, md5));
+    let before = std::fs::read(&lun1).unwrap();
+    let (s, v) = n.call("GET", &n.p("/manageable_volumes"), None);
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        fault_message(&v).contains("failed mutual authentication"),
+        "{v}"
+    );
+    let v = n.manage("array", "lun-1", None);
+    assert_eq!(v["status"], "error", "{v}");
+    assert!(
+        v["lun"]["fault"]
+            .as_str()
+            .unwrap()
+            .contains("failed mutual authentication"),
+        "{v}"
+    );
+    let log = n.daemon.log_text();
+    assert!(!log.contains("not-the-array-secret") && !log.contains("array-secret-456"));
+    n.ok(
+        "DELETE",
+        &n.p(&format!("/volumes/{}", v["id"].as_str().unwrap())),
+        None,
+        202,
+    );
+    assert!(std::fs::read(&lun1).unwrap() == before, "the LUN changed");
+
+    // The right target secret: managed, attached, read and written.
+    n.reconfigure(&mutual_config(tgt.port, &ours, &theirs, md5));
+    let v = n.manage("array", "lun-1", None);
+    assert_eq!(v["status"], "available", "{v}\n{}", n.daemon.log_text());
+    let id = v["id"].as_str().unwrap().to_string();
+    let (att, uri) = n.attach(&id);
+    qemu_io(&uri, &format!("read -P 0x6d {MIB} {MIB}"));
+    qemu_io(&uri, &format!("write -P 0x6e {} {MIB}", 2 * MIB));
+    qemu_io(&uri, "flush");
+    n.detach(&id, &att);
+    assert!(has_pattern(&lun1, 2 * MIB, MIB as usize, 0x6e));
 }

@@ -99,6 +99,22 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn identity(&self) -> Option<backend::scsi::LunIdentity> {
         None
     }
+
+    /// The fault the device's I/O path saw last and that still holds, if any (an iSCSI
+    /// LUN gone from its target, no session within the replacement timeout). No I/O;
+    /// cleared by the device itself once it serves again.
+    fn fault(&self) -> Option<String> {
+        None
+    }
+
+    /// Check actively that the device can still serve (a LUN: a short iSCSI session, or
+    /// a read of a host device's first block), for the data plane's periodic health
+    /// check of idle volumes. Blocks, bounded by the device's own timeouts. An error is
+    /// a fault the operator must see; a failure the device rides out by itself (an
+    /// iSCSI portal that does not answer for less than the replacement timeout) is not.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A per-thread handle on a [`BlockDevice`]. Not shared; lives on one I/O thread.

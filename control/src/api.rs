@@ -35,6 +35,14 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     }
 }
 
+/// `POST`/`PUT …/metadata` body of volumes, snapshots and volume types.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataBody {
+    /// Keys and values.
+    pub metadata: std::collections::BTreeMap<String, String>,
+}
+
 /// Parse a JSON body, naming the field on error.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {

@@ -37,7 +37,8 @@
 //!   Ember never erases an array's LUN). The pool's CHAP secrets live in the control
 //!   plane's key store; it hands them over ([`DataPlane::set_chap`]) before it asks for
 //!   a login. Attach, detach and grow work on bound volumes as on files (grow takes the
-//!   size the array gave the LUN).
+//!   size the array gave the LUN). [`DataPlane::check_luns`] is the periodic health
+//!   check of attached LUN volumes: their faults, which the control plane shows.
 //!
 //! `mem::MemDataPlane` (this crate's tests, or feature `test-utils`) implements it in
 //! memory, with failure injection and holds, for the volumes API's in-process tests.
@@ -46,7 +47,7 @@ pub mod luns;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mem;
 
-pub use luns::{ChapRef, ChapSecret, LunPoolInfo, ManageLun, ManageableLun, ManagedLun};
+pub use luns::{ChapRef, ChapSecret, LunHealth, LunPoolInfo, ManageLun, ManageableLun, ManagedLun};
 
 use ember_crypto::Zeroizing;
 use std::future::Future;
@@ -248,6 +249,22 @@ pub struct AttachVolume {
     pub passphrase: Option<Passphrase>,
     /// The volume's QoS (shared by all its attachments).
     pub qos: QosLimits,
+    /// NBD with TLS: the attachment's pre-shared key when it has one already (served
+    /// again after a restart, the key unsealed from its row); `None` makes a fresh one.
+    pub nbd_psk: Option<Passphrase>,
+    /// NBD over a Unix socket: the peer (`SO_PEERCRED`) that may connect without TLS
+    /// (the connector's `uid`/`gid`); `None`: no Unix peer is admitted without TLS.
+    pub unix_peer: Option<UnixPeer>,
+}
+
+/// A Unix-socket NBD client an attachment admits by its credentials: a uid, a gid, or
+/// both (at least one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixPeer {
+    /// The peer's uid must be this…
+    pub uid: Option<u32>,
+    /// …and its gid this.
+    pub gid: Option<u32>,
 }
 
 /// TLS credentials an NBD client must present (a pre-shared key per attachment).
@@ -425,4 +442,11 @@ pub trait DataPlane: Send + Sync + 'static {
 
     /// Release a volume's LUN (its bytes stay; no error when it is not bound).
     fn unmanage(&self, volume: ObjectRef) -> DpFuture<'_, ()>;
+
+    /// The periodic health check: check the LUN of every attached LUN volume of this
+    /// node now; each one's fault, `None` when it serves. Bounded by the LUNs' login
+    /// and command timeouts. A data plane without LUN pools has nothing to check.
+    fn check_luns(&self) -> DpFuture<'_, Vec<LunHealth>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }

@@ -17,7 +17,10 @@
 //! The volumes module keeps its keys here and reaches them only through this module:
 //! [`check_volume_key`] (a caller's key against the type), [`order_volume_key`] (a new
 //! key a volume owns), [`copy_secret`] (a snapshot's copy of its volume's key),
-//! [`volume_passphrase`] and [`delete_owned`].
+//! [`volume_passphrase`] and [`delete_owned`]; and an NBD attachment's pre-shared key
+//! sealed in its own row ([`seal_attachment_psk`], [`open_attachment_psk`]: the same
+//! master key and AES-256-GCM, `nbd-psk:<attachment id>` as associated data, so a
+//! sealed key opens only in the row it was made for and never as a secret).
 //!
 //! [`acl`]: who reads a secret (its read ACL, by token id) and its user metadata.
 //! Lists page with `limit`/`offset` and answer `total`, `next` and `previous` links.
@@ -31,7 +34,7 @@ use crate::api::{check_len, ApiJson};
 use crate::auth::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use crate::store::{get_str, new_id, now, opt_str};
+use crate::store::{fetch_optional_args, get_str, new_id, now, opt_str};
 use crate::versions::Origin;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -536,9 +539,8 @@ fn payload_type(accept: &str, stored: &str, bytes: &[u8]) -> Option<String> {
 }
 
 async fn open_row(st: &AppState, id: &str) -> ApiResult<(String, Zeroizing<Vec<u8>>)> {
-    let row = sqlx::query("SELECT content_type, sealed FROM secrets WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&st.db().pool)
+    let sql = "SELECT content_type, sealed FROM secrets WHERE id = ?";
+    let row = fetch_optional_args(&mut *st.db().pool.acquire().await?, sql, &[id])
         .await?
         .ok_or_else(|| ApiError::not_found(format!("secret {id} not found")))?;
     let bytes = st.master().open(id, &get_str(&row, "sealed")?)?;
@@ -552,13 +554,14 @@ pub async fn unlock_passphrase(
     project_id: &str,
     secret_id: &str,
 ) -> ApiResult<Zeroizing<Vec<u8>>> {
-    let row =
-        sqlx::query("SELECT secret_type, expiration FROM secrets WHERE id = ? AND project_id = ?")
-            .bind(secret_id.to_string())
-            .bind(project_id.to_string())
-            .fetch_optional(&st.db().pool)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("secret {secret_id} not found")))?;
+    let sql = "SELECT secret_type, expiration FROM secrets WHERE id = ? AND project_id = ?";
+    let row = fetch_optional_args(
+        &mut *st.db().pool.acquire().await?,
+        sql,
+        &[secret_id, project_id],
+    )
+    .await?
+    .ok_or_else(|| ApiError::not_found(format!("secret {secret_id} not found")))?;
     if is_expired(&opt_str(&row, "expiration")?) {
         return Err(ApiError::bad_request(format!(
             "secret {secret_id} has expired"
@@ -597,10 +600,7 @@ async fn secret_row(
     conn: &mut sqlx::AnyConnection,
     id: &str,
 ) -> Result<Option<SecretRow>, sqlx::Error> {
-    let r = sqlx::query("SELECT * FROM secrets WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
+    let r = fetch_optional_args(conn, "SELECT * FROM secrets WHERE id = ?", &[id]).await?;
     r.map(|r| {
         Ok(SecretRow {
             project_id: get_str(&r, "project_id")?,
@@ -764,6 +764,29 @@ pub async fn payload_of(
     }
 }
 
+/// Associated data of an attachment's sealed PSK (never a secret id: those are bare UUIDs).
+fn attachment_psk_aad(attachment_id: &str) -> String {
+    format!("nbd-psk:{attachment_id}")
+}
+
+/// Seal an NBD attachment's pre-shared key for its attachment row.
+pub fn seal_attachment_psk(
+    master: &MasterKey,
+    attachment_id: &str,
+    psk: &[u8],
+) -> ApiResult<String> {
+    master.seal(&attachment_psk_aad(attachment_id), psk)
+}
+
+/// Open what [`seal_attachment_psk`] sealed for `attachment_id`.
+pub fn open_attachment_psk(
+    master: &MasterKey,
+    attachment_id: &str,
+    sealed: &str,
+) -> ApiResult<Zeroizing<Vec<u8>>> {
+    master.open(&attachment_psk_aad(attachment_id), sealed)
+}
+
 /// Delete a secret a volume or snapshot owned (with it, in the caller's transaction).
 pub async fn delete_owned(conn: &mut sqlx::AnyConnection, id: &str) -> Result<(), sqlx::Error> {
     acl::forget(conn, id).await?;
@@ -784,8 +807,7 @@ pub async fn delete_secret(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    let (_, a) = acl::access(&st, &ctx, &id).await?;
-    a.require_writer(&id)?;
+    acl::check_writer(&st, &ctx, &id).await?;
     let (ctx, id) = (&ctx, &id);
     st.db()
         .write("delete secret", |mut tx| async move {

@@ -29,7 +29,7 @@ use crate::api::{check_len, parse_bool, ApiJson};
 use crate::auth::Ctx;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use crate::store::{execute_args, get_i64, get_str, now, Db, Tx};
+use crate::store::{execute_args, fetch_optional_args, get_i64, get_str, now, Db, Tx};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -441,13 +441,8 @@ pub async fn enforce(conn: &mut AnyConnection, key: &str, value: &str) -> ApiRes
         let Some(prop) = key.strip_prefix(prefix.as_str()) else {
             continue;
         };
-        let row = sqlx::query(
-            "SELECT definition FROM metadef_properties WHERE namespace = ? AND name = ?",
-        )
-        .bind(ns.clone())
-        .bind(prop.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
+        let sql = "SELECT definition FROM metadef_properties WHERE namespace = ? AND name = ?";
+        let row = fetch_optional_args(conn, sql, &[&ns, prop]).await?;
         match row {
             Some(r) => {
                 let def: PropertyDef = serde_json::from_str(&get_str(&r, "definition")?)
@@ -605,14 +600,11 @@ async fn create_namespace_tx(
 
 /// Load a namespace visible to the caller; 404 otherwise.
 async fn load_ns(conn: &mut AnyConnection, ctx: &Ctx, ns: &str) -> ApiResult<AnyRow> {
-    let row = sqlx::query(
-        "SELECT namespace, display_name, description, visibility, protected, owner, created_at, updated_at \
-         FROM metadef_namespaces WHERE namespace = ?",
-    )
-    .bind(ns.to_string())
-    .fetch_optional(&mut *conn)
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("metadef namespace {ns} not found")))?;
+    let sql = "SELECT namespace, display_name, description, visibility, protected, owner, created_at, updated_at \
+         FROM metadef_namespaces WHERE namespace = ?";
+    let row = fetch_optional_args(conn, sql, &[ns])
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("metadef namespace {ns} not found")))?;
     let visible = ctx.is_admin()
         || get_str(&row, "visibility")? == "public"
         || get_str(&row, "owner")? == ctx.project_id;
@@ -1096,12 +1088,8 @@ pub async fn create_property(
         .ok_or_else(|| ApiError::bad_request("`name` is required"))?;
     check_def(&name, &def)?;
     let (mut tx, _) = begin_ns(&st, &ctx, &ns).await?;
-    let exists =
-        sqlx::query("SELECT name FROM metadef_properties WHERE namespace = ? AND name = ?")
-            .bind(ns.clone())
-            .bind(name.clone())
-            .fetch_optional(&mut *tx)
-            .await?;
+    let sql = "SELECT name FROM metadef_properties WHERE namespace = ? AND name = ?";
+    let exists = fetch_optional_args(&mut tx, sql, &[&ns, &name]).await?;
     if exists.is_some() {
         return Err(ApiError::conflict(format!(
             "property {name} already exists in {ns}"
@@ -1116,13 +1104,10 @@ pub async fn create_property(
 }
 
 async fn load_property(conn: &mut AnyConnection, ns: &str, name: &str) -> ApiResult<PropertyDef> {
-    let row =
-        sqlx::query("SELECT definition FROM metadef_properties WHERE namespace = ? AND name = ?")
-            .bind(ns.to_string())
-            .bind(name.to_string())
-            .fetch_optional(&mut *conn)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("property {name} not found in {ns}")))?;
+    let sql = "SELECT definition FROM metadef_properties WHERE namespace = ? AND name = ?";
+    let row = fetch_optional_args(conn, sql, &[ns, name])
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("property {name} not found in {ns}")))?;
     serde_json::from_str(&get_str(&row, "definition")?)
         .map_err(|_| ApiError::internal("corrupted metadef property"))
 }

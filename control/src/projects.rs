@@ -6,7 +6,7 @@ use crate::api::{check_len, check_required_name, ApiJson};
 use crate::auth::{generate_token, insert_token, Ctx, Role};
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use crate::store::{get_str, new_id, now};
+use crate::store::{fetch_optional_args, get_str, new_id, now};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -183,9 +183,8 @@ pub async fn show_project(
     Path(project_id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     ctx.require_project(&project_id)?;
-    let row = sqlx::query("SELECT id, name, description, created_at FROM projects WHERE id = ?")
-        .bind(project_id.clone())
-        .fetch_optional(&st.db().pool)
+    let sql = "SELECT id, name, description, created_at FROM projects WHERE id = ?";
+    let row = fetch_optional_args(&mut *st.db().pool.acquire().await?, sql, &[&project_id])
         .await?
         .ok_or_else(|| ApiError::not_found(format!("project {project_id} not found")))?;
     Ok(Json(json!({ "project": project_view(&row)? })))

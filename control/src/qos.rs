@@ -25,7 +25,7 @@ use crate::dataplane::{QosLimits, RateLimits};
 use crate::error::{ApiError, ApiResult};
 use crate::projects::check_url_project;
 use crate::state::AppState;
-use crate::store::{execute_args, get_str, new_id, now};
+use crate::store::{execute_args, fetch_optional_args, get_str, new_id, now};
 use crate::types::{self, VolumeType};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -154,9 +154,8 @@ async fn keys_of(
 }
 
 async fn load(conn: &mut AnyConnection, id: &str) -> ApiResult<Spec> {
-    let r = sqlx::query("SELECT id, name, consumer FROM qos_specs WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
+    let sql = "SELECT id, name, consumer FROM qos_specs WHERE id = ?";
+    let r = fetch_optional_args(conn, sql, &[id])
         .await?
         .ok_or_else(|| ApiError::not_found(format!("QoS spec {id} not found")))?;
     Ok(Spec {

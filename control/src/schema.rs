@@ -69,5 +69,7 @@ pub const MIGRATIONS: &[Migration] = &[(
 (9, crate::metadefs::objects::SCHEMA),
 // Volumes on LUN pools (issue 15).
 (10, crate::volumes::manageable::SCHEMA),
+// NBD attachments' sealed pre-shared keys and Unix-socket peers (issue 12).
+(11, crate::volumes::SCHEMA_11),
 // Cluster membership (issue 16): a node's cluster and the addresses it serves on.
-(11, crate::services::SCHEMA_11)];
+(12, crate::services::SCHEMA_12)];

@@ -41,8 +41,8 @@ pub const DEFAULT_SERVICE_DOWN_SECS: u64 = 60;
 /// The clusters API's first microversion.
 pub const CLUSTERS_MIN: Version = Version(3, 7);
 
-/// Migration 11: the cluster a node belongs to and the addresses it serves on.
-pub const SCHEMA_11: &[&str] = &[
+/// Migration 12: the cluster a node belongs to and the addresses it serves on.
+pub const SCHEMA_12: &[&str] = &[
     "ALTER TABLE nodes ADD COLUMN cluster VARCHAR(255) NOT NULL DEFAULT 'ember'",
     "ALTER TABLE nodes ADD COLUMN addresses TEXT NULL",
 ];

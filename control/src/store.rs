@@ -407,6 +407,15 @@ pub async fn execute_args(
         .rows_affected())
 }
 
+/// The row a `SELECT` with text arguments finds, if any.
+pub async fn fetch_optional_args(
+    conn: &mut sqlx::AnyConnection,
+    sql: &'static str,
+    args: &[&str],
+) -> Result<Option<AnyRow>, sqlx::Error> {
+    with_args(sql, args).fetch_optional(&mut *conn).await
+}
+
 /// `sql` with its text arguments bound in order.
 fn with_args(
     sql: &'static str,

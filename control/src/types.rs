@@ -14,13 +14,15 @@
 //! The volumes module reads types only through [`resolve`] (visibility applied),
 //! [`by_id`] and [`name_of`], as a [`VolumeType`] (encryption spec, QoS, pool).
 
-use crate::api::{check_len, check_required_name, ApiJson, BoolLike};
+use crate::api::{check_len, check_required_name, ApiJson, BoolLike, MetadataBody};
 use crate::auth::Ctx;
 use crate::dataplane::{LuksVersion, QosLimits, RateLimits};
 use crate::error::{ApiError, ApiResult};
 use crate::projects::{check_url_project, ensure_project, project_conn};
 use crate::state::AppState;
-use crate::store::{count_args, execute_args, get_i64, get_str, new_id, now, opt_str, Db, Tx};
+use crate::store::{
+    count_args, execute_args, fetch_optional_args, get_i64, get_str, new_id, now, opt_str, Db, Tx,
+};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -123,13 +125,6 @@ pub struct TypeUpdate {
 #[serde(deny_unknown_fields)]
 pub struct ExtraSpecsBody {
     pub extra_specs: BTreeMap<String, String>,
-}
-
-/// `POST /types/{id}/metadata` body.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MetadataBody {
-    pub metadata: BTreeMap<String, String>,
 }
 
 /// `POST /types/{id}/encryption` and `PUT …/encryption/{id}` body.
@@ -639,9 +634,7 @@ pub async fn set_qos_of_all(
 
 /// The name of type `id` (`None` if it is gone).
 pub async fn name_of(conn: &mut AnyConnection, id: &str) -> Result<Option<String>, sqlx::Error> {
-    sqlx::query("SELECT name FROM volume_types WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
+    fetch_optional_args(conn, "SELECT name FROM volume_types WHERE id = ?", &[id])
         .await?
         .map(|r| get_str(&r, "name"))
         .transpose()

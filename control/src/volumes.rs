@@ -39,4 +39,4 @@ pub mod service;
 pub mod status;
 pub mod views;
 
-pub use rows::{count_by_secret, count_by_type, SCHEMA, SCHEMA_4, SCHEMA_5};
+pub use rows::{count_by_secret, count_by_type, SCHEMA, SCHEMA_11, SCHEMA_4, SCHEMA_5};

@@ -5,13 +5,8 @@ mod common;
 
 use axum::body::Body;
 use axum::http::{Method, Request};
-use common::{assert_fault, ref_id, Backend, Harness};
+use common::{assert_fault, fields, ref_id, Backend, Harness, DELETE, GET, POST, PUT};
 use serde_json::json;
-
-const GET: Method = Method::GET;
-const POST: Method = Method::POST;
-const PUT: Method = Method::PUT;
-const DELETE: Method = Method::DELETE;
 
 api_test!(auth_and_projects, |h| {
     // No token / unknown token.
@@ -132,7 +127,13 @@ api_test!(bad_input, |h| {
     let p = &h.admin_project;
     let uri = format!("/v3/{p}/types");
     let (s, v) = h
-        .call_bytes(POST, &uri, Some(&h.admin), b"{\"volume_type\": ".to_vec())
+        .call_bytes_with(
+            POST,
+            &uri,
+            Some(&h.admin),
+            b"{\"volume_type\": ".to_vec(),
+            &[],
+        )
         .await;
     assert_eq!(s, 400);
     assert_fault(&v, 400, "badRequest", "malformed JSON");
@@ -156,7 +157,7 @@ api_test!(bad_input, |h| {
         "x".repeat(70 * 1024)
     );
     let (s, v) = h
-        .call_bytes(POST, &uri, Some(&h.admin), big.into_bytes())
+        .call_bytes_with(POST, &uri, Some(&h.admin), big.into_bytes(), &[])
         .await;
     assert_eq!(s, 413);
     assert_fault(&v, 413, "overLimit", "larger than");
@@ -691,12 +692,7 @@ api_test!(encryption_specs, |h| {
 
 api_test!(metadefs_api, |h| {
     let v = h.admin_ok(GET, "/v2/metadefs/namespaces", None, 200).await;
-    let names: Vec<&str> = v["namespaces"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["namespace"].as_str().unwrap())
-        .collect();
+    let names = fields(&v, "namespaces", "namespace");
     assert!(
         names.contains(&"OS::Ember::VolumeType") && names.contains(&"OS::Ember::QoS"),
         "{names:?}"

@@ -6,18 +6,11 @@
 
 mod common;
 
-use axum::http::Method;
-use common::{Backend, Harness};
+use common::{wait_while, Backend, Harness, DELETE, GET, GIB, POST};
 use ember_control::dataplane::mem::MemDataPlane;
 use ember_control::dataplane::{ChapRef, LuksVersion, ObjectRef};
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-const GIB: u64 = 1 << 30;
-const POST: Method = Method::POST;
-const GET: Method = Method::GET;
-const DELETE: Method = Method::DELETE;
 
 struct Fx {
     h: Harness,
@@ -90,15 +83,7 @@ impl Fx {
     }
 
     async fn wait(&self, id: &str) -> Value {
-        let t = Instant::now();
-        loop {
-            let v = self.show(id).await;
-            if v["status"] != "creating" {
-                return v;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "stuck: {v}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_while("creating", || self.show(id)).await
     }
 
     async fn action(&self, id: &str, body: Value) -> (u16, Value) {
@@ -236,15 +221,7 @@ async fn manage_attach_extend_unmanage(backend: Backend) {
     f.h.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manage_attach_extend_unmanage_sqlite() {
-    manage_attach_extend_unmanage(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn manage_attach_extend_unmanage_mariadb() {
-    manage_attach_extend_unmanage(Backend::MariaDb).await;
-}
+backend_tests!(manage_attach_extend_unmanage => manage_attach_extend_unmanage_sqlite, manage_attach_extend_unmanage_mariadb);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chap_secrets_come_from_the_key_store() {
@@ -494,4 +471,36 @@ async fn bad_requests_are_refused_clearly() {
         413,
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_check_shows_an_attached_luns_fault_and_clears_it() {
+    use ember_control::volumes::manageable::check_health;
+    let f = fx().await;
+    let v = f.manage("lun-1", json!({})).await;
+    let id = v["id"].as_str().unwrap().to_string();
+    let (s, v) = f.attach(&id).await;
+    assert_eq!(s, 200, "{v}");
+    let st = &f.h.control.state;
+    assert_eq!(check_health(st).await.unwrap(), 0);
+    assert_eq!(f.show(&id).await["lun"]["health"], "ok");
+    // The array deletes the LUN under the attached volume.
+    f.dp.remove_lun("array", "lun-1");
+    assert_eq!(check_health(st).await.unwrap(), 1);
+    let shown = f.show(&id).await;
+    assert_eq!(shown["status"], "in-use", "{shown}");
+    assert_eq!(shown["lun"]["health"], "error", "{shown}");
+    assert!(
+        shown["lun"]["fault"].as_str().unwrap().contains("is gone"),
+        "{shown}"
+    );
+    assert!(shown["lun"]["fault_at"].is_string(), "{shown}");
+    // Recorded once, not again on every check.
+    assert_eq!(check_health(st).await.unwrap(), 0);
+    // Back: cleared.
+    f.dp.put_lun("array", "lun-1", 2 * GIB, Some("naa.6001"), false);
+    assert_eq!(check_health(st).await.unwrap(), 1);
+    let shown = f.show(&id).await;
+    assert_eq!(shown["lun"]["health"], "ok", "{shown}");
+    assert_eq!(shown["lun"]["fault"], Value::Null, "{shown}");
 }

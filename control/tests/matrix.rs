@@ -1012,15 +1012,7 @@ async fn matrix(backend: Backend) {
     h.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn role_matrix_sqlite() {
-    matrix(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn role_matrix_mariadb() {
-    matrix(Backend::MariaDb).await;
-}
+backend_tests!(matrix => role_matrix_sqlite, role_matrix_mariadb);
 
 /// Every spec operation reaches a handler (not the fallback, not 405), and every
 /// handler in the router is in the spec: routes are only added via `routes!` (which

@@ -7,21 +7,14 @@
 
 mod common;
 
-use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
-use common::{assert_fault, ref_id, Backend, Harness};
+use axum::http::{Method, StatusCode};
+use common::{
+    assert_fault, fields, ref_id, wait_while, Backend, Harness, DELETE, GET, GIB, PATCH, POST, PUT,
+};
 use ember_control::dataplane::mem::{MemDataPlane, Op};
 use ember_control::dataplane::DataPlaneError;
 use serde_json::{json, Value};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-const GIB: u64 = 1 << 30;
-const GET: Method = Method::GET;
-const POST: Method = Method::POST;
-const PUT: Method = Method::PUT;
-const DELETE: Method = Method::DELETE;
-const PATCH: Method = Method::PATCH;
 
 /// A node with a 100 GiB pool, a project `p` with a member token, another project's
 /// member.
@@ -66,21 +59,12 @@ async fn req(
     headers: &[(&str, &str)],
     body: Option<Value>,
 ) -> (u16, axum::http::HeaderMap, Value) {
-    let mut b = Request::builder()
-        .method(m)
-        .uri(uri)
-        .header("content-type", "application/json")
-        .header("host", "ember.test:8776");
-    if let Some(t) = token {
-        b = b.header("x-auth-token", t);
-    }
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
+    let mut all = vec![("host", "ember.test:8776")];
+    all.extend_from_slice(headers);
     let body = body
-        .map(|v| Body::from(serde_json::to_vec(&v).unwrap()))
-        .unwrap_or_else(Body::empty);
-    let (s, hd, bytes) = h.raw(b.body(body).unwrap()).await;
+        .map(|v| serde_json::to_vec(&v).unwrap())
+        .unwrap_or_default();
+    let (s, hd, bytes) = h.send(m, uri, token, &all, body).await;
     let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     (s.as_u16(), hd, v)
 }
@@ -117,15 +101,10 @@ impl Fx {
     }
 
     async fn wait(&self, uri: &str, key: &str) -> Value {
-        let t = Instant::now();
-        loop {
-            let v = self.ok(GET, uri, None, 200).await[key].clone();
-            if v["status"] != "creating" {
-                return v;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "stuck: {v}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_while("creating", || async {
+            self.ok(GET, uri, None, 200).await[key].clone()
+        })
+        .await
     }
 
     /// A volume of `size` GiB (more fields in `extra`), available; its id.
@@ -514,12 +493,8 @@ async fn volume_update_metadata_and_listing() {
     // Listing: filters, sort, paging with a next link.
     let d = f.v3("/volumes/detail");
     let names = |v: &Value| -> Vec<String> {
-        v["volumes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x["name"].as_str().unwrap().to_string())
-            .collect()
+        let names = fields(v, "volumes", "name");
+        names.into_iter().map(String::from).collect()
     };
     let v = f.ok(GET, &format!("{d}?sort=name:asc"), None, 200).await;
     assert_eq!(names(&v), ["alpha2", "bravo", "charlie"]);
@@ -1481,15 +1456,7 @@ async fn barbican(backend: Backend) {
     f.h.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn barbican_acls_metadata_paging_sqlite() {
-    barbican(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn barbican_acls_metadata_paging_mariadb() {
-    barbican(Backend::MariaDb).await;
-}
+backend_tests!(barbican => barbican_acls_metadata_paging_sqlite, barbican_acls_metadata_paging_mariadb);
 
 // ---------------------------------------------------------------------------------------
 // Glance metadefs
@@ -1693,31 +1660,12 @@ async fn metadefs(backend: Backend) {
     f.h.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metadefs_objects_tags_sqlite() {
-    metadefs(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metadefs_objects_tags_mariadb() {
-    metadefs(Backend::MariaDb).await;
-}
+backend_tests!(metadefs => metadefs_objects_tags_sqlite, metadefs_objects_tags_mariadb);
 
 #[tokio::test]
 async fn metadefs_schemas_describe_the_answers() {
     let f = fx().await;
-    for name in [
-        "namespace",
-        "namespaces",
-        "property",
-        "properties",
-        "object",
-        "objects",
-        "tag",
-        "tags",
-        "resource_type",
-        "resource_types",
-    ] {
+    for name in ember_control::metadefs::schemas::NAMES {
         let (s, _, v) = req(
             &f.h,
             GET,

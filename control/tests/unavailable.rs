@@ -5,7 +5,7 @@
 mod common;
 
 use axum::http::Method;
-use common::{fresh_mysql_db, mysql_base_url, Harness};
+use common::{fields, fresh_mysql_db, mysql_base_url, Harness};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
@@ -129,12 +129,7 @@ async fn database_outage_gives_503_then_recovers() {
     )
     .await;
     let v = h.admin_ok(Method::GET, &uri, None, 200).await;
-    let names: Vec<&str> = v["volume_types"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["name"].as_str().unwrap())
-        .collect();
+    let names = fields(&v, "volume_types", "name");
     assert!(
         names.contains(&"after-outage") && !names.contains(&"during-outage"),
         "{names:?}"

@@ -6,18 +6,13 @@
 mod common;
 
 use axum::http::Method;
-use common::{ref_id, Backend, Harness};
+use common::{ref_id, wait_while, Backend, Harness, DELETE, GET, GIB, POST};
 use ember_control::dataplane::mem::{MemDataPlane, Op};
 use ember_control::dataplane::{DataPlaneError, LuksVersion, ObjectRef, Protocol, StoredObject};
 use ember_control::volumes::reconcile::reconcile;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const GIB: u64 = 1 << 30;
-const POST: Method = Method::POST;
-const GET: Method = Method::GET;
-const DELETE: Method = Method::DELETE;
 
 /// A node with two pools (`default`: 100 GiB, `fast`: 3 GiB) and a project with a
 /// member token.
@@ -101,30 +96,15 @@ impl Fx {
 
     /// Wait until volume `id` leaves `creating`.
     async fn wait(&self, id: &str) -> Value {
-        let t = Instant::now();
-        loop {
-            let v = self.show(id).await;
-            if v["status"] != "creating" {
-                return v;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "stuck: {v}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_while("creating", || self.show(id)).await
     }
 
     async fn wait_snap(&self, id: &str) -> Value {
-        let t = Instant::now();
-        loop {
-            let v = self
-                .ok(GET, &self.snaps(&format!("/{id}")), None, 200)
-                .await["snapshot"]
-                .clone();
-            if v["status"] != "creating" {
-                return v;
-            }
-            assert!(t.elapsed() < Duration::from_secs(30), "stuck: {v}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let uri = self.snaps(&format!("/{id}"));
+        wait_while("creating", || async {
+            self.ok(GET, &uri, None, 200).await["snapshot"].clone()
+        })
+        .await
     }
 
     async fn action(&self, id: &str, body: Value) -> (u16, Value) {

@@ -21,10 +21,17 @@
 //!   its export name, in the listeners' one [`PskTable`]; the export's [`Access`] admits
 //!   only a client that completed the TLS handshake with that identity, so no other
 //!   client lists or opens it. The key goes to the caller once, in the endpoint's
-//!   `credentials` (`connection_info.data.tls`); it is kept only in this process's
-//!   memory (the control plane stores no copy), so a daemon restart invalidates it.
-//!   Detach revokes the key, then removes the export, which closes its connections.
-//!   With `--nbd-tls off` exports are open to every client of the listeners.
+//!   `credentials` (`connection_info.data.tls`); the control plane seals it under the
+//!   master key in the attachment's row and hands it back in [`AttachVolume::nbd_psk`]
+//!   when it serves the attachment again after a restart, so the client's credentials
+//!   outlive the process. Detach revokes the key, then removes the export, which closes
+//!   its connections (the control plane deletes the row, and the sealed key with it).
+//!   TCP listeners require TLS; Unix-socket listeners offer it (`on`): a client there
+//!   may instead be admitted by its `SO_PEERCRED` uid/gid when the attachment names a
+//!   [`AttachVolume::unix_peer`] (the connector's `uid`/`gid`), and its Unix URI is then
+//!   plaintext (`nbd+unix://`). Anyone else sees no such export.
+//!   With `--nbd-tls off` exports are open to every client of the listeners, unless the
+//!   attachment names a Unix peer: then only that peer, over a Unix socket.
 //! - **No unlock under the volumes lock.** Opening a LUKS volume derives its key (PBKDF2
 //!   or argon2: up to seconds, by design). The first attachment of a volume builds the
 //!   stack *before* taking the lock that guards the attached volumes, and only registers
@@ -56,9 +63,9 @@ use ember_blockdev::stack::{self, Stack, StackSpec, Unlock};
 use ember_blockdev::{BackendSpec, OpenOptions};
 use ember_control::dataplane::{
     AttachVolume, ChapSecret, CloneVolume, CreateVolume, DataPlane, DataPlaneError, DpFuture,
-    DpResult, Endpoint, LuksFormat, LuksVersion, LunPoolInfo, ManageLun, ManageableLun, ManagedLun,
-    NbdCredentials, ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, Rekey, SnapshotVolume,
-    StoredObject,
+    DpResult, Endpoint, LuksFormat, LuksVersion, LunHealth, LunPoolInfo, ManageLun, ManageableLun,
+    ManagedLun, NbdCredentials, ObjectKind, ObjectRef, Passphrase, PoolStats, Protocol, Rekey,
+    SnapshotVolume, StoredObject,
 };
 use ember_crypto::kdf::Hash;
 use ember_crypto::{FormatParams, KdfParams};
@@ -264,7 +271,13 @@ impl EmberDataPlane {
         let mut bound = Vec::new();
         let mut endpoints = Vec::new();
         for a in listen {
-            match server.listen_tls(a, nbd_tls, tls.clone()) {
+            // Unix sockets offer TLS but do not demand it: a client without it sees only
+            // the exports whose attachment named its uid/gid (`SO_PEERCRED`).
+            let mode = match (a, nbd_tls) {
+                (ListenAddr::Unix(_), TlsMode::Require) => TlsMode::On,
+                (_, m) => m,
+            };
+            match server.listen_tls(a, mode, tls.clone()) {
                 Ok(b) => {
                     endpoints.push(match a {
                         ListenAddr::Unix(p) => NbdEndpoint::Unix(p.clone()),
@@ -672,13 +685,29 @@ impl Inner {
         let res = match req.protocol {
             Protocol::Nbd => {
                 let name = nbd_export_name(vid, &req.attachment_id);
-                // With TLS: a fresh key, its identity the export name; only a client
-                // that authenticated with it sees and opens the export.
+                // With TLS: its key (a fresh one, or the one it had before a restart),
+                // its identity the export name; only a client that authenticated with
+                // it sees and opens the export.
                 let creds = match &self.nbd_psk {
                     Some(table) => {
-                        let mut key = Zeroizing::new(vec![0u8; NBD_PSK_BYTES]);
-                        openssl::rand::rand_bytes(&mut key)
-                            .map_err(|e| DataPlaneError::failed("make an NBD key", e))?;
+                        let key = match &req.nbd_psk {
+                            Some(k) => {
+                                let k = k.expose();
+                                if k.is_empty() || k.len() > crate::nbd::tls::MAX_PSK_BYTES {
+                                    return Err(DataPlaneError::Invalid(format!(
+                                        "an NBD key of {} bytes",
+                                        k.len()
+                                    )));
+                                }
+                                Zeroizing::new(k.to_vec())
+                            }
+                            None => {
+                                let mut key = Zeroizing::new(vec![0u8; NBD_PSK_BYTES]);
+                                openssl::rand::rand_bytes(&mut key)
+                                    .map_err(|e| DataPlaneError::failed("make an NBD key", e))?;
+                                key
+                            }
+                        };
                         table.insert(&name, key.clone());
                         Some(NbdCredentials {
                             psk_identity: name.clone(),
@@ -687,13 +716,14 @@ impl Inner {
                     }
                     None => None,
                 };
-                let access = match &creds {
-                    Some(c) => Access::Attachment {
-                        psk_identity: Some(c.psk_identity.clone()),
-                        uid: None,
-                        gid: None,
+                let peer = req.unix_peer.filter(|p| p.uid.is_some() || p.gid.is_some());
+                let access = match (&creds, peer) {
+                    (None, None) => Access::Any,
+                    (c, p) => Access::Attachment {
+                        psk_identity: c.as_ref().map(|c| c.psk_identity.clone()),
+                        uid: p.and_then(|p| p.uid),
+                        gid: p.and_then(|p| p.gid),
                     },
-                    None => Access::Any,
                 };
                 let added = match lock(&self.nbd).as_ref() {
                     Some(s) => s
@@ -710,12 +740,14 @@ impl Inner {
                 }
                 added.map(|()| {
                     let s = if creds.is_some() { "s" } else { "" };
+                    // A Unix peer named by uid/gid connects without TLS.
+                    let su = if peer.is_some() { "" } else { s };
                     let uris = self
                         .nbd_endpoints
                         .iter()
                         .map(|e| match e {
                             NbdEndpoint::Unix(p) => {
-                                format!("nbd{s}+unix:///{name}?socket={}", p.display())
+                                format!("nbd{su}+unix:///{name}?socket={}", p.display())
                             }
                             NbdEndpoint::Tcp(a) => format!("nbd{s}://{a}/{name}"),
                         })
@@ -873,6 +905,10 @@ impl DataPlane for EmberDataPlane {
 
     fn unmanage(&self, volume: ObjectRef) -> DpFuture<'_, ()> {
         self.run(move |i| i.unmanage(&volume))
+    }
+
+    fn check_luns(&self) -> DpFuture<'_, Vec<LunHealth>> {
+        self.run(|i| Ok(i.check_luns()))
     }
 }
 

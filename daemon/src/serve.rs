@@ -25,9 +25,13 @@
 //! reaches it only through its typed volume-lifecycle interface,
 //! [`ember_control::DataPlane`], implemented by [`EmberDataPlane`]: storage pools, LUKS
 //! header work, device stacks, NBD exports and vhost-user sockets in `--vhost-dir`.
-//! At start-up a reconciliation pass cleans up after a crash. At exit the data plane stops every attachment,
-//! then the runtime waits at most [`BLOCKING_SHUTDOWN`] for blocking work still
-//! running (a copy, an unlock).
+//! At start-up a reconciliation pass cleans up after a crash. While it serves, two
+//! periodic tasks run: the membership tick above (heartbeat, then lock leases renewed
+//! and expired holders reaped), and every `--lun-health-secs` the health check of the
+//! attached LUN volumes, whose faults are shown on them
+//! ([`ember_control::volumes::manageable::check_health`]). At exit both tasks stop, the
+//! data plane stops every attachment, then the runtime waits at most
+//! [`BLOCKING_SHUTDOWN`] for blocking work still running (a copy, an unlock).
 
 use crate::dataplane::luns::LunPoolSetup;
 use crate::dataplane::EmberDataPlane;
@@ -92,6 +96,11 @@ pub struct ServeArgs {
     /// of it, and a dead node's locks free up after it [default: 30].
     #[arg(long, env = "EMBER_LOCK_LEASE_SECS", value_name = "SECS")]
     pub lock_lease_secs: Option<u64>,
+    /// Seconds between health checks of attached LUN volumes (a short iSCSI login or a
+    /// read of the host device, plus the faults their I/O saw); a fault shows on the
+    /// volume (`lun.health`, `lun.fault`) within about this time [default: 30].
+    #[arg(long, env = "EMBER_LUN_HEALTH_SECS", value_name = "SECS")]
+    pub lun_health_secs: Option<u64>,
     /// Most REST connections open at a time; past it, new ones wait until one closes
     /// [default: 512].
     #[arg(long, env = "EMBER_REST_MAX_CONNS", value_name = "N")]
@@ -110,10 +119,13 @@ pub struct ServeArgs {
     /// NBD memory, connection and time limits.
     #[command(flatten)]
     pub nbd_limits: NbdLimitArgs,
-    /// NBD TLS on every --nbd listener: `require` gives each NBD attachment its own
-    /// pre-shared key (returned in connection_info.data.tls) and shows its export only to
-    /// a client that authenticated with it; `off` serves every export to every client of
-    /// the listeners, without TLS [default: require].
+    /// NBD TLS on the --nbd listeners: `require` gives each NBD attachment its own
+    /// pre-shared key (returned in connection_info.data.tls, kept sealed with the
+    /// attachment so it survives a restart) and shows its export only to a client that
+    /// authenticated with it; TCP listeners demand TLS, Unix sockets offer it and admit a
+    /// plaintext client only to attachments whose connector named its uid/gid; `off`
+    /// serves every export to every client of the listeners, without TLS [default:
+    /// require].
     #[arg(long, env = "EMBER_NBD_TLS", value_name = "MODE", value_parser = ["off", "require"])]
     pub nbd_tls: Option<String>,
 }
@@ -152,6 +164,7 @@ pub struct ConfigFile {
     pub rest_max_conns_per_peer: Option<usize>,
     pub rest_idle_timeout_secs: Option<u64>,
     pub nbd_tls: Option<String>,
+    pub lun_health_secs: Option<u64>,
 }
 
 /// A storage pool (a directory holding volume files).
@@ -339,6 +352,8 @@ pub struct ServeConfig {
     /// LUN pools (`kind = "lun"`).
     pub lun_pools: BTreeMap<String, LunPoolConfig>,
     pub lock_lease: Duration,
+    /// Interval of the LUN volumes' health check (`--lun-health-secs`).
+    pub lun_health: Duration,
     /// Bounds on REST connections (the `--rest-…` flags).
     pub rest_limits: RestLimits,
     /// Cost limits for LUKS headers (the `--max-…` flags).
@@ -347,6 +362,8 @@ pub struct ServeConfig {
 
 /// Default lease of this node's database locks.
 pub const DEFAULT_LOCK_LEASE_SECS: u64 = 30;
+/// Default interval of the LUN volumes' health check.
+pub const DEFAULT_LUN_HEALTH_SECS: u64 = 30;
 
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -477,6 +494,14 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         (1..=3600).contains(&lease_secs),
         "--lock-lease-secs must be 1..3600"
     );
+    let lun_health_secs = args
+        .lun_health_secs
+        .or(file.lun_health_secs)
+        .unwrap_or(DEFAULT_LUN_HEALTH_SECS);
+    anyhow::ensure!(
+        (1..=3600).contains(&lun_health_secs),
+        "--lun-health-secs must be 1..3600"
+    );
     let unlock_limits = args
         .limits
         .or(&LimitArgs {
@@ -520,6 +545,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         pools,
         lun_pools,
         lock_lease: Duration::from_secs(lease_secs),
+        lun_health: Duration::from_secs(lun_health_secs),
         rest_limits,
         unlock_limits,
     })
@@ -643,9 +669,23 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             }
         }
     });
+    // LUN volumes' health: faults of attached LUNs shown on their volumes.
+    let hc = control.clone();
+    let every = cfg.lun_health;
+    let health = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = ember_control::volumes::manageable::check_health(&hc.state).await {
+                tracing::warn!(error = %e.message, "LUN health check failed");
+            }
+        }
+    });
     let listener = BoundedListener::new(listener, cfg.rest_limits);
     let served = axum_serve(listener, control.router(), signals).await;
     membership.abort();
+    health.abort();
     dataplane.shutdown();
     served?;
     tracing::info!("emberd serve: stopped");
@@ -709,6 +749,7 @@ mod tests {
             rest_max_conns: None,
             rest_max_conns_per_peer: None,
             rest_idle_timeout_secs: None,
+            lun_health_secs: None,
             limits: LimitArgs::default(),
             nbd_limits: NbdLimitArgs::default(),
             nbd_tls: None,

@@ -114,14 +114,15 @@ impl ServeNode {
             &format!("unix:{}", nbd_sock.display()),
             "--node-name",
             "test-node",
-            // Plain NBD clients read the attachments (and must reconnect after a
-            // restart); tests/nbd_tls.rs covers the default, TLS with a key per attachment.
-            "--nbd-tls",
-            "off",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // Plain NBD clients read the attachments unless `extra` names a TLS mode;
+        // tests/nbd_tls.rs covers the default, TLS with a key per attachment.
+        if !extra.iter().any(|a| a.starts_with("--nbd-tls")) {
+            args.extend(["--nbd-tls".to_string(), "off".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = Daemon::spawn_bin(bin, &data, &a);

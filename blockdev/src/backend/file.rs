@@ -29,6 +29,10 @@
 //!   device-mapper) have none.
 //! - A block device is grown by whoever owns it (the array, `losetup -c`); `resize`
 //!   re-reads its size (`BLKGETSIZE64`) and takes it when it is at least the size asked.
+//! - A device that ends before the size it serves (its LUN removed, a loop device whose
+//!   file shrank) fails reads past its end with `EIO` (a file reads zeros there); the
+//!   data plane's health check ([`BlockDevice::check`]) reports it: the size dropped, or
+//!   the first block does not read.
 //! - Paths that appear late (an FC rescan, a multipath map being built) are waited for
 //!   up to [`OpenOptions::wait`] (URI `?wait=SECONDS`), polling every 100 ms.
 //! - tmpfs cannot do non-blocking buffered I/O, so io_uring would hand every read and
@@ -59,7 +63,7 @@ use crate::{BlockDevice, Queue};
 use io_uring::{opcode, squeue, types};
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -299,6 +303,41 @@ impl BlockDevice for FileDevice {
 
     fn identity(&self) -> Option<LunIdentity> {
         self.identity.clone()
+    }
+
+    /// A block device (a LUN) is checked: its size must not have dropped below the
+    /// size it serves (a LUN removed from the host, a loop device whose file went
+    /// away and was re-read with `losetup -c`, both read as 0 bytes), and its first
+    /// logical block must read (a path that answers `EIO`). Files: nothing to check.
+    fn check(&self) -> Result<()> {
+        if !self.block_device {
+            return Ok(());
+        }
+        let what = self.path.display();
+        let now = sys::blk_size(self.file.as_fd())
+            .map_err(|e| Error::io(format!("size of {what}"), e))?;
+        let serves = self.size.load(Ordering::Acquire);
+        if now < serves {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!(
+                    "{what} is now {now} bytes, not the {serves} it serves (the LUN was removed \
+                     or shrunk under the volume)"
+                ),
+            ));
+        }
+        let mut buf = IoBuf::new(self.logical_block_size as usize);
+        let n = self
+            .file
+            .read_at(buf.as_mut_slice(), 0)
+            .map_err(|e| Error::io(format!("read the first block of {what}"), e))?;
+        if n != buf.len() {
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("{what}: the first block reads {n} bytes"),
+            ));
+        }
+        Ok(())
     }
 
     /// A file is grown (or shrunk) to `new_size`. A block device cannot be resized from
@@ -778,8 +817,10 @@ impl Queue for FileQueue {
             return;
         }
         if n == 0 {
-            if s.op == Op::Read {
-                // End of file (the file shrank under us): the rest reads as zeros.
+            if s.op == Op::Read && !self.dev.block_device {
+                // End of file (the file shrank under us): the rest reads as zeros. A
+                // block device that ends early lost its LUN (or shrank): EIO, never
+                // zeros the volume does not hold.
                 let skip = usize::try_from(s.done).unwrap_or(0);
                 match (&mut s.bounce, &mut s.buf) {
                     (Some(b), _) | (None, Buffer::Owned(b)) => b.as_mut_slice()[skip..].fill(0),

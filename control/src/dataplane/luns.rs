@@ -91,6 +91,15 @@ pub struct ManagedLun {
     pub identity: Option<String>,
 }
 
+/// [`super::DataPlane::check_luns`]: the health of one attached LUN volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LunHealth {
+    /// The volume.
+    pub volume: ObjectRef,
+    /// Why its LUN cannot serve now (its I/O fails), or `None`.
+    pub fault: Option<String>,
+}
+
 impl std::fmt::Display for ChapRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "CHAP user {} (secret {})", self.user, self.secret_id)

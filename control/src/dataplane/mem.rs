@@ -17,7 +17,9 @@
 //! ([`MemDataPlane::put_lun`], [`MemDataPlane::remove_lun`]); a pool can require CHAP
 //! credentials ([`MemDataPlane::require_chap`]): logins with others are refused as a
 //! target would. A bound volume is an object of the pool (attach and detach as usual);
-//! it grows up to its LUN's size; delete and unmanage release the LUN.
+//! it grows up to its LUN's size; delete and unmanage release the LUN. The health check
+//! ([`DataPlane::check_luns`]) reports an attached volume whose LUN was removed as
+//! faulted, and healthy once it is put back.
 
 use super::{
     AttachVolume, ChapRef, ChapSecret, CloneVolume, CreateVolume, DataPlane, DataPlaneError,
@@ -779,5 +781,25 @@ impl DataPlane for MemDataPlane {
             self.unbind_sync(&volume);
             Ok(())
         })
+    }
+
+    /// An attached LUN volume whose LUN the test removed ([`MemDataPlane::remove_lun`])
+    /// is faulted; put back, it serves again.
+    fn check_luns(&self) -> DpFuture<'_, Vec<super::LunHealth>> {
+        let s = self.lock();
+        let mut out = Vec::new();
+        for (pool, lp) in &s.lun_pools {
+            for (vol, lun) in &lp.bound {
+                if !s.attachments.keys().any(|(v, _)| v == vol) {
+                    continue;
+                }
+                out.push(super::LunHealth {
+                    volume: ObjectRef::volume(pool.clone(), vol.clone()),
+                    fault: (!lp.luns.contains_key(lun))
+                        .then(|| format!("LUN {lun} of pool {pool} is gone from the array")),
+                });
+            }
+        }
+        Box::pin(async move { Ok(out) })
     }
 }

@@ -28,7 +28,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::any::AnyRow;
-use sqlx::AnyConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection};
 use std::collections::BTreeMap;
 use utoipa::ToSchema;
 
@@ -147,6 +148,20 @@ pub async fn access(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<(AnyRow, Ac
     Err(ApiError::not_found(format!("secret {id} not found")))
 }
 
+/// Secret `id` readable by `ctx` (404/403 as [`access`]); a connection to read its
+/// parts with.
+async fn read_conn(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<PoolConnection<Any>> {
+    access(st, ctx, id).await?;
+    Ok(st.db().pool.acquire().await?)
+}
+
+/// Secret `id` writable by `ctx`: 404/403 as [`access`], and 403 for readers and the
+/// users of its ACL.
+pub async fn check_writer(st: &AppState, ctx: &Ctx, id: &str) -> ApiResult<()> {
+    let (_, a) = access(st, ctx, id).await?;
+    a.require_writer(id)
+}
+
 /// Remove a secret's ACL and metadata (with the secret, in the caller's transaction).
 pub async fn forget(conn: &mut AnyConnection, id: &str) -> Result<(), sqlx::Error> {
     for sql in [
@@ -210,8 +225,7 @@ async fn write_acl(
     replace: bool,
 ) -> ApiResult<Acl> {
     check_acl_body(&b)?;
-    let (_, a) = access(st, ctx, id).await?;
-    a.require_writer(id)?;
+    check_writer(st, ctx, id).await?;
     let b = &b;
     let acl = st.db().write("write acl", |mut tx| async move {
     let cur = acl_of(&mut tx, id).await?;
@@ -277,8 +291,7 @@ pub async fn show_acl(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access(&st, &ctx, &id).await?;
-    let mut conn = st.db().pool.acquire().await?;
+    let mut conn = read_conn(&st, &ctx, &id).await?;
     Ok(Json(acl_view(&acl_of(&mut conn, &id).await?)))
 }
 
@@ -327,8 +340,7 @@ pub async fn delete_acl(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    let (_, a) = access(&st, &ctx, &id).await?;
-    a.require_writer(&id)?;
+    check_writer(&st, &ctx, &id).await?;
     let id = &id;
     st.db()
         .write("delete acl", |mut tx| async move {
@@ -421,8 +433,7 @@ pub async fn show_secret_metadata(
     ctx: Ctx,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
-    access(&st, &ctx, &id).await?;
-    let mut conn = st.db().pool.acquire().await?;
+    let mut conn = read_conn(&st, &ctx, &id).await?;
     Ok(Json(
         json!({"metadata": metadata_of(&mut conn, &id).await?}),
     ))
@@ -441,8 +452,7 @@ pub async fn put_secret_metadata(
     ApiJson(b): ApiJson<SecretMetadataBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     check_metadata_body(&b)?;
-    let (_, a) = access(&st, &ctx, &id).await?;
-    a.require_writer(&id)?;
+    check_writer(&st, &ctx, &id).await?;
     let (b, id) = (&b, &id);
     st.db()
         .write("put secret metadata", |mut tx| async move {
@@ -478,8 +488,7 @@ async fn add_item(
     if url_key.is_some_and(|u| u.to_lowercase() != k) {
         return Err(ApiError::bad_request("`key` must be the key of the URL"));
     }
-    let (_, a) = access(st, ctx, id).await?;
-    a.require_writer(id)?;
+    check_writer(st, ctx, id).await?;
     let (b, k) = (&b, &k);
     st.db()
         .write("add item", |mut tx| async move {
@@ -521,8 +530,7 @@ pub async fn show_secret_meta(
     ctx: Ctx,
     Path((id, key)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
-    access(&st, &ctx, &id).await?;
-    let mut conn = st.db().pool.acquire().await?;
+    let mut conn = read_conn(&st, &ctx, &id).await?;
     let k = key.to_lowercase();
     let m = metadata_of(&mut conn, &id).await?;
     let v = m
@@ -569,8 +577,7 @@ pub async fn delete_secret_meta(
     ctx: Ctx,
     Path((id, key)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
-    let (_, a) = access(&st, &ctx, &id).await?;
-    a.require_writer(&id)?;
+    check_writer(&st, &ctx, &id).await?;
     let mut conn = st.db().pool.acquire().await?;
     let n = execute_args(
         &mut conn,

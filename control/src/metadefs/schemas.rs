@@ -157,6 +157,20 @@ fn plural(name: &str, item: Value) -> Value {
     })
 }
 
+/// The names [`schema`] answers (each document and its list).
+pub const NAMES: [&str; 10] = [
+    "namespace",
+    "namespaces",
+    "property",
+    "properties",
+    "object",
+    "objects",
+    "tag",
+    "tags",
+    "resource_type",
+    "resource_types",
+];
+
 /// The schema document `name` (`namespace`, `namespaces`, `property`, …).
 pub fn schema(name: &str) -> Option<Value> {
     Some(match name {
@@ -190,18 +204,7 @@ mod tests {
 
     #[test]
     fn every_schema_is_an_object_schema() {
-        for n in [
-            "namespace",
-            "namespaces",
-            "property",
-            "properties",
-            "object",
-            "objects",
-            "tag",
-            "tags",
-            "resource_type",
-            "resource_types",
-        ] {
+        for n in NAMES {
             let s = schema(n).unwrap();
             assert_eq!(s["type"], "object", "{n}");
             assert!(s["properties"].is_object(), "{n}");

@@ -165,11 +165,13 @@ pub async fn create_attachment(
     drop(conn);
     let id = match &b.connector {
         Some(c) => {
+            let protocol = protocol_of(c)?;
             let req = AttachRequest {
-                protocol: protocol_of(c)?,
+                protocol,
                 read_only: ro || c.read_only,
                 instance_uuid: b.instance_uuid.clone(),
                 status: AttachStatus::Attaching,
+                unix_peer: c.unix_peer(protocol)?,
             };
             let made = service::attach(&st, &v, req).await?;
             // The answer carries the credentials (the stored row does not).
@@ -317,8 +319,9 @@ pub async fn update_attachment(
 ) -> ApiResult<Json<Value>> {
     check(&st, &ctx, mv, &project_id, true).await?;
     let (a, v) = load(&st, &ctx, &project_id, &id).await?;
-    let protocol = protocol_of(&body.attachment.connector)?;
-    let info = service::connect(&st, &v, &a, protocol).await?;
+    let c = &body.attachment.connector;
+    let protocol = protocol_of(c)?;
+    let info = service::connect(&st, &v, &a, protocol, c.unix_peer(protocol)?).await?;
     let (a, _) = load(&st, &ctx, &project_id, &id).await?;
     let mut view = views::attachment_api(&a, true);
     view["connection_info"] = info;

@@ -6,9 +6,9 @@ use super::listing::{next_query, select, ListQuery, Listing};
 use super::rows::{self, AttachStatus, Flag, Snap, Vol};
 use super::service::{self, NewSnapshot, NewVolume, Source};
 use super::views::AVAILABILITY_ZONE;
-use crate::api::{check_len, ApiJson, BoolLike, IntLike};
+use crate::api::{check_len, ApiJson, BoolLike, IntLike, MetadataBody};
 use crate::auth::Ctx;
-use crate::dataplane::Protocol;
+use crate::dataplane::{Protocol, UnixPeer};
 use crate::error::{ApiError, ApiResult};
 use crate::projects::{check_url_project, project_conn};
 use crate::state::AppState;
@@ -181,6 +181,11 @@ pub struct Connector {
     /// Attach read-only.
     #[serde(default)]
     pub read_only: bool,
+    /// NBD over a Unix socket: the client's uid (`SO_PEERCRED`); a peer with it (and
+    /// with `gid`, when given) uses the attachment without TLS, every other is refused.
+    pub uid: Option<u32>,
+    /// NBD over a Unix socket: the client's gid (see `uid`).
+    pub gid: Option<u32>,
     /// Other connector properties (host, initiator…) are accepted and ignored.
     #[serde(flatten)]
     #[schema(value_type = Object)]
@@ -354,14 +359,6 @@ pub struct SnapshotCreate {
     pub group_snapshot_id: Option<Value>,
 }
 
-/// `POST`/`PUT …/metadata` body.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MetadataBody {
-    /// Keys and values.
-    pub metadata: BTreeMap<String, String>,
-}
-
 /// `PUT …/metadata/{key}` body: exactly `{"meta": {"<key>": "<value>"}}`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -519,6 +516,22 @@ impl Connector {
                 "connector.protocol {p:?}: use \"nbd\" or \"vhost-user\""
             ))),
         }
+    }
+
+    /// The Unix-socket peer named by `uid`/`gid` (NBD only).
+    pub fn unix_peer(&self, protocol: Protocol) -> ApiResult<Option<UnixPeer>> {
+        if self.uid.is_none() && self.gid.is_none() {
+            return Ok(None);
+        }
+        if protocol != Protocol::Nbd {
+            return Err(ApiError::bad_request(
+                "connector.uid and connector.gid apply to NBD only",
+            ));
+        }
+        Ok(Some(UnixPeer {
+            uid: self.uid,
+            gid: self.gid,
+        }))
     }
 }
 
@@ -794,11 +807,13 @@ pub async fn volume_action(
         return Ok(done);
     }
     if let Some(c) = a.initialize {
+        let protocol = c.connector.protocol()?.unwrap_or(Protocol::Nbd);
         let req = service::AttachRequest {
-            protocol: c.connector.protocol()?.unwrap_or(Protocol::Nbd),
+            protocol,
             read_only: c.connector.read_only,
             instance_uuid: None,
             status: AttachStatus::Attached,
+            unix_peer: c.connector.unix_peer(protocol)?,
         };
         let made = service::attach(&st, &v, req).await?;
         return Ok(Json(json!({ "connection_info": made.connection_info })).into_response());

@@ -29,6 +29,17 @@
 //!   answers 503 with the reason. Either way the reason is recorded and shown in the
 //!   volume's view (`lun.fault`, `lun.fault_at`) and logged; the next successful bind
 //!   clears it. Every data-plane call is bounded (logins have timeouts), so none hangs.
+//! - **Faults while attached** ([`check_health`], run by `emberd serve` every
+//!   `--lun-health-secs`): the data plane checks the LUN of every attached LUN volume
+//!   ([`DataPlane::check_luns`]: a short login or a device read, plus the fault the
+//!   volume's I/O saw: the LUN gone from its target, no session within the replacement
+//!   timeout, a host device that shrank or does not read). A fault is recorded and
+//!   logged as above and `lun.health` turns `error`; the volume's `status` stays
+//!   `in-use` (it is attached, and detach must still work), its clients' I/O fails
+//!   with EIO, other volumes are untouched. When the array brings the same LUN back
+//!   (same identity), the volume heals by itself: the sessions log in again, the next
+//!   check clears the fault (`lun.health` `ok`); no re-attach is needed. A LUN that
+//!   comes back as another LUN stays refused.
 //! - **CHAP**: a LUN pool names its CHAP secrets by id ([`LunPoolInfo::chap`]); they
 //!   are read from the key store (any project's secret: the operator configured the
 //!   id) and handed to the data plane ([`DataPlane::set_chap`]) before each login.
@@ -52,7 +63,7 @@ use crate::dataplane::{
 use crate::error::{ApiError, ApiResult};
 use crate::projects::check_url_project;
 use crate::state::AppState;
-use crate::store::{get_str, new_id, now, opt_str};
+use crate::store::{fetch_optional_args, get_str, new_id, now, opt_str};
 use crate::{keys, types};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -103,10 +114,12 @@ fn managed_row(r: &sqlx::any::AnyRow) -> Result<ManagedRow, sqlx::Error> {
 
 /// The LUN row of volume `id`, if it is a LUN volume.
 pub async fn row_of(conn: &mut AnyConnection, id: &str) -> Result<Option<ManagedRow>, sqlx::Error> {
-    let r = sqlx::query("SELECT * FROM managed_luns WHERE volume_id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
+    let r = fetch_optional_args(
+        conn,
+        "SELECT * FROM managed_luns WHERE volume_id = ?",
+        &[id],
+    )
+    .await?;
     r.as_ref().map(managed_row).transpose()
 }
 
@@ -327,6 +340,39 @@ pub async fn extend(st: &AppState, v: &Vol, new_gib: u64) -> ApiResult<bool> {
     Ok(true)
 }
 
+/// The periodic health check of this node's attached LUN volumes (see the module doc):
+/// a fault the data plane reports is recorded on the volume and logged, a LUN that
+/// serves again has its fault cleared. Returns how many volumes changed.
+pub async fn check_health(st: &AppState) -> ApiResult<usize> {
+    let report = st
+        .dataplane()
+        .check_luns()
+        .await
+        .map_err(|e| dp_error("check the LUNs", e))?;
+    let mut changed = 0;
+    let mut conn = st.db().pool.acquire().await?;
+    for h in report {
+        let Some(m) = row_of(&mut conn, &h.volume.id).await? else {
+            continue;
+        };
+        let fault: Option<String> = h.fault.map(|f| f.chars().take(MAX_FAULT).collect());
+        if fault == m.fault {
+            continue;
+        }
+        match &fault {
+            Some(f) => {
+                tracing::error!(volume = %m.volume_id, pool = %m.pool, lun = %m.lun, fault = %f, "LUN volume faulted: its I/O fails until the LUN is back");
+            }
+            None => {
+                tracing::info!(volume = %m.volume_id, pool = %m.pool, lun = %m.lun, "LUN volume serves again; fault cleared");
+            }
+        }
+        set_fault(&mut conn, &m.volume_id, fault.as_deref()).await?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
 /// Add the LUN of a LUN volume to its view (`lun`: pool, name, identity, fault).
 pub async fn decorate(conn: &mut AnyConnection, v: &Vol, view: &mut Value) -> ApiResult<()> {
     if let Some(m) = row_of(conn, &v.id).await? {
@@ -334,6 +380,7 @@ pub async fn decorate(conn: &mut AnyConnection, v: &Vol, view: &mut Value) -> Ap
             "pool": m.pool,
             "name": m.lun,
             "identity": m.identity,
+            "health": if m.fault.is_some() { "error" } else { "ok" },
             "fault": m.fault,
             "fault_at": m.fault_at,
         });
@@ -623,11 +670,8 @@ pub async fn manage(
             .bind(lun.clone())
             .execute(&mut *tx)
             .await?;
-            let held = sqlx::query("SELECT volume_id FROM managed_luns WHERE pool = ? AND lun = ?")
-                .bind(pool.clone())
-                .bind(lun.clone())
-                .fetch_optional(&mut *tx)
-                .await?;
+            let sql = "SELECT volume_id FROM managed_luns WHERE pool = ? AND lun = ?";
+            let held = fetch_optional_args(&mut tx, sql, &[pool, lun]).await?;
             if let Some(r) = held {
                 return Err(ApiError::conflict(format!(
                     "LUN {lun} of pool {pool} is managed already (volume {})",

@@ -9,7 +9,9 @@
 //! 3. Attachments of this node: **serve them again**, with the same attachment id,
 //!    protocol and access mode, so the data plane puts them at the same endpoint (NBD
 //!    export `<volume>-<attachment>` on the same listeners, vhost-user socket
-//!    `VHOST_DIR/<volume>-<attachment8>.sock`) and the clients that lost their
+//!    `VHOST_DIR/<volume>-<attachment8>.sock`), an NBD attachment with the pre-shared
+//!    key sealed in its row (unsealed with the master key) and the Unix peer its
+//!    connector named, and the clients that lost their
 //!    connection reconnect to what they knew: QEMU's `reconnect=` chardev and its
 //!    inflight area resubmit the guest's requests in flight, an NBD client reconnects
 //!    and retries. A changed endpoint (the daemon was restarted with other `--nbd` or
@@ -156,19 +158,26 @@ async fn restore_attachments(st: &AppState, node: &str, rep: &mut Report) -> any
         let res = match vol {
             Some(v) if v.status == Status::InUse => {
                 let read_only = a.attach_mode == "ro" || v.readonly;
-                restore_attachment(st, &v, &a.id, protocol, read_only)
+                restore_attachment(st, &v, &a, protocol, read_only)
                     .await
                     .map_err(|e| e.to_string())
-                    .map(|text| {
+                    .map(|(text, new_key)| {
                         let info: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-                        (info, read_only)
+                        (info, read_only, new_key)
                     })
             }
             Some(v) => Err(format!("the volume is {}", v.status)),
             None => Err("the volume is gone".to_string()),
         };
         match res {
-            Ok((info, read_only)) => {
+            Ok((info, read_only, new_key)) => {
+                if let Some(sealed) = new_key {
+                    // It had no key (made without TLS): its clients must attach again to
+                    // learn the new one.
+                    rows::set_nbd_psk(&mut *pool.acquire().await?, &a.id, &sealed).await?;
+                    tracing::warn!(volume = %a.volume_id, attachment = %a.id,
+                        "attachment served again with a new NBD key: its clients must attach again");
+                }
                 if info != stored {
                     // Restarted with other listeners or another vhost dir: the row says
                     // where clients find it now.

@@ -5,10 +5,10 @@
 //! `types`, [`count_by_secret`] for `keys`).
 
 use super::status::{Event, Status, Target};
-use crate::dataplane::{ObjectKind, ObjectRef, Protocol};
+use crate::dataplane::{ObjectKind, ObjectRef, Protocol, UnixPeer};
 use crate::store::{count, execute_args, get_i64, get_str, now, opt_str};
 use sqlx::any::AnyRow;
-use sqlx::AnyConnection;
+use sqlx::{AnyConnection, Row};
 
 /// Schema of the volume tables (migration 2; the `volumes` table itself is from 1).
 pub const SCHEMA: &[&str] = &[
@@ -42,6 +42,15 @@ pub const SCHEMA_5: &[&str] = &[
     "ALTER TABLE volume_attachments ADD COLUMN instance_uuid VARCHAR(64) NULL",
     "ALTER TABLE volume_attachments ADD COLUMN attach_mode VARCHAR(2) NOT NULL DEFAULT 'rw'",
     "ALTER TABLE volume_attachments ADD COLUMN attach_status VARCHAR(16) NOT NULL DEFAULT 'attached'",
+];
+
+/// Migration 11 (issue 12): an NBD attachment's pre-shared key, sealed under the master
+/// key (`keys::seal_attachment_psk`), so a restarted daemon serves it with the same key;
+/// and the Unix-socket peer (uid, gid) the connector named.
+pub const SCHEMA_11: &[&str] = &[
+    "ALTER TABLE volume_attachments ADD COLUMN nbd_psk_sealed TEXT NULL",
+    "ALTER TABLE volume_attachments ADD COLUMN peer_uid BIGINT NULL",
+    "ALTER TABLE volume_attachments ADD COLUMN peer_gid BIGINT NULL",
 ];
 
 /// A volume row.
@@ -119,6 +128,10 @@ pub struct Attachment {
     pub attach_status: String,
     /// The rendered `connection_info` without credentials (JSON text; `{}` when reserved).
     pub connection_info: String,
+    /// Its NBD pre-shared key, sealed (`None` without TLS or before it has a front end).
+    pub nbd_psk_sealed: Option<String>,
+    /// The Unix-socket peer its connector named.
+    pub unix_peer: Option<UnixPeer>,
 }
 
 /// Where an attachment is (the attachments API's `status`).
@@ -656,6 +669,21 @@ fn attachment_row(r: &AnyRow) -> Result<Attachment, sqlx::Error> {
         attach_mode: get_str(r, "attach_mode")?,
         attach_status: get_str(r, "attach_status")?,
         connection_info: get_str(r, "connection_info")?,
+        nbd_psk_sealed: opt_str(r, "nbd_psk_sealed")?,
+        unix_peer: {
+            let id = |col: &str| -> Result<Option<u32>, sqlx::Error> {
+                r.try_get::<Option<i64>, _>(col)?
+                    .map(|v| {
+                        u32::try_from(v).map_err(|e| sqlx::Error::ColumnDecode {
+                            index: col.to_string(),
+                            source: Box::new(e),
+                        })
+                    })
+                    .transpose()
+            };
+            let (uid, gid) = (id("peer_uid")?, id("peer_gid")?);
+            (uid.is_some() || gid.is_some()).then_some(UnixPeer { uid, gid })
+        },
     })
 }
 
@@ -716,6 +744,10 @@ pub struct NewAttachment<'a> {
     pub instance_uuid: Option<&'a str>,
     pub read_only: bool,
     pub status: AttachStatus,
+    /// The NBD pre-shared key, sealed.
+    pub nbd_psk_sealed: Option<&'a str>,
+    /// The Unix-socket peer the connector named.
+    pub unix_peer: Option<UnixPeer>,
 }
 
 /// Record an attachment and its rendered `connection_info`.
@@ -725,7 +757,8 @@ pub async fn insert_attachment(
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO volume_attachments (id, volume_id, protocol, node_id, connection_info, attached_at, \
-         instance_uuid, attach_mode, attach_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         instance_uuid, attach_mode, attach_status, nbd_psk_sealed, peer_uid, peer_gid) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(a.id.to_string())
     .bind(a.volume_id.to_string())
@@ -736,6 +769,9 @@ pub async fn insert_attachment(
     .bind(a.instance_uuid.map(str::to_string))
     .bind(if a.read_only { "ro" } else { "rw" })
     .bind(a.status.as_str())
+    .bind(a.nbd_psk_sealed.map(str::to_string))
+    .bind(a.unix_peer.and_then(|p| p.uid).map(i64::from))
+    .bind(a.unix_peer.and_then(|p| p.gid).map(i64::from))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -749,21 +785,25 @@ pub async fn connect_attachment(
     protocol: Protocol,
     node: &str,
     connection_info: &str,
+    nbd_psk_sealed: Option<&str>,
+    unix_peer: Option<UnixPeer>,
 ) -> Result<bool, sqlx::Error> {
-    let n = execute_args(
-        conn,
-        "UPDATE volume_attachments SET protocol = ?, node_id = ?, connection_info = ?, attach_status = ? \
-         WHERE id = ? AND attach_status = ?",
-        &[
-            protocol.as_str(),
-            node,
-            connection_info,
-            AttachStatus::Attaching.as_str(),
-            id,
-            AttachStatus::Reserved.as_str(),
-        ],
+    let n = sqlx::query(
+        "UPDATE volume_attachments SET protocol = ?, node_id = ?, connection_info = ?, attach_status = ?, \
+         nbd_psk_sealed = ?, peer_uid = ?, peer_gid = ? WHERE id = ? AND attach_status = ?",
     )
-    .await?;
+    .bind(protocol.as_str())
+    .bind(node.to_string())
+    .bind(connection_info.to_string())
+    .bind(AttachStatus::Attaching.as_str())
+    .bind(nbd_psk_sealed.map(str::to_string))
+    .bind(unix_peer.and_then(|p| p.uid).map(i64::from))
+    .bind(unix_peer.and_then(|p| p.gid).map(i64::from))
+    .bind(id.to_string())
+    .bind(AttachStatus::Reserved.as_str())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
     Ok(n > 0)
 }
 
@@ -804,6 +844,21 @@ pub async fn node_attachments(
         attachment_row,
     )
     .await
+}
+
+/// Record the sealed NBD key of attachment `id` (a restart gave it a new one).
+pub async fn set_nbd_psk(
+    conn: &mut AnyConnection,
+    id: &str,
+    sealed: &str,
+) -> Result<(), sqlx::Error> {
+    execute_args(
+        conn,
+        "UPDATE volume_attachments SET nbd_psk_sealed = ? WHERE id = ?",
+        &[sealed, id],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Replace the recorded `connection_info` of attachment `id`.

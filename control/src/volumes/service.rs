@@ -36,7 +36,7 @@ use crate::auth::Ctx;
 use crate::dataplane::DataPlane;
 use crate::dataplane::{
     AttachVolume, CloneVolume, CreateVolume, DataPlaneError, Endpoint, LuksFormat, ObjectKind,
-    ObjectRef, Passphrase, PoolStats, Protocol, Rekey, SnapshotVolume,
+    ObjectRef, Passphrase, PoolStats, Protocol, Rekey, SnapshotVolume, UnixPeer,
 };
 use crate::error::{ApiError, ApiResult};
 use crate::locks::{Holder, LockRequest, Mode};
@@ -740,6 +740,8 @@ pub struct AttachRequest {
     /// How the row starts: `attached` (`os-initialize_connection`) or `attaching`
     /// (attachments API, until `os-complete`).
     pub status: AttachStatus,
+    /// NBD: the Unix-socket peer (the connector's `uid`/`gid`) admitted without TLS.
+    pub unix_peer: Option<UnixPeer>,
 }
 
 /// A made attachment.
@@ -758,6 +760,7 @@ async fn attach_volume(
     attachment_id: &str,
     protocol: Protocol,
     read_only: bool,
+    nbd: NbdAccess,
 ) -> ApiResult<Endpoint> {
     // A LUN volume is bound to its LUN again first (login, identity check).
     super::manageable::before_attach(st, v).await?;
@@ -777,9 +780,38 @@ async fn attach_volume(
             read_only,
             passphrase: pass,
             qos,
+            nbd_psk: nbd.psk,
+            unix_peer: nbd.unix_peer,
         })
         .await
         .map_err(|e| dp_error("attach the volume", e))
+}
+
+/// Who may use an NBD attachment: its key (known when it is served again) and the Unix
+/// peer its connector named.
+#[derive(Debug, Default)]
+struct NbdAccess {
+    psk: Option<Passphrase>,
+    unix_peer: Option<UnixPeer>,
+}
+
+/// The attachment's NBD key sealed for its row, when the data plane gave it one.
+fn sealed_psk(
+    st: &AppState,
+    endpoint: &Endpoint,
+    attachment_id: &str,
+) -> ApiResult<Option<String>> {
+    match endpoint {
+        Endpoint::Nbd {
+            credentials: Some(c),
+            ..
+        } => Ok(Some(keys::seal_attachment_psk(
+            st.master(),
+            attachment_id,
+            c.psk.expose(),
+        )?)),
+        _ => Ok(None),
+    }
 }
 
 /// Undo a data-plane attachment whose recording failed: the front end must not
@@ -797,18 +829,44 @@ async fn undo_attach(st: &AppState, v: &Vol, attachment_id: &str) {
 /// Serve again an attachment this node recorded before it stopped (start-up
 /// reconciliation): the same attachment id, protocol and access mode, so the data plane
 /// serves it at the same endpoint (NBD export name, vhost-user socket path) and its
-/// clients reconnect to what they knew. Returns the `connection_info` it has now, as the
-/// attachment row keeps it (JSON text, without credentials).
+/// clients reconnect to what they knew. An NBD attachment keeps its pre-shared key
+/// (unsealed from its row) and its Unix peer, so its clients' credentials still work.
+/// Returns the `connection_info` it has now, as the attachment row keeps it (JSON text,
+/// without credentials), and the sealed key when the attachment got a new one (it had
+/// none: made with `--nbd-tls off`, served again with TLS).
 pub async fn restore_attachment(
     st: &AppState,
     v: &Vol,
-    attachment_id: &str,
+    a: &Attachment,
     protocol: Protocol,
     read_only: bool,
-) -> ApiResult<String> {
-    let endpoint = attach_volume(st, v, attachment_id, protocol, read_only).await?;
-    let info = views::connection_info(&endpoint, v, attachment_id, read_only);
-    Ok(stored_info(&endpoint, &info))
+) -> ApiResult<(String, Option<String>)> {
+    let psk = match &a.nbd_psk_sealed {
+        Some(sealed) => Some(Passphrase::new(keys::open_attachment_psk(
+            st.master(),
+            &a.id,
+            sealed,
+        )?)),
+        None => None,
+    };
+    let had_key = psk.is_some();
+    let nbd = NbdAccess {
+        psk,
+        unix_peer: a.unix_peer,
+    };
+    let endpoint = attach_volume(st, v, &a.id, protocol, read_only, nbd).await?;
+    let info = views::connection_info(&endpoint, v, &a.id, read_only);
+    let new_key = match had_key {
+        true => None,
+        false => match sealed_psk(st, &endpoint, &a.id) {
+            Ok(k) => k,
+            Err(e) => {
+                undo_attach(st, v, &a.id).await;
+                return Err(e);
+            }
+        },
+    };
+    Ok((stored_info(&endpoint, &info), new_key))
 }
 
 /// `connection_info` as the database keeps it: credentials are for the caller only; the
@@ -833,8 +891,19 @@ pub async fn attach(st: &AppState, v: &Vol, req: AttachRequest) -> ApiResult<Att
     v.status.allows(&v.id, VolumeUse::Attach)?;
     let read_only = req.read_only || v.readonly;
     let attachment_id = new_id();
-    let endpoint = attach_volume(st, v, &attachment_id, req.protocol, read_only).await?;
+    let nbd = NbdAccess {
+        psk: None,
+        unix_peer: req.unix_peer,
+    };
+    let endpoint = attach_volume(st, v, &attachment_id, req.protocol, read_only, nbd).await?;
     let info = views::connection_info(&endpoint, v, &attachment_id, read_only);
+    let sealed = match sealed_psk(st, &endpoint, &attachment_id) {
+        Ok(s) => s,
+        Err(e) => {
+            undo_attach(st, v, &attachment_id).await;
+            return Err(e);
+        }
+    };
     let row = NewAttachment {
         id: &attachment_id,
         volume_id: &v.id,
@@ -844,6 +913,8 @@ pub async fn attach(st: &AppState, v: &Vol, req: AttachRequest) -> ApiResult<Att
         instance_uuid: req.instance_uuid.as_deref(),
         read_only,
         status: req.status,
+        nbd_psk_sealed: sealed.as_deref(),
+        unix_peer: req.unix_peer,
     };
     match record_attachment(st, v, &row, Event::Attached).await {
         Ok(()) => Ok(Attached {
@@ -877,6 +948,8 @@ pub async fn reserve(
         instance_uuid: instance_uuid.as_deref(),
         read_only: read_only || v.readonly,
         status: AttachStatus::Reserved,
+        nbd_psk_sealed: None,
+        unix_peer: None,
     };
     // Available becomes reserved; in-use stays (Attached is its compare-and-swap); a
     // reserved volume (it cannot be deleted) only gets the row.
@@ -906,35 +979,54 @@ pub async fn connect(
     v: &Vol,
     a: &Attachment,
     protocol: Protocol,
+    unix_peer: Option<UnixPeer>,
 ) -> ApiResult<Value> {
     if a.is_live() {
         return Ok(serde_json::from_str(&a.connection_info).unwrap_or(Value::Null));
     }
     v.status.allows(&v.id, VolumeUse::Attach)?;
     let read_only = a.attach_mode == "ro" || v.readonly;
-    let endpoint = attach_volume(st, v, &a.id, protocol, read_only).await?;
+    let nbd = NbdAccess {
+        psk: None,
+        unix_peer,
+    };
+    let endpoint = attach_volume(st, v, &a.id, protocol, read_only, nbd).await?;
     let info = views::connection_info(&endpoint, v, &a.id, read_only);
-    let stored = stored_info(&endpoint, &info);
-    let stored = &stored;
-    let res = st
-        .db()
-        .write("record an attachment's connection", |mut tx| async move {
-            if !rows::connect_attachment(&mut tx, &a.id, protocol, st.node_name(), stored).await? {
-                return Err(ApiError::conflict(format!(
-                    "attachment {} changed meanwhile; retry",
-                    a.id
-                )));
-            }
-            if !rows::apply(&mut tx, &v.object(), Event::Attached).await? {
-                return Err(ApiError::conflict(format!(
-                    "volume {} changed state while it was being attached; retry",
-                    v.id
-                )));
-            }
-            tx.commit().await?;
-            ApiResult::Ok(())
-        })
-        .await;
+    let res = async {
+        // Sealed once, outside the retried transaction; a failure undoes the attach too.
+        let sealed = sealed_psk(st, &endpoint, &a.id)?;
+        let stored = stored_info(&endpoint, &info);
+        let (stored, sealed) = (&stored, sealed.as_deref());
+        st.db()
+            .write("record an attachment's connection", |mut tx| async move {
+                let recorded = rows::connect_attachment(
+                    &mut tx,
+                    &a.id,
+                    protocol,
+                    st.node_name(),
+                    stored,
+                    sealed,
+                    unix_peer,
+                )
+                .await?;
+                if !recorded {
+                    return Err(ApiError::conflict(format!(
+                        "attachment {} changed meanwhile; retry",
+                        a.id
+                    )));
+                }
+                if !rows::apply(&mut tx, &v.object(), Event::Attached).await? {
+                    return Err(ApiError::conflict(format!(
+                        "volume {} changed state while it was being attached; retry",
+                        v.id
+                    )));
+                }
+                tx.commit().await?;
+                ApiResult::Ok(())
+            })
+            .await
+    }
+    .await;
     match res {
         Ok(()) => Ok(info),
         Err(e) => {

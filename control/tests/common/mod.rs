@@ -1,6 +1,14 @@
 //! Test harness for router-level tests: an opened control plane over SQLite (temp dir)
 //! or a fresh database on the MariaDB named by `EMBER_TEST_MYSQL_URL`, driven with
 //! `tower::ServiceExt::oneshot`.
+//!
+//! What the test files share (put a helper here as soon as a second file needs it):
+//! `Harness` (`new`/`with_dataplane`/`open`, `project`, `token`, the `create_*` fixtures,
+//! `send` → `call_bytes_with` → `call`/`call_with` → `expect`/`fault` and their `admin_*`
+//! forms, `finish`), the method constants and `GIB`, `wait_while` (poll until a status
+//! is left, 30 s deadline), `fields`, `ref_id`, `assert_fault`, and the macros
+//! `api_test!` (a body run on both backends as `<name>::sqlite`/`<name>::mariadb`) and
+//! `backend_tests!` (the two tests of an `async fn(Backend)`, named as given).
 
 #![allow(dead_code)]
 
@@ -15,6 +23,13 @@ use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tower::ServiceExt;
+
+pub const GIB: u64 = 1 << 30;
+pub const GET: Method = Method::GET;
+pub const POST: Method = Method::POST;
+pub const PUT: Method = Method::PUT;
+pub const DELETE: Method = Method::DELETE;
+pub const PATCH: Method = Method::PATCH;
 
 #[derive(Clone, Copy, Debug)]
 pub enum Backend {
@@ -174,25 +189,16 @@ impl Harness {
         (status, headers, body)
     }
 
-    pub async fn call_bytes(
+    /// A request with a JSON content type, the token (if any) and extra headers;
+    /// (status, headers, body bytes).
+    pub async fn send(
         &self,
         method: Method,
         uri: &str,
         token: Option<&str>,
-        body: Vec<u8>,
-    ) -> (StatusCode, Value) {
-        self.call_bytes_with(method, uri, token, body, &[]).await
-    }
-
-    /// [`Harness::call_bytes`] with extra request headers.
-    pub async fn call_bytes_with(
-        &self,
-        method: Method,
-        uri: &str,
-        token: Option<&str>,
-        body: Vec<u8>,
         headers: &[(&str, &str)],
-    ) -> (StatusCode, Value) {
+        body: Vec<u8>,
+    ) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
         let mut b = Request::builder()
             .method(method)
             .uri(uri)
@@ -203,7 +209,20 @@ impl Harness {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let (s, _, body) = self.raw(b.body(Body::from(body)).unwrap()).await;
+        self.raw(b.body(Body::from(body)).unwrap()).await
+    }
+
+    /// [`Harness::send`] of raw bytes; the body as JSON (`null` when empty, `{raw}` when
+    /// not JSON).
+    pub async fn call_bytes_with(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Value) {
+        let (s, _, body) = self.send(method, uri, token, headers, body).await;
         let v = if body.is_empty() {
             Value::Null
         } else {
@@ -220,10 +239,7 @@ impl Harness {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let bytes = body
-            .map(|b| serde_json::to_vec(&b).unwrap())
-            .unwrap_or_default();
-        self.call_bytes(method, uri, token, bytes).await
+        self.call_with(method, uri, token, body, &[]).await
     }
 
     /// [`Harness::call`] with extra request headers.
@@ -396,6 +412,37 @@ impl Harness {
     }
 }
 
+/// Poll `show` (every 5 ms, for at most 30 s) until the object's `status` is no longer
+/// `busy`; the object then.
+pub async fn wait_while<F, Fut>(busy: &str, mut show: F) -> Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Value>,
+{
+    let t = std::time::Instant::now();
+    loop {
+        let v = show().await;
+        if v["status"] != busy {
+            return v;
+        }
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(30),
+            "stuck: {v}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// The string `field` of each object in the list `v[list]`.
+pub fn fields<'a>(v: &'a Value, list: &str, field: &str) -> Vec<&'a str> {
+    v[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no list {list:?} in {v}"))
+        .iter()
+        .map(|x| x[field].as_str().unwrap())
+        .collect()
+}
+
 /// The id at the end of a `*_ref` link (`secret_ref`, `order_ref`).
 pub fn ref_id(link: &Value) -> String {
     let link = link
@@ -422,24 +469,37 @@ macro_rules! api_test {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let owned = Harness::new(Backend::Sqlite).await;
+            async fn on(backend: Backend) {
+                let owned = Harness::new(backend).await;
                 {
                     let $h = &owned;
                     $body
                 }
                 owned.finish().await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                on(Backend::Sqlite).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn mariadb() {
-                let owned = Harness::new(Backend::MariaDb).await;
-                {
-                    let $h = &owned;
-                    $body
-                }
-                owned.finish().await;
+                on(Backend::MariaDb).await;
             }
+        }
+    };
+}
+
+/// One test per backend, named as given, from `async fn $run(Backend)`.
+#[macro_export]
+macro_rules! backend_tests {
+    ($run:ident => $sqlite:ident, $mariadb:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            $run(Backend::Sqlite).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $mariadb() {
+            $run(Backend::MariaDb).await;
         }
     };
 }

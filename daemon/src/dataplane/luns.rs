@@ -21,6 +21,12 @@
 //!   with `NoSpace` while the LUN is smaller than asked.
 //! - Listing ([`DataPlane::list_luns`]) is [`LunPool::scan`]: a discovery login and a
 //!   probe login per LUN, each bounded.
+//! - Health ([`DataPlane::check_luns`], every `--lun-health-secs`): the base device of
+//!   every attached LUN volume is checked ([`BlockDevice::check`]: a short login with the
+//!   identity check, or a read of the host device's first block) and asked for the fault
+//!   its I/O path saw ([`BlockDevice::fault`]: the LUN gone, no session within the
+//!   replacement timeout). [`HEALTH_PARALLEL`] volumes at a time, each bounded by its
+//!   LUN's timeouts; the I/O path never waits for it.
 
 use super::{chain, lock, Inner};
 use ember_blockdev::backend::iscsi::chap::{ChapAlg, ChapCredentials};
@@ -30,8 +36,8 @@ use ember_blockdev::pool::lun::{held_by_host, LunSource};
 use ember_blockdev::pool::LunPool;
 use ember_blockdev::{BlockDevice, OpenOptions};
 use ember_control::dataplane::{
-    ChapRef, ChapSecret, DataPlaneError, DpResult, LunPoolInfo, ManageLun, ManageableLun,
-    ManagedLun, ObjectRef,
+    ChapRef, ChapSecret, DataPlaneError, DpResult, LunHealth, LunPoolInfo, ManageLun,
+    ManageableLun, ManagedLun, ObjectRef,
 };
 use ember_crypto::{Disk, Zeroizing};
 use std::sync::Arc;
@@ -39,6 +45,9 @@ use std::sync::Arc;
 /// How many leading bytes of a LUN must be zeros before it is formatted as LUKS (a
 /// LUKS2 header with its keyslots area is 16 MiB; LUKS1's is smaller).
 pub const BLANK_CHECK: u64 = 16 << 20;
+/// LUNs checked at once by the health check (each check is one bounded login or
+/// device read, so a dead portal's login timeout is paid once per group, not per LUN).
+pub const HEALTH_PARALLEL: usize = 8;
 /// Bytes read at a time by the blank check.
 const BLANK_CHUNK: usize = 1 << 20;
 
@@ -346,6 +355,45 @@ impl Inner {
             x.size = new_size;
         }
         Ok(())
+    }
+
+    /// The health check of every attached LUN volume (see the module doc), at most
+    /// [`HEALTH_PARALLEL`] at a time.
+    pub(super) fn check_luns(&self) -> Vec<LunHealth> {
+        let attached: Vec<(String, Arc<dyn BlockDevice>)> = lock(&self.volumes)
+            .attached
+            .iter()
+            .map(|(id, a)| (id.clone(), a.stack.base.clone()))
+            .collect();
+        let bound: Vec<(ObjectRef, Arc<dyn BlockDevice>)> = {
+            let b = lock(&self.bindings);
+            attached
+                .into_iter()
+                .filter_map(|(id, base)| {
+                    let pool = b.get(&id)?.pool.clone();
+                    Some((ObjectRef::volume(pool, id), base))
+                })
+                .collect()
+        };
+        let mut out = Vec::with_capacity(bound.len());
+        for group in bound.chunks(HEALTH_PARALLEL) {
+            std::thread::scope(|s| {
+                let running: Vec<_> = group
+                    .iter()
+                    .map(|(volume, base)| {
+                        s.spawn(move || LunHealth {
+                            volume: volume.clone(),
+                            fault: match base.check() {
+                                Err(e) => Some(chain(&e)),
+                                Ok(()) => base.fault(),
+                            },
+                        })
+                    })
+                    .collect();
+                out.extend(running.into_iter().filter_map(|h| h.join().ok()));
+            });
+        }
+        out
     }
 
     /// Statistics of the LUN pools: the bytes of their last scan, none free (nothing

@@ -60,6 +60,8 @@ fn att(volume: &str, id: &str, p: Option<&[u8]>, read_only: bool) -> AttachVolum
             },
             ..Default::default()
         },
+        nbd_psk: None,
+        unix_peer: None,
     }
 }
 

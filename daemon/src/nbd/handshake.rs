@@ -18,7 +18,10 @@
 //! Access ([`super::Access`]): an export the client has not authenticated for (its PSK
 //! identity, its Unix uid and gid) is absent for it: `LIST` does not name it, and
 //! `INFO`, `GO`, the meta-context options and `EXPORT_NAME` answer as for an unknown
-//! name, so a client learns nothing of other attachments.
+//! name, byte for byte ([`no_such_export`]: the reply names only what the client
+//! sent), so a client learns nothing of other attachments. The daemon's log tells the
+//! operator which it was (a refused peer with its uid/gid or PSK identity, at most one
+//! line per [`REFUSED_LOG`] interval).
 //!
 //! Bounds: option data ([`MAX_OPTION_BYTES`]; more is answered `NBD_REP_ERR_TOO_BIG` and
 //! ends the connection), options per handshake ([`MAX_OPTIONS`], then the connection
@@ -31,7 +34,7 @@
 //! [`negotiate`] is generic over the stream: the fuzz target `nbd_handshake` runs it on
 //! bytes in memory.
 
-use super::gate::Refusal;
+use super::gate::{LogLimiter, Refusal};
 use super::proto::{self, info, opt, rep};
 use super::tls::{TlsChannel, TlsMode, TlsServer, TlsSession};
 use super::{ClientAuth, Export, Registry};
@@ -48,6 +51,33 @@ pub const MAX_OPTION_BYTES: u32 = 64 * 1024;
 pub const MAX_OPTIONS: usize = 1024;
 /// Context id of `base:allocation` once selected.
 pub const BASE_ALLOCATION_ID: u32 = 1;
+/// Clients refused an export they may not use are logged at most this often.
+static REFUSED_LOG: LogLimiter = LogLimiter::new(Duration::from_secs(5));
+
+/// Log a client that named an export it may not use (the wire says only "unknown").
+fn log_refusal(registry: &Registry, name: &str, client: &ClientAuth) {
+    if registry.get(name).is_none() {
+        return;
+    }
+    if let Some(missed) = REFUSED_LOG.check() {
+        tracing::info!(export = %name, unix_peer = ?client.unix, tls = client.tls,
+            psk_identity = ?client.psk_identity, missed,
+            "refused a client an export it may not use (its attachment admits other credentials)");
+    }
+}
+
+/// The one reply for an export that does not exist and one the client may not use.
+fn no_such_export<S: Write>(
+    s: &mut S,
+    option: u32,
+    name: &str,
+    registry: &Registry,
+    client: &ClientAuth,
+) -> io::Result<()> {
+    log_refusal(registry, name, client);
+    let msg = format!("no export named {name:?} for this client");
+    reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes())
+}
 
 /// Outcome of a successful handshake.
 #[derive(Debug)]
@@ -260,7 +290,8 @@ pub fn negotiate_with<S: Read + Write, A>(
                 let name = String::from_utf8_lossy(&data).into_owned();
                 let Some(export) = registry.get_for(&name, &client) else {
                     // No error path exists for this option: just close.
-                    tracing::info!(export = %name, "client asked for an unknown export (or one it may not use)");
+                    log_refusal(registry, &name, &client);
+                    tracing::debug!(export = %name, "client asked for an unknown export (or one it may not use)");
                     return Ok(None);
                 };
                 let admission = match admit(&export) {
@@ -334,8 +365,7 @@ pub fn negotiate_with<S: Read + Write, A>(
                     continue;
                 };
                 let Some(export) = registry.get_for(&name, &client) else {
-                    let msg = format!("no export named {name:?}");
-                    reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes())?;
+                    no_such_export(s, option, &name, registry, &client)?;
                     continue;
                 };
                 // Admission comes before any reply of GO, so a refusal is its only reply.
@@ -423,8 +453,7 @@ pub fn negotiate_with<S: Read + Write, A>(
                     continue;
                 };
                 if registry.get_for(&name, &client).is_none() {
-                    let msg = format!("no export named {name:?}");
-                    reply(s, option, rep::ERR_UNKNOWN, msg.as_bytes())?;
+                    no_such_export(s, option, &name, registry, &client)?;
                     continue;
                 }
                 let matches = if set {
@@ -670,6 +699,129 @@ mod tests {
         assert_eq!(read_reply(&mut c).1, rep::ACK);
         c.write_all(&[0x42; 64]).unwrap();
         assert!(server.join().unwrap().is_err());
+    }
+
+    /// An export the client may not use and one that does not exist get the same bytes
+    /// (names of equal length, swapped), for a TLS client with another attachment's
+    /// PSK identity and for a Unix peer with another uid; LIST names neither.
+    #[test]
+    fn hidden_and_unknown_exports_get_identical_replies() {
+        let reg = Arc::new(Registry::default());
+        let dev = open(
+            &BackendSpec::Null { size: 1 << 20 },
+            &OpenOptions::default(),
+        )
+        .unwrap();
+        let (hidden, unknown) = ("vol-aaaa", "vol-bbbb");
+        reg.exports.write().unwrap().insert(
+            hidden.into(),
+            Arc::new(Export {
+                id: 1,
+                name: hidden.into(),
+                dev,
+                read_only: false,
+                access: crate::nbd::Access::Attachment {
+                    psk_identity: Some("alice".into()),
+                    uid: Some(1000),
+                    gid: Some(1000),
+                },
+            }),
+        );
+        let meta = |name: &str| {
+            let mut m = Vec::new();
+            m.extend_from_slice(&(name.len() as u32).to_be_bytes());
+            m.extend_from_slice(name.as_bytes());
+            m.extend_from_slice(&1u32.to_be_bytes());
+            m.extend_from_slice(&15u32.to_be_bytes());
+            m.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+            m
+        };
+        // Every reply byte the client gets for `name`'s options, then the end.
+        let transcript = |client: ClientAuth, name: &str| -> (Vec<u8>, bool) {
+            let (mut c, mut s) = UnixStream::pair().unwrap();
+            let r2 = reg.clone();
+            let server = std::thread::spawn(move || {
+                let policy = Policy {
+                    mode: TlsMode::On,
+                    tls: None,
+                    client,
+                };
+                negotiate_with(&mut s, &r2, &policy, &mut |_| Ok(())).map(|n| n.is_some())
+            });
+            let mut g = [0u8; 18];
+            c.read_exact(&mut g).unwrap();
+            c.write_all(&3u32.to_be_bytes()).unwrap();
+            for (o, d) in [
+                (opt::LIST, vec![]),
+                (opt::INFO, go_data(name)),
+                (opt::GO, go_data(name)),
+                (opt::LIST_META_CONTEXT, meta(name)),
+                (opt::STRUCTURED_REPLY, vec![]),
+                (opt::SET_META_CONTEXT, meta(name)),
+            ] {
+                send_opt(&mut c, o, &d);
+            }
+            send_opt(&mut c, opt::EXPORT_NAME, name.as_bytes());
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            // Until the end (a server that opened the export leaves options unread, and
+            // its close may then reset the socket).
+            let mut all = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = c.read(&mut buf) {
+                all.extend_from_slice(&buf[..n]);
+            }
+            (all, server.join().unwrap().unwrap())
+        };
+        let swap = |b: &[u8]| -> Vec<u8> {
+            let (from, to) = (unknown.as_bytes(), hidden.as_bytes());
+            let mut out = Vec::new();
+            let mut i = 0;
+            while i < b.len() {
+                if b[i..].starts_with(from) {
+                    out.extend_from_slice(to);
+                    i += from.len();
+                } else {
+                    out.push(b[i]);
+                    i += 1;
+                }
+            }
+            out
+        };
+        let clients = [
+            ClientAuth {
+                tls: true,
+                psk_identity: Some("bob".into()),
+                ..ClientAuth::default()
+            },
+            ClientAuth {
+                unix: Some((1001, 1000)),
+                ..ClientAuth::default()
+            },
+            ClientAuth::default(),
+        ];
+        for client in clients {
+            let (h, opened) = transcript(client.clone(), hidden);
+            assert!(!opened, "{client:?} opened {hidden}");
+            let (u, _) = transcript(client.clone(), unknown);
+            assert_eq!(h, swap(&u), "{client:?}");
+            assert!(String::from_utf8_lossy(&h).contains("no export named"));
+        }
+        // The attachment's own credentials do open it.
+        for client in [
+            ClientAuth {
+                tls: true,
+                psk_identity: Some("alice".into()),
+                ..ClientAuth::default()
+            },
+            ClientAuth {
+                unix: Some((1000, 1000)),
+                ..ClientAuth::default()
+            },
+        ] {
+            let (h, opened) = transcript(client.clone(), hidden);
+            assert!(opened);
+            assert_ne!(h, swap(&transcript(client, unknown).0));
+        }
     }
 
     #[test]

@@ -413,7 +413,7 @@ fn a_client_that_never_reads_its_replies_is_bounded_and_loses_nothing() {
 
 #[test]
 fn connections_share_the_budget_and_small_requests_always_progress() {
-    // 96 MiB: pools (8 MiB), 16 floors (24 MiB), and a shared 64 MiB: less than what
+    // 96 MiB: pools (12 MiB), 16 floors (24 MiB), and a shared 60 MiB: less than what
     // three connections of 40 MiB would hold.
     let (server, _dir, path) = server(1, limits(96, 16, 600));
     let limit = server.limits().memory_bytes;

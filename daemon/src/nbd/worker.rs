@@ -1,7 +1,7 @@
 //! NBD I/O threads.
 //!
 //! Each thread owns one [`Ring`], one device [`Queue`] per export it serves, a
-//! [`BufPool`] and its connections. One loop iteration = one `submit_and_wait`: it
+//! [`Pool`] of idle buffers and its connections. One loop iteration = one `submit_and_wait`: it
 //! submits every SQE queued since the last one (receives, disk I/O, sendmsgs) and waits
 //! for at least one CQE. CQEs of owner 0 are the loop's own (socket I/O of a connection,
 //! or the control eventfd); other owners are device queues.

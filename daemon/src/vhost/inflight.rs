@@ -20,7 +20,8 @@
 //! used->idx`. After a restart, if `used_idx != used->idx`, we died between those steps,
 //! so `last_batch_head` was in fact completed. Every other descriptor with `inflight = 1`
 //! is resubmitted, oldest counter first, and the next avail index is `used->idx + number
-//! of inflight descriptors`.
+//! of inflight descriptors`. The restarted queue then notifies the guest once (see
+//! [`super::worker`]): the dead process may have used chains without telling it.
 
 use std::fs::File;
 use std::io;
@@ -261,6 +262,15 @@ impl QueueInflight {
             resubmit: pending.into_iter().map(|(_, h)| h).collect(),
             next_counter,
         }
+    }
+
+    /// The heads marked in flight among the first `size`, with their counters (for
+    /// diagnostics).
+    pub fn pending(&self, size: u16) -> Vec<(u16, u64)> {
+        (0..size.min(self.capacity))
+            .filter(|&h| self.flag(h).load(Ordering::Acquire) == 1)
+            .map(|h| (h, self.counter(h).load(Ordering::Acquire)))
+            .collect()
     }
 
     /// A chain with `head` was taken from the avail ring.

@@ -13,6 +13,16 @@
 //! used entries, signal once (EVENT_IDX aware). `Stop` (GET_VRING_BASE) drains what is in
 //! flight before answering, so the reported avail index owes nothing.
 //!
+//! A start (and a new call fd) notifies the guest once, whatever EVENT_IDX says: a
+//! process killed between putting chains in the used ring and writing the call fd left a
+//! guest that was never told, and whose `used_event` stays behind those chains, so no
+//! later completion would notify it either and the queue would wait forever (issue 11's
+//! guest stall in `tests/crash.rs`). A spurious notice costs the guest one look at the
+//! used ring. A start also pops what the guest queued while no backend ran (its kicks
+//! went nowhere). At `debug`, start and stop log the queue's state: our next avail and
+//! used indexes, the guest's avail index and `used_event`, our `avail_event`, requests
+//! in flight and the inflight region's entries.
+//!
 //! A hostile guest owns the ring memory, so every pass is bounded:
 //! - one pass pops at most *queue size* chains; if more are waiting (the guest keeps
 //!   refilling), the thread first looks at its commands again (`epoll_wait` with a zero
@@ -479,6 +489,8 @@ impl Worker {
                 if let Some(a) = &mut self.active {
                     a.call = call;
                 }
+                // A notice may have gone to the fd just replaced: tell the new one.
+                self.call_guest();
             }
             Cmd::SetErr(err) => {
                 if let Some(a) = &mut self.active {
@@ -502,6 +514,21 @@ impl Worker {
             mem,
             inflight,
         } = s;
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            // The used ring as the last backend left it: a `used_event` behind `used`
+            // means the guest was not told of the chains between (see `call_guest`).
+            let m = mem.memory();
+            let size = u64::from(queue.size());
+            tracing::debug!(
+                queue = self.q,
+                used = ?ring_u16(&m, queue.used_ring(), 2),
+                used_event = ?ring_u16(&m, queue.avail_ring(), 4 + 2 * size),
+                guest_avail = ?ring_u16(&m, queue.avail_ring(), 2),
+                base = queue.next_avail(),
+                event_idx = queue.event_idx_enabled(),
+                "virtqueue starting"
+            );
+        }
         let mut counter = 1;
         let mut resubmit = Vec::new();
         if let Some(inf) = &inflight {
@@ -548,13 +575,59 @@ impl Worker {
             in_flight: 0,
             broken: false,
         });
-        tracing::debug!(queue = self.q, "virtqueue started");
+        let resubmitted = resubmit.len();
         for head in resubmit {
             self.resubmit(head);
         }
         // Requests may have been queued before we started listening.
         self.process(true);
+        // The guest may not know about chains already in the used ring: a backend
+        // killed between `add_used` and the call-fd write never told it, and with
+        // EVENT_IDX no later completion does either (its `used_event` stays behind
+        // them, so `needs_notification` says no until the index wraps): the queue
+        // stalls. Nothing tells a new start whether that happened, so every start
+        // notifies once; a spurious notice costs the guest one look at the used ring.
+        self.call_guest();
+        self.log_state("virtqueue started", Some(resubmitted));
         Ok(())
+    }
+
+    /// Log (at debug) what a stalled queue would be diagnosed by: our next avail and
+    /// used indexes, the guest's avail index and `used_event`, the `avail_event` we
+    /// published, requests in flight, the inflight region's entries, and whether call
+    /// and error fds are set.
+    fn log_state(&self, what: &str, resubmitted: Option<usize>) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let Some(a) = self.active.as_ref() else {
+            return;
+        };
+        let gm = a.mem.memory();
+        let size = u64::from(a.queue.size());
+        let (avail, used) = (a.queue.avail_ring(), a.queue.used_ring());
+        let guest_avail = ring_u16(&gm, avail, 2);
+        let guest_used = ring_u16(&gm, used, 2);
+        let used_event = ring_u16(&gm, avail, 4 + 2 * size);
+        let avail_event = ring_u16(&gm, used, 4 + 8 * size);
+        let inflight = a.inflight.as_ref().map(|i| i.pending(a.queue.size()));
+        tracing::debug!(
+            queue = self.q,
+            next_avail = a.queue.next_avail(),
+            next_used = a.queue.next_used(),
+            ?guest_avail,
+            ?guest_used,
+            event_idx = a.queue.event_idx_enabled(),
+            ?used_event,
+            ?avail_event,
+            in_flight = a.in_flight,
+            ?resubmitted,
+            ?inflight,
+            call = a.call.is_some(),
+            err = a.err.is_some(),
+            broken = a.broken,
+            "{what}"
+        );
     }
 
     /// Stop: no more kicks, drain what was submitted (at most `timeouts.drain`), and
@@ -589,6 +662,7 @@ impl Worker {
                 break;
             }
         }
+        self.log_state("virtqueue stopping", None);
         let Some(a) = self.active.take() else {
             return Err(io::Error::other("the queue is not running"));
         };
@@ -603,7 +677,6 @@ impl Worker {
                 a.in_flight, self.q
             )));
         }
-        tracing::debug!(queue = self.q, "virtqueue stopped");
         Ok(a.queue.next_avail())
     }
 
@@ -925,15 +998,27 @@ impl Worker {
         };
         let gm = a.mem.memory();
         if a.queue.needs_notification(&*gm).unwrap_or(true) {
-            if let Some(call) = &a.call {
-                // Non-blocking (the handler sets O_NONBLOCK): a counter the frontend
-                // filled up costs this notice, never the thread.
-                if let Err(e) = call.write(1) {
-                    tracing::debug!(queue = self.q, "signal guest: {e}");
-                }
-            }
+            self.call_guest();
         }
     }
+
+    /// Write the call fd (notify the guest), if the running queue has one.
+    fn call_guest(&self) {
+        let Some(call) = self.active.as_ref().and_then(|a| a.call.as_ref()) else {
+            return;
+        };
+        // Non-blocking (the handler sets O_NONBLOCK): a counter the frontend filled up
+        // costs this notice, never the thread.
+        if let Err(e) = call.write(1) {
+            tracing::debug!(queue = self.q, "signal guest: {e}");
+        }
+    }
+}
+
+/// The `u16` at `base + off` in guest memory (for diagnostics), if it is there.
+fn ring_u16(m: &Mem, base: u64, off: u64) -> Option<u16> {
+    base.checked_add(off)
+        .and_then(|at| m.read_obj::<u16>(GuestAddress(at)).ok())
 }
 
 /// Wait until `fd` is readable or `timeout` passes.
@@ -1194,6 +1279,66 @@ mod tests {
         w.start(start2).unwrap();
         assert_eq!(w.stop().unwrap(), 0);
         assert!(w.join(Instant::now() + Duration::from_secs(10)));
+    }
+
+    /// The guest stall of issue 11 (tests/crash.rs, about one run of 50 kills in four):
+    /// emberd was killed after putting a chain in the used ring and before writing the
+    /// call fd. The guest (EVENT_IDX) was never told, its `used_event` stayed behind, so
+    /// after the restart the resubmitted chain's completion did not notify it either
+    /// (`needs_notification`: `used_event` is not in the range just used) and the queue
+    /// waited forever. The state is built from bytes as the killed process left it:
+    /// heads 0 and 3 popped (inflight counters 1, 2), head 0 in the used ring (index 1),
+    /// head 3 still in flight, `used_event` 0. A start must notify the guest.
+    #[test]
+    fn a_restart_notifies_the_guest_of_chains_used_before_the_kill() {
+        use super::super::inflight::InflightArea;
+        let dev: Arc<dyn BlockDevice> = Arc::new(NullDevice::new(1 << 20, false));
+        let w = WorkerHandle::spawn(shared(dev, Duration::from_secs(5)), 0).unwrap();
+        let (mem, mut start, _kick, _err) = setup(true);
+        let m = mem.memory();
+        read_request(&m, 0, 0);
+        read_request(&m, 3, 1);
+        avail_idx(&m, 2);
+        // used_event (after the avail ring): the guest wants a notice when entry 0 is used.
+        m.write_obj(0u16, GuestAddress(AVAIL + 4 + 2 * u64::from(QSIZE)))
+            .unwrap();
+        // The killed process: popped 0 and 3, completed 0, died before the call.
+        let area = Arc::new(InflightArea::create(1, QSIZE).unwrap());
+        let region = area.queue(0).unwrap();
+        region.recover(QSIZE, 0);
+        region.popped(0, 1);
+        region.popped(3, 2);
+        region.pre_put(0);
+        m.write_obj(0u32, GuestAddress(USED + 4)).unwrap();
+        m.write_obj(1u32, GuestAddress(USED + 8)).unwrap();
+        m.write_obj(1u16, GuestAddress(USED + 2)).unwrap();
+        region.post_put(0, 1);
+        // QEMU sends the used index as the base after a backend died.
+        start.queue.set_next_avail(1);
+        start.queue.set_next_used(1);
+        start.inflight = Some(region.clone());
+        let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        start.call = Some(call.try_clone().unwrap());
+        w.start(start).unwrap();
+        let t = Instant::now();
+        while used_idx(&m) != 2 {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "head 3 not resubmitted"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let second: u32 = m.read_obj(GuestAddress(USED + 4 + 8)).unwrap();
+        assert_eq!(
+            second, 3,
+            "the chain in flight was resubmitted and used once"
+        );
+        assert!(
+            call.read().is_ok(),
+            "the guest was not notified: chains in the used ring it never heard of"
+        );
+        assert_eq!(w.stop().unwrap(), 2);
+        assert!(region.pending(QSIZE).is_empty(), "nothing left in flight");
     }
 
     /// Per pass at most queue-size chains are popped, and a guest that keeps the ring

@@ -3,10 +3,12 @@
 //!
 //! Response = H(identifier byte ‖ secret ‖ challenge) with H chosen by `CHAP_A`:
 //! 5 = MD5 (the only algorithm RFC 7143 requires), 6 = SHA-1, 7 = SHA-256 (IANA "PPP
-//! Authentication Algorithms", as the Linux target and open-iscsi use them). Ember offers
-//! MD5 unless told otherwise (like open-iscsi's default `chap_algs = MD5`), because
-//! tgtd 1.0.85 answers `CHAP_A=7` but computes SHA-1 for it, so a SHA-256 offer fails
-//! against it.
+//! Authentication Algorithms", as the Linux target and open-iscsi use them). An
+//! `iscsi://` URI offers MD5 unless told otherwise (like open-iscsi's default
+//! `chap_algs = MD5`); LUN pools of `emberd serve` offer SHA-256 then MD5 by default.
+//! tgtd (1.0.85 to 1.0.97, `usr/iscsi/chap.c`) knows only codes 5 and 7 and computes
+//! SHA-1 for 7, so a SHA-256 offer fails against it; the login names that cause
+//! ([`super::login`]).
 //!
 //! Secrets live in [`Zeroizing`] buffers and are never logged or put in `Debug` output.
 

@@ -251,6 +251,22 @@ impl Login {
                     "the target requires authentication (CHAP); configure credentials".into(),
                 ));
             }
+            if let (State::ChapResponse, 2, 0 | 1, Some(alg)) =
+                (self.state, r.status_class, r.status_detail, self.chap_alg)
+            {
+                if alg != ChapAlg::Md5 {
+                    // tgtd (1.0.85 to 1.0.97) answers CHAP_A=7 but expects a SHA-1
+                    // response for it: the login fails whatever the secret.
+                    return Err(LoginError::Auth(format!(
+                        "the target refused the CHAP response (status 0x02/0x{:02x}) with \
+                         CHAP_A={} ({alg:?}): a wrong secret, or a target that computes \
+                         another digest for that code (tgtd does SHA-1 for 7); offer MD5 \
+                         only (chap-algorithms = [\"md5\"]) to tell",
+                        r.status_detail,
+                        alg.code()
+                    )));
+                }
+            }
             return Err(LoginError::Refused {
                 class: r.status_class,
                 detail: r.status_detail,

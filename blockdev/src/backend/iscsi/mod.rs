@@ -34,6 +34,16 @@
 //!   attentions are retried (capacity changed 0x2a09, reported LUNs changed 0x3f0e and
 //!   power-on/reset 0x29xx trigger a READ CAPACITY(16) and a resize); BUSY, TASK SET FULL
 //!   and NOT READY are retried with back-off; all within `request_timeout`.
+//! - Fault state for the data plane ([`BlockDevice::fault`]): the queues record, in
+//!   [`Inner`], the faults an operator must see — the LUN gone (LOGICAL UNIT NOT
+//!   SUPPORTED on a live session, or missing from REPORT LUNS at a login), another
+//!   identity, a refused login, no session within `replacement_timeout` — and clear it
+//!   when a session is ready again or a command succeeds. [`BlockDevice::check`] is
+//!   the periodic health check of an idle volume: one short login (REPORT LUNS, VPD
+//!   0x80/0x83 checked, READ CAPACITY(16)), a fault when the target answers that the
+//!   LUN cannot be used; a portal that does not answer is left to the sessions'
+//!   replacement timeout. So a LUN deleted on the array shows without any I/O, and
+//!   clears by itself (no re-attach) once the array brings the same LUN back.
 //!
 //! ## What is implemented, and what is not
 //! - Error recovery level 0 only: the session is the unit of recovery (no SNACK, no
@@ -333,6 +343,12 @@ pub(crate) struct Inner {
     geometry: OnceLock<Geometry>,
     pub(crate) no_write_same: AtomicBool,
     pub(crate) no_unmap: AtomicBool,
+    /// The fault that holds now (see the module doc); `faulted` mirrors `is_some()`
+    /// so the I/O path checks it without the lock.
+    fault: Mutex<Option<String>>,
+    faulted: AtomicBool,
+    /// Since when the health check's logins fail to connect (see [`BlockDevice::check`]).
+    unreachable_since: Mutex<Option<Instant>>,
     isid_base: [u8; 3],
     next_qualifier: AtomicU16,
 }
@@ -347,6 +363,30 @@ impl Inner {
             .to_be_bytes();
         let b = self.isid_base;
         [0x80, b[0], b[1], b[2], q[0], q[1]]
+    }
+
+    /// Record a fault an operator must see (a serving session's view of the LUN).
+    pub(crate) fn set_fault(&self, reason: &str) {
+        let mut f = self.fault.lock().unwrap_or_else(|e| e.into_inner());
+        if f.as_deref() != Some(reason) {
+            *f = Some(reason.to_string());
+        }
+        self.faulted.store(true, Ordering::Release);
+    }
+
+    /// The LUN serves again: forget the fault.
+    pub(crate) fn clear_fault(&self) {
+        if self.faulted.swap(false, Ordering::AcqRel) {
+            let was = self.fault.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(was) = was {
+                tracing::info!(target_name = %self.cfg.target, lun = self.cfg.lun, fault = %was, "iSCSI LUN serves again");
+            }
+        }
+    }
+
+    /// Whether a fault is recorded (no lock).
+    pub(crate) fn is_faulted(&self) -> bool {
+        self.faulted.load(Ordering::Acquire)
     }
 
     pub(crate) fn geometry(&self) -> Geometry {
@@ -385,7 +425,7 @@ impl IscsiDevice {
     /// Log in once, learn the LUN, log out; fail with a clear error if it cannot be used.
     pub fn open(cfg: IscsiConfig) -> Result<IscsiDevice> {
         let inner = new_inner(cfg)?;
-        let (chap, params) = run_until_ready(&inner, Mode::Probe)?;
+        let (chap, params) = run_until_ready(&inner, Mode::Probe, false)?;
         {
             let mut info = inner.info.lock().unwrap_or_else(|e| e.into_inner());
             info.chap = chap;
@@ -473,6 +513,9 @@ fn new_inner(cfg: IscsiConfig) -> Result<Arc<Inner>> {
         geometry: OnceLock::new(),
         no_write_same: AtomicBool::new(false),
         no_unmap: AtomicBool::new(false),
+        fault: Mutex::new(None),
+        faulted: AtomicBool::new(false),
+        unreachable_since: Mutex::new(None),
         isid_base: r,
         next_qualifier: AtomicU16::new(1),
     }))
@@ -483,7 +526,7 @@ fn new_inner(cfg: IscsiConfig) -> Result<Arc<Inner>> {
 /// timeout plus one command timeout; a refused login or CHAP failure is a clear error.
 pub fn report_luns(cfg: IscsiConfig) -> Result<Vec<u16>> {
     let inner = new_inner(cfg)?;
-    run_until_ready(&inner, Mode::Discover)?;
+    run_until_ready(&inner, Mode::Discover, false)?;
     let luns = inner
         .info
         .lock()
@@ -502,9 +545,12 @@ pub fn report_luns(cfg: IscsiConfig) -> Result<Vec<u16>> {
 }
 
 /// Drive one queue on a private ring until its session is ready (probe or refresh).
+/// With `once`, a serving queue's first failed attempt ends it too: a permanent failure
+/// as an `Io` error, a connection that failed as `Busy`.
 fn run_until_ready(
     inner: &Arc<Inner>,
     mode: Mode,
+    once: bool,
 ) -> Result<(Option<ChapAlg>, Option<Negotiated>)> {
     let mut ring = Ring::new(64).map_err(|e| Error::io("io_uring setup", e))?;
     let mut q = IscsiQueue::new(inner.clone(), &mut ring, mode);
@@ -522,6 +568,11 @@ fn run_until_ready(
         }
         if let Some(e) = q.failure() {
             return Err(Error::new(ErrorKind::Io, format!("{what}: {e}")));
+        }
+        if once {
+            if let Some(e) = q.attempt_failed() {
+                return Err(Error::new(ErrorKind::Busy, format!("{what}: {e}")));
+            }
         }
         if Instant::now() > deadline {
             return Err(Error::new(
@@ -572,7 +623,7 @@ impl BlockDevice for IscsiDevice {
     /// A LUN is grown on the array; this checks that it was (a fresh READ CAPACITY
     /// through a short session) and takes the new size.
     fn resize(&self, new_size: u64) -> Result<()> {
-        run_until_ready(&self.inner, Mode::Serve)?;
+        run_until_ready(&self.inner, Mode::Serve, false)?;
         let size = self.inner.size.load(Ordering::Acquire);
         if size < new_size {
             return Err(Error::new(
@@ -586,6 +637,61 @@ impl BlockDevice for IscsiDevice {
     fn identity(&self) -> Option<LunIdentity> {
         let id = self.lun_info().identity;
         (!id.is_empty()).then_some(id)
+    }
+
+    fn fault(&self) -> Option<String> {
+        if !self.inner.is_faulted() {
+            return None;
+        }
+        self.inner
+            .fault
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// One short login in serving mode (the identity check and READ CAPACITY(16) of a
+    /// re-login). A target that answers "no" is a fault at once (recorded by the queue
+    /// as well); a portal that does not answer is one only once the checks have failed
+    /// to connect for longer than `replacement_timeout`, as for a serving session.
+    fn check(&self) -> Result<()> {
+        let since = |v: Option<Instant>| {
+            *self
+                .inner
+                .unreachable_since
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = v;
+        };
+        match run_until_ready(&self.inner, Mode::Serve, true) {
+            Ok(_) => {
+                since(None);
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::Busy => {
+                let now = Instant::now();
+                let first = *self
+                    .inner
+                    .unreachable_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert(now);
+                let limit = self.inner.cfg.replacement_timeout;
+                if now.duration_since(first) > limit {
+                    let m = format!(
+                        "no iSCSI session for over {} s (replacement timeout): {e}",
+                        limit.as_secs()
+                    );
+                    self.inner.set_fault(&m);
+                    return Err(Error::new(ErrorKind::Io, m));
+                }
+                tracing::debug!(error = %e, "iSCSI health check: no session this time");
+                Ok(())
+            }
+            Err(e) => {
+                since(None);
+                Err(e)
+            }
+        }
     }
 }
 

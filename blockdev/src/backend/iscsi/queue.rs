@@ -308,6 +308,15 @@ impl IscsiQueue {
         })
     }
 
+    /// The last attempt's failure once an attempt failed (the health check's one try).
+    pub(super) fn attempt_failed(&self) -> Option<String> {
+        (self.reconnects > 0).then(|| {
+            self.last_error
+                .clone()
+                .unwrap_or_else(|| "the connection failed".into())
+        })
+    }
+
     /// The CHAP algorithm the last login used.
     pub(super) fn chap_used(&self) -> Option<ChapAlg> {
         self.chap_used
@@ -508,6 +517,9 @@ impl IscsiQueue {
             if self.failed.is_none() {
                 tracing::error!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, reason = %reason, "iSCSI LUN failed; its I/O fails until it is fixed");
             }
+            if self.mode == Mode::Serve {
+                self.inner.set_fault(&reason);
+            }
             self.failed = Some(reason.clone());
             self.fail_all(libc::EIO);
         } else if was_ready || self.reconnects == 1 || self.reconnects.is_power_of_two() {
@@ -611,6 +623,9 @@ impl IscsiQueue {
         self.logged_in_once = true;
         self.reconnects = 0;
         self.failed = None;
+        if self.mode == Mode::Serve {
+            self.inner.clear_fault();
+        }
         self.state = State::Ready { session };
         self.release_held(now);
         self.send(ring, now);
@@ -1201,6 +1216,10 @@ impl IscsiQueue {
                 self.unit_attention(s, now);
             } else if s.key == key::ILLEGAL_REQUEST && s.code() == asc::LUN_NOT_SUPPORTED {
                 tracing::error!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, "the LUN is gone from the target");
+                self.inner.set_fault(&format!(
+                    "LUN {} is gone from target {} (LOGICAL UNIT NOT SUPPORTED)",
+                    self.inner.cfg.lun, self.inner.cfg.target
+                ));
             } else {
                 tracing::warn!(sense = %s, op = ?r.op, offset = r.offset, len = r.len, ?verdict, "SCSI command failed");
             }
@@ -1213,6 +1232,9 @@ impl IscsiQueue {
         let data_op = matches!(r.op, Op::Read | Op::Write { .. });
         match verdict {
             Verdict::Done => {
+                if self.inner.is_faulted() {
+                    self.inner.clear_fault();
+                }
                 if data_op {
                     r.buf = f.cmd.buf;
                 }
@@ -1291,6 +1313,15 @@ impl IscsiQueue {
             }
         }
         if !matches!(self.state, State::Ready { .. }) && self.down_too_long(now) {
+            if self.mode == Mode::Serve && self.failed.is_none() {
+                self.inner.set_fault(&format!(
+                    "no iSCSI session to {} at {} for over {} s (replacement timeout): {}",
+                    self.inner.cfg.target,
+                    self.inner.portal,
+                    self.inner.cfg.replacement_timeout.as_secs(),
+                    self.last_error.as_deref().unwrap_or("no answer")
+                ));
+            }
             if !self.held.is_empty() {
                 tracing::error!(target_name = %self.inner.cfg.target, lun = self.inner.cfg.lun, requests = self.held.len(), "no iSCSI session within the replacement timeout; failing held requests");
             }
@@ -1685,6 +1716,9 @@ mod tests {
             geometry,
             no_write_same: AtomicBool::new(false),
             no_unmap: AtomicBool::new(false),
+            fault: Mutex::new(None),
+            faulted: AtomicBool::new(false),
+            unreachable_since: Mutex::new(None),
             isid_base: [1, 2, 3],
             next_qualifier: AtomicU16::new(1),
         }
