@@ -70,8 +70,9 @@ PKGS=(
     busybox-static cpio xz-utils kmod zstd
     # iSCSI backend tests (target + initiator tools)
     tgt libiscsi-bin
-    # control-plane store tests (single MariaDB and a Galera cluster)
-    mariadb-server mariadb-client galera-4
+    # control-plane store tests (single MariaDB and a Galera cluster; rsync for the
+    # Galera state transfer of control/tests/common/galera.rs)
+    mariadb-server mariadb-client galera-4 rsync
     # metrics checks (promtool)
     prometheus
     # the test command's own checks, the OpenStack client virtualenv

@@ -1021,7 +1021,22 @@ fn two_nodes_mariadb_history_and_sigkill() {
         .to_string();
     b.daemon.signal(libc::SIGKILL);
     b.daemon.wait_exit(Duration::from_secs(30));
-    // Node A takes the source exclusively once B's lease runs out.
+    // The dead node's holder is still there, with the lease its last heartbeat gave it.
+    let locks = expect(
+        http(
+            "GET",
+            &format!("{}/v3/locks?resource_id={src}", a.url),
+            &admin,
+            None,
+        ),
+        200,
+        "locks",
+    );
+    let dead_lease_until = locks["locks"][0]["holders"]
+        .as_array()
+        .and_then(|hs| hs.iter().find(|h| h["node"] == "node-b"))
+        .and_then(|h| h["lease_until"].as_i64());
+    // Node A takes the source exclusively once B's lease runs out, not before.
     let t = Instant::now();
     let r = http(
         "POST",
@@ -1054,6 +1069,21 @@ fn two_nodes_mariadb_history_and_sigkill() {
     assert!(
         clone_entry["release_reason"] == "expired",
         "B's holder was reaped after its lease ({:?}): {h:?}",
+        t.elapsed()
+    );
+    let lease_until =
+        dead_lease_until.expect("B's clone held the lock when it was killed (see the history)");
+    let takeover = h
+        .iter()
+        .find(|e| e["operation"] == "takeover")
+        .expect("takeover in history");
+    assert!(
+        takeover["acquired_at"].as_i64().unwrap() >= lease_until,
+        "A got the lock before B's lease ended: {takeover} vs lease_until {lease_until}"
+    );
+    println!(
+        "lease: A got the lock {} ms after the dead node's lease ended (it waited {:?})",
+        takeover["acquired_at"].as_i64().unwrap_or(0) - lease_until,
         t.elapsed()
     );
     expect(

@@ -16,6 +16,15 @@ pub struct ApiError {
     pub message: String,
     /// Seconds after which a retry is worth it (`Retry-After`); 503 always carries one.
     pub retry_after: Option<u64>,
+    /// Made from a database conflict (deadlock, certification failure, busy): the
+    /// store's retry wrapper runs the transaction again ([`crate::store::Retryable`]).
+    pub db_conflict: bool,
+}
+
+impl crate::store::Retryable for ApiError {
+    fn is_retryable(&self) -> bool {
+        self.db_conflict
+    }
 }
 
 /// Result alias for handlers.
@@ -50,6 +59,7 @@ impl ApiError {
             status,
             message: message.into(),
             retry_after: None,
+            db_conflict: false,
         }
     }
     /// 409 with `Retry-After` (a lock held by others).
@@ -136,6 +146,16 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if crate::store::is_retryable(&e) {
+            // Retried by the store's wrapper; what is left after its last attempt.
+            tracing::warn!(error = %e, "database conflict (deadlock, certification failure or busy)");
+            return ApiError {
+                db_conflict: true,
+                ..ApiError::unavailable(
+                    "the database kept reporting conflicting transactions; retry later",
+                )
+            };
+        }
         if is_unavailable(&e) {
             tracing::warn!(error = %e, "database unavailable");
             return ApiError::unavailable("the database is unavailable; retry later");

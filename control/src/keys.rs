@@ -418,9 +418,15 @@ pub async fn create_secret(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     ctx.require_writer()?;
     let s = validate_secret(body)?;
-    let mut tx = st.db().begin().await?;
-    let id = insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, &s).await?;
-    tx.commit().await?;
+    let (ctx, s, st) = (&ctx, &s, &st);
+    let id = st
+        .db()
+        .write("create secret", |mut tx| async move {
+            let id = insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, s).await?;
+            tx.commit().await?;
+            ApiResult::Ok(id)
+        })
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"secret_ref": origin.url(&format!("/v1/secrets/{id}"))})),
@@ -802,21 +808,26 @@ pub async fn delete_secret(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     acl::check_writer(&st, &ctx, &id).await?;
-    let mut tx = st.db().begin().await?;
-    // Volumes and snapshots both keep their key here: either one makes it in use.
-    let users = crate::volumes::count_by_secret(&mut tx, &id).await?;
-    if users > 0 {
-        return Err(ApiError::conflict(format!(
-            "secret {id} is used by {users} volume(s) or snapshot(s)"
-        )));
-    }
-    acl::forget(&mut tx, &id).await?;
-    sqlx::query("DELETE FROM secrets WHERE id = ? AND project_id = ?")
-        .bind(id)
-        .bind(ctx.project_id.clone())
-        .execute(&mut *tx)
+    let (ctx, id) = (&ctx, &id);
+    st.db()
+        .write("delete secret", |mut tx| async move {
+            // Volumes and snapshots both keep their key here: either one makes it in use.
+            let users = crate::volumes::count_by_secret(&mut tx, id).await?;
+            if users > 0 {
+                return Err(ApiError::conflict(format!(
+                    "secret {id} is used by {users} volume(s) or snapshot(s)"
+                )));
+            }
+            acl::forget(&mut tx, id).await?;
+            sqlx::query("DELETE FROM secrets WHERE id = ? AND project_id = ?")
+                .bind(id)
+                .bind(ctx.project_id.clone())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
         .await?;
-    tx.commit().await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -893,8 +904,9 @@ pub async fn create_order(
         "name": m.name, "algorithm": m.algorithm, "bit_length": m.bit_length, "mode": m.mode,
         "payload_content_type": "application/octet-stream", "expiration": expiration,
     });
-    let mut tx = st.db().begin().await?;
-    let secret_id = insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, &s).await?;
+    let (ctx, meta, s, st) = (&ctx, &meta, &s, &st);
+    let id = st.db().write("create order", |mut tx| async move {
+    let secret_id = insert_secret(&mut tx, st.master(), &ctx.project_id, &ctx.token_id, s).await?;
     let id = new_id();
     let t = now();
     sqlx::query(
@@ -911,6 +923,8 @@ pub async fn create_order(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    ApiResult::Ok(id)
+    }).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({"order_ref": origin.url(&format!("/v1/orders/{id}"))})),

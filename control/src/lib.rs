@@ -59,6 +59,34 @@ pub struct ControlConfig {
     pub node_name: String,
     /// Address the REST API is served on (recorded in `nodes`).
     pub rest_address: String,
+    /// Cluster this node belongs to (`--cluster`).
+    pub cluster: String,
+    /// NBD listeners of this node (recorded in `nodes`).
+    pub nbd_addresses: Vec<String>,
+    /// A node whose heartbeat is older than this is down (`--service-down-time`).
+    pub service_down_time: std::time::Duration,
+}
+
+impl ControlConfig {
+    /// Settings with the membership defaults: cluster [`services::DEFAULT_CLUSTER`], no
+    /// NBD listener recorded, [`services::DEFAULT_SERVICE_DOWN_SECS`].
+    pub fn new(
+        data_dir: PathBuf,
+        database: String,
+        node_name: String,
+        rest_address: String,
+    ) -> Self {
+        ControlConfig {
+            data_dir,
+            database,
+            master_key_file: None,
+            node_name,
+            rest_address,
+            cluster: services::DEFAULT_CLUSTER.to_string(),
+            nbd_addresses: Vec::new(),
+            service_down_time: std::time::Duration::from_secs(services::DEFAULT_SERVICE_DOWN_SECS),
+        }
+    }
 }
 
 /// An opened control plane.
@@ -101,7 +129,14 @@ impl Control {
             db.dialect == store::Dialect::MySql,
             cfg.node_name.clone(),
         );
-        let state = AppState::new(db, master, cfg.node_name.clone(), dataplane, locks);
+        let state = AppState::new(
+            db,
+            master,
+            cfg.node_name.clone(),
+            dataplane,
+            locks,
+            cfg.service_down_time,
+        );
         let admin_token_path = cfg.data_dir.join("admin-token");
         // Several nodes may start at once on one database: a bootstrap step that loses a
         // race (unique key) is retried and then finds the other node's rows.
@@ -133,9 +168,15 @@ impl Control {
             "bootstrap the standard metadef namespaces",
             metadefs::bootstrap(state.db())
         );
+        let me = services::NodeInfo {
+            name: cfg.node_name.clone(),
+            cluster: cfg.cluster.clone(),
+            rest: cfg.rest_address.clone(),
+            nbd: cfg.nbd_addresses.clone(),
+        };
         retried!(
             "register this node",
-            services::register_node(state.db(), &cfg.node_name, &cfg.rest_address)
+            services::register_node(state.db(), &me)
         );
         Ok(Control {
             state,
@@ -148,9 +189,29 @@ impl Control {
         openapi::router(self.state.clone())
     }
 
-    /// Refresh this node's heartbeat row (call periodically).
+    /// Refresh this node's heartbeat row (call every `--heartbeat-secs`).
     pub async fn heartbeat(&self) -> Result<(), sqlx::Error> {
         services::heartbeat(self.state.db(), self.state.node_name()).await
+    }
+
+    /// One membership tick: the heartbeat, then this node's lock leases renewed and
+    /// expired holders of any node reaped. The leases are renewed only after a
+    /// heartbeat that reached the database, so a node cut off from it loses its locks
+    /// after one lease.
+    pub async fn membership_tick(&self) -> Result<(), String> {
+        self.heartbeat()
+            .await
+            .map_err(|e| format!("heartbeat failed (database unavailable?): {e}"))?;
+        let locks = self.state.locks();
+        locks
+            .renew_node()
+            .await
+            .map_err(|e| format!("lock lease renewal failed: {e}"))?;
+        locks
+            .reap()
+            .await
+            .map_err(|e| format!("reaping expired locks failed: {e}"))?;
+        Ok(())
     }
 }
 

@@ -13,7 +13,13 @@
 //!
 //! Every acquire or release is one short transaction: `BEGIN IMMEDIATE` on SQLite, and on
 //! MariaDB `SELECT … FOR UPDATE` of the resource's row, which serialises transitions of
-//! that resource across nodes. Deadlocks and busy errors are retried. Inside the
+//! that resource across the clients of one server. On Galera that row lock is local to
+//! one member; what serialises transitions across members is that every grant and
+//! release writes the resource's `rw_locks` row (its `generation`), so of two
+//! concurrent transitions of one resource on two members, certification lets one commit
+//! and aborts the other with deadlock 1213. Each transition runs through the store's
+//! retry wrapper ([`crate::store::retry`]): an aborted transition is re-run whole, reads
+//! included, so it decides again on what the winner committed. Inside the
 //! transaction expired holders and waiters of the resource are reaped first and the
 //! counters recomputed from the holder rows, so they heal themselves after a crash.
 //!
@@ -34,6 +40,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// Grants and releases whose commit reported a conflict yet took effect (found by the
+/// next attempt of the same call), in this process.
+static AMBIGUOUS_COMMITS: AtomicU64 = AtomicU64::new(0);
+
+/// How many grants and releases reported a conflict at commit yet took effect.
+pub fn ambiguous_commits() -> u64 {
+    AMBIGUOUS_COMMITS.load(Ordering::Relaxed)
+}
+
 /// Default lease of a holder (renewed by the heartbeat well before it runs out).
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// How long a waiting writer's row stays live without being refreshed by its poll loop.
@@ -42,8 +57,6 @@ pub const WAITER_TTL: Duration = Duration::from_secs(5);
 const POLL_MIN: Duration = Duration::from_millis(20);
 /// Longest poll interval of a waiter.
 const POLL_MAX: Duration = Duration::from_millis(500);
-/// Attempts of one transaction that hits deadlocks or busy errors.
-const TX_ATTEMPTS: u32 = 20;
 
 /// Schema of the lock tables (`CREATE TABLE IF NOT EXISTS`, portable SQL).
 pub const SCHEMA: &[&str] = &[
@@ -263,22 +276,7 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Deadlock, lock wait timeout, or SQLite busy/locked: run the transaction again.
-pub fn is_retryable(e: &sqlx::Error) -> bool {
-    match e {
-        // Every connection busy (SQLite has one): wait for it rather than fail.
-        sqlx::Error::PoolTimedOut => true,
-        sqlx::Error::Database(d) => {
-            let code = d.code().map(|c| c.to_string()).unwrap_or_default();
-            // MySQL 1213 ER_LOCK_DEADLOCK, 1205 ER_LOCK_WAIT_TIMEOUT, 40001 SQLSTATE
-            // serialization failure; SQLite 5 BUSY, 6 LOCKED, 517 BUSY_SNAPSHOT.
-            matches!(code.as_str(), "1213" | "1205" | "40001" | "5" | "6" | "517")
-                || d.message().contains("database is locked")
-                || d.message().contains("Deadlock found")
-        }
-        _ => false,
-    }
-}
+pub use crate::store::is_retryable;
 
 fn mode_of(s: &str) -> Mode {
     if s == "exclusive" {
@@ -369,13 +367,12 @@ impl Locks {
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
-        if self.mysql {
-            self.pool.begin().await
+        let dialect = if self.mysql {
+            crate::store::Dialect::MySql
         } else {
-            // Take SQLite's write lock up front: a deferred transaction that reads and
-            // then writes can fail with SQLITE_BUSY on the upgrade.
-            self.pool.begin_with("BEGIN IMMEDIATE").await
-        }
+            crate::store::Dialect::Sqlite
+        };
+        crate::store::begin_write(&self.pool, dialect).await
     }
 
     fn for_update(&self) -> &'static str {
@@ -530,6 +527,20 @@ impl Locks {
 
     async fn attempt(&self, req: &LockRequest, holder_id: &str) -> Result<Attempt, sqlx::Error> {
         let mut tx = self.begin().await?;
+        // A previous attempt of this call whose commit reported a conflict may have
+        // taken effect all the same: then the grant is already ours.
+        if let Some(r) = sqlx::query(
+            "SELECT h.*, l.resource_type, l.resource_id FROM rw_lock_holders h JOIN rw_locks l ON l.id = h.lock_id WHERE h.id = ?",
+        )
+        .bind(holder_id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        {
+            tx.commit().await?;
+            AMBIGUOUS_COMMITS.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(holder = %holder_id, "a grant reported a conflict at commit but took effect");
+            return Ok(Attempt::Granted(holder_of(&r)?));
+        }
         let now = now_ms();
         let lock = self
             .lock_row(&mut tx, &req.resource_type, &req.resource_id, now)
@@ -683,23 +694,13 @@ impl Locks {
         Ok(Attempt::Granted(h))
     }
 
-    /// Run `f` as a transaction, retrying on deadlocks and busy errors.
-    async fn retrying<T, F, Fut>(&self, mut f: F) -> Result<T, sqlx::Error>
+    /// Run `f` as a transaction through the store's retry wrapper.
+    async fn retrying<T, F, Fut>(&self, f: F) -> Result<T, sqlx::Error>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
     {
-        let mut attempt = 0;
-        loop {
-            match f().await {
-                Err(e) if is_retryable(&e) && attempt + 1 < TX_ATTEMPTS => {
-                    attempt += 1;
-                    tracing::debug!(error = %e, attempt, "lock transaction conflict; retrying");
-                    tokio::time::sleep(jitter(Duration::from_millis(5 * u64::from(attempt)))).await;
-                }
-                r => return r,
-            }
-        }
+        crate::store::retry(crate::store::DEFAULT_RETRY, "lock transition", f).await
     }
 
     /// One attempt: grant now or refuse (a refused writer is recorded as waiting).
@@ -757,12 +758,22 @@ impl Locks {
 
     /// Release a holder. Returns false when it was not held (already released or reaped).
     pub async fn release(&self, holder_id: &str) -> Result<bool, LockError> {
+        let tried = std::sync::atomic::AtomicBool::new(false);
         Ok(self
-            .retrying(|| self.release_once(holder_id, "released"))
+            .retrying(|| self.release_once(holder_id, "released", &tried))
             .await?)
     }
 
-    async fn release_once(&self, holder_id: &str, reason: &str) -> Result<bool, sqlx::Error> {
+    /// One release attempt. `tried` is set when an attempt of the same call reached its
+    /// commit: if that commit reported a conflict and yet took effect (the client cannot
+    /// tell), the next attempt finds the holder gone, and the history row, released
+    /// for `reason`, says this call released it.
+    async fn release_once(
+        &self,
+        holder_id: &str,
+        reason: &str,
+        tried: &std::sync::atomic::AtomicBool,
+    ) -> Result<bool, sqlx::Error> {
         let mut tx = self.begin().await?;
         let Some(r) = sqlx::query(
             "SELECT l.resource_type AS t, l.resource_id AS r FROM rw_lock_holders h JOIN rw_locks l ON l.id = h.lock_id WHERE h.id = ?",
@@ -771,8 +782,24 @@ impl Locks {
         .fetch_optional(&mut *tx)
         .await?
         else {
+            let done = if tried.load(Ordering::Relaxed) {
+                sqlx::query("SELECT release_reason FROM rw_lock_history WHERE holder_id = ?")
+                    .bind(holder_id.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .map(|r| r.try_get::<Option<String>, _>("release_reason"))
+                    .transpose()?
+                    .flatten()
+                    .is_some_and(|r| r == reason)
+            } else {
+                false
+            };
+            if done {
+                AMBIGUOUS_COMMITS.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(holder = %holder_id, "a release reported a conflict at commit but took effect");
+            }
             tx.commit().await?;
-            return Ok(false);
+            return Ok(done);
         };
         let (t, rid): (String, String) = (r.try_get("t")?, r.try_get("r")?);
         let now = now_ms();
@@ -784,6 +811,7 @@ impl Locks {
         if found {
             self.refresh_counters(&mut tx, &lock.id, gen, now).await?;
         }
+        tried.store(true, Ordering::Relaxed);
         tx.commit().await?;
         Ok(found)
     }
@@ -846,15 +874,22 @@ impl Locks {
         let mut n = 0;
         for r in rows {
             let id: String = r.try_get("id")?;
-            if self.retrying(|| self.release_once(&id, "expired")).await? {
+            let tried = std::sync::atomic::AtomicBool::new(false);
+            if self
+                .retrying(|| self.release_once(&id, "expired", &tried))
+                .await?
+            {
                 tracing::warn!(holder = %id, "lock holder's lease expired; released");
                 n += 1;
             }
         }
-        sqlx::query("DELETE FROM rw_lock_waiters WHERE expires < ?")
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        self.retrying(|| async {
+            sqlx::query("DELETE FROM rw_lock_waiters WHERE expires < ?")
+                .bind(now)
+                .execute(&self.pool)
+                .await
+        })
+        .await?;
         Ok(n)
     }
 
@@ -867,17 +902,21 @@ impl Locks {
         let mut n = 0;
         for r in rows {
             let id: String = r.try_get("id")?;
+            let tried = std::sync::atomic::AtomicBool::new(false);
             if self
-                .retrying(|| self.release_once(&id, "node-restart"))
+                .retrying(|| self.release_once(&id, "node-restart", &tried))
                 .await?
             {
                 n += 1;
             }
         }
-        sqlx::query("DELETE FROM rw_lock_waiters WHERE node = ?")
-            .bind(node.to_string())
-            .execute(&self.pool)
-            .await?;
+        self.retrying(|| async {
+            sqlx::query("DELETE FROM rw_lock_waiters WHERE node = ?")
+                .bind(node.to_string())
+                .execute(&self.pool)
+                .await
+        })
+        .await?;
         Ok(n)
     }
 
@@ -997,16 +1036,7 @@ fn holder_of(r: &AnyRow) -> Result<Holder, sqlx::Error> {
     })
 }
 
-/// `d` scaled by a random factor in [0.5, 1.5).
-fn jitter(d: Duration) -> Duration {
-    let mut b = [0u8; 2];
-    let r = if getrandom::fill(&mut b).is_ok() {
-        u16::from_le_bytes(b)
-    } else {
-        u16::MAX / 2
-    };
-    d.mul_f64(0.5 + f64::from(r) / f64::from(u16::MAX))
-}
+use crate::store::jitter;
 
 /// Check a history for mutual exclusion: no exclusive grant overlaps any other grant
 /// (intervals in generations, open intervals run to infinity). Returns the first
@@ -1028,6 +1058,9 @@ pub fn check_history(h: &[HistoryEntry]) -> Result<(), Box<(HistoryEntry, Histor
 }
 
 pub mod api;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod conformance;
 
 #[cfg(test)]
 mod tests;

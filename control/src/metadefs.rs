@@ -711,18 +711,25 @@ async fn ns_view(conn: &mut AnyConnection, r: &AnyRow, full: bool) -> ApiResult<
 /// Create the standard namespaces on first start.
 pub async fn bootstrap(db: &Db) -> anyhow::Result<()> {
     for b in standard_namespaces() {
-        let mut tx = db.begin().await?;
-        let n = crate::store::count(
-            &mut tx,
-            "SELECT COUNT(*) AS n FROM metadef_namespaces WHERE namespace = ?",
-            &b.namespace,
-        )
-        .await?;
-        if n == 0 {
-            create_namespace_tx(&mut tx, "system", &b)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            tx.commit().await?;
+        let b = &b;
+        let created = db
+            .write("bootstrap a metadef namespace", |mut tx| async move {
+                let n = crate::store::count(
+                    &mut tx,
+                    "SELECT COUNT(*) AS n FROM metadef_namespaces WHERE namespace = ?",
+                    &b.namespace,
+                )
+                .await?;
+                if n > 0 {
+                    return ApiResult::Ok(false);
+                }
+                create_namespace_tx(&mut tx, "system", b).await?;
+                tx.commit().await?;
+                Ok(true)
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if created {
             tracing::info!(namespace = %b.namespace, "created standard metadef namespace");
         }
     }
@@ -944,11 +951,17 @@ pub async fn create_namespace(
     ApiJson(body): ApiJson<NamespaceCreate>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     ctx.require_admin()?;
-    let mut tx = st.db().begin().await?;
-    create_namespace_tx(&mut tx, &ctx.project_id, &body).await?;
-    let row = load_ns(&mut tx, &ctx, &body.namespace).await?;
-    let v = ns_view(&mut tx, &row, true).await?;
-    tx.commit().await?;
+    let (body, ctx) = (&body, &ctx);
+    let v = st
+        .db()
+        .write("create namespace", |mut tx| async move {
+            create_namespace_tx(&mut tx, &ctx.project_id, body).await?;
+            let row = load_ns(&mut tx, ctx, &body.namespace).await?;
+            let v = ns_view(&mut tx, &row, true).await?;
+            tx.commit().await?;
+            ApiResult::Ok(v)
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(v)))
 }
 

@@ -112,31 +112,38 @@ pub async fn create_project(
     ctx.require_admin()?;
     let p = body.project;
     check_required_name("project.name", &p.name)?;
-    let desc = p.description.unwrap_or_default();
+    let desc = p.description.clone().unwrap_or_default();
     check_len("project.description", &desc, 0, 255)?;
     let id = new_id();
-    let mut tx = st.db().begin().await?;
-    let taken = crate::store::count(
-        &mut tx,
-        "SELECT COUNT(*) AS n FROM projects WHERE name = ?",
-        &p.name,
-    )
-    .await?;
-    if taken > 0 {
-        return Err(ApiError::conflict(format!(
-            "a project named {:?} already exists",
-            p.name
-        )));
-    }
     let created = now();
-    sqlx::query("INSERT INTO projects (id, name, description, created_at) VALUES (?, ?, ?, ?)")
-        .bind(id.clone())
-        .bind(p.name.clone())
-        .bind(desc.clone())
-        .bind(created.clone())
-        .execute(&mut *tx)
+    let (pr, idr, descr, createdr) = (&p, &id, &desc, &created);
+    st.db()
+        .write("create a project", |mut tx| async move {
+            let taken = crate::store::count(
+                &mut tx,
+                "SELECT COUNT(*) AS n FROM projects WHERE name = ?",
+                &pr.name,
+            )
+            .await?;
+            if taken > 0 {
+                return Err(ApiError::conflict(format!(
+                    "a project named {:?} already exists",
+                    pr.name
+                )));
+            }
+            sqlx::query(
+                "INSERT INTO projects (id, name, description, created_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(idr.clone())
+            .bind(pr.name.clone())
+            .bind(descr.clone())
+            .bind(createdr.clone())
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
         .await?;
-    tx.commit().await?;
     Ok((
         StatusCode::CREATED,
         Json(
@@ -198,10 +205,16 @@ pub async fn create_token(
     let name = body.token.name.unwrap_or_default();
     check_len("token.name", &name, 0, 255)?;
     let token = generate_token()?;
-    let mut tx = st.db().begin().await?;
-    ensure_project(&mut tx, &project_id).await?;
-    let id = insert_token(&mut tx, &project_id, body.token.role, &name, &token).await?;
-    tx.commit().await?;
+    let (pid, role, namer, tokenr) = (&project_id, body.token.role, &name, &token);
+    let id = st
+        .db()
+        .write("create a token", |mut tx| async move {
+            ensure_project(&mut tx, pid).await?;
+            let id = insert_token(&mut tx, pid, role, namer, tokenr).await?;
+            tx.commit().await?;
+            ApiResult::Ok(id)
+        })
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"token": {

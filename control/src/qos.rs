@@ -245,21 +245,23 @@ pub async fn create_qos(
 ) -> ApiResult<Json<Value>> {
     admin(&st, &ctx, &project_id).await?;
     let spec = parse_create(body.qos_specs)?;
-    let mut tx = st.db().begin().await?;
-    let taken = crate::store::count(
-        &mut tx,
-        "SELECT COUNT(*) AS n FROM qos_specs WHERE name = ?",
-        &spec.name,
-    )
-    .await?;
-    if taken > 0 {
-        return Err(ApiError::conflict(format!(
-            "a QoS spec named {:?} already exists",
-            spec.name
-        )));
-    }
-    let t = now();
-    sqlx::query(
+    let spec = &spec;
+    st.db()
+        .write("create qos", |mut tx| async move {
+            let taken = crate::store::count(
+                &mut tx,
+                "SELECT COUNT(*) AS n FROM qos_specs WHERE name = ?",
+                &spec.name,
+            )
+            .await?;
+            if taken > 0 {
+                return Err(ApiError::conflict(format!(
+                    "a QoS spec named {:?} already exists",
+                    spec.name
+                )));
+            }
+            let t = now();
+            sqlx::query(
         "INSERT INTO qos_specs (id, name, consumer, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
     )
     .bind(spec.id.clone())
@@ -269,11 +271,14 @@ pub async fn create_qos(
     .bind(t)
     .execute(&mut *tx)
     .await?;
-    for (k, v) in &spec.keys {
-        set_key(&mut tx, &spec.id, k, v).await?;
-    }
-    tx.commit().await?;
-    Ok(Json(json!({ "qos_specs": view(&spec), "links": [] })))
+            for (k, v) in &spec.keys {
+                set_key(&mut tx, &spec.id, k, v).await?;
+            }
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await?;
+    Ok(Json(json!({ "qos_specs": view(spec), "links": [] })))
 }
 
 /// A create body's spec (no database needed: fuzz targets call this).
@@ -350,27 +355,33 @@ pub async fn set_qos_keys(
     if body.qos_specs.is_empty() {
         return Err(ApiError::bad_request("`qos_specs` must not be empty"));
     }
-    let mut tx = st.db().begin().await?;
-    load(&mut tx, &id).await?;
-    let mut set = Map::new();
-    for (k, v) in &body.qos_specs {
-        if k == "consumer" {
-            let c = value_text("qos_specs.consumer", v)?;
-            check_consumer(&c)?;
-            execute_args(
-                &mut tx,
-                "UPDATE qos_specs SET consumer = ?, updated_at = ? WHERE id = ?",
-                &[&c, &now(), &id],
-            )
-            .await?;
-            set.insert(k.clone(), json!(c));
-            continue;
-        }
-        let text = check_key(k, v)?;
-        set_key(&mut tx, &id, k, &text).await?;
-        set.insert(k.clone(), json!(text));
-    }
-    tx.commit().await?;
+    let (body, id) = (&body, &id);
+    let set = st
+        .db()
+        .write("set qos keys", |mut tx| async move {
+            load(&mut tx, id).await?;
+            let mut set = Map::new();
+            for (k, v) in &body.qos_specs {
+                if k == "consumer" {
+                    let c = value_text("qos_specs.consumer", v)?;
+                    check_consumer(&c)?;
+                    execute_args(
+                        &mut tx,
+                        "UPDATE qos_specs SET consumer = ?, updated_at = ? WHERE id = ?",
+                        &[&c, &now(), id],
+                    )
+                    .await?;
+                    set.insert(k.clone(), json!(c));
+                    continue;
+                }
+                let text = check_key(k, v)?;
+                set_key(&mut tx, id, k, &text).await?;
+                set.insert(k.clone(), json!(text));
+            }
+            tx.commit().await?;
+            ApiResult::Ok(set)
+        })
+        .await?;
     Ok(Json(json!({ "qos_specs": set })))
 }
 
@@ -387,22 +398,27 @@ pub async fn delete_qos_keys(
     ApiJson(body): ApiJson<DeleteKeysBody>,
 ) -> ApiResult<StatusCode> {
     admin(&st, &ctx, &project_id).await?;
-    let mut tx = st.db().begin().await?;
-    let spec = load(&mut tx, &id).await?;
-    for k in &body.keys {
-        if !spec.keys.contains_key(k) {
-            return Err(ApiError::not_found(format!(
-                "QoS spec {id} has no key {k:?}"
-            )));
-        }
-        execute_args(
-            &mut tx,
-            "DELETE FROM qos_spec_keys WHERE qos_id = ? AND spec_key = ?",
-            &[&id, k],
-        )
+    let (body, id) = (&body, &id);
+    st.db()
+        .write("delete qos keys", |mut tx| async move {
+            let spec = load(&mut tx, id).await?;
+            for k in &body.keys {
+                if !spec.keys.contains_key(k) {
+                    return Err(ApiError::not_found(format!(
+                        "QoS spec {id} has no key {k:?}"
+                    )));
+                }
+                execute_args(
+                    &mut tx,
+                    "DELETE FROM qos_spec_keys WHERE qos_id = ? AND spec_key = ?",
+                    &[id, k],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
         .await?;
-    }
-    tx.commit().await?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -423,24 +439,27 @@ pub async fn delete_qos(
         Some(f) => crate::api::parse_bool(f)
             .ok_or_else(|| ApiError::bad_request("`force` must be a boolean"))?,
     };
-    let mut tx = st.db().begin().await?;
-    load(&mut tx, &id).await?;
-    let users = types::with_qos(&mut tx, &id).await?;
+    let id = &id;
+    st.db().write("delete qos", |mut tx| async move {
+    load(&mut tx, id).await?;
+    let users = types::with_qos(&mut tx, id).await?;
     if !users.is_empty() && !force {
         return Err(ApiError::bad_request(format!(
             "QoS spec {id} is associated with {} volume type(s): disassociate them or pass force=True",
             users.len()
         )));
     }
-    types::set_qos_of_all(&mut tx, &id, None).await?;
+    types::set_qos_of_all(&mut tx, id, None).await?;
     execute_args(
         &mut tx,
         "DELETE FROM qos_spec_keys WHERE qos_id = ?",
-        &[&id],
+        &[id],
     )
     .await?;
-    execute_args(&mut tx, "DELETE FROM qos_specs WHERE id = ?", &[&id]).await?;
+    execute_args(&mut tx, "DELETE FROM qos_specs WHERE id = ?", &[id]).await?;
     tx.commit().await?;
+    ApiResult::Ok(())
+    }).await?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -486,20 +505,25 @@ pub async fn associate_qos(
     Query(q): Query<TypeQuery>,
 ) -> ApiResult<StatusCode> {
     admin(&st, &ctx, &project_id).await?;
-    let mut tx = st.db().begin().await?;
-    load(&mut tx, &id).await?;
-    let t = type_of(&mut tx, &ctx, &q).await?;
-    match &t.qos_specs_id {
-        Some(cur) if *cur == id => {}
-        Some(cur) => {
-            return Err(ApiError::bad_request(format!(
-                "volume type {} is associated with QoS spec {cur}: disassociate it first",
-                t.id
-            )))
-        }
-        None => types::set_qos(&mut tx, &t.id, Some(&id)).await?,
-    }
-    tx.commit().await?;
+    let (ctx, id, q) = (&ctx, &id, &q);
+    st.db()
+        .write("associate qos", |mut tx| async move {
+            load(&mut tx, id).await?;
+            let t = type_of(&mut tx, ctx, q).await?;
+            match &t.qos_specs_id {
+                Some(cur) if cur == id => {}
+                Some(cur) => {
+                    return Err(ApiError::bad_request(format!(
+                        "volume type {} is associated with QoS spec {cur}: disassociate it first",
+                        t.id
+                    )))
+                }
+                None => types::set_qos(&mut tx, &t.id, Some(id)).await?,
+            }
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -515,17 +539,22 @@ pub async fn disassociate_qos(
     Query(q): Query<TypeQuery>,
 ) -> ApiResult<StatusCode> {
     admin(&st, &ctx, &project_id).await?;
-    let mut tx = st.db().begin().await?;
-    load(&mut tx, &id).await?;
-    let t = type_of(&mut tx, &ctx, &q).await?;
-    if t.qos_specs_id.as_deref() != Some(id.as_str()) {
-        return Err(ApiError::bad_request(format!(
-            "volume type {} is not associated with QoS spec {id}",
-            t.id
-        )));
-    }
-    types::set_qos(&mut tx, &t.id, None).await?;
-    tx.commit().await?;
+    let (ctx, id, q) = (&ctx, &id, &q);
+    st.db()
+        .write("disassociate qos", |mut tx| async move {
+            load(&mut tx, id).await?;
+            let t = type_of(&mut tx, ctx, q).await?;
+            if t.qos_specs_id.as_deref() != Some(id.as_str()) {
+                return Err(ApiError::bad_request(format!(
+                    "volume type {} is not associated with QoS spec {id}",
+                    t.id
+                )));
+            }
+            types::set_qos(&mut tx, &t.id, None).await?;
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await?;
     Ok(StatusCode::ACCEPTED)
 }
 
@@ -539,10 +568,15 @@ pub async fn disassociate_all_qos(
     Path((project_id, id)): Path<(String, String)>,
 ) -> ApiResult<StatusCode> {
     admin(&st, &ctx, &project_id).await?;
-    let mut tx = st.db().begin().await?;
-    load(&mut tx, &id).await?;
-    types::set_qos_of_all(&mut tx, &id, None).await?;
-    tx.commit().await?;
+    let id = &id;
+    st.db()
+        .write("disassociate all qos", |mut tx| async move {
+            load(&mut tx, id).await?;
+            types::set_qos_of_all(&mut tx, id, None).await?;
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await?;
     Ok(StatusCode::ACCEPTED)
 }
 

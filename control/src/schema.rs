@@ -70,4 +70,6 @@ pub const MIGRATIONS: &[Migration] = &[(
 // Volumes on LUN pools (issue 15).
 (10, crate::volumes::manageable::SCHEMA),
 // NBD attachments' sealed pre-shared keys and Unix-socket peers (issue 12).
-(11, crate::volumes::SCHEMA_11)];
+(11, crate::volumes::SCHEMA_11),
+// Cluster membership (issue 16): a node's cluster and the addresses it serves on.
+(12, crate::services::SCHEMA_12)];

@@ -10,6 +10,7 @@ use crate::locks::Locks;
 use crate::seal::MasterKey;
 use crate::store::Db;
 use std::sync::Arc;
+use std::time::Duration;
 
 struct Inner {
     db: Db,
@@ -17,6 +18,7 @@ struct Inner {
     node_name: String,
     dataplane: Arc<dyn DataPlane>,
     locks: Locks,
+    service_down_time: Duration,
 }
 
 /// State shared by all handlers (cheap to clone).
@@ -31,6 +33,7 @@ impl AppState {
         node_name: String,
         dataplane: Arc<dyn DataPlane>,
         locks: Locks,
+        service_down_time: Duration,
     ) -> Self {
         AppState(Arc::new(Inner {
             db,
@@ -38,6 +41,7 @@ impl AppState {
             node_name,
             dataplane,
             locks,
+            service_down_time,
         }))
     }
     /// The database.
@@ -59,5 +63,9 @@ impl AppState {
     /// The database read-write locks, as this node.
     pub fn locks(&self) -> &Locks {
         &self.0.locks
+    }
+    /// A node whose heartbeat is older than this is down.
+    pub fn service_down_time(&self) -> Duration {
+        self.0.service_down_time
     }
 }

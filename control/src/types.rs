@@ -53,28 +53,31 @@ pub const SCHEMA_7: &[&str] =
 
 /// Create `__DEFAULT__` on first start.
 pub async fn bootstrap(db: &Db) -> anyhow::Result<()> {
-    let mut tx = db.begin().await?;
-    let n = crate::store::count(
-        &mut tx,
-        "SELECT COUNT(*) AS n FROM volume_types WHERE name = ?",
-        DEFAULT_TYPE,
-    )
-    .await?;
-    if n == 0 {
-        let t = now();
-        sqlx::query(
-            "INSERT INTO volume_types (id, name, description, is_public, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?)",
-        )
-        .bind(new_id())
-        .bind(DEFAULT_TYPE)
-        .bind("Default Volume Type")
-        .bind(t.clone())
-        .bind(t)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    let r: Result<(), sqlx::Error> = db
+        .write("bootstrap the default volume type", |mut tx| async move {
+            let n = crate::store::count(
+                &mut tx,
+                "SELECT COUNT(*) AS n FROM volume_types WHERE name = ?",
+                DEFAULT_TYPE,
+            )
+            .await?;
+            if n == 0 {
+                let t = now();
+                sqlx::query(
+                    "INSERT INTO volume_types (id, name, description, is_public, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?)",
+                )
+                .bind(new_id())
+                .bind(DEFAULT_TYPE)
+                .bind("Default Volume Type")
+                .bind(t.clone())
+                .bind(t)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await
+        })
+        .await;
+    Ok(r?)
 }
 
 /// `POST /types` body.
@@ -691,7 +694,8 @@ pub async fn create_type(
     if let Some(d) = &b.description {
         check_len("volume_type.description", d, 0, 255)?;
     }
-    let mut tx = st.db().begin().await?;
+    let (b, ctx) = (&b, &ctx);
+    let view = st.db().write("create type", |mut tx| async move {
     let taken = crate::store::count(
         &mut tx,
         "SELECT COUNT(*) AS n FROM volume_types WHERE name = ?",
@@ -704,8 +708,8 @@ pub async fn create_type(
             b.name
         )));
     }
-    let specs = b.extra_specs.unwrap_or_default();
-    let meta = b.metadata.unwrap_or_default();
+    let specs = b.extra_specs.clone().unwrap_or_default();
+    let meta = b.metadata.clone().unwrap_or_default();
     for (k, v) in &specs {
         validate_kv(&mut tx, Kv::Specs, k, v).await?;
     }
@@ -734,13 +738,15 @@ pub async fn create_type(
     }
     let row = TypeRow {
         id,
-        name: b.name,
-        description: b.description,
+        name: b.name.clone(),
+        description: b.description.clone(),
         is_public,
         qos_specs_id: None,
     };
-    let view = type_view(&mut tx, &ctx, &row).await?;
+    let view = type_view(&mut tx, ctx, &row).await?;
     tx.commit().await?;
+    ApiResult::Ok(view)
+    }).await?;
     Ok(Json(json!({ "volume_type": view })))
 }
 

@@ -1237,13 +1237,12 @@ api_test!(restart_keeps_state, |h| {
     // Re-opening the same data dir and database reuses the admin token and master key.
     let v = h.admin_ok(POST, "/v1/secrets", Some(json!({"payload": "pw", "payload_content_type": "text/plain", "secret_type": "passphrase"})), 201).await;
     let sid = ref_id(&v["secret_ref"]);
-    let cfg = ember_control::ControlConfig {
-        data_dir: h.dir.path().to_path_buf(),
-        database: String::new(),
-        master_key_file: None,
-        node_name: "n2".into(),
-        rest_address: "x".into(),
-    };
+    let cfg = ember_control::ControlConfig::new(
+        h.dir.path().to_path_buf(),
+        String::new(),
+        "n2".into(),
+        "x".into(),
+    );
     let _ = cfg;
     let pp = ember_control::keys::unlock_passphrase(&h.control.state, &h.admin_project, &sid)
         .await

@@ -17,11 +17,13 @@ async fn two_nodes(database: String, mysql: Option<(String, String)>) {
     std::fs::write(&key, [42u8; 32]).unwrap();
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let cfg = |i: usize| ControlConfig {
-        data_dir: dirs[i].path().to_path_buf(),
-        database: database.clone(),
         master_key_file: Some(key.clone()),
-        node_name: format!("node-{i}"),
-        rest_address: format!("127.0.0.1:{}", 9000 + i),
+        ..ControlConfig::new(
+            dirs[i].path().to_path_buf(),
+            database.clone(),
+            format!("node-{i}"),
+            format!("127.0.0.1:{}", 9000 + i),
+        )
     };
     let (c0, c1) = (cfg(0), cfg(1));
     let (a, b) = tokio::join!(

@@ -1204,6 +1204,63 @@ async fn services_clusters_limits() {
         .await;
     f.admin(GET, &format!("/v3/{pa}/clusters/other"), None, 404)
         .await;
+    // Two more nodes in cluster `east`; one stopped heartbeating long ago.
+    let db = f.h.control.state.db();
+    for name in ["east-1", "east-2"] {
+        ember_control::services::register_node(
+            db,
+            &ember_control::services::NodeInfo {
+                name: name.into(),
+                cluster: "east".into(),
+                rest: "127.0.0.1:1".into(),
+                nbd: vec!["127.0.0.1:2".into()],
+            },
+        )
+        .await
+        .unwrap();
+    }
+    sqlx::query("UPDATE nodes SET heartbeat_at = '2026-01-01T00:00:00Z' WHERE name = 'east-2'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let c = f
+        .admin(GET, &format!("/v3/{pa}/clusters/detail"), None, 200)
+        .await;
+    let names: Vec<&str> = c["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["east", "ember"]);
+    let east = &c["clusters"][0];
+    assert_eq!(
+        (&east["num_hosts"], &east["num_down_hosts"], &east["state"]),
+        (&json!(2), &json!(1), &json!("up")),
+        "{c}"
+    );
+    let s = f
+        .admin(
+            GET,
+            &format!("/v3/{pa}/os-services?host=east-2@ember"),
+            None,
+            200,
+        )
+        .await;
+    assert_eq!(
+        (&s["services"][0]["state"], &s["services"][0]["cluster"]),
+        (&json!("down"), &json!("east")),
+        "{s}"
+    );
+    let e = f
+        .admin(GET, &format!("/v3/{pa}/clusters/east"), None, 200)
+        .await;
+    assert_eq!(e["cluster"]["num_down_hosts"], 1);
+    let nodes = ember_control::services::list_nodes(db, std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let e1 = nodes.iter().find(|n| n.name == "east-1").unwrap();
+    assert_eq!(e1.addresses["nbd"], json!(["127.0.0.1:2"]));
     f.volume("a", json!({"size": 2})).await;
     let l = f.ok(GET, &f.v3("/limits"), None, 200).await;
     let abs = &l["limits"]["absolute"];

@@ -3,8 +3,12 @@
 //! Settings come from flags, then environment variables (`EMBER_*`, shown in `--help`),
 //! then the TOML file given by `--config` (same keys as the flags, kebab-case), then the
 //! defaults. The REST shim runs on a small tokio runtime; SIGTERM/SIGINT stop accepting
-//! requests, let in-flight ones finish and exit 0. Every minute the node's heartbeat row
-//! is refreshed so other cluster members can tell it is alive. REST connections are
+//! requests, let in-flight ones finish and exit 0. The node registers in the database
+//! under `--node-name` in cluster `--cluster` with the addresses it serves on, and every
+//! `--heartbeat-secs` (or every third of the lock lease, if that is shorter) one tick
+//! refreshes its heartbeat row, then renews its lock leases and reaps expired holders
+//! ([`ember_control::Control::membership_tick`]); other nodes show it `down` once the
+//! heartbeat is older than `--service-down-time`. REST connections are
 //! bounded in number (in all and per peer address) and closed when idle
 //! ([`crate::rest_listener`]): a peer that sends half a request holds nothing for long.
 //!
@@ -21,12 +25,13 @@
 //! reaches it only through its typed volume-lifecycle interface,
 //! [`ember_control::DataPlane`], implemented by [`EmberDataPlane`]: storage pools, LUKS
 //! header work, device stacks, NBD exports and vhost-user sockets in `--vhost-dir`.
-//! At start-up a reconciliation pass cleans up after a crash; lock leases are renewed
-//! every third of `--lock-lease-secs`; every `--lun-health-secs` the attached LUN
-//! volumes are checked and their faults shown on them
-//! ([`ember_control::volumes::manageable::check_health`]). At exit the data plane stops every attachment,
-//! then the runtime waits at most [`BLOCKING_SHUTDOWN`] for blocking work still
-//! running (a copy, an unlock).
+//! At start-up a reconciliation pass cleans up after a crash. While it serves, two
+//! periodic tasks run: the membership tick above (heartbeat, then lock leases renewed
+//! and expired holders reaped), and every `--lun-health-secs` the health check of the
+//! attached LUN volumes, whose faults are shown on them
+//! ([`ember_control::volumes::manageable::check_health`]). At exit both tasks stop, the
+//! data plane stops every attachment, then the runtime waits at most
+//! [`BLOCKING_SHUTDOWN`] for blocking work still running (a copy, an unlock).
 
 use crate::dataplane::luns::LunPoolSetup;
 use crate::dataplane::EmberDataPlane;
@@ -68,6 +73,19 @@ pub struct ServeArgs {
     /// This node's name in the cluster [default: the host name].
     #[arg(long, env = "EMBER_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
+    /// Cluster this node joins: nodes with the same name and database form one cluster
+    /// (`GET /v3/{project_id}/clusters`) [default: ember].
+    #[arg(long, env = "EMBER_CLUSTER", value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// Seconds between two heartbeats of this node in the database (Cinder's
+    /// report_interval); the same tick renews its lock leases [default: 10].
+    #[arg(long, env = "EMBER_HEARTBEAT_SECS", value_name = "SECS")]
+    pub heartbeat_secs: Option<u64>,
+    /// A node whose last heartbeat is older than this many seconds is shown `down` in
+    /// os-services and clusters (Cinder's service_down_time); at least twice
+    /// --heartbeat-secs [default: 60].
+    #[arg(long, env = "EMBER_SERVICE_DOWN_TIME", value_name = "SECS")]
+    pub service_down_time: Option<u64>,
     /// Master key sealing secrets (32 raw bytes or 64 hex chars, mode 0600) [default: DATA/master.key, created if missing].
     #[arg(long, env = "EMBER_MASTER_KEY_FILE", value_name = "FILE")]
     pub master_key_file: Option<PathBuf>,
@@ -122,6 +140,10 @@ pub struct ConfigFile {
     pub vhost_dir: Option<PathBuf>,
     pub database: Option<String>,
     pub node_name: Option<String>,
+    pub cluster: Option<String>,
+    pub heartbeat_secs: Option<u64>,
+    pub service_down_time: Option<u64>,
+    pub lock_lease_secs: Option<u64>,
     pub master_key_file: Option<PathBuf>,
     pub pools: Option<BTreeMap<String, RawPool>>,
     pub max_pbkdf2_iterations: Option<u32>,
@@ -319,6 +341,12 @@ pub struct ServeConfig {
     pub vhost_dir: PathBuf,
     pub database: String,
     pub node_name: String,
+    /// `--cluster`.
+    pub cluster: String,
+    /// `--heartbeat-secs`.
+    pub heartbeat: Duration,
+    /// `--service-down-time`.
+    pub service_down_time: Duration,
     pub master_key_file: Option<PathBuf>,
     pub pools: BTreeMap<String, PoolConfig>,
     /// LUN pools (`kind = "lun"`).
@@ -406,6 +434,30 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         !node_name.is_empty() && node_name.len() <= 255,
         "--node-name must be 1..255 characters"
     );
+    let cluster = args
+        .cluster
+        .or(file.cluster)
+        .unwrap_or_else(|| ember_control::services::DEFAULT_CLUSTER.to_string());
+    anyhow::ensure!(
+        !cluster.is_empty() && cluster.len() <= 255,
+        "--cluster must be 1..255 characters"
+    );
+    let heartbeat_secs = args
+        .heartbeat_secs
+        .or(file.heartbeat_secs)
+        .unwrap_or(ember_control::services::DEFAULT_HEARTBEAT_SECS);
+    anyhow::ensure!(
+        (1..=3600).contains(&heartbeat_secs),
+        "--heartbeat-secs must be 1..3600"
+    );
+    let service_down_time = args
+        .service_down_time
+        .or(file.service_down_time)
+        .unwrap_or(ember_control::services::DEFAULT_SERVICE_DOWN_SECS);
+    anyhow::ensure!(
+        service_down_time >= 2 * heartbeat_secs && service_down_time <= 86_400,
+        "--service-down-time must be at least twice --heartbeat-secs ({heartbeat_secs}) and at most 86400"
+    );
     let master_key_file = args.master_key_file.or(file.master_key_file);
     let rest_limits = RestLimits {
         max_conns: args
@@ -434,7 +486,10 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         (1..=86_400).contains(&rest_limits.idle_timeout.as_secs()),
         "--rest-idle-timeout-secs must be 1..86400"
     );
-    let lease_secs = args.lock_lease_secs.unwrap_or(DEFAULT_LOCK_LEASE_SECS);
+    let lease_secs = args
+        .lock_lease_secs
+        .or(file.lock_lease_secs)
+        .unwrap_or(DEFAULT_LOCK_LEASE_SECS);
     anyhow::ensure!(
         (1..=3600).contains(&lease_secs),
         "--lock-lease-secs must be 1..3600"
@@ -483,6 +538,9 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         vhost_dir,
         database,
         node_name,
+        cluster,
+        heartbeat: Duration::from_secs(heartbeat_secs),
+        service_down_time: Duration::from_secs(service_down_time),
         master_key_file,
         pools,
         lun_pools,
@@ -558,6 +616,9 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         master_key_file: cfg.master_key_file.clone(),
         node_name: cfg.node_name.clone(),
         rest_address: cfg.rest.to_string(),
+        cluster: cfg.cluster.clone(),
+        nbd_addresses: nbd_bound.clone(),
+        service_down_time: cfg.service_down_time,
     };
     let control = match Control::open(&ccfg, dataplane.clone()).await {
         Ok(c) => c,
@@ -582,6 +643,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(
         rest = %addr,
         node = %cfg.node_name,
+        cluster = %cfg.cluster,
         database = %ember_control::store::redact(&cfg.database),
         admin_token_file = %control.admin_token_path.display(),
         pools = ?cfg.pools.keys().collect::<Vec<_>>(),
@@ -590,27 +652,20 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     );
     tracing::info!(listeners = %nbd_bound.join(" "), "NBD server listening");
     let control = Arc::new(control);
-    let hb = control.clone();
-    let heartbeat = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(60));
+    // Membership: heartbeat, then lease renewal and reaping, on one tick (the leases
+    // are renewed only while the heartbeat reaches the database).
+    let tick = cfg
+        .heartbeat
+        .min(cfg.lock_lease / 3)
+        .max(Duration::from_millis(100));
+    let member = control.clone();
+    let membership = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = hb.heartbeat().await {
-                tracing::warn!(error = %e, "heartbeat failed (database unavailable?)");
-            }
-        }
-    });
-    // Lock leases: renewed every third of the lease, expired holders reaped.
-    let lk = control.state.locks().clone();
-    let leases = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(lk.lease() / 3);
-        loop {
-            tick.tick().await;
-            if let Err(e) = lk.renew_node().await {
-                tracing::warn!(error = %e, "lock lease renewal failed (database unavailable?)");
-            }
-            if let Err(e) = lk.reap().await {
-                tracing::warn!(error = %e, "reaping expired locks failed");
+            if let Err(e) = member.membership_tick().await {
+                tracing::warn!(error = %e, "membership tick failed");
             }
         }
     });
@@ -629,8 +684,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     });
     let listener = BoundedListener::new(listener, cfg.rest_limits);
     let served = axum_serve(listener, control.router(), signals).await;
-    heartbeat.abort();
-    leases.abort();
+    membership.abort();
     health.abort();
     dataplane.shutdown();
     served?;
@@ -686,6 +740,9 @@ mod tests {
             vhost_dir: None,
             database: None,
             node_name: Some("n1".into()),
+            cluster: None,
+            heartbeat_secs: None,
+            service_down_time: None,
             master_key_file: None,
             config: None,
             lock_lease_secs: None,
@@ -697,6 +754,42 @@ mod tests {
             nbd_limits: NbdLimitArgs::default(),
             nbd_tls: None,
         }
+    }
+
+    #[test]
+    fn membership_flags() {
+        let c = resolve(args()).unwrap();
+        assert_eq!(c.cluster, "ember");
+        assert_eq!(c.heartbeat, Duration::from_secs(10));
+        assert_eq!(c.service_down_time, Duration::from_secs(60));
+        let c = resolve(ServeArgs {
+            cluster: Some("east".into()),
+            heartbeat_secs: Some(2),
+            service_down_time: Some(5),
+            ..args()
+        })
+        .unwrap();
+        assert_eq!(
+            (
+                c.cluster.as_str(),
+                c.heartbeat.as_secs(),
+                c.service_down_time.as_secs()
+            ),
+            ("east", 2, 5)
+        );
+        // A node would flap: down between two heartbeats.
+        let e = resolve(ServeArgs {
+            heartbeat_secs: Some(10),
+            service_down_time: Some(15),
+            ..args()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("--service-down-time"), "{e}");
+        assert!(resolve(ServeArgs {
+            cluster: Some(String::new()),
+            ..args()
+        })
+        .is_err());
     }
 
     #[test]

@@ -192,7 +192,7 @@ pub struct AclBody {
 }
 
 /// A read ACL.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AclRead {
     /// Token ids allowed to read.
@@ -226,9 +226,10 @@ async fn write_acl(
 ) -> ApiResult<Acl> {
     check_acl_body(&b)?;
     check_writer(st, ctx, id).await?;
-    let mut tx = st.db().begin().await?;
+    let b = &b;
+    let acl = st.db().write("write acl", |mut tx| async move {
     let cur = acl_of(&mut tx, id).await?;
-    let read = b.read.unwrap_or(AclRead {
+    let read = b.read.clone().unwrap_or(AclRead {
         users: None,
         project_access: None,
     });
@@ -265,6 +266,8 @@ async fn write_acl(
     }
     let acl = acl_of(&mut tx, id).await?;
     tx.commit().await?;
+    ApiResult::Ok(acl)
+    }).await?;
     Ok(acl)
 }
 
@@ -338,9 +341,14 @@ pub async fn delete_acl(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     check_writer(&st, &ctx, &id).await?;
-    let mut tx = st.db().begin().await?;
-    forget_acl(&mut tx, &id).await?;
-    tx.commit().await?;
+    let id = &id;
+    st.db()
+        .write("delete acl", |mut tx| async move {
+            forget_acl(&mut tx, id).await?;
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await?;
     Ok(Json(json!({})))
 }
 
@@ -445,18 +453,23 @@ pub async fn put_secret_metadata(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     check_metadata_body(&b)?;
     check_writer(&st, &ctx, &id).await?;
-    let mut tx = st.db().begin().await?;
-    execute_args(
-        &mut tx,
-        "DELETE FROM secret_metadata WHERE secret_id = ?",
-        &[&id],
-    )
-    .await?;
-    for (k, v) in &b.metadata {
-        let k = check_meta(k, v)?;
-        set_meta(&mut tx, &id, &k, v).await?;
-    }
-    tx.commit().await?;
+    let (b, id) = (&b, &id);
+    st.db()
+        .write("put secret metadata", |mut tx| async move {
+            execute_args(
+                &mut tx,
+                "DELETE FROM secret_metadata WHERE secret_id = ?",
+                &[id],
+            )
+            .await?;
+            for (k, v) in &b.metadata {
+                let k = check_meta(k, v)?;
+                set_meta(&mut tx, id, &k, v).await?;
+            }
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"metadata_ref": origin.url(&format!("/v1/secrets/{id}/metadata"))})),
@@ -476,15 +489,20 @@ async fn add_item(
         return Err(ApiError::bad_request("`key` must be the key of the URL"));
     }
     check_writer(st, ctx, id).await?;
-    let mut tx = st.db().begin().await?;
-    let exists = metadata_of(&mut tx, id).await?.contains_key(&k);
-    if create_only && exists {
-        return Err(ApiError::conflict(format!(
-            "secret {id} already has metadata key {k:?}"
-        )));
-    }
-    set_meta(&mut tx, id, &k, &b.value).await?;
-    tx.commit().await?;
+    let (b, k) = (&b, &k);
+    st.db()
+        .write("add item", |mut tx| async move {
+            let exists = metadata_of(&mut tx, id).await?.contains_key(k);
+            if create_only && exists {
+                return Err(ApiError::conflict(format!(
+                    "secret {id} already has metadata key {k:?}"
+                )));
+            }
+            set_meta(&mut tx, id, k, &b.value).await?;
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await?;
     Ok(json!({"key": k, "value": b.value}))
 }
 

@@ -4,7 +4,10 @@
 //! Admin only. `POST` waits up to `wait_s` (default 0: one attempt) and answers 409 with
 //! `Retry-After` when the lock stays busy. Locks taken here are `external`: their lease
 //! is their own `ttl_s` (default 60 s), renewed by `PUT /v3/locks/{id}`, not by the
-//! heartbeat of the node that served the request.
+//! heartbeat of the node that served the request — unless `node_lease` is true: then
+//! the holder belongs to that node like its own operations' locks (the node's lease,
+//! renewed by its heartbeat, released when it restarts, expired one lease after it
+//! dies), for an orchestrator that runs beside its node and must not outlive it.
 
 use super::{LockRequest, Mode};
 use crate::api::{check_len, ApiJson};
@@ -49,6 +52,8 @@ pub struct LockCreate {
     pub holder: Option<String>,
     /// Lease in seconds (default 60).
     pub ttl_s: Option<u64>,
+    /// Tie the holder to the serving node's heartbeat instead of `ttl_s` (default false).
+    pub node_lease: Option<bool>,
     /// How long to wait for the lock (default 0).
     pub wait_s: Option<f64>,
 }
@@ -124,6 +129,12 @@ pub async fn create_lock(
     check_len("lock.operation", &op, 1, 64)?;
     let holder = l.holder.unwrap_or_default();
     check_len("lock.holder", &holder, 0, 255)?;
+    let node_lease = l.node_lease.unwrap_or(false);
+    if node_lease && l.ttl_s.is_some() {
+        return Err(ApiError::bad_request(
+            "`lock.ttl_s` and `lock.node_lease` exclude each other",
+        ));
+    }
     let ttl = l.ttl_s.unwrap_or(DEFAULT_TTL_S);
     if ttl == 0 || ttl > MAX_TTL_S {
         return Err(ApiError::bad_request(format!(
@@ -142,8 +153,8 @@ pub async fn create_lock(
         mode: l.mode,
         operation: op,
         holder,
-        external: true,
-        lease: Some(Duration::from_secs(ttl)),
+        external: !node_lease,
+        lease: (!node_lease).then(|| Duration::from_secs(ttl)),
         wait: Duration::from_secs_f64(wait),
     };
     let h = if wait == 0.0 {

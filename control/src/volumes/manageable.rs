@@ -656,61 +656,71 @@ pub async fn manage(
     drop(conn);
 
     let vol_id = new_id();
-    let mut tx = st.db().begin().await?;
-    // A row left by a deleted volume frees its LUN.
-    sqlx::query(
-        "DELETE FROM managed_luns WHERE pool = ? AND lun = ? \
+    let (lun, pool, project_id, req, st, t, vol_id) =
+        (&lun, &pool, &project_id, &req, &st, &t, &vol_id);
+    let (luks, v) = st
+        .db()
+        .write("manage", |mut tx| async move {
+            // A row left by a deleted volume frees its LUN.
+            sqlx::query(
+                "DELETE FROM managed_luns WHERE pool = ? AND lun = ? \
          AND NOT EXISTS (SELECT 1 FROM volumes v WHERE v.id = managed_luns.volume_id)",
-    )
-    .bind(pool.clone())
-    .bind(lun.clone())
-    .execute(&mut *tx)
-    .await?;
-    let sql = "SELECT volume_id FROM managed_luns WHERE pool = ? AND lun = ?";
-    let held = fetch_optional_args(&mut tx, sql, &[&pool, &lun]).await?;
-    if let Some(r) = held {
-        return Err(ApiError::conflict(format!(
-            "LUN {lun} of pool {pool} is managed already (volume {})",
-            get_str(&r, "volume_id")?
-        )));
-    }
-    let (key, luks) = match &t.encryption {
-        None => (None, None),
-        Some(enc) => {
-            let k =
-                keys::order_volume_key(&mut tx, st.master(), &project_id, enc.key_fit(), &vol_id)
+            )
+            .bind(pool.clone())
+            .bind(lun.clone())
+            .execute(&mut *tx)
+            .await?;
+            let sql = "SELECT volume_id FROM managed_luns WHERE pool = ? AND lun = ?";
+            let held = fetch_optional_args(&mut tx, sql, &[pool, lun]).await?;
+            if let Some(r) = held {
+                return Err(ApiError::conflict(format!(
+                    "LUN {lun} of pool {pool} is managed already (volume {})",
+                    get_str(&r, "volume_id")?
+                )));
+            }
+            let (key, luks) = match &t.encryption {
+                None => (None, None),
+                Some(enc) => {
+                    let k = keys::order_volume_key(
+                        &mut tx,
+                        st.master(),
+                        project_id,
+                        enc.key_fit(),
+                        vol_id,
+                    )
                     .await?;
-            let pass = Passphrase::new(keys::volume_passphrase(&mut tx, st.master(), &k).await?);
-            let f = LuksFormat {
-                version: enc.luks_version(),
-                key_bits: enc.key_bits(),
-                passphrase: pass,
+                    let pass =
+                        Passphrase::new(keys::volume_passphrase(&mut tx, st.master(), &k).await?);
+                    let f = LuksFormat {
+                        version: enc.luks_version(),
+                        key_bits: enc.key_bits(),
+                        passphrase: pass,
+                    };
+                    (Some(k), Some(f))
+                }
             };
-            (Some(k), Some(f))
-        }
-    };
-    let t_now = now();
-    let v = Vol {
-        id: vol_id.clone(),
-        project_id: project_id.clone(),
-        name: req.name.clone().unwrap_or_default(),
-        description: req.description.clone(),
-        size_bytes: 0,
-        type_id: t.id.clone(),
-        encryption_key_id: key.clone(),
-        owns_key: key.is_some(),
-        pool: pool.clone(),
-        node_id: Some(st.node_name().to_string()),
-        status: Status::Creating,
-        source_volid: None,
-        snapshot_id: None,
-        bootable: req.bootable.unwrap_or(false),
-        readonly: false,
-        created_at: t_now.clone(),
-        updated_at: t_now.clone(),
-    };
-    rows::insert_vol(&mut tx, &v).await?;
-    sqlx::query(
+            let t_now = now();
+            let v = Vol {
+                id: vol_id.clone(),
+                project_id: project_id.clone(),
+                name: req.name.clone().unwrap_or_default(),
+                description: req.description.clone(),
+                size_bytes: 0,
+                type_id: t.id.clone(),
+                encryption_key_id: key.clone(),
+                owns_key: key.is_some(),
+                pool: pool.clone(),
+                node_id: Some(st.node_name().to_string()),
+                status: Status::Creating,
+                source_volid: None,
+                snapshot_id: None,
+                bootable: req.bootable.unwrap_or(false),
+                readonly: false,
+                created_at: t_now.clone(),
+                updated_at: t_now.clone(),
+            };
+            rows::insert_vol(&mut tx, &v).await?;
+            sqlx::query(
         "INSERT INTO managed_luns (volume_id, pool, lun, identity, fault, fault_at, managed_at) \
          VALUES (?, ?, ?, NULL, NULL, NULL, ?)",
     )
@@ -726,9 +736,12 @@ pub async fn manage(
         }
         _ => e.into(),
     })?;
-    tx.commit().await?;
+            tx.commit().await?;
+            ApiResult::Ok((luks, v))
+        })
+        .await?;
     tracing::info!(volume = %vol_id, pool = %pool, lun = %lun, encrypted = luks.is_some(), "managing a LUN");
-    tokio::spawn(run_manage(st.clone(), v.clone(), lun, luks));
+    tokio::spawn(run_manage(st.clone(), v.clone(), lun.clone(), luks));
     let mut conn = st.db().pool.acquire().await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -824,10 +837,14 @@ pub async fn unmanage(st: &AppState, ctx: &Ctx, project_id: &str, id: &str) -> A
         rows::apply(&mut conn, &v.object(), Event::DeleteAbandoned).await?;
         return Err(dp_error("release the LUN", e));
     }
-    let mut tx = st.db().begin().await?;
-    rows::delete_vol(&mut tx, id).await?;
-    delete_row(&mut tx, id).await?;
-    tx.commit().await?;
+    st.db()
+        .write("unmanage", |mut tx| async move {
+            rows::delete_vol(&mut tx, id).await?;
+            delete_row(&mut tx, id).await?;
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await?;
     tracing::info!(volume = %id, key = ?v.encryption_key_id, "LUN volume unmanaged (its bytes and key stay)");
     Ok(())
 }

@@ -457,106 +457,111 @@ async fn insert_new_volume(
     size: u64,
     src: Option<&Src>,
 ) -> ApiResult<(Vol, Build)> {
-    let mut tx = st.db().begin().await?;
-    if let Some(s) = src {
-        if !source_still_there(&mut tx, s).await? {
-            return Err(ApiError::conflict(format!(
-                "source {} {} is being deleted",
-                s.kind, s.id
-            )));
-        }
-    }
-    let object = ObjectRef::volume(&pool.name, vol_id);
-    let (key, owns_key, build) = match &t.encryption {
-        None => (None, false, None),
-        Some(enc) => {
-            let (kid, owns) = match &req.encryption_key_id {
-                Some(k) => (k.clone(), false),
-                None => {
-                    let k = keys::order_volume_key(
-                        &mut tx,
-                        st.master(),
-                        project_id,
-                        enc.key_fit(),
-                        vol_id,
-                    )
-                    .await?;
-                    (k, true)
+    // Run again whole on a conflict (a random key ordered again, nothing outside the
+    // database touched before the commit).
+    st.db()
+        .write("insert a new volume", |mut tx| async move {
+            if let Some(s) = src {
+                if !source_still_there(&mut tx, s).await? {
+                    return Err(ApiError::conflict(format!(
+                        "source {} {} is being deleted",
+                        s.kind, s.id
+                    )));
+                }
+            }
+            let object = ObjectRef::volume(&pool.name, vol_id);
+            let (key, owns_key, build) = match &t.encryption {
+                None => (None, false, None),
+                Some(enc) => {
+                    let (kid, owns) = match &req.encryption_key_id {
+                        Some(k) => (k.clone(), false),
+                        None => {
+                            let k = keys::order_volume_key(
+                                &mut tx,
+                                st.master(),
+                                project_id,
+                                enc.key_fit(),
+                                vol_id,
+                            )
+                            .await?;
+                            (k, true)
+                        }
+                    };
+                    let new = passphrase(&mut tx, st, &kid).await?;
+                    let build = match src {
+                        None => Build::Blank(CreateVolume {
+                            volume: object.clone(),
+                            size,
+                            luks: Some(LuksFormat {
+                                version: enc.luks_version(),
+                                key_bits: enc.key_bits(),
+                                passphrase: new,
+                            }),
+                        }),
+                        Some(s) => {
+                            let old = s
+                                .key
+                                .as_deref()
+                                .ok_or_else(|| ApiError::internal("the source's key is missing"))?;
+                            Build::Copy(CloneVolume {
+                                source: s.object.clone(),
+                                volume: object.clone(),
+                                size,
+                                rekey: Some(Rekey {
+                                    old: passphrase(&mut tx, st, old).await?,
+                                    new,
+                                }),
+                            })
+                        }
+                    };
+                    (Some(kid), owns, Some(build))
                 }
             };
-            let new = passphrase(&mut tx, st, &kid).await?;
-            let build = match src {
+            let build = build.unwrap_or_else(|| match src {
                 None => Build::Blank(CreateVolume {
                     volume: object.clone(),
                     size,
-                    luks: Some(LuksFormat {
-                        version: enc.luks_version(),
-                        key_bits: enc.key_bits(),
-                        passphrase: new,
-                    }),
+                    luks: None,
                 }),
-                Some(s) => {
-                    let old = s
-                        .key
-                        .as_deref()
-                        .ok_or_else(|| ApiError::internal("the source's key is missing"))?;
-                    Build::Copy(CloneVolume {
-                        source: s.object.clone(),
-                        volume: object.clone(),
-                        size,
-                        rekey: Some(Rekey {
-                            old: passphrase(&mut tx, st, old).await?,
-                            new,
-                        }),
-                    })
-                }
+                Some(s) => Build::Copy(CloneVolume {
+                    source: s.object.clone(),
+                    volume: object.clone(),
+                    size,
+                    rekey: None,
+                }),
+            });
+            let t_now = now();
+            let v = Vol {
+                id: vol_id.to_string(),
+                project_id: project_id.to_string(),
+                name: req.name.clone(),
+                description: req.description.clone(),
+                size_bytes: size,
+                type_id: t.id.clone(),
+                encryption_key_id: key,
+                owns_key,
+                pool: pool.name.clone(),
+                node_id: Some(st.node_name().to_string()),
+                status: Status::Creating,
+                source_volid: match &req.source {
+                    Some(Source::Volume(id)) => Some(id.clone()),
+                    _ => None,
+                },
+                snapshot_id: match &req.source {
+                    Some(Source::Snapshot(id)) => Some(id.clone()),
+                    _ => None,
+                },
+                bootable: src.is_some_and(|s| s.bootable),
+                readonly: false,
+                created_at: t_now.clone(),
+                updated_at: t_now,
             };
-            (Some(kid), owns, Some(build))
-        }
-    };
-    let build = build.unwrap_or_else(|| match src {
-        None => Build::Blank(CreateVolume {
-            volume: object.clone(),
-            size,
-            luks: None,
-        }),
-        Some(s) => Build::Copy(CloneVolume {
-            source: s.object.clone(),
-            volume: object.clone(),
-            size,
-            rekey: None,
-        }),
-    });
-    let t_now = now();
-    let v = Vol {
-        id: vol_id.to_string(),
-        project_id: project_id.to_string(),
-        name: req.name.clone(),
-        description: req.description.clone(),
-        size_bytes: size,
-        type_id: t.id.clone(),
-        encryption_key_id: key,
-        owns_key,
-        pool: pool.name.clone(),
-        node_id: Some(st.node_name().to_string()),
-        status: Status::Creating,
-        source_volid: match &req.source {
-            Some(Source::Volume(id)) => Some(id.clone()),
-            _ => None,
-        },
-        snapshot_id: match &req.source {
-            Some(Source::Snapshot(id)) => Some(id.clone()),
-            _ => None,
-        },
-        bootable: src.is_some_and(|s| s.bootable),
-        readonly: false,
-        created_at: t_now.clone(),
-        updated_at: t_now,
-    };
-    rows::insert_vol(&mut tx, &v).await?;
-    rows::set_metadata(&mut tx, rows::Meta::Volume, vol_id, &req.metadata, false).await?;
-    tx.commit().await?;
-    Ok((v, build))
+            rows::insert_vol(&mut tx, &v).await?;
+            rows::set_metadata(&mut tx, rows::Meta::Volume, vol_id, &req.metadata, false).await?;
+            tx.commit().await?;
+            Ok((v, build))
+        })
+        .await
 }
 
 /// The background part of a create or clone.
@@ -617,15 +622,20 @@ async fn remove(st: &AppState, object: ObjectRef, owned_key: Option<&str>) -> Ap
         record(st, &object, Event::DeleteFailed).await?;
         return Err(dp_error(&format!("delete the storage of {object}"), e));
     }
-    let mut tx = st.db().begin().await?;
-    match object.kind {
-        ObjectKind::Volume => rows::delete_vol(&mut tx, &object.id).await?,
-        ObjectKind::Snapshot => rows::delete_snap(&mut tx, &object.id).await?,
-    }
-    if let Some(k) = owned_key {
-        keys::delete_owned(&mut tx, k).await?;
-    }
-    tx.commit().await?;
+    let obj = &object;
+    st.db()
+        .write("remove an object's rows", |mut tx| async move {
+            match obj.kind {
+                ObjectKind::Volume => rows::delete_vol(&mut tx, &obj.id).await?,
+                ObjectKind::Snapshot => rows::delete_snap(&mut tx, &obj.id).await?,
+            }
+            if let Some(k) = owned_key {
+                keys::delete_owned(&mut tx, k).await?;
+            }
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await?;
     tracing::info!(object = %object, "deleted");
     Ok(())
 }
@@ -976,9 +986,14 @@ pub async fn reserve(
         Status::Available => Event::Reserved,
         Status::InUse => Event::Attached,
         _ => {
-            let mut tx = st.db().begin().await?;
-            rows::insert_attachment(&mut tx, &row).await?;
-            tx.commit().await?;
+            let r = &row;
+            st.db()
+                .write("insert an attachment", |mut tx| async move {
+                    rows::insert_attachment(&mut tx, r).await?;
+                    tx.commit().await?;
+                    ApiResult::Ok(())
+                })
+                .await?;
             return Ok(id);
         }
     };
@@ -1007,33 +1022,38 @@ pub async fn connect(
     let endpoint = attach_volume(st, v, &a.id, protocol, read_only, nbd).await?;
     let info = views::connection_info(&endpoint, v, &a.id, read_only);
     let res = async {
+        // Sealed once, outside the retried transaction; a failure undoes the attach too.
         let sealed = sealed_psk(st, &endpoint, &a.id)?;
-        let mut tx = st.db().begin().await?;
         let stored = stored_info(&endpoint, &info);
-        let recorded = rows::connect_attachment(
-            &mut tx,
-            &a.id,
-            protocol,
-            st.node_name(),
-            &stored,
-            sealed.as_deref(),
-            unix_peer,
-        )
-        .await?;
-        if !recorded {
-            return Err(ApiError::conflict(format!(
-                "attachment {} changed meanwhile; retry",
-                a.id
-            )));
-        }
-        if !rows::apply(&mut tx, &v.object(), Event::Attached).await? {
-            return Err(ApiError::conflict(format!(
-                "volume {} changed state while it was being attached; retry",
-                v.id
-            )));
-        }
-        tx.commit().await?;
-        ApiResult::Ok(())
+        let (stored, sealed) = (&stored, sealed.as_deref());
+        st.db()
+            .write("record an attachment's connection", |mut tx| async move {
+                let recorded = rows::connect_attachment(
+                    &mut tx,
+                    &a.id,
+                    protocol,
+                    st.node_name(),
+                    stored,
+                    sealed,
+                    unix_peer,
+                )
+                .await?;
+                if !recorded {
+                    return Err(ApiError::conflict(format!(
+                        "attachment {} changed meanwhile; retry",
+                        a.id
+                    )));
+                }
+                if !rows::apply(&mut tx, &v.object(), Event::Attached).await? {
+                    return Err(ApiError::conflict(format!(
+                        "volume {} changed state while it was being attached; retry",
+                        v.id
+                    )));
+                }
+                tx.commit().await?;
+                ApiResult::Ok(())
+            })
+            .await
     }
     .await;
     match res {
@@ -1064,16 +1084,19 @@ async fn record_attachment(
     row: &NewAttachment<'_>,
     event: Event,
 ) -> ApiResult<()> {
-    let mut tx = st.db().begin().await?;
-    if !rows::apply(&mut tx, &v.object(), event).await? {
-        return Err(ApiError::conflict(format!(
-            "volume {} changed state while it was being attached; retry",
-            v.id
-        )));
-    }
-    rows::insert_attachment(&mut tx, row).await?;
-    tx.commit().await?;
-    Ok(())
+    st.db()
+        .write("record an attachment", |mut tx| async move {
+            if !rows::apply(&mut tx, &v.object(), event).await? {
+                return Err(ApiError::conflict(format!(
+                    "volume {} changed state while it was being attached; retry",
+                    v.id
+                )));
+            }
+            rows::insert_attachment(&mut tx, row).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
 }
 
 /// End the attachments of a volume that match (`protocol`, `attachment_id`; both
@@ -1136,18 +1159,22 @@ pub struct Update {
 /// Change a volume's or snapshot's name, description, metadata.
 pub async fn update<T: Stored + Described>(st: &AppState, o: &T, u: Update) -> ApiResult<()> {
     o.check_describe()?;
-    let mut tx = st.db().begin().await?;
     let name = u.name.unwrap_or_else(|| o.name().to_string());
     let description = match u.description {
         Some(d) => Some(d),
         None => o.description().map(str::to_string),
     };
-    rows::set_names(&mut tx, T::META, o.id(), &name, description.as_deref()).await?;
-    if let Some(m) = &u.metadata {
-        rows::set_metadata(&mut tx, T::META, o.id(), m, true).await?;
-    }
-    tx.commit().await?;
-    Ok(())
+    let (name, description, metadata) = (&name, &description, &u.metadata);
+    st.db()
+        .write("update names and metadata", |mut tx| async move {
+            rows::set_names(&mut tx, T::META, o.id(), name, description.as_deref()).await?;
+            if let Some(m) = metadata {
+                rows::set_metadata(&mut tx, T::META, o.id(), m, true).await?;
+            }
+            tx.commit().await?;
+            ApiResult::Ok(())
+        })
+        .await
 }
 
 /// Set (`replace`: replace all) metadata keys of a volume or snapshot; the metadata
@@ -1159,11 +1186,14 @@ pub async fn set_metadata<T: Stored + Described>(
     replace: bool,
 ) -> ApiResult<BTreeMap<String, String>> {
     o.check_describe()?;
-    let mut tx = st.db().begin().await?;
-    rows::set_metadata(&mut tx, T::META, o.id(), items, replace).await?;
-    let m = rows::metadata_of(&mut tx, T::META, o.id()).await?;
-    tx.commit().await?;
-    Ok(m)
+    st.db()
+        .write("set metadata", |mut tx| async move {
+            rows::set_metadata(&mut tx, T::META, o.id(), items, replace).await?;
+            let m = rows::metadata_of(&mut tx, T::META, o.id()).await?;
+            tx.commit().await?;
+            ApiResult::Ok(m)
+        })
+        .await
 }
 
 /// Remove one metadata key of a volume or snapshot (404 when it has none).
@@ -1267,7 +1297,8 @@ pub async fn reset_status<T: Stored>(
             object.id
         )));
     }
-    let mut tx = st.db().begin().await?;
+    st.db()
+        .write("reset a status", |mut tx| async move {
     if object.kind == ObjectKind::Volume {
         let live = rows::attachments_of(&mut tx, &object.id)
             .await?
@@ -1290,6 +1321,8 @@ pub async fn reset_status<T: Stored>(
     }
     tx.commit().await?;
     Ok(())
+        })
+        .await
 }
 
 /// `os-retype`: give a volume another type. Ember changes the type in place when the
@@ -1394,46 +1427,50 @@ async fn insert_snapshot(
     req: &NewSnapshot,
     v: &Vol,
 ) -> ApiResult<Snap> {
-    let mut tx = st.db().begin().await?;
-    let still = Vol::find(&mut tx, &v.id).await?;
-    if still.is_none_or(|x| x.status.allows(&v.id, VolumeUse::CloneSource).is_err()) {
-        return Err(ApiError::conflict(format!(
-            "volume {} is being deleted",
-            v.id
-        )));
-    }
-    let key = match &v.encryption_key_id {
-        Some(k) => Some(
-            keys::copy_secret(
-                &mut tx,
-                st.master(),
-                k,
-                &v.project_id,
-                &format!("snapshot-{snap_id}"),
-            )
-            .await?,
-        ),
-        None => None,
-    };
-    let t = now();
-    let s = Snap {
-        id: snap_id.to_string(),
-        project_id: project_id.to_string(),
-        volume_id: v.id.clone(),
-        name: req.name.clone(),
-        description: req.description.clone(),
-        size_bytes: v.size_bytes,
-        encryption_key_id: key,
-        pool: v.pool.clone(),
-        node_id: Some(st.node_name().to_string()),
-        status: Status::Creating,
-        created_at: t.clone(),
-        updated_at: t,
-    };
-    rows::insert_snap(&mut tx, &s).await?;
-    rows::set_metadata(&mut tx, rows::Meta::Snapshot, snap_id, &req.metadata, false).await?;
-    tx.commit().await?;
-    Ok(s)
+    st.db()
+        .write("insert a snapshot", |mut tx| async move {
+            let still = Vol::find(&mut tx, &v.id).await?;
+            if still.is_none_or(|x| x.status.allows(&v.id, VolumeUse::CloneSource).is_err()) {
+                return Err(ApiError::conflict(format!(
+                    "volume {} is being deleted",
+                    v.id
+                )));
+            }
+            let key = match &v.encryption_key_id {
+                Some(k) => Some(
+                    keys::copy_secret(
+                        &mut tx,
+                        st.master(),
+                        k,
+                        &v.project_id,
+                        &format!("snapshot-{snap_id}"),
+                    )
+                    .await?,
+                ),
+                None => None,
+            };
+            let t = now();
+            let s = Snap {
+                id: snap_id.to_string(),
+                project_id: project_id.to_string(),
+                volume_id: v.id.clone(),
+                name: req.name.clone(),
+                description: req.description.clone(),
+                size_bytes: v.size_bytes,
+                encryption_key_id: key,
+                pool: v.pool.clone(),
+                node_id: Some(st.node_name().to_string()),
+                status: Status::Creating,
+                created_at: t.clone(),
+                updated_at: t,
+            };
+            rows::insert_snap(&mut tx, &s).await?;
+            rows::set_metadata(&mut tx, rows::Meta::Snapshot, snap_id, &req.metadata, false)
+                .await?;
+            tx.commit().await?;
+            Ok(s)
+        })
+        .await
 }
 
 async fn run_snapshot(st: AppState, v: Vol, s: Snap, lock: Holder) {

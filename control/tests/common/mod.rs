@@ -12,6 +12,8 @@
 
 #![allow(dead_code)]
 
+pub mod galera;
+
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use axum::Router;
@@ -132,13 +134,12 @@ impl Harness {
         node: &str,
         dp: Arc<MemDataPlane>,
     ) -> Harness {
-        let cfg = ControlConfig {
-            data_dir: dir.path().to_path_buf(),
+        let cfg = ControlConfig::new(
+            dir.path().to_path_buf(),
             database,
-            master_key_file: None,
-            node_name: node.into(),
-            rest_address: "127.0.0.1:0".into(),
-        };
+            node.into(),
+            "127.0.0.1:0".into(),
+        );
         let control = Control::open(&cfg, dp).await.unwrap();
         let router = control.router();
         let admin = std::fs::read_to_string(dir.path().join("admin-token"))
