@@ -78,7 +78,7 @@ for t in "${SEL[@]}"; do
         -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         -artifact_prefix="$ART/$t-") >"$log" 2>&1 || rc=$?
     execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)"
-    cov="$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)"
+    cov="$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2 || true)"
     n="$(find "$corpus" -type f | wc -l)"
     printf 'fuzz.sh: %-28s %6ss  execs %-10s cov %-6s corpus %s\n' "$t" "$SECS" "${execs:-?}" "${cov:-?}" "$n"
     if [[ -n "${EMBER_FUZZ_KEEP_CORPUS:-}" ]]; then
