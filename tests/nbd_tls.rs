@@ -199,6 +199,15 @@ fn qemu_io_tls(srv: &Srv, object: &str, tcp: bool, cmds: &[&str]) -> std::proces
     run_any(&mut c)
 }
 
+/// [`assert_io_ok`], with the server's log in the failure (the rare EIO under load of
+/// issue 12 is not understood yet: the log is what tells).
+fn assert_srv_io_ok(srv: &Srv, out: &std::process::Output) {
+    if !out.status.success() || String::from_utf8_lossy(&out.stdout).contains("failed") {
+        eprintln!("emberd log:\n{}", srv.daemon.log_text());
+    }
+    assert_io_ok(out);
+}
+
 fn assert_io_ok(out: &std::process::Output) {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -290,7 +299,7 @@ fn psk_qemu_io_nbdinfo_nbdcopy_round_trip() {
                 "read -P 0 12M 1M",
             ],
         );
-        assert_io_ok(&out);
+        assert_srv_io_ok(&srv, &out);
     }
     // TLS 1.2 with PSK (GnuTLS priority string, ECDHE-PSK or DHE-PSK), too.
     let obj12 = format!("{obj},priority=NORMAL:-VERS-TLS1.3:+ECDHE-PSK:+DHE-PSK:+PSK");
