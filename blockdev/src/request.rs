@@ -146,6 +146,25 @@ pub struct Extent {
     pub zero: bool,
 }
 
+impl Extent {
+    /// The map of a device that keeps no allocation map: `[offset, offset+len)`, clipped
+    /// to `size`, is all data. A request that starts at or past the end, or is empty,
+    /// is out of bounds.
+    pub fn all_data(size: u64, offset: u64, len: u64) -> crate::Result<Vec<Extent>> {
+        if offset >= size || len == 0 {
+            return Err(crate::Error::new(
+                crate::ErrorKind::OutOfBounds,
+                "block status past the end",
+            ));
+        }
+        Ok(vec![Extent {
+            len: len.min(size - offset),
+            hole: false,
+            zero: false,
+        }])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -800,18 +800,7 @@ impl BlockDevice for IscsiDevice {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let size = self.inner.size.load(Ordering::Acquire);
-        if offset >= size || len == 0 {
-            return Err(Error::new(
-                ErrorKind::OutOfBounds,
-                "block status past the end",
-            ));
-        }
-        Ok(vec![Extent {
-            len: len.min(size - offset),
-            hole: false,
-            zero: false,
-        }])
+        Extent::all_data(self.inner.size.load(Ordering::Acquire), offset, len)
     }
 
     /// A LUN is grown on the array; this checks that it was (a fresh READ CAPACITY
